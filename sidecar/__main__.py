@@ -1,0 +1,272 @@
+"""Command line: ``vellum-sidecar [serve | demo | emulator | check-config | healthcheck]``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Coroutine, Mapping, Sequence
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__
+from .config import ConfigError, Listen, Settings, add_flags, env_with_flags
+from .logs import configure_logging
+
+__all__ = ["main"]
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vellum-sidecar",
+        description="A localhost entitlement sidecar for the Vellum API.",
+    )
+    parser.add_argument("--version", action="version", version=f"vellum-sidecar {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the sidecar (the default)")
+    add_flags(serve)
+    check = sub.add_parser("check-config", help="validate the configuration and print it redacted")
+    add_flags(check)
+    demo = sub.add_parser("demo", help="the emulator and the sidecar together, no credentials")
+    add_flags(demo)
+    demo.add_argument("--emulator-listen", default="127.0.0.1:8710", metavar="HOST:PORT")
+    emu = sub.add_parser("emulator", help="the built-in Vellum emulator alone")
+    emu.add_argument(
+        "--listen",
+        default=os.environ.get("EMULATOR_LISTEN", "127.0.0.1:8710"),
+        metavar="HOST:PORT",
+        help="where to listen (EMULATOR_LISTEN)",
+    )
+    emu.add_argument(
+        "--api-keys",
+        default=None,
+        metavar="KEYS",
+        help="comma-separated accepted API keys (EMULATOR_API_KEYS, or VELLUM_API_KEY)",
+    )
+    emu.add_argument(
+        "--webhook-url",
+        default=os.environ.get("EMULATOR_WEBHOOK_URL"),
+        metavar="URL",
+        help="where admin changes are pushed (EMULATOR_WEBHOOK_URL)",
+    )
+    emu.add_argument(
+        "--tenant",
+        default=os.environ.get("EMULATOR_TENANT", "demo"),
+        help="tenant of the seeded data and of /_emulator/customers/... (EMULATOR_TENANT)",
+    )
+    emu.add_argument("--no-seed", action="store_true", help="start with no demo data")
+    health = sub.add_parser("healthcheck", help="exit 0 when this host's sidecar is healthy")
+    health.add_argument(
+        "--url",
+        default=None,
+        help="health URL (default: /healthz on SIDECAR_OPS_LISTEN's port on 127.0.0.1)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command or "serve"
+    if command == "healthcheck":
+        return _healthcheck(args)
+    if command == "emulator":
+        return _emulator(args)
+    if command == "demo":
+        return _demo(args)
+    env = env_with_flags(args)
+    try:
+        settings = Settings.from_env(env)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"vellum-sidecar: config error: {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    if command == "check-config":
+        for name, value in settings.redacted():
+            print(f"{name}={value}")
+        print("configuration OK", file=sys.stderr)
+        return 0
+    configure_logging(settings.log_level)
+    return _run(_serve(settings))
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop when the ``[fast]`` extra installed it, else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+async def _serve(settings: Settings) -> int:
+    from .server import run_sidecar
+
+    return await run_sidecar(settings)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .emulator import create_emulator_app
+    from .server import Listener, run_sidecar
+
+    env: dict[str, str] = {
+        k: v for k, v in env_with_flags(args).items() if k.startswith("SIDECAR_")
+    }
+    emulator_listen = Listen.parse(args.emulator_listen)
+    api_key = "demo_" + secrets.token_hex(16)
+    webhook_secret = "whsec_" + secrets.token_hex(16)
+    env.update(
+        VELLUM_API_KEY=api_key,
+        VELLUM_TENANT_ID="demo",
+        VELLUM_BASE_URL=emulator_listen.url(),
+        VELLUM_WEBHOOK_SECRETS=webhook_secret,
+    )
+    env.setdefault("SIDECAR_WEBHOOK_LISTEN", "127.0.0.1:8701")
+    env.setdefault("SIDECAR_OPS_LISTEN", "127.0.0.1:9700")
+    try:
+        settings = Settings.from_env(env)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"vellum-sidecar: config error: {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging("warning" if settings.log_level == "info" else settings.log_level)
+    webhook_url = settings.webhook_listen.url() + "/webhooks/vellum"
+    emulator = create_emulator_app(
+        api_keys=[api_key],
+        webhook_url=webhook_url,
+        webhook_secret=webhook_secret,
+        seed=True,
+        default_tenant="demo",
+    )
+
+    def banner() -> None:
+        print(_demo_banner(settings, emulator_listen, webhook_url), flush=True)
+
+    return _run(
+        run_sidecar(
+            settings, before=[Listener("emulator", emulator, emulator_listen)], on_ready=banner
+        )
+    )
+
+
+def _demo_banner(settings: Settings, emulator: Listen, webhook_url: str) -> str:
+    api = settings.listen.url()
+    emu = emulator.url()
+    ops = settings.ops_listen.url()
+    curl = "curl" if not settings.listen.is_unix else f"curl --unix-socket {settings.listen.path}"
+    if settings.listen.is_unix:
+        api = "http://localhost"
+    cache = (
+        "redis + memory" if settings.redis_url else "memory only (set SIDECAR_REDIS_URL for Redis)"
+    )
+    return f"""
+vellum-sidecar demo: the built-in Vellum emulator and a sidecar in front of it.
+
+  local API   {api}
+  webhooks    {webhook_url}   (the emulator pushes signed events here)
+  ops         {ops}/healthz  {ops}/readyz  {ops}/metrics
+  emulator    {emu}   (tenant "demo"; the API key is generated, apps never see it)
+  cache       {cache}
+
+Try these:
+  {curl} -i {api}/v1/customers/cus_active/entitlements    # X-Sidecar-Cache: miss
+  {curl} -i {api}/v1/customers/cus_active/entitlements    # X-Sidecar-Cache: hit
+  {curl} -s {api}/v1/customers/cus_active/can/reports     # "allowed":true
+  {curl} -s {api}/v1/customers/cus_trial/can/exports      # "allowed":false
+  {curl} -s {api}/v1/customers/nobody/entitlements        # "found":false
+  curl -s -X PUT {emu}/_emulator/customers/cus_trial/entitlements \\
+       -d '{{"status":"active","modules":["reports","exports"]}}'   # emulator pushes a webhook
+  {curl} -s {api}/v1/customers/cus_trial/can/exports      # "allowed":true at once
+  curl -s {ops}/readyz
+
+Ctrl-C stops it.
+"""
+
+
+def _emulator(args: argparse.Namespace) -> int:
+    from .emulator import create_emulator_app
+
+    keys_s = (
+        args.api_keys or os.environ.get("EMULATOR_API_KEYS") or os.environ.get("VELLUM_API_KEY")
+    )
+    if not keys_s:
+        print(
+            "vellum-sidecar: config error: EMULATOR_API_KEYS: required (the keys the emulator "
+            "accepts; VELLUM_API_KEY works too)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    secret = _emulator_secret(os.environ)
+    if args.webhook_url and not secret:
+        print(
+            "vellum-sidecar: config error: EMULATOR_WEBHOOK_SECRET: required with a webhook URL "
+            "(or VELLUM_WEBHOOK_SECRETS, whose first secret signs)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    try:
+        listen = Listen.parse(args.listen)
+    except ValueError as exc:
+        print(f"vellum-sidecar: config error: EMULATOR_LISTEN: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(os.environ.get("SIDECAR_LOG_LEVEL", "info"))
+    app = create_emulator_app(
+        api_keys=[k.strip() for k in keys_s.split(",") if k.strip()],
+        webhook_url=args.webhook_url,
+        webhook_secret=secret,
+        seed=not args.no_seed,
+        default_tenant=args.tenant,
+    )
+    print(f"vellum emulator on {listen.url()} (tenant {args.tenant!r})", flush=True)
+    if listen.is_unix:
+        web.run_app(app, path=listen.path, print=None, access_log=None)
+    else:
+        web.run_app(app, host=listen.host, port=listen.port, print=None, access_log=None)
+    return 0
+
+
+def _emulator_secret(env: Mapping[str, str]) -> str | None:
+    secret = env.get("EMULATOR_WEBHOOK_SECRET")
+    if secret:
+        return secret
+    path = env.get("EMULATOR_WEBHOOK_SECRET_FILE") or env.get("VELLUM_WEBHOOK_SECRETS_FILE")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                secret = f.read()
+        except OSError:
+            return None
+    else:
+        secret = env.get("VELLUM_WEBHOOK_SECRETS")
+    if not secret:
+        return None
+    first = secret.replace("\n", ",").split(",")[0].strip()
+    return first or None
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    url = args.url
+    if url is None:
+        try:
+            listen = Listen.parse(os.environ.get("SIDECAR_OPS_LISTEN") or "0.0.0.0:9700")
+        except ValueError as exc:
+            print(f"vellum-sidecar: config error: SIDECAR_OPS_LISTEN: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        url = listen.url() + "/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - our own URL
+            return 0 if resp.status == 200 else 1
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"vellum-sidecar: unhealthy: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The local API: cached reads, batch checks, cache drops, and the ``/tenants`` mirror.
+
+Handlers are thin: parse and validate input, call the cache or the invalidator,
+build the response. One middleware does the browser guard, metrics and the
+mapping of domain errors to JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+
+from .cache import Entry, Lookup
+from .errors import BadRequest, NotFound, SidecarError, UpstreamError, UpstreamUnavailable
+from .keys import CACHE, GUARD, INVALIDATOR, METRICS, SETTINGS
+from .responses import error_response, http_exception_response, json_response
+
+__all__ = ["MAX_BATCH", "MAX_ID_LENGTH", "add_routes", "local_middleware", "read_json"]
+
+log = logging.getLogger("sidecar.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+MAX_BATCH: Final = 1000
+MAX_ID_LENGTH: Final = 512
+CACHE_HEADER: Final = "X-Sidecar-Cache"
+
+
+# -- middleware -------------------------------------------------------------------
+
+
+@web.middleware
+async def local_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Guard, time, count, and turn every error into the JSON shape."""
+    app = request.app
+    refusal = app[GUARD].refusal(request.headers.get("Host"), request.headers.get("Origin"))
+    started = time.perf_counter()
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    if refusal is not None:
+        response: web.StreamResponse = json_response(
+            {"error": {"code": "forbidden", "message": refusal}}, 403
+        )
+    else:
+        try:
+            response = await handler(request)
+        except SidecarError as exc:
+            response = error_response(exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = http_exception_response(exc)
+        except Exception:
+            log.exception("unhandled_error", extra={"fields": {"route": route}})
+            response = json_response(
+                {"error": {"code": "internal_error", "message": "internal error"}}, 500
+            )
+    metrics = app[METRICS]
+    metrics.requests.labels(route, request.method, str(response.status)).inc()
+    metrics.request_latency.labels(route).observe(time.perf_counter() - started)
+    return response
+
+
+# -- input ----------------------------------------------------------------------------
+
+
+def path_id(request: web.Request, name: str) -> str:
+    value = request.match_info[name]
+    if not value:
+        raise BadRequest(f"{name} must not be empty", code="invalid_id")
+    if len(value) > MAX_ID_LENGTH:
+        raise BadRequest(f"{name} is longer than {MAX_ID_LENGTH} characters", code="invalid_id")
+    return value
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON; 400 for anything that is not (invalid UTF-8 included)."""
+    raw = await request.read()
+    if not raw:
+        raise BadRequest("a JSON body is required", code="invalid_json")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("the body is not valid JSON", code="invalid_json") from None
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH
+
+
+# -- reads --------------------------------------------------------------------------
+
+
+def _cached(body: bytes, lookup: Lookup, status: int = 200) -> web.Response:
+    age = time.time() - lookup.entry.fetched_at
+    return web.Response(
+        body=body,
+        status=status,
+        content_type="application/json",
+        headers={CACHE_HEADER: lookup.source, "Age": str(int(age) if age > 0 else 0)},
+    )
+
+
+async def get_entitlements(request: web.Request) -> web.StreamResponse:
+    customer = path_id(request, "customer")
+    lookup = await request.app[CACHE].get(customer)
+    return _cached(lookup.entry.body(), lookup)
+
+
+async def mirror_entitlements(request: web.Request) -> web.StreamResponse:
+    """``GET /tenants/{t}/customers/{c}/entitlements``: the upstream's exact status and body."""
+    _mirror_tenant(request)
+    customer = path_id(request, "customer")
+    lookup = await request.app[CACHE].get(customer)
+    entry = lookup.entry
+    return _cached(entry.upstream_body(), lookup, 200 if entry.found else 404)
+
+
+def _mirror_tenant(request: web.Request) -> None:
+    if request.match_info["tenant"] != request.app[SETTINGS].tenant_id:
+        raise NotFound("this sidecar serves another tenant", code="unknown_tenant")
+
+
+async def can(request: web.Request) -> web.StreamResponse:
+    """Fails closed: with no answer to be had, 503 and ``allowed: false``.
+
+    Modules named in ``SIDECAR_FAIL_OPEN_MODULES`` answer 200 ``allowed: true``
+    with ``fallback: true`` instead, so callers can tell the answer was a policy.
+    """
+    customer = path_id(request, "customer")
+    module = path_id(request, "module")
+    try:
+        lookup = await request.app[CACHE].get(customer)
+    except UpstreamError as exc:
+        if module in request.app[SETTINGS].fail_open_modules:
+            return json_response(_fallback(customer, module))
+        raise UpstreamUnavailable(
+            exc.message,
+            code=exc.code,
+            allowed=False,
+            customerId=customer,
+            module=module,
+            status=None,
+        ) from None
+    entry = lookup.entry
+    body = orjson.dumps(
+        {
+            "allowed": entry.has(module),
+            "customerId": customer,
+            "module": module,
+            "status": entry.status,
+        }
+    )
+    return _cached(body, lookup)
+
+
+def _fallback(customer: str, module: str) -> dict[str, Any]:
+    return {
+        "allowed": True,
+        "fallback": True,
+        "customerId": customer,
+        "module": module,
+        "status": None,
+    }
+
+
+async def check(request: web.Request) -> web.StreamResponse:
+    """Batch of up to 1,000 checks; at most one fetch per distinct customer, in order."""
+    data = await read_json(request)
+    checks = data.get("checks") if isinstance(data, dict) else None
+    if not isinstance(checks, list):
+        raise BadRequest(
+            'expected {"checks": [{"customerId", "module"}, ...]}', code="invalid_body"
+        )
+    if len(checks) > MAX_BATCH:
+        raise BadRequest(f"at most {MAX_BATCH} checks per request", code="batch_too_large")
+    pairs: list[tuple[str, str]] = []
+    for i, item in enumerate(checks):
+        if not isinstance(item, dict):
+            raise BadRequest(f"checks[{i}] must be an object", code="invalid_body")
+        customer, module = item.get("customerId"), item.get("module")
+        if not _is_id(customer) or not _is_id(module):
+            raise BadRequest(
+                f"checks[{i}] needs a non-empty customerId and module (strings, "
+                f"at most {MAX_ID_LENGTH} characters)",
+                code="invalid_body",
+            )
+        assert isinstance(customer, str)
+        assert isinstance(module, str)
+        pairs.append((customer, module))
+    lookups = await request.app[CACHE].get_many(c for c, _ in pairs)
+    fail_open = request.app[SETTINGS].fail_open_modules
+    results: list[dict[str, Any]] = []
+    for customer, module in pairs:
+        found = lookups[customer]
+        if isinstance(found, Lookup):
+            entry: Entry = found.entry
+            results.append({"customerId": customer, "module": module, "allowed": entry.has(module)})
+        else:
+            allowed = module in fail_open
+            result = {"customerId": customer, "module": module, "allowed": allowed}
+            if allowed:
+                result["fallback"] = True
+            result["error"] = found.code
+            results.append(result)
+    return json_response({"results": results})
+
+
+# -- cache drops -------------------------------------------------------------------------
+
+
+async def drop_customer(request: web.Request) -> web.StreamResponse:
+    customer = path_id(request, "customer")
+    await request.app[INVALIDATOR].customers([customer], source="api")
+    return web.Response(status=204)
+
+
+async def drop_all(request: web.Request) -> web.StreamResponse:
+    await request.app[INVALIDATOR].tenant(source="api")
+    return web.Response(status=204)
+
+
+# -- contract -------------------------------------------------------------------------
+
+
+_OPENAPI: bytes | None = None
+
+
+async def openapi(request: web.Request) -> web.StreamResponse:
+    global _OPENAPI
+    if _OPENAPI is None:
+        _OPENAPI = resources.files("sidecar").joinpath("openapi.json").read_bytes()
+    return web.Response(body=_OPENAPI, content_type="application/json")
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/v1/customers/{customer}/entitlements", get_entitlements)
+    r.add_get("/v1/customers/{customer}/can/{module}", can)
+    r.add_post("/v1/check", check)
+    r.add_delete("/v1/customers/{customer}/cache", drop_customer)
+    r.add_delete("/v1/cache", drop_all)
+    r.add_get("/tenants/{tenant}/customers/{customer}/entitlements", mirror_entitlements)
+    r.add_get("/openapi.json", openapi)

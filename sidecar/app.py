@@ -1,0 +1,126 @@
+"""App factories. ``create_app(settings)`` builds the local API app, which owns every
+shared resource (one ``cleanup_ctx`` entry each); the ops and webhook apps reach
+those resources through it, so the three listeners share one cache and one
+upstream session in one event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from . import __version__
+from .api import add_routes, local_middleware
+from .cache import EntitlementCache
+from .config import Settings
+from .guard import HostGuard
+from .invalidation import Invalidator
+from .keys import (
+    CACHE,
+    GUARD,
+    INVALIDATOR,
+    LIFECYCLE,
+    METRICS,
+    REDIS,
+    SETTINGS,
+    UPSTREAM,
+    Lifecycle,
+)
+from .metrics import Metrics
+from .redisio import Keys, RedisConn, RedisDown
+from .upstream import VellumClient
+
+__all__ = ["create_app", "create_redis"]
+
+#: The local API accepts bodies up to 1 MiB (a full batch of 1,000 checks fits easily).
+LOCAL_MAX_BODY = 1024 * 1024
+
+
+def create_redis(settings: Settings) -> Redis:
+    """A redis-py asyncio client with explicit timeouts, pool size and no hidden retries.
+
+    redis-py 8 retries failed commands by default; the sidecar does its own
+    backoff (``RedisConn``), so a dead Redis costs one timeout, not several.
+    """
+    assert settings.redis_url is not None
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url.reveal(),
+        max_connections=settings.redis_pool_size,
+        timeout=settings.redis_timeout,
+        socket_timeout=settings.redis_timeout,
+        socket_connect_timeout=settings.redis_timeout,
+        health_check_interval=30,
+        retry=Retry(NoBackoff(), 0),
+        client_name="vellum-sidecar",
+    )
+    return Redis(connection_pool=pool)
+
+
+def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
+    """The local API app; its startup opens the upstream session, Redis and the listener."""
+    app = web.Application(middlewares=[local_middleware], client_max_size=LOCAL_MAX_BODY)
+    app[SETTINGS] = settings
+    app[METRICS] = metrics if metrics is not None else Metrics()
+    app[LIFECYCLE] = Lifecycle()
+    app[GUARD] = HostGuard(settings.allowed_hosts)
+    app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_redis_ctx)
+    app.cleanup_ctx.append(_cache_ctx)
+    add_routes(app)
+    return app
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    connector = aiohttp.TCPConnector(limit=100, ttl_dns_cache=60, enable_cleanup_closed=True)
+    session = aiohttp.ClientSession(
+        connector=connector,
+        headers={"User-Agent": f"vellum-sidecar/{__version__}", "Accept": "application/json"},
+        skip_auto_headers=("Accept-Encoding",),
+        raise_for_status=False,
+        auto_decompress=True,
+    )
+    app[UPSTREAM] = VellumClient(settings, session, app[METRICS])
+    yield
+    await session.close()
+
+
+async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    if settings.redis_url is None:
+        app[REDIS] = None
+        yield
+        return
+    conn = RedisConn(create_redis(settings), Keys(settings.tenant_id), app[METRICS])
+    with contextlib.suppress(RedisDown):
+        await conn.run("ping", lambda r: r.ping())
+    app[REDIS] = conn
+    yield
+    await conn.close()
+
+
+async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    cache = EntitlementCache(settings, app[UPSTREAM], app[METRICS], app[REDIS])
+    invalidator = Invalidator(
+        cache,
+        app[REDIS],
+        app[METRICS],
+        sidecar_id=f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}",
+        link_ttl=settings.cache_ttl + settings.stale_ttl,
+    )
+    app[CACHE] = cache
+    app[INVALIDATOR] = invalidator
+    invalidator.start()
+    yield
+    await invalidator.stop()
+    await cache.close()

@@ -1,0 +1,97 @@
+"""Domain errors, turned into JSON ``{"error": {"code", "message"}}`` by one middleware.
+
+The tree::
+
+    SidecarError                      status  code
+    ├── BadRequest                    400     bad_request (or a more precise code)
+    ├── NotFound                      404     not_found
+    ├── MethodNotAllowed              405     method_not_allowed
+    ├── Forbidden                     403     forbidden
+    ├── PayloadTooLarge               413     payload_too_large
+    └── UpstreamError                 502     upstream_error
+        ├── UpstreamUnavailable       503     upstream_unavailable   (reads: nothing usable cached)
+        ├── UpstreamTimeout           504     upstream_timeout
+        └── UpstreamAuthFailed        502     upstream_auth_failed   (the sidecar's key was refused)
+
+Messages never contain secrets: they are built from ids and status codes only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "BadRequest",
+    "Forbidden",
+    "MethodNotAllowed",
+    "NotFound",
+    "PayloadTooLarge",
+    "SidecarError",
+    "UpstreamAuthFailed",
+    "UpstreamError",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+]
+
+
+class SidecarError(Exception):
+    """Base of every error the local API turns into a JSON response."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        #: Extra top-level fields merged into the error body (e.g. ``allowed: false``).
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {**self.extra, "error": {"code": self.code, "message": self.message}}
+
+
+class BadRequest(SidecarError):
+    status = 400
+    code = "bad_request"
+
+
+class Forbidden(SidecarError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(SidecarError):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(SidecarError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(SidecarError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UpstreamError(SidecarError):
+    status = 502
+    code = "upstream_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 503
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class UpstreamAuthFailed(UpstreamError):
+    status = 502
+    code = "upstream_auth_failed"

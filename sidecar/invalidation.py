@@ -1,0 +1,220 @@
+"""Invalidation: drop entries in Redis, fan out to every sidecar, learn account links.
+
+An invalidation is a delete plus a generation bump, never a write of new data,
+so duplicated or reordered messages are harmless. The sidecar that issues it
+deletes the Redis entries, bumps the generations (so fills already in flight
+anywhere cannot store their older answer), publishes one message on the
+tenant's channel and drops its own in-process entries at once. Every other
+sidecar drops its in-process entries when the message arrives.
+
+Redis pub/sub is at-most-once: a sidecar that was disconnected may have missed
+messages, so every (re)subscribe drops the whole in-process layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any, Final, Literal
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from .cache import EntitlementCache, Entry
+from .metrics import Metrics
+from .redisio import RedisConn, RedisDown
+
+__all__ = ["Invalidator", "Scope"]
+
+log = logging.getLogger("sidecar.invalidation")
+
+Scope = Literal["customer", "account", "tenant"]
+
+_GEN_TTL_S: Final = 3600
+_SCAN_BATCH: Final = 500
+_MAX_LOCAL_LINKS: Final = 100_000
+
+
+class Invalidator:
+    def __init__(
+        self,
+        cache: EntitlementCache,
+        redis: RedisConn | None,
+        metrics: Metrics,
+        *,
+        sidecar_id: str,
+        link_ttl: float,
+    ) -> None:
+        self.cache = cache
+        self.redis = redis
+        self.metrics = metrics
+        self.sidecar_id = sidecar_id
+        self._link_ttl = int(link_ttl)
+        # account -> customers learnt from writes, for memory-only mode and while
+        # Redis is down (bounded LRU of accounts).
+        self._links: OrderedDict[str, set[str]] = OrderedDict()
+        self._listener: asyncio.Task[None] | None = None
+        self.subscribed = asyncio.Event()
+        cache.on_fetched = self._learn_from_entry
+
+    # -- issuing -----------------------------------------------------------------
+
+    async def customers(
+        self, customers: Sequence[str], *, source: str, scope: Scope = "customer"
+    ) -> None:
+        """Drop these customers on every sidecar."""
+        if not customers:
+            return
+        self.cache.drop_local(customers)
+        if self.redis is not None:
+            keys = self.redis.keys
+
+            async def call(r: Redis) -> Any:
+                async with r.pipeline(transaction=True) as pipe:
+                    for c in customers:
+                        pipe.incr(keys.gen(c))
+                        pipe.expire(keys.gen(c), _GEN_TTL_S)
+                        pipe.delete(keys.entry(c))
+                    pipe.publish(keys.channel, self._message("customer", list(customers)))
+                    return await pipe.execute()
+
+            with contextlib.suppress(RedisDown):
+                await self.redis.run("invalidate", call)
+        self.metrics.invalidations.labels(scope, source).inc()
+
+    async def account(self, account: str, *, source: str) -> Scope:
+        """Drop an account's known customers; everything for the tenant when none are known."""
+        known = set(self._links.get(account, ()))
+        known |= self.cache.memory.customers_of(account)
+        if self.redis is not None:
+            key = self.redis.keys.account(account)
+            with contextlib.suppress(RedisDown):
+                members = await self.redis.run("account_members", lambda r: r.smembers(key))
+                known |= {m.decode() if isinstance(m, bytes) else str(m) for m in members}
+        if not known:
+            await self.tenant(source=source)
+            return "tenant"
+        await self.customers(sorted(known), source=source, scope="account")
+        return "account"
+
+    async def tenant(self, *, source: str) -> None:
+        """Drop everything cached for the tenant on every sidecar."""
+        self.cache.drop_local(None)
+        if self.redis is not None:
+            keys = self.redis.keys
+
+            async def call(r: Redis) -> None:
+                await r.incr(keys.tenant_gen)
+                batch: list[Any] = []
+                async for key in r.scan_iter(match=keys.entry_pattern, count=_SCAN_BATCH):
+                    batch.append(key)
+                    if len(batch) >= _SCAN_BATCH:
+                        await r.unlink(*batch)
+                        batch = []
+                if batch:
+                    await r.unlink(*batch)
+                await r.publish(keys.channel, self._message("tenant", None))
+
+            with contextlib.suppress(RedisDown):
+                await self.redis.run("invalidate_all", call)
+        self.metrics.invalidations.labels("tenant", source).inc()
+
+    def _message(self, scope: str, customers: list[str] | None) -> bytes:
+        return orjson.dumps(
+            {"scope": scope, "customers": customers, "origin": self.sidecar_id, "at": time.time()}
+        )
+
+    # -- account index -----------------------------------------------------------
+
+    async def link(self, account: str, customer: str) -> None:
+        """Remember that ``customer`` belongs to ``account`` (learnt from a call or a document)."""
+        if not account or not customer:
+            return
+        members = self._links.get(account)
+        if members is None:
+            members = self._links[account] = set()
+            while len(self._links) > _MAX_LOCAL_LINKS:
+                self._links.popitem(last=False)
+        else:
+            self._links.move_to_end(account)
+        fresh = customer not in members
+        members.add(customer)
+        if self.redis is not None and fresh:
+            key = self.redis.keys.account(account)
+
+            async def call(r: Redis) -> Any:
+                async with r.pipeline(transaction=False) as pipe:
+                    pipe.sadd(key, customer)
+                    pipe.expire(key, self._link_ttl)
+                    return await pipe.execute()
+
+            with contextlib.suppress(RedisDown):
+                await self.redis.run("link", call)
+
+    async def _learn_from_entry(self, customer: str, entry: Entry) -> None:
+        if entry.account_id is not None:
+            await self.link(entry.account_id, customer)
+
+    # -- listening -----------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.redis is not None and self._listener is None:
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+            self._listener = None
+
+    async def _listen(self) -> None:
+        """Subscribe, apply messages; on any failure resubscribe with backoff."""
+        assert self.redis is not None
+        channel = self.redis.keys.channel
+        backoff = 0.05
+        while True:
+            pubsub = self.redis.client.pubsub()
+            try:
+                await pubsub.subscribe(channel)
+                # Messages may have been missed while (re)connecting.
+                self.cache.drop_local(None)
+                self.subscribed.set()
+                backoff = 0.05
+                log.info("fanout_subscribed")
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                    if msg is not None and msg.get("type") == "message":
+                        self._apply(msg["data"])
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, TimeoutError) as exc:
+                self.subscribed.clear()
+                log.warning("fanout_disconnected", extra={"fields": {"error": type(exc).__name__}})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _apply(self, data: Any) -> None:
+        try:
+            msg = orjson.loads(data)
+            scope = msg["scope"]
+            sent_at = float(msg.get("at", 0))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("fanout_message_malformed")
+            return
+        if msg.get("origin") == self.sidecar_id:
+            return  # applied locally when issued
+        customers = msg.get("customers")
+        if scope == "customer" and isinstance(customers, list):
+            self.cache.drop_local([c for c in customers if isinstance(c, str)])
+        else:
+            self.cache.drop_local(None)
+        if sent_at:
+            self.metrics.fanout_latency.observe(max(time.time() - sent_at, 0.0))

@@ -1,0 +1,51 @@
+"""Health, readiness and metrics for operators (``SIDECAR_OPS_LISTEN``)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .keys import CORE, INVALIDATOR, LIFECYCLE, METRICS, REDIS, UPSTREAM
+from .metrics import CONTENT_TYPE_LATEST
+from .responses import json_errors, json_response
+
+__all__ = ["create_ops_app"]
+
+
+async def healthz(request: web.Request) -> web.StreamResponse:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.StreamResponse:
+    """200 once the sidecar can answer (stale answers count), 503 while starting or stopping.
+
+    Redis down or an upstream outage do not make the sidecar unready: it still
+    answers from memory, Redis or stale entries, and taking it out of service
+    would only turn those answers into connection errors. The body says what
+    is degraded.
+    """
+    core = request.app[CORE]
+    phase = core[LIFECYCLE].phase
+    redis = core.get(REDIS)
+    body: dict[str, object] = {
+        "status": phase,
+        "redis": "disabled" if redis is None else redis.state,
+        "upstream": core[UPSTREAM].state() if UPSTREAM in core else "down",
+    }
+    if redis is not None:
+        body["fanout"] = "ok" if core[INVALIDATOR].subscribed.is_set() else "down"
+    return json_response(body, 200 if phase == "ready" else 503)
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    core = request.app[CORE]
+    body = core[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def create_ops_app(core: web.Application) -> web.Application:
+    app = web.Application(middlewares=[json_errors])
+    app[CORE] = core
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app

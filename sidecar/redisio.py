@@ -1,0 +1,127 @@
+"""The shared Redis connection: key names, health, and reconnection with backoff.
+
+Every Redis call goes through ``RedisConn.run``. A failure marks Redis ``down``;
+while down, calls fail fast (``RedisDown``) instead of each paying a timeout, and
+one background task pings with exponential backoff until Redis answers again,
+then runs the reconnect callbacks (the pub/sub listener uses its own connection
+and drops the in-process layer when it resubscribes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Final, Literal, TypeVar
+from urllib.parse import quote
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from .metrics import Metrics
+
+__all__ = ["Keys", "RedisConn", "RedisDown", "RedisState"]
+
+log = logging.getLogger("sidecar.redis")
+
+T = TypeVar("T")
+RedisState = Literal["ok", "down"]
+
+_MAX_BACKOFF: Final = 5.0
+
+
+class RedisDown(Exception):
+    """Redis did not answer (or is known to be down); callers degrade, never fail."""
+
+
+class Keys:
+    """Key names for one tenant, all sharing the hash tag ``{tenant}``.
+
+    The tag keeps a tenant's keys in one Redis Cluster slot, so multi-key
+    scripts (generation checks) work on a cluster. The tenant id is
+    percent-encoded: no ``{``, ``}`` or glob characters can reach a key name.
+    """
+
+    __slots__ = ("channel", "entry_pattern", "prefix", "tenant_gen")
+
+    def __init__(self, tenant: str) -> None:
+        self.prefix = f"vsc:{{{quote(tenant, safe='')}}}:"
+        self.tenant_gen = self.prefix + "g"
+        self.channel = self.prefix + "inv"
+        self.entry_pattern = self.prefix + "e:*"
+
+    def entry(self, customer: str) -> str:
+        return self.prefix + "e:" + customer
+
+    def gen(self, customer: str) -> str:
+        return self.prefix + "g:" + customer
+
+    def lock(self, customer: str) -> str:
+        return self.prefix + "l:" + customer
+
+    def account(self, account: str) -> str:
+        return self.prefix + "a:" + account
+
+    def event(self, event_id: str) -> str:
+        return self.prefix + "evt:" + event_id
+
+
+class RedisConn:
+    """A ``redis.asyncio.Redis`` client plus its health."""
+
+    def __init__(self, client: Redis, keys: Keys, metrics: Metrics) -> None:
+        self.client = client
+        self.keys = keys
+        self.metrics = metrics
+        self.state: RedisState = "ok"
+        self._probe: asyncio.Task[None] | None = None
+        self._on_reconnect: list[Callable[[], Awaitable[None]]] = []
+        metrics.redis_up.set(1)
+
+    def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
+        self._on_reconnect.append(callback)
+
+    async def run(self, operation: str, call: Callable[[Redis], Awaitable[T]]) -> T:
+        """Run one Redis call; raise ``RedisDown`` if Redis is down or the call fails."""
+        if self.state == "down":
+            raise RedisDown(operation)
+        try:
+            return await call(self.client)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.metrics.redis_errors.labels(operation).inc()
+            self._mark_down(operation, exc)
+            raise RedisDown(operation) from exc
+
+    def _mark_down(self, operation: str, exc: BaseException) -> None:
+        if self.state == "down":
+            return
+        self.state = "down"
+        self.metrics.redis_up.set(0)
+        log.warning(
+            "redis_down", extra={"fields": {"operation": operation, "error": type(exc).__name__}}
+        )
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._probe_until_up())
+
+    async def _probe_until_up(self) -> None:
+        backoff = 0.05
+        while True:
+            await asyncio.sleep(random.uniform(backoff / 2, backoff))
+            try:
+                await self.client.ping()
+            except (RedisError, OSError, TimeoutError):
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+                continue
+            break
+        self.state = "ok"
+        self.metrics.redis_up.set(1)
+        log.info("redis_up")
+        for callback in self._on_reconnect:
+            await callback()
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
+        await self.client.aclose()

@@ -1,0 +1,125 @@
+"""Running the listeners: bind, mark ready, wait for SIGTERM/SIGINT, drain, exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from .app import create_app
+from .config import Listen, Settings
+from .keys import LIFECYCLE
+from .ops import create_ops_app
+from .webhooks import create_webhook_app
+
+__all__ = ["Listener", "bind", "run_sidecar"]
+
+log = logging.getLogger("sidecar.server")
+
+
+@dataclass
+class Listener:
+    name: str
+    app: web.Application
+    listen: Listen
+    runner: web.AppRunner | None = field(default=None, repr=False)
+
+
+async def bind(listener: Listener, *, shutdown_timeout: float, access_log: bool) -> None:
+    """Start one listener's runner and site (TCP or unix socket)."""
+    kwargs: dict[str, object] = {"shutdown_timeout": shutdown_timeout, "handle_signals": False}
+    if not access_log:
+        kwargs["access_log"] = None
+    runner = web.AppRunner(listener.app, **kwargs)  # type: ignore[arg-type]
+    await runner.setup()
+    listener.runner = runner
+    site: web.BaseSite
+    if listener.listen.is_unix:
+        path = listener.listen.path
+        assert path is not None
+        _remove_stale_socket(path)
+        site = web.UnixSite(runner, path)
+    else:
+        site = web.TCPSite(runner, listener.listen.host, listener.listen.port)
+    await site.start()
+    if listener.listen.is_unix:
+        assert listener.listen.path is not None
+        # Only this user (and its group, e.g. the pod's shared fsGroup) may connect.
+        os.chmod(listener.listen.path, 0o660)
+
+
+def _remove_stale_socket(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+
+
+async def run_sidecar(
+    settings: Settings,
+    *,
+    before: list[Listener] | None = None,
+    on_ready: Callable[[], Awaitable[None] | None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT (or ``stop``); return the exit code.
+
+    ``before`` listeners (the demo's emulator) start first and stop last.
+    Shutdown: ``/readyz`` turns 503, the webhook and local listeners stop
+    accepting and finish requests in flight (up to ``SIDECAR_SHUTDOWN_GRACE``),
+    resources close, then the ops listener and the ``before`` listeners stop.
+    """
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    core = create_app(settings)
+    listeners = list(before or [])
+    local = Listener("local", core, settings.listen)
+    ops = Listener("ops", create_ops_app(core), settings.ops_listen)
+    order = [*listeners, ops, local]
+    if settings.webhooks_enabled:
+        order.append(Listener("webhooks", create_webhook_app(core), settings.webhook_listen))
+    started: list[Listener] = []
+    code = 0
+    try:
+        for listener in order:
+            await bind(
+                listener, shutdown_timeout=settings.shutdown_grace, access_log=settings.access_log
+            )
+            started.append(listener)
+            log.info(
+                "listening",
+                extra={"fields": {"listener": listener.name, "at": str(listener.listen)}},
+            )
+        core[LIFECYCLE].phase = "ready"
+        log.info("ready")
+        if on_ready is not None:
+            result = on_ready()
+            if result is not None:
+                await result
+        await stop.wait()
+        log.info("stopping")
+    except OSError as exc:
+        log.error(
+            "cannot_listen",
+            extra={"fields": {"listener": order[len(started)].name, "error": str(exc)}},
+        )
+        code = 1
+    finally:
+        core[LIFECYCLE].phase = "stopping"
+        for listener in reversed(started):
+            if listener.runner is not None:
+                await listener.runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+    log.info("stopped", extra={"fields": {"exit_code": code}})
+    return code

@@ -1,0 +1,280 @@
+"""The Vellum API client: one ``ClientSession``, the key injected, retries and a breaker.
+
+Reads (and writes that carry an ``Idempotency-Key``) are retried with exponential
+backoff and full jitter, all inside one deadline (``SIDECAR_UPSTREAM_TIMEOUT``).
+A circuit breaker stops calling an upstream that keeps failing and lets one probe
+through after a cool-down, so a dead upstream costs callers nothing but a fast
+``upstream_unavailable`` (and the stale entry, where one exists).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from .config import Settings
+from .errors import UpstreamAuthFailed, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .metrics import Metrics
+
+__all__ = [
+    "Breaker",
+    "UpstreamResponse",
+    "VellumClient",
+    "quote_segment",
+    "tenant_path",
+]
+
+log = logging.getLogger("sidecar.upstream")
+
+UpstreamState = Literal["ok", "degraded", "down"]
+
+#: Statuses worth retrying: the request did not take effect or may succeed later.
+_RETRY_STATUSES: Final = frozenset({429, 500, 502, 503, 504})
+#: Response headers passed back to local callers of the proxy routes.
+_PASSED_HEADERS: Final = ("Content-Type", "Location", "Retry-After", "Idempotency-Key")
+_MAX_BODY: Final = 8 * 1024 * 1024
+
+
+def quote_segment(segment: str) -> str:
+    """Percent-encode one path segment so no id can leave its place in the path.
+
+    ``quote(safe="")`` encodes ``/``, ``%``, ``?`` and ``#``, but leaves ``.`` alone;
+    a segment made only of dots would be a dot-segment that servers resolve
+    (``..`` climbs a level), so those dots are encoded too.
+    """
+    quoted = quote(segment, safe="")
+    if quoted.strip(".") == "":
+        quoted = quoted.replace(".", "%2E")
+    return quoted
+
+
+def tenant_path(tenant: str, *segments: str) -> str:
+    return "/tenants/" + "/".join(quote_segment(s) for s in (tenant, *segments))
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamResponse:
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+    def json(self) -> Any:
+        return orjson.loads(self.body) if self.body else None
+
+    def passed_headers(self) -> dict[str, str]:
+        return {h: self.headers[h] for h in _PASSED_HEADERS if h in self.headers}
+
+
+class Breaker:
+    """Consecutive-failure circuit breaker with a doubling cool-down.
+
+    closed: calls pass; ``failure_threshold`` consecutive failures open it.
+    open: calls fail fast until the cool-down ends; then one probe is let through
+    (half-open). The probe's success closes it, its failure re-opens it for twice
+    as long (capped).
+    """
+
+    def __init__(
+        self,
+        *,
+        failure_threshold: int = 5,
+        cooldown: float = 2.0,
+        max_cooldown: float = 30.0,
+        degraded_window: float = 30.0,
+    ) -> None:
+        self.failure_threshold = failure_threshold
+        self.base_cooldown = cooldown
+        self.max_cooldown = max_cooldown
+        self.degraded_window = degraded_window
+        self._failures = 0
+        self._cooldown = cooldown
+        self._open_until = 0.0
+        self._probing = False
+        self._last_failure = -1e9
+
+    def allow(self, now: float) -> bool:
+        if self._failures < self.failure_threshold:
+            return True
+        if now < self._open_until or self._probing:
+            return False
+        self._probing = True
+        return True
+
+    def success(self) -> None:
+        self._failures = 0
+        self._probing = False
+        self._cooldown = self.base_cooldown
+
+    def failure(self, now: float) -> None:
+        self._last_failure = now
+        self._failures += 1
+        if self._probing:
+            self._cooldown = min(self._cooldown * 2, self.max_cooldown)
+        if self._failures >= self.failure_threshold:
+            self._open_until = now + self._cooldown
+        self._probing = False
+
+    def state(self, now: float) -> UpstreamState:
+        if self._failures >= self.failure_threshold:
+            return "down"
+        if self._failures or now - self._last_failure < self.degraded_window:
+            return "degraded"
+        return "ok"
+
+
+class VellumClient:
+    """Calls the Vellum API for one tenant with the sidecar's key."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        *,
+        breaker: Breaker | None = None,
+        attempt_timeout: float | None = None,
+    ) -> None:
+        self.settings = settings
+        self.session = session
+        self.metrics = metrics
+        self.breaker = breaker if breaker is not None else Breaker()
+        self.tenant = settings.tenant_id
+        self._base = settings.base_url
+        self._deadline = settings.upstream_timeout
+        # One attempt may use most of the budget, but leaves room for a retry.
+        self._attempt_timeout = attempt_timeout or max(settings.upstream_timeout * 0.6, 0.05)
+
+    def state(self) -> UpstreamState:
+        return self.breaker.state(time.monotonic())
+
+    def url(self, *segments: str) -> URL:
+        return URL(self._base + tenant_path(self.tenant, *segments), encoded=True)
+
+    async def get_entitlements(self, customer_id: str) -> UpstreamResponse:
+        """Return the 200 or 404 response; raise ``UpstreamError`` for anything else."""
+        resp = await self.request(
+            "get_entitlements", "GET", ("customers", customer_id, "entitlements"), retry=True
+        )
+        if resp.status in (200, 404):
+            return resp
+        if resp.status in (401, 403):
+            raise UpstreamAuthFailed(f"the upstream refused the sidecar's API key ({resp.status})")
+        raise UpstreamUnavailable(f"the upstream answered {resp.status}")
+
+    async def request(
+        self,
+        operation: str,
+        method: str,
+        segments: Sequence[str],
+        *,
+        query: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        retry: bool = False,
+    ) -> UpstreamResponse:
+        """One logical upstream call; retried (reads, idempotent writes) within the deadline.
+
+        Returns any response the upstream gave except retryable ones that ran out
+        of attempts, which are returned as the last response seen. Raises
+        ``UpstreamUnavailable`` (connect failure, breaker open) or
+        ``UpstreamTimeout`` when no response came in time.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._deadline
+        url = self.url(*segments)
+        if query:
+            url = url.with_query(query)
+        send_headers = CIMultiDict(headers or {})
+        if body is not None and "Content-Type" not in send_headers:
+            send_headers["Content-Type"] = "application/json"
+        attempt = 0
+        last_error: UpstreamError | None = None
+        last_resp: UpstreamResponse | None = None
+        while True:
+            now = time.monotonic()
+            if not self.breaker.allow(now):
+                self._count(operation, "breaker_open")
+                raise UpstreamUnavailable("the upstream is failing; circuit breaker open")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise last_error or UpstreamTimeout("the upstream did not answer in time")
+            send_headers["x-api-key"] = self.settings.api_key.current(time.time())
+            started = loop.time()
+            try:
+                resp = await self._send(
+                    method, url, send_headers, body, min(self._attempt_timeout, remaining)
+                )
+            except TimeoutError:
+                self.breaker.failure(time.monotonic())
+                self._count(operation, "timeout")
+                last_error = UpstreamTimeout("the upstream did not answer in time")
+            except (aiohttp.ClientError, OSError) as exc:
+                self.breaker.failure(time.monotonic())
+                self._count(operation, "error")
+                log.warning(
+                    "upstream_request_failed",
+                    extra={"fields": {"operation": operation, "error": type(exc).__name__}},
+                )
+                last_error = UpstreamUnavailable("the upstream could not be reached")
+            else:
+                self.metrics.upstream_latency.labels(operation).observe(loop.time() - started)
+                self._count(operation, str(resp.status))
+                if resp.status >= 500 or resp.status == 429:
+                    self.breaker.failure(time.monotonic())
+                else:
+                    self.breaker.success()
+                if not (retry and resp.status in _RETRY_STATUSES):
+                    self._update_state()
+                    return resp
+                last_error = None
+                last_resp = resp
+            self._update_state()
+            if not retry:
+                assert last_error is not None
+                raise last_error
+            attempt += 1
+            # Full jitter: sleep uniformly in [0, min(cap, base * 2^attempt)).
+            backoff = random.uniform(0, min(1.0, 0.05 * 2**attempt))
+            if loop.time() + backoff >= deadline:
+                if last_resp is not None and last_error is None:
+                    return last_resp
+                assert last_error is not None
+                raise last_error
+            await asyncio.sleep(backoff)
+
+    async def _send(
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: bytes | None,
+        timeout: float,
+    ) -> UpstreamResponse:
+        client_timeout = aiohttp.ClientTimeout(
+            total=timeout, connect=min(self.settings.upstream_connect_timeout, timeout)
+        )
+        async with self.session.request(
+            method, url, headers=headers, data=body, timeout=client_timeout, allow_redirects=False
+        ) as resp:
+            data = await resp.content.read(_MAX_BODY + 1)
+            if len(data) > _MAX_BODY:
+                raise aiohttp.ClientPayloadError("upstream body too large")
+            return UpstreamResponse(resp.status, resp.headers, data)
+
+    def _count(self, operation: str, status: str) -> None:
+        self.metrics.upstream_requests.labels(operation, status).inc()
+
+    def _update_state(self) -> None:
+        state = self.state()
+        self.metrics.upstream_state.set({"ok": 0, "degraded": 1, "down": 2}[state])
