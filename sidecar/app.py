@@ -14,9 +14,6 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from . import __version__
 from .api import add_routes, local_middleware
@@ -36,33 +33,14 @@ from .keys import (
     Lifecycle,
 )
 from .metrics import Metrics
+from .redisclient import create_redis
 from .redisio import Keys, RedisConn, RedisDown
 from .upstream import VellumClient
 
-__all__ = ["create_app", "create_redis"]
+__all__ = ["create_app"]
 
 #: The local API accepts bodies up to 1 MiB (a full batch of 1,000 checks fits easily).
 LOCAL_MAX_BODY = 1024 * 1024
-
-
-def create_redis(settings: Settings) -> Redis:
-    """A redis-py asyncio client with explicit timeouts, pool size and no hidden retries.
-
-    redis-py 8 retries failed commands by default; the sidecar does its own
-    backoff (``RedisConn``), so a dead Redis costs one timeout, not several.
-    """
-    assert settings.redis_url is not None
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url.reveal(),
-        max_connections=settings.redis_pool_size,
-        timeout=settings.redis_timeout,
-        socket_timeout=settings.redis_timeout,
-        socket_connect_timeout=settings.redis_timeout,
-        health_check_interval=30,
-        retry=Retry(NoBackoff(), 0),
-        client_name="vellum-sidecar",
-    )
-    return Redis(connection_pool=pool)
 
 
 def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
