@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Final
 
 import orjson
@@ -40,17 +41,18 @@ class ReplayGuard:
     only replays to this sidecar are caught).
     """
 
-    def __init__(self, redis: RedisConn | None) -> None:
-        self.redis = redis
+    def __init__(self, redis: Callable[[], RedisConn | None]) -> None:
+        self._redis = redis
         self._seen: OrderedDict[str, float] = OrderedDict()
 
     async def first_seen(self, event_id: str) -> bool:
         now = time.monotonic()
         local_dup = self._remember(event_id, now)
-        if self.redis is not None:
-            key = self.redis.keys.event(event_id)
+        redis = self._redis()
+        if redis is not None:
+            key = redis.keys.event(event_id)
             try:
-                fresh = await self.redis.run(
+                fresh = await redis.run(
                     "replay_check", lambda r: r.set(key, b"1", nx=True, ex=REPLAY_WINDOW)
                 )
             except RedisDown:
@@ -150,7 +152,8 @@ def create_webhook_app(core: web.Application) -> web.Application:
     app[CORE] = core
 
     async def replay_ctx(app: web.Application) -> Any:
-        app[REPLAY] = ReplayGuard(core[REDIS])
+        # Resolved per call: the core app may start after this one.
+        app[REPLAY] = ReplayGuard(lambda: core.get(REDIS))
         yield
 
     app.cleanup_ctx.append(replay_ctx)

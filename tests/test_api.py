@@ -333,11 +333,7 @@ async def test_openapi_lists_the_routes(make_sidecar: SidecarFactory) -> None:
     assert resp.status == 200
     doc = await resp.json()
     assert doc["openapi"].startswith("3.1")
-    routes = {
-        (method.upper(), path)
-        for path, item in doc["paths"].items()
-        for method in item
-    }
+    routes = {(method.upper(), path) for path, item in doc["paths"].items() for method in item}
     for route in sc.app.router.routes():
         info = route.resource.canonical if route.resource else None
         if route.method == "HEAD" or info is None:
