@@ -14,7 +14,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,7 +199,7 @@ async def make_sidecar(
     aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]],
     emulator_server: TestServer,
     tenant: str,
-) -> AsyncIterator[SidecarFactory]:
+) -> SidecarFactory:
     """Start sidecars against the emulator; ``redis=None`` for memory-only."""
 
     async def make(redis: str | None = None, **env: str | None) -> Sidecar:
@@ -215,4 +215,4 @@ async def make_sidecar(
             await asyncio.wait_for(sidecar.invalidator.subscribed.wait(), 10)
         return sidecar
 
-    yield make
+    return make
