@@ -91,7 +91,8 @@ class RedisServer:
 
     def ping(self) -> bool:
         try:
-            return bool(redis.Redis(port=self.port, socket_timeout=0.5).ping())
+            with redis.Redis(port=self.port, socket_timeout=0.5) as client:
+                return bool(client.ping())
         except redis.RedisError:
             return False
 
@@ -122,7 +123,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def redis_url(redis_server: str) -> str:
     """The session Redis, emptied before the test."""
-    redis.Redis.from_url(redis_server).flushall()
+    with redis.Redis.from_url(redis_server) as client:
+        client.flushall()
     return redis_server
 
 

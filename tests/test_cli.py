@@ -1,0 +1,230 @@
+"""The commands as real processes: check-config, serve (checked from outside), demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import RedisServer, free_port, wait_until
+
+KEY = "vk_cli_secret_" + "x" * 20
+HOOK_SECRET = "whsec_cli_" + "y" * 20
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *args],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def http(
+    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})  # noqa: S310
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+            raw = resp.read()
+            return resp.status, dict(resp.headers), json.loads(raw) if raw else None
+    except urllib.error.HTTPError as err:
+        with err:
+            raw = err.read()
+        return err.code, dict(err.headers), json.loads(raw) if raw else None
+
+
+def answers(url: str) -> bool:
+    try:
+        return http("GET", url)[0] == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+class Proc:
+    def __init__(self, args: list[str], env: dict[str, str], tmp: Path, name: str) -> None:
+        self.log = tmp / f"{name}.log"
+        self._fh = self.log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", *args],
+            env={"PATH": os.environ["PATH"], **env},
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+        )
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=30)
+        if not self._fh.closed:
+            self._fh.close()
+        return code
+
+    def output(self) -> str:
+        if not self._fh.closed:
+            self._fh.flush()
+        return self.log.read_text()
+
+
+def test_check_config_ok_redacts_secrets(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY)
+    result = run_cli(
+        "check-config",
+        "--tenant-id",
+        "acme",
+        env={
+            "VELLUM_API_KEY_FILE": str(key_file),
+            "VELLUM_WEBHOOK_SECRETS": HOOK_SECRET,
+            "SIDECAR_REDIS_URL": "redis://:redispw@127.0.0.1:6390/0",
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    printed = dict(line.split("=", 1) for line in result.stdout.splitlines())
+    assert printed["VELLUM_TENANT_ID"] == "acme"
+    assert printed["VELLUM_API_KEY_FILE"] == str(key_file)
+    assert printed["SIDECAR_REDIS_URL"] == "redis://:***@127.0.0.1:6390/0"
+    everything = result.stdout + result.stderr
+    for secret in (KEY, HOOK_SECRET, "redispw"):
+        assert secret not in everything
+
+
+def test_check_config_errors_exit_2_one_line_each() -> None:
+    result = run_cli(
+        "check-config",
+        env={"VELLUM_API_KEY": KEY, "SIDECAR_CACHE_TTL": "forever", "SIDECAR_LISTEN": "0.0.0.0:1"},
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 3
+    assert any("VELLUM_TENANT_ID" in line for line in lines)
+    assert any("SIDECAR_CACHE_TTL" in line for line in lines)
+    assert any("SIDECAR_LISTEN" in line and "SIDECAR_ALLOW_REMOTE" in line for line in lines)
+    assert KEY not in result.stdout + result.stderr
+
+
+def test_serve_refuses_bad_config_with_exit_2() -> None:
+    result = run_cli("serve", env={"VELLUM_TENANT_ID": "t"})
+    assert result.returncode == 2
+    assert "VELLUM_API_KEY" in result.stderr
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """Redis, the emulator and a sidecar, each a real process."""
+    redis = RedisServer(tmp_path)
+    redis.start()
+    emu_port, api, hooks, ops = free_port(), free_port(), free_port(), free_port()
+    emulator = Proc(
+        ["emulator", "--listen", f"127.0.0.1:{emu_port}", "--tenant", "acme",
+         "--webhook-url", f"http://127.0.0.1:{hooks}/webhooks/vellum"],
+        {"EMULATOR_API_KEYS": KEY, "EMULATOR_WEBHOOK_SECRET": HOOK_SECRET},
+        tmp_path, "emulator",
+    )  # fmt: skip
+    wait_until(lambda: answers(f"http://127.0.0.1:{emu_port}/_emulator/requests"))
+    env = {
+        "VELLUM_API_KEY": KEY,
+        "VELLUM_TENANT_ID": "acme",
+        "VELLUM_BASE_URL": f"http://127.0.0.1:{emu_port}",
+        "VELLUM_WEBHOOK_SECRETS": HOOK_SECRET,
+        "SIDECAR_REDIS_URL": redis.url,
+        "SIDECAR_LISTEN": f"127.0.0.1:{api}",
+        "SIDECAR_WEBHOOK_LISTEN": f"127.0.0.1:{hooks}",
+        "SIDECAR_OPS_LISTEN": f"127.0.0.1:{ops}",
+        "SIDECAR_LOG_LEVEL": "debug",
+        "SIDECAR_ACCESS_LOG": "true",
+    }
+    sidecar = Proc(["serve"], env, tmp_path, "sidecar")
+    wait_until(lambda: answers(f"http://127.0.0.1:{ops}/readyz"), timeout=20)
+    yield {
+        "api": f"http://127.0.0.1:{api}",
+        "ops": f"http://127.0.0.1:{ops}",
+        "emu": f"http://127.0.0.1:{emu_port}",
+        "sidecar": sidecar,
+        "emulator": emulator,
+        "env": env,
+    }
+    sidecar.stop(signal.SIGKILL)
+    emulator.stop(signal.SIGKILL)
+    redis.stop()
+
+
+def test_serve_from_outside(stack: dict[str, Any]) -> None:
+    api, emu, ops = stack["api"], stack["emu"], stack["ops"]
+    status, headers, body = http("GET", f"{api}/v1/customers/cus_active/entitlements")
+    assert status == 200
+    assert headers["X-Sidecar-Cache"] == "miss"
+    assert body["found"] is True
+    status, headers, body = http("GET", f"{api}/v1/customers/cus_active/can/reports")
+    assert (status, headers["X-Sidecar-Cache"], body["allowed"]) == (200, "hit", True)
+    assert http("GET", f"{api}/v1/customers/cus_trial/can/exports")[2]["allowed"] is False
+    # An emulator change is pushed to the sidecar's webhook listener and applies at once.
+    status, _, reply = http(
+        "PUT",
+        f"{emu}/_emulator/customers/cus_trial/entitlements",
+        {"status": "active", "modules": ["reports", "exports"]},
+    )
+    assert status == 200
+    assert reply["pushed"] is True
+    assert http("GET", f"{api}/v1/customers/cus_trial/can/exports")[2]["allowed"] is True
+    assert http("GET", f"{api}/v1/customers/ghost/entitlements")[2]["found"] is False
+    assert http("GET", f"{api}/v1/customers/x/can/y", headers={"Origin": "http://a"})[0] == 403
+    status, _, ready = http("GET", f"{ops}/readyz")
+    assert (status, ready["redis"], ready["upstream"]) == (200, "ok", "ok")
+    ops_port = ops.rsplit(":", 1)[1]
+    health = run_cli("healthcheck", env={"SIDECAR_OPS_LISTEN": f"127.0.0.1:{ops_port}"})
+    assert health.returncode == 0
+    with urllib.request.urlopen(f"{ops}/metrics", timeout=5) as resp:  # noqa: S310
+        metrics = resp.read().decode()
+    assert 'vellum_sidecar_webhooks_total{result="ok"} 1.0' in metrics
+    # SIGTERM: clean exit 0; nothing printed (debug logs and access log on) carries a secret.
+    assert stack["sidecar"].stop() == 0
+    output = stack["sidecar"].output()
+    assert '"event": "stopped"' in output or '"event":"stopped"' in output
+    for secret in (KEY, HOOK_SECRET):
+        assert secret not in output
+    assert run_cli("healthcheck", env={"SIDECAR_OPS_LISTEN": f"127.0.0.1:{ops_port}"}).returncode
+
+
+def test_demo_prints_working_curl_lines(tmp_path: Path) -> None:
+    api, hooks, ops, emu = free_port(), free_port(), free_port(), free_port()
+    demo = Proc(
+        ["demo", "--listen", f"127.0.0.1:{api}", "--webhook-listen", f"127.0.0.1:{hooks}",
+         "--ops-listen", f"127.0.0.1:{ops}", "--emulator-listen", f"127.0.0.1:{emu}"],
+        {}, tmp_path, "demo",
+    )  # fmt: skip
+    try:
+        wait_until(lambda: "Ctrl-C" in demo.output(), timeout=20)
+        banner = demo.output()
+        base = f"http://127.0.0.1:{api}"
+        assert f"curl -i {base}/v1/customers/cus_active/entitlements" in banner
+        first = http("GET", f"{base}/v1/customers/cus_active/entitlements")
+        second = http("GET", f"{base}/v1/customers/cus_active/entitlements")
+        assert (first[1]["X-Sidecar-Cache"], second[1]["X-Sidecar-Cache"]) == ("miss", "hit")
+        assert http("GET", f"{base}/v1/customers/cus_active/can/reports")[2]["allowed"] is True
+        assert http("GET", f"{base}/v1/customers/cus_trial/can/exports")[2]["allowed"] is False
+        assert http("GET", f"{base}/v1/customers/nobody/entitlements")[2]["found"] is False
+        status, _, _ = http(
+            "PUT",
+            f"http://127.0.0.1:{emu}/_emulator/customers/cus_trial/entitlements",
+            {"status": "active", "modules": ["reports", "exports"]},
+        )
+        assert status == 200
+        assert http("GET", f"{base}/v1/customers/cus_trial/can/exports")[2]["allowed"] is True
+        assert http("GET", f"http://127.0.0.1:{ops}/readyz")[0] == 200
+    finally:
+        code = demo.stop(signal.SIGINT)
+    assert code == 0
