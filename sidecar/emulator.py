@@ -9,6 +9,7 @@ API lives under ``/_emulator/`` and needs none. Tests in the same process can us
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import re
 import time
@@ -190,7 +191,7 @@ class Push:
 
 
 class Hold:
-    """Keeps matching requests waiting until :meth:`release` (see :meth:`Emulator.hold`)."""
+    """Holds the answers to matching requests until :meth:`release`; see :meth:`Emulator.hold`."""
 
     def __init__(self, operation: str | None) -> None:
         self.operation = operation
@@ -371,8 +372,10 @@ class Emulator:
         return deleted
 
     def get_entitlements(self, tenant: str, customer_id: str) -> Json | None:
-        doc = self._tenant(tenant).entitlements.get(customer_id)
-        return None if doc is None else dict(doc)
+        """A copy of the stored document, or None (what GET answers 404 for)."""
+        state = self._tenants.get(tenant)
+        doc = None if state is None else state.entitlements.get(customer_id)
+        return None if doc is None else copy.deepcopy(doc)
 
     def create_account(
         self,
@@ -447,10 +450,12 @@ class Emulator:
             ts = int(self.clock()) if timestamp is None else timestamp
             headers = {"Content-Type": "application/json"}
             secret = self.webhook_secret
-            if isinstance(secret, str):
-                push.signature = sign(secret, body, ts)
-            elif secret:
-                push.signature = sign_many(secret, body, ts)
+            secrets = [secret] if isinstance(secret, str) else list(secret or ())
+            secrets = [s for s in secrets if s]  # empty means unsigned, never a weak HMAC
+            if len(secrets) == 1:
+                push.signature = sign(secrets[0], body, ts)
+            elif secrets:
+                push.signature = sign_many(secrets, body, ts)
             if push.signature is not None:
                 headers["X-Vellum-Signature"] = push.signature
             timeout = aiohttp.ClientTimeout(total=self.push_timeout)
@@ -509,7 +514,8 @@ class Emulator:
         """Answer ``status`` with a JSON error for the next ``times`` matching requests.
 
         ``operation=None`` matches every upstream request; ``times=None`` lasts until
-        :meth:`clear_faults`. Faults apply after authentication, in the order added.
+        :meth:`clear_faults`. Delays, then failures, apply after authentication and
+        before the handler; holds apply after it.
         """
         _check_operation(operation)
         if not 400 <= status <= 599:
@@ -528,10 +534,12 @@ class Emulator:
         self._delays.append(_Delay(operation, seconds, times))
 
     def hold(self, operation: str | None) -> Hold:
-        """Hold matching requests in flight until ``Hold.release()``.
+        """Hold the answers to matching requests until ``Hold.release()``.
 
-        ``hold.arrived`` is set once one is waiting, so a test can e.g. push an
-        invalidation while an entitlements fetch is provably in flight.
+        The handler has already run when a request is held: its answer reflects the
+        state at arrival and only its delivery waits. That is the window in which an
+        invalidation races a fetch: once ``hold.arrived`` is set a test can change the
+        document (which pushes), release, and check the older answer is not kept.
         """
         _check_operation(operation)
         hold = Hold(operation)
@@ -684,7 +692,7 @@ class Emulator:
         _check_entitlements(doc)
         state = self._tenant(tenant)
         stored: Json = {"customerId": customer_id, "status": "active", "modules": [], "config": {}}
-        stored |= doc
+        stored |= copy.deepcopy(dict(doc))
         stored["customerId"] = customer_id
         known = state.customers.get(customer_id)
         if "accountId" not in stored and known is not None:
@@ -692,7 +700,7 @@ class Emulator:
         stored["updatedAt"] = self._now()
         state.entitlements[customer_id] = stored
         self._emit(tenant, customer_id, _str_or_none(stored.get("accountId")))
-        return dict(stored)
+        return copy.deepcopy(stored)
 
     def _drop_entitlements(self, tenant: str, customer_id: str) -> bool:
         doc = self._tenant(tenant).entitlements.pop(customer_id, None)
@@ -869,7 +877,12 @@ class Emulator:
     # ------------------------------------------------------------------ middleware helpers
 
     async def _record(self, request: web.Request, operation: str) -> RecordedRequest:
-        raw = await request.read()
+        """Log the request; a body over the size limit is logged as None, then re-raised."""
+        too_large: web.HTTPRequestEntityTooLarge | None = None
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            raw, too_large = b"", exc
         body: Any = None
         if raw:
             try:
@@ -887,14 +900,18 @@ class Emulator:
             idempotency_key=request.headers.get("Idempotency-Key"),
         )
         self.requests.append(record)
+        if too_large is not None:
+            raise too_large
         return record
 
-    async def _apply_faults(self, operation: str) -> web.Response | None:
+    async def _apply_holds(self, operation: str) -> None:
         for hold in list(self._holds):
             if hold.released:
                 self._holds.remove(hold)
             elif _matches(hold.operation, operation):
                 await hold._hold()
+
+    async def _apply_faults(self, operation: str) -> web.Response | None:
         for delay in list(self._delays):
             if _matches(delay.operation, operation):
                 delay.remaining = _consume(delay.remaining)
@@ -1434,13 +1451,17 @@ async def _as_response(request: web.Request, handler: Handler) -> web.StreamResp
 
 @web.middleware
 async def _middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Upstream requests: log, authenticate, delay/fail, replay or run, then hold."""
     if request.raw_path.startswith("/_emulator/"):
         return await _as_response(request, handler)
 
     em = request.app[EMULATOR]
     name = request.match_info.route.name
     operation = name if name in OPERATIONS else "unknown"
-    record = await em._record(request, operation)
+    try:
+        record = await em._record(request, operation)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return _error_response(413, "payload_too_large", exc.text or "request body too large")
     if record.api_key is None or record.api_key not in em.api_keys:
         return _error_response(401, "unauthorized", "missing or invalid x-api-key")
     if (injected := await em._apply_faults(operation)) is not None:
@@ -1464,6 +1485,7 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
         body = response.body if isinstance(response.body, bytes) else b""
         kept = {k: v for k, v in response.headers.items() if k in ("Content-Type", "Location")}
         em._idempotency[key] = _Stored(await request.read(), response.status, body, kept)
+    await em._apply_holds(operation)
     return response
 
 
