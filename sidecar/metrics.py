@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import asyncio
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
@@ -67,10 +70,19 @@ class Metrics:
         self.memory_entries = Gauge(
             f"{p}_memory_entries", "Entries in the in-process cache layer.", registry=r,
         )  # fmt: skip
+        self.tasks = Gauge(
+            f"{p}_asyncio_tasks", "asyncio tasks alive in the event loop (a leak shows here).",
+            registry=r,
+        )  # fmt: skip
+        # process_resident_memory_bytes, process_open_fds, ... for this process.
+        ProcessCollector(registry=r)
         self.inflight_fetches = Gauge(
             f"{p}_inflight_fetches", "Entitlement fetches in flight (single-flight).",
             registry=r,
         )  # fmt: skip
 
     def render(self) -> bytes:
+        # RuntimeError: no running loop (rendering outside the server).
+        with contextlib.suppress(RuntimeError):
+            self.tasks.set(len(asyncio.all_tasks()))
         return generate_latest(self.registry)

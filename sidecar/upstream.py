@@ -162,10 +162,17 @@ class VellumClient:
         return URL(self._base + tenant_path(self.tenant, *segments), encoded=True)
 
     async def get_entitlements(self, customer_id: str) -> UpstreamResponse:
-        """Return the 200 or 404 response; raise ``UpstreamError`` for anything else."""
-        resp = await self.request(
-            "get_entitlements", "GET", ("customers", customer_id, "entitlements"), retry=True
-        )
+        """Return the 200 or 404 response; raise ``UpstreamError`` for anything else.
+
+        A timeout is reported as ``UpstreamUnavailable``: for a read, "did not
+        answer in time" and "could not be reached" mean the same to the caller.
+        """
+        try:
+            resp = await self.request(
+                "get_entitlements", "GET", ("customers", customer_id, "entitlements"), retry=True
+            )
+        except UpstreamTimeout as exc:
+            raise UpstreamUnavailable(exc.message) from None
         if resp.status in (200, 404):
             return resp
         if resp.status in (401, 403):
