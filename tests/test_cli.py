@@ -228,3 +228,86 @@ def test_demo_prints_working_curl_lines(tmp_path: Path) -> None:
     finally:
         code = demo.stop(signal.SIGINT)
     assert code == 0
+
+
+def test_sigterm_under_load_finishes_in_flight_requests(stack: dict[str, Any]) -> None:
+    """In-flight upstream calls finish after SIGTERM, /readyz turns 503 first, exit 0."""
+    import concurrent.futures
+
+    api, emu, ops = stack["api"], stack["emu"], stack["ops"]
+    status, _, _ = http(
+        "POST", f"{emu}/_emulator/faults", {"operation": "get_entitlements", "delay": 1.0}
+    )
+    assert status in (200, 201)
+    customers = [f"load_{i}" for i in range(16)]
+    with concurrent.futures.ThreadPoolExecutor(len(customers)) as pool:
+        futures = [
+            pool.submit(http, "GET", f"{api}/v1/customers/{c}/entitlements") for c in customers
+        ]
+
+        def all_arrived() -> bool:
+            got = http("GET", f"{emu}/_emulator/requests?operation=get_entitlements")[2]
+            items = got["requests"] if isinstance(got, dict) else got
+            return len(items) >= len(customers)
+
+        wait_until(all_arrived, timeout=10)
+        stack["sidecar"].proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: _ready_status(ops) in (503, None), timeout=5)
+        results = [f.result(timeout=20) for f in futures]
+    assert [r[0] for r in results] == [200] * len(customers)
+    assert all(r[2]["found"] is False for r in results)
+    assert stack["sidecar"].stop() == 0
+
+
+def _ready_status(ops: str) -> int | None:
+    try:
+        return http("GET", f"{ops}/readyz")[0]
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def test_no_secret_in_any_output(tmp_path: Path, stack: dict[str, Any]) -> None:
+    """Grep everything a full run prints or serves for the key and the webhook secret."""
+    api, ops, emu = stack["api"], stack["ops"], stack["emu"]
+    seen: list[str] = []
+    for url in (f"{ops}/readyz", f"{ops}/metrics", f"{api}/openapi.json"):
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310
+            seen.append(resp.read().decode())
+    # Error paths: refused webhook signatures, malformed input, upstream failures.
+    hooks = stack["env"]["SIDECAR_WEBHOOK_LISTEN"]
+    for header in ("t=1,v1=00", "garbage", ""):
+        seen.append(
+            str(
+                http(
+                    "POST",
+                    f"http://{hooks}/webhooks/vellum",
+                    {"id": "evt_x"},
+                    {"X-Vellum-Signature": header},
+                )
+            )
+        )
+    seen.append(str(http("POST", f"{api}/v1/check", {"checks": "nope"})))
+    http("POST", f"{emu}/_emulator/faults", {"operation": "get_entitlements", "status": 500})
+    seen.append(str(http("GET", f"{api}/v1/customers/boom/entitlements")))
+    seen.append(str(http("GET", f"{api}/v1/customers/boom/can/x")))
+    assert stack["sidecar"].stop() == 0
+    seen.append(stack["sidecar"].output())
+    # A sidecar whose key the upstream refuses, and check-config, with debug logs.
+    env = {**stack["env"], "VELLUM_API_KEY": KEY + "_wrong", "SIDECAR_LOG_LEVEL": "debug"}
+    env["SIDECAR_LISTEN"] = f"127.0.0.1:{free_port()}"
+    env["SIDECAR_OPS_LISTEN"] = f"127.0.0.1:{free_port()}"
+    env["SIDECAR_WEBHOOK_LISTEN"] = f"127.0.0.1:{free_port()}"
+    wrong = Proc(["serve"], env, tmp_path, "wrong")
+    wrong_ops = "http://" + env["SIDECAR_OPS_LISTEN"]
+    wait_until(lambda: answers(f"{wrong_ops}/readyz"), timeout=20)
+    http("DELETE", f"{emu}/_emulator/faults")
+    seen.append(str(http("GET", f"http://{env['SIDECAR_LISTEN']}/v1/customers/c/entitlements")))
+    assert wrong.stop() == 0
+    seen.append(wrong.output())
+    checked = run_cli("check-config", env=env)
+    seen.extend([checked.stdout, checked.stderr])
+    everything = "\n".join(seen)
+    assert "upstream_auth_failed" in everything, "the error paths really ran"
+    assert "invalid_signature" in everything
+    for secret in (KEY, HOOK_SECRET):
+        assert secret not in everything
