@@ -25,11 +25,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final, Literal
 
 import orjson
-from redis.asyncio import Redis
 
 from .config import Settings
 from .errors import UpstreamError, UpstreamUnavailable
 from .metrics import Metrics
+from .redisclient import RedisClient
 from .redisio import RedisConn, RedisDown
 from .upstream import VellumClient
 
@@ -407,13 +407,15 @@ class EntitlementCache:
         token = secrets.token_hex(8)
         lock_ms = int((self.settings.upstream_timeout + 1) * 1000)
 
-        async def call(r: Redis) -> list[Any]:
+        async def call(r: RedisClient) -> list[Any]:
             async with r.pipeline(transaction=False) as pipe:
-                pipe.mget(keys.gen(customer), keys.tenant_gen)
+                # Two GETs, not MGET: redis-py's cluster pipeline refuses multi-key commands.
+                pipe.get(keys.gen(customer))
+                pipe.get(keys.tenant_gen)
                 pipe.set(keys.lock(customer), token, nx=True, px=lock_ms)
                 return await pipe.execute()
 
-        (cgen, tgen), won = await self.redis.run("begin_fetch", call)
+        cgen, tgen, won = await self.redis.run("begin_fetch", call)
         return (_s(cgen), _s(tgen)), token if won else None
 
     async def _wait_for_other(self, customer: str, floor: float) -> Entry | None:
@@ -424,7 +426,7 @@ class EntitlementCache:
         deadline = loop.time() + self.settings.upstream_timeout
         delay = 0.005
 
-        async def call(r: Redis) -> list[Any]:
+        async def call(r: RedisClient) -> list[Any]:
             async with r.pipeline(transaction=False) as pipe:
                 pipe.get(keys.entry(customer))
                 pipe.exists(keys.lock(customer))

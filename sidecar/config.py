@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from .redisclient import parse_redis_url
+
 __all__ = [
     "VARIABLES",
     "ApiKeySource",
@@ -170,7 +172,12 @@ VARIABLES: Final[tuple[Variable, ...]] = (
     Variable("VELLUM_BASE_URL", "https://api.vellumcharter.com", "upstream base URL"),
     Variable("VELLUM_WEBHOOK_SECRETS", None, "comma-separated push signing secrets", True),
     Variable("VELLUM_WEBHOOK_SECRETS_FILE", None, "file holding the signing secrets"),
-    Variable("SIDECAR_REDIS_URL", None, "redis://, rediss:// or unix:// URL; unset = memory only"),
+    Variable(
+        "SIDECAR_REDIS_URL",
+        None,
+        "redis://, rediss://, unix:// or redis+sentinel:// URL; unset = memory only",
+    ),
+    Variable("SIDECAR_REDIS_CLUSTER", "false", "true when SIDECAR_REDIS_URL names Cluster nodes"),
     Variable("SIDECAR_LISTEN", "127.0.0.1:8700", "local API: host:port or unix:/path.sock"),
     Variable("SIDECAR_WEBHOOK_LISTEN", "0.0.0.0:8701", "push webhook receiver"),
     Variable("SIDECAR_OPS_LISTEN", "0.0.0.0:9700", "health and metrics"),
@@ -216,6 +223,7 @@ class Settings:
     base_url: str = "https://api.vellumcharter.com"
     webhook_secrets: tuple[Secret, ...] = ()
     redis_url: Secret | None = None
+    redis_cluster: bool = False
     listen: Listen = Listen("127.0.0.1", 8700)
     webhook_listen: Listen = Listen("0.0.0.0", 8701)
     ops_listen: Listen = Listen("0.0.0.0", 9700)
@@ -268,6 +276,7 @@ class Settings:
 
         base_url = parse("VELLUM_BASE_URL", _http_url)
         redis_url = parse("SIDECAR_REDIS_URL", _redis_url)
+        redis_cluster = parse("SIDECAR_REDIS_CLUSTER", _bool)
         listen = parse("SIDECAR_LISTEN", Listen.parse)
         webhook_listen = parse("SIDECAR_WEBHOOK_LISTEN", Listen.parse)
         ops_listen = parse("SIDECAR_OPS_LISTEN", Listen.parse)
@@ -292,6 +301,16 @@ class Settings:
                 f"SIDECAR_LISTEN: {listen} is not a loopback address; the local API has no "
                 "authentication, so set SIDECAR_ALLOW_REMOTE=true to bind it there on purpose"
             )
+        if redis_cluster and raw("SIDECAR_REDIS_URL") is None:
+            problems.append(
+                "SIDECAR_REDIS_CLUSTER: true needs SIDECAR_REDIS_URL (cluster nodes' redis:// URL)"
+            )
+        elif redis_url is not None and redis_cluster is not None:
+            target = parse_redis_url(redis_url)
+            problem = target.cluster_problem() if redis_cluster else target.standalone_problem()
+            if problem:
+                var = "SIDECAR_REDIS_CLUSTER" if redis_cluster else "SIDECAR_REDIS_URL"
+                problems.append(f"{var}: {problem}")
         if problems:
             raise ConfigError(problems)
 
@@ -306,6 +325,7 @@ class Settings:
             base_url=base_url,
             webhook_secrets=webhook_secrets,
             redis_url=Secret(redis_url) if redis_url else None,
+            redis_cluster=redis_cluster,
             listen=listen,
             webhook_listen=webhook_listen,
             ops_listen=ops_listen,
@@ -361,17 +381,22 @@ class Settings:
 
 
 def redact_url(url: str) -> str:
-    """Hide the password (and a lone username, which some providers use as a token)."""
+    """Hide the password (and a lone username, which some providers use as a token).
+
+    Works on the raw netloc, so a host list (``h1:26379,h2:26379``) survives, and
+    hides ``*password*`` query options (``?sentinel_password=``) too.
+    """
     parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"***@{host}" if parts.password is None else f"{parts.username or ''}:***@{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    netloc = parts.netloc
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{hosts}" if colon else f"***@{hosts}"
+    query = "&".join(
+        f"{name}=***" if "password" in name.lower() else f"{name}={value}" if sep else name
+        for name, sep, value in (p.partition("=") for p in parts.query.split("&") if p)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _read_secret_pair(
@@ -414,19 +439,7 @@ def _http_url(value: str) -> str:
 
 
 def _redis_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(
-            f"scheme must be redis://, rediss:// or unix://, got {parts.scheme or 'none'}://"
-        )
-    if parts.scheme == "unix" and not parts.path:
-        raise ValueError("unix:// needs a socket path, e.g. unix:///run/redis.sock")
-    if parts.scheme != "unix" and not parts.hostname:
-        raise ValueError("needs a host, e.g. redis://127.0.0.1:6379/0")
-    try:
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError:
-        raise ValueError("has an invalid port") from None
+    parse_redis_url(value)  # the forms and their options: sidecar/redisclient.py
     return value
 
 

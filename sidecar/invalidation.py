@@ -22,11 +22,11 @@ from collections.abc import Sequence
 from typing import Any, Final, Literal
 
 import orjson
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 
 from .cache import EntitlementCache, Entry
 from .metrics import Metrics
+from .redisclient import REDIS_ERRORS, RedisClient
 from .redisio import RedisConn, RedisDown
 
 __all__ = ["Invalidator", "Scope"]
@@ -38,6 +38,13 @@ Scope = Literal["customer", "account", "tenant"]
 _GEN_TTL_S: Final = 3600
 _SCAN_BATCH: Final = 500
 _MAX_LOCAL_LINKS: Final = 100_000
+
+
+class _Resubscribe(Exception):
+    """The server ended our shard-channel subscription (slot migration, failover)."""
+
+
+_LISTEN_ERRORS: Final[tuple[type[BaseException], ...]] = (*REDIS_ERRORS, _Resubscribe)
 
 
 class Invalidator:
@@ -73,14 +80,20 @@ class Invalidator:
         self.cache.drop_local(customers)
         if self.redis is not None:
             keys = self.redis.keys
+            cluster = self.redis.cluster
 
-            async def call(r: Redis) -> Any:
+            async def call(r: RedisClient) -> Any:
+                # One slot (the tenant's hash tag), so MULTI works on a cluster too.
                 async with r.pipeline(transaction=True) as pipe:
                     for c in customers:
                         pipe.incr(keys.gen(c))
                         pipe.expire(keys.gen(c), _GEN_TTL_S)
                         pipe.delete(keys.entry(c))
-                    pipe.publish(keys.channel, self._message("customer", list(customers)))
+                    message = self._message("customer", list(customers))
+                    if cluster:
+                        pipe.spublish(keys.channel, message)
+                    else:
+                        pipe.publish(keys.channel, message)
                     return await pipe.execute()
 
             with contextlib.suppress(RedisDown):
@@ -107,10 +120,14 @@ class Invalidator:
         self.cache.drop_local(None)
         if self.redis is not None:
             keys = self.redis.keys
+            cluster = self.redis.cluster
 
-            async def call(r: Redis) -> None:
+            async def call(r: RedisClient) -> None:
                 await r.incr(keys.tenant_gen)
                 batch: list[Any] = []
+                # On a cluster, scan_iter walks every primary (right even while
+                # the tenant's slot migrates); the keys share one slot, so UNLINK
+                # of a batch is one command.
                 async for key in r.scan_iter(match=keys.entry_pattern, count=_SCAN_BATCH):
                     batch.append(key)
                     if len(batch) >= _SCAN_BATCH:
@@ -118,7 +135,11 @@ class Invalidator:
                         batch = []
                 if batch:
                     await r.unlink(*batch)
-                await r.publish(keys.channel, self._message("tenant", None))
+                message = self._message("tenant", None)
+                if cluster:
+                    await r.spublish(keys.channel, message)
+                else:
+                    await r.publish(keys.channel, message)
 
             with contextlib.suppress(RedisDown):
                 await self.redis.run("invalidate_all", call)
@@ -147,7 +168,7 @@ class Invalidator:
         if self.redis is not None and fresh:
             key = self.redis.keys.account(account)
 
-            async def call(r: Redis) -> Any:
+            async def call(r: RedisClient) -> Any:
                 async with r.pipeline(transaction=False) as pipe:
                     pipe.sadd(key, customer)
                     pipe.expire(key, self._link_ttl)
@@ -177,28 +198,47 @@ class Invalidator:
         assert self.redis is not None
         channel = self.redis.keys.channel
         backoff = 0.05
+        failed = False
         while True:
-            pubsub = self.redis.client.pubsub()
+            client = self.redis.client
+            pubsub = client.pubsub()
             try:
-                await pubsub.subscribe(channel)
+                if isinstance(client, RedisCluster):
+                    # The shard channel's node comes from the slot map: load it,
+                    # and reload it after a failure (the shard may have failed over).
+                    await client.initialize()
+                    if failed:
+                        await client.nodes_manager.initialize()
+                if isinstance(pubsub, ClusterPubSub):
+                    await pubsub.ssubscribe(channel)
+                else:
+                    await pubsub.subscribe(channel)
                 # Messages may have been missed while (re)connecting.
                 self.cache.drop_local(None)
                 self.subscribed.set()
                 backoff = 0.05
+                failed = False
                 log.info("fanout_subscribed")
                 while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
-                    if msg is not None and msg.get("type") == "message":
+                    if isinstance(pubsub, ClusterPubSub):
+                        msg = await pubsub.get_sharded_message(timeout=5.0)
+                        if msg is not None and msg.get("type") == "sunsubscribe":
+                            # The slot moved or its shard failed over: resubscribe.
+                            raise _Resubscribe
+                    else:
+                        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                    if msg is not None and msg.get("type") in ("message", "smessage"):
                         self._apply(msg["data"])
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, TimeoutError) as exc:
+            except _LISTEN_ERRORS as exc:
                 self.subscribed.clear()
+                failed = True
                 log.warning("fanout_disconnected", extra={"fields": {"error": type(exc).__name__}})
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
-                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                with contextlib.suppress(*REDIS_ERRORS):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _apply(self, data: Any) -> None:

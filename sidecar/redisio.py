@@ -16,10 +16,11 @@ from collections.abc import Awaitable, Callable
 from typing import Final, Literal, TypeVar
 from urllib.parse import quote
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.asyncio import RedisCluster
+from redis.exceptions import MaxConnectionsError
 
 from .metrics import Metrics
+from .redisclient import REDIS_ERRORS, RedisClient
 
 __all__ = ["Keys", "RedisConn", "RedisDown", "RedisState"]
 
@@ -68,10 +69,13 @@ class Keys:
 
 
 class RedisConn:
-    """A ``redis.asyncio.Redis`` client plus its health."""
+    """A ``redis.asyncio.Redis`` (or ``RedisCluster``) client plus its health."""
 
-    def __init__(self, client: Redis, keys: Keys, metrics: Metrics) -> None:
+    def __init__(self, client: RedisClient, keys: Keys, metrics: Metrics) -> None:
         self.client = client
+        #: On a cluster the fan-out uses sharded pub/sub (SPUBLISH/SSUBSCRIBE) on
+        #: the tenant's hash-tagged channel, so it stays on the tenant's shard.
+        self.cluster = isinstance(client, RedisCluster)
         self.keys = keys
         self.metrics = metrics
         self.state: RedisState = "ok"
@@ -82,13 +86,18 @@ class RedisConn:
     def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
         self._on_reconnect.append(callback)
 
-    async def run(self, operation: str, call: Callable[[Redis], Awaitable[T]]) -> T:
+    async def run(self, operation: str, call: Callable[[RedisClient], Awaitable[T]]) -> T:
         """Run one Redis call; raise ``RedisDown`` if Redis is down or the call fails."""
         if self.state == "down":
             raise RedisDown(operation)
         try:
             return await call(self.client)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except MaxConnectionsError as exc:
+            # Every pooled connection is busy (a burst): this call degrades, but
+            # Redis answers, so it is not marked down.
+            self.metrics.redis_errors.labels(operation).inc()
+            raise RedisDown(operation) from exc
+        except REDIS_ERRORS as exc:
             self.metrics.redis_errors.labels(operation).inc()
             self._mark_down(operation, exc)
             raise RedisDown(operation) from exc
@@ -110,7 +119,7 @@ class RedisConn:
             await asyncio.sleep(random.uniform(backoff / 2, backoff))
             try:
                 await self.client.ping()
-            except (RedisError, OSError, TimeoutError):
+            except REDIS_ERRORS:
                 backoff = min(backoff * 2, _MAX_BACKOFF)
                 continue
             break

@@ -1,0 +1,477 @@
+"""The sidecar on the Redis topologies operators run: TLS, Cluster and Sentinel.
+
+Each topology is real ``redis-server`` processes (``tests/redis_topologies.py``),
+started once per module. Two sidecars share each one and must show: reads
+shared through Redis (one upstream fetch for both), a push webhook to one
+sidecar dropping the entry on the other, and, on Sentinel, reads that keep
+answering through a master failover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from aiohttp.test_utils import TestClient, TestServer
+
+from sidecar.app import create_app
+from sidecar.config import ConfigError, Settings, redact_url
+from sidecar.emulator import Emulator
+from sidecar.keys import LIFECYCLE, REDIS
+from sidecar.ops import create_ops_app
+from sidecar.redisclient import RedisTarget, parse_redis_url
+from sidecar.redisio import Keys
+
+from .conftest import (
+    WEBHOOK_SECRET,
+    Sidecar,
+    SidecarFactory,
+    eventually,
+    free_port,
+    sidecar_env,
+    wait_until,
+)
+from .redis_topologies import ClusterSetup, SentinelSetup, redis_binary
+
+DOC = {"status": "active", "modules": ["reports"], "config": {}, "accountId": "acc_1"}
+UPGRADED = {"status": "active", "modules": ["reports", "exports"], "config": {}}
+
+# The in-process layer must not expire during a test: only fan-out may drop it.
+LONG_MEMORY = "300"
+
+
+# -- URL forms (no server needed) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://127.0.0.1:6379/2", RedisTarget("standalone", hosts=(("127.0.0.1", 6379),), db=2)),
+        ("redis://cache", RedisTarget("standalone", hosts=(("cache", 6379),))),
+        (
+            "rediss://:pw@cache.example:6380/0?ssl_ca_certs=/etc/ca.pem&ssl_cert_reqs=required",
+            RedisTarget(
+                "standalone",
+                tls=True,
+                hosts=(("cache.example", 6380),),
+                password="pw",
+                tls_options={"ssl_ca_certs": "/etc/ca.pem", "ssl_cert_reqs": "required"},
+            ),
+        ),
+        ("unix:///run/redis.sock?db=3", RedisTarget("unix", path="/run/redis.sock", db=3)),
+        (
+            "redis+sentinel://app:s%40cret@s1,s2:26380,[::1]:26381/mymaster/1?sentinel_password=sp",
+            RedisTarget(
+                "sentinel",
+                hosts=(("s1", 26379), ("s2", 26380), ("::1", 26381)),
+                service="mymaster",
+                db=1,
+                username="app",
+                password="s@cret",
+                sentinel_password="sp",
+            ),
+        ),
+        (
+            "rediss+sentinel://s1/cache",
+            RedisTarget("sentinel", tls=True, hosts=(("s1", 26379),), service="cache"),
+        ),
+        (
+            "redis://n1:7000,n2:7001,n3",
+            RedisTarget("standalone", hosts=(("n1", 7000), ("n2", 7001), ("n3", 6379))),
+        ),
+    ],
+)
+def test_url_forms(url: str, expected: RedisTarget) -> None:
+    assert parse_redis_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://cache:6379", "scheme must be"),
+        ("redis+sentinel://s1:26379", "service name"),
+        ("redis+sentinel://s1/a/1/x", "/service or /service/db"),
+        ("redis://cache:notaport", "invalid port"),
+        ("redis://cache:0", "outside 1-65535"),
+        ("redis://cache/zero", "database must be a number"),
+        ("redis://cache/0?ssl_ca_certs=/x", "needs TLS"),
+        ("redis://cache/0?socket_timeout=9", "unknown option 'socket_timeout'"),
+        ("rediss://cache/0?ssl_cert_reqs=maybe", "ssl_cert_reqs must be"),
+        ("redis://cache?db=2", "in the path"),
+        ("unix://?db=1", "socket path"),
+        ("redis://a,,b", "empty host"),
+    ],
+)
+def test_bad_urls_are_refused_without_echoing_the_url(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        parse_redis_url(url)
+    assert url not in str(info.value)
+
+
+def _config_problems(**env: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(sidecar_env("t", "http://127.0.0.1:1", **env))
+    return info.value.problems
+
+
+def test_cluster_mode_is_checked_against_the_url() -> None:
+    assert _config_problems(SIDECAR_REDIS_CLUSTER="true") == [
+        "SIDECAR_REDIS_CLUSTER: true needs SIDECAR_REDIS_URL (cluster nodes' redis:// URL)"
+    ]
+    [problem] = _config_problems(
+        SIDECAR_REDIS_CLUSTER="true", SIDECAR_REDIS_URL="redis+sentinel://:pw@s1/mymaster"
+    )
+    assert problem.startswith("SIDECAR_REDIS_CLUSTER: Sentinel and Cluster")
+    assert "pw" not in problem
+    [problem] = _config_problems(SIDECAR_REDIS_URL="redis://n1,n2")
+    assert problem.startswith("SIDECAR_REDIS_URL: several hosts")
+    [problem] = _config_problems(SIDECAR_REDIS_CLUSTER="maybe", SIDECAR_REDIS_URL="redis://n1")
+    assert problem.startswith("SIDECAR_REDIS_CLUSTER: expected true or false")
+    settings = Settings.from_env(
+        sidecar_env("t", "http://127.0.0.1:1", SIDECAR_REDIS_URL="redis://n1,n2",
+                    SIDECAR_REDIS_CLUSTER="true")
+    )  # fmt: skip
+    assert settings.redis_cluster is True
+    assert ("SIDECAR_REDIS_CLUSTER", "true") in settings.redacted()
+
+
+def test_redaction_covers_host_lists_and_password_options() -> None:
+    url = "rediss+sentinel://app:hunter2@s1:26379,s2/mymaster?sentinel_password=s3cret&ssl_cert_reqs=none"
+    shown = redact_url(url)
+    assert "hunter2" not in shown and "s3cret" not in shown
+    assert shown == (
+        "rediss+sentinel://app:***@s1:26379,s2/mymaster?sentinel_password=***&ssl_cert_reqs=none"
+    )
+    assert redact_url("redis://:pw@n1:7000,n2:7001") == "redis://:***@n1:7000,n2:7001"
+    assert redact_url("redis://cache:6379/0") == "redis://cache:6379/0"
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+BareFactory = Callable[..., Awaitable[tuple[TestClient[Any, Any], TestClient[Any, Any]]]]
+
+
+@pytest.fixture
+def bare_sidecar(
+    aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]],
+    emulator_server: TestServer,
+    tenant: str,
+) -> BareFactory:
+    """A sidecar whose Redis may never answer (``make_sidecar`` waits for the fan-out)."""
+
+    async def make(**env: str) -> tuple[TestClient[Any, Any], TestClient[Any, Any]]:
+        base = str(emulator_server.make_url("")).rstrip("/")
+        app = create_app(Settings.from_env(sidecar_env(tenant, base, **env)))
+        client = await aiohttp_client(app)
+        app[LIFECYCLE].phase = "ready"
+        return client, await aiohttp_client(create_ops_app(app))
+
+    return make
+
+
+async def _doc(sc: Sidecar, customer: str) -> tuple[str, dict[str, Any]]:
+    resp = await sc.client.get(f"/v1/customers/{customer}/entitlements")
+    assert resp.status == 200, await resp.text()
+    return resp.headers["X-Sidecar-Cache"], await resp.json()
+
+
+async def _shares_reads(a: Sidecar, b: Sidecar, emulator: Emulator, tenant: str) -> None:
+    """A's miss fills Redis; B (another process's memory) answers from Redis."""
+    emulator.set_entitlements(tenant, "cus_1", DOC)
+    source, doc = await _doc(a, "cus_1")
+    assert source == "miss"
+    assert (doc["found"], doc["status"], doc["modules"]) == (True, "active", ["reports"])
+    assert await _doc(b, "cus_1") == ("hit", doc)
+    not_found = {"found": False, "status": None, "modules": [], "config": {}}
+    assert await _doc(a, "nobody") == ("miss", not_found)
+    assert await _doc(b, "nobody") == ("hit", not_found)
+    assert emulator.count("get_entitlements", tenant) == 2
+
+
+async def _webhook_fans_out(a: Sidecar, b: Sidecar, emulator: Emulator, tenant: str) -> None:
+    """The emulator pushes a signed event to A only; B drops its in-process copy too."""
+    assert a.webhooks is not None
+    emulator.set_entitlements(tenant, "cus_2", DOC)
+    assert (await _doc(a, "cus_2"))[0] == "miss"
+    assert (await _doc(b, "cus_2"))[0] == "hit"
+    assert (await _doc(b, "cus_2"))[0] == "hit", "B now answers from its own memory"
+    emulator.webhook_url = str(a.webhooks.make_url("/webhooks/vellum"))
+    emulator.webhook_secret = WEBHOOK_SECRET
+    emulator.set_entitlements(tenant, "cus_2", UPGRADED)
+    await emulator.wait_pushes_idle()
+    assert emulator.pushes[-1].delivered, emulator.pushes[-1]
+
+    async def b_sees_upgrade() -> bool:
+        return "exports" in (await _doc(b, "cus_2"))[1]["modules"]
+
+    await eventually(b_sees_upgrade, timeout=10)
+    assert (await _doc(a, "cus_2"))[1]["modules"] == ["reports", "exports"]
+    emulator.webhook_url = None  # later changes in the test push nothing
+
+
+async def _tenant_drop_fans_out(a: Sidecar, b: Sidecar, emulator: Emulator, tenant: str) -> None:
+    emulator.set_entitlements(tenant, "cus_3", DOC)
+    await _doc(a, "cus_3")
+    assert (await _doc(b, "cus_3"))[0] == "hit"
+    emulator.set_entitlements(tenant, "cus_3", UPGRADED)
+    assert (await a.client.delete("/v1/cache")).status == 204
+
+    async def b_sees_upgrade() -> bool:
+        return "exports" in (await _doc(b, "cus_3"))[1]["modules"]
+
+    await eventually(b_sees_upgrade, timeout=10)
+
+
+# -- TLS -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    """A redis-server that speaks only TLS, with a throwaway CA; yields (port, CA file)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    port = free_port()
+    proc = subprocess.Popen(
+        [redis_binary(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(d / "cert.pem"), "--tls-key-file", str(d / "key.pem"),
+         "--tls-ca-cert-file", str(d / "cert.pem"), "--tls-auth-clients", "no",
+         "--save", "", "--appendonly", "no", "--dir", str(d)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    def up() -> bool:
+        try:
+            return bool(
+                redis.Redis(port=port, ssl=True, ssl_ca_certs=str(d / "cert.pem"),
+                            socket_timeout=1).ping()
+            )  # fmt: skip
+        except redis.RedisError:
+            return False
+
+    try:
+        wait_until(up, timeout=20)
+        yield port, d / "cert.pem"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+async def test_tls_reads_and_fanout(
+    tls_redis: tuple[int, Path], make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
+) -> None:
+    port, ca = tls_redis
+    url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}"
+    a = await make_sidecar(url, SIDECAR_MEMORY_TTL=LONG_MEMORY)
+    b = await make_sidecar(url, SIDECAR_MEMORY_TTL=LONG_MEMORY)
+    await _shares_reads(a, b, emulator, tenant)
+    await _webhook_fans_out(a, b, emulator, tenant)
+
+
+async def test_tls_refuses_an_unknown_ca(
+    tls_redis: tuple[int, Path], bare_sidecar: BareFactory, emulator: Emulator, tenant: str
+) -> None:
+    """Verification is on by default: a server cert no CA vouches for counts as Redis down."""
+    port, _ = tls_redis
+    client, ops = await bare_sidecar(SIDECAR_REDIS_URL=f"rediss://127.0.0.1:{port}/0")
+    emulator.set_entitlements(tenant, "cus_1", DOC)
+    resp = await client.get("/v1/customers/cus_1/entitlements")
+    assert (resp.status, resp.headers["X-Sidecar-Cache"]) == (200, "miss")
+    assert (await (await ops.get("/readyz")).json())["redis"] == "down"
+
+
+# -- Redis Cluster ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSetup]:
+    setup = ClusterSetup(tmp_path_factory.mktemp("cluster"))
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()
+
+
+@pytest.fixture
+async def cluster_pair(
+    cluster: ClusterSetup, make_sidecar: SidecarFactory
+) -> tuple[Sidecar, Sidecar]:
+    env = {"SIDECAR_REDIS_CLUSTER": "true", "SIDECAR_MEMORY_TTL": LONG_MEMORY}
+    return await make_sidecar(cluster.url, **env), await make_sidecar(cluster.url, **env)
+
+
+async def test_cluster_reads_are_shared_and_stay_on_the_tenants_shard(
+    cluster: ClusterSetup,
+    cluster_pair: tuple[Sidecar, Sidecar],
+    emulator: Emulator,
+    tenant: str,
+) -> None:
+    a, b = cluster_pair
+    assert a.app[REDIS] is not None and a.app[REDIS].cluster
+    await _shares_reads(a, b, emulator, tenant)
+    keys = Keys(tenant)
+    home = cluster.node_of(keys.channel)
+    stored = cluster.keys_on(home, keys.prefix + "*")
+    assert keys.entry("cus_1").encode() in stored
+    assert keys.entry("nobody").encode() in stored
+    for port in cluster.ports:
+        if port != home:
+            assert cluster.keys_on(port, keys.prefix + "*") == [], "a tenant lives on one shard"
+    ready = await (await a.ops.get("/readyz")).json()
+    assert (ready["redis"], ready["fanout"]) == ("ok", "ok")
+
+
+async def test_cluster_webhook_fans_out_over_sharded_pubsub(
+    cluster: ClusterSetup,
+    cluster_pair: tuple[Sidecar, Sidecar],
+    emulator: Emulator,
+    tenant: str,
+) -> None:
+    a, b = cluster_pair
+    home = cluster.node_of(Keys(tenant).channel)
+    # Both listeners hold a shard subscription on the tenant's node, none on classic pub/sub.
+    channels = redis.Redis(port=home).execute_command("PUBSUB", "SHARDNUMSUB", Keys(tenant).channel)
+    assert int(channels[1]) == 2
+    await _webhook_fans_out(a, b, emulator, tenant)
+    await _tenant_drop_fans_out(a, b, emulator, tenant)
+    # The drop unlinked cus_2's entry; only cus_3, fetched again by B since, is stored.
+    assert cluster.keys_on(home, Keys(tenant).entry_pattern) == [
+        Keys(tenant).entry("cus_3").encode()
+    ]
+
+
+# -- Redis Sentinel --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelSetup]:
+    setup = SentinelSetup(tmp_path_factory.mktemp("sentinel"))
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()
+
+
+async def test_sentinel_reads_and_fanout(
+    sentinel: SentinelSetup, make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
+) -> None:
+    a = await make_sidecar(sentinel.url, SIDECAR_MEMORY_TTL=LONG_MEMORY)
+    b = await make_sidecar(sentinel.url, SIDECAR_MEMORY_TTL=LONG_MEMORY)
+    await _shares_reads(a, b, emulator, tenant)
+    master = redis.Redis(port=sentinel.master_port())
+    assert master.exists(Keys(tenant).entry("cus_1")) == 1, "the entry lives on the master"
+    await _webhook_fans_out(a, b, emulator, tenant)
+
+
+async def test_sentinel_failover_reads_continue(
+    sentinel: SentinelSetup, make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
+) -> None:
+    """Kill the master: reads keep answering 200 throughout; Redis sharing and fan-out
+    resume on the promoted replica without a restart."""
+    # A checks Redis on every read (no in-process answers), so the outage is felt at once.
+    a = await make_sidecar(sentinel.url, SIDECAR_MEMORY_TTL="0")
+    b = await make_sidecar(sentinel.url, SIDECAR_MEMORY_TTL=LONG_MEMORY)
+    customers = [f"cus_f{i}" for i in range(5)]
+    for c in customers:
+        emulator.set_entitlements(tenant, c, DOC)
+        assert (await _doc(a, c))[0] == "miss"
+    sentinel.wait_replicated()
+    old_master = sentinel.master_port()
+
+    statuses: dict[int, int] = {}
+    stop = asyncio.Event()
+
+    async def read_loop() -> None:
+        i = 0
+        deadline = time.monotonic() + 60
+        while not stop.is_set() and time.monotonic() < deadline:
+            c = customers[i % len(customers)]
+            resp = await a.client.get(f"/v1/customers/{c}/can/reports")
+            statuses[resp.status] = statuses.get(resp.status, 0) + 1
+            if resp.status == 200:
+                assert (await resp.json())["allowed"] is True
+            i += 1
+            await asyncio.sleep(0.01)  # pacing for a bounded loop, not a wait for state
+
+    reader = asyncio.get_running_loop().create_task(read_loop())
+    killed_at = time.monotonic()
+    sentinel.kill_master()
+
+    async def a_saw_outage() -> bool:
+        return a.app[REDIS] is not None and a.app[REDIS].state == "down"
+
+    await eventually(a_saw_outage, timeout=10)
+
+    async def promoted() -> bool:
+        try:
+            return sentinel.master_port() != old_master
+        except redis.RedisError:
+            return False
+
+    await eventually(promoted, timeout=30, interval=0.05)
+    promoted_at = time.monotonic()
+
+    async def recovered() -> bool:
+        for sc in (a, b):
+            body = await (await sc.ops.get("/readyz")).json()
+            if (body["redis"], body["fanout"]) != ("ok", "ok"):
+                return False
+        return True
+
+    await eventually(recovered, timeout=30, interval=0.05)
+    recovered_at = time.monotonic()
+    stop.set()
+    await reader
+    print(
+        f"\nsentinel failover: promoted {promoted_at - killed_at:.2f}s after the kill, "
+        f"sidecars back on Redis {recovered_at - killed_at:.2f}s after it; "
+        f"reads during it: {statuses}"
+    )
+    assert set(statuses) == {200}, statuses
+    assert statuses[200] >= 20
+
+    # The promoted replica has the entries: a third sidecar reads them from Redis.
+    fetches = emulator.count("get_entitlements", tenant)
+    c = await make_sidecar(sentinel.url)
+    for customer in customers:
+        assert (await _doc(c, customer))[0] == "hit"
+    assert emulator.count("get_entitlements", tenant) == fetches
+    # And fan-out works through the new master.
+    await _webhook_fans_out(a, b, emulator, tenant)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"SIDECAR_REDIS_URL": "redis+sentinel://127.0.0.1:{port}/mymaster"},
+        {"SIDECAR_REDIS_URL": "redis://127.0.0.1:{port}", "SIDECAR_REDIS_CLUSTER": "true"},
+    ],
+    ids=["sentinel", "cluster"],
+)
+async def test_unreachable_topology_at_start_is_redis_down_not_a_crash(
+    env: dict[str, str], bare_sidecar: BareFactory, emulator: Emulator, tenant: str
+) -> None:
+    port = free_port()
+    client, ops = await bare_sidecar(**{k: v.format(port=port) for k, v in env.items()})
+    emulator.set_entitlements(tenant, "cus_1", DOC)
+    resp = await client.get("/v1/customers/cus_1/entitlements")
+    assert (resp.status, resp.headers["X-Sidecar-Cache"]) == (200, "miss")
+    ready = await ops.get("/readyz")
+    assert ready.status == 200
+    assert (await ready.json())["redis"] == "down"
