@@ -1,0 +1,215 @@
+// Types for vellum-sidecar-client.js: a tiny client for vellum-sidecar's local API.
+
+export declare const VERSION: string;
+export declare const DEFAULT_URL: "http://127.0.0.1:8700";
+export declare const ENV_URL: "VELLUM_SIDECAR_URL";
+/** The sidecar's batch limit; check() splits longer lists into several requests. */
+export declare const MAX_BATCH: 1000;
+
+/** Any JSON value. */
+export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
+/** A JSON object as the Vellum API answers it; unknown fields are kept. */
+export type JsonObject = { [key: string]: Json };
+
+/** Where the sidecar found an answer (the X-Sidecar-Cache header). */
+export type CacheSource = "hit" | "miss" | "stale";
+
+/** Base of every error this client throws. */
+export declare class SidecarError extends Error {}
+
+/**
+ * No answer could be had: the sidecar is unreachable or timed out (status is
+ * null), or it answered 502, 503 or 504 because it, or the Vellum API behind
+ * it, could not answer. upstream_auth_failed is a SidecarApiError instead.
+ */
+export declare class SidecarUnavailable extends SidecarError {
+  readonly status: number | null;
+  readonly code: string | null;
+  readonly body: Json | null;
+}
+
+/** A non-2xx answer, from the sidecar or from the Vellum API passed through it. */
+export declare class SidecarApiError extends SidecarError {
+  /** The HTTP status. */
+  readonly status: number;
+  /** error.code of a {"error": {"code", "message"}} body, else null. */
+  readonly code: string | null;
+  /** The parsed JSON body, or its text when it is not JSON. */
+  readonly body: Json | null;
+}
+
+/** The local API's entitlement document: the upstream's, plus found. */
+export interface EntitlementDocument {
+  found: boolean;
+  status: string | null;
+  modules: string[];
+  config: JsonObject;
+  [key: string]: Json;
+}
+
+/** One customer's entitlements, as the Vellum SDK's EntitlementSet. */
+export declare class EntitlementSet {
+  constructor(customerId: string, data: EntitlementDocument, cache?: CacheSource | null);
+  readonly customerId: string;
+  /** False for a customer Vellum has no record of (never an exception). */
+  readonly found: boolean;
+  readonly status: string | null;
+  readonly modules: string[];
+  /** The whole document, unknown fields included. */
+  readonly data: EntitlementDocument;
+  readonly cache: CacheSource | null;
+  /** True when the status is active or trialing. */
+  isActive(): boolean;
+  /** True when moduleId is one of the customer's modules (what can() answers). */
+  has(moduleId: string): boolean;
+  /** One value of the document's config object, or defaultValue (null when omitted). */
+  config<T = Json>(key: string, defaultValue?: T): Json | T;
+}
+
+export interface SidecarClientOptions {
+  /** http(s)://host:port[/prefix] or unix:/path.sock; else VELLUM_SIDECAR_URL, else http://127.0.0.1:8700. */
+  baseUrl?: string;
+  /** Milliseconds for an entitlement call (can, check, getEntitlements, invalidate); default 1000. */
+  timeout?: number;
+  /** Milliseconds for a billing call, which waits for the Vellum API; default 10000. */
+  billingTimeout?: number;
+  /** What can() and check() answer when no answer can be had; default false (fail closed). */
+  failOpen?: boolean;
+}
+
+/** A pair for check(): [customerId, moduleId], or an object as the sidecar takes it. */
+export type CheckPair = readonly [customerId: string, moduleId: string] | {
+  customerId: string;
+  module: string;
+};
+
+/** Sent as Idempotency-Key: the sidecar (and Vellum) may then retry the write safely. */
+export interface WriteOptions {
+  idempotencyKey?: string;
+}
+
+export interface CreateCheckoutArgs extends WriteOptions {
+  accountId: string;
+  customerId: string;
+  planId: string;
+  planVersion: number | string;
+  successUrl: string;
+  cancelUrl: string;
+  seats?: number;
+}
+
+export interface CreateSetupCheckoutArgs extends WriteOptions {
+  accountId: string;
+  successUrl: string;
+  cancelUrl: string;
+}
+
+export interface CreateSubscriptionArgs extends WriteOptions {
+  accountId: string;
+  customerId: string;
+  planId: string;
+  planVersion: number | string;
+  seats?: number;
+}
+
+export interface CancelSubscriptionArgs extends WriteOptions {
+  accountId: string;
+  customerId: string;
+  atPeriodEnd?: boolean;
+}
+
+export interface SubscriptionArgs {
+  accountId: string;
+  customerId: string;
+}
+
+export interface CreateAccountArgs extends WriteOptions {
+  accountId: string;
+  name?: string | null;
+  email?: string | null;
+  stripeCustomerId?: string | null;
+  createStripeCustomer?: boolean;
+}
+
+export interface CreateCustomerArgs extends WriteOptions {
+  accountId: string;
+  customerId: string;
+  email?: string | null;
+}
+
+export interface SetAccountStatusArgs extends WriteOptions {
+  accountId: string;
+  status: string;
+}
+
+export interface SetCustomerStatusArgs extends WriteOptions {
+  accountId: string;
+  customerId: string;
+  status: string;
+}
+
+export interface AccountArgs {
+  accountId: string;
+}
+
+export interface PaymentMethodArgs extends WriteOptions {
+  accountId: string;
+  methodId: string;
+}
+
+export interface SetSubscriptionPaymentMethodArgs extends WriteOptions {
+  accountId: string;
+  customerId: string;
+  methodId: string;
+}
+
+export interface ListInvoicesArgs {
+  accountId: string;
+  customerId?: string | null;
+}
+
+export interface InvoicePdfArgs {
+  accountId: string;
+  invoiceId: string;
+}
+
+export declare class SidecarClient {
+  constructor(options?: SidecarClientOptions);
+  /** The base URL in use, e.g. http://127.0.0.1:8700 or unix:/run/sidecar.sock. */
+  readonly baseUrl: string;
+  readonly timeout: number;
+  readonly billingTimeout: number;
+  readonly failOpen: boolean;
+  /** Close idle keep-alive connections of a unix-socket client. */
+  close(): void;
+
+  /** May the customer use the module? Never rejects for an outage (fail closed). */
+  can(customerId: string, moduleId: string): Promise<boolean>;
+  /** The customer's entitlements; found is false for an unknown customer. */
+  getEntitlements(customerId: string): Promise<EntitlementSet>;
+  /** can() for many pairs at once, in order. */
+  check(pairs: Iterable<CheckPair>): Promise<boolean[]>;
+  /** Drop one customer's cached entitlements, or everyone's, on every sidecar. */
+  invalidate(customerId?: string | null): Promise<void>;
+
+  createCheckout(args: CreateCheckoutArgs): Promise<JsonObject>;
+  createSetupCheckout(args: CreateSetupCheckoutArgs): Promise<JsonObject>;
+  createSubscription(args: CreateSubscriptionArgs): Promise<JsonObject>;
+  cancelSubscription(args: CancelSubscriptionArgs): Promise<JsonObject>;
+  getSubscription(args: SubscriptionArgs): Promise<JsonObject>;
+  createAccount(args: CreateAccountArgs): Promise<JsonObject>;
+  createCustomer(args: CreateCustomerArgs): Promise<JsonObject>;
+  setAccountStatus(args: SetAccountStatusArgs): Promise<JsonObject>;
+  setCustomerStatus(args: SetCustomerStatusArgs): Promise<JsonObject>;
+  /** The account's payment methods (the methods array). */
+  listPaymentMethods(args: AccountArgs): Promise<JsonObject[]>;
+  setDefaultPaymentMethod(args: PaymentMethodArgs): Promise<JsonObject>;
+  removePaymentMethod(args: PaymentMethodArgs): Promise<void>;
+  setSubscriptionPaymentMethod(args: SetSubscriptionPaymentMethodArgs): Promise<JsonObject>;
+  /** The account's invoices (the invoices array), optionally one customer's. */
+  listInvoices(args: ListInvoicesArgs): Promise<JsonObject[]>;
+  /** The hosted PDF's URL: the Location of the sidecar's redirect, not followed. */
+  invoicePdfUrl(args: InvoicePdfArgs): Promise<string>;
+}
+
+export default SidecarClient;

@@ -1,0 +1,91 @@
+"""The JS client (``client/js``) against live sidecars, through ``node --test``.
+
+The processes are started here and their addresses handed to the node tests in
+environment variables (see ``client/js/test/client.test.js``); this test fails
+when any node test fails, and when node is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import free_port
+from .live import Stack
+
+ROOT = Path(__file__).resolve().parent.parent
+JS = ROOT / "client" / "js"
+
+
+@pytest.fixture(scope="module")
+def stacks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Stack]]:
+    folder = Path(tempfile.mkdtemp(prefix="vsc-"))  # unix socket paths must stay short
+    started: dict[str, Stack] = {}
+    try:
+        for name, stack in {
+            "main": Stack(tmp_path_factory.mktemp("js")),
+            "unix": Stack(tmp_path_factory.mktemp("js-unix"), listen=f"unix:{folder}/s.sock"),
+            "down": Stack(
+                tmp_path_factory.mktemp("js-down"), upstream=False, SIDECAR_UPSTREAM_TIMEOUT="1"
+            ),
+        }.items():
+            started[name] = stack
+            stack.start()
+        yield started
+    finally:
+        for stack in started.values():
+            stack.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_js_client_against_a_live_sidecar(stacks: dict[str, Stack]) -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail(
+            "node is not installed: the JS client's tests need Node 18+ (apt-get install nodejs)"
+        )
+    files = sorted(str(p.relative_to(JS)) for p in (JS / "test").glob("*.test.js"))
+    assert files, "no JS test files found"
+    main = stacks["main"]
+    env = {
+        **os.environ,
+        "VSC_URL": main.url,
+        "VSC_EMULATOR_URL": main.emulator_url,
+        "VSC_TENANT": main.tenant,
+        "VSC_UNIX_URL": stacks["unix"].url,
+        "VSC_UPSTREAM_DOWN_URL": stacks["down"].url,
+        "VSC_STOPPED_URL": f"http://127.0.0.1:{free_port()}",
+    }
+    env.pop("VELLUM_SIDECAR_URL", None)
+    result = subprocess.run(
+        # Files by name: node 18-20 take a folder, 21+ take globs, every version takes files.
+        [node, "--test", "--test-reporter=spec", *files],
+        cwd=JS,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"node --test failed:\n{output}\n{main.logs()}"
+    passed = re.search(r"\bpass (\d+)", output)
+    assert re.search(r"\bfail 0\b", output) and passed, output
+    assert int(passed.group(1)) >= 10, f"node ran too few tests:\n{output}"
+
+
+def test_js_package_has_no_dependencies() -> None:
+    package = json.loads((JS / "package.json").read_text())
+    assert package["name"] == "vellum-sidecar-client"
+    assert package["type"] == "module"
+    for field in ("dependencies", "devDependencies", "peerDependencies", "optionalDependencies"):
+        assert not package.get(field), f"{field} must stay empty: the client is one file"
+    assert not (JS / "node_modules").exists()

@@ -1,0 +1,566 @@
+"""The Python client (``client/python``), both flavours, against a live sidecar.
+
+Every method runs against ``python -m sidecar serve`` in front of the emulator
+(see ``live.py``); what reached the emulator is checked too, so the bodies and
+queries are the SDK's. The fail-closed rule is checked with the sidecar
+stopped, with its upstream down, and with a sidecar that never answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import vellum_sidecar_client as vsc
+from vellum_sidecar_client import (
+    AsyncSidecarClient,
+    EntitlementSet,
+    SidecarApiError,
+    SidecarClient,
+    SidecarError,
+    SidecarUnavailable,
+)
+
+from .conftest import free_port
+from .live import Stack
+
+# The Vellum SDK's surface (interface.md, section 1): name -> keyword arguments.
+SDK_METHODS: dict[str, list[str]] = {
+    "get_entitlements": ["customer_id"],
+    "can": ["customer_id", "module_id"],
+    "check": ["pairs"],
+    "invalidate": ["customer_id"],
+    "create_checkout": [
+        "account_id", "customer_id", "plan_id", "plan_version", "success_url", "cancel_url",
+        "seats",
+    ],
+    "create_setup_checkout": ["account_id", "success_url", "cancel_url"],
+    "create_subscription": ["account_id", "customer_id", "plan_id", "plan_version", "seats"],
+    "cancel_subscription": ["account_id", "customer_id", "at_period_end"],
+    "get_subscription": ["account_id", "customer_id"],
+    "create_account": [
+        "account_id", "name", "email", "stripe_customer_id", "create_stripe_customer",
+    ],
+    "create_customer": ["account_id", "customer_id", "email"],
+    "set_account_status": ["account_id", "status"],
+    "set_customer_status": ["account_id", "customer_id", "status"],
+    "list_payment_methods": ["account_id"],
+    "set_default_payment_method": ["account_id", "method_id"],
+    "remove_payment_method": ["account_id", "method_id"],
+    "set_subscription_payment_method": ["account_id", "customer_id", "method_id"],
+    "list_invoices": ["account_id", "customer_id"],
+    "invoice_pdf_url": ["account_id", "invoice_id"],
+}  # fmt: skip
+SDK_DEFAULTS = {
+    ("invalidate", "customer_id"): None,
+    ("create_checkout", "seats"): 1,
+    ("create_subscription", "seats"): 1,
+    ("cancel_subscription", "at_period_end"): False,
+    ("create_account", "name"): None,
+    ("create_account", "email"): None,
+    ("create_account", "stripe_customer_id"): None,
+    ("create_account", "create_stripe_customer"): False,
+    ("create_customer", "email"): None,
+    ("list_invoices", "customer_id"): None,
+}
+ENTITLEMENT_METHODS = {"get_entitlements", "can", "check", "invalidate"}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    live = Stack(tmp_path_factory.mktemp("live"))
+    try:
+        yield live.start()
+    finally:
+        live.close()
+
+
+@pytest.fixture(scope="module")
+def upstream_down(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A sidecar whose upstream never answers: nothing it has not cached can be had."""
+    live = Stack(tmp_path_factory.mktemp("down"), upstream=False, SIDECAR_UPSTREAM_TIMEOUT="1")
+    try:
+        yield live.start()
+    finally:
+        live.close()
+
+
+Call = Callable[..., Awaitable[Any]]
+Connect = Callable[..., Call]
+
+
+@pytest.fixture(params=["sync", "async"])
+async def connect(request: pytest.FixtureRequest) -> AsyncIterator[Connect]:
+    """``connect(url, ...)`` -> ``await call("method", ...)``, for each flavour of client.
+
+    The blocking ``SidecarClient`` runs in a thread (the event loop stays free),
+    ``AsyncSidecarClient`` on the loop; both are closed after the test.
+    """
+    sync_clients: list[SidecarClient] = []
+    async_clients: list[AsyncSidecarClient] = []
+
+    def make(*args: Any, **kwargs: Any) -> Call:
+        if request.param == "sync":
+            client = SidecarClient(*args, **kwargs)
+            sync_clients.append(client)
+
+            async def sync_call(method: str, /, *a: Any, **kw: Any) -> Any:
+                return await asyncio.to_thread(getattr(client, method), *a, **kw)
+
+            return sync_call
+        aclient = AsyncSidecarClient(*args, **kwargs)
+        async_clients.append(aclient)
+
+        async def async_call(method: str, /, *a: Any, **kw: Any) -> Any:
+            return await getattr(aclient, method)(*a, **kw)
+
+        return async_call
+
+    yield make
+    for client in sync_clients:
+        client.close()
+    for aclient in async_clients:
+        await aclient.aclose()
+
+
+@pytest.fixture
+def call(connect: Connect, stack: Stack) -> Call:
+    return connect(stack.url)
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:8]}"
+
+
+# -- the surface ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [SidecarClient, AsyncSidecarClient])
+def test_every_sdk_method_with_its_keyword_arguments(cls: type) -> None:
+    for name, args in SDK_METHODS.items():
+        method = getattr(cls, name, None)
+        assert method is not None, f"{cls.__name__}.{name} is missing"
+        assert inspect.iscoroutinefunction(method) == (cls is AsyncSidecarClient), name
+        params = inspect.signature(method).parameters
+        assert list(params)[1 : len(args) + 1] == args, f"{name}: {list(params)}"
+        for arg in args:
+            param = params[arg]
+            if name not in ENTITLEMENT_METHODS:
+                assert param.kind is inspect.Parameter.KEYWORD_ONLY, f"{name}({arg})"
+            expected = SDK_DEFAULTS.get((name, arg), inspect.Parameter.empty)
+            assert param.default == expected, f"{name}({arg}) default"
+    ctor = inspect.signature(cls).parameters
+    assert list(ctor)[:3] == ["base_url", "timeout", "fail_open"]
+    assert (ctor["base_url"].default, ctor["timeout"].default, ctor["fail_open"].default) == (
+        None,
+        1.0,
+        False,
+    )
+
+
+def test_async_client_mirrors_the_blocking_one() -> None:
+    public = {n for n in dir(SidecarClient) if not n.startswith("_")} - {"close"}
+    assert public == {n for n in dir(AsyncSidecarClient) if not n.startswith("_")} - {"aclose"}
+    for name in public:
+        sync, async_ = getattr(SidecarClient, name), getattr(AsyncSidecarClient, name)
+        assert inspect.signature(sync).parameters == inspect.signature(async_).parameters, name
+
+
+def test_stdlib_only_single_module_with_py_typed() -> None:
+    folder = Path(vsc.__file__).parent
+    assert (folder / "py.typed").is_file()
+    source = Path(vsc.__file__).read_text()
+    imported = {
+        line.split()[1].split(".")[0]
+        for line in source.splitlines()
+        if line.startswith(("import ", "from ")) and not line.startswith("from __future__")
+    }
+    assert imported <= {
+        "asyncio", "contextlib", "http", "json", "os", "select", "socket", "ssl", "threading",
+        "collections", "dataclasses", "typing", "urllib",
+    }, imported  # fmt: skip
+
+
+def test_base_url_from_argument_then_environment_then_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("VELLUM_SIDECAR_URL", raising=False)
+    assert SidecarClient().base_url == "http://127.0.0.1:8700"
+    monkeypatch.setenv("VELLUM_SIDECAR_URL", "http://localhost:9999/")
+    assert SidecarClient().base_url == "http://localhost:9999"
+    assert AsyncSidecarClient().base_url == "http://localhost:9999"
+    assert SidecarClient("unix:/run/sidecar.sock").base_url == "unix:/run/sidecar.sock"
+    assert SidecarClient("unix:///run/sidecar.sock").base_url == "unix:/run/sidecar.sock"
+    assert SidecarClient("http://[::1]:8700").base_url == "http://[::1]:8700"
+    for bad in ("ftp://x", "127.0.0.1:8700", "unix:"):
+        with pytest.raises(ValueError, match=r"expected|socket path"):
+            SidecarClient(bad)
+
+
+def test_entitlement_set_follows_the_sdk() -> None:
+    doc = {"found": True, "status": "trialing", "modules": ["a", 3], "config": {"seats": 2}}
+    ents = EntitlementSet("c", doc, "hit")
+    assert (ents.found, ents.status, ents.is_active(), ents.modules) == (
+        True,
+        "trialing",
+        True,
+        ("a",),
+    )
+    assert ents.has("a") and not ents.has("b")
+    assert (ents.config("seats"), ents.config("x"), ents.config("x", 7)) == (2, None, 7)
+    gone = EntitlementSet("c", {"found": False, "status": None, "modules": [], "config": {}})
+    assert (gone.found, gone.status, gone.is_active(), gone.has("a")) == (False, None, False, False)
+    assert not EntitlementSet("c", {"status": "past_due"}).is_active()
+
+
+# -- entitlements, live ----------------------------------------------------------------
+
+
+async def test_entitlement_methods(call: Call, stack: Stack) -> None:
+    customer = uid("cus")
+    stack.set_entitlements(
+        customer,
+        {"status": "trialing", "modules": ["reports", "exports"], "config": {"seats": 3}},
+    )
+    assert await call("can", customer, "exports") is True
+    assert await call("can", customer, "billing") is False
+
+    ents = await call("get_entitlements", customer)
+    assert isinstance(ents, EntitlementSet)
+    assert (ents.found, ents.status, ents.is_active(), ents.cache) == (
+        True,
+        "trialing",
+        True,
+        "hit",
+    )
+    assert ents.has("exports") and not ents.has("billing")
+    assert ents.config("seats") == 3 and ents.config("missing", "dflt") == "dflt"
+    assert ents.data["customerId"] == customer, "the whole document, unknown fields too"
+
+    nobody = await call("get_entitlements", uid("nobody"))
+    assert (nobody.found, nobody.status, nobody.is_active(), nobody.modules) == (
+        False,
+        None,
+        False,
+        (),
+    )
+
+    pairs = [(customer, "reports"), ("cus_active", "exports"), ("cus_trial", "exports")]
+    assert await call("check", pairs) == [True, True, False]
+    assert await call("check", []) == []
+    big = [(customer, "reports" if i % 2 else "nope") for i in range(2500)]
+    assert await call("check", big) == [bool(i % 2) for i in range(2500)], "split in batches"
+
+    assert (await call("get_entitlements", customer)).cache == "hit"
+    assert await call("invalidate", customer) is None
+    assert (await call("get_entitlements", customer)).cache == "miss"
+    assert (await call("get_entitlements", "cus_active")).cache == "hit"
+    await call("invalidate")
+    assert (await call("get_entitlements", "cus_active")).cache == "miss"
+
+
+async def test_ids_are_quoted_one_segment_each(call: Call, stack: Stack) -> None:
+    odd = "cus/ä b?c#d%2F.."
+    stack.set_entitlements(odd, {"status": "active", "modules": ["x/y"], "config": {}})
+    assert await call("can", odd, "x/y") is True
+    assert (await call("get_entitlements", odd)).data["customerId"] == odd
+
+
+async def test_empty_ids_are_refused_before_any_request(call: Call) -> None:
+    with pytest.raises(ValueError, match="customer_id must be a non-empty string"):
+        await call("can", "", "reports")
+    with pytest.raises(ValueError, match="account_id"):
+        await call("get_subscription", account_id="", customer_id="c")
+    with pytest.raises(ValueError, match="pairs\\[1\\] module_id"):
+        await call("check", [("a", "b"), ("a", "")])
+
+
+# -- billing, live -------------------------------------------------------------------
+
+
+async def test_every_billing_method(call: Call, stack: Stack) -> None:
+    account, customer = uid("acct"), uid("cus")
+    created = await call("create_account", account_id=account, name="Acme", email="b@acme.example")
+    assert (created["accountId"], created["name"], created["status"]) == (account, "Acme", "active")
+    assert stack.upstream_requests("create_account")[-1]["body"] == {
+        "accountId": account,
+        "name": "Acme",
+        "email": "b@acme.example",
+    }
+    created = await call("create_customer", account_id=account, customer_id=customer)
+    assert created["customerId"] == customer
+    assert (await call("get_entitlements", customer)).found is False
+
+    session = await call(
+        "create_checkout",
+        account_id=account,
+        customer_id=customer,
+        plan_id="pro",
+        plan_version=2,
+        success_url="https://app.example/ok",
+        cancel_url="https://app.example/cancel",
+    )
+    assert session["mode"] == "subscription" and session["url"].startswith("https://")
+    assert stack.upstream_requests("create_checkout")[-1]["body"] == {
+        "customerId": customer,
+        "planId": "pro",
+        "planVersion": 2,
+        "seats": 1,
+        "successUrl": "https://app.example/ok",
+        "cancelUrl": "https://app.example/cancel",
+    }
+    setup = await call(
+        "create_setup_checkout",
+        account_id=account,
+        success_url="https://app.example/ok",
+        cancel_url="https://app.example/cancel",
+    )
+    assert setup["mode"] == "setup"
+
+    assert await call("can", customer, "api") is False
+    sub = await call(
+        "create_subscription", account_id=account, customer_id=customer, plan_id="pro",
+        plan_version=1, seats=3, idempotency_key=uid("idem"),
+    )  # fmt: skip
+    assert (sub["planId"], sub["seats"], sub["status"]) == ("pro", 3, "active")
+    sent = stack.upstream_requests("create_subscription")[-1]
+    assert sent["body"] == {"planId": "pro", "planVersion": 1, "seats": 3}
+    assert sent["idempotencyKey"] is not None
+    assert await call("can", customer, "api") is True, "the write dropped the customer's cache"
+    assert (await call("get_subscription", account_id=account, customer_id=customer))["id"] == sub[
+        "id"
+    ]
+
+    methods = await call("list_payment_methods", account_id=account)
+    assert len(methods) == 2 and {m["isDefault"] for m in methods} == {True, False}
+    spare = next(m["id"] for m in methods if not m["isDefault"])
+    default = await call("set_default_payment_method", account_id=account, method_id=spare)
+    assert default == {**default, "id": spare, "isDefault": True}
+    paying = await call(
+        "set_subscription_payment_method", account_id=account, customer_id=customer,
+        method_id=spare,
+    )  # fmt: skip
+    assert paying["paymentMethodId"] == spare
+    unused = next(m["id"] for m in methods if m["id"] != spare)
+    assert await call("remove_payment_method", account_id=account, method_id=unused) is None
+    assert [m["id"] for m in await call("list_payment_methods", account_id=account)] == [spare]
+
+    invoices = await call("list_invoices", account_id=account)
+    assert [i["customerId"] for i in invoices] == [customer]
+    assert await call("list_invoices", account_id=account, customer_id="someone_else") == []
+    assert stack.upstream_requests("list_invoices")[-1]["query"] == {"customerId": "someone_else"}
+    url = await call("invoice_pdf_url", account_id=account, invoice_id=invoices[0]["id"])
+    assert url == f"https://invoices.example/{invoices[0]['id']}.pdf"
+
+    status = await call(
+        "set_customer_status", account_id=account, customer_id=customer, status="past_due"
+    )
+    assert status["status"] == "past_due"
+    assert (await call("get_entitlements", customer)).status == "past_due"
+    later = await call(
+        "cancel_subscription", account_id=account, customer_id=customer, at_period_end=True
+    )
+    assert later["cancelAtPeriodEnd"] is True and later["status"] != "canceled"
+    assert stack.upstream_requests("cancel_subscription")[-1]["query"] == {"atPeriodEnd": "true"}
+    now = await call("cancel_subscription", account_id=account, customer_id=customer)
+    assert now["status"] == "canceled"
+    assert stack.upstream_requests("cancel_subscription")[-1]["query"] == {}
+    assert await call("can", customer, "api") is False
+    closed = await call("set_account_status", account_id=account, status="suspended")
+    assert closed["status"] == "suspended"
+
+
+async def test_upstream_errors_carry_status_code_and_body(call: Call) -> None:
+    with pytest.raises(SidecarApiError) as missing:
+        await call("get_subscription", account_id="acme", customer_id=uid("ghost"))
+    assert missing.value.status == 404
+    assert missing.value.code == "customer_not_found"
+    assert missing.value.body["error"]["code"] == "customer_not_found"
+    assert "404" in str(missing.value)
+
+    with pytest.raises(SidecarApiError) as taken:
+        await call("create_account", account_id="acme")
+    assert (taken.value.status, taken.value.code) == (409, "account_exists")
+
+    with pytest.raises(SidecarApiError) as bad:
+        await call("set_customer_status", account_id="acme", customer_id="cus_trial", status="x")
+    assert (bad.value.status, bad.value.code) == (400, "invalid_status")
+
+    with pytest.raises(SidecarApiError) as gone:
+        await call("invoice_pdf_url", account_id="acme", invoice_id="in_nope")
+    assert gone.value.status == 404
+    assert isinstance(gone.value, SidecarError)
+
+
+# -- fail closed -----------------------------------------------------------------------
+
+
+def blackhole() -> socket.socket:
+    """A listening socket that accepts connections and never answers."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    return server
+
+
+async def test_fail_closed_with_the_sidecar_stopped(
+    connect: Connect, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    live = Stack(tmp_path_factory.mktemp("stopped")).start()
+    try:
+        closed, opened = connect(live.url), connect(live.url, fail_open=True)
+        assert await closed("can", "cus_active", "reports") is True  # keeps a connection
+        live.stop_sidecar()
+        assert await closed("can", "cus_active", "reports") is False
+        assert await closed("check", [("cus_active", "reports")] * 2) == [False, False]
+        assert await opened("can", "cus_trial", "exports") is True
+        assert await opened("check", [("cus_trial", "exports")]) == [True]
+        with pytest.raises(SidecarUnavailable) as down:
+            await closed("get_entitlements", "cus_active")
+        assert down.value.status is None and "cannot reach the sidecar" in str(down.value)
+        with pytest.raises(SidecarUnavailable):
+            await closed("invalidate")
+        with pytest.raises(SidecarUnavailable):
+            await closed("create_customer", account_id="acme", customer_id=uid("cus"))
+
+        live.start_sidecar()
+        assert await closed("can", "cus_active", "reports") is True, "reconnects by itself"
+    finally:
+        live.close()
+
+
+async def test_fail_closed_when_the_sidecar_answers_503(
+    connect: Connect, upstream_down: Stack
+) -> None:
+    closed = connect(upstream_down.url, timeout=10)
+    opened = connect(upstream_down.url, 10, True)
+    customer = uid("cus")
+    assert await closed("can", customer, "reports") is False
+    assert await opened("can", customer, "reports") is True
+    assert await closed("check", [(customer, "a"), (customer, "b")]) == [False, False]
+    assert await opened("check", [(customer, "a")]) == [True]
+    with pytest.raises(SidecarUnavailable) as unavailable:
+        await closed("get_entitlements", customer)
+    assert (unavailable.value.status, unavailable.value.code) == (503, "upstream_unavailable")
+    with pytest.raises(SidecarUnavailable) as gateway:
+        await closed("list_invoices", account_id="acme")
+    assert gateway.value.status in (502, 504)
+
+
+async def test_fail_closed_when_the_sidecar_never_answers(connect: Connect) -> None:
+    with blackhole() as server:
+        silent = connect(f"http://127.0.0.1:{server.getsockname()[1]}", timeout=0.3)
+        started = time.monotonic()
+        assert await silent("can", "cus_active", "reports") is False
+        assert time.monotonic() - started < 3
+        with pytest.raises(SidecarUnavailable, match="timed out"):
+            await silent("get_entitlements", "cus_active")
+
+
+def test_nothing_listening_fails_closed_fast() -> None:
+    client = SidecarClient(f"http://127.0.0.1:{free_port()}")
+    assert client.can("c", "m") is False
+    assert SidecarClient(client.base_url, fail_open=True).can("c", "m") is True
+    with pytest.raises(SidecarUnavailable, match="ConnectionRefusedError"):
+        client.list_payment_methods(account_id="acme")
+
+
+# -- connections -----------------------------------------------------------------------
+
+
+def test_keeps_one_connection_alive_across_calls(stack: Stack) -> None:
+    with SidecarClient(stack.url) as client:
+        ports = set()
+        for _ in range(20):
+            assert client.can("cus_active", "reports") is True
+            idle = client._pool._idle
+            assert len(idle) == 1
+            assert idle[0].sock is not None
+            ports.add(idle[0].sock.getsockname()[1])
+        assert len(ports) == 1, "every call reused the same connection"
+
+
+def test_one_client_shared_by_threads(stack: Stack) -> None:
+    customers = ["cus_active", "cus_trial", "cus_pastdue", "cus_canceled"]
+    expected = {"cus_active": True, "cus_trial": True, "cus_pastdue": True, "cus_canceled": False}
+    errors: list[BaseException] = []
+    with SidecarClient(stack.url) as client:
+
+        def worker(n: int) -> None:
+            try:
+                for i in range(40):
+                    customer = customers[(n + i) % 4]
+                    assert client.can(customer, "reports") is expected[customer]
+                    assert client.get_entitlements(customer).customer_id == customer
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors, errors[0]
+        assert 1 <= len(client._pool._idle) <= 8
+
+
+async def test_async_client_reuses_its_connection(stack: Stack) -> None:
+    async with AsyncSidecarClient(stack.url) as client:
+        results = await asyncio.gather(*(client.can("cus_active", "reports") for _ in range(10)))
+        assert results == [True] * 10
+        opened = len(client._idle)
+        assert 1 <= opened <= 10
+        for _ in range(10):
+            assert await client.can("cus_trial", "exports") is False
+        assert len(client._idle) == opened, "sequential calls opened no new connection"
+
+
+# -- unix socket -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unix_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    # A short path: unix socket paths are limited to about 100 bytes.
+    folder = Path(tempfile.mkdtemp(prefix="vsc-"))
+    live = Stack(tmp_path_factory.mktemp("unix"), listen=f"unix:{folder}/sidecar.sock")
+    try:
+        yield live.start()
+    finally:
+        live.close()
+        for leftover in folder.iterdir():
+            leftover.unlink()
+        folder.rmdir()
+
+
+async def test_unix_socket_url(unix_stack: Stack) -> None:
+    assert unix_stack.url.startswith("unix:/")
+    with SidecarClient(unix_stack.url) as client:
+        assert await asyncio.to_thread(client.can, "cus_active", "reports") is True
+        ents = await asyncio.to_thread(client.get_entitlements, "cus_active")
+        assert ents.status == "active"
+        invoices = await asyncio.to_thread(client.list_invoices, account_id="acme")
+        assert {i["id"] for i in invoices} >= {"in_acme_0001", "in_acme_0002"}
+    async with AsyncSidecarClient(unix_stack.url) as aclient:
+        assert await aclient.can("cus_trial", "exports") is False
+        assert (await aclient.get_entitlements("cus_trial")).status == "trialing"
+        url = await aclient.invoice_pdf_url(account_id="acme", invoice_id="in_acme_0001")
+        assert url.endswith("/in_acme_0001.pdf")
+
+
+def test_environment_url_reaches_the_live_sidecar(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VELLUM_SIDECAR_URL", stack.url)
+    with SidecarClient() as client:
+        assert client.can("cus_active", "exports") is True
+    assert os.environ["VELLUM_SIDECAR_URL"] == stack.url
