@@ -34,7 +34,10 @@ def stacks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Stack
             "main": Stack(tmp_path_factory.mktemp("js")),
             "unix": Stack(tmp_path_factory.mktemp("js-unix"), listen=f"unix:{folder}/s.sock"),
             "down": Stack(
-                tmp_path_factory.mktemp("js-down"), upstream=False, SIDECAR_UPSTREAM_TIMEOUT="1"
+                tmp_path_factory.mktemp("js-down"),
+                upstream=False,
+                SIDECAR_UPSTREAM_TIMEOUT="1",
+                SIDECAR_FAIL_OPEN_MODULES="status_page",
             ),
         }.items():
             started[name] = stack

@@ -88,7 +88,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 @pytest.fixture(scope="module")
 def upstream_down(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A sidecar whose upstream never answers: nothing it has not cached can be had."""
-    live = Stack(tmp_path_factory.mktemp("down"), upstream=False, SIDECAR_UPSTREAM_TIMEOUT="1")
+    live = Stack(
+        tmp_path_factory.mktemp("down"),
+        upstream=False,
+        SIDECAR_UPSTREAM_TIMEOUT="1",
+        SIDECAR_FAIL_OPEN_MODULES="status_page",
+    )
     try:
         yield live.start()
     finally:
@@ -455,6 +460,18 @@ async def test_fail_closed_when_the_sidecar_answers_503(
     with pytest.raises(SidecarUnavailable) as gateway:
         await closed("list_invoices", account_id="acme")
     assert gateway.value.status in (502, 504)
+
+
+async def test_the_sidecars_fail_open_modules_answer_true_for_a_fail_closed_client(
+    connect: Connect, upstream_down: Stack
+) -> None:
+    closed = connect(upstream_down.url, timeout=10)
+    customer = uid("cus")
+    assert await closed("can", customer, "status_page") is True, "SIDECAR_FAIL_OPEN_MODULES"
+    assert await closed("check", [(customer, "status_page"), (customer, "reports")]) == [
+        True,
+        False,
+    ]
 
 
 async def test_fail_closed_when_the_sidecar_never_answers(connect: Connect) -> None:

@@ -298,6 +298,13 @@ describe("fail closed", () => {
     });
   });
 
+  test("the sidecar's fail-open modules answer true even for a fail-closed client", async () => {
+    const closed = new SidecarClient({ baseUrl: env("VSC_UPSTREAM_DOWN_URL"), timeout: 10000 });
+    const customer = uid("cus");
+    assert.equal(await closed.can(customer, "status_page"), true);
+    assert.deepEqual(await closed.check([[customer, "status_page"], [customer, "reports"]]), [true, false]);
+  });
+
   describe("a sidecar that never answers", () => {
     const held = [];
     const server = net.createServer((socket) => held.push(socket));
