@@ -1,0 +1,612 @@
+"""The deployment artefacts agree with the code: Dockerfile, compose.yaml, deploy/kubernetes.
+
+Ports, probe paths, variable names, the non-root user and the image command are
+read from the artefacts and checked against what the code actually serves and
+accepts (the listeners' defaults, the ops and webhook routers, ``VARIABLES``, the
+CLI parser). The compose wiring is also run for real, without Docker: the
+``vellum`` and ``sidecar`` services' commands and environments start as local
+processes (hosts and ports mapped to free loopback ports), their healthchecks
+must pass, and the example app must see a push webhook's change.
+(``.ci/run`` adds ``docker-compose config``, ``kubectl kustomize`` and
+``kubernetes-validate`` where they can be installed.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from sidecar.__main__ import _parser
+from sidecar.app import create_app
+from sidecar.config import VARIABLES, Listen, Settings
+from sidecar.emulator import create_emulator_app
+from sidecar.ops import create_ops_app
+from sidecar.webhooks import create_webhook_app
+
+from .conftest import free_port, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "deploy" / "kubernetes"
+VARIABLE_NAMES = {v.name for v in VARIABLES}
+DEFAULTS = {v.name: v.default for v in VARIABLES}
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def default_port(variable: str) -> int:
+    default = DEFAULTS[variable]
+    assert default is not None
+    port = Listen.parse(default).port
+    assert port is not None
+    return port
+
+
+API_PORT = default_port("SIDECAR_LISTEN")
+WEBHOOK_PORT = default_port("SIDECAR_WEBHOOK_LISTEN")
+OPS_PORT = default_port("SIDECAR_OPS_LISTEN")
+
+
+def get_routes(app: Any) -> set[str]:
+    return {r.resource.canonical for r in app.router.routes() if r.method in ("GET", "POST", "PUT")}
+
+
+def settings_for(tenant: str = "t") -> Settings:
+    return Settings.from_env({"VELLUM_API_KEY": "k", "VELLUM_TENANT_ID": tenant})
+
+
+OPS_ROUTES = get_routes(create_ops_app(create_app(settings_for())))
+WEBHOOK_ROUTES = get_routes(create_webhook_app(create_app(settings_for())))
+
+
+# -- Dockerfile ------------------------------------------------------------------------------
+
+
+class Stage:
+    def __init__(self, base: str, name: str | None) -> None:
+        self.base = base
+        self.name = name
+        self.instructions: list[tuple[str, str]] = []
+
+    def all(self, instruction: str) -> list[str]:
+        return [args for ins, args in self.instructions if ins == instruction]
+
+    def one(self, instruction: str) -> str:
+        [args] = self.all(instruction)
+        return args
+
+
+def parse_dockerfile(text: str) -> tuple[dict[str, str], list[Stage]]:
+    """Global ARGs and the stages, continuation lines joined, comments dropped."""
+    logical: list[str] = []
+    pending = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        logical.append(pending + stripped)
+        pending = ""
+    assert not pending, "a continuation line runs off the end"
+    global_args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for line in logical:
+        instruction, _, args = line.partition(" ")
+        instruction, args = instruction.upper(), args.strip()
+        if instruction == "FROM":
+            parts = args.split()
+            name = parts[2] if len(parts) == 3 and parts[1].upper() == "AS" else None
+            stages.append(Stage(parts[0], name))
+        elif not stages:
+            assert instruction == "ARG", f"only ARG may precede FROM, got {instruction}"
+            key, _, value = args.partition("=")
+            global_args[key] = value
+        else:
+            stages[-1].instructions.append((instruction, args))
+    return global_args, stages
+
+
+DOCKER_ARGS, STAGES = parse_dockerfile((ROOT / "Dockerfile").read_text())
+RUNTIME = STAGES[-1]
+
+
+def exec_form(args: str) -> list[str]:
+    value = json.loads(args)
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value), args
+    return value
+
+
+def image_user() -> tuple[int, int]:
+    uid, _, gid = RUNTIME.one("USER").partition(":")
+    return int(uid), int(gid)
+
+
+def test_dockerfile_is_multi_stage_from_the_lock() -> None:
+    names = [s.name for s in STAGES]
+    assert names[-1] == "runtime" and "build" in names
+    build = next(s for s in STAGES if s.name == "build")
+    syncs = [r for r in build.all("RUN") if "uv sync" in r]
+    assert len(syncs) == 2, "dependencies layer, then the project"
+    for run in syncs:
+        assert "--locked" in run and "--no-dev" in run
+    assert "--no-editable" in syncs[-1], "the runtime needs no source tree"
+    for extra in re.findall(r"--extra (\S+)", " ".join(syncs)):
+        assert extra in PYPROJECT["project"]["optional-dependencies"]
+    # Same Python base in both stages: the venv's interpreter links stay valid.
+    assert build.base == RUNTIME.base == "python:${PYTHON_VERSION}-slim-bookworm"
+    major, minor = (int(p) for p in DOCKER_ARGS["PYTHON_VERSION"].split("."))
+    floor = PYPROJECT["project"]["requires-python"].removeprefix(">=")
+    assert (major, minor) >= tuple(int(p) for p in floor.split("."))
+
+
+def test_runtime_stage_has_no_build_tools_and_copies_only_the_venv() -> None:
+    text = " ".join(args for _, args in RUNTIME.instructions)
+    for tool in ("apt-get install", "pip install", "/uv", "gcc", "build-essential"):
+        assert tool not in text, f"{tool} in the runtime stage"
+    [copy] = RUNTIME.all("COPY")
+    assert copy == "--from=build /app/.venv /app/.venv"
+    assert "PYTHONDONTWRITEBYTECODE=1" in RUNTIME.one("ENV"), "nothing to write: read-only root"
+
+
+def test_build_context_holds_what_the_build_copies() -> None:
+    allowed = {
+        line[1:].rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
+    build = next(s for s in STAGES if s.name == "build")
+    sources: set[str] = set()
+    for copy in build.all("COPY"):
+        if copy.startswith("--from"):
+            continue
+        *srcs, _dest = copy.split()
+        sources.update(s.removeprefix("./") for s in srcs)
+    for run in build.all("RUN"):
+        sources.update(re.findall(r"--mount=type=bind,source=([^,\s]+)", run))
+    assert sources == allowed, "the .dockerignore allow-list is exactly what the build reads"
+    for source in sources:
+        assert (ROOT / source).exists(), source
+
+
+def test_image_runs_the_console_script_as_a_non_root_user() -> None:
+    uid, gid = image_user()
+    assert uid != 0 and gid != 0
+    [useradd] = [r for r in RUNTIME.all("RUN") if "useradd" in r]
+    assert f"--uid {uid}" in useradd and f"--gid {gid}" in useradd
+    entrypoint = exec_form(RUNTIME.one("ENTRYPOINT"))
+    cmd = exec_form(RUNTIME.one("CMD"))
+    assert entrypoint == ["vellum-sidecar"]
+    assert entrypoint[0] in PYPROJECT["project"]["scripts"]
+    assert cmd == ["serve"]
+    assert _parser().parse_args(cmd).command == "serve"
+
+
+def test_image_exposes_the_three_listeners_and_checks_health_without_curl() -> None:
+    exposed = {int(p) for p in RUNTIME.one("EXPOSE").split()}
+    assert exposed == {API_PORT, WEBHOOK_PORT, OPS_PORT}
+    healthcheck = RUNTIME.one("HEALTHCHECK")
+    options, _, command = healthcheck.partition(" CMD ")
+    assert "--interval=" in options and "--timeout=" in options
+    args = exec_form(command)
+    assert args == ["vellum-sidecar", "healthcheck"]
+    assert _parser().parse_args(args[1:]).command == "healthcheck"
+    assert "curl" not in healthcheck and "wget" not in healthcheck
+
+
+# -- compose.yaml ----------------------------------------------------------------------------
+
+COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
+SERVICES: dict[str, Any] = COMPOSE["services"]
+
+
+def compose_env(service: str) -> dict[str, str]:
+    env = SERVICES[service].get("environment", {})
+    assert isinstance(env, dict), f"{service}: use the mapping form of environment"
+    return {k: str(v) for k, v in env.items()}
+
+
+def compose_secret_file(service: str, env_value: str) -> Path:
+    """The repo file behind ``/run/secrets/<name>`` for ``service``."""
+    assert env_value.startswith("/run/secrets/"), env_value
+    name = env_value.removeprefix("/run/secrets/")
+    assert name in SERVICES[service].get("secrets", []), f"{service} does not mount {name}"
+    path = ROOT / COMPOSE["secrets"][name]["file"]
+    assert path.is_file(), path
+    return path
+
+
+def test_compose_services_and_image() -> None:
+    assert set(SERVICES) == {"redis", "vellum", "sidecar", "app"}
+    for name in ("vellum", "sidecar", "app"):
+        assert SERVICES[name]["image"] == "vellum-sidecar:local", "the same image"
+        assert SERVICES[name]["build"] == "."
+    assert SERVICES["sidecar"]["command"] == ["serve"]
+    assert SERVICES["vellum"]["command"] == ["emulator"]
+    assert _parser().parse_args(SERVICES["vellum"]["command"]).command == "emulator"
+    assert "healthcheck" in SERVICES["redis"]
+
+
+def test_compose_sidecar_waits_for_healthy_redis_and_vellum() -> None:
+    depends = SERVICES["sidecar"]["depends_on"]
+    assert depends == {
+        "redis": {"condition": "service_healthy"},
+        "vellum": {"condition": "service_healthy"},
+    }
+    for name in ("redis", "vellum", "sidecar"):
+        assert SERVICES[name]["healthcheck"]["test"][0] == "CMD"
+
+
+def test_compose_publishes_the_local_api_on_loopback_only() -> None:
+    env = compose_env("sidecar")
+    listen = Listen.parse(env["SIDECAR_LISTEN"])
+    assert listen.port == API_PORT
+    published = SERVICES["sidecar"]["ports"]
+    by_container = {int(p.rsplit(":", 1)[1]): p for p in published}
+    assert by_container[API_PORT] == f"127.0.0.1:{API_PORT}:{API_PORT}"
+    for mapping in published + SERVICES["vellum"].get("ports", []):
+        assert mapping.startswith("127.0.0.1:"), f"{mapping} would listen on every interface"
+    assert WEBHOOK_PORT not in by_container, "the emulator reaches it on the compose network"
+
+
+def test_compose_sidecar_settings_are_valid() -> None:
+    env = compose_env("sidecar")
+    assert set(env) <= VARIABLE_NAMES, set(env) - VARIABLE_NAMES
+    for name, value in list(env.items()):
+        if name.endswith("_FILE"):
+            env[name] = str(compose_secret_file("sidecar", value))
+    settings = Settings.from_env(env)  # raises ConfigError naming any bad variable
+    assert settings.redis_url is not None
+    assert urlsplit(settings.redis_url.reveal()).hostname == "redis"
+    assert settings.webhooks_enabled
+
+
+def test_compose_vellum_and_sidecar_agree() -> None:
+    emu, side = compose_env("vellum"), compose_env("sidecar")
+    main_source = (ROOT / "sidecar" / "__main__.py").read_text()
+    for name in emu:
+        assert f'"{name}"' in main_source, f"the emulator command does not read {name}"
+    emu_port = Listen.parse(emu["EMULATOR_LISTEN"]).port
+    assert side["VELLUM_BASE_URL"] == f"http://vellum:{emu_port}"
+    assert emu["EMULATOR_TENANT"] == side["VELLUM_TENANT_ID"]
+    key = compose_secret_file("sidecar", side["VELLUM_API_KEY_FILE"]).read_text().strip()
+    assert emu["EMULATOR_API_KEYS"] == key, "the emulator accepts the sidecar's key"
+    assert compose_secret_file("vellum", emu["VELLUM_WEBHOOK_SECRETS_FILE"]) == (
+        compose_secret_file("sidecar", side["VELLUM_WEBHOOK_SECRETS_FILE"])
+    )
+    hook = urlsplit(emu["EMULATOR_WEBHOOK_URL"])
+    assert (hook.hostname, hook.port) == ("sidecar", WEBHOOK_PORT)
+    assert hook.path in WEBHOOK_ROUTES
+    health = urlsplit(SERVICES["vellum"]["healthcheck"]["test"][-1])
+    assert health.port == emu_port
+    emulator_routes = get_routes(create_emulator_app(api_keys=["k"]))
+    assert health.path in emulator_routes
+
+
+def test_compose_app_shares_the_sidecars_network_namespace() -> None:
+    app = SERVICES["app"]
+    assert app["network_mode"] == "service:sidecar"
+    assert app["depends_on"] == {"sidecar": {"condition": "service_healthy"}}
+    assert compose_env("app")["SIDECAR_URL"] == f"http://127.0.0.1:{API_PORT}"
+    [volume] = app["volumes"]
+    source, target, mode = volume.split(":")
+    assert (ROOT / source).is_file() and mode == "ro"
+    assert app["entrypoint"] == ["python", target]
+
+
+def test_compose_hardening() -> None:
+    for name in ("vellum", "sidecar", "app"):
+        service = SERVICES[name]
+        assert service["read_only"] is True, name
+        assert service["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in service["security_opt"], name
+
+
+# -- the compose wiring, run as local processes -----------------------------------------------
+
+
+class Proc:
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self._fh = log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", *args],
+            env={"PATH": os.environ["PATH"], **env},
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+        )
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        code = self.proc.wait(timeout=30)
+        self._fh.close()
+        return code
+
+
+def _get(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.load(exc)
+
+
+def _put(url: str, body: Any) -> int:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="PUT")  # noqa: S310
+    with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback
+        return int(resp.status)
+
+
+def _healthcheck_passes(test: list[str], hosts: dict[str, str], env: dict[str, str]) -> bool:
+    """Run a compose ``healthcheck.test`` (``CMD`` form) as the container would."""
+    assert test[:2] == ["CMD", "vellum-sidecar"], test
+    done = subprocess.run(
+        [sys.executable, "-m", "sidecar", *(_mapped(a, hosts) for a in test[2:])],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    return done.returncode == 0
+
+
+def _mapped(value: str, hosts: dict[str, str]) -> str:
+    for old, new in hosts.items():
+        value = value.replace(old, new)
+    return value
+
+
+@pytest.fixture
+def compose_stack(tmp_path: Path, redis_url: str) -> Iterator[dict[str, str]]:
+    """``vellum`` and ``sidecar`` from compose.yaml as processes on free loopback ports."""
+    emu_port, api, hooks, ops = free_port(), free_port(), free_port(), free_port()
+    emu_env, side_env = compose_env("vellum"), compose_env("sidecar")
+    compose_emu_port = Listen.parse(emu_env["EMULATOR_LISTEN"]).port
+    hosts = {
+        f"0.0.0.0:{compose_emu_port}": f"127.0.0.1:{emu_port}",
+        f"127.0.0.1:{compose_emu_port}": f"127.0.0.1:{emu_port}",
+        f"vellum:{compose_emu_port}": f"127.0.0.1:{emu_port}",
+        f"sidecar:{WEBHOOK_PORT}": f"127.0.0.1:{hooks}",
+        f"0.0.0.0:{API_PORT}": f"127.0.0.1:{api}",
+    }
+    emu_env = {k: _mapped(v, hosts) for k, v in emu_env.items()}
+    side_env = {k: _mapped(v, hosts) for k, v in side_env.items()}
+    for service, env in (("vellum", emu_env), ("sidecar", side_env)):
+        for name, value in env.items():
+            if value.startswith("/run/secrets/"):
+                env[name] = str(compose_secret_file(service, value))
+    assert side_env["SIDECAR_REDIS_URL"].startswith("redis://redis:")
+    side_env["SIDECAR_REDIS_URL"] = redis_url
+    side_env["SIDECAR_WEBHOOK_LISTEN"] = f"127.0.0.1:{hooks}"
+    side_env["SIDECAR_OPS_LISTEN"] = f"127.0.0.1:{ops}"
+    assert "127.0.0.1" in emu_env["EMULATOR_WEBHOOK_URL"], "the push target was mapped"
+    vellum = Proc(SERVICES["vellum"]["command"], emu_env, tmp_path / "vellum.log")
+    sidecar: Proc | None = None
+    try:
+        emu_health = SERVICES["vellum"]["healthcheck"]["test"]
+        wait_until(lambda: _healthcheck_passes(emu_health, hosts, {}), timeout=30, interval=0.2)
+        sidecar = Proc(SERVICES["sidecar"]["command"], side_env, tmp_path / "sidecar.log")
+        side_health = SERVICES["sidecar"]["healthcheck"]["test"]
+        ops_env = {"SIDECAR_OPS_LISTEN": side_env["SIDECAR_OPS_LISTEN"]}
+        wait_until(
+            lambda: _healthcheck_passes(side_health, hosts, ops_env), timeout=30, interval=0.2
+        )
+        wait_until(lambda: _get(f"http://127.0.0.1:{ops}/readyz")[0] == 200, timeout=30)
+        yield {
+            "api": f"http://127.0.0.1:{api}",
+            "emulator": f"http://127.0.0.1:{emu_port}",
+            "ops": f"http://127.0.0.1:{ops}",
+        }
+    finally:
+        codes = {"vellum": vellum.stop()}
+        if sidecar is not None:
+            codes["sidecar"] = sidecar.stop()
+        logs = {p.name: p.read_text()[-2000:] for p in tmp_path.glob("*.log")}
+        assert codes == dict.fromkeys(codes, 0), (codes, logs)
+
+
+def _run_app(api: str) -> str:
+    volume = SERVICES["app"]["volumes"][0].split(":")[0]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / volume), "--once"],
+        env={"PATH": os.environ["PATH"], "SIDECAR_URL": api},
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_compose_demo_flows_push_webhooks_to_the_app(compose_stack: dict[str, str]) -> None:
+    api, emulator = compose_stack["api"], compose_stack["emulator"]
+    first = _run_app(api)
+    assert "cus_active reports: allowed" in first
+    assert "cus_trial exports: denied" in first
+    ready = _get(compose_stack["ops"] + "/readyz")[1]
+    assert (ready["redis"], ready["fanout"]) == ("ok", "ok")
+    # The curl line from compose.yaml's header: the emulator pushes a signed webhook.
+    curl = next(
+        line for line in (ROOT / "compose.yaml").read_text().splitlines() if "-X PUT" in line
+    )
+    match = re.search(r"http://127\.0\.0\.1:\d+(/\S+)", curl)
+    assert match is not None, curl
+    path = match.group(1)
+    status = _put(emulator + path, {"status": "active", "modules": ["reports", "exports"]})
+    assert status == 200
+    assert "cus_trial exports: allowed" in _run_app(api), "the push reached the sidecar"
+    pushes = _get(emulator + "/_emulator/pushes")[1]
+    assert pushes["pushes"] and all(p["delivered"] for p in pushes["pushes"]), pushes
+
+
+# -- deploy/kubernetes -----------------------------------------------------------------------
+
+KUSTOMIZATION = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+
+
+def load_manifests(*names: str) -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for name in names:
+        docs.extend(d for d in yaml.safe_load_all((K8S / name).read_text()) if d)
+    return docs
+
+
+MANIFESTS = load_manifests(*KUSTOMIZATION["resources"])
+BY_KIND = {d["kind"]: d for d in MANIFESTS}
+DEPLOYMENT = BY_KIND["Deployment"]
+POD = DEPLOYMENT["spec"]["template"]
+[SIDECAR] = POD["spec"]["initContainers"]
+CONTAINERS = [SIDECAR, *POD["spec"]["containers"]]
+
+
+def container_port(container: dict[str, Any], name_or_number: str | int) -> int:
+    if isinstance(name_or_number, int):
+        return name_or_number
+    [port] = [p for p in container["ports"] if p["name"] == name_or_number]
+    return int(port["containerPort"])
+
+
+def sidecar_env() -> dict[str, str]:
+    """The sidecar's environment as Kubernetes would give it (configMap, then env)."""
+    [generator] = KUSTOMIZATION["configMapGenerator"]
+    [source] = SIDECAR["envFrom"]
+    assert source["configMapRef"]["name"] == generator["name"]
+    env = dict(literal.split("=", 1) for literal in generator["literals"])
+    env.update({e["name"]: e["value"] for e in SIDECAR["env"]})
+    return env
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    examples = {n for n in on_disk if ".example." in n}
+    assert set(KUSTOMIZATION["resources"]) == on_disk - examples
+    assert {d["kind"] for d in MANIFESTS} == {
+        "Deployment",
+        "Service",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+    }
+    for doc in [*MANIFESTS, *load_manifests(*examples)]:
+        assert doc["metadata"]["labels"]["app.kubernetes.io/name"] == "vellum-app"
+
+
+def test_sidecar_is_a_native_sidecar_running_the_image_command() -> None:
+    assert SIDECAR["restartPolicy"] == "Always"
+    [image] = KUSTOMIZATION["images"]
+    assert SIDECAR["image"] == image["name"]
+    assert image["newTag"] == PYPROJECT["project"]["version"]
+    assert SIDECAR["args"] == exec_form(RUNTIME.one("CMD"))
+    assert "command" not in SIDECAR, "keep the image's entrypoint"
+
+
+def test_sidecar_settings_are_valid_and_secrets_come_from_files(tmp_path: Path) -> None:
+    env = sidecar_env()
+    assert set(env) <= VARIABLE_NAMES, set(env) - VARIABLE_NAMES
+    assert "VELLUM_API_KEY" not in env and "VELLUM_WEBHOOK_SECRETS" not in env
+    [mount] = SIDECAR["volumeMounts"]
+    assert mount["readOnly"] is True
+    [volume] = [v for v in POD["spec"]["volumes"] if v["name"] == mount["name"]]
+    items = {i["path"] for i in volume["secret"]["items"]}
+    for name in ("VELLUM_API_KEY_FILE", "VELLUM_WEBHOOK_SECRETS_FILE"):
+        directory, _, item = env[name].rpartition("/")
+        assert directory == mount["mountPath"] and item in items, name
+        # The file as Kubernetes would mount it, read by the real config code.
+        local = tmp_path / item
+        local.write_text(f"value-of-{item}\n")
+        env[name] = str(local)
+    settings = Settings.from_env(env)
+    assert settings.listen.is_loopback, "the local API never leaves the pod"
+    assert settings.webhook_listen.port == container_port(SIDECAR, "webhooks")
+    assert settings.ops_listen.port == container_port(SIDECAR, "ops")
+    assert API_PORT not in {p["containerPort"] for c in CONTAINERS for p in c.get("ports", [])}
+    # The README's `kubectl create secret` line creates exactly these keys.
+    readme = (ROOT / "README.md").read_text()
+    create = next(line for line in readme.splitlines() if "kubectl create secret generic" in line)
+    assert create.split()[4] == volume["secret"]["secretName"]
+    keys = set(re.findall(r"--from-file=([\w-]+)=", readme[readme.index(create) :][:400]))
+    assert keys == {i["key"] for i in volume["secret"]["items"]}
+
+
+def test_probes_hit_the_ops_routes() -> None:
+    probes = {kind: SIDECAR[kind]["httpGet"] for kind in ("livenessProbe", "readinessProbe")}
+    assert probes["livenessProbe"]["path"] == "/healthz"
+    assert probes["readinessProbe"]["path"] == "/readyz"
+    startup = SIDECAR["startupProbe"]["httpGet"]
+    for probe in [*probes.values(), startup]:
+        assert probe["path"] in OPS_ROUTES
+        assert container_port(SIDECAR, probe["port"]) == OPS_PORT
+
+
+def test_prometheus_annotations_point_at_metrics() -> None:
+    notes = POD["metadata"]["annotations"]
+    assert notes["prometheus.io/scrape"] == "true"
+    assert int(notes["prometheus.io/port"]) == OPS_PORT
+    assert notes["prometheus.io/path"] in OPS_ROUTES
+
+
+def test_every_container_is_locked_down_with_resources() -> None:
+    uid, gid = image_user()
+    pod_sc = POD["spec"]["securityContext"]
+    assert (pod_sc["runAsNonRoot"], pod_sc["runAsUser"], pod_sc["runAsGroup"]) == (True, uid, gid)
+    assert pod_sc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert POD["spec"]["automountServiceAccountToken"] is False
+    for container in CONTAINERS:
+        sc = container["securityContext"]
+        assert sc["runAsNonRoot"] is True, container["name"]
+        assert sc["readOnlyRootFilesystem"] is True, container["name"]
+        assert sc["allowPrivilegeEscalation"] is False, container["name"]
+        assert sc["capabilities"]["drop"] == ["ALL"], container["name"]
+        assert "add" not in sc["capabilities"], container["name"]
+        resources = container["resources"]
+        assert {"cpu", "memory"} <= set(resources["requests"]), container["name"]
+        assert "memory" in resources["limits"], container["name"]
+    assert SIDECAR["securityContext"]["runAsUser"] == uid
+
+
+def test_service_exposes_only_the_webhook_port() -> None:
+    service = BY_KIND["Service"]
+    [port] = service["spec"]["ports"]
+    assert container_port(SIDECAR, port["targetPort"]) == WEBHOOK_PORT
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    assert service["spec"]["selector"].items() <= POD["metadata"]["labels"].items()
+    [ingress] = load_manifests("ingress.example.yaml")
+    paths = [p for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
+    assert [(p["path"], p["pathType"]) for p in paths] == [("/webhooks/vellum", "Exact")]
+    assert paths[0]["path"] in WEBHOOK_ROUTES
+    assert paths[0]["backend"]["service"]["name"] == service["metadata"]["name"]
+
+
+def test_network_policy_and_pdb_select_the_pods() -> None:
+    labels = POD["metadata"]["labels"].items()
+    policy, pdb = BY_KIND["NetworkPolicy"], BY_KIND["PodDisruptionBudget"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels
+    assert DEPLOYMENT["spec"]["selector"]["matchLabels"].items() <= labels
+    allowed = {
+        container_port(c, p["port"])
+        for rule in policy["spec"]["ingress"]
+        for p in rule["ports"]
+        for c in CONTAINERS
+        if isinstance(p["port"], int) or p["port"] in {q["name"] for q in c.get("ports", [])}
+    }
+    assert WEBHOOK_PORT in allowed and OPS_PORT in allowed
+    assert API_PORT not in allowed
+    assert pdb["spec"]["maxUnavailable"] < DEPLOYMENT["spec"]["replicas"]
+    grace = POD["spec"]["terminationGracePeriodSeconds"]
+    assert grace > float(sidecar_env().get("SIDECAR_SHUTDOWN_GRACE") or DEFAULTS[
+        "SIDECAR_SHUTDOWN_GRACE"] or 0)  # fmt: skip
