@@ -1,4 +1,4 @@
-"""The local API: cached reads, batch checks, cache drops, and the ``/tenants`` mirror.
+"""The local API: cached reads, batch checks, cache drops; billing and the mirror in proxy.py.
 
 Handlers are thin: parse and validate input, call the cache or the invalidator,
 build the response. One middleware does the browser guard, metrics and the
@@ -17,11 +17,19 @@ import orjson
 from aiohttp import web
 
 from .cache import Entry, Lookup
-from .errors import BadRequest, NotFound, SidecarError, UpstreamError, UpstreamUnavailable
+from .errors import BadRequest, SidecarError, UpstreamError, UpstreamUnavailable
 from .keys import CACHE, GUARD, INVALIDATOR, METRICS, SETTINGS
 from .responses import error_response, http_exception_response, json_response
 
-__all__ = ["MAX_BATCH", "MAX_ID_LENGTH", "add_routes", "local_middleware", "read_json"]
+__all__ = [
+    "MAX_BATCH",
+    "MAX_ID_LENGTH",
+    "add_routes",
+    "cached_response",
+    "local_middleware",
+    "path_id",
+    "read_json",
+]
 
 log = logging.getLogger("sidecar.api")
 
@@ -97,7 +105,7 @@ def _is_id(value: Any) -> bool:
 # -- reads --------------------------------------------------------------------------
 
 
-def _cached(body: bytes, lookup: Lookup, status: int = 200) -> web.Response:
+def cached_response(body: bytes, lookup: Lookup, status: int = 200) -> web.Response:
     age = time.time() - lookup.entry.fetched_at
     return web.Response(
         body=body,
@@ -105,26 +113,6 @@ def _cached(body: bytes, lookup: Lookup, status: int = 200) -> web.Response:
         content_type="application/json",
         headers={CACHE_HEADER: lookup.source, "Age": str(int(age) if age > 0 else 0)},
     )
-
-
-async def get_entitlements(request: web.Request) -> web.StreamResponse:
-    customer = path_id(request, "customer")
-    lookup = await request.app[CACHE].get(customer)
-    return _cached(lookup.entry.body(), lookup)
-
-
-async def mirror_entitlements(request: web.Request) -> web.StreamResponse:
-    """``GET /tenants/{t}/customers/{c}/entitlements``: the upstream's exact status and body."""
-    _mirror_tenant(request)
-    customer = path_id(request, "customer")
-    lookup = await request.app[CACHE].get(customer)
-    entry = lookup.entry
-    return _cached(entry.upstream_body(), lookup, 200 if entry.found else 404)
-
-
-def _mirror_tenant(request: web.Request) -> None:
-    if request.match_info["tenant"] != request.app[SETTINGS].tenant_id:
-        raise NotFound("this sidecar serves another tenant", code="unknown_tenant")
 
 
 async def can(request: web.Request) -> web.StreamResponse:
@@ -157,7 +145,7 @@ async def can(request: web.Request) -> web.StreamResponse:
             "status": entry.status,
         }
     )
-    return _cached(body, lookup)
+    return cached_response(body, lookup)
 
 
 def _fallback(customer: str, module: str) -> dict[str, Any]:
@@ -241,10 +229,14 @@ async def openapi(request: web.Request) -> web.StreamResponse:
 
 def add_routes(app: web.Application) -> None:
     r = app.router
-    r.add_get("/v1/customers/{customer}/entitlements", get_entitlements)
     r.add_get("/v1/customers/{customer}/can/{module}", can)
     r.add_post("/v1/check", check)
     r.add_delete("/v1/customers/{customer}/cache", drop_customer)
     r.add_delete("/v1/cache", drop_all)
-    r.add_get("/tenants/{tenant}/customers/{customer}/entitlements", mirror_entitlements)
     r.add_get("/openapi.json", openapi)
+    # The entitlement read and every billing operation, on /v1 and the /tenants
+    # mirror, come from proxy.py's one table. Imported here because proxy.py
+    # builds on this module's input helpers.
+    from .proxy import add_proxy_routes
+
+    add_proxy_routes(app)

@@ -1,0 +1,1147 @@
+"""The whole Vellum surface through the sidecar: /v1 routes and the drop-in mirror.
+
+An SDK-style client (written below, speaking the upstream's paths and
+``x-api-key``) is pointed at the sidecar and runs every operation against the
+emulator; the emulator's request log shows what really reached the upstream.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+import pytest
+import redis.asyncio as aredis
+from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
+from yarl import URL
+
+from sidecar.emulator import OPERATIONS as EMULATOR_OPERATIONS
+from sidecar.emulator import Emulator
+from sidecar.keys import REDIS
+from sidecar.logs import JsonFormatter
+from sidecar.proxy import OPERATIONS, SURFACES, Operation
+
+from .conftest import API_KEY, Sidecar, SidecarFactory, eventually, free_port
+
+CALLER_KEY = "caller_own_key_" + "c" * 20
+PERSONAL = "jane.doe@example.com"
+
+
+# -- an SDK-style client -------------------------------------------------------------------
+
+
+def segment(value: str) -> str:
+    """Quote one path segment the way an SDK must (dot-segments included)."""
+    quoted = quote(value, safe="")
+    return quoted.replace(".", "%2E") if quoted.strip(".") == "" else quoted
+
+
+class VellumError(Exception):
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(f"{status}: {body}")
+        self.status = status
+        self.body = body
+
+
+class VellumAuthError(VellumError):
+    pass
+
+
+@dataclass
+class EntitlementSet:
+    found: bool
+    doc: dict[str, Any]
+
+    @property
+    def status(self) -> Any:
+        return self.doc.get("status")
+
+    def is_active(self) -> bool:
+        return self.status in ("active", "trialing")
+
+    def has(self, module: str) -> bool:
+        return module in self.doc.get("modules", [])
+
+    def config(self, key: str, default: Any = None) -> Any:
+        return self.doc.get("config", {}).get(key, default)
+
+
+@dataclass
+class Raw:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return orjson.loads(self.body) if self.body else None
+
+
+class VellumSdk:
+    """The SDK surface apps use today; ``root`` is ``/tenants/{t}`` upstream, or ``/v1``."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, base_url: str, root: str, api_key: str | None
+    ) -> None:
+        self.session = session
+        self.base_url = base_url.rstrip("/")
+        self.root = root
+        self.api_key = api_key
+
+    async def raw(
+        self,
+        method: str,
+        *segments: str,
+        body: Any = None,
+        query: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Raw:
+        path = self.root + "".join("/" + segment(s) for s in segments)
+        url = URL(self.base_url + path, encoded=True)
+        if query:
+            url = url.with_query(query)
+        send = dict(headers or {})
+        if self.api_key is not None:
+            send["x-api-key"] = self.api_key
+        data = None
+        if body is not None:
+            data = orjson.dumps(body)
+            send["Content-Type"] = "application/json"
+        async with self.session.request(
+            method, url, data=data, headers=send, allow_redirects=False
+        ) as resp:
+            return Raw(resp.status, dict(resp.headers), await resp.read())
+
+    async def _call(self, method: str, *segments: str, **kw: Any) -> Any:
+        resp = await self.raw(method, *segments, **kw)
+        if resp.status in (401, 403):
+            raise VellumAuthError(resp.status, resp.json())
+        if not 200 <= resp.status < 300:
+            raise VellumError(resp.status, resp.json())
+        return resp.json()
+
+    async def get_entitlements(self, customer_id: str) -> EntitlementSet:
+        resp = await self.raw("GET", "customers", customer_id, "entitlements")
+        if resp.status == 404:
+            return EntitlementSet(False, {})
+        if resp.status != 200:
+            raise VellumError(resp.status, resp.json())
+        doc = resp.json()
+        # The /v1 surface answers an unknown customer 200 with found: false.
+        return EntitlementSet(doc.pop("found", True), doc)
+
+    async def can(self, customer_id: str, module_id: str) -> bool:
+        return (await self.get_entitlements(customer_id)).has(module_id)
+
+    async def create_checkout(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        plan_id: str,
+        plan_version: int | str,
+        success_url: str,
+        cancel_url: str,
+        seats: int = 1,
+    ) -> Any:
+        body = {
+            "customerId": customer_id,
+            "planId": plan_id,
+            "planVersion": plan_version,
+            "seats": seats,
+            "successUrl": success_url,
+            "cancelUrl": cancel_url,
+        }
+        return await self._call("POST", "accounts", account_id, "checkout", body=body)
+
+    async def create_setup_checkout(
+        self, *, account_id: str, success_url: str, cancel_url: str
+    ) -> Any:
+        body = {"successUrl": success_url, "cancelUrl": cancel_url}
+        return await self._call(
+            "POST", "accounts", account_id, "billing", "setup-checkout", body=body
+        )
+
+    async def create_subscription(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        plan_id: str,
+        plan_version: int | str,
+        seats: int = 1,
+    ) -> Any:
+        body = {"planId": plan_id, "planVersion": plan_version, "seats": seats}
+        return await self._call(
+            "POST", "accounts", account_id, "customers", customer_id, "subscribe", body=body
+        )
+
+    async def cancel_subscription(
+        self, *, account_id: str, customer_id: str, at_period_end: bool = False
+    ) -> Any:
+        query = {"atPeriodEnd": "true"} if at_period_end else None
+        return await self._call(
+            "DELETE", "accounts", account_id, "customers", customer_id, "subscription", query=query
+        )
+
+    async def get_subscription(self, *, account_id: str, customer_id: str) -> Any:
+        return await self._call(
+            "GET", "accounts", account_id, "customers", customer_id, "subscription"
+        )
+
+    async def create_account(
+        self,
+        *,
+        account_id: str,
+        name: str | None = None,
+        email: str | None = None,
+        stripe_customer_id: str | None = None,
+        create_stripe_customer: bool = False,
+    ) -> Any:
+        body: dict[str, Any] = {"accountId": account_id}
+        if name is not None:
+            body["name"] = name
+        if email is not None:
+            body["email"] = email
+        if stripe_customer_id is not None:
+            body["stripeCustomerId"] = stripe_customer_id
+        if create_stripe_customer:
+            body["createStripeCustomer"] = True
+        return await self._call("POST", "accounts", body=body)
+
+    async def create_customer(
+        self, *, account_id: str, customer_id: str, email: str | None = None
+    ) -> Any:
+        body: dict[str, Any] = {"customerId": customer_id}
+        if email is not None:
+            body["email"] = email
+        return await self._call("POST", "accounts", account_id, "customers", body=body)
+
+    async def set_account_status(self, *, account_id: str, status: str) -> Any:
+        return await self._call("PATCH", "accounts", account_id, body={"status": status})
+
+    async def set_customer_status(self, *, account_id: str, customer_id: str, status: str) -> Any:
+        return await self._call(
+            "PATCH", "accounts", account_id, "customers", customer_id, body={"status": status}
+        )
+
+    async def list_payment_methods(self, *, account_id: str) -> list[Any]:
+        return list((await self._call("GET", "accounts", account_id, "payment-methods"))["methods"])
+
+    async def set_default_payment_method(self, *, account_id: str, method_id: str) -> Any:
+        return await self._call("PATCH", "accounts", account_id, "payment-methods", method_id)
+
+    async def remove_payment_method(self, *, account_id: str, method_id: str) -> Any:
+        return await self._call("DELETE", "accounts", account_id, "payment-methods", method_id)
+
+    async def set_subscription_payment_method(
+        self, *, account_id: str, customer_id: str, method_id: str
+    ) -> Any:
+        return await self._call(
+            "PATCH",
+            "accounts",
+            account_id,
+            "customers",
+            customer_id,
+            "payment-method",
+            body={"methodId": method_id},
+        )
+
+    async def list_invoices(self, *, account_id: str, customer_id: str | None = None) -> list[Any]:
+        query = {"customerId": customer_id} if customer_id is not None else None
+        resp = await self._call("GET", "accounts", account_id, "invoices", query=query)
+        return list(resp["invoices"])
+
+    async def invoice_pdf_url(self, *, account_id: str, invoice_id: str) -> str:
+        resp = await self.raw("GET", "accounts", account_id, "invoices", invoice_id, "pdf")
+        if not 300 <= resp.status < 400:
+            raise VellumError(resp.status, resp.json())
+        return resp.headers["Location"]
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "redis"])
+def mode(request: pytest.FixtureRequest, redis_url: str) -> str | None:
+    return None if request.param == "memory" else redis_url
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+def base_url(sc: Sidecar) -> str:
+    return str(sc.client.make_url("")).rstrip("/")
+
+
+def sdk_for(session: aiohttp.ClientSession, sc: Sidecar, surface: str, tenant: str) -> VellumSdk:
+    """The mirror gets the caller's own (wrong) key, as an unchanged SDK would send it."""
+    if surface == "mirror":
+        return VellumSdk(session, base_url(sc), f"/tenants/{segment(tenant)}", CALLER_KEY)
+    return VellumSdk(session, base_url(sc), "/v1", None)
+
+
+def upstream_sdk(
+    session: aiohttp.ClientSession, emulator_server: TestServer, tenant: str
+) -> VellumSdk:
+    base = str(emulator_server.make_url("")).rstrip("/")
+    return VellumSdk(session, base, f"/tenants/{segment(tenant)}", API_KEY)
+
+
+async def can(sc: Sidecar, customer: str, module: str) -> bool:
+    resp = await sc.client.get(f"/v1/customers/{segment(customer)}/can/{segment(module)}")
+    assert resp.status == 200
+    return bool((await resp.json())["allowed"])
+
+
+async def cache_source(sc: Sidecar, customer: str) -> str:
+    resp = await sc.client.get(f"/v1/customers/{segment(customer)}/entitlements")
+    assert resp.status == 200
+    return resp.headers["X-Sidecar-Cache"]
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:8]}"
+
+
+def assert_upstream_saw_only_the_sidecar(emulator: Emulator, tenant: str) -> None:
+    assert emulator.requests, "the upstream saw nothing"
+    for r in emulator.requests:
+        assert r.api_key == API_KEY, f"{r.operation} carried {r.api_key!r}"
+        assert r.tenant == tenant
+        assert r.path.startswith(f"/tenants/{segment(tenant)}/")
+        assert r.operation != "unknown", r.path
+
+
+# -- every operation, through both surfaces -------------------------------------------------
+
+
+@pytest.mark.parametrize("surface", ["mirror", "v1"])
+async def test_sdk_runs_every_operation_through_the_sidecar(
+    make_sidecar: SidecarFactory,
+    emulator: Emulator,
+    emulator_server: TestServer,
+    tenant: str,
+    session: aiohttp.ClientSession,
+    surface: str,
+    mode: str | None,
+) -> None:
+    sc = await make_sidecar(mode)
+    sdk = sdk_for(session, sc, surface, tenant)
+    acct, adopted, cust = uid("acc"), uid("acc"), uid("cus")
+
+    account = await sdk.create_account(
+        account_id=acct, name="Acme", email=PERSONAL, create_stripe_customer=True
+    )
+    assert account["accountId"] == acct
+    assert account["stripeCustomerId"].startswith("cus_"), "a Stripe customer was created"
+    other = await sdk.create_account(account_id=adopted, stripe_customer_id="cus_existing")
+    assert other["stripeCustomerId"] == "cus_existing", "the Stripe customer was adopted"
+    customer = await sdk.create_customer(account_id=acct, customer_id=cust, email=PERSONAL)
+    assert (customer["customerId"], customer["accountId"]) == (cust, acct)
+
+    # No subscription yet: "not found", and cached as such.
+    assert not (await sdk.get_entitlements(cust)).found
+    assert not await can(sc, cust, "api")
+    assert await cache_source(sc, cust) == "hit"
+
+    checkout = await sdk.create_checkout(
+        account_id=acct,
+        customer_id=cust,
+        plan_id="pro",
+        plan_version=1,
+        success_url="https://app.example/ok",
+        cancel_url="https://app.example/no",
+        seats=2,
+    )
+    assert checkout["url"].startswith("https://checkout.example/")
+    assert (checkout["planId"], checkout["seats"], checkout["mode"]) == ("pro", 2, "subscription")
+    setup = await sdk.create_setup_checkout(
+        account_id=acct, success_url="https://app.example/ok", cancel_url="https://app.example/no"
+    )
+    assert setup["mode"] == "setup"
+
+    sub = await sdk.create_subscription(
+        account_id=acct, customer_id=cust, plan_id="pro", plan_version=1, seats=3
+    )
+    assert sub["status"] == "active"
+    # The write dropped the cached "not found": the very next check sees the plan.
+    assert await can(sc, cust, "api")
+    ents = await sdk.get_entitlements(cust)
+    assert ents.found and ents.is_active() and ents.has("exports")
+    assert ents.config("seats") == 3
+    assert (await sdk.get_subscription(account_id=acct, customer_id=cust))["id"] == sub["id"]
+
+    methods = await sdk.list_payment_methods(account_id=acct)
+    assert len(methods) == 2
+    default = next(m for m in methods if m["isDefault"])
+    spare = next(m for m in methods if not m["isDefault"])
+    assert sub["paymentMethodId"] == default["id"]
+    assert (await sdk.set_default_payment_method(account_id=acct, method_id=spare["id"]))[
+        "isDefault"
+    ] is True
+    moved = await sdk.set_subscription_payment_method(
+        account_id=acct, customer_id=cust, method_id=spare["id"]
+    )
+    assert moved["paymentMethodId"] == spare["id"]
+    assert await sdk.remove_payment_method(account_id=acct, method_id=default["id"]) is None
+    assert [m["id"] for m in await sdk.list_payment_methods(account_id=acct)] == [spare["id"]]
+
+    invoices = await sdk.list_invoices(account_id=acct)
+    assert [i["customerId"] for i in invoices] == [cust]
+    assert await sdk.list_invoices(account_id=acct, customer_id=cust) == invoices
+    assert await sdk.list_invoices(account_id=acct, customer_id="someone-else") == []
+    pdf = await sdk.invoice_pdf_url(account_id=acct, invoice_id=invoices[0]["id"])
+    assert pdf == f"https://invoices.example/{invoices[0]['id']}.pdf"
+
+    status = await sdk.set_customer_status(account_id=acct, customer_id=cust, status="past_due")
+    assert status["status"] == "past_due"
+    assert (await sdk.get_entitlements(cust)).status == "past_due"
+
+    later = await sdk.cancel_subscription(account_id=acct, customer_id=cust, at_period_end=True)
+    assert later["cancelAtPeriodEnd"] is True and later["status"] == "active"
+    assert await can(sc, cust, "api"), "cancelling at the period's end keeps access"
+    now = await sdk.cancel_subscription(account_id=acct, customer_id=cust)
+    assert now["status"] == "canceled"
+    assert not await can(sc, cust, "api")
+
+    suspended = await sdk.set_account_status(account_id=acct, status="suspended")
+    assert suspended["status"] == "suspended"
+    assert (await sdk.get_entitlements(cust)).doc["accountStatus"] == "suspended"
+
+    assert {r.operation for r in emulator.requests} == EMULATOR_OPERATIONS
+    assert_upstream_saw_only_the_sidecar(emulator, tenant)
+    # Every write went out exactly once (no retries without an Idempotency-Key).
+    assert emulator.count("create_subscription") == 1
+    assert emulator.count("cancel_subscription") == 2
+
+
+async def test_mirror_answers_exactly_like_the_upstream(
+    make_sidecar: SidecarFactory,
+    emulator: Emulator,
+    emulator_server: TestServer,
+    tenant: str,
+    session: aiohttp.ClientSession,
+) -> None:
+    """Byte for byte: status, body, Location, for found, missing and refused requests."""
+    emulator.create_account(tenant, "acc")
+    emulator.create_customer(tenant, "acc", "cus")
+    emulator.set_entitlements(tenant, "cus", {"status": "active", "modules": ["reports"]})
+    sc = await make_sidecar(None)
+    mirror = sdk_for(session, sc, "mirror", tenant)
+    direct = upstream_sdk(session, emulator_server, tenant)
+    calls: list[tuple[str, tuple[str, ...], Any]] = [
+        ("GET", ("customers", "cus", "entitlements"), None),
+        ("GET", ("customers", "ghost", "entitlements"), None),
+        ("GET", ("accounts", "acc", "payment-methods"), None),
+        ("GET", ("accounts", "ghost", "payment-methods"), None),
+        ("GET", ("accounts", "acc", "customers", "cus", "subscription"), None),
+        ("GET", ("accounts", "acc", "invoices"), None),
+        ("PATCH", ("accounts", "acc", "customers", "cus"), {"status": "bogus"}),
+        ("POST", ("accounts",), {"accountId": "acc"}),
+        ("POST", ("accounts", "acc", "checkout"), {"customerId": "cus", "planId": "pro"}),
+    ]
+    for method, segments, body in calls:
+        theirs = await direct.raw(method, *segments, body=body)
+        ours = await mirror.raw(method, *segments, body=body)
+        assert (ours.status, ours.body) == (theirs.status, theirs.body), segments
+        assert ours.headers["Content-Type"] == theirs.headers["Content-Type"]
+    statuses = {(await mirror.raw(m, *s, body=b)).status for m, s, b in calls}
+    assert {200, 404, 400, 409} <= statuses
+    await direct.create_subscription(
+        account_id="acc", customer_id="cus", plan_id="team", plan_version=1
+    )
+    invoice = (await direct.list_invoices(account_id="acc"))[0]["id"]
+    theirs = await direct.raw("GET", "accounts", "acc", "invoices", invoice, "pdf")
+    ours = await mirror.raw("GET", "accounts", "acc", "invoices", invoice, "pdf")
+    assert ours.status == theirs.status == 302, "the redirect is passed on, never followed"
+    assert ours.headers["Location"] == theirs.headers["Location"]
+    assert ours.body == theirs.body
+
+
+async def test_v1_answers_the_upstreams_status_and_body(
+    make_sidecar: SidecarFactory,
+    emulator: Emulator,
+    emulator_server: TestServer,
+    tenant: str,
+    session: aiohttp.ClientSession,
+) -> None:
+    emulator.create_account(tenant, "acc")
+    sc = await make_sidecar(None)
+    v1 = sdk_for(session, sc, "v1", tenant)
+    direct = upstream_sdk(session, emulator_server, tenant)
+    calls: list[tuple[str, tuple[str, ...], Any]] = [
+        ("GET", ("accounts", "ghost", "invoices"), None),
+        ("POST", ("accounts",), {"accountId": "acc"}),
+        ("PATCH", ("accounts", "acc"), {"status": "bogus"}),
+        ("POST", ("accounts", "acc", "customers"), {"customerId": "c1", "extra": [1, {"x": 2}]}),
+        ("DELETE", ("accounts", "acc", "payment-methods", "pm_ghost"), None),
+    ]
+    for method, segments, body in calls:
+        ours = await v1.raw(method, *segments, body=body)
+        if segments[-1] == "customers":  # a create: the second one conflicts
+            body = {**body, "customerId": "c2"}
+        theirs = await direct.raw(method, *segments, body=body)
+        assert ours.status == theirs.status, segments
+        if ours.status != 201:
+            assert ours.body == theirs.body, segments
+    created = await v1.raw("POST", "accounts", "acc", "customers", body={"customerId": "c1"})
+    assert created.status == 409
+    assert created.json()["error"]["code"] == "customer_exists"
+
+
+# -- cache drops and account links ----------------------------------------------------------
+
+
+async def test_a_write_drops_the_customer_on_every_sidecar(
+    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str, redis_url: str
+) -> None:
+    emulator.create_account(tenant, "acc")
+    emulator.create_customer(tenant, "acc", "cus")
+    emulator.set_entitlements(tenant, "other", {"status": "active", "modules": ["api"]})
+    a = await make_sidecar(redis_url)
+    b = await make_sidecar(redis_url)
+    for sc in (a, b):
+        assert not await can(sc, "cus", "api")
+        assert await can(sc, "other", "api")
+    resp = await a.client.post(
+        "/v1/accounts/acc/customers/cus/subscribe", json={"planId": "pro", "planVersion": 1}
+    )
+    assert resp.status == 201
+    # Read-your-write on the sidecar that made it; the fan-out reaches the other.
+    assert await can(a, "cus", "api")
+
+    async def b_sees_it() -> bool:
+        return await can(b, "cus", "api")
+
+    await eventually(b_sees_it, timeout=5)
+    assert await cache_source(b, "other") == "hit", "only the written customer was dropped"
+    assert emulator.webhook_url is None, "no push webhook helped"
+    text = a.metrics.render().decode()
+    assert 'vellum_sidecar_invalidations_total{scope="customer",source="write"} 1.0' in text
+
+
+@pytest.mark.parametrize("surface", ["mirror", "v1"])
+async def test_each_customer_write_drops_the_customer(
+    make_sidecar: SidecarFactory,
+    emulator: Emulator,
+    tenant: str,
+    session: aiohttp.ClientSession,
+    surface: str,
+) -> None:
+    emulator.create_account(tenant, "acc")
+    for c in ("cus", "bystander"):
+        emulator.create_customer(tenant, "acc", c)
+        emulator.set_entitlements(tenant, c, {"status": "active", "modules": ["api"]})
+    sc = await make_sidecar(None)
+    sdk = sdk_for(session, sc, surface, tenant)
+    await sdk.create_subscription(
+        account_id="acc", customer_id="cus", plan_id="team", plan_version=1
+    )
+    pm = (await sdk.list_payment_methods(account_id="acc"))[1]["id"]
+    writes = [
+        lambda: sdk.set_customer_status(account_id="acc", customer_id="cus", status="paused"),
+        lambda: sdk.set_subscription_payment_method(
+            account_id="acc", customer_id="cus", method_id=pm
+        ),
+        lambda: sdk.cancel_subscription(account_id="acc", customer_id="cus", at_period_end=True),
+        lambda: sdk.cancel_subscription(account_id="acc", customer_id="cus"),
+        lambda: sdk.create_subscription(
+            account_id="acc", customer_id="cus", plan_id="pro", plan_version=2
+        ),
+    ]
+    await cache_source(sc, "bystander")
+    for write in writes:
+        await cache_source(sc, "cus")
+        assert await cache_source(sc, "cus") == "hit"
+        await write()
+        assert await cache_source(sc, "cus") == "miss"
+    assert await cache_source(sc, "bystander") == "hit"
+    assert await can(sc, "cus", "api"), "pro grants api again after resubscribing"
+
+
+async def test_account_status_drops_the_accounts_customers_only(
+    make_sidecar: SidecarFactory,
+    emulator: Emulator,
+    tenant: str,
+    session: aiohttp.ClientSession,
+) -> None:
+    sc = await make_sidecar(None)
+    v1 = sdk_for(session, sc, "v1", tenant)
+    await v1.create_account(account_id="acc")
+    emulator.create_account(tenant, "elsewhere")
+    for account, customer in (("acc", "c1"), ("acc", "c2"), ("elsewhere", "c3")):
+        if account == "acc":  # learnt from a write through the sidecar
+            await v1.create_customer(account_id=account, customer_id=customer)
+        else:
+            emulator.create_customer(tenant, account, customer)
+        emulator.set_entitlements(tenant, customer, {"status": "active", "modules": ["api"]})
+        await cache_source(sc, customer)
+    await v1.set_account_status(account_id="acc", status="suspended")
+    for customer in ("c1", "c2"):
+        resp = await sc.client.get(f"/v1/customers/{customer}/entitlements")
+        assert resp.headers["X-Sidecar-Cache"] == "miss"
+        assert (await resp.json())["accountStatus"] == "suspended"
+    assert await cache_source(sc, "c3") == "hit", "another account's customer kept"
+
+
+async def test_account_links_are_recorded_in_redis(
+    make_sidecar: SidecarFactory,
+    emulator: Emulator,
+    tenant: str,
+    session: aiohttp.ClientSession,
+    redis_url: str,
+) -> None:
+    emulator.create_account(tenant, "acc")
+    emulator.create_customer(tenant, "acc", "seen_by_read")
+    emulator.create_customer(tenant, "acc", "failed_write")
+    sc = await make_sidecar(redis_url)
+    mirror = sdk_for(session, sc, "mirror", tenant)
+    await mirror.create_customer(account_id="acc", customer_id="created")
+    checkout = {
+        "customerId": "seen_by_read",
+        "planId": "pro",
+        "planVersion": 1,
+        "successUrl": "https://a.example",
+        "cancelUrl": "https://a.example",
+    }
+    assert (await mirror.raw("POST", "accounts", "acc", "checkout", body=checkout)).status == 201
+    with pytest.raises(VellumError) as refused:  # no such customer: 404, nothing learnt
+        await mirror.get_subscription(account_id="acc", customer_id="nobody")
+    assert refused.value.status == 404
+    with pytest.raises(VellumError) as rejected:  # a refused write teaches nothing either
+        await mirror.set_customer_status(account_id="acc", customer_id="failed_write", status="?")
+    assert rejected.value.status == 400
+    conn = sc.app[REDIS]
+    assert conn is not None
+    client = aredis.Redis.from_url(redis_url)
+    try:
+        members = await client.smembers(conn.keys.account("acc"))
+        ttl = await client.ttl(conn.keys.account("acc"))
+    finally:
+        await client.aclose()
+    assert {m.decode() for m in members} == {"created", "seen_by_read"}
+    assert ttl > 0, "links expire"
+
+
+# -- retries and idempotency ------------------------------------------------------------------
+
+
+async def test_writes_are_not_retried_without_an_idempotency_key(
+    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
+) -> None:
+    emulator.create_account(tenant, "acc")
+    sc = await make_sidecar(None)
+    emulator.fail("create_customer", 503, times=1)
+    resp = await sc.client.post("/v1/accounts/acc/customers", json={"customerId": "c1"})
+    assert resp.status == 503, "the upstream's answer, as it is"
+    assert (await resp.json())["error"]["code"] == "injected_fault"
+    assert emulator.count("create_customer") == 1
+    # The mirror behaves the same.
+    emulator.fail("create_customer", 503, times=1)
+    resp = await sc.client.post(
+        f"/tenants/{tenant}/accounts/acc/customers", json={"customerId": "c1"}
+    )
+    assert resp.status == 503
+    assert emulator.count("create_customer") == 2
+
+
+@pytest.mark.parametrize("surface", ["mirror", "v1"])
+async def test_writes_with_an_idempotency_key_are_retried_and_the_key_forwarded(
+    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str, surface: str
+) -> None:
+    emulator.create_account(tenant, "acc")
+    sc = await make_sidecar(None)
+    path = SURFACES[surface].format(tenant=tenant) + "/accounts/acc/customers"
+    headers = {"Idempotency-Key": "idem-1"}
+    emulator.fail("create_customer", 503, times=1)
+    first = await sc.client.post(path, json={"customerId": "c1"}, headers=headers)
+    assert first.status == 201
+    assert emulator.count("create_customer") == 2, "retried once after the 503"
+    again = await sc.client.post(path, json={"customerId": "c1"}, headers=headers)
+    assert again.status == 201, "the upstream replayed the stored answer"
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert await again.json() == await first.json()
+    keys = [r.idempotency_key for r in emulator.requests if r.operation == "create_customer"]
+    assert keys == ["idem-1"] * 3
+
+
+async def test_reads_are_retried(
+    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
+) -> None:
+    emulator.create_account(tenant, "acc")
+    sc = await make_sidecar(None)
+    emulator.fail("list_payment_methods", 503, times=2)
+    resp = await sc.client.get("/v1/accounts/acc/payment-methods")
+    assert resp.status == 200
+    assert len((await resp.json())["methods"]) == 2
+    assert emulator.count("list_payment_methods") == 3
+
+
+async def test_an_unknown_write_outcome_still_drops_the_customer(
+    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
+) -> None:
+    emulator.create_account(tenant, "acc")
+    emulator.create_customer(tenant, "acc", "cus")
+    emulator.set_entitlements(tenant, "cus", {"status": "active", "modules": ["api"]})
+    sc = await make_sidecar(None)
+    await cache_source(sc, "cus")
+    emulator.fail("set_customer_status", 500, times=1)
+    resp = await sc.client.patch("/v1/accounts/acc/customers/cus", json={"status": "paused"})
+    assert resp.status == 500
+    assert await cache_source(sc, "cus") == "miss", "a 5xx may have applied: dropped"
+    emulator.fail("set_customer_status", 409, times=1)
+    resp = await sc.client.patch("/v1/accounts/acc/customers/cus", json={"status": "paused"})
+    assert resp.status == 409
+    assert await cache_source(sc, "cus") == "hit", "a 4xx changed nothing: kept"
+
+
+# -- the sidecar's own failures -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("surface", ["mirror", "v1"])
+async def test_upstream_auth_failure_is_502(
+    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str, surface: str
+) -> None:
+    emulator.create_account(tenant, "acc")
+    prefix = SURFACES[surface].format(tenant=tenant)
+    wrong = await make_sidecar(None, VELLUM_API_KEY="revoked_" + "r" * 24)
+    for method, path, body in [
+        ("POST", "/accounts", {"accountId": "new"}),
+        ("GET", "/accounts/acc/invoices", None),
+    ]:
+        resp = await wrong.client.request(method, prefix + path, json=body)
+        assert resp.status == 502
+        assert (await resp.json())["error"]["code"] == "upstream_auth_failed"
+    sc = await make_sidecar(None)
+    emulator.fail("list_payment_methods", 403, times=1)
+    resp = await sc.client.get(prefix + "/accounts/acc/payment-methods")
+    assert resp.status == 502
+    assert (await resp.json())["error"]["code"] == "upstream_auth_failed"
+
+
+@pytest.mark.parametrize("surface", ["mirror", "v1"])
+async def test_unreachable_upstream_is_502(
+    make_sidecar: SidecarFactory, tenant: str, surface: str
+) -> None:
+    sc = await make_sidecar(
+        None, VELLUM_BASE_URL=f"http://127.0.0.1:{free_port()}", SIDECAR_UPSTREAM_TIMEOUT="0.5"
+    )
+    prefix = SURFACES[surface].format(tenant=tenant)
+    write = await sc.client.post(prefix + "/accounts", json={"accountId": "a"})
+    assert write.status == 502
+    error = (await write.json())["error"]
+    assert error["code"] == "upstream_unavailable"
+    assert "may or may not have been applied" in error["message"]
+    read = await sc.client.get(prefix + "/accounts/a/invoices")
+    assert read.status == 502
+    assert (await read.json())["error"]["code"] == "upstream_unavailable"
+
+
+async def test_a_write_that_times_out_is_504_and_drops_the_customer(
+    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
+) -> None:
+    emulator.create_account(tenant, "acc")
+    emulator.create_customer(tenant, "acc", "cus")
+    emulator.set_entitlements(tenant, "cus", {"status": "active", "modules": ["api"]})
+    sc = await make_sidecar(None, SIDECAR_UPSTREAM_TIMEOUT="0.3")
+    assert await can(sc, "cus", "api")
+    hold = emulator.hold("set_customer_status")
+    resp = await sc.client.patch("/v1/accounts/acc/customers/cus", json={"status": "canceled"})
+    assert resp.status == 504
+    error = (await resp.json())["error"]
+    assert error["code"] == "upstream_timeout"
+    assert "may or may not have been applied" in error["message"]
+    assert emulator.count("set_customer_status") == 1, "a write without a key: one attempt"
+    hold.release()  # ... and the upstream did apply it after all
+
+    async def applied() -> bool:
+        return (emulator.get_entitlements(tenant, "cus") or {}).get("status") == "canceled"
+
+    await eventually(applied)
+    resp = await sc.client.get("/v1/customers/cus/entitlements")
+    assert resp.headers["X-Sidecar-Cache"] == "miss"
+    assert (await resp.json())["status"] == "canceled"
+
+
+# -- input validation ---------------------------------------------------------------------------
+
+LONG = "x" * 513
+CHECKOUT = {
+    "customerId": "c",
+    "planId": "pro",
+    "planVersion": 1,
+    "successUrl": "https://a.example",
+    "cancelUrl": "https://a.example",
+}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "headers", "code"),
+    [
+        ("POST", "/accounts", b"", {}, "invalid_json"),
+        ("POST", "/accounts", b"{not json", {}, "invalid_json"),
+        ("POST", "/accounts", b"\xff\xfe", {}, "invalid_json"),
+        ("POST", "/accounts", b"[1]", {}, "invalid_body"),
+        ("POST", "/accounts", b'"acc"', {}, "invalid_body"),
+        ("POST", "/accounts", b'{"name": "x"}', {}, "invalid_body"),
+        ("POST", "/accounts", b'{"accountId": ""}', {}, "invalid_body"),
+        ("POST", "/accounts", b'{"accountId": 5}', {}, "invalid_body"),
+        ("POST", "/accounts", orjson.dumps({"accountId": LONG}), {}, "invalid_body"),
+        ("PATCH", "/accounts/a", b'{"status": null}', {}, "invalid_body"),
+        ("POST", "/accounts/a/checkout", b'{"customerId": "c"}', {}, "invalid_body"),
+        (
+            "POST",
+            "/accounts/a/checkout",
+            orjson.dumps({**CHECKOUT, "customerId": ""}),
+            {},
+            "invalid_body",
+        ),
+        ("POST", "/accounts/a/billing/setup-checkout", b"{}", {}, "invalid_body"),
+        ("POST", "/accounts/a/customers/c/subscribe", b'{"seats": 1}', {}, "invalid_body"),
+        (
+            "PATCH",
+            "/accounts/a/customers/c/payment-method",
+            b'{"methodId": 1}',
+            {},
+            "invalid_body",
+        ),
+        ("POST", "/accounts/a/customers", b'{"email": "x@y.example"}', {}, "invalid_body"),
+        ("PATCH", "/accounts//customers/c", b'{"status": "active"}', {}, "invalid_id"),
+        ("GET", "/accounts/a/customers//subscription", None, {}, "invalid_id"),
+        ("GET", f"/accounts/{LONG}/invoices", None, {}, "invalid_id"),
+        ("DELETE", "/accounts/a/payment-methods/", None, {}, "invalid_id"),
+        ("GET", "/customers//entitlements", None, {}, "invalid_id"),
+        ("GET", "/accounts/a/invoices?customerId=", None, {}, "invalid_query"),
+        (
+            "POST",
+            "/accounts",
+            b'{"accountId": "a"}',
+            {"Idempotency-Key": ""},
+            "invalid_idempotency_key",
+        ),
+        (
+            "POST",
+            "/accounts",
+            b'{"accountId": "a"}',
+            {"Idempotency-Key": "k" * 256},
+            "invalid_idempotency_key",
+        ),
+    ],
+)
+async def test_v1_refuses_bad_input_before_calling_upstream(
+    make_sidecar: SidecarFactory,
+    emulator: Emulator,
+    method: str,
+    path: str,
+    body: bytes | None,
+    headers: dict[str, str],
+    code: str,
+) -> None:
+    sc = await make_sidecar(None)
+    resp = await sc.client.request(method, "/v1" + path, data=body, headers=headers)
+    assert resp.status == 400
+    assert resp.content_type == "application/json"
+    assert (await resp.json())["error"]["code"] == code
+    assert emulator.count() == 0
+
+
+async def test_the_mirror_lets_the_upstream_judge_bodies(
+    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
+) -> None:
+    """Exact answers: the upstream's own 400 codes, not the sidecar's."""
+    sc = await make_sidecar(None)
+    cases = [(b"", "invalid_body"), (b"{not json", "invalid_json"), (b"[1]", "invalid_body"),
+             (b'{"name": "x"}', "missing_field")]  # fmt: skip
+    for body, code in cases:
+        resp = await sc.client.post(f"/tenants/{tenant}/accounts", data=body)
+        assert resp.status == 400
+        assert (await resp.json())["error"]["code"] == code
+    assert emulator.count("create_account") == len(cases)
+    # An empty id would change the upstream path's shape: refused by the sidecar.
+    resp = await sc.client.get(f"/tenants/{tenant}/accounts//invoices")
+    assert resp.status == 400
+    assert (await resp.json())["error"]["code"] == "invalid_id"
+    assert emulator.count("list_invoices") == 0
+
+
+@pytest.mark.parametrize("surface", ["mirror", "v1"])
+async def test_bodies_over_a_mebibyte_are_413(
+    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str, surface: str
+) -> None:
+    sc = await make_sidecar(None)
+    big = orjson.dumps({"accountId": "a", "name": "n" * (1024 * 1024)})
+    path = SURFACES[surface].format(tenant=tenant) + "/accounts"
+    resp = await sc.client.post(path, data=io.BytesIO(big))
+    assert resp.status == 413
+    assert (await resp.json())["error"]["code"] == "payload_too_large"
+    assert emulator.count() == 0
+
+
+def concrete(op: Operation, surface: str, tenant: str, ids: str = "x") -> str:
+    path = SURFACES[surface] + op.path  # type: ignore[index]
+    return path.format(tenant=tenant, **{p: ids for p in op.params})
+
+
+@pytest.mark.parametrize("tenant_in_path", ["someone-else", "..", "%2E%2E", "a%2Fb", "T"])
+async def test_the_mirror_serves_only_its_own_tenant(
+    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str, tenant_in_path: str
+) -> None:
+    sc = await make_sidecar(None)
+    base = base_url(sc)
+    async with aiohttp.ClientSession() as s:
+        for op in OPERATIONS:
+            url = URL(base + concrete(op, "mirror", tenant_in_path), encoded=True)
+            async with s.request(
+                op.method, url, json={"accountId": "a"}, headers={"x-api-key": API_KEY}
+            ) as resp:
+                assert resp.status == 404, op.name
+                assert (await resp.json())["error"]["code"] == "unknown_tenant"
+    assert emulator.count() == 0
+
+
+async def test_unknown_upstream_paths_are_not_proxied(
+    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
+) -> None:
+    sc = await make_sidecar(None)
+    for method, path in [
+        ("GET", f"/tenants/{tenant}/accounts/a/secrets"),
+        ("PUT", f"/tenants/{tenant}/accounts/a"),
+        ("GET", "/v1/accounts/a/invoices/i"),
+        ("POST", f"/tenants/{tenant}/_emulator/reset"),
+    ]:
+        resp = await sc.client.request(method, path)
+        assert resp.status in (404, 405), path
+        assert resp.content_type == "application/json"
+    assert emulator.count() == 0
+
+
+# -- hostile ids ----------------------------------------------------------------------------------
+
+HOSTILE = [
+    "..",
+    ".",
+    "../..",
+    "a/b",
+    "%2F",
+    "%2e%2e",
+    "..%2F..%2F_emulator%2Freset",
+    "../../../_emulator/reset",
+    "?x=1",
+    "a?b#c",
+    "#",
+    "%",
+    "{x}",
+    "\\..\\..",
+    "ü/ñ 雪 ☃",
+    "\t\n",
+    "y" * 512,
+]
+
+
+@pytest.mark.parametrize("surface", ["mirror", "v1"])
+async def test_hostile_ids_stay_one_segment_inside_the_tenant(
+    make_sidecar: SidecarFactory,
+    emulator: Emulator,
+    tenant: str,
+    session: aiohttp.ClientSession,
+    surface: str,
+) -> None:
+    sc = await make_sidecar(None)
+    sdk = sdk_for(session, sc, surface, tenant)
+    emulator.create_account(tenant, "canary")
+    for i, hostile in enumerate(HOSTILE):
+        customer = f"{hostile}{i}" if len(hostile) < 512 else hostile[:-1] + str(i % 10)
+        made = await sdk.create_account(account_id=hostile)
+        assert made["accountId"] == hostile
+        cust = await sdk.create_customer(account_id=hostile, customer_id=customer)
+        assert (cust["accountId"], cust["customerId"]) == (hostile, customer)
+        with pytest.raises(VellumError) as missing:
+            await sdk.get_subscription(account_id=hostile, customer_id=customer)
+        assert missing.value.body["error"]["code"] == "subscription_not_found", hostile
+        status = await sdk.set_customer_status(
+            account_id=hostile, customer_id=customer, status="paused"
+        )
+        assert status["customerId"] == customer
+        assert len(await sdk.list_payment_methods(account_id=hostile)) == 2
+        with pytest.raises(VellumError) as no_method:
+            await sdk.remove_payment_method(account_id=hostile, method_id=hostile)
+        assert no_method.value.body["error"]["code"] == "payment_method_not_found"
+        with pytest.raises(VellumError) as no_invoice:
+            await sdk.invoice_pdf_url(account_id=hostile, invoice_id=hostile)
+        assert no_invoice.value.body["error"]["code"] == "invoice_not_found"
+        assert not (await sdk.get_entitlements(hostile)).found
+    assert_upstream_saw_only_the_sidecar(emulator, tenant)
+    shapes = {op.name: ("/tenants/{tenant}" + op.path).split("/") for op in OPERATIONS}
+    for r in emulator.requests:
+        # Same number of segments as the operation's template, constants in place:
+        # every id stayed exactly one segment.
+        shape, parts = shapes[r.operation], r.path.split("/")
+        assert len(parts) == len(shape), r.path
+        for want, got in zip(shape, parts, strict=True):
+            assert want.startswith("{") or want == got, r.path
+        if r.operation not in ("create_account", "get_entitlements"):
+            assert r.params["account"] in HOSTILE, r.params
+    assert emulator.count("unknown") == 0
+    assert emulator.count("create_account") == len(HOSTILE)
+    # Nothing reached the admin API: the emulator still has its state.
+    assert emulator.create_customer(tenant, "canary", "still-here")["accountId"] == "canary"
+
+
+@pytest.mark.parametrize(
+    ("raw", "account"),
+    [
+        ("/accounts/../payment-methods", ".."),
+        ("/accounts/%2E%2E/payment-methods", ".."),
+        ("/accounts/%2e%2e/payment-methods", ".."),
+        ("/accounts/./payment-methods", "."),
+        ("/accounts/..%2F..%2F_emulator/payment-methods", "../../_emulator"),
+        ("/accounts/a%2Fb/payment-methods", "a/b"),
+        ("/accounts/%252F/payment-methods", "%2F"),
+        ("/accounts/x%3Fy%3D1%23z/payment-methods", "x?y=1#z"),
+        ("/accounts/%C3%BC/payment-methods", "ü"),
+    ],
+)
+@pytest.mark.parametrize("surface", ["mirror", "v1"])
+async def test_raw_paths_cannot_climb_out_of_the_tenant(
+    make_sidecar: SidecarFactory,
+    emulator: Emulator,
+    tenant: str,
+    session: aiohttp.ClientSession,
+    surface: str,
+    raw: str,
+    account: str,
+) -> None:
+    """Paths as an attacker would send them, unnormalised, straight to the socket."""
+    sc = await make_sidecar(None)
+    url = URL(base_url(sc) + SURFACES[surface].format(tenant=tenant) + raw, encoded=True)
+    async with session.get(url, headers={"x-api-key": CALLER_KEY}) as resp:
+        assert resp.status == 404
+        assert (await resp.json())["error"]["code"] == "account_not_found"
+    (seen,) = emulator.requests
+    assert seen.operation == "list_payment_methods"
+    assert seen.params == {"tenant": tenant, "account": account}
+    assert seen.path == f"/tenants/{tenant}/accounts/{segment(account)}/payment-methods"
+    assert seen.api_key == API_KEY
+
+
+# -- logs, metrics, contract ----------------------------------------------------------------
+
+
+async def test_one_log_line_per_write_with_ids_and_outcome_and_no_secrets(
+    make_sidecar: SidecarFactory,
+    emulator: Emulator,
+    tenant: str,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    sc = await make_sidecar(None)
+    mirror = sdk_for(session, sc, "mirror", tenant)
+    await mirror.create_account(account_id="acc", name="Jane Doe", email=PERSONAL)
+    await mirror.create_customer(account_id="acc", customer_id="cus", email=PERSONAL)
+    await mirror.list_payment_methods(account_id="acc")
+    with pytest.raises(VellumError):
+        await mirror.set_customer_status(account_id="acc", customer_id="cus", status="bogus")
+    emulator.fail("set_account_status", 500, times=1)
+    with pytest.raises(VellumError):
+        await mirror.set_account_status(account_id="acc", status="closed")
+
+    writes = [r for r in caplog.records if r.name == "sidecar.proxy"]
+    fields = [r.fields for r in writes]  # type: ignore[attr-defined]
+    assert [(f["operation"], f["status"], f["outcome"]) for f in fields] == [
+        ("create_account", 201, "ok"),
+        ("create_customer", 201, "ok"),
+        ("set_customer_status", 400, "rejected"),
+        ("set_account_status", 500, "upstream_error"),
+    ]
+    assert all(r.getMessage() == "billing_write" for r in writes)
+    assert fields[1]["accountId"] == "acc" and fields[1]["customerId"] == "cus"
+    assert fields[1]["dropped"] == "customer" and fields[1]["surface"] == "mirror"
+    assert fields[2]["dropped"] is None
+    assert writes[3].levelno == logging.WARNING
+    formatted = "\n".join(JsonFormatter().format(r) for r in caplog.records)
+    for secret in (CALLER_KEY, API_KEY, PERSONAL, "Jane Doe"):
+        assert secret not in formatted
+
+
+async def test_metrics_per_operation(
+    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
+) -> None:
+    emulator.create_account(tenant, "acc")
+    sc = await make_sidecar(None)
+    for prefix in ("/v1", f"/tenants/{tenant}"):
+        resp = await sc.client.get(prefix + "/accounts/acc/invoices")
+        assert resp.status == 200
+    assert (await sc.client.get("/v1/accounts/nope/invoices")).status == 404
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(sc.metrics.render().decode())
+        for s in family.samples
+    }
+
+    def sample(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    upstream = "vellum_sidecar_upstream_requests_total"
+    assert sample(upstream, operation="list_invoices", status="200") == 2
+    assert sample(upstream, operation="list_invoices", status="404") == 1
+    latency = "vellum_sidecar_upstream_request_duration_seconds_count"
+    assert sample(latency, operation="list_invoices") == 3
+    local = "vellum_sidecar_requests_total"
+    assert sample(local, route="/v1/accounts/{account}/invoices", method="GET", status="200") == 1
+    assert sample(local, route="/v1/accounts/{account}/invoices", method="GET", status="404") == 1
+    mirrored = "/tenants/{tenant}/accounts/{account}/invoices"
+    assert sample(local, route=mirrored, method="GET", status="200") == 1
+
+
+async def test_openapi_describes_every_operation_on_both_surfaces(
+    make_sidecar: SidecarFactory,
+) -> None:
+    sc = await make_sidecar(None)
+    doc = await (await sc.client.get("/openapi.json")).json()
+
+    def resolve(node: dict[str, Any]) -> dict[str, Any]:
+        while "$ref" in node:
+            target: Any = doc
+            for part in node["$ref"].removeprefix("#/").split("/"):
+                target = target[part]
+            node = target
+        return node
+
+    operation_ids = set()
+    for op in OPERATIONS:
+        for surface in SURFACES:
+            path = SURFACES[surface] + op.path  # type: ignore[index]
+            entry = doc["paths"][path][op.method.lower()]
+            operation_ids.add(entry["operationId"])
+            params = {resolve(p)["name"] for p in entry.get("parameters", [])}
+            assert set(op.params) | ({"tenant"} if surface == "mirror" else set()) <= params
+            if op.write:
+                assert "Idempotency-Key" in params
+            if op.body:
+                schema = resolve(entry["requestBody"]["content"]["application/json"]["schema"])
+                assert set(op.required) <= set(schema["required"]), op.name
+            else:
+                assert "requestBody" not in entry, op.name
+            responses = entry["responses"]
+            success = [s for s in responses if s[0] in "23"]
+            assert success, op.name
+            for status in success:
+                content = resolve(responses[status]).get("content")
+                if content:
+                    assert resolve(content["application/json"]["schema"])["type"] == "object"
+            if not op.cached:
+                for status in ("400", "502", "504"):
+                    assert resolve(responses[status])["content"], (op.name, status)
+    assert len(operation_ids) == 2 * len(OPERATIONS), "operationIds are unique"
