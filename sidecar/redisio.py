@@ -76,6 +76,15 @@ class RedisConn:
         #: On a cluster the fan-out uses sharded pub/sub (SPUBLISH/SSUBSCRIBE) on
         #: the tenant's hash-tagged channel, so it stays on the tenant's shard.
         self.cluster = isinstance(client, RedisCluster)
+        # redis-py's cluster client fails at once when a node's pool is busy (the
+        # one-server and Sentinel pools wait), so on a cluster calls wait here for
+        # one of the pool's connections, less the fan-out listener's.
+        self._slots: asyncio.Semaphore | None = None
+        self._slot_wait = 0.5
+        if isinstance(client, RedisCluster):
+            pool = int(client.connection_kwargs.get("max_connections") or 50)
+            self._slots = asyncio.Semaphore(max(pool - 1, 1))
+            self._slot_wait = float(client.connection_kwargs.get("socket_timeout") or 0.5)
         self.keys = keys
         self.metrics = metrics
         self.state: RedisState = "ok"
@@ -90,6 +99,19 @@ class RedisConn:
         """Run one Redis call; raise ``RedisDown`` if Redis is down or the call fails."""
         if self.state == "down":
             raise RedisDown(operation)
+        if self._slots is None:
+            return await self._run(operation, call)
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self._slot_wait)
+        except TimeoutError:
+            self.metrics.redis_errors.labels(operation).inc()
+            raise RedisDown(operation) from None
+        try:
+            return await self._run(operation, call)
+        finally:
+            self._slots.release()
+
+    async def _run(self, operation: str, call: Callable[[RedisClient], Awaitable[T]]) -> T:
         try:
             return await call(self.client)
         except MaxConnectionsError as exc:

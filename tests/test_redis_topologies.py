@@ -475,3 +475,42 @@ async def test_unreachable_topology_at_start_is_redis_down_not_a_crash(
     ready = await ops.get("/readyz")
     assert ready.status == 200
     assert (await ready.json())["redis"] == "down"
+
+
+async def test_sentinel_pool_waits_for_a_free_connection(
+    sentinel: SentinelSetup, make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
+) -> None:
+    """A burst bigger than SIDECAR_REDIS_POOL_SIZE waits for connections (the blocking
+    pool), so it is answered from Redis and never mistaken for Redis being down."""
+    sc = await make_sidecar(sentinel.url, SIDECAR_REDIS_POOL_SIZE="2")
+    checks = [{"customerId": f"cus_b{i}", "module": "reports"} for i in range(40)]
+    for check in checks:
+        emulator.set_entitlements(tenant, check["customerId"], DOC)
+    resp = await sc.client.post("/v1/check", json={"checks": checks})
+    assert resp.status == 200
+    assert all(r["allowed"] for r in (await resp.json())["results"])
+    assert sc.app[REDIS] is not None and sc.app[REDIS].state == "ok"
+    assert "vellum_sidecar_redis_errors_total{" not in sc.metrics.render().decode()
+
+
+async def test_cluster_burst_waits_for_a_pooled_connection(
+    cluster: ClusterSetup, make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
+) -> None:
+    """redis-py's cluster client fails at once when a node's pool is busy; the sidecar
+    makes a burst wait for a connection instead, so every lookup still uses Redis."""
+    env = {"SIDECAR_REDIS_CLUSTER": "true", "SIDECAR_REDIS_POOL_SIZE": "2"}
+    sc = await make_sidecar(cluster.url, **env)
+    checks = [{"customerId": f"cus_b{i}", "module": "reports"} for i in range(40)]
+    for check in checks:
+        emulator.set_entitlements(tenant, check["customerId"], DOC)
+    resp = await sc.client.post("/v1/check", json={"checks": checks})
+    assert resp.status == 200
+    assert all(r["allowed"] for r in (await resp.json())["results"])
+    other = await make_sidecar(cluster.url, **env)
+    resp = await other.client.post("/v1/check", json={"checks": checks})
+    assert all(r["allowed"] for r in (await resp.json())["results"])
+    assert emulator.count("get_entitlements", tenant) == len(checks), "all 40 stored in Redis"
+    assert sc.app[REDIS] is not None and sc.app[REDIS].state == "ok"
+    ready = await (await sc.ops.get("/readyz")).json()
+    assert ready["redis"] == "ok"
+    assert "vellum_sidecar_redis_errors_total{" not in sc.metrics.render().decode()
