@@ -152,6 +152,17 @@ def test_dockerfile_is_multi_stage_from_the_lock() -> None:
     assert (major, minor) >= tuple(int(p) for p in floor.split("."))
 
 
+def test_ci_replays_the_dockerfiles_uv_steps() -> None:
+    """.ci/run runs the build stage's uv commands without Docker: they must be the same."""
+    build = next(s for s in STAGES if s.name == "build")
+    in_dockerfile = [re.sub(r"^.*?(uv sync .*)$", r"\1", r) for r in build.all("RUN")]
+    in_ci = re.findall(r"^\s*(uv sync .*)$", (ROOT / ".ci" / "run").read_text(), re.M)
+    assert [c.replace("--quiet ", "") for c in in_ci if "--no-dev" in c] == in_dockerfile
+    env = build.one("ENV")
+    for setting in ("UV_COMPILE_BYTECODE=1", "UV_LINK_MODE=copy"):
+        assert setting in env
+
+
 def test_runtime_stage_has_no_build_tools_and_copies_only_the_venv() -> None:
     text = " ".join(args for _, args in RUNTIME.instructions)
     for tool in ("apt-get install", "pip install", "/uv", "gcc", "build-essential"):
