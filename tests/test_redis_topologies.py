@@ -1,4 +1,4 @@
-"""The sidecar on the Redis topologies operators run: TLS, Cluster and Sentinel.
+"""The sidecar on the Redis topologies operators run: TLS, unix sockets, Cluster, Sentinel.
 
 Each topology is real ``redis-server`` processes (``tests/redis_topologies.py``),
 started once per module. Two sidecars share each one and must show: reads
@@ -229,7 +229,7 @@ async def _tenant_drop_fans_out(a: Sidecar, b: Sidecar, emulator: Emulator, tena
     await eventually(b_sees_upgrade, timeout=10)
 
 
-# -- TLS -------------------------------------------------------------------------------------
+# -- TLS and unix sockets --------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -292,6 +292,34 @@ async def test_tls_refuses_an_unknown_ca(
     resp = await client.get("/v1/customers/cus_1/entitlements")
     assert (resp.status, resp.headers["X-Sidecar-Cache"]) == (200, "miss")
     assert (await (await ops.get("/readyz")).json())["redis"] == "down"
+
+
+@pytest.fixture
+def unix_redis(tmp_path: Path) -> Iterator[Path]:
+    """A redis-server listening on a unix socket only; yields the socket's path."""
+    sock = tmp_path / "redis.sock"
+    proc = subprocess.Popen(
+        [redis_binary(), "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+         "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: sock.exists(), timeout=20)
+        yield sock
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+async def test_unix_socket_reads_and_fanout(
+    unix_redis: Path, make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
+) -> None:
+    url = f"unix://{unix_redis}?db=0"
+    a = await make_sidecar(url, SIDECAR_MEMORY_TTL=LONG_MEMORY)
+    b = await make_sidecar(url, SIDECAR_MEMORY_TTL=LONG_MEMORY)
+    await _shares_reads(a, b, emulator, tenant)
+    await _webhook_fans_out(a, b, emulator, tenant)
+    assert redis.Redis(unix_socket_path=str(unix_redis)).exists(Keys(tenant).entry("cus_1")) == 1
 
 
 # -- Redis Cluster ---------------------------------------------------------------------------
