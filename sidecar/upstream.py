@@ -4,7 +4,9 @@ Reads (and writes that carry an ``Idempotency-Key``) are retried with exponentia
 backoff and full jitter, all inside one deadline (``SIDECAR_UPSTREAM_TIMEOUT``).
 A circuit breaker stops calling an upstream that keeps failing and lets one probe
 through after a cool-down, so a dead upstream costs callers nothing but a fast
-``upstream_unavailable`` (and the stale entry, where one exists).
+``upstream_unavailable`` (and the stale entry, where one exists). Entitlement
+reads and billing calls have a breaker each: failing billing endpoints must not
+cut the hot path off from an upstream whose entitlement reads still work.
 """
 
 from __future__ import annotations
@@ -148,11 +150,15 @@ class VellumClient:
         self.settings = settings
         self.session = session
         self.metrics = metrics
+        #: Guards entitlement reads (the hot path); its state is the one /readyz reports.
         self.breaker = breaker if breaker is not None else Breaker()
+        #: Guards every billing operation.
+        self.billing_breaker = Breaker()
         self.tenant = settings.tenant_id
         self._base = settings.base_url
         self._deadline = settings.upstream_timeout
-        # One attempt may use most of the budget, but leaves room for a retry.
+        # An attempt that may be retried uses at most 60 % of the budget, leaving
+        # room for the retry; a call that is never retried gets all of it.
         self._attempt_timeout = attempt_timeout or max(settings.upstream_timeout * 0.6, 0.05)
 
     def state(self) -> UpstreamState:
@@ -205,12 +211,14 @@ class VellumClient:
         send_headers = CIMultiDict(headers or {})
         if body is not None and "Content-Type" not in send_headers:
             send_headers["Content-Type"] = "application/json"
+        breaker = self.breaker if operation == "get_entitlements" else self.billing_breaker
+        attempt_timeout = self._attempt_timeout if retry else self._deadline
         attempt = 0
         last_error: UpstreamError | None = None
         last_resp: UpstreamResponse | None = None
         while True:
             now = time.monotonic()
-            if not self.breaker.allow(now):
+            if not breaker.allow(now):
                 self._count(operation, "breaker_open")
                 raise UpstreamUnavailable("the upstream is failing; circuit breaker open")
             remaining = deadline - loop.time()
@@ -220,14 +228,14 @@ class VellumClient:
             started = loop.time()
             try:
                 resp = await self._send(
-                    method, url, send_headers, body, min(self._attempt_timeout, remaining)
+                    method, url, send_headers, body, min(attempt_timeout, remaining)
                 )
             except TimeoutError:
-                self.breaker.failure(time.monotonic())
+                breaker.failure(time.monotonic())
                 self._count(operation, "timeout")
                 last_error = UpstreamTimeout("the upstream did not answer in time")
             except (aiohttp.ClientError, OSError) as exc:
-                self.breaker.failure(time.monotonic())
+                breaker.failure(time.monotonic())
                 self._count(operation, "error")
                 log.warning(
                     "upstream_request_failed",
@@ -238,9 +246,9 @@ class VellumClient:
                 self.metrics.upstream_latency.labels(operation).observe(loop.time() - started)
                 self._count(operation, str(resp.status))
                 if resp.status >= 500 or resp.status == 429:
-                    self.breaker.failure(time.monotonic())
+                    breaker.failure(time.monotonic())
                 else:
-                    self.breaker.success()
+                    breaker.success()
                 if not (retry and resp.status in _RETRY_STATUSES):
                     self._update_state()
                     return resp
