@@ -343,8 +343,10 @@ async def test_failing_billing_does_not_open_the_read_breaker(
     for _ in range(10):
         resp = await sc.client.get("/v1/accounts/acct_1/invoices")
         statuses.add(resp.status)
-    # The upstream's 500 passes through until the billing breaker opens (502).
-    assert statuses == {500, 502}
+    # The upstream's 500 passes through until the billing breaker opens (502);
+    # retries of this read can open it within the first call.
+    assert 502 in statuses
+    assert statuses <= {500, 502}
     status, _, body = await read(sc, "cus_1")
     assert (status, body["allowed"]) == (200, True)
     assert (await ready(sc))["upstream"] == "ok"
