@@ -205,13 +205,27 @@ async def check(request: web.Request) -> web.StreamResponse:
 
 async def drop_customer(request: web.Request) -> web.StreamResponse:
     customer = path_id(request, "customer")
-    await request.app[INVALIDATOR].customers([customer], source="api")
-    return web.Response(status=204)
+    return _dropped(await request.app[INVALIDATOR].customers([customer], source="api"))
 
 
 async def drop_all(request: web.Request) -> web.StreamResponse:
-    await request.app[INVALIDATOR].tenant(source="api")
-    return web.Response(status=204)
+    return _dropped(await request.app[INVALIDATOR].tenant(source="api"))
+
+
+def _dropped(shared: bool) -> web.Response:
+    """204 once every sidecar was reached; 503 when only this one could be (Redis down)."""
+    if shared:
+        return web.Response(status=204)
+    return json_response(
+        {
+            "error": {
+                "code": "redis_unavailable",
+                "message": "dropped on this sidecar only: Redis is down, other sidecars "
+                "keep their in-process entries for up to SIDECAR_MEMORY_TTL",
+            }
+        },
+        503,
+    )
 
 
 # -- contract -------------------------------------------------------------------------
@@ -229,9 +243,11 @@ async def openapi(request: web.Request) -> web.StreamResponse:
 
 def add_routes(app: web.Application) -> None:
     r = app.router
-    r.add_get("/v1/customers/{customer}/can/{module}", can)
+    # "[^/]*" rather than aiohttp's default "[^{}/]+": ids may contain braces, and an
+    # empty id is a 400 naming it rather than a bare 404 (as in proxy.py's table).
+    r.add_get("/v1/customers/{customer:[^/]*}/can/{module:[^/]*}", can)
     r.add_post("/v1/check", check)
-    r.add_delete("/v1/customers/{customer}/cache", drop_customer)
+    r.add_delete("/v1/customers/{customer:[^/]*}/cache", drop_customer)
     r.add_delete("/v1/cache", drop_all)
     r.add_get("/openapi.json", openapi)
     # The entitlement read and every billing operation, on /v1 and the /tenants

@@ -73,10 +73,15 @@ class Invalidator:
 
     async def customers(
         self, customers: Sequence[str], *, source: str, scope: Scope = "customer"
-    ) -> None:
-        """Drop these customers on every sidecar."""
+    ) -> bool:
+        """Drop these customers on every sidecar.
+
+        Returns whether every sidecar was reached: False when Redis is configured
+        but could not be written, in which case only this sidecar dropped them.
+        """
         if not customers:
-            return
+            return True
+        shared = True
         self.cache.drop_local(customers)
         if self.redis is not None:
             keys = self.redis.keys
@@ -96,12 +101,18 @@ class Invalidator:
                         pipe.publish(keys.channel, message)
                     return await pipe.execute()
 
-            with contextlib.suppress(RedisDown):
+            try:
                 await self.redis.run("invalidate", call)
+            except RedisDown:
+                shared = False
         self.metrics.invalidations.labels(scope, source).inc()
+        return shared
 
-    async def account(self, account: str, *, source: str) -> Scope:
-        """Drop an account's known customers; everything for the tenant when none are known."""
+    async def account(self, account: str, *, source: str) -> tuple[Scope, bool]:
+        """Drop an account's known customers; everything for the tenant when none are known.
+
+        Returns the scope applied and whether every sidecar was reached.
+        """
         known = set(self._links.get(account, ()))
         known |= self.cache.memory.customers_of(account)
         if self.redis is not None:
@@ -110,13 +121,12 @@ class Invalidator:
                 members = await self.redis.run("account_members", lambda r: r.smembers(key))
                 known |= {m.decode() if isinstance(m, bytes) else str(m) for m in members}
         if not known:
-            await self.tenant(source=source)
-            return "tenant"
-        await self.customers(sorted(known), source=source, scope="account")
-        return "account"
+            return "tenant", await self.tenant(source=source)
+        return "account", await self.customers(sorted(known), source=source, scope="account")
 
-    async def tenant(self, *, source: str) -> None:
-        """Drop everything cached for the tenant on every sidecar."""
+    async def tenant(self, *, source: str) -> bool:
+        """Drop everything cached for the tenant on every sidecar (see ``customers``)."""
+        shared = True
         self.cache.drop_local(None)
         if self.redis is not None:
             keys = self.redis.keys
@@ -141,9 +151,12 @@ class Invalidator:
                 else:
                     await r.publish(keys.channel, message)
 
-            with contextlib.suppress(RedisDown):
+            try:
                 await self.redis.run("invalidate_all", call)
+            except RedisDown:
+                shared = False
         self.metrics.invalidations.labels("tenant", source).inc()
+        return shared
 
     def _message(self, scope: str, customers: list[str] | None) -> bytes:
         return orjson.dumps(

@@ -8,6 +8,7 @@ the invalidation applied, and it is a delete, never a write of the payload.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -59,6 +60,16 @@ class ReplayGuard:
                 return not local_dup
             return bool(fresh)
         return not local_dup
+
+    async def forget(self, event_id: str) -> None:
+        """Undo ``first_seen`` for an event that could not be applied in full."""
+        self._seen.pop(event_id, None)
+        redis = self._redis()
+        if redis is not None:
+            key = redis.keys.event(event_id)
+            # Best effort: if Redis is down the id was most likely never stored.
+            with contextlib.suppress(RedisDown):
+                await redis.run("replay_forget", lambda r: r.delete(key))
 
     def _remember(self, event_id: str, now: float) -> bool:
         while self._seen:
@@ -121,7 +132,24 @@ async def receive(request: web.Request) -> web.StreamResponse:
     if not await request.app[REPLAY].first_seen(event_id):
         metrics.webhooks.labels("duplicate").inc()
         return _ok(duplicate=True)
-    scope = await apply_event(core, event)
+    scope, shared = await apply_event(core, event)
+    if not shared:
+        # Only this sidecar dropped its entries; the Redis entries and the other
+        # sidecars were not reached. Answer 503 and forget the id, so Vellum's
+        # retry is applied in full once Redis answers again.
+        await request.app[REPLAY].forget(event_id)
+        metrics.webhooks.labels("retry").inc()
+        log.warning("webhook_not_shared", extra={"fields": {"event_id": event_id, "scope": scope}})
+        return json_response(
+            {
+                "error": {
+                    "code": "redis_unavailable",
+                    "message": "applied to this sidecar only (Redis is down); retry later",
+                }
+            },
+            503,
+            {"Retry-After": "5"},
+        )
     metrics.webhooks.labels("ok").inc()
     log.info(
         "webhook_applied",
@@ -130,20 +158,21 @@ async def receive(request: web.Request) -> web.StreamResponse:
     return _ok()
 
 
-async def apply_event(core: web.Application, event: dict[str, Any]) -> str:
-    """Drop what the event names: a customer, an account's customers, or everything."""
+async def apply_event(core: web.Application, event: dict[str, Any]) -> tuple[str, bool]:
+    """Drop what the event names: a customer, an account's customers, or everything.
+
+    Returns the scope and whether every sidecar was reached (see ``Invalidator``).
+    """
     invalidator = core[INVALIDATOR]
     customer = event.get("customerId")
     account = event.get("accountId")
     if isinstance(customer, str) and customer:
         if isinstance(account, str) and account:
             await invalidator.link(account, customer)
-        await invalidator.customers([customer], source="webhook")
-        return "customer"
+        return "customer", await invalidator.customers([customer], source="webhook")
     if isinstance(account, str) and account:
         return await invalidator.account(account, source="webhook")
-    await invalidator.tenant(source="webhook")
-    return "tenant"
+    return "tenant", await invalidator.tenant(source="webhook")
 
 
 def create_webhook_app(core: web.Application) -> web.Application:
