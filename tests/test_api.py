@@ -339,3 +339,22 @@ async def test_openapi_lists_the_routes(make_sidecar: SidecarFactory) -> None:
         if route.method == "HEAD" or info is None:
             continue
         assert (route.method, info) in routes, f"{route.method} {info} missing from openapi.json"
+
+
+async def test_ids_with_braces_work_on_every_route(
+    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
+) -> None:
+    from urllib.parse import quote
+
+    odd = "cus_{1}"
+    emulator.set_entitlements(tenant, odd, DOC)
+    sc = await make_sidecar(None)
+    c = quote(odd, safe="")
+    for path in (f"/v1/customers/{c}/entitlements", f"/v1/customers/{c}/can/reports"):
+        resp = await sc.client.get(path)
+        assert resp.status == 200, path
+    assert (await sc.client.get(f"/v1/customers/{c}/can/%7Bm%7D")).status == 200
+    assert (await sc.client.delete(f"/v1/customers/{c}/cache")).status == 204
+    empty = await sc.client.get("/v1/customers/%20/can/")
+    assert empty.status == 400
+    assert (await empty.json())["error"]["code"] == "invalid_id"
