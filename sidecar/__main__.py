@@ -93,6 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("configuration OK", file=sys.stderr)
         return 0
     configure_logging(settings.log_level)
+    if settings.workers > 1:
+        from .workers import run_workers
+
+        return _run(run_workers(settings, env))
     return _run(_serve(settings))
 
 

@@ -116,8 +116,11 @@ class Entry:
     def body(self) -> bytes:
         """The local API body: the upstream document plus ``"found"``; built once."""
         if self._body is None:
+            # orjson returns bytes with a ~4 KiB allocation behind them; a body kept
+            # for the entry's lifetime is copied to its own size (100,000 cached
+            # customers: ~400 MiB less resident memory).
             self._body = (
-                orjson.dumps({**self.doc, "found": True})
+                memoryview(orjson.dumps({**self.doc, "found": True})).tobytes()
                 if self.doc is not None
                 else NOT_FOUND_BODY
             )
@@ -248,17 +251,28 @@ class EntitlementCache:
 
     # -- reads -----------------------------------------------------------------
 
-    async def get(self, customer: str) -> Lookup:
-        """The customer's entry; raises ``UpstreamError`` only when nothing usable exists."""
-        now = time.time()
+    def hit(self, customer: str) -> Lookup | None:
+        """The in-process answer when memory may give it alone, else ``None``.
+
+        Synchronous, so a handler's memory hit costs no coroutine (the hot path).
+        """
         item = self.memory.get(customer)
         if item is not None:
+            now = time.time()
             entry, answer_until = item
             if now < answer_until:
                 self._m_mem_hit.inc()
                 if now >= entry.refresh_at:
                     self._refresh_ahead(customer, entry)
                 return Lookup(entry, "hit")
+        return None
+
+    async def get(self, customer: str) -> Lookup:
+        """The customer's entry; raises ``UpstreamError`` only when nothing usable exists."""
+        found = self.hit(customer)
+        if found is not None:
+            return found
+        item = self.memory.get(customer)
         self._m_mem_miss.inc()
         flight = self._inflight.get(customer)
         if flight is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +201,7 @@ VARIABLES: Final[tuple[Variable, ...]] = (
     Variable(
         "SIDECAR_ACCESS_LOG", "false", "true to log every request (off the hot path by default)"
     ),
+    Variable("SIDECAR_WORKERS", "1", "worker processes sharing the listeners; >1 needs Redis"),
 )
 
 _BY_NAME: Final = {v.name: v for v in VARIABLES}
@@ -242,6 +244,7 @@ class Settings:
     shutdown_grace: float = 10.0
     log_level: str = "info"
     access_log: bool = False
+    workers: int = 1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -295,6 +298,7 @@ class Settings:
         grace = parse("SIDECAR_SHUTDOWN_GRACE", _non_negative_float)
         log_level = parse("SIDECAR_LOG_LEVEL", _log_level)
         access_log = parse("SIDECAR_ACCESS_LOG", _bool)
+        workers = parse("SIDECAR_WORKERS", _positive_int)
 
         if listen is not None and not listen.is_loopback and allow_remote is False:
             problems.append(
@@ -311,6 +315,16 @@ class Settings:
             if problem:
                 var = "SIDECAR_REDIS_CLUSTER" if redis_cluster else "SIDECAR_REDIS_URL"
                 problems.append(f"{var}: {problem}")
+        if workers is not None and workers > 1:
+            # Each worker has its own in-process layer; only the Redis fan-out
+            # keeps them coherent, and only SO_REUSEPORT spreads connections.
+            if raw("SIDECAR_REDIS_URL") is None:
+                problems.append(
+                    "SIDECAR_WORKERS: more than one worker needs SIDECAR_REDIS_URL (the "
+                    "workers' in-process caches are kept coherent through Redis)"
+                )
+            if not hasattr(socket, "SO_REUSEPORT"):
+                problems.append("SIDECAR_WORKERS: this platform has no SO_REUSEPORT")
         if problems:
             raise ConfigError(problems)
 
@@ -344,6 +358,7 @@ class Settings:
             shutdown_grace=grace,
             log_level=log_level,
             access_log=access_log,
+            workers=workers,
         )
 
     @property

@@ -7,8 +7,9 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -30,6 +31,10 @@ class Listener:
     app: web.Application
     listen: Listen
     runner: web.AppRunner | None = field(default=None, repr=False)
+    #: A socket bound and listening already (a worker's, from SIDECAR_WORKERS).
+    sock: socket.socket | None = field(default=None, repr=False)
+    #: Bind with SO_REUSEPORT, sharing the address with sibling workers.
+    reuse_port: bool = False
 
 
 async def bind(listener: Listener, *, shutdown_timeout: float, access_log: bool) -> None:
@@ -41,11 +46,17 @@ async def bind(listener: Listener, *, shutdown_timeout: float, access_log: bool)
     await runner.setup()
     listener.runner = runner
     site: web.BaseSite
+    if listener.sock is not None:
+        site = web.SockSite(runner, listener.sock)
+        await site.start()
+        return
     if listener.listen.is_unix:
         path = listener.listen.path
         assert path is not None
         _remove_stale_socket(path)
         site = web.UnixSite(runner, path)
+    elif listener.reuse_port:
+        site = web.TCPSite(runner, listener.listen.host, listener.listen.port, reuse_port=True)
     else:
         site = web.TCPSite(runner, listener.listen.host, listener.listen.port)
     await site.start()
@@ -67,10 +78,16 @@ async def run_sidecar(
     before: list[Listener] | None = None,
     on_ready: Callable[[], Awaitable[None] | None] | None = None,
     stop: asyncio.Event | None = None,
+    sockets: Mapping[str, socket.socket] | None = None,
+    reuse_port: bool = False,
 ) -> int:
     """Serve until SIGTERM/SIGINT (or ``stop``); return the exit code.
 
     ``before`` listeners (the demo's emulator) start first and stop last.
+    A worker of ``SIDECAR_WORKERS`` (workers.py) passes ``sockets``, listening
+    sockets to serve by listener name instead of binding (its ``unix:``
+    listeners), and ``reuse_port`` to bind the local API and webhook TCP
+    addresses with ``SO_REUSEPORT``.
     Shutdown: ``/readyz`` turns 503, the webhook and local listeners stop
     accepting and finish requests in flight (up to ``SIDECAR_SHUTDOWN_GRACE``),
     resources close, then the ops listener and the ``before`` listeners stop.
@@ -87,6 +104,10 @@ async def run_sidecar(
     order = [*listeners, ops, local]
     if settings.webhooks_enabled:
         order.append(Listener("webhooks", create_webhook_app(core), settings.webhook_listen))
+    for listener in order:
+        if listener.name in ("local", "webhooks"):
+            listener.sock = (sockets or {}).get(listener.name)
+            listener.reuse_port = reuse_port
     started: list[Listener] = []
     code = 0
     try:

@@ -1,0 +1,295 @@
+"""Load generators over loopback keep-alive connections.
+
+- :func:`wrk` drives ``wrk`` (when installed) with a Lua script that rotates
+  through the given requests and prints its summary as JSON.
+- :func:`closed_loop` is the built-in generator: ``connections`` aiohttp
+  keep-alive connections, each sending its next request as soon as the last
+  answer arrived (what wrk does).
+- :func:`paced` sends at a fixed rate (the latency-at-half-peak measurement;
+  wrk cannot pace). Latency is measured from each request's actual send time;
+  ``late_p99_ms`` says how far behind schedule the generator itself fell.
+
+Every result carries the CPU the server used during the run (share of one
+core), so a run limited by the generator rather than the server shows itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+__all__ = ["LoadResult", "Req", "closed_loop", "have_wrk", "paced", "percentile", "wrk"]
+
+
+@dataclass(frozen=True)
+class Req:
+    method: str
+    path: str
+    body: bytes | None = None
+
+
+@dataclass
+class LoadResult:
+    generator: str
+    connections: int
+    seconds: float
+    requests: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    server_cpu: float | None = None
+    target_rps: float | None = None
+    late_p99_ms: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def have_wrk() -> bool:
+    return shutil.which("wrk") is not None
+
+
+def _lua_string(s: str) -> str:
+    level = "=" * 4
+    assert f"]{level}]" not in s
+    return f"[{level}[{s}]{level}]"
+
+
+_WRK_DONE = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '\\n@@BENCH@@{"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,"errors":%d}\\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.status + e.timeout))
+end
+"""
+
+
+def _wrk_script(requests: Sequence[Req]) -> str:
+    lines = ["local reqs = {}", "local n = 0", "init = function(args)"]
+    for r in requests:
+        if r.body is None:
+            lines.append(f"  reqs[#reqs + 1] = wrk.format({_lua_string(r.method)}, "
+                         f"{_lua_string(r.path)})")  # fmt: skip
+        else:
+            lines.append(
+                f"  reqs[#reqs + 1] = wrk.format({_lua_string(r.method)}, {_lua_string(r.path)}, "
+                f'{{["Content-Type"] = "application/json"}}, {_lua_string(r.body.decode())})'
+            )
+    lines += [
+        "  n = math.random(#reqs) - 1",
+        "end",
+        "request = function()",
+        "  n = n % #reqs + 1",
+        "  return reqs[n]",
+        "end",
+        _WRK_DONE,
+    ]
+    return "\n".join(lines)
+
+
+async def wrk(
+    base_url: str,
+    requests: Sequence[Req],
+    *,
+    connections: int,
+    duration: float,
+    warmup: float,
+    cpu: Callable[[], float] | None = None,
+) -> LoadResult:
+    """One wrk thread (the server gets the other core), after a warm-up run."""
+    with tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp:
+        script = Path(tmp) / "bench.lua"
+        script.write_text(_wrk_script(requests))
+
+        async def run(seconds: float) -> tuple[dict[str, Any], float, float]:
+            argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(seconds, 1):.0f}s",
+                    "--timeout", "5s", "-s", str(script), base_url]  # fmt: skip
+            cpu0, t0 = (cpu() if cpu else 0.0), time.perf_counter()
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
+            out, err = await proc.communicate()
+            wall = time.perf_counter() - t0
+            used = (cpu() - cpu0) if cpu else 0.0
+            text = out.decode()
+            if proc.returncode != 0 or "@@BENCH@@" not in text:
+                raise RuntimeError(f"wrk failed ({proc.returncode}): {err.decode()}{text}")
+            return json.loads(text.split("@@BENCH@@", 1)[1].splitlines()[0]), used, wall
+
+        if warmup > 0:
+            await run(warmup)
+        summary, used, wall = await run(duration)
+    seconds = summary["duration_us"] / 1e6
+    return LoadResult(
+        generator="wrk",
+        connections=connections,
+        seconds=seconds,
+        requests=summary["requests"],
+        rps=summary["requests"] / seconds,
+        p50_ms=summary["p50_us"] / 1000,
+        p99_ms=summary["p99_us"] / 1000,
+        errors=summary["errors"],
+        server_cpu=(used / wall) if cpu else None,
+    )
+
+
+def _session(connections: int) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=connections, force_close=False)
+    return aiohttp.ClientSession(
+        connector=connector,
+        headers={"Content-Type": "application/json"},
+        skip_auto_headers=("Accept-Encoding", "User-Agent"),
+        timeout=aiohttp.ClientTimeout(total=10),
+    )
+
+
+async def closed_loop(
+    base_url: str,
+    requests: Sequence[Req],
+    *,
+    connections: int,
+    duration: float,
+    warmup: float,
+    cpu: Callable[[], float] | None = None,
+) -> LoadResult:
+    """``connections`` keep-alive connections, each busy all the time."""
+    latencies: list[float] = []
+    errors = 0
+    count = 0
+    loop = asyncio.get_running_loop()
+    measuring = False
+    stop_at = 0.0
+    n = len(requests)
+
+    async with _session(connections) as session:
+
+        async def worker(offset: int) -> None:
+            nonlocal errors, count
+            i = offset
+            now = loop.time()
+            while not (measuring and now >= stop_at):
+                r = requests[i % n]
+                i += 1
+                t0 = time.perf_counter()
+                try:
+                    async with session.request(r.method, base_url + r.path, data=r.body) as resp:
+                        await resp.read()
+                        ok = resp.status < 400
+                except (aiohttp.ClientError, TimeoutError):
+                    ok = False
+                t1 = time.perf_counter()
+                now = loop.time()
+                if measuring and now < stop_at:
+                    count += 1
+                    latencies.append(t1 - t0)
+                    if not ok:
+                        errors += 1
+
+        stride = max(n // connections, 1)
+        tasks = [asyncio.ensure_future(worker(k * stride)) for k in range(connections)]
+        await asyncio.sleep(warmup)
+        measuring, started = True, loop.time()
+        stop_at = started + duration
+        cpu0 = cpu() if cpu else 0.0
+        await asyncio.sleep(duration)
+        used = (cpu() - cpu0) if cpu else 0.0
+        await asyncio.gather(*tasks)
+    latencies.sort()
+    return LoadResult(
+        generator="builtin",
+        connections=connections,
+        seconds=duration,
+        requests=count,
+        rps=count / duration,
+        p50_ms=percentile(latencies, 0.50) * 1000,
+        p99_ms=percentile(latencies, 0.99) * 1000,
+        errors=errors,
+        server_cpu=(used / duration) if cpu else None,
+    )
+
+
+async def paced(
+    base_url: str,
+    requests: Sequence[Req],
+    *,
+    rate: float,
+    duration: float,
+    connections: int = 16,
+    cpu: Callable[[], float] | None = None,
+) -> LoadResult:
+    """Send at ``rate`` requests/s for ``duration`` seconds (open loop, best effort)."""
+    latencies: list[float] = []
+    lateness: list[float] = []
+    errors = 0
+    n = len(requests)
+    total = int(rate * duration)
+    next_k = 0
+    async with _session(connections) as session:
+        # Open the connections first so connection set-up is not measured.
+        first = base_url + requests[0].path
+        await asyncio.gather(*(_touch(session, first) for _ in range(connections)))
+        t_start = time.perf_counter() + 0.05
+        cpu0 = cpu() if cpu else 0.0
+
+        async def worker() -> None:
+            nonlocal next_k, errors
+            while next_k < total:
+                k = next_k
+                next_k += 1
+                due = t_start + k / rate
+                wait = due - time.perf_counter()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                r = requests[k % n]
+                t0 = time.perf_counter()
+                lateness.append(max(t0 - due, 0.0))
+                try:
+                    async with session.request(r.method, base_url + r.path, data=r.body) as resp:
+                        await resp.read()
+                        if resp.status >= 400:
+                            errors += 1
+                except (aiohttp.ClientError, TimeoutError):
+                    errors += 1
+                latencies.append(time.perf_counter() - t0)
+
+        await asyncio.gather(*(worker() for _ in range(connections)))
+        elapsed = time.perf_counter() - t_start
+        used = (cpu() - cpu0) if cpu else 0.0
+    latencies.sort()
+    lateness.sort()
+    return LoadResult(
+        generator="builtin-paced",
+        connections=connections,
+        seconds=elapsed,
+        requests=len(latencies),
+        rps=len(latencies) / elapsed,
+        p50_ms=percentile(latencies, 0.50) * 1000,
+        p99_ms=percentile(latencies, 0.99) * 1000,
+        errors=errors,
+        server_cpu=(used / elapsed) if cpu else None,
+        target_rps=rate,
+        late_p99_ms=percentile(lateness, 0.99) * 1000,
+    )
+
+
+async def _touch(session: aiohttp.ClientSession, url: str) -> None:
+    async with session.get(url) as resp:
+        await resp.read()

@@ -1,0 +1,222 @@
+"""SIDECAR_WORKERS: workers behind one port, coherent through Redis, one ops view."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.config import ConfigError, Settings
+
+from .conftest import RedisServer, free_port, wait_until
+
+KEY = "vk_workers_" + "x" * 20
+HOOK_SECRET = "whsec_workers_" + "y" * 20
+
+
+def get(url: str) -> tuple[int, Any]:
+    """One request on a new connection (so SO_REUSEPORT may pick either worker)."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - loopback
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw[:1] in (b"{", b"[") else raw.decode()
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, json.loads(err.read())
+
+
+def put(url: str, body: Any) -> Any:
+    req = urllib.request.Request(  # noqa: S310 - loopback
+        url, data=json.dumps(body).encode(), method="PUT"
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+        return json.loads(resp.read())
+
+
+def answers(url: str) -> bool:
+    try:
+        return get(url)[0] == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def served_by(metrics: str) -> set[str]:
+    """Workers that counted a ``can`` request, from the merged exposition."""
+    workers = set()
+    for line in metrics.splitlines():
+        if line.startswith("vellum_sidecar_requests_total{") and "/can/" in line:
+            workers.add(line.split('worker="', 1)[1].split('"', 1)[0])
+    return workers
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    redis = RedisServer(tmp_path)
+    redis.start()
+    emu_port, hooks, ops = free_port(), free_port(), free_port()
+    logs = []
+
+    def spawn(name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = (tmp_path / f"{name}.log").open("wb")
+        logs.append(log)
+        return subprocess.Popen(
+            [sys.executable, "-m", "sidecar", *args],
+            env={"PATH": os.environ["PATH"], **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    emulator = spawn(
+        "emulator",
+        ["emulator", "--listen", f"127.0.0.1:{emu_port}", "--tenant", "acme",
+         "--webhook-url", f"http://127.0.0.1:{hooks}/webhooks/vellum"],
+        {"EMULATOR_API_KEYS": KEY, "EMULATOR_WEBHOOK_SECRET": HOOK_SECRET},
+    )  # fmt: skip
+    wait_until(lambda: answers(f"http://127.0.0.1:{emu_port}/_emulator/healthz"))
+    env = {
+        "VELLUM_API_KEY": KEY,
+        "VELLUM_TENANT_ID": "acme",
+        "VELLUM_BASE_URL": f"http://127.0.0.1:{emu_port}",
+        "VELLUM_WEBHOOK_SECRETS": HOOK_SECRET,
+        "SIDECAR_REDIS_URL": redis.url,
+        "SIDECAR_WEBHOOK_LISTEN": f"127.0.0.1:{hooks}",
+        "SIDECAR_OPS_LISTEN": f"127.0.0.1:{ops}",
+        "SIDECAR_WORKERS": "2",
+    }
+
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(**extra: str) -> subprocess.Popen[bytes]:
+        proc = spawn("sidecar", ["serve"], {**env, **extra})
+        procs.append(proc)
+        wait_until(lambda: answers(f"http://127.0.0.1:{ops}/readyz"), timeout=30)
+        return proc
+
+    yield {
+        "start": start,
+        "ops": f"http://127.0.0.1:{ops}",
+        "emu": f"http://127.0.0.1:{emu_port}",
+        "tmp": tmp_path,
+    }
+    for proc in [*procs, emulator]:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+    for log in logs:
+        log.close()
+    redis.stop()
+
+
+def test_more_than_one_worker_needs_redis() -> None:
+    base = {"VELLUM_API_KEY": "k", "VELLUM_TENANT_ID": "t", "SIDECAR_WORKERS": "2"}
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env(base)
+    assert [p for p in err.value.problems if p.startswith("SIDECAR_WORKERS:")]
+    with pytest.raises(ConfigError):
+        Settings.from_env({**base, "SIDECAR_WORKERS": "0"})
+    settings = Settings.from_env({**base, "SIDECAR_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert settings.workers == 2
+    assert Settings.from_env({"VELLUM_API_KEY": "k", "VELLUM_TENANT_ID": "t"}).workers == 1
+
+
+def test_workers_share_the_port_stay_coherent_and_are_restarted(stack: dict[str, Any]) -> None:
+    api_port = free_port()
+    api = f"http://127.0.0.1:{api_port}"
+    supervisor = stack["start"](SIDECAR_LISTEN=f"127.0.0.1:{api_port}")
+    ops, emu = stack["ops"], stack["emu"]
+
+    status, ready = get(f"{ops}/readyz")
+    assert status == 200
+    assert (ready["status"], ready["redis"], ready["upstream"], ready["fanout"]) == (
+        "ready", "ok", "ok", "ok",
+    )  # fmt: skip
+    pids = {w["worker"]: w["pid"] for w in ready["workers"]}
+    assert sorted(pids) == [0, 1]
+    assert len(set(pids.values())) == 2
+
+    # New connections land on both workers; both cache cus_trial (no exports).
+    def both_served() -> bool:
+        assert get(f"{api}/v1/customers/cus_trial/can/exports")[1]["allowed"] is False
+        return served_by(get(f"{ops}/metrics")[1]) == {"0", "1"}
+
+    wait_until(both_served, timeout=20, interval=0)
+
+    # The push lands on one worker; the other learns through the Redis fan-out.
+    reply = put(
+        f"{emu}/_emulator/customers/cus_trial/entitlements",
+        {"status": "active", "modules": ["reports", "exports"]},
+    )
+    assert reply["pushed"] is True
+
+    def all_see_it() -> bool:
+        return all(
+            get(f"{api}/v1/customers/cus_trial/can/exports")[1]["allowed"] for _ in range(10)
+        )
+
+    wait_until(all_see_it, timeout=10)
+
+    metrics = get(f"{ops}/metrics")[1]
+    assert "vellum_sidecar_workers 2.0" in metrics
+    assert 'vellum_sidecar_webhooks_total{result="ok",worker=' in metrics
+    assert 'process_resident_memory_bytes{worker="1"}' in metrics
+
+    # A worker that dies is restarted; once it is gone (connections already queued
+    # on its socket die with it), the port keeps answering through the other.
+    os.kill(pids[0], signal.SIGKILL)
+    wait_until(lambda: not alive(pids[0]))
+    for _ in range(10):
+        assert get(f"{api}/v1/customers/cus_active/can/reports")[0] == 200
+
+    def replaced() -> bool:
+        status, body = get(f"{ops}/readyz")
+        return status == 200 and body["workers"][0]["pid"] not in (pids[0], None)
+
+    wait_until(replaced, timeout=30)
+    assert "vellum_sidecar_worker_restarts_total 1.0" in get(f"{ops}/metrics")[1]
+
+    # SIGTERM: every worker drains and exits, then the supervisor, with 0.
+    workers = [w["pid"] for w in get(f"{ops}/readyz")[1]["workers"]]
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(timeout=30) == 0
+    assert not any(alive(pid) for pid in workers)
+
+
+def test_workers_share_a_unix_socket(stack: dict[str, Any]) -> None:
+    path = str(stack["tmp"] / "sidecar.sock")
+    stack["start"](SIDECAR_LISTEN=f"unix:{path}")
+    assert os.stat(path).st_mode & 0o777 == 0o660
+
+    def over_unix(target: str) -> bytes:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(path)
+            s.sendall(f"GET {target} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+    def both_served() -> bool:
+        reply = over_unix("/v1/customers/cus_active/can/reports")
+        assert reply.startswith(b"HTTP/1.0 200") or reply.startswith(b"HTTP/1.1 200"), reply
+        return served_by(get(f"{stack['ops']}/metrics")[1]) == {"0", "1"}
+
+    wait_until(both_served, timeout=20, interval=0)
