@@ -393,7 +393,12 @@ class EntitlementCache:
     def _remember(self, customer: str, entry: Entry, flight: Flight) -> None:
         if flight.invalidated:
             return
-        answer_until = min(time.time() + self._memory_ttl, entry.fresh_until)
+        # Jittered downwards, so "at most SIDECAR_MEMORY_TTL" still holds: entries
+        # filled together (start-up, a tenant-wide drop, a resubscribe) would
+        # otherwise all go back to Redis in the same instant, every TTL, forever,
+        # a burst the hot path queues behind (bench: p99 5.9 ms instead of 1.5 ms).
+        ttl = self._memory_ttl * random.uniform(0.8, 1.0)
+        answer_until = min(time.time() + ttl, entry.fresh_until)
         # Kept past answer_until (until LRU eviction) as a stale fallback.
         self.memory.put(customer, entry, answer_until)
         self.metrics.memory_entries.set(len(self.memory))

@@ -14,7 +14,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-ROWS = ("bare", "hot", "redis_only", "batch", "workers", "hot_half_peak")
+ROWS = (
+    "bare", "hot", "hot_default", "redis_only", "batch", "workers",
+    "hot_half_peak", "hot_default_half_peak",
+)  # fmt: skip
 ROW_FIELDS = {"generator", "connections", "requests", "rps", "p50_ms", "p99_ms", "errors"}
 
 
@@ -37,7 +40,7 @@ def test_bench_smoke_runs_every_phase(tmp_path: Path) -> None:
         assert set(row) >= ROW_FIELDS, (name, row)
         assert row["requests"] > 0, (name, row)
         assert row["errors"] == 0, (name, row)
-    for name in ("hot", "redis_only", "batch", "workers"):
+    for name in ("hot", "hot_default", "redis_only", "batch", "workers"):
         assert isinstance(results["throughput"][name]["vs_bare"], float)
     assert results["throughput"]["workers"]["workers"] == 2
 
