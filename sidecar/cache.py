@@ -254,14 +254,18 @@ class EntitlementCache:
     def hit(self, customer: str) -> Lookup | None:
         """The in-process answer when memory may give it alone, else ``None``.
 
-        Synchronous, so a handler's memory hit costs no coroutine (the hot path).
+        Synchronous, so a handler's memory hit costs no coroutine (the hot path),
+        and it reaches into the LRU's dict directly: each method call saved is
+        worth a few percent of a hit (see README "Performance").
         """
-        item = self.memory.get(customer)
+        data = self.memory._data
+        item = data.get(customer)
         if item is not None:
             now = time.time()
             entry, answer_until = item
             if now < answer_until:
-                self._m_mem_hit.inc()
+                data.move_to_end(customer)
+                self._m_mem_hit.value += 1
                 if now >= entry.refresh_at:
                     self._refresh_ahead(customer, entry)
                 return Lookup(entry, "hit")
