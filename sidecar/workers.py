@@ -81,7 +81,14 @@ async def run_workers(settings: Settings, env: Mapping[str, str]) -> int:
     """Run as a worker when the supervisor started us, else as the supervisor."""
     if WORKER_INDEX_ENV in env:
         return await _worker(settings, env)
-    return await Supervisor(settings, env).run()
+    try:
+        supervisor = Supervisor(settings, env)
+    except OSError as exc:
+        # The workers' private ops sockets live in a temporary directory; with a
+        # read-only root filesystem, TMPDIR (or /tmp) must be a writable volume.
+        log.error("cannot_create_worker_dir", extra={"fields": {"error": str(exc)}})
+        return 1
+    return await supervisor.run()
 
 
 # -- worker --------------------------------------------------------------------------
