@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 ROWS = (
     "bare", "hot", "hot_default", "redis_only", "batch", "workers",
-    "hot_half_peak", "hot_default_half_peak",
+    "hot_half_peak", "hot_default_half_peak", "bare_half_peak",
 )  # fmt: skip
 ROW_FIELDS = {"generator", "connections", "requests", "rps", "p50_ms", "p99_ms", "errors"}
 
