@@ -169,10 +169,6 @@ class Driver:
             cpu=proc.cpu_seconds,
         )
 
-    async def best(self, proc: Proc, requests: Sequence[Req]) -> tuple[LoadResult, list[float]]:
-        runs = [await self.peak(proc, requests) for _ in range(self.opts.repeat)]
-        return max(runs, key=lambda r: r.rps), [round(r.rps, 1) for r in runs]
-
 
 def hot_requests(customers: int) -> list[Req]:
     return [Req("GET", f"/v1/customers/{cid(i)}/can/reports") for i in range(customers)]
