@@ -349,9 +349,16 @@ class EntitlementCache:
             if found is not None and (stale is None or found.fetched_at > stale.fetched_at):
                 stale = found
             try:
-                gens, lock = await self._begin_fetch(customer)
+                gens, lock, raced = await self._begin_fetch(customer)
             except RedisDown:
-                gens, lock = None, ""
+                gens, lock, raced = None, "", None
+            if raced is not None and raced.fresh_until > floor:
+                # Another sidecar stored it between our GET and our lock attempt.
+                if lock:
+                    await self._unlock(customer, lock)
+                self._m_redis_hit.inc()
+                self._remember(customer, raced, flight)
+                return Lookup(raced, "hit")
             if lock is None:
                 waited = await self._wait_for_other(customer, floor)
                 if waited is not None:
@@ -423,11 +430,13 @@ class EntitlementCache:
             return None
         return Entry.loads(raw) if isinstance(raw, bytes) else None
 
-    async def _begin_fetch(self, customer: str) -> tuple[tuple[str, str], str | None]:
-        """Read the generations and try to take the fetch lock, in one round trip.
+    async def _begin_fetch(self, customer: str) -> tuple[tuple[str, str], str | None, Entry | None]:
+        """Read the generations, try to take the fetch lock and re-read the entry, in
+        one round trip.
 
-        Returns the generations and the lock token, or ``None`` when another
-        sidecar is already fetching this customer.
+        Returns the generations, the lock token (``None`` when another sidecar is
+        already fetching this customer) and the entry if one was stored since the
+        caller's first read (the fetch that raced ours finished in between).
         """
         assert self.redis is not None
         keys = self.redis.keys
@@ -440,10 +449,12 @@ class EntitlementCache:
                 pipe.get(keys.gen(customer))
                 pipe.get(keys.tenant_gen)
                 pipe.set(keys.lock(customer), token, nx=True, px=lock_ms)
+                pipe.get(keys.entry(customer))
                 return await pipe.execute()
 
-        cgen, tgen, won = await self.redis.run("begin_fetch", call)
-        return (_s(cgen), _s(tgen)), token if won else None
+        cgen, tgen, won, raw = await self.redis.run("begin_fetch", call)
+        raced = Entry.loads(raw) if isinstance(raw, bytes) else None
+        return (_s(cgen), _s(tgen)), token if won else None, raced
 
     async def _wait_for_other(self, customer: str, floor: float) -> Entry | None:
         """Another sidecar holds the fetch lock: poll for its answer until it lets go."""
@@ -451,7 +462,8 @@ class EntitlementCache:
         keys = self.redis.keys
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.upstream_timeout
-        delay = 0.005
+        # Start short: the holder is often a local-network round trip from done.
+        delay = 0.002
 
         async def call(r: RedisClient) -> list[Any]:
             async with r.pipeline(transaction=False) as pipe:
