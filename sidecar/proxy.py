@@ -250,9 +250,11 @@ def add_proxy_routes(app: web.Application) -> None:
     """Register every operation on both surfaces, from the one table."""
     for op in OPERATIONS:
         for surface in SURFACES:
-            app.router.add_route(
-                op.method, op.route(surface), _handler(op, surface), name=f"{surface}.{op.name}"
-            )
+            route, handler = op.route(surface), _handler(op, surface)
+            if op.method == "GET":
+                # HEAD answers like GET without the body, as aiohttp's add_get does.
+                app.router.add_route("HEAD", route, handler)
+            app.router.add_route(op.method, route, handler, name=f"{surface}.{op.name}")
 
 
 def _handler(op: Operation, surface: Surface) -> Handler:

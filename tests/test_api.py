@@ -358,3 +358,20 @@ async def test_ids_with_braces_work_on_every_route(
     empty = await sc.client.get("/v1/customers/%20/can/")
     assert empty.status == 400
     assert (await empty.json())["error"]["code"] == "invalid_id"
+
+
+async def test_head_on_cached_reads(
+    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
+) -> None:
+    emulator.set_entitlements(tenant, "cus_1", DOC)
+    sc = await make_sidecar(None)
+    for path in (
+        "/v1/customers/cus_1/entitlements",
+        f"/tenants/{tenant}/customers/cus_1/entitlements",
+        "/v1/customers/cus_1/can/reports",
+    ):
+        resp = await sc.client.head(path)
+        assert resp.status == 200, path
+        assert resp.headers["X-Sidecar-Cache"] in ("miss", "hit")
+        assert await resp.read() == b""
+    assert emulator.count("get_entitlements", tenant) == 1
