@@ -237,7 +237,7 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, P
     """A redis-server that speaks only TLS, with a throwaway CA; yields (port, CA file)."""
     openssl = shutil.which("openssl")
     if openssl is None:
-        pytest.skip("openssl is not installed")
+        raise RuntimeError("openssl is not installed (apt-get install openssl): it makes the CA")
     d = tmp_path_factory.mktemp("tls")
     subprocess.run(
         [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
