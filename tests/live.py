@@ -180,6 +180,17 @@ class Stack:
         self.sidecar.stop()
         self.emulator.stop()
 
+    def __enter__(self) -> Stack:
+        """Start everything; leaving the block stops it, even after a failed start."""
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def logs(self) -> str:
         return f"--- sidecar\n{self.sidecar.tail()}\n--- emulator\n{self.emulator.tail()}"
 

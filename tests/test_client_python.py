@@ -78,26 +78,20 @@ ENTITLEMENT_METHODS = {"get_entitlements", "can", "check", "invalidate"}
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    live = Stack(tmp_path_factory.mktemp("live"))
-    try:
-        yield live.start()
-    finally:
-        live.close()
+    with Stack(tmp_path_factory.mktemp("live")) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
 def upstream_down(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A sidecar whose upstream never answers: nothing it has not cached can be had."""
-    live = Stack(
+    with Stack(
         tmp_path_factory.mktemp("down"),
         upstream=False,
         SIDECAR_UPSTREAM_TIMEOUT="1",
         SIDECAR_FAIL_OPEN_MODULES="status_page",
-    )
-    try:
-        yield live.start()
-    finally:
-        live.close()
+    ) as live:
+        yield live
 
 
 Call = Callable[..., Awaitable[Any]]
@@ -549,11 +543,10 @@ async def test_async_client_reuses_its_connection(stack: Stack) -> None:
 def unix_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # A short path: unix socket paths are limited to about 100 bytes.
     folder = Path(tempfile.mkdtemp(prefix="vsc-"))
-    live = Stack(tmp_path_factory.mktemp("unix"), listen=f"unix:{folder}/sidecar.sock")
     try:
-        yield live.start()
+        with Stack(tmp_path_factory.mktemp("unix"), listen=f"unix:{folder}/sidecar.sock") as live:
+            yield live
     finally:
-        live.close()
         for leftover in folder.iterdir():
             leftover.unlink()
         folder.rmdir()

@@ -220,22 +220,16 @@ def drive_every_operation(send: Recorder, prefix: str, tenant: str) -> None:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    live = Stack(tmp_path_factory.mktemp("openapi"))
-    try:
-        yield live.start()
-    finally:
-        live.close()
+    with Stack(tmp_path_factory.mktemp("openapi")) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
 def upstream_down(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    live = Stack(
+    with Stack(
         tmp_path_factory.mktemp("openapi-down"), upstream=False, SIDECAR_UPSTREAM_TIMEOUT="1"
-    )
-    try:
-        yield live.start()
-    finally:
-        live.close()
+    ) as live:
+        yield live
 
 
 def record_live_answers(stack: Stack, upstream_down: Stack) -> list[Exchange]:
