@@ -98,9 +98,63 @@ function seg(name, value) {
   return encodeURIComponent(value);
 }
 
-const account = (accountId) => `/v1/accounts/${seg("accountId", accountId)}`;
-const customer = (accountId, customerId) =>
-  `${account(accountId)}/customers/${seg("customerId", customerId)}`;
+// -- the Vellum operations: each one's method, /v1 path, ids ({name}, the methods'
+// nameId argument), JSON body, and whether the sidecar's cache answers it (the short
+// timeout) rather than the Vellum API (billingTimeout).
+
+// BEGIN GENERATED operation table: scripts/gen_clients.py writes it from the sidecar's own
+const OPERATIONS = Object.freeze({
+  get_entitlements: { method: "GET", path: "/v1/customers/{customer}/entitlements", cached: true },
+  create_checkout: { method: "POST", path: "/v1/accounts/{account}/checkout", body: true },
+  create_setup_checkout: {
+    method: "POST", path: "/v1/accounts/{account}/billing/setup-checkout", body: true,
+  },
+  create_subscription: {
+    method: "POST", path: "/v1/accounts/{account}/customers/{customer}/subscribe", body: true,
+  },
+  cancel_subscription: {
+    method: "DELETE", path: "/v1/accounts/{account}/customers/{customer}/subscription",
+  },
+  get_subscription: {
+    method: "GET", path: "/v1/accounts/{account}/customers/{customer}/subscription",
+  },
+  create_account: { method: "POST", path: "/v1/accounts", body: true },
+  create_customer: { method: "POST", path: "/v1/accounts/{account}/customers", body: true },
+  set_account_status: { method: "PATCH", path: "/v1/accounts/{account}", body: true },
+  set_customer_status: {
+    method: "PATCH", path: "/v1/accounts/{account}/customers/{customer}", body: true,
+  },
+  list_payment_methods: { method: "GET", path: "/v1/accounts/{account}/payment-methods" },
+  set_default_payment_method: {
+    method: "PATCH", path: "/v1/accounts/{account}/payment-methods/{method}",
+  },
+  remove_payment_method: {
+    method: "DELETE", path: "/v1/accounts/{account}/payment-methods/{method}",
+  },
+  set_subscription_payment_method: {
+    method: "PATCH", path: "/v1/accounts/{account}/customers/{customer}/payment-method", body: true,
+  },
+  list_invoices: { method: "GET", path: "/v1/accounts/{account}/invoices" },
+  invoice_pdf: { method: "GET", path: "/v1/accounts/{account}/invoices/{invoice}/pdf" },
+});
+// END GENERATED operation table
+
+/** The request for one operation of OPERATIONS, its ids quoted into the path. */
+function op(name, ids, { body, query, idempotencyKey } = {}) {
+  const route = OPERATIONS[name];
+  const params = [...route.path.matchAll(/\{(\w+)\}/g)].map((m) => m[1]);
+  const given = Object.keys(ids);
+  if (
+    given.length !== params.length ||
+    !params.every((p) => given.includes(p)) ||
+    (body !== undefined) !== (route.body === true)
+  ) {
+    throw new TypeError(`${name} takes the ids ${params} and a body: ${route.body === true}`);
+  }
+  const path = route.path.replace(/\{(\w+)\}/g, (_, p) => seg(`${p}Id`, ids[p]));
+  const billing = route.cached !== true;
+  return { method: route.method, path, query, body, billing, idempotencyKey };
+}
 
 function dropUndefined(body) {
   return Object.fromEntries(
@@ -362,9 +416,8 @@ export class SidecarClient {
 
   /** The customer's entitlements; found is false for an unknown customer. */
   async getEntitlements(customerId) {
-    const path = `/v1/customers/${seg("customerId", customerId)}/entitlements`;
     return this.#run(
-      { method: "GET", path },
+      op("get_entitlements", { customer: customerId }),
       (res) => new EntitlementSet(customerId, object(res), res.headers.get("x-sidecar-cache")),
     );
   }
@@ -405,31 +458,30 @@ export class SidecarClient {
     accountId, customerId, planId, planVersion, successUrl, cancelUrl, seats = 1, idempotencyKey,
   }) {
     const body = { customerId, planId, planVersion, seats, successUrl, cancelUrl };
-    const path = `${account(accountId)}/checkout`;
-    return this.#run({ method: "POST", path, body, billing: true, idempotencyKey }, object);
+    const call = op("create_checkout", { account: accountId }, { body, idempotencyKey });
+    return this.#run(call, object);
   }
 
   async createSetupCheckout({ accountId, successUrl, cancelUrl, idempotencyKey }) {
-    const path = `${account(accountId)}/billing/setup-checkout`;
     const body = { successUrl, cancelUrl };
-    return this.#run({ method: "POST", path, body, billing: true, idempotencyKey }, object);
+    const call = op("create_setup_checkout", { account: accountId }, { body, idempotencyKey });
+    return this.#run(call, object);
   }
 
   async createSubscription({ accountId, customerId, planId, planVersion, seats = 1, idempotencyKey }) {
-    const path = `${customer(accountId, customerId)}/subscribe`;
+    const ids = { account: accountId, customer: customerId };
     const body = { planId, planVersion, seats };
-    return this.#run({ method: "POST", path, body, billing: true, idempotencyKey }, object);
+    return this.#run(op("create_subscription", ids, { body, idempotencyKey }), object);
   }
 
   async cancelSubscription({ accountId, customerId, atPeriodEnd = false, idempotencyKey }) {
-    const path = `${customer(accountId, customerId)}/subscription`;
+    const ids = { account: accountId, customer: customerId };
     const query = atPeriodEnd ? { atPeriodEnd: "true" } : undefined;
-    return this.#run({ method: "DELETE", path, query, billing: true, idempotencyKey }, object);
+    return this.#run(op("cancel_subscription", ids, { query, idempotencyKey }), object);
   }
 
   async getSubscription({ accountId, customerId }) {
-    const path = `${customer(accountId, customerId)}/subscription`;
-    return this.#run({ method: "GET", path, billing: true }, object);
+    return this.#run(op("get_subscription", { account: accountId, customer: customerId }), object);
   }
 
   async createAccount({
@@ -438,69 +490,55 @@ export class SidecarClient {
     seg("accountId", accountId);
     const body = dropUndefined({ accountId, name, email, stripeCustomerId });
     if (createStripeCustomer) body.createStripeCustomer = true;
-    return this.#run(
-      { method: "POST", path: "/v1/accounts", body, billing: true, idempotencyKey },
-      object,
-    );
+    return this.#run(op("create_account", {}, { body, idempotencyKey }), object);
   }
 
   async createCustomer({ accountId, customerId, email, idempotencyKey }) {
     seg("customerId", customerId);
-    const path = `${account(accountId)}/customers`;
     const body = dropUndefined({ customerId, email });
-    return this.#run({ method: "POST", path, body, billing: true, idempotencyKey }, object);
+    const call = op("create_customer", { account: accountId }, { body, idempotencyKey });
+    return this.#run(call, object);
   }
 
   async setAccountStatus({ accountId, status, idempotencyKey }) {
-    const path = account(accountId);
-    return this.#run(
-      { method: "PATCH", path, body: { status }, billing: true, idempotencyKey },
-      object,
-    );
+    const ids = { account: accountId };
+    return this.#run(op("set_account_status", ids, { body: { status }, idempotencyKey }), object);
   }
 
   async setCustomerStatus({ accountId, customerId, status, idempotencyKey }) {
-    const path = customer(accountId, customerId);
-    return this.#run(
-      { method: "PATCH", path, body: { status }, billing: true, idempotencyKey },
-      object,
-    );
+    const ids = { account: accountId, customer: customerId };
+    return this.#run(op("set_customer_status", ids, { body: { status }, idempotencyKey }), object);
   }
 
   async listPaymentMethods({ accountId }) {
-    const path = `${account(accountId)}/payment-methods`;
-    return this.#run({ method: "GET", path, billing: true }, fieldList("methods"));
+    return this.#run(op("list_payment_methods", { account: accountId }), fieldList("methods"));
   }
 
   async setDefaultPaymentMethod({ accountId, methodId, idempotencyKey }) {
-    const path = `${account(accountId)}/payment-methods/${seg("methodId", methodId)}`;
-    return this.#run({ method: "PATCH", path, billing: true, idempotencyKey }, object);
+    const ids = { account: accountId, method: methodId };
+    return this.#run(op("set_default_payment_method", ids, { idempotencyKey }), object);
   }
 
   async removePaymentMethod({ accountId, methodId, idempotencyKey }) {
-    const path = `${account(accountId)}/payment-methods/${seg("methodId", methodId)}`;
-    return this.#run({ method: "DELETE", path, billing: true, idempotencyKey }, nothing);
+    const ids = { account: accountId, method: methodId };
+    return this.#run(op("remove_payment_method", ids, { idempotencyKey }), nothing);
   }
 
   async setSubscriptionPaymentMethod({ accountId, customerId, methodId, idempotencyKey }) {
     seg("methodId", methodId);
-    const path = `${customer(accountId, customerId)}/payment-method`;
-    return this.#run(
-      { method: "PATCH", path, body: { methodId }, billing: true, idempotencyKey },
-      object,
-    );
+    const ids = { account: accountId, customer: customerId };
+    const call = op("set_subscription_payment_method", ids, { body: { methodId }, idempotencyKey });
+    return this.#run(call, object);
   }
 
   async listInvoices({ accountId, customerId }) {
-    const path = `${account(accountId)}/invoices`;
     const query = customerId === undefined || customerId === null ? undefined : { customerId };
-    return this.#run({ method: "GET", path, query, billing: true }, fieldList("invoices"));
+    return this.#run(op("list_invoices", { account: accountId }, { query }), fieldList("invoices"));
   }
 
   /** The hosted PDF's URL: the Location of the sidecar's redirect, not followed. */
   async invoicePdfUrl({ accountId, invoiceId }) {
-    const path = `${account(accountId)}/invoices/${seg("invoiceId", invoiceId)}/pdf`;
-    return this.#run({ method: "GET", path, billing: true }, location);
+    return this.#run(op("invoice_pdf", { account: accountId, invoice: invoiceId }), location);
   }
 }
 

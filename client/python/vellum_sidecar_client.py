@@ -35,7 +35,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -188,9 +188,6 @@ class _Call(Generic[T]):
     billing: bool = False
     idempotency_key: str | None = None
 
-    def keyed(self, idempotency_key: str | None) -> _Call[T]:
-        return self if idempotency_key is None else replace(self, idempotency_key=idempotency_key)
-
     def target(self, prefix: str) -> str:
         query = f"?{urlencode(self.query)}" if self.query else ""
         return f"{prefix}{self.path}{query}"
@@ -318,172 +315,103 @@ def _entitlements(customer_id: str) -> Callable[[_Response], EntitlementSet]:
     return read
 
 
-def _account(account_id: str) -> str:
-    return f"/v1/accounts/{_seg('account_id', account_id)}"
-
-
-def _customer(account_id: str, customer_id: str) -> str:
-    return f"{_account(account_id)}/customers/{_seg('customer_id', customer_id)}"
-
-
 def _drop_none(body: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if v is not None}
 
 
-class _Calls:
-    """Every operation as a :class:`_Call`: the part both clients share."""
+def _pairs(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The pairs as a list, every id checked before any request is sent."""
+    out = []
+    for i, pair in enumerate(pairs):
+        customer_id, module_id = pair
+        _seg(f"pairs[{i}] customer_id", customer_id)
+        _seg(f"pairs[{i}] module_id", module_id)
+        out.append((customer_id, module_id))
+    return out
 
-    @staticmethod
-    def can(customer_id: str, module_id: str) -> _Call[bool]:
-        path = (
-            f"/v1/customers/{_seg('customer_id', customer_id)}/can/{_seg('module_id', module_id)}"
-        )
-        return _Call("GET", path, _allowed)
 
-    @staticmethod
-    def get_entitlements(customer_id: str) -> _Call[EntitlementSet]:
-        path = f"/v1/customers/{_seg('customer_id', customer_id)}/entitlements"
-        return _Call("GET", path, _entitlements(customer_id))
+# -- the Vellum operations ---------------------------------------------------------------
 
-    @staticmethod
-    def check(pairs: list[tuple[str, str]]) -> _Call[list[bool | None]]:
-        checks = []
-        for i, pair in enumerate(pairs):
-            customer_id, module_id = pair
-            _seg(f"pairs[{i}] customer_id", customer_id)
-            _seg(f"pairs[{i}] module_id", module_id)
-            checks.append({"customerId": customer_id, "module": module_id})
-        return _Call("POST", "/v1/check", _results, body={"checks": checks})
 
-    @staticmethod
-    def invalidate(customer_id: str | None) -> _Call[None]:
-        if customer_id is None:
-            return _Call("DELETE", "/v1/cache", _nothing)
-        path = f"/v1/customers/{_seg('customer_id', customer_id)}/cache"
-        return _Call("DELETE", path, _nothing)
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """One Vellum operation on the sidecar's ``/v1`` surface: a row of the sidecar's table."""
 
-    @staticmethod
-    def create_checkout(
-        account_id: str,
-        customer_id: str,
-        plan_id: str,
-        plan_version: int | str,
-        success_url: str,
-        cancel_url: str,
-        seats: int,
-    ) -> _Call[dict[str, Any]]:
-        body = {
-            "customerId": customer_id,
-            "planId": plan_id,
-            "planVersion": plan_version,
-            "seats": seats,
-            "successUrl": success_url,
-            "cancelUrl": cancel_url,
-        }
-        return _Call("POST", f"{_account(account_id)}/checkout", _object, body=body, billing=True)
+    method: str
+    path: str
+    """Each ``{name}`` is one id segment; the methods' keyword for it is ``<name>_id``."""
+    params: tuple[str, ...] = ()
+    body: bool = False
+    """Takes a JSON object body."""
+    cached: bool = False
+    """Answered from the sidecar's cache (``timeout``), not the Vellum API (``billing_timeout``)."""
 
-    @staticmethod
-    def create_setup_checkout(
-        account_id: str, success_url: str, cancel_url: str
-    ) -> _Call[dict[str, Any]]:
-        body = {"successUrl": success_url, "cancelUrl": cancel_url}
-        path = f"{_account(account_id)}/billing/setup-checkout"
-        return _Call("POST", path, _object, body=body, billing=True)
 
-    @staticmethod
-    def create_subscription(
-        account_id: str, customer_id: str, plan_id: str, plan_version: int | str, seats: int
-    ) -> _Call[dict[str, Any]]:
-        body = {"planId": plan_id, "planVersion": plan_version, "seats": seats}
-        path = f"{_customer(account_id, customer_id)}/subscribe"
-        return _Call("POST", path, _object, body=body, billing=True)
+# BEGIN GENERATED operation table: scripts/gen_clients.py writes it from the sidecar's own
+_OPERATIONS: Final[Mapping[str, _Route]] = {
+    "get_entitlements": _Route(
+        "GET", "/v1/customers/{customer}/entitlements", ("customer",), cached=True
+    ),
+    "create_checkout": _Route("POST", "/v1/accounts/{account}/checkout", ("account",), body=True),
+    "create_setup_checkout": _Route(
+        "POST", "/v1/accounts/{account}/billing/setup-checkout", ("account",), body=True
+    ),
+    "create_subscription": _Route(
+        "POST",
+        "/v1/accounts/{account}/customers/{customer}/subscribe",
+        ("account", "customer"),
+        body=True,
+    ),
+    "cancel_subscription": _Route(
+        "DELETE",
+        "/v1/accounts/{account}/customers/{customer}/subscription",
+        ("account", "customer"),
+    ),
+    "get_subscription": _Route(
+        "GET", "/v1/accounts/{account}/customers/{customer}/subscription", ("account", "customer")
+    ),
+    "create_account": _Route("POST", "/v1/accounts", (), body=True),
+    "create_customer": _Route("POST", "/v1/accounts/{account}/customers", ("account",), body=True),
+    "set_account_status": _Route("PATCH", "/v1/accounts/{account}", ("account",), body=True),
+    "set_customer_status": _Route(
+        "PATCH", "/v1/accounts/{account}/customers/{customer}", ("account", "customer"), body=True
+    ),
+    "list_payment_methods": _Route("GET", "/v1/accounts/{account}/payment-methods", ("account",)),
+    "set_default_payment_method": _Route(
+        "PATCH", "/v1/accounts/{account}/payment-methods/{method}", ("account", "method")
+    ),
+    "remove_payment_method": _Route(
+        "DELETE", "/v1/accounts/{account}/payment-methods/{method}", ("account", "method")
+    ),
+    "set_subscription_payment_method": _Route(
+        "PATCH",
+        "/v1/accounts/{account}/customers/{customer}/payment-method",
+        ("account", "customer"),
+        body=True,
+    ),
+    "list_invoices": _Route("GET", "/v1/accounts/{account}/invoices", ("account",)),
+    "invoice_pdf": _Route(
+        "GET", "/v1/accounts/{account}/invoices/{invoice}/pdf", ("account", "invoice")
+    ),
+}
+# END GENERATED operation table
 
-    @staticmethod
-    def cancel_subscription(
-        account_id: str, customer_id: str, at_period_end: bool
-    ) -> _Call[dict[str, Any]]:
-        path = f"{_customer(account_id, customer_id)}/subscription"
-        query = {"atPeriodEnd": "true"} if at_period_end else None
-        return _Call("DELETE", path, _object, query=query, billing=True)
 
-    @staticmethod
-    def get_subscription(account_id: str, customer_id: str) -> _Call[dict[str, Any]]:
-        path = f"{_customer(account_id, customer_id)}/subscription"
-        return _Call("GET", path, _object, billing=True)
-
-    @staticmethod
-    def create_account(
-        account_id: str,
-        name: str | None,
-        email: str | None,
-        stripe_customer_id: str | None,
-        create_stripe_customer: bool,
-    ) -> _Call[dict[str, Any]]:
-        _seg("account_id", account_id)
-        body = _drop_none(
-            {
-                "accountId": account_id,
-                "name": name,
-                "email": email,
-                "stripeCustomerId": stripe_customer_id,
-            }
-        )
-        if create_stripe_customer:
-            body["createStripeCustomer"] = True
-        return _Call("POST", "/v1/accounts", _object, body=body, billing=True)
-
-    @staticmethod
-    def create_customer(
-        account_id: str, customer_id: str, email: str | None
-    ) -> _Call[dict[str, Any]]:
-        _seg("customer_id", customer_id)
-        body = _drop_none({"customerId": customer_id, "email": email})
-        return _Call("POST", f"{_account(account_id)}/customers", _object, body=body, billing=True)
-
-    @staticmethod
-    def set_account_status(account_id: str, status: str) -> _Call[dict[str, Any]]:
-        return _Call("PATCH", _account(account_id), _object, body={"status": status}, billing=True)
-
-    @staticmethod
-    def set_customer_status(
-        account_id: str, customer_id: str, status: str
-    ) -> _Call[dict[str, Any]]:
-        path = _customer(account_id, customer_id)
-        return _Call("PATCH", path, _object, body={"status": status}, billing=True)
-
-    @staticmethod
-    def list_payment_methods(account_id: str) -> _Call[list[Any]]:
-        path = f"{_account(account_id)}/payment-methods"
-        return _Call("GET", path, _field_list("methods"), billing=True)
-
-    @staticmethod
-    def set_default_payment_method(account_id: str, method_id: str) -> _Call[dict[str, Any]]:
-        path = f"{_account(account_id)}/payment-methods/{_seg('method_id', method_id)}"
-        return _Call("PATCH", path, _object, billing=True)
-
-    @staticmethod
-    def remove_payment_method(account_id: str, method_id: str) -> _Call[None]:
-        path = f"{_account(account_id)}/payment-methods/{_seg('method_id', method_id)}"
-        return _Call("DELETE", path, _nothing, billing=True)
-
-    @staticmethod
-    def set_subscription_payment_method(
-        account_id: str, customer_id: str, method_id: str
-    ) -> _Call[dict[str, Any]]:
-        _seg("method_id", method_id)
-        path = f"{_customer(account_id, customer_id)}/payment-method"
-        return _Call("PATCH", path, _object, body={"methodId": method_id}, billing=True)
-
-    @staticmethod
-    def list_invoices(account_id: str, customer_id: str | None) -> _Call[list[Any]]:
-        path = f"{_account(account_id)}/invoices"
-        query = {"customerId": customer_id} if customer_id is not None else None
-        return _Call("GET", path, _field_list("invoices"), query=query, billing=True)
-
-    @staticmethod
-    def invoice_pdf_url(account_id: str, invoice_id: str) -> _Call[str]:
-        path = f"{_account(account_id)}/invoices/{_seg('invoice_id', invoice_id)}/pdf"
-        return _Call("GET", path, _location, billing=True)
+def _op(
+    name: str,
+    read: Callable[[_Response], T],
+    *,
+    body: Any = None,
+    query: Mapping[str, str] | None = None,
+    idempotency_key: str | None = None,
+    **ids: str,
+) -> _Call[T]:
+    """The call for one operation of :data:`_OPERATIONS`, its ids quoted into the path."""
+    route = _OPERATIONS[name]
+    if set(ids) != set(route.params) or (body is not None) != route.body:
+        raise TypeError(f"{name} takes the ids {route.params} and a body: {route.body}")
+    path = route.path.format_map({p: _seg(f"{p}_id", ids[p]) for p in route.params})
+    return _Call(route.method, path, read, query, body, not route.cached, idempotency_key)
 
 
 def _unreachable(
@@ -496,14 +424,6 @@ def _unreachable(
     return SidecarUnavailable(
         f"{call.method} {call.path}: cannot reach the sidecar at {base_url} ({reason})"
     )
-
-
-def _pairs(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    out = []
-    for pair in pairs:
-        customer_id, module_id = pair
-        out.append((customer_id, module_id))
-    return out
 
 
 # -- where the sidecar is ----------------------------------------------------------------
@@ -680,12 +600,6 @@ class SidecarClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _run(self, call: _Call[T]) -> T:
-        return call.read(self._exchange(call))
-
-    def _write(self, idempotency_key: str | None, call: _Call[T]) -> T:
-        return self._run(call.keyed(idempotency_key))
-
     def _exchange(self, call: _Call[Any]) -> _Response:
         timeout = self.billing_timeout if call.billing else self.timeout
         target = call.target(self._target.prefix)
@@ -718,6 +632,11 @@ class SidecarClient:
             return _Response(call.method, call.path, resp.status, headers_in, body)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    # BEGIN GENERATED blocking API: scripts/unasync_client.py writes it from AsyncSidecarClient's
+
+    def _run(self, call: _Call[T]) -> T:
+        return call.read(self._exchange(call))
+
     # -- entitlements
 
     def can(self, customer_id: str, module_id: str) -> bool:
@@ -726,23 +645,25 @@ class SidecarClient:
         False when no answer can be had, unless the client is ``fail_open``.
         A caller's mistake (an empty id, a refused request) still raises.
         """
+        customer, module = _seg("customer_id", customer_id), _seg("module_id", module_id)
         try:
-            return self._run(_Calls.can(customer_id, module_id))
+            return self._run(_Call("GET", f"/v1/customers/{customer}/can/{module}", _allowed))
         except SidecarUnavailable:
             return self.fail_open
 
     def get_entitlements(self, customer_id: str) -> EntitlementSet:
         """The customer's entitlements; ``found`` is False for an unknown customer."""
-        return self._run(_Calls.get_entitlements(customer_id))
+        read = _entitlements(customer_id)
+        return self._run(_op("get_entitlements", read, customer=customer_id))
 
     def check(self, pairs: Iterable[tuple[str, str]]) -> list[bool]:
         """``can`` for many ``(customer_id, module_id)`` pairs at once, in order."""
         items = _pairs(pairs)
         verdicts: list[bool] = []
         for start in range(0, len(items), MAX_BATCH):
-            chunk = items[start : start + MAX_BATCH]
+            chunk = [{"customerId": c, "module": m} for c, m in items[start : start + MAX_BATCH]]
             try:
-                answers = self._run(_Calls.check(chunk))
+                answers = self._run(_Call("POST", "/v1/check", _results, body={"checks": chunk}))
             except SidecarUnavailable:
                 answers = [None] * len(chunk)
             verdicts += [self.fail_open if a is None else a for a in answers]
@@ -750,7 +671,11 @@ class SidecarClient:
 
     def invalidate(self, customer_id: str | None = None) -> None:
         """Drop one customer's cached entitlements, or everyone's, on every sidecar."""
-        self._run(_Calls.invalidate(customer_id))
+        if customer_id is None:
+            path = "/v1/cache"
+        else:
+            path = f"/v1/customers/{_seg('customer_id', customer_id)}/cache"
+        self._run(_Call("DELETE", path, _nothing))
 
     # -- billing
 
@@ -766,11 +691,22 @@ class SidecarClient:
         seats: int = 1,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return self._write(
-            idempotency_key,
-            _Calls.create_checkout(
-                account_id, customer_id, plan_id, plan_version, success_url, cancel_url, seats
-            ),
+        body = {
+            "customerId": customer_id,
+            "planId": plan_id,
+            "planVersion": plan_version,
+            "seats": seats,
+            "successUrl": success_url,
+            "cancelUrl": cancel_url,
+        }
+        return self._run(
+            _op(
+                "create_checkout",
+                _object,
+                account=account_id,
+                body=body,
+                idempotency_key=idempotency_key,
+            )
         )
 
     def create_setup_checkout(
@@ -781,8 +717,15 @@ class SidecarClient:
         cancel_url: str,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return self._write(
-            idempotency_key, _Calls.create_setup_checkout(account_id, success_url, cancel_url)
+        body = {"successUrl": success_url, "cancelUrl": cancel_url}
+        return self._run(
+            _op(
+                "create_setup_checkout",
+                _object,
+                account=account_id,
+                body=body,
+                idempotency_key=idempotency_key,
+            )
         )
 
     def create_subscription(
@@ -795,9 +738,16 @@ class SidecarClient:
         seats: int = 1,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return self._write(
-            idempotency_key,
-            _Calls.create_subscription(account_id, customer_id, plan_id, plan_version, seats),
+        body = {"planId": plan_id, "planVersion": plan_version, "seats": seats}
+        return self._run(
+            _op(
+                "create_subscription",
+                _object,
+                account=account_id,
+                customer=customer_id,
+                body=body,
+                idempotency_key=idempotency_key,
+            )
         )
 
     def cancel_subscription(
@@ -808,12 +758,20 @@ class SidecarClient:
         at_period_end: bool = False,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return self._write(
-            idempotency_key, _Calls.cancel_subscription(account_id, customer_id, at_period_end)
+        return self._run(
+            _op(
+                "cancel_subscription",
+                _object,
+                account=account_id,
+                customer=customer_id,
+                query={"atPeriodEnd": "true"} if at_period_end else None,
+                idempotency_key=idempotency_key,
+            )
         )
 
     def get_subscription(self, *, account_id: str, customer_id: str) -> dict[str, Any]:
-        return self._run(_Calls.get_subscription(account_id, customer_id))
+        call = _op("get_subscription", _object, account=account_id, customer=customer_id)
+        return self._run(call)
 
     def create_account(
         self,
@@ -825,12 +783,18 @@ class SidecarClient:
         create_stripe_customer: bool = False,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return self._write(
-            idempotency_key,
-            _Calls.create_account(
-                account_id, name, email, stripe_customer_id, create_stripe_customer
-            ),
+        _seg("account_id", account_id)
+        body = _drop_none(
+            {
+                "accountId": account_id,
+                "name": name,
+                "email": email,
+                "stripeCustomerId": stripe_customer_id,
+            }
         )
+        if create_stripe_customer:
+            body["createStripeCustomer"] = True
+        return self._run(_op("create_account", _object, body=body, idempotency_key=idempotency_key))
 
     def create_customer(
         self,
@@ -840,34 +804,74 @@ class SidecarClient:
         email: str | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return self._write(idempotency_key, _Calls.create_customer(account_id, customer_id, email))
+        _seg("customer_id", customer_id)
+        body = _drop_none({"customerId": customer_id, "email": email})
+        return self._run(
+            _op(
+                "create_customer",
+                _object,
+                account=account_id,
+                body=body,
+                idempotency_key=idempotency_key,
+            )
+        )
 
     def set_account_status(
         self, *, account_id: str, status: str, idempotency_key: str | None = None
     ) -> dict[str, Any]:
-        return self._write(idempotency_key, _Calls.set_account_status(account_id, status))
+        return self._run(
+            _op(
+                "set_account_status",
+                _object,
+                account=account_id,
+                body={"status": status},
+                idempotency_key=idempotency_key,
+            )
+        )
 
     def set_customer_status(
         self, *, account_id: str, customer_id: str, status: str, idempotency_key: str | None = None
     ) -> dict[str, Any]:
-        return self._write(
-            idempotency_key, _Calls.set_customer_status(account_id, customer_id, status)
+        return self._run(
+            _op(
+                "set_customer_status",
+                _object,
+                account=account_id,
+                customer=customer_id,
+                body={"status": status},
+                idempotency_key=idempotency_key,
+            )
         )
 
     def list_payment_methods(self, *, account_id: str) -> list[Any]:
-        return self._run(_Calls.list_payment_methods(account_id))
+        call = _op("list_payment_methods", _field_list("methods"), account=account_id)
+        return self._run(call)
 
     def set_default_payment_method(
         self, *, account_id: str, method_id: str, idempotency_key: str | None = None
     ) -> dict[str, Any]:
-        return self._write(
-            idempotency_key, _Calls.set_default_payment_method(account_id, method_id)
+        return self._run(
+            _op(
+                "set_default_payment_method",
+                _object,
+                account=account_id,
+                method=method_id,
+                idempotency_key=idempotency_key,
+            )
         )
 
     def remove_payment_method(
         self, *, account_id: str, method_id: str, idempotency_key: str | None = None
     ) -> None:
-        self._write(idempotency_key, _Calls.remove_payment_method(account_id, method_id))
+        self._run(
+            _op(
+                "remove_payment_method",
+                _nothing,
+                account=account_id,
+                method=method_id,
+                idempotency_key=idempotency_key,
+            )
+        )
 
     def set_subscription_payment_method(
         self,
@@ -877,17 +881,29 @@ class SidecarClient:
         method_id: str,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return self._write(
-            idempotency_key,
-            _Calls.set_subscription_payment_method(account_id, customer_id, method_id),
+        _seg("method_id", method_id)
+        return self._run(
+            _op(
+                "set_subscription_payment_method",
+                _object,
+                account=account_id,
+                customer=customer_id,
+                body={"methodId": method_id},
+                idempotency_key=idempotency_key,
+            )
         )
 
     def list_invoices(self, *, account_id: str, customer_id: str | None = None) -> list[Any]:
-        return self._run(_Calls.list_invoices(account_id, customer_id))
+        query = {"customerId": customer_id} if customer_id is not None else None
+        call = _op("list_invoices", _field_list("invoices"), account=account_id, query=query)
+        return self._run(call)
 
     def invoice_pdf_url(self, *, account_id: str, invoice_id: str) -> str:
         """The hosted PDF's URL: the ``Location`` of the sidecar's redirect, not followed."""
-        return self._run(_Calls.invoice_pdf_url(account_id, invoice_id))
+        call = _op("invoice_pdf", _location, account=account_id, invoice=invoice_id)
+        return self._run(call)
+
+    # END GENERATED blocking API
 
 
 # -- the asyncio client ------------------------------------------------------------------
@@ -1034,12 +1050,6 @@ class AsyncSidecarClient:
             lines.append(f"Content-Length: {len(payload)}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (payload or b"")
 
-    async def _run(self, call: _Call[T]) -> T:
-        return call.read(await self._exchange(call))
-
-    async def _write(self, idempotency_key: str | None, call: _Call[T]) -> T:
-        return await self._run(call.keyed(idempotency_key))
-
     async def _exchange(self, call: _Call[Any]) -> _Response:
         timeout = self.billing_timeout if call.billing else self.timeout
         request = self._encode(call)
@@ -1071,27 +1081,40 @@ class AsyncSidecarClient:
             return _Response(call.method, call.path, status, headers, body)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    # BEGIN the API, written once: scripts/unasync_client.py copies it into SidecarClient
+
+    async def _run(self, call: _Call[T]) -> T:
+        return call.read(await self._exchange(call))
+
     # -- entitlements
 
     async def can(self, customer_id: str, module_id: str) -> bool:
-        """May the customer use the module? Never raises for an outage (fail closed)."""
+        """May the customer use the module? Never raises for an outage (fail closed).
+
+        False when no answer can be had, unless the client is ``fail_open``.
+        A caller's mistake (an empty id, a refused request) still raises.
+        """
+        customer, module = _seg("customer_id", customer_id), _seg("module_id", module_id)
         try:
-            return await self._run(_Calls.can(customer_id, module_id))
+            return await self._run(_Call("GET", f"/v1/customers/{customer}/can/{module}", _allowed))
         except SidecarUnavailable:
             return self.fail_open
 
     async def get_entitlements(self, customer_id: str) -> EntitlementSet:
         """The customer's entitlements; ``found`` is False for an unknown customer."""
-        return await self._run(_Calls.get_entitlements(customer_id))
+        read = _entitlements(customer_id)
+        return await self._run(_op("get_entitlements", read, customer=customer_id))
 
     async def check(self, pairs: Iterable[tuple[str, str]]) -> list[bool]:
         """``can`` for many ``(customer_id, module_id)`` pairs at once, in order."""
         items = _pairs(pairs)
         verdicts: list[bool] = []
         for start in range(0, len(items), MAX_BATCH):
-            chunk = items[start : start + MAX_BATCH]
+            chunk = [{"customerId": c, "module": m} for c, m in items[start : start + MAX_BATCH]]
             try:
-                answers = await self._run(_Calls.check(chunk))
+                answers = await self._run(
+                    _Call("POST", "/v1/check", _results, body={"checks": chunk})
+                )
             except SidecarUnavailable:
                 answers = [None] * len(chunk)
             verdicts += [self.fail_open if a is None else a for a in answers]
@@ -1099,7 +1122,11 @@ class AsyncSidecarClient:
 
     async def invalidate(self, customer_id: str | None = None) -> None:
         """Drop one customer's cached entitlements, or everyone's, on every sidecar."""
-        await self._run(_Calls.invalidate(customer_id))
+        if customer_id is None:
+            path = "/v1/cache"
+        else:
+            path = f"/v1/customers/{_seg('customer_id', customer_id)}/cache"
+        await self._run(_Call("DELETE", path, _nothing))
 
     # -- billing
 
@@ -1115,11 +1142,22 @@ class AsyncSidecarClient:
         seats: int = 1,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return await self._write(
-            idempotency_key,
-            _Calls.create_checkout(
-                account_id, customer_id, plan_id, plan_version, success_url, cancel_url, seats
-            ),
+        body = {
+            "customerId": customer_id,
+            "planId": plan_id,
+            "planVersion": plan_version,
+            "seats": seats,
+            "successUrl": success_url,
+            "cancelUrl": cancel_url,
+        }
+        return await self._run(
+            _op(
+                "create_checkout",
+                _object,
+                account=account_id,
+                body=body,
+                idempotency_key=idempotency_key,
+            )
         )
 
     async def create_setup_checkout(
@@ -1130,8 +1168,15 @@ class AsyncSidecarClient:
         cancel_url: str,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return await self._write(
-            idempotency_key, _Calls.create_setup_checkout(account_id, success_url, cancel_url)
+        body = {"successUrl": success_url, "cancelUrl": cancel_url}
+        return await self._run(
+            _op(
+                "create_setup_checkout",
+                _object,
+                account=account_id,
+                body=body,
+                idempotency_key=idempotency_key,
+            )
         )
 
     async def create_subscription(
@@ -1144,9 +1189,16 @@ class AsyncSidecarClient:
         seats: int = 1,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return await self._write(
-            idempotency_key,
-            _Calls.create_subscription(account_id, customer_id, plan_id, plan_version, seats),
+        body = {"planId": plan_id, "planVersion": plan_version, "seats": seats}
+        return await self._run(
+            _op(
+                "create_subscription",
+                _object,
+                account=account_id,
+                customer=customer_id,
+                body=body,
+                idempotency_key=idempotency_key,
+            )
         )
 
     async def cancel_subscription(
@@ -1157,12 +1209,20 @@ class AsyncSidecarClient:
         at_period_end: bool = False,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return await self._write(
-            idempotency_key, _Calls.cancel_subscription(account_id, customer_id, at_period_end)
+        return await self._run(
+            _op(
+                "cancel_subscription",
+                _object,
+                account=account_id,
+                customer=customer_id,
+                query={"atPeriodEnd": "true"} if at_period_end else None,
+                idempotency_key=idempotency_key,
+            )
         )
 
     async def get_subscription(self, *, account_id: str, customer_id: str) -> dict[str, Any]:
-        return await self._run(_Calls.get_subscription(account_id, customer_id))
+        call = _op("get_subscription", _object, account=account_id, customer=customer_id)
+        return await self._run(call)
 
     async def create_account(
         self,
@@ -1174,11 +1234,19 @@ class AsyncSidecarClient:
         create_stripe_customer: bool = False,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return await self._write(
-            idempotency_key,
-            _Calls.create_account(
-                account_id, name, email, stripe_customer_id, create_stripe_customer
-            ),
+        _seg("account_id", account_id)
+        body = _drop_none(
+            {
+                "accountId": account_id,
+                "name": name,
+                "email": email,
+                "stripeCustomerId": stripe_customer_id,
+            }
+        )
+        if create_stripe_customer:
+            body["createStripeCustomer"] = True
+        return await self._run(
+            _op("create_account", _object, body=body, idempotency_key=idempotency_key)
         )
 
     async def create_customer(
@@ -1189,36 +1257,74 @@ class AsyncSidecarClient:
         email: str | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return await self._write(
-            idempotency_key, _Calls.create_customer(account_id, customer_id, email)
+        _seg("customer_id", customer_id)
+        body = _drop_none({"customerId": customer_id, "email": email})
+        return await self._run(
+            _op(
+                "create_customer",
+                _object,
+                account=account_id,
+                body=body,
+                idempotency_key=idempotency_key,
+            )
         )
 
     async def set_account_status(
         self, *, account_id: str, status: str, idempotency_key: str | None = None
     ) -> dict[str, Any]:
-        return await self._write(idempotency_key, _Calls.set_account_status(account_id, status))
+        return await self._run(
+            _op(
+                "set_account_status",
+                _object,
+                account=account_id,
+                body={"status": status},
+                idempotency_key=idempotency_key,
+            )
+        )
 
     async def set_customer_status(
         self, *, account_id: str, customer_id: str, status: str, idempotency_key: str | None = None
     ) -> dict[str, Any]:
-        return await self._write(
-            idempotency_key, _Calls.set_customer_status(account_id, customer_id, status)
+        return await self._run(
+            _op(
+                "set_customer_status",
+                _object,
+                account=account_id,
+                customer=customer_id,
+                body={"status": status},
+                idempotency_key=idempotency_key,
+            )
         )
 
     async def list_payment_methods(self, *, account_id: str) -> list[Any]:
-        return await self._run(_Calls.list_payment_methods(account_id))
+        call = _op("list_payment_methods", _field_list("methods"), account=account_id)
+        return await self._run(call)
 
     async def set_default_payment_method(
         self, *, account_id: str, method_id: str, idempotency_key: str | None = None
     ) -> dict[str, Any]:
-        return await self._write(
-            idempotency_key, _Calls.set_default_payment_method(account_id, method_id)
+        return await self._run(
+            _op(
+                "set_default_payment_method",
+                _object,
+                account=account_id,
+                method=method_id,
+                idempotency_key=idempotency_key,
+            )
         )
 
     async def remove_payment_method(
         self, *, account_id: str, method_id: str, idempotency_key: str | None = None
     ) -> None:
-        await self._write(idempotency_key, _Calls.remove_payment_method(account_id, method_id))
+        await self._run(
+            _op(
+                "remove_payment_method",
+                _nothing,
+                account=account_id,
+                method=method_id,
+                idempotency_key=idempotency_key,
+            )
+        )
 
     async def set_subscription_payment_method(
         self,
@@ -1228,14 +1334,26 @@ class AsyncSidecarClient:
         method_id: str,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return await self._write(
-            idempotency_key,
-            _Calls.set_subscription_payment_method(account_id, customer_id, method_id),
+        _seg("method_id", method_id)
+        return await self._run(
+            _op(
+                "set_subscription_payment_method",
+                _object,
+                account=account_id,
+                customer=customer_id,
+                body={"methodId": method_id},
+                idempotency_key=idempotency_key,
+            )
         )
 
     async def list_invoices(self, *, account_id: str, customer_id: str | None = None) -> list[Any]:
-        return await self._run(_Calls.list_invoices(account_id, customer_id))
+        query = {"customerId": customer_id} if customer_id is not None else None
+        call = _op("list_invoices", _field_list("invoices"), account=account_id, query=query)
+        return await self._run(call)
 
     async def invoice_pdf_url(self, *, account_id: str, invoice_id: str) -> str:
         """The hosted PDF's URL: the ``Location`` of the sidecar's redirect, not followed."""
-        return await self._run(_Calls.invoice_pdf_url(account_id, invoice_id))
+        call = _op("invoice_pdf", _location, account=account_id, invoice=invoice_id)
+        return await self._run(call)
+
+    # END the API
