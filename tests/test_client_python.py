@@ -9,6 +9,7 @@ stopped, with its upstream down, and with a sidecar that never answers.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import inspect
 import os
 import socket
@@ -30,6 +31,8 @@ from vellum_sidecar_client import (
     SidecarError,
     SidecarUnavailable,
 )
+
+from sidecar.proxy import OPERATIONS  # sidecar/http/operations.py after the layout move
 
 from .conftest import free_port
 from .live import Stack
@@ -188,6 +191,75 @@ def test_stdlib_only_single_module_with_py_typed() -> None:
         "asyncio", "contextlib", "http", "json", "os", "select", "socket", "ssl", "threading",
         "collections", "dataclasses", "typing", "urllib",
     }, imported  # fmt: skip
+
+
+# -- generated code ----------------------------------------------------------------
+
+
+@pytest.fixture
+def scripts(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], Any]:
+    """Import a generator of ``scripts/`` by name (they import their sibling ``regions``)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "scripts"))
+    return importlib.import_module
+
+
+def test_blocking_api_is_generated_from_the_async_one(scripts: Callable[[str], Any]) -> None:
+    unasync = scripts("unasync_client")
+    source = Path(vsc.__file__).read_text()
+    assert unasync.render(source) == source, "stale: run scripts/unasync_client.py"
+
+    edited = source.replace(
+        '        call = _op("list_payment_methods", _field_list("methods"), account=account_id)\n'
+        "        return await self._run(call)\n",
+        "        return await self._run(\n"
+        '            _op("list_payment_methods", _field_list("methods"), account=account_id)\n'
+        "        )\n",
+    )
+    assert edited != source
+    regenerated = unasync.render(edited)
+    assert 'return self._run(\n            _op("list_payment_methods"' not in regenerated
+    assert (
+        '        return self._run(_op("list_payment_methods", _field_list("methods"), '
+        "account=account_id))\n" in regenerated
+    ), "the edit reached the blocking copy, unasynced and formatted"
+    # The first copy in the file is SidecarClient's: an edit by hand is undone.
+    hand_edited = source.replace("The hosted PDF's URL", "The PDF, edited by hand", 1)
+    assert hand_edited != source and unasync.render(hand_edited) == source
+    with pytest.raises(SystemExit, match="asyncio"):
+        unasync.render(source.replace("await self._run(call)", "await asyncio.sleep(0)", 1))
+
+
+def test_call_tables_are_generated_from_the_operation_table(
+    scripts: Callable[[str], Any],
+) -> None:
+    gen = scripts("gen_clients")
+    python, js = gen.PYTHON.read_text(), gen.JS.read_text()
+    assert gen.render_python(python) == python, "stale: run scripts/gen_clients.py"
+    assert gen.render_js(js) == js, "stale: run scripts/gen_clients.py"
+    assert [op.name for op in OPERATIONS] == list(vsc._OPERATIONS)
+    for op in OPERATIONS:
+        route = vsc._OPERATIONS[op.name]
+        assert (route.method, route.path, route.params) == (op.method, f"/v1{op.path}", op.params)
+        assert (route.body, route.cached) == (op.body, op.cached)
+        assert f"  {op.name}: {{" in js and f'"/v1{op.path}"' in js, op.name
+    stale = python.replace('"/v1/accounts/{account}/invoices", ', '"/v1/invoices", ')
+    assert stale != python and gen.render_python(stale) == python
+    stale_js = js.replace('path: "/v1/accounts/{account}/invoices" ', 'path: "/v1/invoices" ')
+    assert stale_js != js and gen.render_js(stale_js) == js
+
+
+def test_a_call_that_does_not_match_its_operation_is_refused() -> None:
+    with pytest.raises(TypeError, match="get_subscription takes the ids"):
+        vsc._op("get_subscription", vsc._object, account="acme")
+    with pytest.raises(TypeError, match="a body: True"):
+        vsc._op("set_account_status", vsc._object, account="acme")
+    call = vsc._op("invoice_pdf", vsc._location, account="a/b", invoice="in 1")
+    assert (call.method, call.path, call.billing) == (
+        "GET",
+        "/v1/accounts/a%2Fb/invoices/in%201/pdf",
+        True,
+    )
+    assert vsc._op("get_entitlements", vsc._object, customer="c").billing is False
 
 
 def test_base_url_from_argument_then_environment_then_default(
