@@ -209,19 +209,18 @@ def test_blocking_api_is_generated_from_the_async_one(scripts: Callable[[str], A
     assert unasync.render(source) == source, "stale: run scripts/unasync_client.py"
 
     edited = source.replace(
-        '        call = _op("list_payment_methods", _field_list("methods"), account=account_id)\n'
+        '        call = _op("list_invoices", _field_list("invoices"), account_id, query=query)\n'
         "        return await self._run(call)\n",
-        "        return await self._run(\n"
-        '            _op("list_payment_methods", _field_list("methods"), account=account_id)\n'
-        "        )\n",
+        '        return await self._run(_op("list_invoices", _field_list("invoices"), '
+        "account_id, query=query))\n",
     )
     assert edited != source
     regenerated = unasync.render(edited)
-    assert 'return self._run(\n            _op("list_payment_methods"' not in regenerated
     assert (
-        '        return self._run(_op("list_payment_methods", _field_list("methods"), '
-        "account=account_id))\n" in regenerated
+        '        return self._run(_op("list_invoices", _field_list("invoices"), account_id, '
+        "query=query))\n" in regenerated
     ), "the edit reached the blocking copy, unasynced and formatted"
+    assert 'call = _op("list_invoices"' not in regenerated
     # The first copy in the file is SidecarClient's: an edit by hand is undone.
     hand_edited = source.replace("The hosted PDF's URL", "The PDF, edited by hand", 1)
     assert hand_edited != source and unasync.render(hand_edited) == source
@@ -250,16 +249,16 @@ def test_call_tables_are_generated_from_the_operation_table(
 
 def test_a_call_that_does_not_match_its_operation_is_refused() -> None:
     with pytest.raises(TypeError, match="get_subscription takes the ids"):
-        vsc._op("get_subscription", vsc._object, account="acme")
+        vsc._op("get_subscription", vsc._object, "acme")
     with pytest.raises(TypeError, match="a body: True"):
-        vsc._op("set_account_status", vsc._object, account="acme")
-    call = vsc._op("invoice_pdf", vsc._location, account="a/b", invoice="in 1")
+        vsc._op("set_account_status", vsc._object, "acme")
+    call = vsc._op("invoice_pdf", vsc._location, "a/b", "in 1")
     assert (call.method, call.path, call.billing) == (
         "GET",
         "/v1/accounts/a%2Fb/invoices/in%201/pdf",
         True,
     )
-    assert vsc._op("get_entitlements", vsc._object, customer="c").billing is False
+    assert vsc._op("get_entitlements", vsc._object, "c").billing is False
 
 
 def test_base_url_from_argument_then_environment_then_default(

@@ -400,18 +400,22 @@ _OPERATIONS: Final[Mapping[str, _Route]] = {
 def _op(
     name: str,
     read: Callable[[_Response], T],
-    *,
+    *ids: str,
     body: Any = None,
     query: Mapping[str, str] | None = None,
-    idempotency_key: str | None = None,
-    **ids: str,
+    key: str | None = None,
 ) -> _Call[T]:
-    """The call for one operation of :data:`_OPERATIONS`, its ids quoted into the path."""
+    """The call for one operation of :data:`_OPERATIONS`; ``ids`` in the path's order.
+
+    ``key`` is the caller's ``Idempotency-Key``.
+    """
     route = _OPERATIONS[name]
-    if set(ids) != set(route.params) or (body is not None) != route.body:
+    if len(ids) != len(route.params) or (body is not None) != route.body:
         raise TypeError(f"{name} takes the ids {route.params} and a body: {route.body}")
-    path = route.path.format_map({p: _seg(f"{p}_id", ids[p]) for p in route.params})
-    return _Call(route.method, path, read, query, body, not route.cached, idempotency_key)
+    quoted = {p: _seg(f"{p}_id", i) for p, i in zip(route.params, ids, strict=True)}
+    return _Call(
+        route.method, route.path.format_map(quoted), read, query, body, not route.cached, key
+    )
 
 
 def _unreachable(
@@ -653,8 +657,7 @@ class SidecarClient:
 
     def get_entitlements(self, customer_id: str) -> EntitlementSet:
         """The customer's entitlements; ``found`` is False for an unknown customer."""
-        read = _entitlements(customer_id)
-        return self._run(_op("get_entitlements", read, customer=customer_id))
+        return self._run(_op("get_entitlements", _entitlements(customer_id), customer_id))
 
     def check(self, pairs: Iterable[tuple[str, str]]) -> list[bool]:
         """``can`` for many ``(customer_id, module_id)`` pairs at once, in order."""
@@ -677,7 +680,7 @@ class SidecarClient:
             path = f"/v1/customers/{_seg('customer_id', customer_id)}/cache"
         self._run(_Call("DELETE", path, _nothing))
 
-    # -- billing
+    # -- billing: each builds its operation's call from the generated table
 
     def create_checkout(
         self,
@@ -699,15 +702,8 @@ class SidecarClient:
             "successUrl": success_url,
             "cancelUrl": cancel_url,
         }
-        return self._run(
-            _op(
-                "create_checkout",
-                _object,
-                account=account_id,
-                body=body,
-                idempotency_key=idempotency_key,
-            )
-        )
+        call = _op("create_checkout", _object, account_id, body=body, key=idempotency_key)
+        return self._run(call)
 
     def create_setup_checkout(
         self,
@@ -718,15 +714,8 @@ class SidecarClient:
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         body = {"successUrl": success_url, "cancelUrl": cancel_url}
-        return self._run(
-            _op(
-                "create_setup_checkout",
-                _object,
-                account=account_id,
-                body=body,
-                idempotency_key=idempotency_key,
-            )
-        )
+        call = _op("create_setup_checkout", _object, account_id, body=body, key=idempotency_key)
+        return self._run(call)
 
     def create_subscription(
         self,
@@ -739,16 +728,9 @@ class SidecarClient:
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         body = {"planId": plan_id, "planVersion": plan_version, "seats": seats}
-        return self._run(
-            _op(
-                "create_subscription",
-                _object,
-                account=account_id,
-                customer=customer_id,
-                body=body,
-                idempotency_key=idempotency_key,
-            )
-        )
+        ids = account_id, customer_id
+        call = _op("create_subscription", _object, *ids, body=body, key=idempotency_key)
+        return self._run(call)
 
     def cancel_subscription(
         self,
@@ -758,20 +740,13 @@ class SidecarClient:
         at_period_end: bool = False,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return self._run(
-            _op(
-                "cancel_subscription",
-                _object,
-                account=account_id,
-                customer=customer_id,
-                query={"atPeriodEnd": "true"} if at_period_end else None,
-                idempotency_key=idempotency_key,
-            )
-        )
+        query = {"atPeriodEnd": "true"} if at_period_end else None
+        ids = account_id, customer_id
+        call = _op("cancel_subscription", _object, *ids, query=query, key=idempotency_key)
+        return self._run(call)
 
     def get_subscription(self, *, account_id: str, customer_id: str) -> dict[str, Any]:
-        call = _op("get_subscription", _object, account=account_id, customer=customer_id)
-        return self._run(call)
+        return self._run(_op("get_subscription", _object, account_id, customer_id))
 
     def create_account(
         self,
@@ -794,7 +769,7 @@ class SidecarClient:
         )
         if create_stripe_customer:
             body["createStripeCustomer"] = True
-        return self._run(_op("create_account", _object, body=body, idempotency_key=idempotency_key))
+        return self._run(_op("create_account", _object, body=body, key=idempotency_key))
 
     def create_customer(
         self,
@@ -806,72 +781,38 @@ class SidecarClient:
     ) -> dict[str, Any]:
         _seg("customer_id", customer_id)
         body = _drop_none({"customerId": customer_id, "email": email})
-        return self._run(
-            _op(
-                "create_customer",
-                _object,
-                account=account_id,
-                body=body,
-                idempotency_key=idempotency_key,
-            )
-        )
+        call = _op("create_customer", _object, account_id, body=body, key=idempotency_key)
+        return self._run(call)
 
     def set_account_status(
         self, *, account_id: str, status: str, idempotency_key: str | None = None
     ) -> dict[str, Any]:
-        return self._run(
-            _op(
-                "set_account_status",
-                _object,
-                account=account_id,
-                body={"status": status},
-                idempotency_key=idempotency_key,
-            )
-        )
+        body = {"status": status}
+        call = _op("set_account_status", _object, account_id, body=body, key=idempotency_key)
+        return self._run(call)
 
     def set_customer_status(
         self, *, account_id: str, customer_id: str, status: str, idempotency_key: str | None = None
     ) -> dict[str, Any]:
-        return self._run(
-            _op(
-                "set_customer_status",
-                _object,
-                account=account_id,
-                customer=customer_id,
-                body={"status": status},
-                idempotency_key=idempotency_key,
-            )
-        )
+        body, ids = {"status": status}, (account_id, customer_id)
+        call = _op("set_customer_status", _object, *ids, body=body, key=idempotency_key)
+        return self._run(call)
 
     def list_payment_methods(self, *, account_id: str) -> list[Any]:
-        call = _op("list_payment_methods", _field_list("methods"), account=account_id)
-        return self._run(call)
+        return self._run(_op("list_payment_methods", _field_list("methods"), account_id))
 
     def set_default_payment_method(
         self, *, account_id: str, method_id: str, idempotency_key: str | None = None
     ) -> dict[str, Any]:
-        return self._run(
-            _op(
-                "set_default_payment_method",
-                _object,
-                account=account_id,
-                method=method_id,
-                idempotency_key=idempotency_key,
-            )
-        )
+        ids = account_id, method_id
+        call = _op("set_default_payment_method", _object, *ids, key=idempotency_key)
+        return self._run(call)
 
     def remove_payment_method(
         self, *, account_id: str, method_id: str, idempotency_key: str | None = None
     ) -> None:
-        self._run(
-            _op(
-                "remove_payment_method",
-                _nothing,
-                account=account_id,
-                method=method_id,
-                idempotency_key=idempotency_key,
-            )
-        )
+        ids = account_id, method_id
+        self._run(_op("remove_payment_method", _nothing, *ids, key=idempotency_key))
 
     def set_subscription_payment_method(
         self,
@@ -882,26 +823,18 @@ class SidecarClient:
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         _seg("method_id", method_id)
-        return self._run(
-            _op(
-                "set_subscription_payment_method",
-                _object,
-                account=account_id,
-                customer=customer_id,
-                body={"methodId": method_id},
-                idempotency_key=idempotency_key,
-            )
-        )
+        body, ids = {"methodId": method_id}, (account_id, customer_id)
+        call = _op("set_subscription_payment_method", _object, *ids, body=body, key=idempotency_key)
+        return self._run(call)
 
     def list_invoices(self, *, account_id: str, customer_id: str | None = None) -> list[Any]:
         query = {"customerId": customer_id} if customer_id is not None else None
-        call = _op("list_invoices", _field_list("invoices"), account=account_id, query=query)
+        call = _op("list_invoices", _field_list("invoices"), account_id, query=query)
         return self._run(call)
 
     def invoice_pdf_url(self, *, account_id: str, invoice_id: str) -> str:
         """The hosted PDF's URL: the ``Location`` of the sidecar's redirect, not followed."""
-        call = _op("invoice_pdf", _location, account=account_id, invoice=invoice_id)
-        return self._run(call)
+        return self._run(_op("invoice_pdf", _location, account_id, invoice_id))
 
     # END GENERATED blocking API
 
@@ -1102,8 +1035,7 @@ class AsyncSidecarClient:
 
     async def get_entitlements(self, customer_id: str) -> EntitlementSet:
         """The customer's entitlements; ``found`` is False for an unknown customer."""
-        read = _entitlements(customer_id)
-        return await self._run(_op("get_entitlements", read, customer=customer_id))
+        return await self._run(_op("get_entitlements", _entitlements(customer_id), customer_id))
 
     async def check(self, pairs: Iterable[tuple[str, str]]) -> list[bool]:
         """``can`` for many ``(customer_id, module_id)`` pairs at once, in order."""
@@ -1128,7 +1060,7 @@ class AsyncSidecarClient:
             path = f"/v1/customers/{_seg('customer_id', customer_id)}/cache"
         await self._run(_Call("DELETE", path, _nothing))
 
-    # -- billing
+    # -- billing: each builds its operation's call from the generated table
 
     async def create_checkout(
         self,
@@ -1150,15 +1082,8 @@ class AsyncSidecarClient:
             "successUrl": success_url,
             "cancelUrl": cancel_url,
         }
-        return await self._run(
-            _op(
-                "create_checkout",
-                _object,
-                account=account_id,
-                body=body,
-                idempotency_key=idempotency_key,
-            )
-        )
+        call = _op("create_checkout", _object, account_id, body=body, key=idempotency_key)
+        return await self._run(call)
 
     async def create_setup_checkout(
         self,
@@ -1169,15 +1094,8 @@ class AsyncSidecarClient:
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         body = {"successUrl": success_url, "cancelUrl": cancel_url}
-        return await self._run(
-            _op(
-                "create_setup_checkout",
-                _object,
-                account=account_id,
-                body=body,
-                idempotency_key=idempotency_key,
-            )
-        )
+        call = _op("create_setup_checkout", _object, account_id, body=body, key=idempotency_key)
+        return await self._run(call)
 
     async def create_subscription(
         self,
@@ -1190,16 +1108,9 @@ class AsyncSidecarClient:
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         body = {"planId": plan_id, "planVersion": plan_version, "seats": seats}
-        return await self._run(
-            _op(
-                "create_subscription",
-                _object,
-                account=account_id,
-                customer=customer_id,
-                body=body,
-                idempotency_key=idempotency_key,
-            )
-        )
+        ids = account_id, customer_id
+        call = _op("create_subscription", _object, *ids, body=body, key=idempotency_key)
+        return await self._run(call)
 
     async def cancel_subscription(
         self,
@@ -1209,20 +1120,13 @@ class AsyncSidecarClient:
         at_period_end: bool = False,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return await self._run(
-            _op(
-                "cancel_subscription",
-                _object,
-                account=account_id,
-                customer=customer_id,
-                query={"atPeriodEnd": "true"} if at_period_end else None,
-                idempotency_key=idempotency_key,
-            )
-        )
+        query = {"atPeriodEnd": "true"} if at_period_end else None
+        ids = account_id, customer_id
+        call = _op("cancel_subscription", _object, *ids, query=query, key=idempotency_key)
+        return await self._run(call)
 
     async def get_subscription(self, *, account_id: str, customer_id: str) -> dict[str, Any]:
-        call = _op("get_subscription", _object, account=account_id, customer=customer_id)
-        return await self._run(call)
+        return await self._run(_op("get_subscription", _object, account_id, customer_id))
 
     async def create_account(
         self,
@@ -1245,9 +1149,7 @@ class AsyncSidecarClient:
         )
         if create_stripe_customer:
             body["createStripeCustomer"] = True
-        return await self._run(
-            _op("create_account", _object, body=body, idempotency_key=idempotency_key)
-        )
+        return await self._run(_op("create_account", _object, body=body, key=idempotency_key))
 
     async def create_customer(
         self,
@@ -1259,72 +1161,38 @@ class AsyncSidecarClient:
     ) -> dict[str, Any]:
         _seg("customer_id", customer_id)
         body = _drop_none({"customerId": customer_id, "email": email})
-        return await self._run(
-            _op(
-                "create_customer",
-                _object,
-                account=account_id,
-                body=body,
-                idempotency_key=idempotency_key,
-            )
-        )
+        call = _op("create_customer", _object, account_id, body=body, key=idempotency_key)
+        return await self._run(call)
 
     async def set_account_status(
         self, *, account_id: str, status: str, idempotency_key: str | None = None
     ) -> dict[str, Any]:
-        return await self._run(
-            _op(
-                "set_account_status",
-                _object,
-                account=account_id,
-                body={"status": status},
-                idempotency_key=idempotency_key,
-            )
-        )
+        body = {"status": status}
+        call = _op("set_account_status", _object, account_id, body=body, key=idempotency_key)
+        return await self._run(call)
 
     async def set_customer_status(
         self, *, account_id: str, customer_id: str, status: str, idempotency_key: str | None = None
     ) -> dict[str, Any]:
-        return await self._run(
-            _op(
-                "set_customer_status",
-                _object,
-                account=account_id,
-                customer=customer_id,
-                body={"status": status},
-                idempotency_key=idempotency_key,
-            )
-        )
+        body, ids = {"status": status}, (account_id, customer_id)
+        call = _op("set_customer_status", _object, *ids, body=body, key=idempotency_key)
+        return await self._run(call)
 
     async def list_payment_methods(self, *, account_id: str) -> list[Any]:
-        call = _op("list_payment_methods", _field_list("methods"), account=account_id)
-        return await self._run(call)
+        return await self._run(_op("list_payment_methods", _field_list("methods"), account_id))
 
     async def set_default_payment_method(
         self, *, account_id: str, method_id: str, idempotency_key: str | None = None
     ) -> dict[str, Any]:
-        return await self._run(
-            _op(
-                "set_default_payment_method",
-                _object,
-                account=account_id,
-                method=method_id,
-                idempotency_key=idempotency_key,
-            )
-        )
+        ids = account_id, method_id
+        call = _op("set_default_payment_method", _object, *ids, key=idempotency_key)
+        return await self._run(call)
 
     async def remove_payment_method(
         self, *, account_id: str, method_id: str, idempotency_key: str | None = None
     ) -> None:
-        await self._run(
-            _op(
-                "remove_payment_method",
-                _nothing,
-                account=account_id,
-                method=method_id,
-                idempotency_key=idempotency_key,
-            )
-        )
+        ids = account_id, method_id
+        await self._run(_op("remove_payment_method", _nothing, *ids, key=idempotency_key))
 
     async def set_subscription_payment_method(
         self,
@@ -1335,25 +1203,17 @@ class AsyncSidecarClient:
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         _seg("method_id", method_id)
-        return await self._run(
-            _op(
-                "set_subscription_payment_method",
-                _object,
-                account=account_id,
-                customer=customer_id,
-                body={"methodId": method_id},
-                idempotency_key=idempotency_key,
-            )
-        )
+        body, ids = {"methodId": method_id}, (account_id, customer_id)
+        call = _op("set_subscription_payment_method", _object, *ids, body=body, key=idempotency_key)
+        return await self._run(call)
 
     async def list_invoices(self, *, account_id: str, customer_id: str | None = None) -> list[Any]:
         query = {"customerId": customer_id} if customer_id is not None else None
-        call = _op("list_invoices", _field_list("invoices"), account=account_id, query=query)
+        call = _op("list_invoices", _field_list("invoices"), account_id, query=query)
         return await self._run(call)
 
     async def invoice_pdf_url(self, *, account_id: str, invoice_id: str) -> str:
         """The hosted PDF's URL: the ``Location`` of the sidecar's redirect, not followed."""
-        call = _op("invoice_pdf", _location, account=account_id, invoice=invoice_id)
-        return await self._run(call)
+        return await self._run(_op("invoice_pdf", _location, account_id, invoice_id))
 
     # END the API
