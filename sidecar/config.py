@@ -469,7 +469,7 @@ class ConfigError(Exception):
         super().__init__("; ".join(self.problems))
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class Settings:
     """Every setting; each field's declaration (``setting``) is its variable's one source.
 
@@ -719,6 +719,10 @@ class Settings:
     @property
     def webhooks_enabled(self) -> bool:
         return bool(self.webhook_secrets)
+
+    def __repr__(self) -> str:
+        """The redacted print, so a logged or printed ``Settings`` shows no credential."""
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in self.redacted()) + ")"
 
     def redacted(self) -> list[tuple[str, str]]:
         """``(VARIABLE, shown value)`` pairs with every secret replaced by ``***``.
