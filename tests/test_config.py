@@ -286,6 +286,11 @@ def test_redis_url_from_a_file(tmp_path: Path) -> None:
     assert printed["SIDECAR_REDIS_URL"] == "redis://app:***@cache:6379/3"
     assert printed["SIDECAR_REDIS_URL_FILE"] == str(url_file)
     assert "filepass" not in repr(s) + str(printed)
+    # A blank SIDECAR_REDIS_URL (a ConfigMap overlay emptying the base's value) is unset.
+    blank = Settings.from_env(
+        {**BASE, "SIDECAR_REDIS_URL": "", "SIDECAR_REDIS_URL_FILE": str(url_file)}
+    )
+    assert blank.redis_url == s.redis_url
     # Read at start: a later change of the file does not change these settings.
     url_file.write_text("redis://other:6379/0\n")
     assert s.redis_url.reveal() == "redis://app:filepass@cache:6379/3"
