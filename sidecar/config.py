@@ -671,8 +671,8 @@ class Settings:
         "1",
         help="worker processes sharing the listeners; >1 needs Redis",
         doc="worker processes serving the same addresses (`SO_REUSEPORT`), one supervisor; more "
-        "than 1 needs `SIDECAR_REDIS_URL`. See [Multiple workers](docs/operations.md#multiple-"
-        "workers-sidecar_workers)",
+        "than 1 needs Redis (`SIDECAR_REDIS_URL` or its `_FILE`). See [Multiple workers]"
+        "(docs/operations.md#multiple-workers-sidecar_workers)",
     )
     #: The ``_FILE`` variables that supplied a value, with their paths (for ``redacted``).
     files: tuple[tuple[str, Path], ...] = field(default=(), repr=False)
@@ -823,7 +823,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per variable (``--redis-url`` for ``SIDECAR_REDIS_URL``); flags win over env."""
     group = parser.add_argument_group("configuration (each flag overrides its variable)")
     for var in VARIABLES:
-        group.add_argument(var.flag, dest=var.name, default=None, metavar="VALUE", help=var.help)
+        help_ = var.help.replace("%", "%%")  # argparse formats help with %
+        group.add_argument(var.flag, dest=var.name, default=None, metavar="VALUE", help=help_)
 
 
 def env_with_flags(
