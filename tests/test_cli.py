@@ -116,6 +116,72 @@ def test_check_config_errors_exit_2_one_line_each() -> None:
     assert KEY not in result.stdout + result.stderr
 
 
+def test_check_config_hides_url_credentials_and_reads_the_redis_url_file(tmp_path: Path) -> None:
+    url_file = tmp_path / "redis-url"
+    url_file.write_text(
+        "redis+sentinel://app:redispw@s1,s2:26380/mymaster?sentinel_password=sentpw\n"
+    )
+    env = {
+        "VELLUM_API_KEY": KEY,
+        "VELLUM_TENANT_ID": "acme",
+        "VELLUM_BASE_URL": "https://svc:basepw@vellum.internal",
+        "SIDECAR_REDIS_URL_FILE": str(url_file),
+    }
+    result = run_cli("check-config", env=env)
+    assert result.returncode == 0, result.stderr
+    printed = dict(line.split("=", 1) for line in result.stdout.splitlines())
+    assert printed["VELLUM_BASE_URL"] == "https://svc:***@vellum.internal"
+    assert printed["SIDECAR_REDIS_URL"] == (
+        "redis+sentinel://app:***@s1,s2:26380/mymaster?sentinel_password=***"
+    )
+    assert printed["SIDECAR_REDIS_URL_FILE"] == str(url_file)
+    # Errors name the variable and hide the credentials of the URL they quote.
+    bad = run_cli(
+        "check-config", "--redis-url", "redis://h/0",
+        env={**env, "VELLUM_BASE_URL": "ftp://svc:basepw@vellum.internal"},
+    )  # fmt: skip
+    assert bad.returncode == 2
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 2
+    assert "VELLUM_BASE_URL: expected an http:// or https:// URL" in lines[0]
+    assert "SIDECAR_REDIS_URL: set either SIDECAR_REDIS_URL or SIDECAR_REDIS_URL_FILE" in lines[1]
+    everything = result.stdout + result.stderr + bad.stdout + bad.stderr
+    for secret in (KEY, "basepw", "redispw", "sentpw"):
+        assert secret not in everything
+
+
+def test_serve_logs_never_show_url_credentials(tmp_path: Path) -> None:
+    """Upstream and Redis unreachable, debug and access logs on: no credential in the output."""
+    url_file = tmp_path / "redis-url"
+    url_file.write_text(f"redis://app:redispw@127.0.0.1:{free_port()}/0\n")
+    api, ops = free_port(), free_port()
+    env = {
+        "VELLUM_API_KEY": KEY,
+        "VELLUM_TENANT_ID": "acme",
+        "VELLUM_BASE_URL": f"http://svc:basepw@127.0.0.1:{free_port()}",
+        "SIDECAR_REDIS_URL_FILE": str(url_file),
+        "SIDECAR_LISTEN": f"127.0.0.1:{api}",
+        "SIDECAR_WEBHOOK_LISTEN": f"127.0.0.1:{free_port()}",
+        "SIDECAR_OPS_LISTEN": f"127.0.0.1:{ops}",
+        "SIDECAR_LOG_LEVEL": "debug",
+        "SIDECAR_ACCESS_LOG": "true",
+        "SIDECAR_UPSTREAM_TIMEOUT": "0.5",
+    }
+    sidecar = Proc(["serve"], env, tmp_path, "sidecar")
+    try:
+        wait_until(lambda: answers(f"http://127.0.0.1:{ops}/healthz"), timeout=20)
+        status, _, body = http("GET", f"http://127.0.0.1:{api}/v1/customers/c1/can/reports")
+        assert (status, body["allowed"]) == (503, False)
+        status, _, ready = http("GET", f"http://127.0.0.1:{ops}/readyz")
+        assert ready["redis"] == "down"
+    finally:
+        assert sidecar.stop() == 0
+    output = sidecar.output()
+    assert '"redis_down"' in output, "the failure paths were logged"
+    for secret in (KEY, "basepw", "redispw"):
+        assert secret not in output
+
+
 def test_serve_refuses_bad_config_with_exit_2() -> None:
     result = run_cli("serve", env={"VELLUM_TENANT_ID": "t"})
     assert result.returncode == 2

@@ -545,8 +545,8 @@ def test_sidecar_settings_are_valid_and_secrets_come_from_files(tmp_path: Path) 
     assert settings.webhook_listen.port == container_port(SIDECAR, "webhooks")
     assert settings.ops_listen.port == container_port(SIDECAR, "ops")
     assert API_PORT not in {p["containerPort"] for c in CONTAINERS for p in c.get("ports", [])}
-    # The README's `kubectl create secret` line creates exactly these keys.
-    readme = (ROOT / "README.md").read_text()
+    # The deploy guide's `kubectl create secret` line creates exactly these keys.
+    readme = (ROOT / "docs" / "deploy.md").read_text()
     create = next(line for line in readme.splitlines() if "kubectl create secret generic" in line)
     assert create.split()[4] == volume["secret"]["secretName"]
     keys = set(re.findall(r"--from-file=([\w-]+)=", readme[readme.index(create) :][:400]))
