@@ -16,12 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
-from .api import add_routes, local_middleware
-from .cache import EntitlementCache
-from .config import Settings
-from .guard import HostGuard
-from .invalidation import Invalidator
-from .keys import (
+from .appkeys import (
     CACHE,
     GUARD,
     INVALIDATOR,
@@ -32,9 +27,14 @@ from .keys import (
     UPSTREAM,
     Lifecycle,
 )
+from .cache.cache import EntitlementCache
+from .cache.invalidation import Invalidator
+from .config import Settings
+from .http.entitlements import add_routes, local_middleware
+from .http.guard import HostGuard
 from .metrics import Metrics
-from .redisclient import create_redis
-from .redisio import Keys, RedisConn, RedisDown
+from .redis.conn import Keys, RedisConn, RedisDown
+from .redis.url import create_redis
 from .upstream import VellumClient
 
 __all__ = ["create_app"]

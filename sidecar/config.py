@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from .redisclient import parse_redis_url
+from .redis.url import parse_redis_url
 
 __all__ = [
     "VARIABLES",

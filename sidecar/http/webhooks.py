@@ -18,10 +18,10 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from .keys import CORE, INVALIDATOR, METRICS, REDIS, SETTINGS
-from .redisio import RedisConn, RedisDown
+from ..appkeys import CORE, INVALIDATOR, METRICS, REDIS, SETTINGS
+from ..redis.conn import RedisConn, RedisDown
+from ..signature import SignatureError, verify
 from .responses import json_errors, json_response
-from .signature import SignatureError, verify
 
 __all__ = ["MAX_WEBHOOK_BODY", "REPLAY_WINDOW", "ReplayGuard", "create_webhook_app"]
 

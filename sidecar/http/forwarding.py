@@ -40,8 +40,8 @@ from typing import Any, Final, Literal
 import orjson
 from aiohttp import web
 
-from .api import MAX_ID_LENGTH, cached_response, path_id, read_json
-from .errors import (
+from ..appkeys import CACHE, INVALIDATOR, SETTINGS, UPSTREAM
+from ..errors import (
     BadRequest,
     NotFound,
     UpstreamAuthFailed,
@@ -49,8 +49,8 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from .keys import CACHE, INVALIDATOR, SETTINGS, UPSTREAM
-from .upstream import UpstreamResponse
+from ..upstream import UpstreamResponse
+from .entitlements import MAX_ID_LENGTH, cached_response, path_id, read_json
 
 __all__ = ["OPERATIONS", "SURFACES", "Operation", "Surface", "add_proxy_routes"]
 

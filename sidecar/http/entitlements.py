@@ -16,9 +16,9 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from .cache import Entry, Lookup
-from .errors import BadRequest, SidecarError, UpstreamError, UpstreamUnavailable
-from .keys import CACHE, GUARD, INVALIDATOR, METRICS, SETTINGS
+from ..appkeys import CACHE, GUARD, INVALIDATOR, METRICS, SETTINGS
+from ..cache.cache import Entry, Lookup
+from ..errors import BadRequest, SidecarError, UpstreamError, UpstreamUnavailable
 from .responses import error_response, http_exception_response, json_response
 
 __all__ = [
@@ -272,6 +272,6 @@ def add_routes(app: web.Application) -> None:
     # The entitlement read and every billing operation, on /v1 and the /tenants
     # mirror, come from proxy.py's one table. Imported here because proxy.py
     # builds on this module's input helpers.
-    from .proxy import add_proxy_routes
+    from .forwarding import add_proxy_routes
 
     add_proxy_routes(app)

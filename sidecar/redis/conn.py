@@ -19,8 +19,8 @@ from urllib.parse import quote
 from redis.asyncio import RedisCluster
 from redis.exceptions import MaxConnectionsError
 
-from .metrics import Metrics
-from .redisclient import REDIS_ERRORS, RedisClient
+from ..metrics import Metrics
+from .url import REDIS_ERRORS, RedisClient
 
 __all__ = ["Keys", "RedisConn", "RedisDown", "RedisState"]
 

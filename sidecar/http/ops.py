@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .keys import CORE, INVALIDATOR, LIFECYCLE, METRICS, REDIS, UPSTREAM
-from .metrics import CONTENT_TYPE_LATEST
+from ..appkeys import CORE, INVALIDATOR, LIFECYCLE, METRICS, REDIS, UPSTREAM
+from ..metrics import CONTENT_TYPE_LATEST
 from .responses import json_errors, json_response
 
 __all__ = ["create_ops_app"]

@@ -24,10 +24,10 @@ from typing import Any, Final, Literal
 import orjson
 from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 
+from ..metrics import Metrics
+from ..redis.conn import RedisConn, RedisDown
+from ..redis.url import REDIS_ERRORS, RedisClient
 from .cache import EntitlementCache, Entry
-from .metrics import Metrics
-from .redisclient import REDIS_ERRORS, RedisClient
-from .redisio import RedisConn, RedisDown
 
 __all__ = ["Invalidator", "Scope"]
 

@@ -8,7 +8,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from .errors import SidecarError
+from ..errors import SidecarError
 
 __all__ = [
     "error_response",

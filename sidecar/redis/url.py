@@ -36,7 +36,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 if TYPE_CHECKING:
-    from .config import Settings
+    from ..config import Settings
 
 __all__ = [
     "REDIS_ERRORS",

@@ -26,12 +26,12 @@ from typing import Any, Final, Literal
 
 import orjson
 
-from .config import Settings
-from .errors import UpstreamError, UpstreamUnavailable
-from .metrics import Metrics
-from .redisclient import RedisClient
-from .redisio import RedisConn, RedisDown
-from .upstream import VellumClient
+from ..config import Settings
+from ..errors import UpstreamError, UpstreamUnavailable
+from ..metrics import Metrics
+from ..redis.conn import RedisConn, RedisDown
+from ..redis.url import RedisClient
+from ..upstream import VellumClient
 
 __all__ = ["EntitlementCache", "Entry", "Lookup", "MemoryLayer", "Source"]
 
