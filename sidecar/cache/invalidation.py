@@ -27,7 +27,8 @@ from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 from ..metrics import Metrics
 from ..redis.conn import RedisConn, RedisDown
 from ..redis.url import REDIS_ERRORS, RedisClient
-from .cache import EntitlementCache, Entry
+from .cache import EntitlementCache
+from .entry import Entry
 
 __all__ = ["Invalidator", "Scope"]
 

@@ -1,122 +1,37 @@
-"""The local API: cached reads, batch checks, cache drops; billing and the mirror in proxy.py.
+"""The local API's entitlement routes: the cached read, ``can``, batch checks, cache drops.
 
 Handlers are thin: parse and validate input, call the cache or the invalidator,
-build the response. One middleware does the browser guard, metrics and the
-mapping of domain errors to JSON.
+build the response. Errors are raised as ``SidecarError``; the middleware turns
+them into the JSON envelope.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Awaitable, Callable
-from importlib import resources
-from typing import Any, Final
+from typing import Any
 
 import orjson
 from aiohttp import web
 
-from ..appkeys import CACHE, GUARD, INVALIDATOR, METRICS, SETTINGS
-from ..cache.cache import Entry, Lookup
-from ..errors import BadRequest, SidecarError, UpstreamError, UpstreamUnavailable
-from .responses import error_response, http_exception_response, json_response
+from ..appkeys import CACHE, INVALIDATOR, SETTINGS
+from ..cache.entry import Entry, Lookup
+from ..errors import BadRequest, UpstreamError, UpstreamUnavailable, error_body
+from .inputs import MAX_BATCH, MAX_ID_LENGTH, is_id, path_id, read_json
+from .operations import Surface
+from .responses import cached_response, json_response
 
-__all__ = [
-    "MAX_BATCH",
-    "MAX_ID_LENGTH",
-    "add_routes",
-    "cached_response",
-    "local_middleware",
-    "path_id",
-    "read_json",
-]
-
-log = logging.getLogger("sidecar.api")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-MAX_BATCH: Final = 1000
-MAX_ID_LENGTH: Final = 512
-CACHE_HEADER: Final = "X-Sidecar-Cache"
+__all__ = ["can", "check", "drop_all", "drop_customer", "read_entitlements"]
 
 
-# -- middleware -------------------------------------------------------------------
-
-
-@web.middleware
-async def local_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Guard, time, count, and turn every error into the JSON shape."""
-    app = request.app
-    refusal = app[GUARD].refusal(request.headers.get("Host"), request.headers.get("Origin"))
-    started = time.perf_counter()
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
-    if refusal is not None:
-        response: web.StreamResponse = json_response(
-            {"error": {"code": "forbidden", "message": refusal}}, 403
-        )
-    else:
-        try:
-            response = await handler(request)
-        except SidecarError as exc:
-            response = error_response(exc)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            response = http_exception_response(exc)
-        except Exception:
-            log.exception("unhandled_error", extra={"fields": {"route": route}})
-            response = json_response(
-                {"error": {"code": "internal_error", "message": "internal error"}}, 500
-            )
-    app[METRICS].observe_request(
-        route, request.method, response.status, time.perf_counter() - started
-    )
-    return response
-
-
-# -- input ----------------------------------------------------------------------------
-
-
-def path_id(request: web.Request, name: str) -> str:
-    value = request.match_info[name]
-    if not value:
-        raise BadRequest(f"{name} must not be empty", code="invalid_id")
-    if len(value) > MAX_ID_LENGTH:
-        raise BadRequest(f"{name} is longer than {MAX_ID_LENGTH} characters", code="invalid_id")
-    return value
-
-
-async def read_json(request: web.Request) -> Any:
-    """The request body as JSON; 400 for anything that is not (invalid UTF-8 included)."""
-    raw = await request.read()
-    if not raw:
-        raise BadRequest("a JSON body is required", code="invalid_json")
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise BadRequest("the body is not valid JSON", code="invalid_json") from None
-
-
-def _is_id(value: Any) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH
-
-
-# -- reads --------------------------------------------------------------------------
-
-
-def cached_response(body: bytes, lookup: Lookup, status: int = 200) -> web.Response:
-    age = int(time.time() - lookup.entry.fetched_at)
-    # One headers dict (Content-Type included) is the cheapest way into a Response.
-    return web.Response(
-        body=body,
-        status=status,
-        headers={
-            "Content-Type": "application/json",
-            CACHE_HEADER: lookup.source,
-            "Age": str(age) if age > 0 else "0",
-        },
-    )
+async def read_entitlements(
+    request: web.Request, customer: str, surface: Surface
+) -> web.StreamResponse:
+    """The cached read: ``/v1`` adds ``found`` (an unknown customer is a 200); the mirror
+    answers exactly as the upstream would (its 404 stays a 404)."""
+    lookup = await request.app[CACHE].get(customer)
+    entry = lookup.entry
+    if surface == "v1":
+        return cached_response(entry.body(), lookup)
+    return cached_response(entry.upstream_body(), lookup, 200 if entry.found else 404)
 
 
 async def can(request: web.Request) -> web.StreamResponse:
@@ -180,14 +95,12 @@ async def check(request: web.Request) -> web.StreamResponse:
         if not isinstance(item, dict):
             raise BadRequest(f"checks[{i}] must be an object", code="invalid_body")
         customer, module = item.get("customerId"), item.get("module")
-        if not _is_id(customer) or not _is_id(module):
+        if not is_id(customer) or not is_id(module):
             raise BadRequest(
                 f"checks[{i}] needs a non-empty customerId and module (strings, "
                 f"at most {MAX_ID_LENGTH} characters)",
                 code="invalid_body",
             )
-        assert isinstance(customer, str)
-        assert isinstance(module, str)
         pairs.append((customer, module))
     # Memory hits are answered here, synchronously; only the rest pay for
     # get_many's one coroutine per customer (a batch of hits: ~2x faster).
@@ -236,42 +149,10 @@ def _dropped(shared: bool) -> web.Response:
     if shared:
         return web.Response(status=204)
     return json_response(
-        {
-            "error": {
-                "code": "redis_unavailable",
-                "message": "dropped on this sidecar only: Redis is down, other sidecars "
-                "keep their in-process entries for up to SIDECAR_MEMORY_TTL",
-            }
-        },
+        error_body(
+            "redis_unavailable",
+            "dropped on this sidecar only: Redis is down, other sidecars keep their "
+            "in-process entries for up to SIDECAR_MEMORY_TTL",
+        ),
         503,
     )
-
-
-# -- contract -------------------------------------------------------------------------
-
-
-_OPENAPI: bytes | None = None
-
-
-async def openapi(request: web.Request) -> web.StreamResponse:
-    global _OPENAPI
-    if _OPENAPI is None:
-        _OPENAPI = resources.files("sidecar").joinpath("openapi.json").read_bytes()
-    return web.Response(body=_OPENAPI, content_type="application/json")
-
-
-def add_routes(app: web.Application) -> None:
-    r = app.router
-    # "[^/]*" rather than aiohttp's default "[^{}/]+": ids may contain braces, and an
-    # empty id is a 400 naming it rather than a bare 404 (as in proxy.py's table).
-    r.add_get("/v1/customers/{customer:[^/]*}/can/{module:[^/]*}", can)
-    r.add_post("/v1/check", check)
-    r.add_delete("/v1/customers/{customer:[^/]*}/cache", drop_customer)
-    r.add_delete("/v1/cache", drop_all)
-    r.add_get("/openapi.json", openapi)
-    # The entitlement read and every billing operation, on /v1 and the /tenants
-    # mirror, come from proxy.py's one table. Imported here because proxy.py
-    # builds on this module's input helpers.
-    from .forwarding import add_proxy_routes
-
-    add_proxy_routes(app)

@@ -1,19 +1,11 @@
-"""The whole Vellum surface through the sidecar: one operation table, two surfaces.
+"""Forwarding an operation of the table to the upstream, and its answer back.
 
-Every upstream operation is served twice from :data:`OPERATIONS`:
-
-- ``/v1<path>``, the local API, where ``<path>`` is the upstream path without
-  ``/tenants/{t}``;
-- ``/tenants/{t}<path>``, the drop-in mirror, for the configured tenant only (any
-  other tenant is 404 without an upstream call), so an existing Vellum SDK works
-  by pointing its base URL at the sidecar. The caller's ``x-api-key`` is never
-  read, forwarded or logged: only ``Idempotency-Key`` is copied from the caller.
-
-``get_entitlements`` is answered from the cache on both surfaces; every other
-operation is forwarded with the sidecar's key and answered with the upstream's
-status, body and ``Location`` (a redirect is never followed). The sidecar's own
-failures are the exceptions: upstream 401/403 becomes 502 ``upstream_auth_failed``
-(the local caller cannot fix the sidecar's key), no answer becomes 502
+Every operation but the cached read is forwarded with the sidecar's key and
+answered with the upstream's status, body and ``Location`` (a redirect is never
+followed). The caller's ``x-api-key`` is never read, forwarded or logged: only
+``Idempotency-Key`` is copied from the caller. The sidecar's own failures are the
+exceptions: upstream 401/403 becomes 502 ``upstream_auth_failed`` (the local
+caller cannot fix the sidecar's key), no answer becomes 502
 ``upstream_unavailable`` or 504 ``upstream_timeout``.
 
 Ids arrive URL-decoded and are re-quoted one segment each by the upstream client,
@@ -31,42 +23,34 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
 
 import orjson
 from aiohttp import web
 
-from ..appkeys import CACHE, INVALIDATOR, SETTINGS, UPSTREAM
+from ..appkeys import INVALIDATOR, UPSTREAM
 from ..errors import (
     BadRequest,
-    NotFound,
     UpstreamAuthFailed,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from ..upstream import UpstreamResponse
-from .entitlements import MAX_ID_LENGTH, cached_response, path_id, read_json
+from .inputs import MAX_ID_LENGTH, is_id, read_json
+from .operations import Drops, Operation, Surface
 
-__all__ = ["OPERATIONS", "SURFACES", "Operation", "Surface", "add_proxy_routes"]
+__all__ = ["forward"]
 
+# The logger's name predates the http/ package; log pipelines filter on it.
 log = logging.getLogger("sidecar.proxy")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Surface = Literal["v1", "mirror"]
-Drops = Literal["customer", "account"]
-
-#: Path prefix of each surface; the mirror's ``{tenant}`` must be the configured one.
-SURFACES: Final[Mapping[Surface, str]] = {"v1": "/v1", "mirror": "/tenants/{tenant}"}
 
 #: Response headers passed back besides ``UpstreamResponse.passed_headers()``.
 _EXTRA_PASSED: Final = ("Idempotent-Replayed",)
 _MAX_IDEMPOTENCY_KEY: Final = 255
-_PARAM: Final = re.compile(r"\{([a-z]+)\}")
 #: Names of path parameters as the log and the ids in messages spell them.
 _ID_FIELDS: Final = {
     "account": "accountId",
@@ -74,216 +58,6 @@ _ID_FIELDS: Final = {
     "method": "methodId",
     "invoice": "invoiceId",
 }
-
-
-@dataclass(frozen=True, slots=True)
-class Operation:
-    """One upstream operation: where it lives and what the sidecar does around it."""
-
-    name: str
-    method: str
-    path: str
-    """The upstream path without ``/tenants/{t}``; ``{name}`` is one id segment."""
-    summary: str
-    body: bool = False
-    """Takes a JSON object body, forwarded byte for byte (operations without one drop it)."""
-    required: tuple[str, ...] = ()
-    """Body fields the upstream requires as non-empty strings; ``/v1`` checks them first."""
-    query_ids: tuple[str, ...] = ()
-    """Query parameters that are ids; ``/v1`` refuses them empty."""
-    drops: Drops | None = None
-    """Whose cache a write drops: the customer it names, or the account's customers."""
-    cached: bool = False
-    """Answered from the entitlement cache instead of forwarded."""
-    params: tuple[str, ...] = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "params", tuple(_PARAM.findall(self.path)))
-
-    @property
-    def write(self) -> bool:
-        return self.method != "GET"
-
-    def route(self, surface: Surface) -> str:
-        """The aiohttp route: every ``{name}`` takes any one segment, even an empty one.
-
-        ``[^/]*`` rather than aiohttp's default ``[^{}/]+``: ids may contain braces,
-        and an empty id should be a 400 naming it, not a bare 404.
-        """
-        return _PARAM.sub(r"{\1:[^/]*}", SURFACES[surface] + self.path)
-
-    def segments(self, ids: Mapping[str, str]) -> list[str]:
-        """The upstream path's segments after the tenant, ids in place (unquoted)."""
-        out: list[str] = []
-        for part in self.path.strip("/").split("/"):
-            match = _PARAM.fullmatch(part)
-            out.append(ids[match.group(1)] if match else part)
-        return out
-
-
-# The interface's table, in its order.
-OPERATIONS: Final[tuple[Operation, ...]] = (
-    Operation(
-        "get_entitlements",
-        "GET",
-        "/customers/{customer}/entitlements",
-        "A customer's entitlements, from the cache",
-        cached=True,
-    ),
-    Operation(
-        "create_checkout",
-        "POST",
-        "/accounts/{account}/checkout",
-        "Start a subscription checkout session",
-        body=True,
-        required=("customerId", "planId", "successUrl", "cancelUrl"),
-    ),
-    Operation(
-        "create_setup_checkout",
-        "POST",
-        "/accounts/{account}/billing/setup-checkout",
-        "Start a checkout session that adds a payment method",
-        body=True,
-        required=("successUrl", "cancelUrl"),
-    ),
-    Operation(
-        "create_subscription",
-        "POST",
-        "/accounts/{account}/customers/{customer}/subscribe",
-        "Subscribe a customer to a plan",
-        body=True,
-        required=("planId",),
-        drops="customer",
-    ),
-    Operation(
-        "cancel_subscription",
-        "DELETE",
-        "/accounts/{account}/customers/{customer}/subscription",
-        "Cancel a customer's subscription (atPeriodEnd=true to cancel at the period's end)",
-        drops="customer",
-    ),
-    Operation(
-        "get_subscription",
-        "GET",
-        "/accounts/{account}/customers/{customer}/subscription",
-        "A customer's subscription",
-    ),
-    Operation(
-        "create_account",
-        "POST",
-        "/accounts",
-        "Create an account, adopting or creating its Stripe customer",
-        body=True,
-        required=("accountId",),
-    ),
-    Operation(
-        "create_customer",
-        "POST",
-        "/accounts/{account}/customers",
-        "Create a customer under an account",
-        body=True,
-        required=("customerId",),
-        drops="customer",
-    ),
-    Operation(
-        "set_account_status",
-        "PATCH",
-        "/accounts/{account}",
-        "Set an account's status",
-        body=True,
-        required=("status",),
-        drops="account",
-    ),
-    Operation(
-        "set_customer_status",
-        "PATCH",
-        "/accounts/{account}/customers/{customer}",
-        "Set a customer's status",
-        body=True,
-        required=("status",),
-        drops="customer",
-    ),
-    Operation(
-        "list_payment_methods",
-        "GET",
-        "/accounts/{account}/payment-methods",
-        "An account's payment methods",
-    ),
-    Operation(
-        "set_default_payment_method",
-        "PATCH",
-        "/accounts/{account}/payment-methods/{method}",
-        "Make a payment method the account's default",
-    ),
-    Operation(
-        "remove_payment_method",
-        "DELETE",
-        "/accounts/{account}/payment-methods/{method}",
-        "Remove a payment method from an account",
-    ),
-    Operation(
-        "set_subscription_payment_method",
-        "PATCH",
-        "/accounts/{account}/customers/{customer}/payment-method",
-        "Set the payment method that pays a customer's subscription",
-        body=True,
-        required=("methodId",),
-        drops="customer",
-    ),
-    Operation(
-        "list_invoices",
-        "GET",
-        "/accounts/{account}/invoices",
-        "An account's invoices (customerId to filter)",
-        query_ids=("customerId",),
-    ),
-    Operation(
-        "invoice_pdf",
-        "GET",
-        "/accounts/{account}/invoices/{invoice}/pdf",
-        "Redirect to an invoice's hosted PDF (never followed by the sidecar)",
-    ),
-)
-
-
-def add_proxy_routes(app: web.Application) -> None:
-    """Register every operation on both surfaces, from the one table."""
-    for op in OPERATIONS:
-        for surface in SURFACES:
-            route, handler = op.route(surface), _handler(op, surface)
-            if op.method == "GET":
-                # HEAD answers like GET without the body, as aiohttp's add_get does.
-                app.router.add_route("HEAD", route, handler)
-            app.router.add_route(op.method, route, handler, name=f"{surface}.{op.name}")
-
-
-def _handler(op: Operation, surface: Surface) -> Handler:
-    async def handle(request: web.Request) -> web.StreamResponse:
-        if surface == "mirror" and request.match_info["tenant"] != request.app[SETTINGS].tenant_id:
-            raise NotFound("this sidecar serves another tenant", code="unknown_tenant")
-        ids = {name: path_id(request, name) for name in op.params}
-        if op.cached:
-            return await _read_entitlements(request, ids["customer"], surface)
-        return await _forward(request, op, ids, surface)
-
-    return handle
-
-
-# -- the cached read -------------------------------------------------------------------
-
-
-async def _read_entitlements(
-    request: web.Request, customer: str, surface: Surface
-) -> web.StreamResponse:
-    """``/v1`` adds ``found`` (an unknown customer is a 200); the mirror is exact (404 stays)."""
-    lookup = await request.app[CACHE].get(customer)
-    entry = lookup.entry
-    if surface == "v1":
-        return cached_response(entry.body(), lookup)
-    return cached_response(entry.upstream_body(), lookup, 200 if entry.found else 404)
-
-
-# -- forwarding ------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -297,9 +71,10 @@ class _Call:
     customer: str | None
 
 
-async def _forward(
+async def forward(
     request: web.Request, op: Operation, ids: dict[str, str], surface: Surface
 ) -> web.StreamResponse:
+    """Call the upstream for ``op`` with the path's ``ids``; its answer, passed through."""
     call = await _prepare(request, op, ids, surface)
     headers = {"Idempotency-Key": call.idempotency_key} if call.idempotency_key else None
     # Reads are always safe to retry; a write only when the upstream can deduplicate it.
@@ -367,13 +142,14 @@ async def _prepare(
         body=body,
         query=request.query if request.query else None,
         idempotency_key=key or None,
-        account=ids.get("account") or _str_id(named.get("accountId")),
-        customer=ids.get("customer") or _str_id(named.get("customerId")),
+        account=ids.get("account") or _named_id(named, "accountId"),
+        customer=ids.get("customer") or _named_id(named, "customerId"),
     )
 
 
-def _str_id(value: Any) -> str | None:
-    return value if isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH else None
+def _named_id(data: Mapping[str, Any], name: str) -> str | None:
+    value = data.get(name)
+    return value if is_id(value) else None
 
 
 def _check_body(op: Operation, data: Any) -> None:

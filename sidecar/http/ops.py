@@ -6,7 +6,8 @@ from aiohttp import web
 
 from ..appkeys import CORE, INVALIDATOR, LIFECYCLE, METRICS, REDIS, UPSTREAM
 from ..metrics import CONTENT_TYPE_LATEST
-from .responses import json_errors, json_response
+from .middleware import json_errors
+from .responses import json_response
 
 __all__ = ["create_ops_app"]
 

@@ -1,33 +1,46 @@
-"""JSON responses and the error shape shared by every listener."""
+"""Building responses: JSON bodies, the error envelope for every listener, cached reads."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Mapping
 from typing import Any, Final
 
 import orjson
 from aiohttp import web
 
-from ..errors import SidecarError
+from ..cache.entry import Lookup
+from ..errors import (
+    BadRequest,
+    Forbidden,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    SidecarError,
+    error_body,
+)
 
 __all__ = [
+    "CACHE_HEADER",
+    "cached_response",
     "error_response",
     "http_error_code",
     "http_exception_response",
-    "json_errors",
     "json_response",
 ]
 
-_HTTP_CODES: Final = {
-    400: "bad_request",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    414: "uri_too_long",
-    415: "unsupported_media_type",
-    431: "headers_too_large",
+CACHE_HEADER: Final = "X-Sidecar-Cache"
+
+#: aiohttp's own refusals that have a class in the error tree take that path.
+_HTTP_ERRORS: Final[Mapping[int, type[SidecarError]]] = {
+    400: BadRequest,
+    403: Forbidden,
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
 }
+#: The codes of the rarer refusals the HTTP layer makes.
+_HTTP_CODES: Final = {414: "uri_too_long", 415: "unsupported_media_type", 431: "headers_too_large"}
 
 
 def json_response(
@@ -38,10 +51,15 @@ def json_response(
 
 
 def error_response(exc: SidecarError, headers: dict[str, str] | None = None) -> web.Response:
+    """A domain error as its status and JSON envelope (``SidecarError.body``)."""
     return json_response(exc.body(), exc.status, headers)
 
 
 def http_error_code(status: int) -> str:
+    """The envelope's ``code`` for a refusal of the HTTP layer with this status."""
+    cls = _HTTP_ERRORS.get(status)
+    if cls is not None:
+        return cls.code
     return _HTTP_CODES.get(status, "bad_request" if status < 500 else "internal_error")
 
 
@@ -49,19 +67,22 @@ def http_exception_response(exc: web.HTTPException) -> web.Response:
     """aiohttp's own errors (unknown route, wrong method, body too large) as JSON."""
     message = exc.reason if exc.status != 413 else "request body too large"
     headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-    return json_response(
-        {"error": {"code": http_error_code(exc.status), "message": message}}, exc.status, headers
+    cls = _HTTP_ERRORS.get(exc.status)
+    if cls is not None:
+        return error_response(cls(message), headers)
+    return json_response(error_body(http_error_code(exc.status), message), exc.status, headers)
+
+
+def cached_response(body: bytes, lookup: Lookup, status: int = 200) -> web.Response:
+    """A cached read: ``X-Sidecar-Cache`` says where it came from, ``Age`` how old it is."""
+    age = int(time.time() - lookup.entry.fetched_at)
+    # One headers dict (Content-Type included) is the cheapest way into a Response.
+    return web.Response(
+        body=body,
+        status=status,
+        headers={
+            "Content-Type": "application/json",
+            CACHE_HEADER: lookup.source,
+            "Age": str(age) if age > 0 else "0",
+        },
     )
-
-
-@web.middleware
-async def json_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """For the ops and webhook listeners: aiohttp's 404/405/413 pages as JSON."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return http_exception_response(exc)
