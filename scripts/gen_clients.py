@@ -19,7 +19,7 @@ from typing import Final
 
 from regions import ROOT, replace_region, ruff_format, run
 
-from sidecar.proxy import OPERATIONS, SURFACES, Operation
+from sidecar.http.operations import OPERATIONS, SURFACES, Operation
 
 PYTHON: Final = ROOT / "client" / "python" / "vellum_sidecar_client.py"
 JS: Final = ROOT / "client" / "js" / "vellum-sidecar-client.js"

@@ -16,12 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
-from .api import add_routes, local_middleware
-from .cache import EntitlementCache
-from .config import Settings
-from .guard import HostGuard
-from .invalidation import Invalidator
-from .keys import (
+from .appkeys import (
     CACHE,
     GUARD,
     INVALIDATOR,
@@ -32,9 +27,16 @@ from .keys import (
     UPSTREAM,
     Lifecycle,
 )
+from .cache.cache import EntitlementCache
+from .cache.invalidation import Invalidator
+from .config import Settings
+from .http.guard import HostGuard
+from .http.middleware import local_middleware
+from .http.routes import add_routes
 from .metrics import Metrics
-from .redisclient import create_redis
-from .redisio import Keys, RedisConn, RedisDown
+from .redis.conn import RedisConn, RedisDown
+from .redis.keys import Keys
+from .redis.url import create_redis
 from .upstream import VellumClient
 
 __all__ = ["create_app"]
@@ -78,7 +80,13 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         app[REDIS] = None
         yield
         return
-    conn = RedisConn(create_redis(settings), Keys(settings.tenant_id), app[METRICS])
+    client = create_redis(
+        settings.redis_url.reveal(),
+        cluster=settings.redis_cluster,
+        timeout=settings.redis_timeout,
+        pool_size=settings.redis_pool_size,
+    )
+    conn = RedisConn(client, Keys(settings.tenant_id), app[METRICS])
     with contextlib.suppress(RedisDown):
         await conn.run("ping", lambda r: r.ping())
     app[REDIS] = conn

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
-from .redisclient import parse_redis_url
+from .redis.url import parse_redis_url
 
 __all__ = [
     "SETTINGS",

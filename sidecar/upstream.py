@@ -43,7 +43,7 @@ UpstreamState = Literal["ok", "degraded", "down"]
 
 #: Statuses worth retrying: the request did not take effect or may succeed later.
 _RETRY_STATUSES: Final = frozenset({429, 500, 502, 503, 504})
-#: Response headers passed back to local callers of the proxy routes.
+#: Response headers passed back to local callers of forwarded operations.
 _PASSED_HEADERS: Final = ("Content-Type", "Location", "Retry-After", "Idempotency-Key")
 _MAX_BODY: Final = 8 * 1024 * 1024
 

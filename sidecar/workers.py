@@ -60,7 +60,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from .config import Listen, Settings
-from .responses import json_errors, json_response
+from .http.middleware import json_errors
+from .http.responses import json_response
 from .server import Listener, bind, run_sidecar
 
 __all__ = ["WORKER_INDEX_ENV", "run_workers"]

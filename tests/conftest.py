@@ -25,11 +25,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar.app import create_app
+from sidecar.appkeys import CACHE, INVALIDATOR, LIFECYCLE, METRICS
 from sidecar.config import Settings
 from sidecar.emulator import EMULATOR, Emulator, create_emulator_app
-from sidecar.keys import CACHE, INVALIDATOR, LIFECYCLE, METRICS
-from sidecar.ops import create_ops_app
-from sidecar.webhooks import create_webhook_app
+from sidecar.http.ops import create_ops_app
+from sidecar.http.webhooks import create_webhook_app
 
 API_KEY = "test_key_" + "k" * 24
 WEBHOOK_SECRET = "whsec_test_" + "s" * 24

@@ -32,7 +32,7 @@ from vellum_sidecar_client import (
     SidecarUnavailable,
 )
 
-from sidecar.proxy import OPERATIONS  # sidecar/http/operations.py after the layout move
+from sidecar.http.operations import OPERATIONS  # sidecar/http/operations.py after the layout move
 
 from .conftest import free_port
 from .live import Stack

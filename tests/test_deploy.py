@@ -33,8 +33,8 @@ from sidecar.__main__ import _parser
 from sidecar.app import create_app
 from sidecar.config import VARIABLES, Listen, Settings
 from sidecar.emulator import create_emulator_app
-from sidecar.ops import create_ops_app
-from sidecar.webhooks import create_webhook_app
+from sidecar.http.ops import create_ops_app
+from sidecar.http.webhooks import create_webhook_app
 
 from .conftest import free_port, wait_until
 

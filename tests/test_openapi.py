@@ -1,11 +1,13 @@
 """The OpenAPI document: valid 3.1, served as the file, complete, and true of live answers.
 
-``sidecar/openapi.json`` is the one source: the server serves that file, this
-test validates it (openapi-spec-validator), compares its operations with the
-routes the app registers, and checks every answer of a live sidecar, for
-every operation and the usual error statuses, against the schema the document
-gives for that status (jsonschema, the 2020-12 dialect OpenAPI 3.1 uses).
-Failures list every mismatch at once, each naming the request and the rule.
+``sidecar/openapi.json`` is written by ``scripts/gen_openapi.py`` from the operation
+table and ``scripts/openapi_base.json``; the server serves that file. This test
+checks the committed file is what the generator writes, validates it
+(openapi-spec-validator), compares its operations (HEAD included) with the routes
+the app registers, and checks every answer of a live sidecar, for every operation
+and the usual error statuses, against the schema the document gives for that
+status (jsonschema, the 2020-12 dialect OpenAPI 3.1 uses). Failures list every
+mismatch at once, each naming the request and the rule.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -34,6 +39,7 @@ from .live import Stack
 
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
 SPEC_URI = "urn:vellum-sidecar:openapi"
+GENERATOR = Path(__file__).resolve().parent.parent / "scripts" / "gen_openapi.py"
 
 
 def load_spec() -> dict[str, Any]:
@@ -55,6 +61,30 @@ def operations(spec: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]
 
 
 # -- the document ----------------------------------------------------------------------
+
+
+def generate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(GENERATOR), *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_committed_document_is_what_the_generator_writes() -> None:
+    result = generate("--check")
+    assert result.returncode == 0, result.stderr
+
+
+def test_generator_check_fails_on_a_stale_document(tmp_path: Path) -> None:
+    stale = tmp_path / "openapi.json"
+    spec = load_spec()
+    del spec["paths"]["/v1/accounts"]
+    stale.write_text(json.dumps(spec, indent=2) + "\n")
+    result = generate("--check", "--output", str(stale))
+    assert result.returncode == 1
+    assert "is stale" in result.stderr and "scripts/gen_openapi.py" in result.stderr
+    written = generate("--output", str(stale))
+    assert written.returncode == 0, written.stderr
+    assert stale.read_bytes() == resources.files("sidecar").joinpath("openapi.json").read_bytes()
 
 
 def test_document_is_valid_openapi_3_1(spec: dict[str, Any]) -> None:
@@ -98,14 +128,14 @@ def resolve(spec: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
 
 
 def served_routes() -> set[tuple[str, str]]:
-    """(METHOD, /path/{param}) for every route the local API app registers."""
+    """(METHOD, /path/{param}) for every route the local API app registers, HEAD included."""
     settings = Settings.from_env(sidecar_env("t_routes", "http://127.0.0.1:1"))
     app = create_app(settings)
     routes = set()
     for route in app.router.routes():
         info = route.resource.get_info() if route.resource is not None else {}
         path = info.get("path") or info.get("formatter")
-        if path is None or route.method in ("HEAD", "*"):
+        if path is None or route.method == "*":
             continue
         routes.add((route.method, re.sub(r"\{(\w+):[^}]*\}", r"{\1}", path)))
     return routes
@@ -267,6 +297,10 @@ def record_live_answers(stack: Stack, upstream_down: Stack) -> list[Exchange]:
     down("POST", "/v1/check", checks, expect=200)
     down("GET", "/v1/accounts/acme/invoices")
     down("POST", "/v1/accounts", {"accountId": "a1"})
+    # HEAD on every path read with GET: the same status and headers, no body.
+    for recorder in (send, down):
+        for path in dict.fromkeys(e.path for e in list(recorder.exchanges) if e.method == "GET"):
+            recorder("HEAD", path)
     return send.exchanges + down.exchanges
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from sidecar.appkeys import LIFECYCLE
 from sidecar.emulator import Emulator
-from sidecar.keys import LIFECYCLE
 
 from .conftest import RedisServer, SidecarFactory, eventually
 

@@ -23,11 +23,11 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
+from sidecar.appkeys import REDIS
 from sidecar.emulator import OPERATIONS as EMULATOR_OPERATIONS
 from sidecar.emulator import Emulator
-from sidecar.keys import REDIS
+from sidecar.http.operations import OPERATIONS, SURFACES, Operation
 from sidecar.logs import JsonFormatter
-from sidecar.proxy import OPERATIONS, SURFACES, Operation
 
 from .conftest import API_KEY, Sidecar, SidecarFactory, eventually, free_port
 

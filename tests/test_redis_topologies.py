@@ -22,12 +22,12 @@ import redis
 from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar.app import create_app
+from sidecar.appkeys import LIFECYCLE, REDIS
 from sidecar.config import ConfigError, Settings, redact_url
 from sidecar.emulator import Emulator
-from sidecar.keys import LIFECYCLE, REDIS
-from sidecar.ops import create_ops_app
-from sidecar.redisclient import RedisTarget, parse_redis_url
-from sidecar.redisio import Keys
+from sidecar.http.ops import create_ops_app
+from sidecar.redis.keys import Keys
+from sidecar.redis.url import RedisTarget, parse_redis_url
 
 from .conftest import (
     WEBHOOK_SECRET,

@@ -14,11 +14,11 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar.app import create_app
+from sidecar.appkeys import LIFECYCLE
 from sidecar.config import Settings
 from sidecar.emulator import EMULATOR, Emulator, create_emulator_app
-from sidecar.keys import LIFECYCLE
+from sidecar.http.webhooks import create_webhook_app
 from sidecar.signature import sign, sign_many
-from sidecar.webhooks import create_webhook_app
 
 from .conftest import (
     API_KEY,

@@ -20,28 +20,21 @@ import logging
 import random
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Final, Literal
+from typing import Any, Final
 
-import orjson
+from ..config import Settings
+from ..errors import UpstreamError
+from ..metrics import Metrics
+from ..redis.conn import RedisConn, RedisDown
+from ..redis.url import RedisClient
+from ..upstream import VellumClient
+from .entry import Entry, Lookup
+from .memory import MemoryLayer
 
-from .config import Settings
-from .errors import UpstreamError, UpstreamUnavailable
-from .metrics import Metrics
-from .redisclient import RedisClient
-from .redisio import RedisConn, RedisDown
-from .upstream import VellumClient
-
-__all__ = ["EntitlementCache", "Entry", "Lookup", "MemoryLayer", "Source"]
+__all__ = ["EntitlementCache", "Flight"]
 
 log = logging.getLogger("sidecar.cache")
-
-Source = Literal["hit", "miss", "stale"]
-
-#: The body answered for a customer the upstream does not know.
-NOT_FOUND_DOC: Final[dict[str, Any]] = {"found": False, "status": None, "modules": [], "config": {}}
-NOT_FOUND_BODY: Final = orjson.dumps(NOT_FOUND_DOC)
 
 # SET the entry only if neither the customer's nor the tenant's generation moved
 # since the fill began. KEYS: entry, customer gen, tenant gen. ARGV: expected
@@ -57,157 +50,6 @@ _UNLOCK_SCRIPT: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-
-
-class Entry:
-    """One customer's answer: the upstream document, or ``None`` for "not found"."""
-
-    __slots__ = (
-        "_body",
-        "_modules",
-        "doc",
-        "fetched_at",
-        "fresh_until",
-        "not_found_body",
-        "refresh_at",
-        "stale_until",
-    )
-
-    def __init__(
-        self,
-        doc: dict[str, Any] | None,
-        fetched_at: float,
-        fresh_until: float,
-        stale_until: float,
-        not_found_body: bytes | None = None,
-    ) -> None:
-        self.doc = doc
-        self.fetched_at = fetched_at
-        self.fresh_until = fresh_until
-        self.stale_until = stale_until
-        # Stale-while-revalidate: a hit in the last tenth of the fresh window
-        # (at most 30 s) starts one background refresh.
-        self.refresh_at = fresh_until - min((fresh_until - fetched_at) * 0.1, 30.0)
-        self.not_found_body = not_found_body
-        self._body: bytes | None = None
-        self._modules: frozenset[str] | None = None
-
-    @property
-    def found(self) -> bool:
-        return self.doc is not None
-
-    @property
-    def status(self) -> Any:
-        return self.doc.get("status") if self.doc is not None else None
-
-    @property
-    def account_id(self) -> str | None:
-        account = self.doc.get("accountId") if self.doc is not None else None
-        return account if isinstance(account, str) and account else None
-
-    def has(self, module: str) -> bool:
-        if self._modules is None:
-            modules = self.doc.get("modules") if self.doc is not None else None
-            self._modules = frozenset(
-                m for m in (modules if isinstance(modules, list) else ()) if isinstance(m, str)
-            )
-        return module in self._modules
-
-    def body(self) -> bytes:
-        """The local API body: the upstream document plus ``"found"``; built once."""
-        if self._body is None:
-            # orjson returns bytes with a ~4 KiB allocation behind them; a body kept
-            # for the entry's lifetime is copied to its own size (100,000 cached
-            # customers: ~400 MiB less resident memory).
-            self._body = (
-                memoryview(orjson.dumps({**self.doc, "found": True})).tobytes()
-                if self.doc is not None
-                else NOT_FOUND_BODY
-            )
-        return self._body
-
-    def upstream_body(self) -> bytes:
-        """The body as the upstream gave it (for the drop-in mirror)."""
-        if self.doc is not None:
-            return orjson.dumps(self.doc)
-        return self.not_found_body or orjson.dumps(
-            {"error": {"code": "not_found", "message": "customer has no entitlements"}}
-        )
-
-    def dumps(self) -> bytes:
-        return orjson.dumps(
-            {
-                "v": 1,
-                "f": self.fetched_at,
-                "fu": self.fresh_until,
-                "su": self.stale_until,
-                "d": self.doc,
-                "nf": self.not_found_body.decode("utf-8", "replace")
-                if self.not_found_body
-                else None,
-            }
-        )
-
-    @classmethod
-    def loads(cls, raw: bytes) -> Entry | None:
-        """Parse a stored entry; anything unreadable counts as a miss, never an error."""
-        try:
-            data = orjson.loads(raw)
-            doc = data["d"]
-            if doc is not None and not isinstance(doc, dict):
-                return None
-            nf = data.get("nf")
-            return cls(
-                doc,
-                float(data["f"]),
-                float(data["fu"]),
-                float(data["su"]),
-                nf.encode() if isinstance(nf, str) else None,
-            )
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            return None
-
-
-class Lookup:
-    __slots__ = ("entry", "source")
-
-    def __init__(self, entry: Entry, source: Source) -> None:
-        self.entry = entry
-        self.source = source
-
-
-class MemoryLayer:
-    """Bounded LRU of entries; each remembers until when memory may answer alone."""
-
-    def __init__(self, max_entries: int) -> None:
-        self.max_entries = max_entries
-        self._data: OrderedDict[str, tuple[Entry, float]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def get(self, key: str) -> tuple[Entry, float] | None:
-        item = self._data.get(key)
-        if item is not None:
-            self._data.move_to_end(key)
-        return item
-
-    def put(self, key: str, entry: Entry, answer_until: float) -> None:
-        if self.max_entries <= 0:
-            return
-        self._data[key] = (entry, answer_until)
-        self._data.move_to_end(key)
-        while len(self._data) > self.max_entries:
-            self._data.popitem(last=False)
-
-    def pop(self, key: str) -> None:
-        self._data.pop(key, None)
-
-    def clear(self) -> None:
-        self._data.clear()
-
-    def customers_of(self, account: str) -> set[str]:
-        return {c for c, (e, _) in self._data.items() if e.account_id == account}
 
 
 class Flight:
@@ -256,9 +98,9 @@ class EntitlementCache:
 
         Synchronous, so a handler's memory hit costs no coroutine (the hot path),
         and it reaches into the LRU's dict directly: each method call saved is
-        worth a few percent of a hit (see README "Performance").
+        worth a few percent of a hit (see docs/performance.md).
         """
-        data = self.memory._data
+        data = self.memory.data
         item = data.get(customer)
         if item is not None:
             now = time.time()
@@ -341,7 +183,7 @@ class EntitlementCache:
             found = await self._redis_get(customer)
             # A refresh-ahead only accepts an entry newer than the one it refreshes.
             floor = refresh_after if refresh_after is not None else now
-            if found is not None and found.fresh_until > floor:
+            if found is not None and found.is_fresh(floor):
                 self._m_redis_hit.inc()
                 self._remember(customer, found, flight)
                 return Lookup(found, "hit")
@@ -352,7 +194,7 @@ class EntitlementCache:
                 gens, lock, raced = await self._begin_fetch(customer)
             except RedisDown:
                 gens, lock, raced = None, "", None
-            if raced is not None and raced.fresh_until > floor:
+            if raced is not None and raced.is_fresh(floor):
                 # Another sidecar stored it between our GET and our lock attempt.
                 if lock:
                     await self._unlock(customer, lock)
@@ -368,9 +210,9 @@ class EntitlementCache:
         try:
             try:
                 resp = await self.upstream.get_entitlements(customer)
-                entry = self._entry_from(resp.status, resp.body, resp.headers.get("Content-Type"))
+                entry = self._entry_from(resp.status, resp.body)
             except UpstreamError:
-                if stale is not None and time.time() < stale.stale_until:
+                if stale is not None and stale.is_servable_stale(time.time()):
                     self._m_stale.inc()
                     return Lookup(stale, "stale")
                 raise
@@ -388,22 +230,13 @@ class EntitlementCache:
             await self.on_fetched(customer, entry)
         return Lookup(entry, "miss")
 
-    def _entry_from(self, status: int, body: bytes, content_type: str | None) -> Entry:
-        now = time.time()
+    def _entry_from(self, status: int, body: bytes) -> Entry:
+        """The upstream's 200 or 404 as an entry, its TTL jittered by ±10 %."""
         s = self.settings
-        if status == 404:
-            ttl = s.negative_ttl * random.uniform(0.9, 1.1)
-            nf = body if body and len(body) <= 4096 and _is_json(body) else None
-            return Entry(None, now, now + ttl, now + ttl + s.stale_ttl, nf)
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            doc = None
-        if not isinstance(doc, dict):
-            raise UpstreamUnavailable("the upstream sent an entitlement document that is not JSON")
-        doc.pop("found", None)
-        ttl = s.cache_ttl * random.uniform(0.9, 1.1)
-        return Entry(doc, now, now + ttl, now + ttl + s.stale_ttl)
+        ttl = (s.negative_ttl if status == 404 else s.cache_ttl) * random.uniform(0.9, 1.1)
+        return Entry.from_upstream(
+            status, body, now=time.time(), fresh_for=ttl, stale_for=s.stale_ttl
+        )
 
     def _remember(self, customer: str, entry: Entry, flight: Flight) -> None:
         if flight.invalidated:
@@ -480,7 +313,7 @@ class EntitlementCache:
                 return None
             if raw is not None:
                 entry = Entry.loads(raw)
-                if entry is not None and entry.fresh_until > floor:
+                if entry is not None and entry.is_fresh(floor):
                     return entry
             if not locked:
                 return None
@@ -515,7 +348,7 @@ class EntitlementCache:
             if not stored:
                 log.debug("store_refused_by_generation", extra={"fields": {"customer": customer}})
 
-    # -- invalidation (local part; invalidation.py does Redis and fan-out) ------------
+    # -- invalidation (local part; cache/invalidation.py does Redis and fan-out) ------
 
     def drop_local(self, customers: Iterable[str] | None) -> None:
         """Forget customers (``None``: everyone) in this process, overtaking fills in flight."""
@@ -545,11 +378,3 @@ def _s(value: Any) -> str:
     if value is None:
         return "0"
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _is_json(body: bytes) -> bool:
-    try:
-        orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return False
-    return True

@@ -18,16 +18,18 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Literal
 
 import orjson
 from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 
-from .cache import EntitlementCache, Entry
-from .metrics import Metrics
-from .redisclient import REDIS_ERRORS, RedisClient
-from .redisio import RedisConn, RedisDown
+from ..metrics import Metrics
+from ..redis.conn import RedisConn, RedisDown
+from ..redis.keys import Keys
+from ..redis.url import REDIS_ERRORS, RedisClient
+from .cache import EntitlementCache
+from .entry import Entry
 
 __all__ = ["Invalidator", "Scope"]
 
@@ -81,30 +83,22 @@ class Invalidator:
         """
         if not customers:
             return True
-        shared = True
-        self.cache.drop_local(customers)
-        if self.redis is not None:
-            keys = self.redis.keys
-            cluster = self.redis.cluster
 
-            async def call(r: RedisClient) -> Any:
-                # One slot (the tenant's hash tag), so MULTI works on a cluster too.
-                async with r.pipeline(transaction=True) as pipe:
-                    for c in customers:
-                        pipe.incr(keys.gen(c))
-                        pipe.expire(keys.gen(c), _GEN_TTL_S)
-                        pipe.delete(keys.entry(c))
-                    message = self._message("customer", list(customers))
-                    if cluster:
-                        pipe.spublish(keys.channel, message)
-                    else:
-                        pipe.publish(keys.channel, message)
-                    return await pipe.execute()
+        async def call(r: RedisClient, keys: Keys, cluster: bool) -> None:
+            # One slot (the tenant's hash tag), so MULTI works on a cluster too.
+            async with r.pipeline(transaction=True) as pipe:
+                for c in customers:
+                    pipe.incr(keys.gen(c))
+                    pipe.expire(keys.gen(c), _GEN_TTL_S)
+                    pipe.delete(keys.entry(c))
+                message = self._message("customer", list(customers))
+                if cluster:
+                    pipe.spublish(keys.channel, message)
+                else:
+                    pipe.publish(keys.channel, message)
+                await pipe.execute()
 
-            try:
-                await self.redis.run("invalidate", call)
-            except RedisDown:
-                shared = False
+        shared = await self._everywhere(customers, "invalidate", call)
         self.metrics.invalidations.labels(scope, source).inc()
         return shared
 
@@ -126,37 +120,50 @@ class Invalidator:
 
     async def tenant(self, *, source: str) -> bool:
         """Drop everything cached for the tenant on every sidecar (see ``customers``)."""
-        shared = True
-        self.cache.drop_local(None)
-        if self.redis is not None:
-            keys = self.redis.keys
-            cluster = self.redis.cluster
 
-            async def call(r: RedisClient) -> None:
-                await r.incr(keys.tenant_gen)
-                batch: list[Any] = []
-                # On a cluster, scan_iter walks every primary (right even while
-                # the tenant's slot migrates); the keys share one slot, so UNLINK
-                # of a batch is one command.
-                async for key in r.scan_iter(match=keys.entry_pattern, count=_SCAN_BATCH):
-                    batch.append(key)
-                    if len(batch) >= _SCAN_BATCH:
-                        await r.unlink(*batch)
-                        batch = []
-                if batch:
+        async def call(r: RedisClient, keys: Keys, cluster: bool) -> None:
+            await r.incr(keys.tenant_gen)
+            batch: list[Any] = []
+            # On a cluster, scan_iter walks every primary (right even while
+            # the tenant's slot migrates); the keys share one slot, so UNLINK
+            # of a batch is one command.
+            async for key in r.scan_iter(match=keys.entry_pattern, count=_SCAN_BATCH):
+                batch.append(key)
+                if len(batch) >= _SCAN_BATCH:
                     await r.unlink(*batch)
-                message = self._message("tenant", None)
-                if cluster:
-                    await r.spublish(keys.channel, message)
-                else:
-                    await r.publish(keys.channel, message)
+                    batch = []
+            if batch:
+                await r.unlink(*batch)
+            message = self._message("tenant", None)
+            if cluster:
+                await r.spublish(keys.channel, message)
+            else:
+                await r.publish(keys.channel, message)
 
-            try:
-                await self.redis.run("invalidate_all", call)
-            except RedisDown:
-                shared = False
+        shared = await self._everywhere(None, "invalidate_all", call)
         self.metrics.invalidations.labels("tenant", source).inc()
         return shared
+
+    async def _everywhere(
+        self,
+        customers: Sequence[str] | None,
+        operation: str,
+        call: Callable[[RedisClient, Keys, bool], Awaitable[None]],
+    ) -> bool:
+        """Drop ``customers`` (``None``: everyone) here at once, then run the Redis part.
+
+        ``call`` gets the client, the key names and whether Redis is a cluster.
+        Returns False when Redis is configured but the call failed.
+        """
+        self.cache.drop_local(customers)
+        redis = self.redis
+        if redis is None:
+            return True
+        try:
+            await redis.run(operation, lambda r: call(r, redis.keys, redis.cluster))
+        except RedisDown:
+            return False
+        return True
 
     def _message(self, scope: str, customers: list[str] | None) -> bytes:
         return orjson.dumps(

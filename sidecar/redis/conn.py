@@ -1,4 +1,4 @@
-"""The shared Redis connection: key names, health, and reconnection with backoff.
+"""The shared Redis connection: health, and reconnection with backoff (``RedisConn``).
 
 Every Redis call goes through ``RedisConn.run``. A failure marks Redis ``down``;
 while down, calls fail fast (``RedisDown``) instead of each paying a timeout, and
@@ -14,15 +14,15 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from typing import Final, Literal, TypeVar
-from urllib.parse import quote
 
 from redis.asyncio import RedisCluster
 from redis.exceptions import MaxConnectionsError
 
-from .metrics import Metrics
-from .redisclient import REDIS_ERRORS, RedisClient
+from ..metrics import Metrics
+from .keys import Keys
+from .url import REDIS_ERRORS, RedisClient
 
-__all__ = ["Keys", "RedisConn", "RedisDown", "RedisState"]
+__all__ = ["RedisConn", "RedisDown", "RedisState"]
 
 log = logging.getLogger("sidecar.redis")
 
@@ -34,38 +34,6 @@ _MAX_BACKOFF: Final = 5.0
 
 class RedisDown(Exception):
     """Redis did not answer (or is known to be down); callers degrade, never fail."""
-
-
-class Keys:
-    """Key names for one tenant, all sharing the hash tag ``{tenant}``.
-
-    The tag keeps a tenant's keys in one Redis Cluster slot, so multi-key
-    scripts (generation checks) work on a cluster. The tenant id is
-    percent-encoded: no ``{``, ``}`` or glob characters can reach a key name.
-    """
-
-    __slots__ = ("channel", "entry_pattern", "prefix", "tenant_gen")
-
-    def __init__(self, tenant: str) -> None:
-        self.prefix = f"vsc:{{{quote(tenant, safe='')}}}:"
-        self.tenant_gen = self.prefix + "g"
-        self.channel = self.prefix + "inv"
-        self.entry_pattern = self.prefix + "e:*"
-
-    def entry(self, customer: str) -> str:
-        return self.prefix + "e:" + customer
-
-    def gen(self, customer: str) -> str:
-        return self.prefix + "g:" + customer
-
-    def lock(self, customer: str) -> str:
-        return self.prefix + "l:" + customer
-
-    def account(self, account: str) -> str:
-        return self.prefix + "a:" + account
-
-    def event(self, event_id: str) -> str:
-        return self.prefix + "evt:" + event_id
 
 
 class RedisConn:

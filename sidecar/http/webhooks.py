@@ -18,10 +18,12 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from .keys import CORE, INVALIDATOR, METRICS, REDIS, SETTINGS
-from .redisio import RedisConn, RedisDown
-from .responses import json_errors, json_response
-from .signature import SignatureError, verify
+from ..appkeys import CORE, INVALIDATOR, METRICS, REDIS, SETTINGS
+from ..errors import PayloadTooLarge, error_body
+from ..redis.conn import RedisConn, RedisDown
+from ..signature import SignatureError, verify
+from .middleware import json_errors
+from .responses import error_response, json_response
 
 __all__ = ["MAX_WEBHOOK_BODY", "REPLAY_WINDOW", "ReplayGuard", "create_webhook_app"]
 
@@ -90,8 +92,14 @@ def _ok(**extra: Any) -> web.Response:
     return json_response({"ok": True, **extra})
 
 
-def _refuse(status: int, code: str, message: str) -> web.Response:
-    return json_response({"error": {"code": code, "message": message}}, status)
+def _refuse(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return json_response(error_body(code, message), status, headers)
+
+
+def _too_large() -> web.Response:
+    return error_response(PayloadTooLarge("webhook bodies are limited to 1 MiB"))
 
 
 async def receive(request: web.Request) -> web.StreamResponse:
@@ -100,12 +108,12 @@ async def receive(request: web.Request) -> web.StreamResponse:
     settings = core[SETTINGS]
     if request.content_length is not None and request.content_length > MAX_WEBHOOK_BODY:
         metrics.webhooks.labels("too_large").inc()
-        return _refuse(413, "payload_too_large", "webhook bodies are limited to 1 MiB")
+        return _too_large()
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         metrics.webhooks.labels("too_large").inc()
-        return _refuse(413, "payload_too_large", "webhook bodies are limited to 1 MiB")
+        return _too_large()
     secrets = [s.reveal() for s in settings.webhook_secrets]
     try:
         verify(request.headers.get("X-Vellum-Signature"), body, secrets, now=time.time())
@@ -140,14 +148,10 @@ async def receive(request: web.Request) -> web.StreamResponse:
         await request.app[REPLAY].forget(event_id)
         metrics.webhooks.labels("retry").inc()
         log.warning("webhook_not_shared", extra={"fields": {"event_id": event_id, "scope": scope}})
-        return json_response(
-            {
-                "error": {
-                    "code": "redis_unavailable",
-                    "message": "applied to this sidecar only (Redis is down); retry later",
-                }
-            },
+        return _refuse(
             503,
+            "redis_unavailable",
+            "applied to this sidecar only (Redis is down); retry later",
             {"Retry-After": "5"},
         )
     metrics.webhooks.labels("ok").inc()

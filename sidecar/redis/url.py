@@ -1,4 +1,4 @@
-"""Building the redis-py asyncio client from ``SIDECAR_REDIS_URL``.
+"""``SIDECAR_REDIS_URL``: parsing every documented form, and building the redis-py client.
 
 Four topologies, one URL variable (plus ``SIDECAR_REDIS_CLUSTER`` for a cluster):
 
@@ -11,7 +11,7 @@ Four topologies, one URL variable (plus ``SIDECAR_REDIS_CLUSTER`` for a cluster)
   authenticate to the sentinels when they need it, the userinfo to the master.
 - ``redis://host[:port][,host[:port]...]`` or ``rediss://...`` with
   ``SIDECAR_REDIS_CLUSTER=true``: a Redis Cluster, discovered from these seed
-  nodes. Every key of a tenant carries the hash tag ``{tenant}`` (``Keys``), so
+  nodes. Every key of a tenant carries the hash tag ``{tenant}`` (``redis.keys``), so
   scripts, transactions and the fan-out channel (sharded pub/sub, Redis 7+)
   stay in one slot.
 
@@ -19,12 +19,15 @@ TLS options go in the query string for every form: ``ssl_ca_certs``,
 ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs`` (``none``, ``optional``,
 ``required``) and ``ssl_check_hostname``. Error messages never repeat the URL,
 which may hold a password.
+
+Nothing here knows ``Settings``: the parser takes a string and ``create_redis``
+the few values it needs, so ``config`` can validate URLs with this module.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
+from typing import Any, Final, Literal, TypeAlias
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
@@ -34,9 +37,6 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
-
-if TYPE_CHECKING:
-    from .config import Settings
 
 __all__ = [
     "REDIS_ERRORS",
@@ -262,15 +262,16 @@ class _SentinelRedis(Redis):
             await self._sentinel.aclose()
 
 
-def create_redis(settings: Settings) -> RedisClient:
+def create_redis(url: str, *, cluster: bool, timeout: float, pool_size: int) -> RedisClient:
     """A redis-py asyncio client with explicit timeouts, pool size and no hidden retries.
 
-    redis-py 8 retries failed commands by default; the sidecar does its own
-    backoff (``RedisConn``), so a dead Redis costs one timeout, not several.
+    ``url`` is any form :func:`parse_redis_url` accepts; ``cluster`` is
+    ``SIDECAR_REDIS_CLUSTER``, ``timeout`` ``SIDECAR_REDIS_TIMEOUT`` (one command or
+    connect) and ``pool_size`` ``SIDECAR_REDIS_POOL_SIZE``. redis-py 8 retries failed
+    commands by default; the sidecar does its own backoff (``RedisConn``), so a dead
+    Redis costs one timeout, not several.
     """
-    assert settings.redis_url is not None
-    target = parse_redis_url(settings.redis_url.reveal())
-    timeout = settings.redis_timeout
+    target = parse_redis_url(url)
     common: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
@@ -280,13 +281,13 @@ def create_redis(settings: Settings) -> RedisClient:
         "username": target.username,
         "password": target.password,
     }
-    if settings.redis_cluster:
-        return _cluster(target, settings, common)
+    if cluster:
+        return _cluster(target, pool_size, common)
     if target.kind == "sentinel":
-        return _sentinel(target, settings, common)
+        return _sentinel(target, timeout, pool_size, common)
     pool_kwargs: dict[str, Any] = {
         **common,
-        "max_connections": settings.redis_pool_size,
+        "max_connections": pool_size,
         "timeout": timeout,
         "db": target.db,
     }
@@ -300,14 +301,18 @@ def create_redis(settings: Settings) -> RedisClient:
     return Redis.from_pool(BlockingConnectionPool(**pool_kwargs))
 
 
-def _sentinel(target: RedisTarget, settings: Settings, common: dict[str, Any]) -> Redis:
+def _tls(target: RedisTarget) -> dict[str, Any]:
+    return {"ssl": True, **target.tls_options} if target.tls else {}
+
+
+def _sentinel(target: RedisTarget, timeout: float, pool_size: int, common: dict[str, Any]) -> Redis:
     assert target.service is not None
-    tls: dict[str, Any] = {"ssl": True, **target.tls_options} if target.tls else {}
+    tls = _tls(target)
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         list(target.hosts),
         sentinel_kwargs={
-            "socket_timeout": settings.redis_timeout,
-            "socket_connect_timeout": settings.redis_timeout,
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
             "retry": Retry(NoBackoff(), 0),
             "username": target.sentinel_username,
             "password": target.sentinel_password,
@@ -317,8 +322,8 @@ def _sentinel(target: RedisTarget, settings: Settings, common: dict[str, Any]) -
     pool = _BlockingSentinelPool(  # type: ignore[no-untyped-call]
         target.service,
         sentinel,
-        max_connections=settings.redis_pool_size,
-        timeout=settings.redis_timeout,
+        max_connections=pool_size,
+        timeout=timeout,
         db=target.db,
         **common,
         **tls,
@@ -329,12 +334,11 @@ def _sentinel(target: RedisTarget, settings: Settings, common: dict[str, Any]) -
     return client
 
 
-def _cluster(target: RedisTarget, settings: Settings, common: dict[str, Any]) -> RedisCluster:
-    tls: dict[str, Any] = {"ssl": True, **target.tls_options} if target.tls else {}
+def _cluster(target: RedisTarget, pool_size: int, common: dict[str, Any]) -> RedisCluster:
     return RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in target.hosts],
         # Per node; a tenant's keys all live on one node (the hash tag).
-        max_connections=settings.redis_pool_size,
+        max_connections=pool_size,
         **common,
-        **tls,
+        **_tls(target),
     )

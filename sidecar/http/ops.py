@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .keys import CORE, INVALIDATOR, LIFECYCLE, METRICS, REDIS, UPSTREAM
-from .metrics import CONTENT_TYPE_LATEST
-from .responses import json_errors, json_response
+from ..appkeys import CORE, INVALIDATOR, LIFECYCLE, METRICS, REDIS, UPSTREAM
+from ..metrics import CONTENT_TYPE_LATEST
+from .middleware import json_errors
+from .responses import json_response
 
 __all__ = ["create_ops_app"]
 

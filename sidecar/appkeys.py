@@ -6,12 +6,12 @@ from typing import Literal
 
 from aiohttp import web
 
-from .cache import EntitlementCache
+from .cache.cache import EntitlementCache
+from .cache.invalidation import Invalidator
 from .config import Settings
-from .guard import HostGuard
-from .invalidation import Invalidator
+from .http.guard import HostGuard
 from .metrics import Metrics
-from .redisio import RedisConn
+from .redis.conn import RedisConn
 from .upstream import VellumClient
 
 __all__ = [

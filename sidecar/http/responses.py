@@ -1,0 +1,88 @@
+"""Building responses: JSON bodies, the error envelope for every listener, cached reads."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+
+from ..cache.entry import Lookup
+from ..errors import (
+    BadRequest,
+    Forbidden,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    SidecarError,
+    error_body,
+)
+
+__all__ = [
+    "CACHE_HEADER",
+    "cached_response",
+    "error_response",
+    "http_error_code",
+    "http_exception_response",
+    "json_response",
+]
+
+CACHE_HEADER: Final = "X-Sidecar-Cache"
+
+#: aiohttp's own refusals that have a class in the error tree take that path.
+_HTTP_ERRORS: Final[Mapping[int, type[SidecarError]]] = {
+    400: BadRequest,
+    403: Forbidden,
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
+}
+#: The codes of the rarer refusals the HTTP layer makes.
+_HTTP_CODES: Final = {414: "uri_too_long", 415: "unsupported_media_type", 431: "headers_too_large"}
+
+
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    body = data if isinstance(data, bytes) else orjson.dumps(data)
+    return web.Response(body=body, status=status, headers=headers, content_type="application/json")
+
+
+def error_response(exc: SidecarError, headers: dict[str, str] | None = None) -> web.Response:
+    """A domain error as its status and JSON envelope (``SidecarError.body``)."""
+    return json_response(exc.body(), exc.status, headers)
+
+
+def http_error_code(status: int) -> str:
+    """The envelope's ``code`` for a refusal of the HTTP layer with this status."""
+    cls = _HTTP_ERRORS.get(status)
+    if cls is not None:
+        return cls.code
+    return _HTTP_CODES.get(status, "bad_request" if status < 500 else "internal_error")
+
+
+def http_exception_response(exc: web.HTTPException) -> web.Response:
+    """aiohttp's own errors (unknown route, wrong method, body too large) as JSON."""
+    message = exc.reason if exc.status != 413 else "request body too large"
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    cls = _HTTP_ERRORS.get(exc.status)
+    if cls is not None:
+        return error_response(cls(message), headers)
+    return json_response(error_body(http_error_code(exc.status), message), exc.status, headers)
+
+
+def cached_response(body: bytes, lookup: Lookup, status: int = 200) -> web.Response:
+    """A cached read: ``X-Sidecar-Cache`` says where it came from, ``Age`` how old it is."""
+    age = int(time.time() - lookup.entry.fetched_at)
+    # One headers dict (Content-Type included) is the cheapest way into a Response.
+    return web.Response(
+        body=body,
+        status=status,
+        headers={
+            "Content-Type": "application/json",
+            CACHE_HEADER: lookup.source,
+            "Age": str(age) if age > 0 else "0",
+        },
+    )
