@@ -69,6 +69,8 @@ class Invalidator:
         self._links: OrderedDict[str, set[str]] = OrderedDict()
         self._listener: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
+        if redis is not None:
+            metrics.fanout_state.follow(lambda: "ok" if self.subscribed.is_set() else "down")
         cache.on_fetched = self._learn_from_entry
 
     # -- issuing -----------------------------------------------------------------
