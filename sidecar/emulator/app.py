@@ -157,6 +157,11 @@ class Emulator(State):
             api_keys=api_keys, seed=seed, default_tenant=default_tenant, clock=clock or time.time
         )
 
+    def reset(self) -> None:
+        """Back to the initial state, the record of pushes included."""
+        super().reset()
+        self.pushes.clear()
+
     async def push_event(
         self,
         tenant: str,
