@@ -20,12 +20,16 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 from yarl import URL
 
 from sidecar.emulator import (
+    DEFAULT_EVENT_ID_FIELDS,
     DEMO_TENANT,
     EMULATOR,
     OPERATIONS,
     UPSTREAM_ROUTES,
+    Answer,
     Call,
     Emulator,
+    EmulatorError,
+    State,
     create_emulator_app,
 )
 from sidecar.signature import verify
@@ -1641,3 +1645,507 @@ async def test_shutdown_releases_held_requests(aiohttp_server: AiohttpServer) ->
 
     assert hold.released
     assert status == 200
+
+
+# ---------------------------------------------------------------- the state, without HTTP
+
+
+def test_state_answers_data_without_a_server() -> None:
+    state = State(api_keys=["k", "live_k"], seed=True)
+
+    found = state.answer(Call("get_entitlements", T, "test", {"customer": "cus_active"}))
+    missing = state.answer(Call("get_entitlements", T, "test", {"customer": "ghost"}))
+    bad = state.answer(Call("create_account", T, "test", body=b"{nope"))
+
+    assert (found.status, found.content_type) == (200, "application/json")
+    assert found.parsed()["modules"] == ["reports", "exports"]
+    assert (missing.status, missing.parsed()["error"]["code"]) == (404, "entitlements_not_found")
+    assert (bad.status, bad.parsed()["error"]["code"]) == (400, "invalid_json")
+    assert (state.mode_of("k"), state.mode_of("live_k"), state.mode_of("x")) == (
+        "test",
+        "live",
+        None,
+    )
+    with pytest.raises(ValueError, match="unknown operation"):
+        state.answer(Call("nope", T, "test"))
+
+
+def test_faults_are_data_too() -> None:
+    state = State(api_keys=["k"])
+    state.fail("list_invoices", 503, times=1, headers={"Retry-After": "1"})
+    state.delay(None, 0.5, times=2)
+
+    assert state.take_delays("list_invoices") == [0.5]
+    assert state.take_delays("flags") == [0.5]
+    assert state.take_delays("flags") == []
+    failure = state.take_failure("list_invoices")
+    assert failure is not None
+    assert (failure.status, failure.headers["Retry-After"]) == (503, "1")
+    assert failure.parsed()["error"]["code"] == "injected_fault"
+    assert state.take_failure("list_invoices") is None
+
+
+def test_the_newest_version_priced_in_the_keys_mode_is_sold() -> None:
+    state = State(api_keys=["k"], seed=True)
+    body = orjson.dumps({"planId": "pro"})
+    path = {"account": "acme", "customer": "cus_canceled"}
+
+    test = state.answer(Call("create_subscription", T, "test", path, body=body))
+    live = state.answer(Call("create_subscription", T, "live", path, body=body))
+    again = state.answer(Call("create_subscription", T, "live", path, body=body))
+    v3 = orjson.dumps({"planId": "pro", "planVersion": 3})
+    unpriced = state.answer(
+        Call("create_subscription", T, "live", {**path, "customer": "cus_pastdue"}, body=v3)
+    )
+
+    assert test.status == live.status == 201, "one live subscription per mode"
+    assert (test.parsed()["planVersion"], test.parsed()["mode"]) == (3, "test")
+    assert (live.parsed()["planVersion"], live.parsed()["mode"]) == (2, "live")
+    assert (again.status, again.parsed()["error"]["code"]) == (409, "subscription_exists")
+    assert (unpriced.status, unpriced.parsed()["error"]["code"]) == (
+        400,
+        "plan_version_not_priced",
+    )
+
+
+def test_a_trial_starts_with_a_paid_zero_invoice() -> None:
+    state = State(api_keys=["k"], seed=True)
+    state.create_customer(T, "acme", "c1")
+
+    sub = state.subscribe(T, "acme", "c1", "starter")
+
+    assert (sub["status"], sub["planVersion"], sub["amount"]) == ("trialing", 2, 2400)
+    assert "trialEnd" in sub
+    paid, updated = state.events
+    assert paid["type"] == "payment.succeeded"
+    assert (paid["invoice"]["amountPaid"], paid["invoice"]["paid"], paid["seats"]) == (0, True, 1)
+    assert updated["type"] == "entitlements.updated"
+    assert state.get_entitlements(T, "c1")["hasAccess"] is True  # type: ignore[index]
+
+
+def test_renewals_bill_fail_and_end_pending_cancels() -> None:
+    state = State(api_keys=["k"], seed=True)
+
+    renewed = state.renew(T, "acme", "cus_trial")
+    failed = state.renew(T, "acme", "cus_active", succeeded=False)
+    state.answer(
+        Call(
+            "cancel_subscription",
+            T,
+            "test",
+            {"account": "acme", "customer": "cus_pastdue"},
+            {"atPeriodEnd": "true"},
+        )
+    )
+    ended = state.renew(T, "acme", "cus_pastdue")
+
+    assert renewed["status"] == "active" and "trialEnd" not in renewed
+    assert failed["status"] == "past_due"
+    assert ended["status"] == "canceled" and ended["cancelAtPeriodEnd"] is False
+    assert [(e["type"], e.get("customerId")) for e in state.events] == [
+        ("payment.succeeded", "cus_trial"),
+        ("entitlements.updated", "cus_trial"),
+        ("payment.failed", "cus_active"),
+        ("entitlements.updated", "cus_active"),
+        ("entitlements.updated", "cus_pastdue"),
+    ]
+    failed_invoice = state.events[2]["invoice"]
+    assert (failed_invoice["status"], failed_invoice["amountPaid"]) == ("open", 0)
+    assert state.events[2]["seats"] == 5
+    assert state.get_entitlements(T, "cus_pastdue")["modules"] == []  # type: ignore[index]
+    with pytest.raises(EmulatorError) as gone:
+        state.renew(T, "acme", "cus_canceled")
+    assert gone.value.code == "subscription_canceled"
+
+
+def test_preview_changes_nothing() -> None:
+    state = State(api_keys=["k"], seed=True)
+    path = {"account": "acme", "customer": "cus_active"}
+    before = state.answer(Call("get_subscription", T, "test", path)).parsed()
+    doc = state.get_entitlements(T, "cus_active")
+
+    preview = state.answer(
+        Call(
+            "preview_change",
+            T,
+            "test",
+            path,
+            body=orjson.dumps({"planId": "pro", "planVersion": 1, "addOnModuleIds": ["sso"]}),
+        )
+    ).parsed()
+    empty = state.answer(Call("preview_change", T, "test", path)).parsed()
+
+    assert preview["current"] == before
+    assert (preview["proposed"]["planId"], preview["proposed"]["addOnModuleIds"]) == (
+        "pro",
+        ["sso"],
+    )
+    assert preview["amountDueNow"] == (5 * 4900 + 1500) - 5 * 2900
+    assert empty["proposed"] == empty["current"] and empty["amountDueNow"] == 0
+    assert state.answer(Call("get_subscription", T, "test", path)).parsed() == before
+    assert state.get_entitlements(T, "cus_active") == doc
+    assert state.events == []
+
+
+def test_subscription_changes_are_written_into_the_document() -> None:
+    state = State(api_keys=["k"], seed=True)
+    path = {"account": "acme", "customer": "cus_active"}
+
+    def run(operation: str, body: Any = None) -> Answer:
+        raw = b"" if body is None else orjson.dumps(body)
+        return state.answer(Call(operation, T, "test", path, body=raw))
+
+    def doc() -> dict[str, Any]:
+        got = state.get_entitlements(T, "cus_active")
+        assert got is not None
+        return got
+
+    assert run("change_add_ons", {"add": ["sso", "api"]}).status == 200
+    assert doc()["modules"] == ["reports", "exports", "sso", "api"]
+    assert run("change_add_ons", {"remove": ["api"]}).parsed()["addOnModuleIds"] == ["sso"]
+    assert run("set_seats", {"seats": 7}).status == 200
+    assert doc()["config"] == {"seats": 7}
+    planned = run("change_plan", {"planId": "enterprise", "planVersion": 1, "productId": "app"})
+    assert planned.parsed()["addOnModuleIds"] == [], "an add-on the plan includes is dropped"
+    assert doc()["planId"] == "enterprise" and "sso" in doc()["modules"]
+    assert run("update_subscription", {"planId": "team", "planVersion": 2}).status == 200
+    assert (doc()["planVersion"], doc()["modules"], doc()["config"]) == (
+        2,
+        ["reports", "exports"],
+        {"seats": 7},
+    )
+    errors = {
+        "change_add_ons": run("change_add_ons", {}),
+        "set_seats": run("set_seats", {"seats": 0}),
+        "change_plan": run("change_plan", {"planId": "team"}),
+        "update_subscription": run("update_subscription", {"planVersion": 1}),
+    }
+    assert {k: (a.status, a.parsed()["error"]["code"]) for k, a in errors.items()} == {
+        "change_add_ons": (400, "missing_field"),
+        "set_seats": (400, "invalid_field"),
+        "change_plan": (400, "missing_field"),
+        "update_subscription": (400, "missing_field"),
+    }
+    # Upgrades are billed at once (a proration invoice and its payment event).
+    paid = [e for e in state.events if e["type"] == "payment.succeeded"]
+    assert [e["invoice"]["total"] for e in paid] == [
+        1500 + 2000,
+        2 * 2900,
+        7 * 9900 - 5 * 2900 - 1500,
+    ]
+    assert all(e["seats"] in (5, 7) for e in paid)
+
+
+# ---------------------------------------------------------------- credits
+
+
+def test_consume_is_all_or_nothing_and_idempotent_on_its_key() -> None:
+    state = State(api_keys=["k"], seed=True)
+    path = {"customer": "cus_active", "credit_type": "exports"}
+
+    def consume(amount: int, key: str) -> Answer:
+        body = orjson.dumps({"amount": amount, "idempotencyKey": key})
+        return state.answer(Call("consume_credits", T, "test", path, body=body))
+
+    first = consume(15, "a")
+    replay = consume(15, "a")
+    other = consume(16, "a")
+    short = consume(6, "b")
+    state.set_credits(T, "cus_active", "exports", 100)
+    after_top_up = consume(6, "b")
+
+    assert (first.status, first.parsed()["balance"]) == (200, 5)
+    assert (replay.status, replay.body, replay.headers["Idempotent-Replayed"]) == (
+        200,
+        first.body,
+        "true",
+    )
+    assert (other.status, other.parsed()["error"]["code"]) == (422, "idempotency_key_reused")
+    assert (short.status, short.parsed()["error"]["code"]) == (409, "insufficient_credits")
+    assert after_top_up.parsed()["balance"] == 94, "a refused key is not remembered"
+    assert state.credits_of(T, "cus_active") == {"api-calls": 5000, "exports": 94}
+    for body, code in [
+        ({"amount": 0, "idempotencyKey": "c"}, "invalid_field"),
+        ({"amount": 1}, "missing_field"),
+        ({"idempotencyKey": "c"}, "missing_field"),
+        ({"amount": 1, "idempotencyKey": "x" * 256}, "invalid_field"),
+    ]:
+        answer = state.answer(Call("consume_credits", T, "test", path, body=orjson.dumps(body)))
+        assert (answer.status, answer.parsed()["error"]["code"]) == (400, code), body
+    unknown = state.answer(
+        Call("consume_credits", T, "test", {**path, "customer": "ghost"}, body=first.body)
+    )
+    assert unknown.status == 404
+
+
+async def test_checkouts_complete_like_the_hosted_page(api: Api, receiver: Receiver) -> None:
+    urls = {"successUrl": "https://a/ok", "cancelUrl": "https://a/no"}
+    acct = "/tenants/{}/accounts/{}"
+    subscription = await api.call(
+        "POST",
+        acct + "/checkout",
+        T,
+        "acme",
+        json={"customerId": "cus_canceled", "planId": "team", **urls},
+    )
+    setup = await api.call("POST", acct + "/billing/setup-checkout", T, "acme", json=urls)
+    credits = await api.call(
+        "POST",
+        acct + "/credit-checkout",
+        T,
+        "acme",
+        json={
+            "customerId": "cus_trial",
+            "creditTypeId": "api-calls",
+            "packId": "calls-10k",
+            **urls,
+        },
+    )
+    listed = await api.call("GET", "/_emulator/checkouts", key=None)
+
+    done = {}
+    for reply in (subscription, setup, credits):
+        path = "/_emulator/checkouts/{}/complete"
+        done[reply.body["mode"]] = await api.call("POST", path, reply.body["id"], key=None)
+    twice = await api.call("POST", "/_emulator/checkouts/{}/complete", setup.body["id"], key=None)
+    nothing = await api.call("POST", "/_emulator/checkouts/{}/complete", "cs_nope", key=None)
+
+    assert [c["status"] for c in listed.body["checkouts"]] == ["open"] * 3
+    assert done["subscription"].body["result"]["status"] == "active"
+    assert done["subscription"].body["pushed"] is True
+    assert (await api.entitlements("cus_canceled")).body["hasAccess"] is True
+    assert done["setup"].body["result"]["brand"] == "amex"
+    methods = await api.call("GET", acct + "/payment-methods", T, "acme")
+    assert len(methods.body["methods"]) == 3
+    balances = {c["creditTypeId"]: c["balance"] for c in done["payment"].body["result"]["credits"]}
+    assert balances["api-calls"] == 10_100
+    assert [e["type"] for e in receiver.events] == [
+        "payment.succeeded",
+        "entitlements.updated",
+        "payment_method.attached",
+        "payment.succeeded",
+    ]
+    assert receiver.events[-1]["invoice"]["total"] == 8000
+    assert receiver.events[-1]["seats"] == 1, "cus_trial's subscription"
+    assert (twice.status, error_code(twice)) == (409, "checkout_completed")
+    assert nothing.status == 404
+
+
+async def test_admin_credits(api: Api) -> None:
+    path = "/_emulator/customers/{}/credits"
+    put = await api.call("PUT", path + "/{}", "cus_trial", "exports", key=None, json={"balance": 7})
+    got = await api.call("GET", path, "cus_trial", key=None)
+    bad = await api.call(
+        "PUT", path + "/{}", "cus_trial", "exports", key=None, json={"balance": -1}
+    )
+    ghost = await api.call("PUT", path + "/{}", "ghost", "exports", key=None, json={"balance": 1})
+    unknown = await api.call(
+        "PUT", path + "/{}", "cus_trial", "gold", key=None, json={"balance": 1}
+    )
+    upstream = await api.call(
+        "GET", "/tenants/{}/customers/{}/credits/{}", T, "cus_trial", "exports"
+    )
+
+    assert put.body == {
+        "customerId": "cus_trial",
+        "creditTypeId": "exports",
+        "unit": "export",
+        "balance": 7,
+    }
+    assert got.body == {"credits": {"api-calls": 100, "exports": 7}}
+    assert upstream.body == put.body
+    assert (bad.status, ghost.status, unknown.status) == (400, 404, 404)
+
+
+# ---------------------------------------------------------------- flags
+
+
+async def test_flags_globals_and_overrides(api: Api, receiver: Receiver) -> None:
+    customer = "/tenants/{}/customers/{}/flags"
+    globals_before = await api.call("GET", "/tenants/{}/flags", T)
+    active = await api.call("GET", customer, T, "cus_active")
+    stranger = await api.call("GET", customer, T, "not-a-billing-customer")
+
+    assert globals_before.body == {
+        "flags": {"new-dashboard": False, "bulk-export": True, "maintenance-banner": False}
+    }
+    assert active.body["flags"]["new-dashboard"] is True
+    assert stranger.body == globals_before.body, "globals for anyone"
+    assert (await api.call("GET", "/tenants/{}/flags", "other")).body == {"flags": {}}
+
+
+async def test_admin_flags_change_and_push(api: Api, receiver: Receiver) -> None:
+    put_global = await api.call(
+        "PUT", "/_emulator/flags/{}", "beta", key=None, json={"value": True}
+    )
+    put_override = await api.call(
+        "PUT",
+        "/_emulator/customers/{}/flags/{}",
+        "cus_trial",
+        "beta",
+        key=None,
+        json={"value": False},
+    )
+    undefined = await api.call(
+        "PUT",
+        "/_emulator/customers/{}/flags/{}",
+        "cus_trial",
+        "nope",
+        key=None,
+        json={"value": True},
+    )
+    not_bool = await api.call("PUT", "/_emulator/flags/{}", "beta", key=None, json={"value": "on"})
+    trial = await api.call("GET", "/tenants/{}/customers/{}/flags", T, "cus_trial")
+    dropped_override = await api.call(
+        "DELETE", "/_emulator/customers/{}/flags/{}", "cus_trial", "beta", key=None
+    )
+    dropped = await api.call("DELETE", "/_emulator/flags/{}", "beta", key=None)
+    again = await api.call("DELETE", "/_emulator/flags/{}", "beta", key=None)
+    listed = await api.call("GET", "/_emulator/flags", key=None)
+
+    assert put_global.body["flags"]["beta"] is True and put_global.body["pushed"] is True
+    assert put_override.body["overrides"]["cus_trial"] == {"bulk-export": False, "beta": False}
+    assert (undefined.status, error_code(undefined)) == (404, "flag_not_found")
+    assert not_bool.status == 400
+    assert trial.body["flags"]["beta"] is False
+    assert dropped_override.body == dropped.body == {"deleted": True, "pushed": True}
+    assert again.body == {"deleted": False, "pushed": False}
+    assert "beta" not in listed.body["flags"]
+    assert [(e["type"], e.get("customerId"), e.get("accountId")) for e in receiver.events] == [
+        ("flags.updated", None, None),
+        ("flags.updated", "cus_trial", "acme"),
+        ("flags.updated", "cus_trial", "acme"),
+        ("flags.updated", None, None),
+    ]
+
+
+# ---------------------------------------------------------------- settings and event format
+
+
+async def test_settings(api: Api) -> None:
+    defaults = await api.call("GET", "/_emulator/settings", key=None)
+    changed = await api.call(
+        "PATCH",
+        "/_emulator/settings",
+        key=None,
+        json={"eventIdFields": ["eventId"], "hasAccess": False, "pushAttempts": 1},
+    )
+    bad = [
+        await api.call("PATCH", "/_emulator/settings", key=None, json=body)
+        for body in (
+            {"invoicePdf": "fax"},
+            {"eventIdFields": ["uuid"]},
+            {"eventIdFields": "eventId"},
+            {"hasAccess": 1},
+            {"pushAttempts": 0},
+            {"colour": "red"},
+        )
+    ]
+    legacy = await api.entitlements("cus_canceled")
+    reset = await api.call("POST", "/_emulator/reset", key=None)
+    after = await api.call("GET", "/_emulator/settings", key=None)
+
+    assert defaults.body == {
+        "invoicePdf": "bytes",
+        "eventIdFields": list(DEFAULT_EVENT_ID_FIELDS),
+        "hasAccess": True,
+        "pushAttempts": 3,
+    }
+    assert changed.body == {
+        "invoicePdf": "bytes",
+        "eventIdFields": ["eventId"],
+        "hasAccess": False,
+        "pushAttempts": 1,
+    }
+    assert {(r.status, error_code(r)) for r in bad} == {(400, "invalid_field")}
+    assert "hasAccess" not in legacy.body, "an older upstream's document"
+    assert legacy.body["modules"] == ["reports"], "as stored"
+    assert reset.status == 204
+    assert after.body == defaults.body
+
+
+async def test_event_id_fields(api: Api, emulator: Emulator, receiver: Receiver) -> None:
+    await api.admin_put("cus_trial", {})
+    emulator.settings.event_id_fields = ("eventId",)
+    await api.admin_put("cus_trial", {})
+    emulator.settings.event_id_fields = ("id",)
+    await api.admin_put("cus_trial", {})
+
+    both, current, older = receiver.events
+    assert both["eventId"] == both["id"]
+    assert "id" not in current and current["eventId"].startswith("evt_")
+    assert "eventId" not in older and older["id"].startswith("evt_")
+    assert DEFAULT_EVENT_ID_FIELDS == ("eventId", "id")
+
+
+async def test_pushes_are_retried_back_to_back_then_dropped(
+    api: Api, emulator: Emulator, receiver: Receiver
+) -> None:
+    receiver.status = 503
+    reply = await api.admin_put("cus_trial", {})
+    emulator.settings.push_attempts = 1
+    once = await api.admin_put("cus_trial", {})
+    listed = await api.call("GET", "/_emulator/pushes", key=None)
+
+    assert reply.body["pushed"] is False and once.body["pushed"] is False
+    assert [len(p.attempts) for p in emulator.pushes] == [3, 1]
+    assert emulator.pushes[0].dropped
+    ids = [e["eventId"] for e in receiver.events]
+    assert ids[:3] == [ids[0]] * 3 and ids[3] != ids[0]
+    signatures = {p.signature for p in emulator.pushes}
+    assert all(
+        s is not None and verify(s, r.body, [SECRET], now=time.time())
+        for s, r in zip(
+            [a.signature for p in emulator.pushes for a in p.attempts],
+            receiver.received,
+            strict=True,
+        )
+    )
+    assert len(signatures) == 2
+    assert listed.body["pushes"][0]["attempts"] == 3
+    assert listed.body["pushes"][0]["statuses"] == [503, 503, 503]
+
+
+async def test_pushes_arrive_in_the_order_of_the_changes(
+    api: Api, emulator: Emulator, receiver: Receiver
+) -> None:
+    for n in range(10):
+        emulator.set_entitlements(T, f"c{n}", {})
+    await emulator.wait_pushes_idle()
+
+    assert [e["customerId"] for e in receiver.events] == [f"c{n}" for n in range(10)]
+
+
+async def test_admin_events_and_renew(api: Api, receiver: Receiver) -> None:
+    renewed = await api.call(
+        "POST", "/_emulator/accounts/{}/customers/{}/renew", "acme", "cus_active", key=None
+    )
+    failed = await api.call(
+        "POST",
+        "/_emulator/tenants/{}/accounts/{}/customers/{}/renew",
+        T,
+        "acme",
+        "cus_trial",
+        key=None,
+        json={"outcome": "failed"},
+    )
+    bad = await api.call(
+        "POST",
+        "/_emulator/accounts/{}/customers/{}/renew",
+        "acme",
+        "cus_active",
+        key=None,
+        json={"outcome": "maybe"},
+    )
+    events = await api.call("GET", "/_emulator/events", key=None)
+
+    assert renewed.body["subscription"]["status"] == "active" and renewed.body["pushed"] is True
+    assert failed.body["subscription"]["status"] == "past_due"
+    assert bad.status == 400
+    assert [e["type"] for e in events.body["events"]] == [
+        "payment.succeeded",
+        "entitlements.updated",
+        "payment.failed",
+        "entitlements.updated",
+    ]
+    assert events.body["events"] == receiver.events
