@@ -544,7 +544,7 @@ class _Customer:
             "name": self.name,
             "email": self.email,
             "status": self.status,
-            "createdAt": iso(self.created),
+            "createdAt": self.created,
         }
 
 
@@ -568,7 +568,7 @@ class _Account:
             "email": self.email,
             "billingCustomerId": self.billing_customer_id,
             "status": self.status,
-            "createdAt": iso(self.created),
+            "createdAt": self.created,
         }
         if self.default_method is not None:
             view["defaultPaymentMethodRef"] = self.default_method
