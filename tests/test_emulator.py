@@ -1315,10 +1315,30 @@ async def test_admin_faults_delay_and_clear(api: Api) -> None:
     assert (await api.entitlements("cus_active")).status == 200
 
 
+async def test_admin_faults_hold_until_cleared(api: Api) -> None:
+    added = await api.call(
+        "POST", "/_emulator/faults", key=None, json={"operation": "list_invoices", "hold": True}
+    )
+    held = asyncio.create_task(api.call("GET", "/tenants/{}/accounts/{}/invoices", T, "acme"))
+    deadline = time.monotonic() + WAIT
+    while (await api.call("GET", "/_emulator/faults", key=None)).body["faults"][0]["held"] < 1:
+        assert time.monotonic() < deadline, "the request was never held"
+        await asyncio.sleep(0.01)
+    passing = await api.entitlements("cus_active")
+    assert not held.done()
+    cleared = await api.call("DELETE", "/_emulator/faults", key=None)
+
+    assert added.body == {"faults": [{"operation": "list_invoices", "hold": True, "held": 0}]}
+    assert passing.status == 200
+    assert cleared.status == 204
+    assert (await asyncio.wait_for(held, WAIT)).status == 200
+
+
 @pytest.mark.parametrize(
     "body",
     [
         {"operation": "get_entitlements"},
+        {"hold": "yes"},
         {"operation": "nope", "status": 500},
         {"status": 200},
         {"status": "500"},

@@ -473,3 +473,21 @@ async def test_a_refused_push_is_retried_three_times_back_to_back_then_dropped(
     ] * 3, "stable across retries"
     assert all("id" not in e for e in events)
     assert receiver.fail_first == 2, "nothing after the third attempt"
+
+
+async def test_during_rotation_the_sdk_checks_the_last_signature(
+    aiohttp_server: AiohttpServer, receiver: Receiver
+) -> None:
+    """Two ``v1`` entries: the SDK's parser keeps the last one, so the secret signed last
+    verifies and the other does not (a receiver of ours checks every entry)."""
+    app = create_emulator_app(
+        api_keys=[API_KEY], webhook_url=receiver.url, webhook_secret=["whsec_old", SECRET]
+    )
+    await aiohttp_server(app)
+    push = await app[EMULATOR].push_event(DEMO_TENANT, customer_id="cus_active")
+
+    ((body, header),) = receiver.received
+    assert push.delivered and header.count("v1=") == 2
+    assert verify_push_signature(body, header, SECRET)["eventId"] == push.event["eventId"]
+    with pytest.raises(VellumCharterSignatureError):
+        verify_push_signature(body, header, "whsec_old")

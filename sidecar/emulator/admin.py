@@ -217,9 +217,11 @@ async def _add_fault(request: web.Request) -> web.Response:
     times = body.get("times")
     if times is not None and (isinstance(times, bool) or not isinstance(times, int) or times < 1):
         _bad("invalid_field", "times must be a positive integer or null")
-    status, seconds = body.get("status"), body.get("delay")
-    if status is None and seconds is None:
-        _bad("missing_field", "status or delay is required")
+    status, seconds, hold = body.get("status"), body.get("delay"), body.get("hold", False)
+    if not isinstance(hold, bool):
+        _bad("invalid_field", "hold must be a boolean")
+    if status is None and seconds is None and not hold:
+        _bad("missing_field", "status, delay or hold is required")
     if status is not None and (
         isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599
     ):
@@ -233,6 +235,9 @@ async def _add_fault(request: web.Request) -> web.Response:
         em.delay(operation, float(seconds), times)
     if status is not None:
         em.fail(operation, status, times)
+    if hold:
+        # Held until DELETE /_emulator/faults: the answer is computed, its delivery waits.
+        em.hold(operation)
     return _json({"faults": em.faults()}, 201)
 
 
