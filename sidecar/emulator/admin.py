@@ -16,7 +16,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from .app import EMULATOR, Emulator, to_response
-from .state import OPERATIONS, Answer, EmulatorError, _bad, _object, _opt_str
+from .state import OPERATIONS, Answer, EmulatorError, bad_request, json_object, optional_str
 
 __all__ = ["ADMIN_ROUTES"]
 
@@ -36,18 +36,18 @@ def _tenant(request: web.Request) -> str:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    return _object(await request.read())
+    return json_object(await request.read())
 
 
 async def _optional_body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
-    return _object(raw) if raw.strip() else {}
+    return json_object(raw) if raw.strip() else {}
 
 
 def _bool_value(body: dict[str, Any]) -> bool:
     value = body.get("value")
     if not isinstance(value, bool):
-        _bad("invalid_field", "value must be a boolean")
+        bad_request("invalid_field", "value must be a boolean")
     return value
 
 
@@ -139,12 +139,12 @@ async def _complete_checkout(request: web.Request) -> web.Response:
 
 async def _renew(request: web.Request) -> web.Response:
     body = await _optional_body(request)
-    outcome = _opt_str(body, "outcome") or "succeeded"
+    outcome = optional_str(body, "outcome") or "succeeded"
     if outcome not in ("succeeded", "failed"):
-        _bad("invalid_field", "outcome must be succeeded or failed")
-    mode = _opt_str(body, "mode") or "test"
+        bad_request("invalid_field", "outcome must be succeeded or failed")
+    mode = optional_str(body, "mode") or "test"
     if mode not in ("test", "live"):
-        _bad("invalid_field", "mode must be test or live")
+        bad_request("invalid_field", "mode must be test or live")
     em = _em(request)
     tenant = _tenant(request)
     account, customer = request.match_info["account"], request.match_info["customer"]
@@ -161,12 +161,12 @@ async def _push(request: web.Request) -> web.Response:
     body = await _optional_body(request)
     data = body.get("data", {})
     if not isinstance(data, dict):
-        _bad("invalid_field", "data must be an object")
+        bad_request("invalid_field", "data must be an object")
     push = await _em(request).push_event(
         _tenant(request),
-        customer_id=_opt_str(body, "customerId"),
-        account_id=_opt_str(body, "accountId"),
-        event_type=_opt_str(body, "type") or "entitlements.updated",
+        customer_id=optional_str(body, "customerId"),
+        account_id=optional_str(body, "accountId"),
+        event_type=optional_str(body, "type") or "entitlements.updated",
         **data,
     )
     return _json({"event": push.event, "pushed": push.delivered, "status": push.status})
@@ -211,25 +211,25 @@ async def _get_faults(request: web.Request) -> web.Response:
 
 async def _add_fault(request: web.Request) -> web.Response:
     body = await _body(request)
-    operation = _opt_str(body, "operation")
+    operation = optional_str(body, "operation")
     if operation is not None and operation not in OPERATIONS:
-        _bad("invalid_field", f"unknown operation {operation!r}")
+        bad_request("invalid_field", f"unknown operation {operation!r}")
     times = body.get("times")
     if times is not None and (isinstance(times, bool) or not isinstance(times, int) or times < 1):
-        _bad("invalid_field", "times must be a positive integer or null")
+        bad_request("invalid_field", "times must be a positive integer or null")
     status, seconds, hold = body.get("status"), body.get("delay"), body.get("hold", False)
     if not isinstance(hold, bool):
-        _bad("invalid_field", "hold must be a boolean")
+        bad_request("invalid_field", "hold must be a boolean")
     if status is None and seconds is None and not hold:
-        _bad("missing_field", "status, delay or hold is required")
+        bad_request("missing_field", "status, delay or hold is required")
     if status is not None and (
         isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599
     ):
-        _bad("invalid_field", "status must be an HTTP error status (400-599)")
+        bad_request("invalid_field", "status must be an HTTP error status (400-599)")
     if seconds is not None and (
         isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0
     ):
-        _bad("invalid_field", "delay must be a non-negative number of seconds")
+        bad_request("invalid_field", "delay must be a non-negative number of seconds")
     em = _em(request)
     if seconds is not None:
         em.delay(operation, float(seconds), times)

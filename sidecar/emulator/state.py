@@ -338,23 +338,23 @@ class Settings:
         known = {"invoicePdf", "eventIdFields", "hasAccess", "pushAttempts"}
         unknown = sorted(set(changes) - known)
         if unknown:
-            _bad("invalid_field", f"unknown settings: {', '.join(unknown)}")
+            bad_request("invalid_field", f"unknown settings: {', '.join(unknown)}")
         pdf = changes.get("invoicePdf", self.invoice_pdf)
         if pdf not in ("bytes", "redirect"):
-            _bad("invalid_field", "invoicePdf must be bytes or redirect")
+            bad_request("invalid_field", "invoicePdf must be bytes or redirect")
         ids = changes.get("eventIdFields", list(self.event_id_fields))
         if (
             not isinstance(ids, list)
             or not set(ids) <= _EVENT_ID_FIELDS
             or len(set(ids)) != len(ids)
         ):
-            _bad("invalid_field", "eventIdFields must be a list of eventId and/or id")
+            bad_request("invalid_field", "eventIdFields must be a list of eventId and/or id")
         has_access = changes.get("hasAccess", self.has_access)
         if not isinstance(has_access, bool):
-            _bad("invalid_field", "hasAccess must be a boolean")
+            bad_request("invalid_field", "hasAccess must be a boolean")
         attempts = changes.get("pushAttempts", self.push_attempts)
         if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 10:
-            _bad("invalid_field", "pushAttempts must be an integer from 1 to 10")
+            bad_request("invalid_field", "pushAttempts must be an integer from 1 to 10")
         self.invoice_pdf = pdf
         self.event_id_fields = tuple(ids)
         self.has_access = has_access
@@ -597,42 +597,42 @@ class _Tenant:
 # --------------------------------------------------------------------------- validation
 
 
-def _bad(code: str, message: str) -> NoReturn:
+def bad_request(code: str, message: str) -> NoReturn:
     raise EmulatorError(400, code, message)
 
 
-def _object(raw: bytes) -> Json:
+def json_object(raw: bytes) -> Json:
     if not raw.strip():
-        _bad("invalid_body", "a JSON object body is required")
+        bad_request("invalid_body", "a JSON object body is required")
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        _bad("invalid_json", "the body is not valid JSON")
+        bad_request("invalid_json", "the body is not valid JSON")
     if not isinstance(body, dict):
-        _bad("invalid_body", "the body must be a JSON object")
+        bad_request("invalid_body", "the body must be a JSON object")
     return body
 
 
 def _req_str(body: Mapping[str, Any], name: str) -> str:
     value = body.get(name)
     if value is None:
-        _bad("missing_field", f"{name} is required")
+        bad_request("missing_field", f"{name} is required")
     if not isinstance(value, str) or not value:
-        _bad("invalid_field", f"{name} must be a non-empty string")
+        bad_request("invalid_field", f"{name} must be a non-empty string")
     return value
 
 
 def _not_null(body: Mapping[str, Any], name: str) -> Any:
     value = body.get(name)
     if name in body and value is None:
-        _bad("invalid_field", f"{name} is optional: omit it rather than sending null")
+        bad_request("invalid_field", f"{name} is optional: omit it rather than sending null")
     return value
 
 
-def _opt_str(body: Mapping[str, Any], name: str) -> str | None:
+def optional_str(body: Mapping[str, Any], name: str) -> str | None:
     value = _not_null(body, name)
     if value is not None and (not isinstance(value, str) or not value):
-        _bad("invalid_field", f"{name} must be a non-empty string")
+        bad_request("invalid_field", f"{name} must be a non-empty string")
     return value
 
 
@@ -641,7 +641,7 @@ def _opt_bool(body: Mapping[str, Any], name: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        _bad("invalid_field", f"{name} must be a boolean")
+        bad_request("invalid_field", f"{name} must be a boolean")
     return value
 
 
@@ -654,13 +654,13 @@ def _opt_int(body: Mapping[str, Any], name: str) -> int | None:
     if value is None:
         return None
     if not _positive_int(value):
-        _bad("invalid_field", f"{name} must be a positive integer")
+        bad_request("invalid_field", f"{name} must be a positive integer")
     return int(value)
 
 
 def _req_int(body: Mapping[str, Any], name: str) -> int:
     if body.get(name) is None:
-        _bad("missing_field", f"{name} is required")
+        bad_request("missing_field", f"{name} is required")
     value = _opt_int(body, name)
     assert value is not None
     return value
@@ -671,14 +671,14 @@ def _str_list(body: Mapping[str, Any], name: str) -> list[str] | None:
     if value is None:
         return None
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        _bad("invalid_field", f"{name} must be a list of non-empty strings")
+        bad_request("invalid_field", f"{name} must be a list of non-empty strings")
     return list(dict.fromkeys(value))
 
 
 def _status(body: Mapping[str, Any], allowed: frozenset[str]) -> str:
     status = _req_str(body, "status")
     if status not in allowed:
-        _bad("invalid_status", f"status must be one of {', '.join(sorted(allowed))}")
+        bad_request("invalid_status", f"status must be one of {', '.join(sorted(allowed))}")
     return status
 
 
@@ -688,22 +688,22 @@ def _bool_query(query: Mapping[str, str], name: str) -> bool:
         return True
     if value in ("false", "0", ""):
         return False
-    _bad("invalid_query", f"{name} must be true or false")
+    bad_request("invalid_query", f"{name} must be true or false")
 
 
 def check_entitlements(doc: Mapping[str, Any]) -> None:
     """The admin API's checks on a document it is given to store."""
     if "status" in doc and not isinstance(doc["status"], str):
-        _bad("invalid_field", "status must be a string")
+        bad_request("invalid_field", "status must be a string")
     modules = doc.get("modules", [])
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
-        _bad("invalid_field", "modules must be a list of strings")
+        bad_request("invalid_field", "modules must be a list of strings")
     if not isinstance(doc.get("config", {}), dict):
-        _bad("invalid_field", "config must be an object")
+        bad_request("invalid_field", "config must be an object")
     if "accountId" in doc and not isinstance(doc["accountId"], str):
-        _bad("invalid_field", "accountId must be a string")
+        bad_request("invalid_field", "accountId must be a string")
     if "hasAccess" in doc and not isinstance(doc["hasAccess"], bool):
-        _bad("invalid_field", "hasAccess must be a boolean")
+        bad_request("invalid_field", "hasAccess must be a boolean")
 
 
 @dataclass(frozen=True, slots=True)
@@ -1052,7 +1052,7 @@ class State:
             raise EmulatorError(404, "customer_not_found", f"no customer {customer_id!r}")
         credit_type = _credit_type(credit_type_id)
         if isinstance(balance, bool) or not isinstance(balance, int) or balance < 0:
-            _bad("invalid_field", "balance must be a non-negative integer")
+            bad_request("invalid_field", "balance must be a non-negative integer")
         state.balances.setdefault(customer_id, {})[credit_type.credit_type_id] = balance
         return self._balance(state, customer_id, credit_type)
 
@@ -1491,15 +1491,15 @@ class State:
         keeps its current value; ``planVersion`` omitted with a new ``planId`` sells
         the newest version, as on a new subscription.
         """
-        product_id = _opt_str(body, "productId")
-        plan_id = _opt_str(body, "planId")
+        product_id = optional_str(body, "productId")
+        plan_id = optional_str(body, "planId")
         if plan_id is None and current is None:
-            _bad("missing_field", "planId is required")
+            bad_request("missing_field", "planId is required")
         version_no = _opt_int(body, "planVersion")
         if plan_id is None:
             assert current is not None
             if product_id not in (None, current.product.product_id):
-                _bad("missing_field", "planId is required with a productId")
+                bad_request("missing_field", "planId is required with a productId")
             product, plan_id = current.product, current.plan_id
             if version_no is None:
                 version_no = current.version.version
@@ -1522,7 +1522,7 @@ class State:
                     404, "plan_version_not_found", f"plan {plan_id!r} has no version {version_no}"
                 )
             if mode not in version.modes:
-                _bad(
+                bad_request(
                     "plan_version_not_priced", f"{plan_id!r} v{version_no} has no {mode}-mode price"
                 )
         seats = _opt_int(body, "seats")
@@ -1553,7 +1553,7 @@ class State:
             raise EmulatorError(404, "plan_not_found", f"no plan {plan_id!r}")
         if len(products) > 1:
             names = ", ".join(p.product_id for p in products)
-            _bad("ambiguous_plan", f"plan {plan_id!r} is sold by {names}: send productId")
+            bad_request("ambiguous_plan", f"plan {plan_id!r} is sold by {names}: send productId")
         return products[0]
 
     def _refuse_second_subscription(self, customer: _Customer, mode: str) -> None:
@@ -1701,7 +1701,7 @@ class State:
         return Answer.json({"flags": self.flags_for(call.tenant)})
 
     def _op_create_checkout(self, call: Call) -> Answer:
-        body = _object(call.body)
+        body = json_object(call.body)
         state = self._tenant(call.tenant)
         account = self._account(state, call.params["account"])
         customer = self._customer(account, _req_str(body, "customerId"))
@@ -1739,7 +1739,7 @@ class State:
         }
 
     def _op_create_setup_checkout(self, call: Call) -> Answer:
-        body = _object(call.body)
+        body = json_object(call.body)
         state = self._tenant(call.tenant)
         account = self._account(state, call.params["account"])
         urls = {
@@ -1751,7 +1751,7 @@ class State:
         return Answer.json(_public(session), 201)
 
     def _op_create_credit_checkout(self, call: Call) -> Answer:
-        body = _object(call.body)
+        body = json_object(call.body)
         state = self._tenant(call.tenant)
         account = self._account(state, call.params["account"])
         customer = self._customer(account, _req_str(body, "customerId"))
@@ -1763,21 +1763,21 @@ class State:
         if raw_items is None:
             raw_items = [body]
         elif not isinstance(raw_items, list) or not raw_items:
-            _bad("invalid_field", "items must be a non-empty list")
+            bad_request("invalid_field", "items must be a non-empty list")
         items = []
         for n, raw in enumerate(raw_items):
             where = "" if raw is body else f"items[{n}]."
             if not isinstance(raw, dict):
-                _bad("invalid_field", f"items[{n}] must be an object")
+                bad_request("invalid_field", f"items[{n}] must be an object")
             ct_id = raw.get("creditTypeId")
             pack_id = raw.get("packId")
             if not isinstance(ct_id, str) or not ct_id:
-                _bad("missing_field", f"{where}creditTypeId is required")
+                bad_request("missing_field", f"{where}creditTypeId is required")
             if not isinstance(pack_id, str) or not pack_id:
-                _bad("missing_field", f"{where}packId is required")
+                bad_request("missing_field", f"{where}packId is required")
             quantity = raw.get("quantity", 1)
             if not _positive_int(quantity):
-                _bad("invalid_field", f"{where}quantity must be a positive integer")
+                bad_request("invalid_field", f"{where}quantity must be a positive integer")
             credit_type = _credit_type(ct_id)
             pack = credit_type.pack(pack_id)
             if pack is None:
@@ -1803,7 +1803,7 @@ class State:
         return Answer.json(_public(session), 201)
 
     def _op_create_subscription(self, call: Call) -> Answer:
-        body = _object(call.body)
+        body = json_object(call.body)
         _, account, customer = self._path(call)
         choice = self._choose(body, call.mode)
         return Answer.json(self._subscribe(call.tenant, account, customer, choice, call.mode), 201)
@@ -1813,7 +1813,7 @@ class State:
         return Answer.json(self._subscription(customer, call.mode).view(account))
 
     def _op_update_subscription(self, call: Call) -> Answer:
-        body = _object(call.body)
+        body = json_object(call.body)
         _, account, customer = self._path(call)
         _req_str(body, "planId")
         _req_int(body, "planVersion")
@@ -1822,7 +1822,7 @@ class State:
         return Answer.json(self._change(call.tenant, account, customer, sub, choice, "update"))
 
     def _op_preview_change(self, call: Call) -> Answer:
-        body = _object(call.body) if call.body.strip() else {}
+        body = json_object(call.body) if call.body.strip() else {}
         _, account, customer = self._path(call)
         sub = self._live_subscription(customer, call.mode)
         choice = self._choose(body, call.mode, sub)
@@ -1844,7 +1844,7 @@ class State:
         )
 
     def _op_set_seats(self, call: Call) -> Answer:
-        body = _object(call.body)
+        body = json_object(call.body)
         _, account, customer = self._path(call)
         seats = _req_int(body, "seats")
         sub = self._live_subscription(customer, call.mode)
@@ -1852,12 +1852,12 @@ class State:
         return Answer.json(self._change(call.tenant, account, customer, sub, choice, "seats"))
 
     def _op_change_add_ons(self, call: Call) -> Answer:
-        body = _object(call.body)
+        body = json_object(call.body)
         _, account, customer = self._path(call)
         add = _str_list(body, "add") or []
         remove = _str_list(body, "remove") or []
         if not add and not remove:
-            _bad("missing_field", "add or remove is required")
+            bad_request("missing_field", "add or remove is required")
         sub = self._live_subscription(customer, call.mode)
         add_ons = [m for m in sub.add_ons if m not in remove]
         add_ons += [m for m in add if m not in add_ons]
@@ -1865,7 +1865,7 @@ class State:
         return Answer.json(self._change(call.tenant, account, customer, sub, choice, "add-ons"))
 
     def _op_change_plan(self, call: Call) -> Answer:
-        body = _object(call.body)
+        body = json_object(call.body)
         _, account, customer = self._path(call)
         changes = {
             "planId": _req_str(body, "planId"),
@@ -1913,28 +1913,28 @@ class State:
         return Answer.json(sub.view(account))
 
     def _op_create_account(self, call: Call) -> Answer:
-        body = _object(call.body)
+        body = json_object(call.body)
         view, created = self._create_account(
             call.tenant,
             _req_str(body, "accountId"),
-            _opt_str(body, "name"),
-            _opt_str(body, "email"),
-            _opt_str(body, "billingCustomerId"),
+            optional_str(body, "name"),
+            optional_str(body, "email"),
+            optional_str(body, "billingCustomerId"),
             _opt_bool(body, "createBillingCustomer"),
         )
         return Answer.json(view, 201 if created else 200)
 
     def _op_create_customer(self, call: Call) -> Answer:
-        body = _object(call.body)
+        body = json_object(call.body)
         customer_id = _req_str(body, "customerId")
-        name, email = _opt_str(body, "name"), _opt_str(body, "email")
+        name, email = optional_str(body, "name"), optional_str(body, "email")
         view = self.create_customer(
             call.tenant, call.params["account"], customer_id, name=name, email=email
         )
         return Answer.json(view, 201)
 
     def _op_set_account_status(self, call: Call) -> Answer:
-        status = _status(_object(call.body), ACCOUNT_STATUSES)
+        status = _status(json_object(call.body), ACCOUNT_STATUSES)
         state = self._tenant(call.tenant)
         account = self._account(state, call.params["account"])
         account.status = status
@@ -1949,7 +1949,7 @@ class State:
         return Answer.json(account.view())
 
     def _op_set_customer_status(self, call: Call) -> Answer:
-        status = _status(_object(call.body), CUSTOMER_STATUSES)
+        status = _status(json_object(call.body), CUSTOMER_STATUSES)
         _, _, customer = self._path(call)
         customer.status = status
         self._write_doc(call.tenant, customer, status=status)
@@ -1983,7 +1983,7 @@ class State:
         return Answer.json({"ref": method.ref, "removed": True})
 
     def _op_set_subscription_payment_method(self, call: Call) -> Answer:
-        body = _object(call.body)
+        body = json_object(call.body)
         ref = _req_str(body, "methodId")
         _, account, customer = self._path(call)
         sub = self._subscription(customer, call.mode)
@@ -2036,14 +2036,14 @@ class State:
         return Answer.json(self._balance(state, customer.customer_id, credit_type))
 
     def _op_consume_credits(self, call: Call) -> Answer:
-        body = _object(call.body)
+        body = json_object(call.body)
         state = self._tenant(call.tenant)
         customer = self._known_customer(state, call.params["customer"])
         credit_type = _credit_type(call.params["credit_type"])
         amount = _req_int(body, "amount")
         key = _req_str(body, "idempotencyKey")
         if len(key) > _MAX_IDEMPOTENCY_KEY:
-            _bad("invalid_field", f"idempotencyKey is longer than {_MAX_IDEMPOTENCY_KEY}")
+            bad_request("invalid_field", f"idempotencyKey is longer than {_MAX_IDEMPOTENCY_KEY}")
         slot = (customer.customer_id, credit_type.credit_type_id, key)
         done = state.consumed.get(slot)
         if done is not None:
@@ -2081,7 +2081,7 @@ def _credit_type(credit_type_id: str) -> CreditType:
 def _check_add_ons(product: Product, version: PlanVersion, add_ons: Iterable[str]) -> None:
     for module in add_ons:
         if module not in product.add_ons:
-            _bad("unknown_add_on", f"{product.product_id!r} has no add-on {module!r}")
+            bad_request("unknown_add_on", f"{product.product_id!r} has no add-on {module!r}")
         if module in version.modules:
             raise EmulatorError(409, "add_on_included", f"the plan already includes {module!r}")
 
