@@ -3,6 +3,10 @@
 The entitlement routes and the contract are listed here; every operation of the
 table (``http/operations.py``) is registered on both surfaces, answered from the
 cache (``cached``) or forwarded to the upstream. Every GET also answers HEAD.
+Last comes the mirror's catch-all: any other method or path under
+``/tenants/{tenant}/`` is an operation the table does not know
+(``forwarding.forward_unknown``). It must stay the last route of the mirror, so
+every known operation matches first.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from aiohttp import web
 from ..appkeys import SETTINGS
 from ..errors import NotFound
 from . import entitlements
-from .forwarding import forward
+from .forwarding import forward, forward_unknown
 from .inputs import path_id
 from .middleware import Handler
 from .operations import OPERATIONS, SURFACES, Operation, Surface
@@ -43,6 +47,7 @@ def add_routes(app: web.Application) -> None:
                 # HEAD answers like GET without the body, as aiohttp's add_get does.
                 r.add_route("HEAD", route, handler)
             r.add_route(op.method, route, handler, name=f"{surface}.{op.name}")
+    r.add_route("*", "/tenants/{tenant}/{path:.*}", forward_unknown, name="mirror.unknown")
 
 
 def _operation_handler(op: Operation, surface: Surface) -> Handler:
