@@ -105,6 +105,8 @@ function seg(name, value) {
 // BEGIN GENERATED operation table: scripts/gen_clients.py writes it from the sidecar's own
 const OPERATIONS = Object.freeze({
   get_entitlements: { method: "GET", path: "/v1/customers/{customer}/entitlements", cached: true },
+  flags: { method: "GET", path: "/v1/customers/{customer}/flags" },
+  global_flags: { method: "GET", path: "/v1/flags" },
   create_checkout: { method: "POST", path: "/v1/accounts/{account}/checkout", body: true },
   create_setup_checkout: {
     method: "POST", path: "/v1/accounts/{account}/billing/setup-checkout", body: true,
@@ -112,11 +114,29 @@ const OPERATIONS = Object.freeze({
   create_subscription: {
     method: "POST", path: "/v1/accounts/{account}/customers/{customer}/subscribe", body: true,
   },
+  get_subscription: {
+    method: "GET", path: "/v1/accounts/{account}/customers/{customer}/subscription",
+  },
+  update_subscription: {
+    method: "PUT", path: "/v1/accounts/{account}/customers/{customer}/subscription", body: true,
+  },
   cancel_subscription: {
     method: "DELETE", path: "/v1/accounts/{account}/customers/{customer}/subscription",
   },
-  get_subscription: {
-    method: "GET", path: "/v1/accounts/{account}/customers/{customer}/subscription",
+  preview_change: {
+    method: "POST", path: "/v1/accounts/{account}/customers/{customer}/subscription/preview", body: true,
+  },
+  set_seats: {
+    method: "PATCH", path: "/v1/accounts/{account}/customers/{customer}/subscription/seats", body: true,
+  },
+  change_add_ons: {
+    method: "PATCH", path: "/v1/accounts/{account}/customers/{customer}/subscription/add-ons", body: true,
+  },
+  change_plan: {
+    method: "PATCH", path: "/v1/accounts/{account}/customers/{customer}/subscription/plan", body: true,
+  },
+  reactivate: {
+    method: "POST", path: "/v1/accounts/{account}/customers/{customer}/subscription/reactivate",
   },
   create_account: { method: "POST", path: "/v1/accounts", body: true },
   create_customer: { method: "POST", path: "/v1/accounts/{account}/customers", body: true },
@@ -136,6 +156,16 @@ const OPERATIONS = Object.freeze({
   },
   list_invoices: { method: "GET", path: "/v1/accounts/{account}/invoices" },
   invoice_pdf: { method: "GET", path: "/v1/accounts/{account}/invoices/{invoice}/pdf" },
+  create_credit_checkout: {
+    method: "POST", path: "/v1/accounts/{account}/credit-checkout", body: true,
+  },
+  list_credit_types: { method: "GET", path: "/v1/credit-types" },
+  list_credit_packs: { method: "GET", path: "/v1/credit-types/{credit_type}/packs" },
+  list_credits: { method: "GET", path: "/v1/customers/{customer}/credits" },
+  get_credit_balance: { method: "GET", path: "/v1/customers/{customer}/credits/{credit_type}" },
+  consume_credits: {
+    method: "POST", path: "/v1/customers/{customer}/credits/{credit_type}/consume", body: true,
+  },
 });
 // END GENERATED operation table
 
