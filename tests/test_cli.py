@@ -290,6 +290,15 @@ def test_demo_prints_working_curl_lines(tmp_path: Path) -> None:
         )
         assert status == 200
         assert http("GET", f"{base}/v1/customers/cus_trial/can/exports")[2]["allowed"] is True
+        for line in ("/v1/customers/cus_active/flags", "/v1/customers/cus_active/credits/exports",
+                     "/tenants/demo/accounts/acme/invoices"):  # fmt: skip
+            assert f"curl -s {base}{line} " in banner, line
+        flags = http("GET", f"{base}/v1/customers/cus_active/flags")[2]["flags"]
+        assert flags["new-dashboard"] is True, "the customer's override"
+        credits = http("GET", f"{base}/v1/customers/cus_active/credits/exports")[2]
+        assert (credits["creditTypeId"], credits["balance"]) == ("exports", 20)
+        invoices = http("GET", f"{base}/tenants/demo/accounts/acme/invoices")[2]["invoices"]
+        assert [i["number"] for i in invoices] == ["ACME-0001", "ACME-0002"]
         assert http("GET", f"http://127.0.0.1:{ops}/readyz")[0] == 200
     finally:
         code = demo.stop(signal.SIGINT)
