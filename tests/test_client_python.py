@@ -31,8 +31,7 @@ from vellum_sidecar_client import (
     SidecarUnavailable,
 )
 
-from .conftest import free_port
-from .live import Stack
+from .harness import Stack, free_port
 
 # The Vellum SDK's surface (interface.md, section 1): name -> keyword arguments.
 SDK_METHODS: dict[str, list[str]] = {

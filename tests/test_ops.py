@@ -7,7 +7,8 @@ import pytest
 from sidecar.emulator import Emulator
 from sidecar.keys import LIFECYCLE
 
-from .conftest import RedisServer, SidecarFactory, eventually
+from .conftest import SidecarFactory, eventually
+from .harness import RedisServer
 
 
 async def test_healthz_and_readyz(make_sidecar: SidecarFactory, redis_url: str) -> None:
@@ -41,7 +42,7 @@ async def test_readyz_reports_redis_down_and_back(
 ) -> None:
     emulator.set_entitlements(tenant, "cus_1", {"status": "active", "modules": ["m"]})
     sc = await make_sidecar(own_redis.url)
-    own_redis.stop()
+    own_redis.kill()
     # The next read notices; the answer still comes (from the upstream).
     resp = await sc.client.get("/v1/customers/cus_1/can/m")
     assert resp.status == 200

@@ -29,7 +29,8 @@ from sidecar.keys import REDIS
 from sidecar.logs import JsonFormatter
 from sidecar.proxy import OPERATIONS, SURFACES, Operation
 
-from .conftest import API_KEY, Sidecar, SidecarFactory, eventually, free_port
+from .conftest import Sidecar, SidecarFactory, eventually
+from .harness import API_KEY, free_port
 
 CALLER_KEY = "caller_own_key_" + "c" * 20
 PERSONAL = "jane.doe@example.com"

@@ -20,15 +20,8 @@ from sidecar.keys import LIFECYCLE
 from sidecar.signature import sign, sign_many
 from sidecar.webhooks import create_webhook_app
 
-from .conftest import (
-    API_KEY,
-    WEBHOOK_SECRET,
-    Sidecar,
-    SidecarFactory,
-    eventually,
-    free_port,
-    sidecar_env,
-)
+from .conftest import Sidecar, SidecarFactory, eventually
+from .harness import API_KEY, WEBHOOK_SECRET, free_port, sidecar_env
 
 OLD = {"status": "active", "modules": ["reports"], "accountId": "acct_1"}
 NEW = {"status": "active", "modules": ["reports", "exports"], "accountId": "acct_1"}
