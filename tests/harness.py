@@ -473,8 +473,7 @@ class Emulator(Process):
         name: str = "emulator",
     ) -> None:
         port = port or free_port()
-        argv = sidecar_command("emulator", "--listen", f"127.0.0.1:{port}",
-                               "--api-keys", API_KEY, "--tenant", tenant)  # fmt: skip
+        argv = sidecar_command("emulator", "--listen", f"127.0.0.1:{port}", "--tenant", tenant)
         if webhook_url is not None:
             argv += ["--webhook-url", webhook_url]
         if not seed:
@@ -483,7 +482,11 @@ class Emulator(Process):
             name,
             argv,
             workdir,
-            env={"EMULATOR_WEBHOOK_SECRET": WEBHOOK_SECRET, "SIDECAR_LOG_LEVEL": "warning"},
+            env={
+                "EMULATOR_API_KEYS": API_KEY,  # secrets in the environment, never in argv
+                "EMULATOR_WEBHOOK_SECRET": WEBHOOK_SECRET,
+                "SIDECAR_LOG_LEVEL": "warning",
+            },
             ports={"local": port},
             ready_url=f"http://127.0.0.1:{port}/_emulator/healthz",
         )
