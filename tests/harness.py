@@ -48,7 +48,6 @@ __all__ = [
     "Sidecar",
     "Stack",
     "TLSFiles",
-    "clean_env",
     "free_port",
     "http_status",
     "make_tls_files",
@@ -121,7 +120,7 @@ def http_status(url: str, timeout: float = 2.0) -> int | None:
         return None
 
 
-def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def _clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """This process's environment without its own sidecar settings, plus ``extra``."""
     ours = ("VELLUM_", "SIDECAR_", "EMULATOR_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
@@ -152,7 +151,7 @@ def sidecar_env(tenant: str, base_url: str, **settings: str | None) -> dict[str,
 # -- processes ---------------------------------------------------------------------------------
 
 
-def proc_tree(pid: int) -> list[int]:
+def _proc_tree(pid: int) -> list[int]:
     """``pid`` and its descendants (a multi-worker sidecar is a supervisor plus workers)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -223,19 +222,24 @@ class Process:
     # lifecycle
 
     def start(self) -> Self:
-        """Start (again, after a stop) and wait until ``ready_url`` answers 200."""
+        """Start (again, after a stop) and wait until ``ready_url`` answers 200; a
+        process that does not get there is killed before the error is raised."""
         if self.running:
             raise RuntimeError(f"{self.name} is already running")
         with self.log.open("ab") as out:  # the child keeps its own descriptor
             self._popen = subprocess.Popen(
                 self.argv,
-                env=clean_env(self.env),
+                env=_clean_env(self.env),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
         if self.ready_url is not None:
-            self.wait_ready(self.ready_url)
+            try:
+                self.wait_ready(self.ready_url)
+            except BaseException:
+                self.kill()
+                raise
         return self
 
     def wait_ready(self, url: str, status: int = 200, timeout: float = STARTUP_TIMEOUT) -> None:
@@ -314,14 +318,14 @@ class Process:
 
     def cpu_seconds(self) -> float:
         """CPU time, user + system."""
-        return sum(_cpu_seconds(p) for p in proc_tree(self.pid))
+        return sum(_cpu_seconds(p) for p in _proc_tree(self.pid))
 
     def peak_rss_mib(self) -> float:
         """Peak resident set (VmHWM) of the process, or of its largest worker."""
-        return max(_status_kib(p, "VmHWM") for p in proc_tree(self.pid)) / 1024
+        return max(_status_kib(p, "VmHWM") for p in _proc_tree(self.pid)) / 1024
 
     def rss_mib(self) -> float:
-        return sum(_status_kib(p, "VmRSS") for p in proc_tree(self.pid)) / 1024
+        return sum(_status_kib(p, "VmRSS") for p in _proc_tree(self.pid)) / 1024
 
 
 # -- Redis -------------------------------------------------------------------------------------
@@ -423,8 +427,13 @@ class RedisServer:
             return False
 
     def start(self) -> Self:
+        """Start and wait until it answers PING (killed if it does not)."""
         self.process.start()
-        wait_until(self.ping, timeout=20, process=self.process, what=f"{self.process.name} PING")
+        try:
+            wait_until(self.ping, timeout=20, process=self.process, what="an answer to PING")
+        except BaseException:
+            self.kill()
+            raise
         return self
 
     def flush(self) -> None:
@@ -450,6 +459,12 @@ class RedisServer:
 
     def resume(self) -> None:
         self.process.resume()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
 
 
 # -- the emulator and the sidecar --------------------------------------------------------------
@@ -490,7 +505,6 @@ class Emulator(Process):
             ports={"local": port},
             ready_url=f"http://127.0.0.1:{port}/_emulator/healthz",
         )
-        self.tenant = tenant
 
 
 class Sidecar(Process):
@@ -513,9 +527,9 @@ class Sidecar(Process):
         **settings: str | None,
     ) -> None:
         ports = {"ops": free_port(), "webhooks": free_port()}
-        if listen is None:
-            ports["local"] = free_port()
-            listen = f"127.0.0.1:{ports['local']}"
+        listen = listen or f"127.0.0.1:{free_port()}"
+        if not listen.startswith("unix:"):
+            ports["local"] = int(listen.rsplit(":", 1)[1])
         self.listen = listen
         env = sidecar_env(
             tenant,

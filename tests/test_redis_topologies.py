@@ -223,15 +223,36 @@ async def _tenant_drop_fans_out(a: Sidecar, b: Sidecar, emulator: Emulator, tena
 # -- TLS and unix sockets --------------------------------------------------------------------
 
 
+async def _two_share_reads_and_fanout(
+    url: str, make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
+) -> None:
+    a = await make_sidecar(url, SIDECAR_MEMORY_TTL=LONG_MEMORY)
+    b = await make_sidecar(url, SIDECAR_MEMORY_TTL=LONG_MEMORY)
+    await _shares_reads(a, b, emulator, tenant)
+    await _webhook_fans_out(a, b, emulator, tenant)
+
+
+async def _redis_down_at_start(
+    bare_sidecar: BareFactory, emulator: Emulator, tenant: str, **env: str
+) -> TestClient[Any, Any]:
+    """A sidecar whose Redis cannot be used from the start still answers (a miss), stays
+    ready and says Redis is down; its ops client."""
+    client, ops = await bare_sidecar(**env)
+    emulator.set_entitlements(tenant, "cus_1", DOC)
+    resp = await client.get("/v1/customers/cus_1/entitlements")
+    assert (resp.status, resp.headers["X-Sidecar-Cache"]) == (200, "miss")
+    ready = await ops.get("/readyz")
+    assert ready.status == 200
+    assert (await ready.json())["redis"] == "down"
+    return ops
+
+
 @pytest.fixture(scope="module")
 def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A redis-server that speaks only TLS, with a throwaway CA."""
     workdir = tmp_path_factory.mktemp("tls")
-    server = RedisServer(workdir, tls=make_tls_files(workdir))
-    try:
-        yield server.start()
-    finally:
-        server.kill()
+    with RedisServer(workdir, tls=make_tls_files(workdir)) as server:
+        yield server
 
 
 async def test_tls_reads_and_fanout(
@@ -240,31 +261,22 @@ async def test_tls_reads_and_fanout(
     assert tls_redis.tls is not None
     url = f"rediss://127.0.0.1:{tls_redis.port}/0?ssl_ca_certs={tls_redis.tls.ca}"
     assert url == tls_redis.url
-    a = await make_sidecar(url, SIDECAR_MEMORY_TTL=LONG_MEMORY)
-    b = await make_sidecar(url, SIDECAR_MEMORY_TTL=LONG_MEMORY)
-    await _shares_reads(a, b, emulator, tenant)
-    await _webhook_fans_out(a, b, emulator, tenant)
+    await _two_share_reads_and_fanout(url, make_sidecar, emulator, tenant)
 
 
 async def test_tls_refuses_an_unknown_ca(
     tls_redis: RedisServer, bare_sidecar: BareFactory, emulator: Emulator, tenant: str
 ) -> None:
     """Verification is on by default: a server cert no CA vouches for counts as Redis down."""
-    client, ops = await bare_sidecar(SIDECAR_REDIS_URL=f"rediss://127.0.0.1:{tls_redis.port}/0")
-    emulator.set_entitlements(tenant, "cus_1", DOC)
-    resp = await client.get("/v1/customers/cus_1/entitlements")
-    assert (resp.status, resp.headers["X-Sidecar-Cache"]) == (200, "miss")
-    assert (await (await ops.get("/readyz")).json())["redis"] == "down"
+    url = f"rediss://127.0.0.1:{tls_redis.port}/0"
+    await _redis_down_at_start(bare_sidecar, emulator, tenant, SIDECAR_REDIS_URL=url)
 
 
 @pytest.fixture
 def unix_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server listening on a unix socket only."""
-    server = RedisServer(tmp_path, unix_socket=tmp_path / "redis.sock")
-    try:
-        yield server.start()
-    finally:
-        server.kill()
+    with RedisServer(tmp_path, unix_socket=tmp_path / "redis.sock") as server:
+        yield server
 
 
 async def test_unix_socket_reads_and_fanout(
@@ -272,10 +284,7 @@ async def test_unix_socket_reads_and_fanout(
 ) -> None:
     url = f"unix://{unix_redis.unix_socket}?db=0"
     assert url == unix_redis.url
-    a = await make_sidecar(url, SIDECAR_MEMORY_TTL=LONG_MEMORY)
-    b = await make_sidecar(url, SIDECAR_MEMORY_TTL=LONG_MEMORY)
-    await _shares_reads(a, b, emulator, tenant)
-    await _webhook_fans_out(a, b, emulator, tenant)
+    await _two_share_reads_and_fanout(url, make_sidecar, emulator, tenant)
     with redis.Redis(unix_socket_path=str(unix_redis.unix_socket)) as client:
         assert client.exists(Keys(tenant).entry("cus_1")) == 1
 
@@ -283,11 +292,8 @@ async def test_unix_socket_reads_and_fanout(
 @pytest.fixture
 def password_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server with ``requirepass``; the password needs quoting in a URL."""
-    server = RedisServer(tmp_path, password="s3cret@/pw")
-    try:
-        yield server.start()
-    finally:
-        server.kill()
+    with RedisServer(tmp_path, password="s3cret@/pw") as server:
+        yield server
 
 
 async def test_password_reads_and_fanout(
@@ -295,29 +301,19 @@ async def test_password_reads_and_fanout(
 ) -> None:
     url = password_redis.url
     assert url == f"redis://:s3cret%40%2Fpw@127.0.0.1:{password_redis.port}/0"
-    with (
-        redis.Redis(port=password_redis.port) as anonymous,
-        pytest.raises(redis.AuthenticationError),
-    ):
+    anonymous = redis.Redis(port=password_redis.port)
+    with anonymous, pytest.raises(redis.AuthenticationError):
         anonymous.ping()
-    a = await make_sidecar(url, SIDECAR_MEMORY_TTL=LONG_MEMORY)
-    b = await make_sidecar(url, SIDECAR_MEMORY_TTL=LONG_MEMORY)
-    await _shares_reads(a, b, emulator, tenant)
-    await _webhook_fans_out(a, b, emulator, tenant)
+    await _two_share_reads_and_fanout(url, make_sidecar, emulator, tenant)
 
 
 async def test_wrong_password_is_redis_down_and_never_shown(
     password_redis: RedisServer, bare_sidecar: BareFactory, emulator: Emulator, tenant: str
 ) -> None:
     url = f"redis://:not-the-pw@127.0.0.1:{password_redis.port}/0"
-    client, ops = await bare_sidecar(SIDECAR_REDIS_URL=url)
-    emulator.set_entitlements(tenant, "cus_1", DOC)
-    resp = await client.get("/v1/customers/cus_1/entitlements")
-    assert (resp.status, resp.headers["X-Sidecar-Cache"]) == (200, "miss")
-    ready = await ops.get("/readyz")
-    assert (await ready.json())["redis"] == "down"
-    metrics = await (await ops.get("/metrics")).text()
-    for shown in (await ready.text(), metrics):
+    ops = await _redis_down_at_start(bare_sidecar, emulator, tenant, SIDECAR_REDIS_URL=url)
+    for path in ("/readyz", "/metrics"):
+        shown = await (await ops.get(path)).text()
         assert "not-the-pw" not in shown and "s3cret" not in shown
 
 
@@ -495,13 +491,8 @@ async def test_unreachable_topology_at_start_is_redis_down_not_a_crash(
     env: dict[str, str], bare_sidecar: BareFactory, emulator: Emulator, tenant: str
 ) -> None:
     port = free_port()
-    client, ops = await bare_sidecar(**{k: v.format(port=port) for k, v in env.items()})
-    emulator.set_entitlements(tenant, "cus_1", DOC)
-    resp = await client.get("/v1/customers/cus_1/entitlements")
-    assert (resp.status, resp.headers["X-Sidecar-Cache"]) == (200, "miss")
-    ready = await ops.get("/readyz")
-    assert ready.status == 200
-    assert (await ready.json())["redis"] == "down"
+    env = {k: v.format(port=port) for k, v in env.items()}
+    await _redis_down_at_start(bare_sidecar, emulator, tenant, **env)
 
 
 async def test_sentinel_pool_waits_for_a_free_connection(
