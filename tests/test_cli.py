@@ -118,15 +118,7 @@ def test_serve_from_outside(stack: Stack) -> None:
     status, headers, body = http("GET", f"{api}/v1/customers/cus_active/can/reports")
     assert (status, headers["X-Sidecar-Cache"], body["allowed"]) == (200, "hit", True)
     assert http("GET", f"{api}/v1/customers/cus_trial/can/exports")[2]["allowed"] is False
-    # An emulator change is pushed to the sidecar's webhook listener and applies at once.
-    status, _, reply = http(
-        "PUT",
-        f"{emu}/_emulator/customers/cus_trial/entitlements",
-        {"status": "active", "modules": ["reports", "exports"]},
-    )
-    assert status == 200
-    assert reply["pushed"] is True
-    assert http("GET", f"{api}/v1/customers/cus_trial/can/exports")[2]["allowed"] is True
+    _push_applies_at_once(api, emu)
     assert http("GET", f"{api}/v1/customers/ghost/entitlements")[2]["found"] is False
     assert http("GET", f"{api}/v1/customers/x/can/y", headers={"Origin": "http://a"})[0] == 403
     status, _, ready = http("GET", f"{ops}/readyz")
@@ -144,6 +136,18 @@ def test_serve_from_outside(stack: Stack) -> None:
     for secret in (API_KEY, WEBHOOK_SECRET):
         assert secret not in output
     assert run_cli("healthcheck", env={"SIDECAR_OPS_LISTEN": f"127.0.0.1:{ops_port}"}).returncode
+
+
+def _push_applies_at_once(api: str, emu: str) -> None:
+    """An emulator change is pushed to the sidecar's webhook listener and applies at once."""
+    status, _, reply = http(
+        "PUT",
+        f"{emu}/_emulator/customers/cus_trial/entitlements",
+        {"status": "active", "modules": ["reports", "exports"]},
+    )
+    assert status == 200
+    assert reply["pushed"] is True
+    assert http("GET", f"{api}/v1/customers/cus_trial/can/exports")[2]["allowed"] is True
 
 
 def test_demo_prints_working_curl_lines(tmp_path: Path) -> None:
@@ -166,13 +170,7 @@ def test_demo_prints_working_curl_lines(tmp_path: Path) -> None:
         assert http("GET", f"{base}/v1/customers/cus_active/can/reports")[2]["allowed"] is True
         assert http("GET", f"{base}/v1/customers/cus_trial/can/exports")[2]["allowed"] is False
         assert http("GET", f"{base}/v1/customers/nobody/entitlements")[2]["found"] is False
-        status, _, _ = http(
-            "PUT",
-            f"http://127.0.0.1:{emu}/_emulator/customers/cus_trial/entitlements",
-            {"status": "active", "modules": ["reports", "exports"]},
-        )
-        assert status == 200
-        assert http("GET", f"{base}/v1/customers/cus_trial/can/exports")[2]["allowed"] is True
+        _push_applies_at_once(base, f"http://127.0.0.1:{emu}")
         assert http("GET", f"http://127.0.0.1:{ops}/readyz")[0] == 200
     finally:
         code = demo.stop(sig=signal.SIGINT)
