@@ -1,7 +1,7 @@
 """The Python client (``client/python``), both flavours, against a live sidecar.
 
 Every method runs against ``python -m sidecar serve`` in front of the emulator
-(see ``live.py``); what reached the emulator is checked too, so the bodies and
+(``harness.Stack``); what reached the emulator is checked too, so the bodies and
 queries are the SDK's. The fail-closed rule is checked with the sidecar
 stopped, with its upstream down, and with a sidecar that never answers.
 """
@@ -35,8 +35,7 @@ from vellumcharter import VellumCharterClient
 
 from sidecar.http.operations import OPERATIONS
 
-from .conftest import free_port
-from .live import Stack
+from .harness import Stack, free_port
 
 #: vellumcharter 1.4.2's methods this client has, with the SDK's own names and keywords:
 #: every public method but the flags ones (the flags work adds them). ``check`` and
