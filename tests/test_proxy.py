@@ -985,6 +985,84 @@ CHECKOUT = {
         ("DELETE", "/accounts/a/payment-methods/", None, {}, "invalid_id"),
         ("GET", "/customers//entitlements", None, {}, "invalid_id"),
         ("GET", "/accounts/a/invoices?customerId=", None, {}, "invalid_query"),
+        # Today's operations: the SDK's types (integers, lists) are checked too.
+        (
+            "PATCH",
+            "/accounts/a/customers/c/subscription/seats",
+            b'{"seats": "3"}',
+            {},
+            "invalid_body",
+        ),
+        (
+            "PATCH",
+            "/accounts/a/customers/c/subscription/seats",
+            b'{"seats": true}',
+            {},
+            "invalid_body",
+        ),
+        ("PATCH", "/accounts/a/customers/c/subscription/seats", b"{}", {}, "invalid_body"),
+        ("PUT", "/accounts/a/customers/c/subscription", b'{"planId": "pro"}', {}, "invalid_body"),
+        (
+            "PUT",
+            "/accounts/a/customers/c/subscription",
+            b'{"planId": "pro", "planVersion": 1.5}',
+            {},
+            "invalid_body",
+        ),
+        ("POST", "/accounts/a/customers/c/subscription/preview", b"[]", {}, "invalid_body"),
+        (
+            "POST",
+            "/accounts/a/customers/c/subscription/preview",
+            b'{"addOnModuleIds": "sso"}',
+            {},
+            "invalid_body",
+        ),
+        (
+            "PATCH",
+            "/accounts/a/customers/c/subscription/add-ons",
+            b'{"add": [1]}',
+            {},
+            "invalid_body",
+        ),
+        (
+            "PATCH",
+            "/accounts/a/customers/c/subscription/plan",
+            b'{"planId": "pro"}',
+            {},
+            "invalid_body",
+        ),
+        (
+            "POST",
+            "/accounts/a/customers/c/subscribe",
+            b'{"planId": "pro", "seats": "2"}',
+            {},
+            "invalid_body",
+        ),
+        (
+            "POST",
+            "/accounts",
+            b'{"accountId": "a", "createBillingCustomer": "yes"}',
+            {},
+            "invalid_body",
+        ),
+        ("POST", "/accounts/a/credit-checkout", b'{"customerId": "c"}', {}, "invalid_body"),
+        (
+            "POST",
+            "/accounts/a/credit-checkout",
+            orjson.dumps({"customerId": "c", "successUrl": "u", "cancelUrl": "u", "items": {}}),
+            {},
+            "invalid_body",
+        ),
+        ("POST", "/customers/c/credits/exports/consume", b'{"amount": 1}', {}, "invalid_body"),
+        (
+            "POST",
+            "/customers/c/credits/exports/consume",
+            b'{"amount": "1", "idempotencyKey": "k"}',
+            {},
+            "invalid_body",
+        ),
+        ("GET", "/customers//credits", None, {}, "invalid_id"),
+        ("GET", "/credit-types//packs", None, {}, "invalid_id"),
         (
             "POST",
             "/accounts",
@@ -1016,6 +1094,21 @@ async def test_v1_refuses_bad_input_before_calling_upstream(
     assert resp.content_type == "application/json"
     assert (await resp.json())["error"]["code"] == code
     assert emulator.count() == 0
+
+
+async def test_v1_leaves_an_optional_null_to_the_upstream(
+    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
+) -> None:
+    """The SDK sends ``creditTypeId: null`` when given neither a pack nor items."""
+    emulator.create_account(tenant, "acc")
+    emulator.create_customer(tenant, "acc", "cus")
+    sc = await make_sidecar(None)
+    body = {"customerId": "cus", "successUrl": "https://a.example", "cancelUrl": "https://a.example",
+            "creditTypeId": None, "packId": None, "quantity": 1}  # fmt: skip
+    resp = await sc.client.post("/v1/accounts/acc/credit-checkout", json=body)
+    assert resp.status == 400
+    assert (await resp.json())["error"]["code"] == "missing_field", "the upstream's own code"
+    assert emulator.count("create_credit_checkout") == 1
 
 
 async def test_the_mirror_lets_the_upstream_judge_bodies(
