@@ -31,7 +31,13 @@ _KINDS: Final = {
     "strings": " (list of strings)",
     "objects": " (list of objects)",
 }
-_SHORT: Final = {"account": "a", "customer": "c", "method": "m", "invoice": "i", "credit_type": "ct"}
+_SHORT: Final = {
+    "account": "a",
+    "customer": "c",
+    "method": "m",
+    "invoice": "i",
+    "credit_type": "ct",
+}
 
 
 def _path(op: Operation) -> str:
