@@ -13,6 +13,7 @@ the Redis part waits in the invalidator's queue until Redis answers.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -271,11 +272,14 @@ async def receive(request: web.Request) -> web.StreamResponse:
         metrics.webhooks.labels("ignored").inc()
         return _ok(ignored=True)
     key = event_key(event, body, timestamp)
-    if not await request.app[REPLAY].first_seen(key):
+    target = classify(event)
+    # Shielded: once the key is recorded here the event must be applied, even if
+    # the sender hangs up meanwhile (its immediate retry is then a duplicate).
+    applied = await asyncio.shield(_apply_once(request.app[REPLAY], core, key, target))
+    if applied is None:
         metrics.webhooks.labels("duplicate").inc()
         return _ok(duplicate=True)
-    target = classify(event)
-    scope, shared = await apply_event(core, target)
+    scope, shared = applied
     fields = {
         "event": key,
         "type": event.get("type") if isinstance(event.get("type"), str) else None,
@@ -290,6 +294,15 @@ async def receive(request: web.Request) -> web.StreamResponse:
     metrics.webhooks.labels("ok").inc()
     log.info("webhook_applied", extra={"fields": fields})
     return _ok()
+
+
+async def _apply_once(
+    replay: ReplayGuard, core: web.Application, key: str, target: Target
+) -> tuple[Scope, bool] | None:
+    """Apply a first-seen event; ``None`` for a duplicate."""
+    if not await replay.first_seen(key):
+        return None
+    return await apply_event(core, target)
 
 
 async def apply_event(core: web.Application, target: Target) -> tuple[Scope, bool]:
