@@ -357,7 +357,7 @@ async def test_first_push_after_a_redis_restart_is_applied_everywhere(
     await eventually(lambda: all_answer(fleet, "cus_0", True), timeout=1)
     assert sample(a, "vellum_sidecar_redis_retries_total", {"operation": "replay_check"}) == 1
     assert sample(a, "vellum_sidecar_redis_errors_total", {"operation": "replay_check"}) == 0
-    assert sample(a, "vellum_sidecar_redis_up") == 1
+    assert sample(a, "vellum_sidecar_redis_state", {"state": "ok"}) == 1
     assert webhook_count(a, "queued") == 0
     body, header = signed(payload, int(time.time()) + 1)
     assert await push(fleet[2], body, header=header) == (200, {"ok": True, "duplicate": True})

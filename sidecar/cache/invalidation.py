@@ -136,6 +136,8 @@ class Invalidator:
         self._pending = _Pending()
         self._drainer: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
+        if redis is not None:
+            metrics.fanout_state.follow(lambda: "ok" if self.subscribed.is_set() else "down")
         cache.on_fetched = self._learn_from_entry
         if redis is not None:
             redis.on_reconnect(self._redis_answers)
