@@ -412,3 +412,73 @@ async def test_queue_overflow_collapses_into_a_tenant_wide_drop(
     await a.invalidator.drained()
     assert sample(a, "vellum_sidecar_invalidations_queued") == 0
     assert sample(a, "vellum_sidecar_invalidations_queue_applied_total") == 1
+
+
+# -- the emulator's own pushes ---------------------------------------------------------
+
+
+def deliver_to(emulator: Emulator, sc: Sidecar) -> None:
+    assert sc.webhooks is not None
+    emulator.webhook_url = str(sc.webhooks.make_url("/webhooks/vellum"))
+    emulator.webhook_secret = WEBHOOK_SECRET
+
+
+async def test_emulator_pushes_reach_the_fleet_and_a_redelivery_is_a_duplicate(
+    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str, redis_url: str
+) -> None:
+    emulator.set_entitlements(tenant, "cus_1", OLD)
+    fleet = [await make_sidecar(redis_url) for _ in range(3)]
+    for sc in fleet:
+        await source_of(sc, "cus_1")
+    deliver_to(emulator, fleet[0])
+    emulator.set_entitlements(tenant, "cus_1", NEW)
+    await emulator.wait_pushes_idle()
+    pushed = emulator.pushes[-1]
+    assert "id" not in pushed.event and pushed.event["eventId"].startswith("evt_")
+    assert [a.status for a in pushed.attempts] == [200]
+    assert orjson.loads(pushed.response_body) == {"ok": True}
+    await eventually(lambda: all_answer(fleet, "cus_1", True), timeout=5)
+    # The same event again (as a retry would carry it), to another sidecar.
+    deliver_to(emulator, fleet[2])
+    again = await emulator.deliver(pushed.event)
+    assert orjson.loads(again.response_body) == {"ok": True, "duplicate": True}
+
+
+async def test_emulator_retry_during_a_redis_hang_is_a_duplicate_and_the_event_lands(
+    make_sidecar: SidecarFactory,
+    own_redis: RedisServer,
+    emulator: Emulator,
+    tenant: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The upstream gives up on an attempt before the sidecar answers (Redis hangs) and
+    retries at once: the retry is a duplicate, the first attempt is still applied (here
+    at once, everywhere once Redis answers)."""
+    emulator.set_entitlements(tenant, "cus_1", OLD)
+    fleet = [await make_sidecar(own_redis.url) for _ in range(3)]  # Redis timeout 0.5 s
+    a = fleet[0]
+    for sc in fleet:
+        await source_of(sc, "cus_1")
+    deliver_to(emulator, a)
+    emulator.push_timeout = 0.1
+    with hung(own_redis):
+        emulator.set_entitlements(tenant, "cus_1", NEW)
+        await emulator.wait_pushes_idle()
+        pushed = emulator.pushes[-1]
+        first, second = pushed.attempts
+        assert first.status is None and first.error is not None, "timed out at the sender"
+        assert second.status == 200
+        assert orjson.loads(second.response_body) == {"ok": True, "duplicate": True}
+
+        async def first_attempt_applied() -> bool:
+            return webhook_count(a, "queued") == 1
+
+        await eventually(first_attempt_applied, timeout=5)
+        assert await source_of(a, "cus_1") == ("miss", True)
+        resumed = time.monotonic()
+    await eventually(lambda: all_answer(fleet, "cus_1", True), timeout=5, interval=0.005)
+    took = time.monotonic() - resumed
+    with capsys.disabled():
+        print(f"\n[emulator retry, hang] every sidecar new {took:.3f}s after SIGCONT")
+    assert took < 1.0
+    assert webhook_count(a, "ok") == 0

@@ -272,17 +272,26 @@ async def receive(request: web.Request) -> web.StreamResponse:
         metrics.webhooks.labels("ignored").inc()
         return _ok(ignored=True)
     key = event_key(event, body, timestamp)
-    target = classify(event)
-    # Shielded: once the key is recorded here the event must be applied, even if
-    # the sender hangs up meanwhile (its immediate retry is then a duplicate).
-    applied = await asyncio.shield(_apply_once(request.app[REPLAY], core, key, target))
-    if applied is None:
+    kind = event.get("type")
+    # Shielded: once the key is recorded here the event must be applied (and
+    # counted), even if the sender hangs up meanwhile; its immediate retry is
+    # then a duplicate.
+    reply = await asyncio.shield(_apply_once(core, request.app[REPLAY], key, classify(event), kind))
+    return _ok(**reply)
+
+
+async def _apply_once(
+    core: web.Application, replay: ReplayGuard, key: str, target: Target, kind: Any
+) -> dict[str, bool]:
+    """Apply a first-seen event; what the 200 answer adds to ``{"ok": true}``."""
+    metrics = core[METRICS]
+    if not await replay.first_seen(key):
         metrics.webhooks.labels("duplicate").inc()
-        return _ok(duplicate=True)
-    scope, shared = applied
+        return {"duplicate": True}
+    scope, shared = await apply_event(core, target)
     fields = {
         "event": key,
-        "type": event.get("type") if isinstance(event.get("type"), str) else None,
+        "type": kind if isinstance(kind, str) else None,
         "scope": scope,
         "axes": sorted(target.axes),
     }
@@ -290,19 +299,10 @@ async def receive(request: web.Request) -> web.StreamResponse:
         # Applied here; Redis and the other sidecars get it once Redis answers.
         metrics.webhooks.labels("queued").inc()
         log.warning("webhook_queued", extra={"fields": fields})
-        return _ok(queued=True)
+        return {"queued": True}
     metrics.webhooks.labels("ok").inc()
     log.info("webhook_applied", extra={"fields": fields})
-    return _ok()
-
-
-async def _apply_once(
-    replay: ReplayGuard, core: web.Application, key: str, target: Target
-) -> tuple[Scope, bool] | None:
-    """Apply a first-seen event; ``None`` for a duplicate."""
-    if not await replay.first_seen(key):
-        return None
-    return await apply_event(core, target)
+    return {}
 
 
 async def apply_event(core: web.Application, target: Target) -> tuple[Scope, bool]:
