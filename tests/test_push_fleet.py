@@ -381,6 +381,34 @@ async def test_dead_redis_is_still_detected_at_once(
     assert sample(sc, "vellum_sidecar_redis_errors_total", {"operation": "replay_check"}) == 1
 
 
+async def test_account_event_during_a_hang_is_resolved_with_what_redis_knows(
+    make_sidecar: SidecarFactory, own_redis: RedisServer, emulator: Emulator, tenant: str
+) -> None:
+    """a knows nothing of acct_1 (b learnt it, into Redis): while Redis hangs a drops
+    everything it holds, and once Redis answers the account's customers are dropped
+    everywhere, and only them."""
+    emulator.set_entitlements(tenant, "cus_1", OLD)
+    emulator.set_entitlements(tenant, "cus_3", {**OLD, "accountId": "acct_3"})
+    a = await make_sidecar(own_redis.url, SIDECAR_REDIS_TIMEOUT="0.2")
+    b = await make_sidecar(own_redis.url, SIDECAR_REDIS_TIMEOUT="0.2")
+    for c in ("cus_1", "cus_3"):
+        await source_of(b, c)
+    await source_of(a, "cus_3")
+    with hung(own_redis):
+        event = today(tenant, type="payment.failed", accountId="acct_1", seats=1, invoice={})
+        assert await push(a, event) == (200, {"ok": True, "queued": True})
+        assert a.invalidator.queued == 1
+        assert await source_of(a, "cus_3") == ("miss", False), "a dropped all it held"
+
+    async def b_dropped_cus_1() -> bool:
+        return (await source_of(b, "cus_1"))[0] == "miss"
+
+    await eventually(b_dropped_cus_1, timeout=5)
+    await a.invalidator.drained()
+    assert (await source_of(b, "cus_3"))[0] == "hit", "another account stays"
+    assert sample(a, "vellum_sidecar_invalidations_queue_applied_total") == 1
+
+
 async def test_queue_overflow_collapses_into_a_tenant_wide_drop(
     make_sidecar: SidecarFactory, own_redis: RedisServer, emulator: Emulator, tenant: str
 ) -> None:
