@@ -14,7 +14,8 @@ from yarl import URL
 from sidecar.emulator import Emulator
 from sidecar.signature import sign
 
-from .conftest import WEBHOOK_SECRET, Sidecar, SidecarFactory
+from .conftest import Sidecar, SidecarFactory
+from .harness import WEBHOOK_SECRET
 
 SEED = 20261122
 SENTINEL = "cus_sentinel"

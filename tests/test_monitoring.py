@@ -28,7 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.appkeys import LIFECYCLE
 from sidecar.emulator import Emulator
 
-from .conftest import RedisServer, Sidecar, SidecarFactory, eventually
+from .conftest import Sidecar, SidecarFactory, eventually
+from .harness import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 MONITORING = ROOT / "deploy" / "kubernetes" / "monitoring"

@@ -5,8 +5,6 @@ away long enough to overflow the queue."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -24,7 +22,8 @@ from sidecar.http.webhooks import Target, classify, event_key
 from sidecar.redis.keys import Keys
 from sidecar.signature import sign
 
-from .conftest import WEBHOOK_SECRET, RedisServer, Sidecar, SidecarFactory, eventually
+from .conftest import Sidecar, SidecarFactory, eventually
+from .harness import WEBHOOK_SECRET, RedisServer
 from .test_webhooks import NEW, OLD, push, source_of, webhook_count
 
 
@@ -51,12 +50,11 @@ async def all_answer(fleet: list[Sidecar], customer: str, allowed: bool) -> bool
 @contextmanager
 def hung(server: RedisServer) -> Iterator[None]:
     """Redis SIGSTOPped: it accepts connections and answers nothing."""
-    assert server.proc is not None
-    os.kill(server.proc.pid, signal.SIGSTOP)
+    server.pause()
     try:
         yield
     finally:
-        os.kill(server.proc.pid, signal.SIGCONT)
+        server.resume()
 
 
 @asynccontextmanager
@@ -258,7 +256,7 @@ async def test_push_and_drops_while_redis_is_down_are_queued_then_applied(
     a = await make_sidecar(own_redis.url)
     b = await make_sidecar(own_redis.url)
     await source_of(b, "cus_1")
-    own_redis.stop()
+    own_redis.kill()
     emulator.set_entitlements(tenant, "cus_1", NEW)
     payload = today(tenant, customerId="cus_1")
     body, header = signed(payload)
@@ -370,7 +368,7 @@ async def test_dead_redis_is_still_detected_at_once(
     emulator.set_entitlements(tenant, "cus_1", OLD)
     sc = await make_sidecar(own_redis.url)
     await source_of(sc, "cus_1")
-    own_redis.stop()
+    own_redis.kill()
     started = time.monotonic()
     assert await push(sc, today(tenant, customerId="cus_1")) == (
         200,

@@ -4,9 +4,7 @@ upstream refusing, failing or hanging; stale serving, the breaker, fail-open."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,7 +13,8 @@ from aiohttp.test_utils import TestServer
 
 from sidecar.emulator import Emulator
 
-from .conftest import RedisServer, Sidecar, SidecarFactory, eventually
+from .conftest import Sidecar, SidecarFactory, eventually
+from .harness import RedisServer
 
 DOC = {"status": "active", "modules": ["reports"]}
 
@@ -48,7 +47,7 @@ async def test_redis_killed_mid_load_no_failed_reads(
 
     workers = [asyncio.create_task(load()) for _ in range(8)]
     await eventually(lambda: _at_least(results, 200))
-    own_redis.stop()
+    own_redis.kill()
     await eventually(lambda: _ready_is(sc, "redis", "down"))
     mark = len(results)
     await eventually(lambda: _at_least(results, mark + 300))
@@ -114,15 +113,14 @@ async def test_redis_hung_reads_stay_bounded(
     emulator.set_entitlements(tenant, "cus_1", DOC)
     sc = await make_sidecar(own_redis.url, SIDECAR_REDIS_TIMEOUT="0.2", SIDECAR_MEMORY_TTL="0")
     assert (await read(sc, "cus_1"))[0] == 200
-    assert own_redis.proc is not None
-    os.kill(own_redis.proc.pid, signal.SIGSTOP)
+    own_redis.pause()
     try:
         for _ in range(5):
             status, _, body = await asyncio.wait_for(read(sc, "cus_1"), timeout=5)
             assert (status, body["allowed"]) == (200, True)
         assert (await ready(sc))["redis"] == "down"
     finally:
-        os.kill(own_redis.proc.pid, signal.SIGCONT)
+        own_redis.resume()
     await eventually(lambda: _ready_is(sc, "redis", "ok"), timeout=15)
 
 

@@ -20,15 +20,8 @@ from sidecar.emulator import EMULATOR, Emulator, create_emulator_app
 from sidecar.http.webhooks import create_webhook_app
 from sidecar.signature import sign, sign_many
 
-from .conftest import (
-    API_KEY,
-    WEBHOOK_SECRET,
-    Sidecar,
-    SidecarFactory,
-    eventually,
-    free_port,
-    sidecar_env,
-)
+from .conftest import Sidecar, SidecarFactory, eventually
+from .harness import API_KEY, WEBHOOK_SECRET, free_port, sidecar_env
 
 OLD = {"status": "active", "modules": ["reports"], "accountId": "acct_1"}
 NEW = {"status": "active", "modules": ["reports", "exports"], "accountId": "acct_1"}
