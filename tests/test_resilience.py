@@ -360,33 +360,3 @@ async def test_unretried_write_gets_the_whole_deadline(
     resp = await sc.client.post("/v1/accounts/acct_1/customers", json={"customerId": "cus_slow"})
     assert resp.status == 201, await resp.text()
     assert emulator.count("create_customer", tenant) == 1
-
-
-async def test_push_while_redis_is_down_asks_for_a_retry(
-    make_sidecar: SidecarFactory, own_redis: RedisServer, emulator: Emulator, tenant: str
-) -> None:
-    """A push that cannot reach the other sidecars is not acknowledged: 503, then a retry
-    once Redis is back is applied in full (not refused as a duplicate)."""
-    from .test_webhooks import event, push
-
-    emulator.set_entitlements(tenant, "cus_1", DOC)
-    a = await make_sidecar(own_redis.url)
-    b = await make_sidecar(own_redis.url)
-    await read(b, "cus_1")
-    own_redis.kill()
-    payload = event(tenant, customerId="cus_1")
-    status, body = await push(a, payload)
-    assert status == 503
-    assert body["error"]["code"] == "redis_unavailable"
-    drop = await a.client.delete("/v1/customers/cus_1/cache")
-    assert drop.status == 503
-    assert (await drop.json())["error"]["code"] == "redis_unavailable"
-    own_redis.start()
-    for sc in (a, b):
-        await eventually(lambda sc=sc: _fanout_and_redis_ok(sc), timeout=15)
-    assert (await push(a, payload)) == (200, {"ok": True})
-    assert (await a.client.delete("/v1/customers/cus_1/cache")).status == 204
-    retried = a.metrics.registry.get_sample_value(
-        "vellum_sidecar_webhooks_total", {"result": "retry"}
-    )
-    assert retried == 1
