@@ -18,6 +18,7 @@ from aiohttp import web
 from . import __version__
 from .appkeys import (
     CACHE,
+    CACHES,
     GUARD,
     INVALIDATOR,
     LIFECYCLE,
@@ -27,7 +28,7 @@ from .appkeys import (
     UPSTREAM,
     Lifecycle,
 )
-from .cache.cache import EntitlementCache
+from .cache.cache import Caches
 from .cache.invalidation import Invalidator
 from .config import Settings
 from .http.guard import HostGuard
@@ -96,17 +97,18 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    cache = EntitlementCache(settings, app[UPSTREAM], app[METRICS], app[REDIS])
+    caches = Caches(settings, app[UPSTREAM], app[METRICS], app[REDIS])
     invalidator = Invalidator(
-        cache,
+        caches,
         app[REDIS],
         app[METRICS],
         sidecar_id=f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}",
         link_ttl=settings.cache_ttl + settings.stale_ttl,
     )
-    app[CACHE] = cache
+    app[CACHES] = caches
+    app[CACHE] = caches.entitlements
     app[INVALIDATOR] = invalidator
     invalidator.start()
     yield
     await invalidator.stop()
-    await cache.close()
+    await caches.close()

@@ -6,7 +6,7 @@ from typing import Literal
 
 from aiohttp import web
 
-from .cache.cache import EntitlementCache
+from .cache.cache import Caches, DocumentCache
 from .cache.invalidation import Invalidator
 from .config import Settings
 from .http.guard import HostGuard
@@ -16,6 +16,7 @@ from .upstream import VellumClient
 
 __all__ = [
     "CACHE",
+    "CACHES",
     "CORE",
     "GUARD",
     "INVALIDATOR",
@@ -43,7 +44,10 @@ LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 GUARD = web.AppKey("guard", HostGuard)
 UPSTREAM = web.AppKey("upstream", VellumClient)
 REDIS: web.AppKey[RedisConn | None] = web.AppKey("redis")
-CACHE = web.AppKey("cache", EntitlementCache)
+#: Every kind's cache.
+CACHES = web.AppKey("caches", Caches)
+#: The entitlement cache (``CACHES.entitlements``): its own key for the hot path.
+CACHE = web.AppKey("cache", DocumentCache)
 INVALIDATOR = web.AppKey("invalidator", Invalidator)
 #: The ops and webhook apps reach the shared resources through the core (local API) app.
 CORE = web.AppKey("core", web.Application)

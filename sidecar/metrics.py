@@ -39,8 +39,9 @@ class Metrics:
             ("route",), buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.cache_lookups = LoopCounter(
-            f"{p}_cache_lookups", "Cache lookups by layer (memory, redis) and result.",
-            ("layer", "result"), registry=r,
+            f"{p}_cache_lookups",
+            "Cache lookups by document kind, layer (memory, redis, upstream) and result.",
+            ("kind", "layer", "result"), registry=r,
         )  # fmt: skip
         self._request_children: dict[
             tuple[str, str, int], tuple[LoopCounterChild, LoopHistogramChild]
@@ -78,7 +79,8 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self.memory_entries = Gauge(
-            f"{p}_memory_entries", "Entries in the in-process cache layer.", registry=r,
+            f"{p}_memory_entries", "Entries in the in-process cache layer (every kind).",
+            registry=r,
         )  # fmt: skip
         self.tasks = Gauge(
             f"{p}_asyncio_tasks", "asyncio tasks alive in the event loop (a leak shows here).",
@@ -87,7 +89,8 @@ class Metrics:
         # process_resident_memory_bytes, process_open_fds, ... for this process.
         ProcessCollector(registry=r)
         self.inflight_fetches = Gauge(
-            f"{p}_inflight_fetches", "Entitlement fetches in flight (single-flight).",
+            f"{p}_inflight_fetches",
+            "Upstream fetches of cached documents in flight (single-flight, every kind).",
             registry=r,
         )  # fmt: skip
 

@@ -84,9 +84,10 @@ async def test_metrics_exposition(
     for line in (
         'vellum_sidecar_requests_total{method="GET",route="/v1/customers/{customer}/can/{module}",'
         'status="200"} 2.0',
-        'vellum_sidecar_cache_lookups_total{layer="memory",result="hit"} 1.0',
-        'vellum_sidecar_cache_lookups_total{layer="redis",result="miss"} 1.0',
-        'vellum_sidecar_cache_lookups_total{layer="upstream",result="fetch"} 1.0',
+        'vellum_sidecar_cache_lookups_total{kind="entitlements",layer="memory",result="hit"} 1.0',
+        'vellum_sidecar_cache_lookups_total{kind="entitlements",layer="redis",result="miss"} 1.0',
+        'vellum_sidecar_cache_lookups_total{kind="entitlements",layer="upstream",'
+        'result="fetch"} 1.0',
         'vellum_sidecar_upstream_requests_total{operation="get_entitlements",status="200"} 1.0',
         'vellum_sidecar_invalidations_total{scope="customer",source="api"} 1.0',
         "vellum_sidecar_redis_up 1.0",
