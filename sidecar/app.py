@@ -23,6 +23,7 @@ from .appkeys import (
     INVALIDATOR,
     LIFECYCLE,
     METRICS,
+    OFREP_STREAMS,
     REDIS,
     SETTINGS,
     UPSTREAM,
@@ -34,6 +35,7 @@ from .config import Settings
 from .http.guard import HostGuard
 from .http.middleware import local_middleware
 from .http.routes import add_routes
+from .http.streams import Streams
 from .metrics import Metrics
 from .redis.conn import RedisConn, RedisDown
 from .redis.keys import Keys
@@ -56,6 +58,9 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_cache_ctx)
+    app.cleanup_ctx.append(_streams_ctx)
+    # Before the listeners wait for requests in flight: an open stream would never end.
+    app.on_shutdown.append(_end_streams)
     add_routes(app)
     return app
 
@@ -112,3 +117,17 @@ async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     await invalidator.stop()
     await caches.close()
+
+
+async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
+    streams = Streams()
+    app[OFREP_STREAMS] = streams
+    unwatch = app[INVALIDATOR].watch(streams.notify)
+    yield
+    unwatch()
+    streams.close()
+
+
+async def _end_streams(app: web.Application) -> None:
+    if OFREP_STREAMS in app:
+        app[OFREP_STREAMS].close()

@@ -10,6 +10,7 @@ from .cache.cache import Caches, DocumentCache
 from .cache.invalidation import Invalidator
 from .config import Settings
 from .http.guard import HostGuard
+from .http.streams import Streams
 from .metrics import Metrics
 from .redis.conn import RedisConn
 from .upstream import VellumClient
@@ -22,6 +23,7 @@ __all__ = [
     "INVALIDATOR",
     "LIFECYCLE",
     "METRICS",
+    "OFREP_STREAMS",
     "REDIS",
     "SETTINGS",
     "UPSTREAM",
@@ -49,5 +51,7 @@ CACHES = web.AppKey("caches", Caches)
 #: The entitlement cache (``CACHES.entitlements``): its own key for the hot path.
 CACHE = web.AppKey("cache", DocumentCache)
 INVALIDATOR = web.AppKey("invalidator", Invalidator)
+#: The open OFREP event streams (told of every drop by the invalidator).
+OFREP_STREAMS = web.AppKey("ofrep_streams", Streams)
 #: The ops and webhook apps reach the shared resources through the core (local API) app.
 CORE = web.AppKey("core", web.Application)

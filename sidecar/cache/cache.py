@@ -412,9 +412,13 @@ class Caches:
         self.flags = make(FLAGS)
         self.global_flags = make(GLOBAL_FLAGS)
         self.all: tuple[DocumentCache, ...] = (self.entitlements, self.flags, self.global_flags)
+        self._by_kind = {c.kind.name: c for c in self.all}
         # Read when /metrics is collected, so the hot path never sets a gauge.
         metrics.memory_entries.set_function(lambda: sum(len(c.memory) for c in self.all))
         metrics.inflight_fetches.set_function(lambda: sum(c.inflight for c in self.all))
+
+    def of_kind(self, kind: Kind) -> DocumentCache:
+        return self._by_kind[kind.name]
 
     def of(self, axes: Iterable[Axis] = AXES) -> list[DocumentCache]:
         """The caches of these axes."""

@@ -14,15 +14,12 @@ from typing import Any, Final, Literal
 import orjson
 
 from ..errors import UpstreamUnavailable, error_body
-from .kinds import ENTITLEMENTS, Kind
+from .kinds import ENTITLEMENTS, NOT_FOUND_BODY, NOT_FOUND_DOC, Kind
 
 __all__ = ["NOT_FOUND_BODY", "NOT_FOUND_DOC", "Entry", "Lookup", "Source"]
 
 Source = Literal["hit", "miss", "stale"]
 
-#: The body answered for a customer the upstream does not know.
-NOT_FOUND_DOC: Final[dict[str, Any]] = {"found": False, "status": None, "modules": [], "config": {}}
-NOT_FOUND_BODY: Final = orjson.dumps(NOT_FOUND_DOC)
 #: A 404 body the upstream sent is kept (for the mirror) only up to this size.
 _MAX_NOT_FOUND_BODY: Final = 4096
 #: The share of the fresh window at whose end a hit refreshes ahead, and its cap.
@@ -144,7 +141,8 @@ class Entry:
 
     def body(self) -> bytes:
         """The local API body (the kind's ``local_body``: an entitlement document plus
-        ``"found"``); built once. A "not found" entry answers ``NOT_FOUND_BODY``."""
+        ``"found"``); built once. A "not found" entry answers the kind's ``missing_body``
+        (for entitlements ``NOT_FOUND_BODY``), with ``local_status``."""
         if self._body is None:
             # orjson returns bytes with a ~4 KiB allocation behind them; a body kept
             # for the entry's lifetime is copied to its own size (100,000 cached
@@ -152,9 +150,14 @@ class Entry:
             self._body = (
                 memoryview(self.kind.local_body(self.doc)).tobytes()
                 if self.doc is not None
-                else NOT_FOUND_BODY
+                else self.kind.missing_body
             )
         return self._body
+
+    @property
+    def local_status(self) -> int:
+        """The local API's status for ``body()``."""
+        return 200 if self.doc is not None else self.kind.missing_status
 
     def upstream_body(self) -> bytes:
         """The body as the upstream gave it (for the drop-in mirror)."""

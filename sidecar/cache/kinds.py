@@ -19,6 +19,7 @@ from typing import Any, Final, Literal
 import orjson
 
 from ..config import Settings
+from ..errors import error_body
 
 __all__ = [
     "AXES",
@@ -27,6 +28,8 @@ __all__ = [
     "GLOBAL_FLAGS",
     "GLOBAL_ID",
     "KINDS",
+    "NOT_FOUND_BODY",
+    "NOT_FOUND_DOC",
     "Axis",
     "Kind",
 ]
@@ -37,6 +40,10 @@ AXES: Final[tuple[Axis, ...]] = ("entitlements", "flags")
 
 #: The one id the tenant-wide kind (global flags) caches its document under.
 GLOBAL_ID: Final = "-"
+
+#: The local API's body for a customer the upstream has no entitlements for.
+NOT_FOUND_DOC: Final[dict[str, Any]] = {"found": False, "status": None, "modules": [], "config": {}}
+NOT_FOUND_BODY: Final = orjson.dumps(NOT_FOUND_DOC)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -60,6 +67,10 @@ class Kind:
     """The local API's body for a document (built once per entry)."""
     missing: str
     """What a 404 means, for the body answered when the upstream sent none worth keeping."""
+    missing_status: int
+    """The local API's status for a document the upstream does not have (its 404)."""
+    missing_body: bytes
+    """And its body."""
     dropped: tuple[str, ...] = ()
     """Fields removed from a document: the local API's own word replaces them."""
 
@@ -78,6 +89,10 @@ class Kind:
 
 def _entitlements_local(doc: dict[str, Any]) -> bytes:
     return orjson.dumps({**doc, "found": True})
+
+
+def _not_found(message: str) -> bytes:
+    return orjson.dumps(error_body("not_found", message))
 
 
 def _flags_check(doc: dict[str, Any]) -> str | None:
@@ -99,6 +114,9 @@ ENTITLEMENTS: Final = Kind(
     check=lambda _doc: None,
     local_body=_entitlements_local,
     missing="customer has no entitlements",
+    # An unknown customer is a 200 with "found": false on /v1.
+    missing_status=200,
+    missing_body=NOT_FOUND_BODY,
     dropped=("found",),
 )
 FLAGS: Final = Kind(
@@ -111,6 +129,10 @@ FLAGS: Final = Kind(
     check=_flags_check,
     local_body=orjson.dumps,
     missing="the upstream has no flags for this customer",
+    missing_status=404,
+    missing_body=orjson.dumps(
+        error_body("not_found", "the upstream has no flags for this customer")
+    ),
 )
 GLOBAL_FLAGS: Final = Kind(
     name="global_flags",
@@ -122,6 +144,8 @@ GLOBAL_FLAGS: Final = Kind(
     check=_flags_check,
     local_body=orjson.dumps,
     missing="the upstream has no global flags for this tenant",
+    missing_status=404,
+    missing_body=_not_found("the upstream has no global flags for this tenant"),
 )
 
 #: Every kind, by name.

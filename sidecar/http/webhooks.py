@@ -19,13 +19,20 @@ import orjson
 from aiohttp import web
 
 from ..appkeys import CORE, INVALIDATOR, METRICS, REDIS, SETTINGS
+from ..cache.kinds import AXES, Axis
 from ..errors import PayloadTooLarge, error_body
 from ..redis.conn import RedisConn, RedisDown
 from ..signature import SignatureError, verify
 from .middleware import json_errors
 from .responses import error_response, json_response
 
-__all__ = ["MAX_WEBHOOK_BODY", "REPLAY_WINDOW", "ReplayGuard", "create_webhook_app"]
+__all__ = [
+    "MAX_WEBHOOK_BODY",
+    "REPLAY_WINDOW",
+    "ReplayGuard",
+    "axes_of",
+    "create_webhook_app",
+]
 
 log = logging.getLogger("sidecar.webhooks")
 
@@ -162,21 +169,42 @@ async def receive(request: web.Request) -> web.StreamResponse:
     return _ok()
 
 
+#: ``type`` prefixes of events about flags: they drop the flags axis only.
+_FLAG_TYPES: Final = ("flags.", "flag.")
+#: ``type`` prefixes of events known to concern entitlements: they drop that axis only.
+_ENTITLEMENT_TYPES: Final = ("entitlements.", "entitlement.", "subscription.", "payment.")
+
+
+def axes_of(event_type: Any) -> tuple[Axis, ...]:
+    """Which axes an event's ``type`` drops: flag events the flags, events known to
+    concern entitlements the entitlements, any other (or no) type both, since a
+    drop is always safe and an event nobody listed may concern either."""
+    if isinstance(event_type, str):
+        if event_type.startswith(_FLAG_TYPES):
+            return ("flags",)
+        if event_type.startswith(_ENTITLEMENT_TYPES):
+            return ("entitlements",)
+    return AXES
+
+
 async def apply_event(core: web.Application, event: dict[str, Any]) -> tuple[str, bool]:
-    """Drop what the event names: a customer, an account's customers, or everything.
+    """Drop what the event names, on the axes its type concerns (``axes_of``): a
+    customer, an account's customers, or everything (for flags: every customer's
+    and the global flags).
 
     Returns the scope and whether every sidecar was reached (see ``Invalidator``).
     """
     invalidator = core[INVALIDATOR]
+    axes = axes_of(event.get("type"))
     customer = event.get("customerId")
     account = event.get("accountId")
     if isinstance(customer, str) and customer:
         if isinstance(account, str) and account:
             await invalidator.link(account, customer)
-        return "customer", await invalidator.customers([customer], source="webhook")
+        return "customer", await invalidator.customers([customer], source="webhook", axes=axes)
     if isinstance(account, str) and account:
-        return await invalidator.account(account, source="webhook")
-    return "tenant", await invalidator.tenant(source="webhook")
+        return await invalidator.account(account, source="webhook", axes=axes)
+    return "tenant", await invalidator.tenant(source="webhook", axes=axes)
 
 
 def create_webhook_app(core: web.Application) -> web.Application:
