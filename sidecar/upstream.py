@@ -153,6 +153,7 @@ class VellumClient:
         self.metrics = metrics
         #: Guards entitlement reads (the hot path); its state is the one /readyz reports.
         self.breaker = breaker if breaker is not None else Breaker()
+        metrics.upstream_state.follow(self.state)
         #: Guards every billing operation.
         self.billing_breaker = Breaker()
         # One per cached read operation: failing flag reads must not cut the
@@ -264,11 +265,9 @@ class VellumClient:
                 else:
                     breaker.success()
                 if not (retry and resp.status in _RETRY_STATUSES):
-                    self._update_state()
                     return resp
                 last_error = None
                 last_resp = resp
-            self._update_state()
             if not retry:
                 assert last_error is not None
                 raise last_error
@@ -303,7 +302,3 @@ class VellumClient:
 
     def _count(self, operation: str, status: str) -> None:
         self.metrics.upstream_requests.labels(operation, status).inc()
-
-    def _update_state(self) -> None:
-        state = self.state()
-        self.metrics.upstream_state.set({"ok": 0, "degraded": 1, "down": 2}[state])

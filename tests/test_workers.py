@@ -177,6 +177,8 @@ def test_workers_share_the_port_stay_coherent_and_are_restarted(stack: dict[str,
     assert "vellum_sidecar_workers 2.0" in metrics
     assert 'vellum_sidecar_webhooks_total{result="ok",worker=' in metrics
     assert 'process_resident_memory_bytes{worker="1"}' in metrics
+    assert 'vellum_sidecar_fanout_state{state="ok",worker="1"} 1.0' in metrics
+    assert "_created" not in metrics, "neither the supervisor's series nor the workers'"
 
     # A worker that dies is restarted; once it is gone (connections already queued
     # on its socket die with it), the port keeps answering through the other.

@@ -97,7 +97,7 @@ class DocumentCache:
         self._background: set[asyncio.Task[Any]] = set()
         #: Called with (customer, entry) after every upstream fetch (account index).
         self.on_fetched: Callable[[str, Entry], Awaitable[None]] | None = None
-        m = metrics.cache_lookups
+        m = metrics.cache_lookups_by_kind
         k = kind.name
         self._m_mem_hit = m.labels(k, "memory", "hit")
         self._m_mem_miss = m.labels(k, "memory", "miss")

@@ -81,6 +81,8 @@ class Invalidator:
         self._listener: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
         self._watchers: list[DropWatcher] = []
+        if redis is not None:
+            metrics.fanout_state.follow(lambda: "ok" if self.subscribed.is_set() else "down")
         caches.entitlements.on_fetched = self._learn_from_entry
 
     def watch(self, watcher: DropWatcher) -> Callable[[], None]:

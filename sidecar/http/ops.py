@@ -34,6 +34,7 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     }
     if redis is not None:
         body["fanout"] = "ok" if core[INVALIDATOR].subscribed.is_set() else "down"
+    core[METRICS].observe_readiness(phase == "ready")
     return json_response(body, 200 if phase == "ready" else 503)
 
 

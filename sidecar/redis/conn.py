@@ -58,7 +58,7 @@ class RedisConn:
         self.state: RedisState = "ok"
         self._probe: asyncio.Task[None] | None = None
         self._on_reconnect: list[Callable[[], Awaitable[None]]] = []
-        metrics.redis_up.set(1)
+        metrics.redis_state.follow(lambda: self.state)
 
     def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
         self._on_reconnect.append(callback)
@@ -96,7 +96,6 @@ class RedisConn:
         if self.state == "down":
             return
         self.state = "down"
-        self.metrics.redis_up.set(0)
         log.warning(
             "redis_down", extra={"fields": {"operation": operation, "error": type(exc).__name__}}
         )
@@ -114,7 +113,6 @@ class RedisConn:
                 continue
             break
         self.state = "ok"
-        self.metrics.redis_up.set(1)
         log.info("redis_up")
         for callback in self._on_reconnect:
             await callback()
