@@ -405,7 +405,9 @@ async def test_sse_refetch_after_a_push_anywhere_in_the_fleet(
     assert got["id"]
     # An entitlement drop concerns OFREP too (module: keys); a tenant-wide drop
     # reaches every stream.
-    assert (await receiver.client.delete("/v1/customers/cus_1/cache?axis=entitlements")).status
+    assert (
+        await receiver.client.delete("/v1/customers/cus_1/cache?axis=entitlements")
+    ).status == 204
     assert json.loads((await mine.next_event())["data"])["type"] == "refetchEvaluation"
     assert (await receiver.client.delete("/v1/cache?axis=flags")).status == 204
     for stream in (theirs, mine):

@@ -14,9 +14,10 @@ so no id (``..``, ``a/b``, ``%2F``, ``?x``) can reach another upstream path.
 mirror leaves that to the upstream so its 400s reach the SDK unchanged.
 
 Writes are retried only when the caller sent an ``Idempotency-Key``. A write that
-may have changed a customer's entitlements drops that customer's cache on every
-sidecar (an account status change drops the account's customers) before the
-answer is returned, so the caller's next ``can`` sees the change.
+may have changed a customer's entitlements drops that customer's cached
+entitlements (never its flags, which no plan decides) on every sidecar (an
+account status change drops the account's customers) before the answer is
+returned, so the caller's next ``can`` sees the change.
 """
 
 from __future__ import annotations
@@ -187,11 +188,12 @@ async def _after_write(
     invalidator = app[INVALIDATOR]
     if status is not None and 200 <= status < 300 and call.account and call.customer:
         await invalidator.link(call.account, call.customer)
+    # Flags are never derived from the plan: a billing write drops entitlements only.
     if op.drops == "customer" and call.customer:
-        await invalidator.customers([call.customer], source="write")
+        await invalidator.customers([call.customer], source="write", axes=("entitlements",))
         return "customer"
     if op.drops == "account" and call.account:
-        await invalidator.account(call.account, source="write")
+        await invalidator.account(call.account, source="write", axes=("entitlements",))
         return "account"
     return None
 

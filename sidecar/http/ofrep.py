@@ -289,13 +289,15 @@ async def events(request: web.Request) -> web.StreamResponse:
     streams = request.app[OFREP_STREAMS]
     if streams.closing:
         return _json({"errorCode": "GENERAL", "errorDetails": "the sidecar is stopping"}, 503)
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        }
-    )
+    headers = {
+        "Content-Type": "text/event-stream",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+    }
+    if request.method == "HEAD":
+        # As every GET route: the headers, no body (here: no stream).
+        return web.Response(headers=headers)
+    response = web.StreamResponse(headers=headers)
     with streams.subscribe(customer) as sub:
         await response.prepare(request)
         # A comment first, so the client sees the stream open at once.

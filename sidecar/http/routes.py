@@ -40,7 +40,7 @@ def add_routes(app: web.Application) -> None:
     r.add_delete("/v1/cache", entitlements.drop_all)
     r.add_post(f"/ofrep/v1/evaluate/flags/{{key:{_ID}}}", ofrep.evaluate)
     r.add_post("/ofrep/v1/evaluate/flags", ofrep.evaluate_bulk)
-    r.add_get(ofrep.STREAM_PATH, ofrep.events, allow_head=False)
+    r.add_get(ofrep.STREAM_PATH, ofrep.events)
     r.add_get("/openapi.json", openapi)
     for op in OPERATIONS:
         for surface in SURFACES:
