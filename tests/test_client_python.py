@@ -448,30 +448,34 @@ async def test_every_billing_method(call: Call, stack: Stack) -> None:
     assert sent["body"] == {"planId": "pro", "planVersion": 1, "seats": 3}
     assert sent["idempotencyKey"] is not None
     assert await call("can", customer, "api") is True, "the write dropped the customer's cache"
-    assert (await call("get_subscription", account_id=account, customer_id=customer))["id"] == sub[
-        "id"
-    ]
+    assert await call("get_subscription", account_id=account, customer_id=customer) == sub
 
     methods = await call("list_payment_methods", account_id=account)
     assert len(methods) == 2 and {m["isDefault"] for m in methods} == {True, False}
-    spare = next(m["id"] for m in methods if not m["isDefault"])
+    spare = next(m["ref"] for m in methods if not m["isDefault"])
     default = await call("set_default_payment_method", account_id=account, method_id=spare)
-    assert default == {**default, "id": spare, "isDefault": True}
+    assert default == {**default, "ref": spare, "isDefault": True}
     paying = await call(
         "set_subscription_payment_method", account_id=account, customer_id=customer,
         method_id=spare,
     )  # fmt: skip
-    assert paying["paymentMethodId"] == spare
-    unused = next(m["id"] for m in methods if m["id"] != spare)
+    assert paying["defaultPaymentMethodRef"] == spare
+    unused = next(m["ref"] for m in methods if m["ref"] != spare)
     assert await call("remove_payment_method", account_id=account, method_id=unused) is None
-    assert [m["id"] for m in await call("list_payment_methods", account_id=account)] == [spare]
+    assert [m["ref"] for m in await call("list_payment_methods", account_id=account)] == [spare]
 
     invoices = await call("list_invoices", account_id=account)
-    assert [i["customerId"] for i in invoices] == [customer]
+    assert len(invoices) == 1
+    assert await call("list_invoices", account_id=account, customer_id=customer) == invoices
     assert await call("list_invoices", account_id=account, customer_id="someone_else") == []
     assert stack.upstream_requests("list_invoices")[-1]["query"] == {"customerId": "someone_else"}
-    url = await call("invoice_pdf_url", account_id=account, invoice_id=invoices[0]["id"])
-    assert url == f"https://invoices.example/{invoices[0]['id']}.pdf"
+    # This client still has only invoice_pdf_url: an upstream from before SDK 1.2 redirects.
+    stack.admin("PATCH", "/settings", {"invoicePdf": "redirect"})
+    try:
+        url = await call("invoice_pdf_url", account_id=account, invoice_id=invoices[0]["ref"])
+    finally:
+        stack.admin("PATCH", "/settings", {"invoicePdf": "bytes"})
+    assert url.startswith("https://") and url.endswith(f"/{invoices[0]['number']}.pdf")
 
     status = await call(
         "set_customer_status", account_id=account, customer_id=customer, status="past_due"
@@ -500,8 +504,8 @@ async def test_upstream_errors_carry_status_code_and_body(call: Call) -> None:
     assert "404" in str(missing.value)
 
     with pytest.raises(SidecarApiError) as taken:
-        await call("create_account", account_id="acme")
-    assert (taken.value.status, taken.value.code) == (409, "account_exists")
+        await call("create_customer", account_id="acme", customer_id="cus_trial")
+    assert (taken.value.status, taken.value.code) == (409, "customer_exists")
 
     with pytest.raises(SidecarApiError) as bad:
         await call("set_customer_status", account_id="acme", customer_id="cus_trial", status="x")
@@ -678,12 +682,13 @@ async def test_unix_socket_url(unix_stack: Stack) -> None:
         ents = await asyncio.to_thread(client.get_entitlements, "cus_active")
         assert ents.status == "active"
         invoices = await asyncio.to_thread(client.list_invoices, account_id="acme")
-        assert {i["id"] for i in invoices} >= {"in_acme_0001", "in_acme_0002"}
+        assert {i["number"] for i in invoices} >= {"ACME-0001", "ACME-0002"}
+    unix_stack.admin("PATCH", "/settings", {"invoicePdf": "redirect"})  # invoice_pdf_url's kind
     async with AsyncSidecarClient(unix_stack.url) as aclient:
         assert await aclient.can("cus_trial", "exports") is False
         assert (await aclient.get_entitlements("cus_trial")).status == "trialing"
-        url = await aclient.invoice_pdf_url(account_id="acme", invoice_id="in_acme_0001")
-        assert url.endswith("/in_acme_0001.pdf")
+        url = await aclient.invoice_pdf_url(account_id="acme", invoice_id=invoices[0]["ref"])
+        assert url.endswith(f"/{invoices[0]['number']}.pdf")
 
 
 def test_environment_url_reaches_the_live_sidecar(

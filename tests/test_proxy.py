@@ -24,7 +24,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
 from sidecar.appkeys import REDIS
-from sidecar.emulator import OPERATIONS as EMULATOR_OPERATIONS
 from sidecar.emulator import Emulator
 from sidecar.http.operations import OPERATIONS, SURFACES, Operation
 from sidecar.logs import JsonFormatter
@@ -85,7 +84,8 @@ class Raw:
 
 
 class VellumSdk:
-    """The SDK surface apps use today; ``root`` is ``/tenants/{t}`` upstream, or ``/v1``."""
+    """The SDK surface the sidecar's 16 operations cover, with vellumcharter 1.4.2's
+    bodies; ``root`` is ``/tenants/{t}`` upstream, or ``/v1``."""
 
     def __init__(
         self, session: aiohttp.ClientSession, base_url: str, root: str, api_key: str | None
@@ -146,19 +146,20 @@ class VellumSdk:
         account_id: str,
         customer_id: str,
         plan_id: str,
-        plan_version: int | str,
         success_url: str,
         cancel_url: str,
+        plan_version: int | None = None,
         seats: int = 1,
     ) -> Any:
-        body = {
+        body: dict[str, Any] = {
             "customerId": customer_id,
             "planId": plan_id,
-            "planVersion": plan_version,
             "seats": seats,
             "successUrl": success_url,
             "cancelUrl": cancel_url,
         }
+        if plan_version is not None:
+            body["planVersion"] = plan_version
         return await self._call("POST", "accounts", account_id, "checkout", body=body)
 
     async def create_setup_checkout(
@@ -175,10 +176,12 @@ class VellumSdk:
         account_id: str,
         customer_id: str,
         plan_id: str,
-        plan_version: int | str,
+        plan_version: int | None = None,
         seats: int = 1,
     ) -> Any:
-        body = {"planId": plan_id, "planVersion": plan_version, "seats": seats}
+        body: dict[str, Any] = {"planId": plan_id, "seats": seats}
+        if plan_version is not None:
+            body["planVersion"] = plan_version
         return await self._call(
             "POST", "accounts", account_id, "customers", customer_id, "subscribe", body=body
         )
@@ -202,18 +205,18 @@ class VellumSdk:
         account_id: str,
         name: str | None = None,
         email: str | None = None,
-        stripe_customer_id: str | None = None,
-        create_stripe_customer: bool = False,
+        billing_customer_id: str | None = None,
+        create_billing_customer: bool = False,
     ) -> Any:
         body: dict[str, Any] = {"accountId": account_id}
         if name is not None:
             body["name"] = name
         if email is not None:
             body["email"] = email
-        if stripe_customer_id is not None:
-            body["stripeCustomerId"] = stripe_customer_id
-        if create_stripe_customer:
-            body["createStripeCustomer"] = True
+        if billing_customer_id is not None:
+            body["billingCustomerId"] = billing_customer_id
+        if create_billing_customer:
+            body["createBillingCustomer"] = True
         return await self._call("POST", "accounts", body=body)
 
     async def create_customer(
@@ -259,7 +262,14 @@ class VellumSdk:
         resp = await self._call("GET", "accounts", account_id, "invoices", query=query)
         return list(resp["invoices"])
 
+    async def invoice_pdf(self, *, account_id: str, invoice_id: str) -> bytes:
+        resp = await self.raw("GET", "accounts", account_id, "invoices", invoice_id, "pdf")
+        if not 200 <= resp.status < 300:
+            raise VellumError(resp.status, resp.json())
+        return resp.body
+
     async def invoice_pdf_url(self, *, account_id: str, invoice_id: str) -> str:
+        """What SDKs before 1.2 did: the 3xx's ``Location`` (older upstreams)."""
         resp = await self.raw("GET", "accounts", account_id, "invoices", invoice_id, "pdf")
         if not 300 <= resp.status < 400:
             raise VellumError(resp.status, resp.json())
@@ -341,12 +351,12 @@ async def test_sdk_runs_every_operation_through_the_sidecar(
     acct, adopted, cust = uid("acc"), uid("acc"), uid("cus")
 
     account = await sdk.create_account(
-        account_id=acct, name="Acme", email=PERSONAL, create_stripe_customer=True
+        account_id=acct, name="Acme", email=PERSONAL, create_billing_customer=True
     )
     assert account["accountId"] == acct
-    assert account["stripeCustomerId"].startswith("cus_"), "a Stripe customer was created"
-    other = await sdk.create_account(account_id=adopted, stripe_customer_id="cus_existing")
-    assert other["stripeCustomerId"] == "cus_existing", "the Stripe customer was adopted"
+    assert account["billingCustomerId"].startswith("cus_"), "a billing customer was created"
+    other = await sdk.create_account(account_id=adopted, billing_customer_id="cus_existing")
+    assert other["billingCustomerId"] == "cus_existing", "the billing customer was adopted"
     customer = await sdk.create_customer(account_id=acct, customer_id=cust, email=PERSONAL)
     assert (customer["customerId"], customer["accountId"]) == (cust, acct)
 
@@ -379,30 +389,32 @@ async def test_sdk_runs_every_operation_through_the_sidecar(
     assert await can(sc, cust, "api")
     ents = await sdk.get_entitlements(cust)
     assert ents.found and ents.is_active() and ents.has("exports")
+    assert ents.doc["hasAccess"] is True
     assert ents.config("seats") == 3
-    assert (await sdk.get_subscription(account_id=acct, customer_id=cust))["id"] == sub["id"]
+    assert await sdk.get_subscription(account_id=acct, customer_id=cust) == sub
 
     methods = await sdk.list_payment_methods(account_id=acct)
     assert len(methods) == 2
     default = next(m for m in methods if m["isDefault"])
     spare = next(m for m in methods if not m["isDefault"])
-    assert sub["paymentMethodId"] == default["id"]
-    assert (await sdk.set_default_payment_method(account_id=acct, method_id=spare["id"]))[
+    assert sub["defaultPaymentMethodRef"] == default["ref"]
+    assert (await sdk.set_default_payment_method(account_id=acct, method_id=spare["ref"]))[
         "isDefault"
     ] is True
     moved = await sdk.set_subscription_payment_method(
-        account_id=acct, customer_id=cust, method_id=spare["id"]
+        account_id=acct, customer_id=cust, method_id=spare["ref"]
     )
-    assert moved["paymentMethodId"] == spare["id"]
-    assert await sdk.remove_payment_method(account_id=acct, method_id=default["id"]) is None
-    assert [m["id"] for m in await sdk.list_payment_methods(account_id=acct)] == [spare["id"]]
+    assert moved["defaultPaymentMethodRef"] == spare["ref"]
+    removed = await sdk.remove_payment_method(account_id=acct, method_id=default["ref"])
+    assert removed == {"ref": default["ref"], "removed": True}
+    assert [m["ref"] for m in await sdk.list_payment_methods(account_id=acct)] == [spare["ref"]]
 
     invoices = await sdk.list_invoices(account_id=acct)
-    assert [i["customerId"] for i in invoices] == [cust]
+    assert len(invoices) == 1 and invoices[0]["total"] == 3 * 4900
     assert await sdk.list_invoices(account_id=acct, customer_id=cust) == invoices
     assert await sdk.list_invoices(account_id=acct, customer_id="someone-else") == []
-    pdf = await sdk.invoice_pdf_url(account_id=acct, invoice_id=invoices[0]["id"])
-    assert pdf == f"https://invoices.example/{invoices[0]['id']}.pdf"
+    pdf = await sdk.invoice_pdf(account_id=acct, invoice_id=invoices[0]["ref"])
+    assert pdf.startswith(b"%PDF-") and invoices[0]["number"].encode() in pdf, "a PDF stays a PDF"
 
     status = await sdk.set_customer_status(account_id=acct, customer_id=cust, status="past_due")
     assert status["status"] == "past_due"
@@ -419,7 +431,7 @@ async def test_sdk_runs_every_operation_through_the_sidecar(
     assert suspended["status"] == "suspended"
     assert (await sdk.get_entitlements(cust)).doc["accountStatus"] == "suspended"
 
-    assert {r.operation for r in emulator.requests} == EMULATOR_OPERATIONS
+    assert {r.operation for r in emulator.requests} == {op.name for op in OPERATIONS}
     assert_upstream_saw_only_the_sidecar(emulator, tenant)
     # Every write went out exactly once (no retries without an Idempotency-Key).
     assert emulator.count("create_subscription") == 1
@@ -434,7 +446,7 @@ async def test_mirror_answers_exactly_like_the_upstream(
     session: aiohttp.ClientSession,
 ) -> None:
     """Byte for byte: status, body, Location, for found, missing and refused requests."""
-    emulator.create_account(tenant, "acc")
+    emulator.create_account(tenant, "acc", billing_customer_id="cus_billing")
     emulator.create_customer(tenant, "acc", "cus")
     emulator.set_entitlements(tenant, "cus", {"status": "active", "modules": ["reports"]})
     sc = await make_sidecar(None)
@@ -449,6 +461,7 @@ async def test_mirror_answers_exactly_like_the_upstream(
         ("GET", ("accounts", "acc", "invoices"), None),
         ("PATCH", ("accounts", "acc", "customers", "cus"), {"status": "bogus"}),
         ("POST", ("accounts",), {"accountId": "acc"}),
+        ("POST", ("accounts",), {"accountId": "acc", "billingCustomerId": "cus_other"}),
         ("POST", ("accounts", "acc", "checkout"), {"customerId": "cus", "planId": "pro"}),
     ]
     for method, segments, body in calls:
@@ -461,7 +474,13 @@ async def test_mirror_answers_exactly_like_the_upstream(
     await direct.create_subscription(
         account_id="acc", customer_id="cus", plan_id="team", plan_version=1
     )
-    invoice = (await direct.list_invoices(account_id="acc"))[0]["id"]
+    invoice = (await direct.list_invoices(account_id="acc"))[0]["ref"]
+    theirs = await direct.raw("GET", "accounts", "acc", "invoices", invoice, "pdf")
+    ours = await mirror.raw("GET", "accounts", "acc", "invoices", invoice, "pdf")
+    assert ours.status == theirs.status == 200
+    assert ours.headers["Content-Type"] == theirs.headers["Content-Type"] == "application/pdf"
+    assert ours.body == theirs.body and ours.body.startswith(b"%PDF-"), "a PDF stays a PDF"
+    emulator.settings.invoice_pdf = "redirect"  # an upstream from before SDK 1.2
     theirs = await direct.raw("GET", "accounts", "acc", "invoices", invoice, "pdf")
     ours = await mirror.raw("GET", "accounts", "acc", "invoices", invoice, "pdf")
     assert ours.status == theirs.status == 302, "the redirect is passed on, never followed"
@@ -548,7 +567,7 @@ async def test_each_customer_write_drops_the_customer(
     await sdk.create_subscription(
         account_id="acc", customer_id="cus", plan_id="team", plan_version=1
     )
-    pm = (await sdk.list_payment_methods(account_id="acc"))[1]["id"]
+    pm = (await sdk.list_payment_methods(account_id="acc"))[1]["ref"]
     writes = [
         lambda: sdk.set_customer_status(account_id="acc", customer_id="cus", status="paused"),
         lambda: sdk.set_subscription_payment_method(

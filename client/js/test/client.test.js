@@ -239,25 +239,32 @@ describe("billing, live", () => {
     assert.deepEqual(sent.body, { planId: "pro", planVersion: 1, seats: 3 });
     assert.ok(sent.idempotencyKey);
     assert.equal(await sidecar.can(customerId, "api"), true, "the write dropped the cache");
-    assert.equal((await sidecar.getSubscription({ accountId, customerId })).id, sub.id);
+    assert.deepEqual(await sidecar.getSubscription({ accountId, customerId }), sub);
 
     const methods = await sidecar.listPaymentMethods({ accountId });
     assert.equal(methods.length, 2);
-    const spare = methods.find((m) => !m.isDefault).id;
+    const spare = methods.find((m) => !m.isDefault).ref;
     const made = await sidecar.setDefaultPaymentMethod({ accountId, methodId: spare });
-    assert.deepEqual([made.id, made.isDefault], [spare, true]);
+    assert.deepEqual([made.ref, made.isDefault], [spare, true]);
     const paying = await sidecar.setSubscriptionPaymentMethod({ accountId, customerId, methodId: spare });
-    assert.equal(paying.paymentMethodId, spare);
-    const unused = methods.find((m) => m.id !== spare).id;
+    assert.equal(paying.defaultPaymentMethodRef, spare);
+    const unused = methods.find((m) => m.ref !== spare).ref;
     assert.equal(await sidecar.removePaymentMethod({ accountId, methodId: unused }), undefined);
-    assert.deepEqual((await sidecar.listPaymentMethods({ accountId })).map((m) => m.id), [spare]);
+    assert.deepEqual((await sidecar.listPaymentMethods({ accountId })).map((m) => m.ref), [spare]);
 
     const invoices = await sidecar.listInvoices({ accountId });
-    assert.deepEqual(invoices.map((i) => i.customerId), [customerId]);
+    assert.equal(invoices.length, 1);
+    assert.deepEqual(await sidecar.listInvoices({ accountId, customerId }), invoices);
     assert.deepEqual(await sidecar.listInvoices({ accountId, customerId: "someone_else" }), []);
     assert.deepEqual((await lastUpstream("list_invoices")).query, { customerId: "someone_else" });
-    const url = await sidecar.invoicePdfUrl({ accountId, invoiceId: invoices[0].id });
-    assert.equal(url, `https://invoices.example/${invoices[0].id}.pdf`);
+    // This client still has only invoicePdfUrl: an upstream from before SDK 1.2 redirects.
+    await admin("PATCH", "/settings", { invoicePdf: "redirect" });
+    try {
+      const url = await sidecar.invoicePdfUrl({ accountId, invoiceId: invoices[0].ref });
+      assert.ok(url.endsWith(`/${invoices[0].number}.pdf`), url);
+    } finally {
+      await admin("PATCH", "/settings", { invoicePdf: "bytes" });
+    }
 
     const status = await sidecar.setCustomerStatus({ accountId, customerId, status: "past_due" });
     assert.equal(status.status, "past_due");
@@ -280,7 +287,10 @@ describe("billing, live", () => {
     assert.deepEqual([missing.status, missing.code], [404, "customer_not_found"]);
     assert.equal(missing.body.error.code, "customer_not_found");
     assert.match(missing.message, /404/);
-    await assert.rejects(sidecar.createAccount({ accountId: "acme" }), { status: 409, code: "account_exists" });
+    await assert.rejects(
+      sidecar.createCustomer({ accountId: "acme", customerId: "cus_trial" }),
+      { status: 409, code: "customer_exists" },
+    );
     await assert.rejects(
       sidecar.setCustomerStatus({ accountId: "acme", customerId: "cus_trial", status: "x" }),
       { status: 400, code: "invalid_status" },
@@ -295,8 +305,10 @@ describe("unix socket", () => {
       assert.equal(await sidecar.can("cus_active", "reports"), true);
       assert.equal((await sidecar.getEntitlements("cus_trial")).status, "trialing");
       assert.deepEqual(await sidecar.check([["cus_trial", "exports"]]), [false]);
-      const url = await sidecar.invoicePdfUrl({ accountId: "acme", invoiceId: "in_acme_0001" });
-      assert.match(url, /\/in_acme_0001\.pdf$/);
+      // tests/test_client_js.py switched this stack's emulator to redirect (pre-1.2) PDFs.
+      const [first] = await sidecar.listInvoices({ accountId: "acme" });
+      const url = await sidecar.invoicePdfUrl({ accountId: "acme", invoiceId: first.ref });
+      assert.match(url, /\/ACME-0001\.pdf$/);
     } finally {
       sidecar.close();
     }
