@@ -26,7 +26,8 @@ import orjson
 from aiohttp import web
 
 from ..appkeys import CORE, INVALIDATOR, METRICS, REDIS, SETTINGS
-from ..cache.invalidation import AXES, Axis, Scope
+from ..cache.invalidation import Scope
+from ..cache.kinds import AXES, Axis
 from ..errors import PayloadTooLarge, error_body
 from ..redis.conn import RedisConn, RedisDown
 from ..redis.url import RedisClient
@@ -107,10 +108,10 @@ def classify(event: Mapping[str, Any]) -> Target:
     elif family in ENTITLEMENT_EVENT_FAMILIES:
         axes = frozenset({"entitlements"})
     else:
-        axes = AXES
+        axes = frozenset(AXES)
     customer = _named(event.get("customerId"))
     account = _named(event.get("accountId"))
-    known = axes != AXES
+    known = axes != frozenset(AXES)
     if customer is not None and (known or account is None):
         return Target("customer", customer, account, axes)
     if account is not None:
