@@ -17,10 +17,11 @@ from sidecar.cache.entry import Entry
 from sidecar.cache.kinds import FLAGS, GLOBAL_FLAGS
 from sidecar.emulator import Emulator
 from sidecar.errors import UpstreamUnavailable
-from sidecar.http.webhooks import axes_of
+from sidecar.http.webhooks import classify
 from sidecar.signature import sign
 
-from .conftest import WEBHOOK_SECRET, Sidecar, SidecarFactory, eventually, free_port
+from .conftest import Sidecar, SidecarFactory, eventually
+from .harness import WEBHOOK_SECRET, free_port
 
 DOC = {"status": "active", "modules": ["reports"], "config": {}}
 GLOBALS = {"beta": False, "dark-mode": True}
@@ -347,12 +348,15 @@ async def test_a_bad_axis_is_400(make_sidecar: SidecarFactory) -> None:
 
 
 def test_event_types_decide_the_axes() -> None:
-    assert axes_of("flags.updated") == ("flags",)
-    assert axes_of("flag.deleted") == ("flags",)
+    def axes_of(event_type: Any) -> frozenset[str]:
+        return classify({"type": event_type, "customerId": "c"}).axes
+
+    for flag in ("flags.updated", "flag.deleted", "flag_override.set", "FLAGS.changed"):
+        assert axes_of(flag) == {"flags"}, flag
     for known in ("entitlements.updated", "payment.succeeded", "subscription.canceled"):
-        assert axes_of(known) == ("entitlements",), known
-    for other in ("payment_method.attached", "customer.renamed", None, 3, "flagship.x"):
-        assert axes_of(other) == ("entitlements", "flags"), other
+        assert axes_of(known) == {"entitlements"}, known
+    for other in ("flagship.launched", "usage.recorded", None, 3, ""):
+        assert axes_of(other) == {"entitlements", "flags"}, other
 
 
 @pytest.mark.parametrize(

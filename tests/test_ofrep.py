@@ -30,8 +30,8 @@ from openfeature.flag_evaluation import Reason
 from sidecar.emulator import Emulator
 from sidecar.signature import sign
 
-from .conftest import WEBHOOK_SECRET, Sidecar, SidecarFactory, free_port
-from .live import Stack
+from .conftest import Sidecar, SidecarFactory
+from .harness import WEBHOOK_SECRET, Stack, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 JS_TESTS = ROOT / "tests" / "ofrep_js"

@@ -63,7 +63,7 @@ _MAX_ID_LENGTH: Final = 200
 #: and status changes that the upstream reflects in it (``payment.failed`` makes a
 #: subscription past due, ``checkout.completed`` starts one, an account or customer
 #: status withholds access, a plan change changes its modules). A family starting
-#: with ``flag`` concerns flags only; any other type drops both axes.
+#: ``flag``/``flags`` (or ``flag_...``) concerns flags only; any other type drops both axes.
 ENTITLEMENT_EVENT_FAMILIES: Final = frozenset(
     {
         "entitlement", "entitlements",
@@ -92,8 +92,8 @@ class Target:
 def classify(event: Mapping[str, Any]) -> Target:
     """The one place an event's ``type`` and ids become what it drops.
 
-    Axes: a ``type`` whose family (before the first dot) starts with ``flag``
-    drops flags; a family in ``ENTITLEMENT_EVENT_FAMILIES`` drops entitlements;
+    Axes: a ``type`` whose family (before the first dot) is ``flag``/``flags``
+    or starts with ``flag_``/``flags_`` drops flags; a family in ``ENTITLEMENT_EVENT_FAMILIES`` drops entitlements;
     any other type, or none, drops both.
 
     Scope: a known type naming a customer drops that customer; one naming only an
@@ -103,7 +103,7 @@ def classify(event: Mapping[str, Any]) -> Target:
     """
     kind = event.get("type")
     family = kind.split(".", 1)[0].strip().lower() if isinstance(kind, str) else ""
-    if family.startswith("flag"):
+    if family in ("flag", "flags") or family.startswith(("flag_", "flags_")):
         axes: frozenset[Axis] = frozenset({"flags"})
     elif family in ENTITLEMENT_EVENT_FAMILIES:
         axes = frozenset({"entitlements"})
