@@ -93,8 +93,9 @@ def classify(event: Mapping[str, Any]) -> Target:
     """The one place an event's ``type`` and ids become what it drops.
 
     Axes: a ``type`` whose family (before the first dot) is ``flag``/``flags``
-    or starts with ``flag_``/``flags_`` drops flags; a family in ``ENTITLEMENT_EVENT_FAMILIES`` drops entitlements;
-    any other type, or none, drops both.
+    or starts with ``flag_``/``flags_`` drops flags; a family in
+    ``ENTITLEMENT_EVENT_FAMILIES`` drops entitlements; any other type, or none,
+    drops both.
 
     Scope: a known type naming a customer drops that customer; one naming only an
     account, that account's customers; neither, the tenant. An unknown type is
