@@ -17,6 +17,7 @@ from typing import Final
 
 from regions import ROOT, replace_region, run
 
+from sidecar.cache.kinds import KINDS
 from sidecar.http.operations import OPERATIONS, Answer, Field, Operation
 
 DOC: Final = ROOT / "docs" / "api.md"
@@ -77,8 +78,8 @@ def _retried(op: Operation) -> str:
 
 
 def _drops(op: Operation) -> str:
-    if op.cached:
-        return "(answered from the cache)"
+    if op.cache is not None:
+        return f"(answered from the {KINDS[op.cache].axis} cache)"
     if not op.write:
         return "(read; never cached)"
     if op.drops == "customer":
@@ -93,7 +94,7 @@ def table() -> str:
     lines = [
         "",
         "| operation | SDK methods | method and path (`/v1` or `/tenants/{t}`, then) | "
-        "success | `/v1` checks (`*` required) | retried | a write drops |",
+        "success | `/v1` checks (`*` required) | retried | a write drops (entitlements) |",
         "|---|---|---|---|---|---|---|",
     ]
     for op in OPERATIONS:

@@ -37,17 +37,16 @@ from sidecar.http.operations import OPERATIONS
 
 from .harness import Stack, free_port
 
-#: vellumcharter 1.4.2's methods this client has, with the SDK's own names and keywords:
-#: every public method but the flags ones (the flags work adds them). ``check`` and
-#: ``invoice_pdf_url`` (upstreams before SDK 1.2) are this client's own.
-FLAG_METHODS = {"flags", "flag", "global_flags", "invalidate_flags"}
+#: vellumcharter 1.4.2's methods, every public one, with the SDK's own names and
+#: keywords (the flags ones included). ``check`` and ``invoice_pdf_url`` (upstreams
+#: before SDK 1.2) are this client's own.
 SDK_METHODS: dict[str, inspect.Signature] = {
     name: inspect.signature(method)
     for name, method in inspect.getmembers(VellumCharterClient, inspect.isfunction)
-    if not name.startswith("_") and name not in FLAG_METHODS
+    if not name.startswith("_")
 }
 OWN_METHODS = {"check", "invoice_pdf_url"}
-ENTITLEMENT_METHODS = {"get_entitlements", "can", "check", "invalidate"}
+FLAG_METHODS = {"flags", "flag", "global_flags", "invalidate_flags"}
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +121,8 @@ def uid(prefix: str) -> str:
 def test_every_sdk_method_with_its_keyword_arguments(cls: type) -> None:
     """Each SDK method's parameters, in order, kind and default; ours may add optional
     keywords after them (``idempotency_key``)."""
-    assert len(SDK_METHODS) == 31
+    assert len(SDK_METHODS) == 35
+    assert set(SDK_METHODS) >= FLAG_METHODS
     for name, sdk in SDK_METHODS.items():
         method = getattr(cls, name, None)
         assert method is not None, f"{cls.__name__}.{name} is missing"
@@ -138,6 +138,11 @@ def test_every_sdk_method_with_its_keyword_arguments(cls: type) -> None:
     public = {n for n in dir(cls) if not n.startswith("_")} - {"close", "aclose"}
     attributes = {"base_url", "timeout", "billing_timeout", "fail_open"}
     assert public - attributes == set(SDK_METHODS) | OWN_METHODS
+    # flag's default has no default of its own and is keyword-only, as the SDK's.
+    default = inspect.signature(cls.flag).parameters["default"]
+    assert default.kind is inspect.Parameter.KEYWORD_ONLY
+    assert default.default is inspect.Parameter.empty
+    assert inspect.signature(cls.invalidate_flags).parameters["customer_id"].default is None
     ctor = inspect.signature(cls).parameters
     assert list(ctor)[:3] == ["base_url", "timeout", "fail_open"]
     assert (ctor["base_url"].default, ctor["timeout"].default, ctor["fail_open"].default) == (
@@ -319,6 +324,41 @@ async def test_entitlement_methods(call: Call, stack: Stack) -> None:
     assert (await call("get_entitlements", "cus_active")).cache == "hit"
     await call("invalidate")
     assert (await call("get_entitlements", "cus_active")).cache == "miss"
+
+
+# -- flags, live -------------------------------------------------------------------------
+
+
+async def test_flag_methods(call: Call, stack: Stack) -> None:
+    customer, name = uid("cus"), uid("flag")
+    tenant = f"/tenants/{stack.tenant}"
+    stack.admin("PUT", f"{tenant}/flags/{name}", {"value": False})
+    stack.admin("PUT", f"{tenant}/customers/{customer}/flags/{name}", {"value": True})
+    mine = await call("flags", customer)
+    assert mine[name] is True and mine["bulk-export"] is True, "overrides over the globals"
+    mine[name] = False  # a copy: the next call is not changed by it
+    assert (await call("flags", customer))[name] is True
+    assert (await call("global_flags"))[name] is False
+    assert await call("flag", name, customer, default=False) is True
+    assert await call("flag", name, uid("other"), default=True) is False
+    assert await call("flag", uid("undefined"), customer, default=True) is True
+    assert await call("flag", uid("undefined"), customer, default=False) is False
+    with pytest.raises(ValueError, match="flag_id"):
+        await call("flag", "", customer, default=True)
+
+    fetches = len(stack.upstream_requests("flags"))
+    assert await call("invalidate", customer) is None  # entitlements only, as the SDK's
+    await call("flags", customer)
+    assert len(stack.upstream_requests("flags")) == fetches
+    assert await call("invalidate_flags", customer) is None
+    await call("flags", customer)
+    assert len(stack.upstream_requests("flags")) == fetches + 1
+    globals_fetched = len(stack.upstream_requests("global_flags"))
+    await call("invalidate_flags")  # every customer's, and the globals
+    await call("flags", customer)
+    await call("global_flags")
+    assert len(stack.upstream_requests("flags")) == fetches + 2
+    assert len(stack.upstream_requests("global_flags")) == globals_fetched + 1
 
 
 async def test_ids_are_quoted_one_segment_each(call: Call, stack: Stack) -> None:
@@ -614,6 +654,9 @@ async def test_fail_closed_with_the_sidecar_stopped(
         assert down.value.status is None and "cannot reach the sidecar" in str(down.value)
         with pytest.raises(SidecarUnavailable):
             await closed("invalidate")
+        assert await closed("flag", "beta", "cus_active", default=True) is True
+        with pytest.raises(SidecarUnavailable):
+            await closed("global_flags")
         with pytest.raises(SidecarUnavailable):
             await closed("create_customer", account_id="acme", customer_id=uid("cus"))
 
@@ -639,6 +682,10 @@ async def test_fail_closed_when_the_sidecar_answers_503(
     with pytest.raises(SidecarUnavailable) as gateway:
         await closed("list_invoices", account_id="acme")
     assert gateway.value.status in (502, 504)
+    assert await closed("flag", "beta", customer, default=True) is True
+    assert await closed("flag", "beta", customer, default=False) is False
+    with pytest.raises(SidecarUnavailable):
+        await closed("flags", customer)
 
 
 async def test_the_sidecars_fail_open_modules_answer_true_for_a_fail_closed_client(

@@ -318,11 +318,15 @@ class VellumSdk:
     async def reactivate(self, *, account_id: str, customer_id: str) -> Any:
         return await self._sub("POST", account_id, customer_id, "reactivate")
 
-    async def flags(self, customer_id: str) -> Any:
-        return (await self._call("GET", "customers", customer_id, "flags"))["flags"]
+    async def flags(self, customer_id: str) -> dict[str, bool]:
+        flags: dict[str, bool] = (await self._call("GET", "customers", customer_id, "flags"))[
+            "flags"
+        ]
+        return flags
 
-    async def global_flags(self) -> Any:
-        return (await self._call("GET", "flags"))["flags"]
+    async def global_flags(self) -> dict[str, bool]:
+        flags: dict[str, bool] = (await self._call("GET", "flags"))["flags"]
+        return flags
 
     async def create_credit_checkout(
         self, *, account_id: str, customer_id: str, success_url: str, cancel_url: str,
@@ -535,7 +539,7 @@ async def test_sdk_runs_every_operation_through_the_sidecar(
     assert revived["status"] == "active"
     assert await can(sc, cust, "api"), "reactivate dropped the canceled document"
 
-    # Credits and flags: forwarded, never cached (balances change out of band).
+    # Credits: forwarded, never cached (balances change out of band). Flags: cached.
     types = await sdk.list_credit_types()
     assert [t["creditTypeId"] for t in types] == ["api-calls", "exports"]
     packs = await sdk.list_credit_packs(credit_type_id="exports")
@@ -567,11 +571,27 @@ async def test_sdk_runs_every_operation_through_the_sidecar(
     emulator.set_flag(tenant, "beta", True)
     assert await sdk.global_flags() == {"beta": True}
     emulator.set_flag(tenant, "beta", False, customer_id=cust)
-    assert await sdk.flags(cust) == {"beta": False}, "flags are forwarded, not cached (yet)"
+    assert await sdk.flags(cust) == {"beta": False}, "the first read fetches the override"
+    fetched = (emulator.count("flags"), emulator.count("global_flags"))
+    emulator.set_flag(tenant, "beta", True, customer_id=cust)
+    emulator.set_flag(tenant, "beta", False)
+    assert await sdk.flags(cust) == {"beta": False}, "flags are cached: the change is not seen"
+    assert await sdk.global_flags() == {"beta": True}, "and neither is the global one"
+    assert (emulator.count("flags"), emulator.count("global_flags")) == fetched
+    # A billing write drops entitlements only: the flags stay cached.
+    await sdk.set_seats(account_id=acct, customer_id=cust, seats=3)
+    assert await sdk.flags(cust) == {"beta": False}
+    assert (await sc.client.delete(f"/v1/customers/{cust}/cache?axis=flags")).status == 204
+    assert await sdk.flags(cust) == {"beta": True}, "seen once the customer's flags are dropped"
+    assert emulator.count("flags") == fetched[0] + 1
 
     suspended = await sdk.set_account_status(account_id=acct, status="suspended")
     assert suspended["status"] == "suspended"
     assert (await sdk.get_entitlements(cust)).doc["accountStatus"] == "suspended"
+
+    # The flag reads, answered from the flags caches.
+    assert await sdk.flags(cust) == emulator.flags_for(tenant, cust)
+    assert await sdk.global_flags() == emulator.flags_for(tenant)
 
     assert {r.operation for r in emulator.requests} == {op.name for op in OPERATIONS}
     assert_upstream_saw_only_the_sidecar(emulator, tenant)

@@ -5,10 +5,10 @@ runs with its ``base_url`` pointed at the sidecar's drop-in mirror, in front of 
 emulator, and its answers are checked. The SDK carries the app's own key, which
 the emulator would refuse: every request the emulator saw carried the sidecar's
 key instead. The SDK's own caches are off (TTL 0), so every read reaches the
-sidecar and the emulator's request counts show which reads the sidecar answered
-from its cache. Writes need no ``invalidate()``: the sidecar drops what a write
-changed before answering. (``tests/test_emulator_sdk.py`` drives the same SDK
-against the emulator directly.)
+sidecar and the emulator's request counts show which reads (entitlements,
+flags) the sidecar answered from its cache. Writes need no ``invalidate()``: the
+sidecar drops what a write changed before answering. (``tests/test_emulator_sdk.py``
+drives the same SDK against the emulator directly.)
 """
 
 from __future__ import annotations
@@ -143,7 +143,8 @@ async def entitlements_and_flags(sdk: Sdk, sc: Sidecar, emulator: Emulator, tena
     assert (await sc.client.delete("/v1/customers/cus_trial/cache")).status == 204
     assert await sdk("can", "cus_trial", "exports") is True
 
-    # Flags: forwarded to the upstream as they are.
+    # Flags: the upstream's documents, each cached by the sidecar like entitlements.
+    flag_reads = emulator.count("flags")
     assert await sdk("flags", "cus_active") == {
         "new-dashboard": True,  # the customer's override
         "bulk-export": True,
@@ -158,10 +159,15 @@ async def entitlements_and_flags(sdk: Sdk, sc: Sidecar, emulator: Emulator, tena
     assert await sdk("flag", "new-dashboard", "cus_active", default=False) is True
     assert await sdk("flag", "new-dashboard", "cus_trial", default=True) is False
     assert await sdk("flag", "undefined", "cus_active", default=True) is True
+    assert emulator.count("flags") == flag_reads + 2, "one upstream read per customer"
+    # As for entitlements: a change nobody told the sidecar about waits for a drop.
     emulator.set_flag(tenant, "maintenance-banner", True)
-    assert await sdk("flag", "maintenance-banner", "cus_active", default=False) is True
+    assert await sdk("flag", "maintenance-banner", "cus_active", default=False) is False
     await sdk("invalidate_flags", "cus_active")
     await sdk("invalidate_flags")
+    assert (await sdk("global_flags"))["maintenance-banner"] is False, "the sidecar's cache"
+    assert (await sc.client.delete("/v1/cache?axis=flags")).status == 204
+    assert await sdk("flag", "maintenance-banner", "cus_active", default=False) is True
     assert (await sdk("global_flags"))["maintenance-banner"] is True
 
 

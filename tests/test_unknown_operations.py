@@ -105,6 +105,12 @@ async def can(sc: Sidecar, customer: str, module: str) -> bool:
     return bool((await resp.json())["allowed"])
 
 
+async def flag(sc: Sidecar, customer: str, name: str) -> bool:
+    resp = await sc.client.get(f"/v1/customers/{customer}/flags/{name}")
+    assert resp.status == 200
+    return bool((await resp.json())["value"])
+
+
 async def cache_source(sc: Sidecar, customer: str) -> str:
     resp = await sc.client.get(f"/v1/customers/{customer}/entitlements")
     assert resp.status == 200
@@ -196,12 +202,15 @@ async def test_unknown_writes_drop_the_customer_on_every_sidecar(
     emulator.set_entitlements(tenant, "other", {"status": "active", "modules": ["api"]})
     a = await make_sidecar(redis_url)
     b = await make_sidecar(redis_url)
+    emulator.set_flag(tenant, "beta", False)
     for sc in (a, b):
         assert not await can(sc, "cus", "sso")
+        assert not await flag(sc, "cus", "beta")
         await cache_source(sc, "other")
     # The upstream changes with no push (this emulator has no webhook URL): the
     # sidecars keep their cached answer until something drops it.
     emulator.set_entitlements(tenant, "cus", {"status": "active", "modules": ["api", "sso"]})
+    emulator.set_flag(tenant, "beta", True, customer_id="cus")
     usage = f"/tenants/{tenant}/customers/cus/usage"
     assert (await a.client.get(usage)).status == 200
     assert not await can(a, "cus", "sso"), "a read drops nothing"
@@ -209,11 +218,14 @@ async def test_unknown_writes_drop_the_customer_on_every_sidecar(
     assert refused.status == 404, "the upstream refused it"
     assert not await can(a, "cus", "sso"), "a refused write drops nothing"
 
+    assert not await flag(a, "cus", "beta"), "still cached"
     assert (await a.client.post(usage, data=b"events=1")).status == 201
     assert await can(a, "cus", "sso"), "read-your-write on the sidecar that forwarded it"
+    # The sidecar cannot know what an unknown write changed: it drops flags too.
+    assert await flag(a, "cus", "beta")
 
     async def b_sees_it() -> bool:
-        return await can(b, "cus", "sso")
+        return await can(b, "cus", "sso") and await flag(b, "cus", "beta")
 
     await eventually(b_sees_it, timeout=5)
     assert await cache_source(a, "other") == "hit", "only that customer was dropped"

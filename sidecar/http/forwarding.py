@@ -18,12 +18,14 @@ mirror leaves that to the upstream so its 400s reach the SDK unchanged.
 Writes are retried only when the caller sent an ``Idempotency-Key`` or the row
 says the write is safe to retry (``consume_credits`` carries its own key in the
 body; ``preview_change`` changes nothing). A write that may have changed a
-customer's entitlements drops that customer's cache on every sidecar (an
-account status change drops the account's customers) before the answer is
-returned, so the caller's next ``can`` sees the change.
+customer's entitlements drops that customer's cached entitlements (never its
+flags, which no plan decides) on every sidecar (an account status change drops
+the account's customers) before the answer is returned, so the caller's next
+``can`` sees the change.
 
 :func:`forward_unknown` forwards a mirror path the table does not know, with
-the same path safety (see ``docs/api.md``, "Unknown operations").
+the same path safety (see ``docs/api.md``, "Unknown operations"). What such a
+write changes is unknown, so it drops both axes (entitlements and flags).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import orjson
 from aiohttp import web
 
 from ..appkeys import INVALIDATOR, METRICS, SETTINGS, UPSTREAM
+from ..cache.kinds import AXES, Axis
 from ..errors import (
     BadRequest,
     NotFound,
@@ -57,6 +60,8 @@ __all__ = ["forward", "forward_unknown"]
 # The logger's name predates the http/ package; log pipelines filter on it.
 log = logging.getLogger("sidecar.proxy")
 
+#: Flags are never derived from the plan: a billing write drops entitlements only.
+_ENTITLEMENTS: Final[tuple[Axis, ...]] = ("entitlements",)
 _MAX_IDEMPOTENCY_KEY: Final = 255
 #: Names of path parameters as the log and the ids in messages spell them.
 _ID_FIELDS: Final = {
@@ -148,7 +153,8 @@ async def forward_unknown(request: web.Request) -> web.StreamResponse:
     taken from the caller. The body's bytes go as they came. A GET (or HEAD) is
     retried like any read, anything else is sent once. A write naming a customer
     (``.../customers/{c}/...``) drops that customer on every sidecar, one naming
-    only an account drops the account's customers, as the table's writes do.
+    only an account drops the account's customers, as the table's writes do, but
+    on both axes: an operation the sidecar does not know may change flags too.
     """
     app = request.app
     settings = app[SETTINGS]
@@ -204,11 +210,11 @@ async def forward_unknown(request: web.Request) -> web.StreamResponse:
             quoted=True,
         )
     except UpstreamError as exc:
-        dropped = await _after_write(app, drops, call, None) if write else None
+        dropped = await _after_write(app, drops, call, None, AXES) if write else None
         _log_unknown(method, shape, None, exc.code, dropped, started)
         raise _proxy_error(exc, write) from None
     if write:
-        dropped = await _after_write(app, drops, call, resp.status)
+        dropped = await _after_write(app, drops, call, resp.status, AXES)
     else:
         dropped = None
         if 200 <= resp.status < 300 and call.account and call.customer:
@@ -306,9 +312,13 @@ def _check_query(op: Operation, request: web.Request) -> None:
 
 
 async def _after_write(
-    app: web.Application, drops: Drops | None, call: _Call, status: int | None
+    app: web.Application,
+    drops: Drops | None,
+    call: _Call,
+    status: int | None,
+    axes: Sequence[Axis] = _ENTITLEMENTS,
 ) -> Drops | None:
-    """Learn the account link and drop the caches the write may have changed.
+    """Learn the account link and drop the caches (``axes``) the write may have changed.
 
     A 4xx means the upstream refused the write, so nothing changed. Anything else
     (success, a 5xx, no answer at all) may have changed the customer, and dropping
@@ -320,10 +330,10 @@ async def _after_write(
     if status is not None and 200 <= status < 300 and call.account and call.customer:
         await invalidator.link(call.account, call.customer)
     if drops == "customer" and call.customer:
-        await invalidator.customers([call.customer], source="write")
+        await invalidator.customers([call.customer], source="write", axes=axes)
         return "customer"
     if drops == "account" and call.account:
-        await invalidator.account(call.account, source="write")
+        await invalidator.account(call.account, source="write", axes=axes)
         return "account"
     return None
 

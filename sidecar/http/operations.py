@@ -109,8 +109,9 @@ class Operation:
     retry_safe: bool = False
     """A write that may be retried without an ``Idempotency-Key``: it changes nothing,
     or the upstream deduplicates it by a key in its body."""
-    cached: bool = False
-    """Answered from the entitlement cache instead of forwarded."""
+    cache: str | None = None
+    """The document kind (``cache.kinds.KINDS``) whose cache answers it instead of the
+    upstream; ``None``: forwarded."""
     local_answer: Answer | None = None
     """What ``/v1`` answers where it differs from the upstream (the cached read adds ``found``)."""
     params: tuple[str, ...] = field(init=False)
@@ -120,6 +121,11 @@ class Operation:
         object.__setattr__(self, "params", tuple(_PARAM.findall(self.path)))
         if not self.sdk:
             object.__setattr__(self, "sdk", (self.name,))
+
+    @property
+    def cached(self) -> bool:
+        """Answered from a cache instead of forwarded."""
+        return self.cache is not None
 
     @property
     def body(self) -> bool:
@@ -191,7 +197,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "A customer's entitlements, from the cache",
         Answer(200, "the upstream document as the upstream gave it", "UpstreamEntitlements"),
         sdk=("get_entitlements", "can"),
-        cached=True,
+        cache="entitlements",
         local_answer=Answer(
             200,
             "the document plus found (found: false for a customer the upstream does not know)",
@@ -202,16 +208,18 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "flags",
         "GET",
         "/customers/{customer}/flags",
-        "A customer's flags: the tenant's values with the customer's overrides applied",
-        Answer(200, "every flag, evaluated for the customer", "Flags"),
+        "A customer's flags (the global values with the customer's overrides), from the cache",
+        Answer(200, "the customer's flags as the upstream gave them", "Flags"),
         sdk=("flags", "flag"),
+        cache="flags",
     ),
     Operation(
         "global_flags",
         "GET",
         "/flags",
-        "The tenant's global flag values, no customer applied",
-        Answer(200, "every flag's global value", "Flags"),
+        "The tenant's global flags, from the cache",
+        Answer(200, "the tenant-global flags as the upstream gave them", "Flags"),
+        cache="global_flags",
     ),
     Operation(
         "create_checkout",

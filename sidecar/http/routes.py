@@ -1,12 +1,13 @@
 """Every route of the local API, registered in one place.
 
-The entitlement routes and the contract are listed here; every operation of the
-table (``http/operations.py``) is registered on both surfaces, answered from the
-cache (``cached``) or forwarded to the upstream. Every GET also answers HEAD.
+The sidecar's own routes (``can``, ``check``, a flag, the cache drops, OFREP and
+the contract) are listed here; every operation of the table
+(``http/operations.py``) is registered on both surfaces, answered from its
+kind's cache (``cache``) or forwarded to the upstream. Every GET also answers HEAD.
 Last comes the mirror's catch-all: any other method or path under
 ``/tenants/{tenant}/`` is an operation the table does not know
-(``forwarding.forward_unknown``). It must stay the last route of the mirror, so
-every known operation matches first.
+(``forwarding.forward_unknown``). It must stay the last route registered, so
+every known operation (and every route above) matches first.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from importlib import resources
 
 from aiohttp import web
 
-from ..appkeys import SETTINGS
+from ..appkeys import CACHES, SETTINGS
+from ..cache.kinds import GLOBAL_ID, KINDS
 from ..errors import NotFound
-from . import entitlements
+from . import entitlements, flags, ofrep
 from .forwarding import forward, forward_unknown
 from .inputs import path_id
 from .middleware import Handler
@@ -37,8 +39,12 @@ def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get(f"/v1/customers/{{customer:{_ID}}}/can/{{module:{_ID}}}", entitlements.can)
     r.add_post("/v1/check", entitlements.check)
+    r.add_get(f"/v1/customers/{{customer:{_ID}}}/flags/{{name:{_ID}}}", flags.flag)
     r.add_delete(f"/v1/customers/{{customer:{_ID}}}/cache", entitlements.drop_customer)
     r.add_delete("/v1/cache", entitlements.drop_all)
+    r.add_post(f"/ofrep/v1/evaluate/flags/{{key:{_ID}}}", ofrep.evaluate)
+    r.add_post("/ofrep/v1/evaluate/flags", ofrep.evaluate_bulk)
+    r.add_get(ofrep.STREAM_PATH, ofrep.events)
     r.add_get("/openapi.json", openapi)
     for op in OPERATIONS:
         for surface in SURFACES:
@@ -47,6 +53,7 @@ def add_routes(app: web.Application) -> None:
                 # HEAD answers like GET without the body, as aiohttp's add_get does.
                 r.add_route("HEAD", route, handler)
             r.add_route(op.method, route, handler, name=f"{surface}.{op.name}")
+    # Last: the catch-all must not shadow any route registered above.
     r.add_route("*", "/tenants/{tenant}/{path:.*}", forward_unknown, name="mirror.unknown")
 
 
@@ -55,10 +62,13 @@ def _operation_handler(op: Operation, surface: Surface) -> Handler:
         if surface == "mirror" and request.match_info["tenant"] != request.app[SETTINGS].tenant_id:
             raise NotFound("this sidecar serves another tenant", code="unknown_tenant")
         ids = {name: path_id(request, name) for name in op.params}
-        if op.cached:
-            return await entitlements.read_entitlements(request, ids["customer"], surface)
+        if kind is not None:
+            cache = request.app[CACHES].of_kind(kind)
+            ident = ids["customer"] if kind.per_customer else GLOBAL_ID
+            return await entitlements.read_cached(request, cache, ident, surface)
         return await forward(request, op, ids, surface)
 
+    kind = KINDS[op.cache] if op.cache is not None else None
     return handle
 
 
