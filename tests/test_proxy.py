@@ -584,6 +584,9 @@ async def test_sdk_runs_every_operation_through_the_sidecar(
     assert (await sc.client.delete(f"/v1/customers/{cust}/cache?axis=flags")).status == 204
     assert await sdk.flags(cust) == {"beta": True}, "seen once the customer's flags are dropped"
     assert emulator.count("flags") == fetched[0] + 1
+    assert await sdk.global_flags() == {"beta": True}, "the global flags are the tenant's"
+    assert (await sc.client.delete("/v1/cache?axis=flags")).status == 204
+    assert await sdk.global_flags() == {"beta": False}
 
     suspended = await sdk.set_account_status(account_id=acct, status="suspended")
     assert suspended["status"] == "suspended"
