@@ -153,6 +153,9 @@ def test_serve_logs_never_show_url_credentials(tmp_path: Path) -> None:
         ready_url=f"http://127.0.0.1:{ops}/healthz",
     ).start()
     try:
+        # /healthz answers while the local API is still starting (its listener binds
+        # after the ops one): wait for the local API itself.
+        sidecar.wait_ready(f"http://127.0.0.1:{api}/openapi.json")
         status, _, body = http("GET", f"http://127.0.0.1:{api}/v1/customers/c1/can/reports")
         assert (status, body["allowed"]) == (503, False)
         status, _, ready = http("GET", f"http://127.0.0.1:{ops}/readyz")
