@@ -30,10 +30,12 @@ import orjson
 
 from sidecar.config import VARIABLES
 from sidecar.signature import sign
+from tests.harness import WEBHOOK_SECRET, Process, Stack, free_port
 
 from .clients import js_row, python_row
 from .load import LoadResult, Req, closed_loop, have_wrk, paced, percentile, wrk
-from .procs import TENANT, WEBHOOK_SECRET, Proc, Stack
+
+TENANT = "bench"
 
 MODULES = ("reports", "exports", "api")
 BATCH_SIZE = 100
@@ -142,7 +144,7 @@ async def _bounded(jobs: Sequence[Callable[[], Awaitable[None]]], concurrency: i
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-async def seed(session: aiohttp.ClientSession, emulator: Proc, start: int, stop: int) -> None:
+async def seed(session: aiohttp.ClientSession, emulator: Process, start: int, stop: int) -> None:
     """Give customers ``start..stop-1`` documents (``exports`` for even ones)."""
     base = f"{emulator.url()}/_emulator/tenants/{TENANT}/customers"
 
@@ -165,7 +167,7 @@ class Driver:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
 
-    async def peak(self, proc: Proc, requests: Sequence[Req]) -> LoadResult:
+    async def peak(self, proc: Process, requests: Sequence[Req]) -> LoadResult:
         o = self.opts
         run = wrk if o.generator == "wrk" else closed_loop
         return await run(
@@ -197,7 +199,7 @@ def batch_requests(customers: int) -> list[Req]:
 
 
 async def fleet_phase(
-    session: aiohttp.ClientSession, stack: Stack, sidecars: Sequence[Proc], opts: Options
+    session: aiohttp.ClientSession, stack: Stack, sidecars: Sequence[Process], opts: Options
 ) -> dict[str, Any]:
     assert stack.emulator is not None
     emu = stack.emulator.url()
@@ -239,7 +241,7 @@ async def fleet_phase(
 # -- push to applied ------------------------------------------------------------------------------
 
 
-async def _can(session: aiohttp.ClientSession, proc: Proc, customer: str, module: str) -> bool:
+async def _can(session: aiohttp.ClientSession, proc: Process, customer: str, module: str) -> bool:
     async with session.get(f"{proc.url()}/v1/customers/{customer}/can/{module}") as resp:
         body = await resp.read()
     if resp.status != 200:
@@ -250,8 +252,8 @@ async def _can(session: aiohttp.ClientSession, proc: Proc, customer: str, module
 async def push_phase(
     session: aiohttp.ClientSession,
     stack: Stack,
-    receiver: Proc,
-    others: Sequence[Proc],
+    receiver: Process,
+    others: Sequence[Process],
     opts: Options,
 ) -> dict[str, Any]:
     """Change a customer upstream, POST the signed push to one sidecar, and time until
@@ -326,7 +328,7 @@ async def _post_push(
 
 
 async def _until_changed(
-    session: aiohttp.ClientSession, proc: Proc, customer: str, old: bool, started: float
+    session: aiohttp.ClientSession, proc: Process, customer: str, old: bool, started: float
 ) -> float | None:
     """Poll ``proc`` back to back until it answers the new value; seconds since ``started``."""
     deadline = started + 10
@@ -339,7 +341,7 @@ async def _until_changed(
 # -- memory -------------------------------------------------------------------------------------
 
 
-async def _metric(session: aiohttp.ClientSession, proc: Proc, name: str) -> float:
+async def _metric(session: aiohttp.ClientSession, proc: Process, name: str) -> float:
     async with session.get(f"{proc.url('ops')}/metrics") as resp:
         text = await resp.text()
     total = 0.0
@@ -353,7 +355,7 @@ async def rss_phase(session: aiohttp.ClientSession, stack: Stack, opts: Options)
     assert stack.emulator is not None
     started = time.perf_counter()
     await seed(session, stack.emulator, opts.customers, opts.rss_customers)
-    proc = stack.start_sidecar("rss", SIDECAR_MEMORY_MAX_ENTRIES=str(max(opts.rss_customers, 1)))
+    proc = stack.add_sidecar("rss", SIDECAR_MEMORY_MAX_ENTRIES=str(max(opts.rss_customers, 1)))
     at_start = proc.rss_mib()
 
     def read(i: int) -> Callable[[], Awaitable[None]]:
@@ -426,6 +428,22 @@ def _workers_supported() -> bool:
     return any(v.name == "SIDECAR_WORKERS" for v in VARIABLES)
 
 
+def _stack(workdir: Path) -> Stack:
+    """Redis and an empty emulator; sidecars are added per phase. The benchmark signs and
+    times its own pushes, so the emulator pushes nothing, and the sidecars keep the
+    production upstream timeout."""
+    return Stack(workdir, tenant=TENANT, redis=True, seed=False, push=False, sidecar=False,
+                 SIDECAR_UPSTREAM_TIMEOUT=None)  # fmt: skip
+
+
+def _start_bare(stack: Stack) -> Process:
+    """The bare aiohttp server (``bench/bare.py``): the ceiling a handler can reach here."""
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.bare", "--port", str(port)]
+    ready = f"http://127.0.0.1:{port}/healthz"
+    return stack.add(Process("bare", argv, stack.workdir, ports={"local": port}, ready_url=ready))
+
+
 async def run(opts: Options) -> dict[str, Any]:
     results: dict[str, Any] = {
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -442,15 +460,16 @@ async def run(opts: Options) -> dict[str, Any]:
         },
     }
     driver = Driver(opts)
-    with tempfile.TemporaryDirectory(prefix="vellum-bench-") as tmp, Stack(Path(tmp)) as stack:
-        stack.start_redis()
-        emulator = stack.start_emulator()
+    with tempfile.TemporaryDirectory(prefix="vellum-bench-") as tmp, _stack(Path(tmp)) as stack:
+        emulator = stack.emulator
+        assert emulator is not None
         connector = aiohttp.TCPConnector(limit=256)
         async with aiohttp.ClientSession(connector=connector) as session:
             _say(f"seeding {opts.customers} customers")
             await seed(session, emulator, 0, opts.customers)
-            fleet = [stack.start_sidecar(f"sidecar-{n}") for n in range(opts.fleet)]
-            stack.flush_redis()
+            fleet = [stack.add_sidecar(f"sidecar-{n}") for n in range(opts.fleet)]
+            assert stack.redis is not None
+            stack.redis.flush()
 
             _say(f"fleet: {opts.reads} reads, {opts.customers} customers, {opts.fleet} sidecars")
             results["fleet"] = await fleet_phase(session, stack, fleet, opts)
@@ -461,15 +480,15 @@ async def run(opts: Options) -> dict[str, Any]:
             # defaults (fleet[0]) also go back to Redis for every customer once per
             # SIDECAR_MEMORY_TTL (10 s), which the "hot_default" row includes.
             default = fleet[0]
-            hot = stack.start_sidecar("hot", SIDECAR_MEMORY_TTL=PURE_MEMORY_TTL)
-            redis_only = stack.start_sidecar("redis-only", SIDECAR_MEMORY_MAX_ENTRIES="0")
-            bare = stack.start_bare()
+            hot = stack.add_sidecar("hot", SIDECAR_MEMORY_TTL=PURE_MEMORY_TTL)
+            redis_only = stack.add_sidecar("redis-only", SIDECAR_MEMORY_MAX_ENTRIES="0")
+            bare = _start_bare(stack)
             multi = None
             if opts.workers > 1 and _workers_supported():
-                multi = stack.start_sidecar(
+                multi = stack.add_sidecar(
                     "workers", SIDECAR_WORKERS=str(opts.workers), SIDECAR_MEMORY_TTL=PURE_MEMORY_TTL
                 )
-            rows: list[tuple[str, Proc, list[Req]]] = [
+            rows: list[tuple[str, Process, list[Req]]] = [
                 ("bare", bare, hot_requests(opts.customers)),
                 ("hot", hot, hot_requests(opts.customers)),
                 ("hot_default", default, hot_requests(opts.customers)),

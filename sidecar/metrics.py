@@ -120,6 +120,28 @@ class Metrics:
             f"{p}_redis_errors", "Redis commands that failed, by operation.",
             ["operation"], registry=r,
         )  # fmt: skip
+        self.redis_retries = Counter(
+            f"{p}_redis_retries",
+            "Redis commands retried once on a fresh connection after a stale pooled "
+            "connection failed (Redis restarted since it was pooled), by operation.",
+            ["operation"], registry=r,
+        )  # fmt: skip
+        self.invalidations_queued = Gauge(
+            f"{p}_invalidations_queued",
+            "Invalidations applied here but waiting for Redis (to reach Redis and the "
+            "other sidecars once it answers).",
+            registry=r,
+        )  # fmt: skip
+        self.invalidations_queue_applied = Counter(
+            f"{p}_invalidations_queue_applied",
+            "Queued invalidations applied to Redis and fanned out once it answered.",
+            registry=r,
+        )  # fmt: skip
+        self.invalidations_queue_overflows = Counter(
+            f"{p}_invalidations_queue_overflows",
+            "Times the invalidation queue was full and collapsed into one tenant-wide drop.",
+            registry=r,
+        )  # fmt: skip
         self.redis_state = StateGauge(
             f"{p}_redis_state",
             "Redis state as /readyz reports it: 1 for the current state.",

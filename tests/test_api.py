@@ -273,7 +273,7 @@ async def test_mirror_entitlements_reads_through_cache(
 
 
 def emulator_key() -> str:
-    from .conftest import API_KEY
+    from .harness import API_KEY
 
     return API_KEY
 

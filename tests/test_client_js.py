@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import free_port
-from .live import Stack
+from .harness import Stack, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 JS = ROOT / "client" / "js"

@@ -1,7 +1,7 @@
 """The Python client (``client/python``), both flavours, against a live sidecar.
 
 Every method runs against ``python -m sidecar serve`` in front of the emulator
-(see ``live.py``); what reached the emulator is checked too, so the bodies and
+(``harness.Stack``); what reached the emulator is checked too, so the bodies and
 queries are the SDK's. The fail-closed rule is checked with the sidecar
 stopped, with its upstream down, and with a sidecar that never answers.
 """
@@ -32,10 +32,9 @@ from vellum_sidecar_client import (
     SidecarUnavailable,
 )
 
-from sidecar.http.operations import OPERATIONS  # sidecar/http/operations.py after the layout move
+from sidecar.http.operations import OPERATIONS
 
-from .conftest import free_port
-from .live import Stack
+from .harness import Stack, free_port
 
 # The Vellum SDK's surface (interface.md, section 1): name -> keyword arguments.
 SDK_METHODS: dict[str, list[str]] = {

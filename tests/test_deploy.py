@@ -42,7 +42,7 @@ from sidecar.emulator import create_emulator_app
 from sidecar.http.ops import create_ops_app
 from sidecar.http.webhooks import create_webhook_app
 
-from .conftest import free_port, wait_until
+from .harness import Process, free_port, sidecar_command, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"
@@ -337,25 +337,6 @@ def test_compose_hardening() -> None:
 # -- the compose wiring, run as local processes -----------------------------------------------
 
 
-class Proc:
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self._fh = log.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", *args],
-            env={"PATH": os.environ["PATH"], **env},
-            stdout=self._fh,
-            stderr=subprocess.STDOUT,
-        )
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        code = self.proc.wait(timeout=30)
-        self._fh.close()
-        return code
-
-
 def _get(url: str) -> tuple[int, Any]:
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback
@@ -414,18 +395,30 @@ def compose_stack(tmp_path: Path, redis_url: str) -> Iterator[dict[str, str]]:
     side_env["SIDECAR_WEBHOOK_LISTEN"] = f"127.0.0.1:{hooks}"
     side_env["SIDECAR_OPS_LISTEN"] = f"127.0.0.1:{ops}"
     assert "127.0.0.1" in emu_env["EMULATOR_WEBHOOK_URL"], "the push target was mapped"
-    vellum = Proc(SERVICES["vellum"]["command"], emu_env, tmp_path / "vellum.log")
-    sidecar: Proc | None = None
+    vellum = Process("vellum", sidecar_command(*SERVICES["vellum"]["command"]), tmp_path,
+                     env=emu_env).start()  # fmt: skip
+    sidecar: Process | None = None
     try:
         emu_health = SERVICES["vellum"]["healthcheck"]["test"]
-        wait_until(lambda: _healthcheck_passes(emu_health, hosts, {}), timeout=30, interval=0.2)
-        sidecar = Proc(SERVICES["sidecar"]["command"], side_env, tmp_path / "sidecar.log")
+        wait_until(
+            lambda: _healthcheck_passes(emu_health, hosts, {}),
+            timeout=30,
+            interval=0.2,
+            process=vellum,
+            what="the vellum service's healthcheck",
+        )
+        sidecar = Process("sidecar", sidecar_command(*SERVICES["sidecar"]["command"]), tmp_path,
+                          env=side_env).start()  # fmt: skip
         side_health = SERVICES["sidecar"]["healthcheck"]["test"]
         ops_env = {"SIDECAR_OPS_LISTEN": side_env["SIDECAR_OPS_LISTEN"]}
         wait_until(
-            lambda: _healthcheck_passes(side_health, hosts, ops_env), timeout=30, interval=0.2
+            lambda: _healthcheck_passes(side_health, hosts, ops_env),
+            timeout=30,
+            interval=0.2,
+            process=sidecar,
+            what="the sidecar service's healthcheck",
         )
-        wait_until(lambda: _get(f"http://127.0.0.1:{ops}/readyz")[0] == 200, timeout=30)
+        sidecar.wait_ready(f"http://127.0.0.1:{ops}/readyz")
         yield {
             "api": f"http://127.0.0.1:{api}",
             "emulator": f"http://127.0.0.1:{emu_port}",

@@ -1373,8 +1373,9 @@ async def test_admin_change_delivers_a_push_that_verifies(
     )
     assert abs(timestamp - time.time()) < 60
     event = received.event
-    assert event["id"].startswith("evt_")
-    assert len(event["id"]) == len("evt_") + 32
+    assert event["eventId"].startswith("evt_")
+    assert len(event["eventId"]) == len("evt_") + 32
+    assert "id" not in event, "today's format"
     assert event["type"] == "entitlements.updated"
     assert event["tenantId"] == T
     assert event["customerId"] == "cus_trial"
@@ -2048,7 +2049,7 @@ async def test_settings(api: Api) -> None:
         "PATCH",
         "/_emulator/settings",
         key=None,
-        json={"eventIdFields": ["eventId"], "hasAccess": False, "pushAttempts": 1},
+        json={"eventIdFields": ["id"], "hasAccess": False, "pushAttempts": 1},
     )
     bad = [
         await api.call("PATCH", "/_emulator/settings", key=None, json=body)
@@ -2073,7 +2074,7 @@ async def test_settings(api: Api) -> None:
     }
     assert changed.body == {
         "invoicePdf": "bytes",
-        "eventIdFields": ["eventId"],
+        "eventIdFields": ["id"],
         "hasAccess": False,
         "pushAttempts": 1,
     }
@@ -2086,16 +2087,16 @@ async def test_settings(api: Api) -> None:
 
 async def test_event_id_fields(api: Api, emulator: Emulator, receiver: Receiver) -> None:
     await api.admin_put("cus_trial", {})
-    emulator.settings.event_id_fields = ("eventId",)
+    emulator.settings.event_id_fields = ("eventId", "id")
     await api.admin_put("cus_trial", {})
     emulator.settings.event_id_fields = ("id",)
     await api.admin_put("cus_trial", {})
 
-    both, current, older = receiver.events
+    current, both, older = receiver.events
     assert both["eventId"] == both["id"]
     assert "id" not in current and current["eventId"].startswith("evt_")
     assert "eventId" not in older and older["id"].startswith("evt_")
-    assert DEFAULT_EVENT_ID_FIELDS == ("eventId", "id")
+    assert DEFAULT_EVENT_ID_FIELDS == ("eventId",)
 
 
 async def test_pushes_are_retried_back_to_back_then_dropped(

@@ -34,8 +34,7 @@ from referencing.jsonschema import DRAFT202012
 from sidecar.app import create_app
 from sidecar.config import Settings
 
-from .conftest import sidecar_env
-from .live import Stack
+from .harness import Stack, sidecar_env
 
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
 SPEC_URI = "urn:vellum-sidecar:openapi"

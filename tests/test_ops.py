@@ -15,7 +15,8 @@ from sidecar.metrics import REDIS_STATES, UPSTREAM_STATES
 from sidecar.redis.conn import RedisState
 from sidecar.upstream import UpstreamState
 
-from .conftest import RedisServer, Sidecar, SidecarFactory, eventually
+from .conftest import Sidecar, SidecarFactory, eventually
+from .harness import RedisServer
 
 
 async def scrape(sc: Sidecar) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -80,7 +81,7 @@ async def test_readyz_reports_redis_down_and_back(
 ) -> None:
     emulator.set_entitlements(tenant, "cus_1", {"status": "active", "modules": ["m"]})
     sc = await make_sidecar(own_redis.url)
-    own_redis.stop()
+    own_redis.kill()
     # The next read notices; the answer still comes (from the upstream).
     resp = await sc.client.get("/v1/customers/cus_1/can/m")
     assert resp.status == 200

@@ -28,7 +28,8 @@ from sidecar.emulator import Emulator
 from sidecar.http.operations import OPERATIONS, SURFACES, Operation
 from sidecar.logs import JsonFormatter
 
-from .conftest import API_KEY, Sidecar, SidecarFactory, eventually, free_port
+from .conftest import Sidecar, SidecarFactory, eventually
+from .harness import API_KEY, free_port
 
 CALLER_KEY = "caller_own_key_" + "c" * 20
 PERSONAL = "jane.doe@example.com"

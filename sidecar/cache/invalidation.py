@@ -7,6 +7,22 @@ anywhere cannot store their older answer), publishes one message on the
 tenant's channel and drops its own in-process entries at once. Every other
 sidecar drops its in-process entries when the message arrives.
 
+**Axes.** Each kind of document the cache holds is an axis (``AXES``):
+``entitlements`` and ``flags``. An invalidation names the axes it drops; the
+Redis part and the in-process drop touch only those, and the fan-out message
+carries them, so every sidecar drops exactly those axes. Only the entitlements
+layer exists so far: an invalidation of ``flags`` alone still publishes its
+message, and changes nothing here.
+
+**While Redis does not answer** an invalidation is applied to this process at
+once and its Redis part (deletes, generation bumps, the fan-out message) is
+queued, to be applied the moment Redis answers again (``RedisConn.on_reconnect``).
+The queue holds targets, not a log: invalidations are idempotent, so a customer
+dropped twice while Redis was away is one entry, and an account is resolved to its
+customers only when Redis (which holds what every sidecar learnt) answers. It is
+bounded by ``QUEUE_LIMIT`` targets; a target that does not fit collapses the queue
+into one tenant-wide drop on every axis.
+
 Redis pub/sub is at-most-once: a sidecar that was disconnected may have missed
 messages, so every (re)subscribe drops the whole in-process layer.
 """
@@ -18,7 +34,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any, Final, Literal
 
 import orjson
@@ -26,19 +42,25 @@ from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 
 from ..metrics import Metrics
 from ..redis.conn import RedisConn, RedisDown
-from ..redis.keys import Keys
 from ..redis.url import REDIS_ERRORS, RedisClient
 from .cache import EntitlementCache
 from .entry import Entry
 
-__all__ = ["Invalidator", "Scope"]
+__all__ = ["AXES", "QUEUE_LIMIT", "Axis", "Invalidator", "Scope"]
 
 log = logging.getLogger("sidecar.invalidation")
 
 Scope = Literal["customer", "account", "tenant"]
+Axis = Literal["entitlements", "flags"]
+#: Every axis the cache knows; an invalidation names a subset (all by default).
+AXES: Final[frozenset[Axis]] = frozenset(("entitlements", "flags"))
+#: Invalidation targets (customers, accounts, the tenant) queued while Redis is down.
+QUEUE_LIMIT: Final = 10_000
 
 _GEN_TTL_S: Final = 3600
 _SCAN_BATCH: Final = 500
+#: Customers per transaction when the queue is applied.
+_DRAIN_BATCH: Final = 500
 _MAX_LOCAL_LINKS: Final = 100_000
 
 
@@ -47,6 +69,47 @@ class _Resubscribe(Exception):
 
 
 _LISTEN_ERRORS: Final[tuple[type[BaseException], ...]] = (*REDIS_ERRORS, _Resubscribe)
+
+
+class _Pending:
+    """Invalidations waiting for Redis: each target with the axes it drops, coalesced."""
+
+    __slots__ = ("accounts", "customers", "tenant")
+
+    def __init__(self) -> None:
+        self.customers: dict[str, set[Axis]] = {}
+        self.accounts: dict[str, set[Axis]] = {}
+        self.tenant: set[Axis] = set()
+
+    def __len__(self) -> int:
+        return len(self.customers) + len(self.accounts) + (1 if self.tenant else 0)
+
+    def add(self, scope: Scope, target: str, axes: Collection[Axis], limit: int) -> bool:
+        """Queue one target; False when it did not fit and the queue collapsed instead."""
+        if scope == "tenant":
+            self.tenant.update(axes)
+            # A tenant-wide drop covers every customer and account on its axes.
+            for table in (self.customers, self.accounts):
+                for key in list(table):
+                    table[key].difference_update(axes)
+                    if not table[key]:
+                        del table[key]
+            return True
+        remaining = set(axes) - self.tenant
+        if not remaining:
+            return True
+        table = self.customers if scope == "customer" else self.accounts
+        queued = table.get(target)
+        if queued is not None:
+            queued.update(remaining)
+            return True
+        if len(self) >= limit:
+            self.customers.clear()
+            self.accounts.clear()
+            self.tenant = set(AXES)
+            return False
+        table[target] = remaining
+        return True
 
 
 class Invalidator:
@@ -58,119 +121,274 @@ class Invalidator:
         *,
         sidecar_id: str,
         link_ttl: float,
+        queue_limit: int = QUEUE_LIMIT,
     ) -> None:
         self.cache = cache
         self.redis = redis
         self.metrics = metrics
         self.sidecar_id = sidecar_id
+        self.queue_limit = queue_limit
         self._link_ttl = int(link_ttl)
         # account -> customers learnt from writes, for memory-only mode and while
         # Redis is down (bounded LRU of accounts).
         self._links: OrderedDict[str, set[str]] = OrderedDict()
         self._listener: asyncio.Task[None] | None = None
+        self._pending = _Pending()
+        self._drainer: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
         if redis is not None:
             metrics.fanout_state.follow(lambda: "ok" if self.subscribed.is_set() else "down")
         cache.on_fetched = self._learn_from_entry
+        if redis is not None:
+            redis.on_reconnect(self._redis_answers)
+        metrics.invalidations_queued.set(0)
+
+    @property
+    def queued(self) -> int:
+        """Invalidation targets waiting for Redis."""
+        return len(self._pending)
 
     # -- issuing -----------------------------------------------------------------
 
     async def customers(
-        self, customers: Sequence[str], *, source: str, scope: Scope = "customer"
+        self,
+        customers: Sequence[str],
+        *,
+        source: str,
+        scope: Scope = "customer",
+        axes: Collection[Axis] = AXES,
     ) -> bool:
-        """Drop these customers on every sidecar.
+        """Drop these customers on ``axes`` on every sidecar.
 
-        Returns whether every sidecar was reached: False when Redis is configured
-        but could not be written, in which case only this sidecar dropped them.
+        Returns whether Redis and the other sidecars were reached now: False when
+        Redis is configured but could not be written, in which case this sidecar
+        dropped them and the rest is queued until Redis answers.
         """
         if not customers:
             return True
+        axes = frozenset(axes)
+        self.metrics.invalidations.labels(scope, source).inc()
+        self._drop_here(customers, axes)
+        if self.redis is None:
+            return True
+        try:
+            await self._customers_in_redis(customers, axes)
+        except RedisDown:
+            self._enqueue("customer", customers, axes)
+            return False
+        return True
 
-        async def call(r: RedisClient, keys: Keys, cluster: bool) -> None:
+    async def account(
+        self, account: str, *, source: str, axes: Collection[Axis] = AXES
+    ) -> tuple[Scope, bool]:
+        """Drop an account's known customers; everything for the tenant when none are known.
+
+        Returns the scope applied and whether Redis was reached now (see ``customers``).
+        While Redis is down, the customers this sidecar knows (everyone, when it
+        knows none) are dropped here and the account is queued: it is resolved
+        again, with what Redis knows, when Redis answers.
+        """
+        axes = frozenset(axes)
+        known = self._known_members(account)
+        if self.redis is not None:
+            try:
+                known |= await self._redis_members(account)
+            except RedisDown:
+                self.metrics.invalidations.labels("account", source).inc()
+                self._drop_here(sorted(known) if known else None, axes)
+                self._enqueue("account", [account], axes)
+                return "account", False
+        if not known:
+            return "tenant", await self.tenant(source=source, axes=axes)
+        shared = await self.customers(sorted(known), source=source, scope="account", axes=axes)
+        return "account", shared
+
+    async def tenant(self, *, source: str, axes: Collection[Axis] = AXES) -> bool:
+        """Drop everything for the tenant on ``axes`` on every sidecar (see ``customers``)."""
+        axes = frozenset(axes)
+        self.metrics.invalidations.labels("tenant", source).inc()
+        self._drop_here(None, axes)
+        if self.redis is None:
+            return True
+        try:
+            await self._tenant_in_redis(axes)
+        except RedisDown:
+            self._enqueue("tenant", [""], axes)
+            return False
+        return True
+
+    def _drop_here(self, customers: Iterable[str] | None, axes: Collection[Axis]) -> None:
+        """Drop ``customers`` (``None``: everyone) on ``axes`` in this process only.
+
+        One line per cached axis: the flags layer adds its own.
+        """
+        if "entitlements" in axes:
+            self.cache.drop_local(customers)
+
+    # -- the Redis part ------------------------------------------------------------
+
+    async def _customers_in_redis(self, customers: Sequence[str], axes: frozenset[Axis]) -> None:
+        redis = self.redis
+        assert redis is not None
+        keys = redis.keys
+        message = self._message("customer", list(customers), axes)
+
+        async def call(r: RedisClient) -> None:
             # One slot (the tenant's hash tag), so MULTI works on a cluster too.
             async with r.pipeline(transaction=True) as pipe:
-                for c in customers:
-                    pipe.incr(keys.gen(c))
-                    pipe.expire(keys.gen(c), _GEN_TTL_S)
-                    pipe.delete(keys.entry(c))
-                message = self._message("customer", list(customers))
-                if cluster:
+                if "entitlements" in axes:
+                    for c in customers:
+                        pipe.incr(keys.gen(c))
+                        pipe.expire(keys.gen(c), _GEN_TTL_S)
+                        pipe.delete(keys.entry(c))
+                if redis.cluster:
                     pipe.spublish(keys.channel, message)
                 else:
                     pipe.publish(keys.channel, message)
                 await pipe.execute()
 
-        shared = await self._everywhere(customers, "invalidate", call)
-        self.metrics.invalidations.labels(scope, source).inc()
-        return shared
+        await redis.run("invalidate", call)
 
-    async def account(self, account: str, *, source: str) -> tuple[Scope, bool]:
-        """Drop an account's known customers; everything for the tenant when none are known.
+    async def _tenant_in_redis(self, axes: frozenset[Axis]) -> None:
+        redis = self.redis
+        assert redis is not None
+        keys = redis.keys
+        message = self._message("tenant", None, axes)
 
-        Returns the scope applied and whether every sidecar was reached.
-        """
-        known = set(self._links.get(account, ()))
-        known |= self.cache.memory.customers_of(account)
-        if self.redis is not None:
-            key = self.redis.keys.account(account)
-            with contextlib.suppress(RedisDown):
-                members = await self.redis.run("account_members", lambda r: r.smembers(key))
-                known |= {m.decode() if isinstance(m, bytes) else str(m) for m in members}
-        if not known:
-            return "tenant", await self.tenant(source=source)
-        return "account", await self.customers(sorted(known), source=source, scope="account")
-
-    async def tenant(self, *, source: str) -> bool:
-        """Drop everything cached for the tenant on every sidecar (see ``customers``)."""
-
-        async def call(r: RedisClient, keys: Keys, cluster: bool) -> None:
-            await r.incr(keys.tenant_gen)
-            batch: list[Any] = []
-            # On a cluster, scan_iter walks every primary (right even while
-            # the tenant's slot migrates); the keys share one slot, so UNLINK
-            # of a batch is one command.
-            async for key in r.scan_iter(match=keys.entry_pattern, count=_SCAN_BATCH):
-                batch.append(key)
-                if len(batch) >= _SCAN_BATCH:
+        async def call(r: RedisClient) -> None:
+            if "entitlements" in axes:
+                await r.incr(keys.tenant_gen)
+                batch: list[Any] = []
+                # On a cluster, scan_iter walks every primary (right even while
+                # the tenant's slot migrates); the keys share one slot, so UNLINK
+                # of a batch is one command.
+                async for key in r.scan_iter(match=keys.entry_pattern, count=_SCAN_BATCH):
+                    batch.append(key)
+                    if len(batch) >= _SCAN_BATCH:
+                        await r.unlink(*batch)
+                        batch = []
+                if batch:
                     await r.unlink(*batch)
-                    batch = []
-            if batch:
-                await r.unlink(*batch)
-            message = self._message("tenant", None)
-            if cluster:
+            if redis.cluster:
                 await r.spublish(keys.channel, message)
             else:
                 await r.publish(keys.channel, message)
 
-        shared = await self._everywhere(None, "invalidate_all", call)
-        self.metrics.invalidations.labels("tenant", source).inc()
-        return shared
+        await redis.run("invalidate_all", call)
 
-    async def _everywhere(
-        self,
-        customers: Sequence[str] | None,
-        operation: str,
-        call: Callable[[RedisClient, Keys, bool], Awaitable[None]],
-    ) -> bool:
-        """Drop ``customers`` (``None``: everyone) here at once, then run the Redis part.
+    def _message(self, scope: str, customers: list[str] | None, axes: Collection[Axis]) -> bytes:
+        return orjson.dumps(
+            {
+                "scope": scope,
+                "customers": customers,
+                "axes": sorted(axes),
+                "origin": self.sidecar_id,
+                "at": time.time(),
+            }
+        )
 
-        ``call`` gets the client, the key names and whether Redis is a cluster.
-        Returns False when Redis is configured but the call failed.
-        """
-        self.cache.drop_local(customers)
+    # -- the queue (Redis down) ----------------------------------------------------
+
+    def _enqueue(self, scope: Scope, targets: Iterable[str], axes: frozenset[Axis]) -> None:
+        overflowed = False
+        for target in targets:
+            overflowed |= not self._pending.add(scope, target, axes, self.queue_limit)
+        if overflowed:
+            self.metrics.invalidations_queue_overflows.inc()
+            log.warning(
+                "invalidation_queue_overflow",
+                extra={"fields": {"limit": self.queue_limit, "now": "tenant-wide drop"}},
+            )
+        self.metrics.invalidations_queued.set(len(self._pending))
+        if self.redis is not None and self.redis.state == "ok":
+            # Redis answers but this call failed (a burst took every connection):
+            # no reconnect will come, so the drain retries on its own.
+            self._kick()
+
+    async def _redis_answers(self) -> None:
+        """``RedisConn`` reconnect callback: apply the queue in the background."""
+        self._kick()
+
+    def _kick(self) -> None:
+        if len(self._pending) and (self._drainer is None or self._drainer.done()):
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+
+    async def drained(self) -> None:
+        """Wait for a drain in progress (tests, shutdown)."""
+        if self._drainer is not None:
+            await asyncio.gather(self._drainer, return_exceptions=True)
+
+    async def _drain(self) -> None:
         redis = self.redis
-        if redis is None:
-            return True
+        assert redis is not None
+        delay = 0.05
+        while len(self._pending):
+            if redis.state == "ok" and await self._apply_queue():
+                delay = 0.05
+                continue
+            if redis.state != "ok":
+                return  # the next reconnect starts the next drain
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _apply_queue(self) -> bool:
+        """Apply the queued invalidations to Redis and fan them out.
+
+        Each part is dropped here again once Redis has it: a read between Redis
+        answering and this drain may have brought an older entry back from Redis.
+        Returns False when Redis failed; what was not applied is queued again.
+        """
+        pending, self._pending = self._pending, _Pending()
+        applied = 0
         try:
-            await redis.run(operation, lambda r: call(r, redis.keys, redis.cluster))
+            if pending.tenant:
+                axes = frozenset(pending.tenant)
+                await self._tenant_in_redis(axes)
+                self._drop_here(None, axes)
+                pending.tenant = set()
+                applied += 1
+            for account, account_axes in list(pending.accounts.items()):
+                axes = frozenset(account_axes)
+                members = self._known_members(account) | await self._redis_members(account)
+                if members:
+                    for chunk in _chunks(sorted(members), _DRAIN_BATCH):
+                        await self._customers_in_redis(chunk, axes)
+                        self._drop_here(chunk, axes)
+                else:
+                    await self._tenant_in_redis(axes)
+                    self._drop_here(None, axes)
+                del pending.accounts[account]
+                applied += 1
+            by_axes: dict[frozenset[Axis], list[str]] = {}
+            for customer, customer_axes in pending.customers.items():
+                by_axes.setdefault(frozenset(customer_axes), []).append(customer)
+            for axes, customers in by_axes.items():
+                for chunk in _chunks(customers, _DRAIN_BATCH):
+                    await self._customers_in_redis(chunk, axes)
+                    self._drop_here(chunk, axes)
+                    for c in chunk:
+                        del pending.customers[c]
+                    applied += len(chunk)
         except RedisDown:
+            self._requeue(pending)
             return False
+        finally:
+            self.metrics.invalidations_queue_applied.inc(applied)
+            self.metrics.invalidations_queued.set(len(self._pending))
+            if applied:
+                log.info("invalidation_queue_applied", extra={"fields": {"targets": applied}})
         return True
 
-    def _message(self, scope: str, customers: list[str] | None) -> bytes:
-        return orjson.dumps(
-            {"scope": scope, "customers": customers, "origin": self.sidecar_id, "at": time.time()}
-        )
+    def _requeue(self, pending: _Pending) -> None:
+        overflowed = False
+        if pending.tenant:
+            self._pending.add("tenant", "", pending.tenant, self.queue_limit)
+        for account, axes in pending.accounts.items():
+            overflowed |= not self._pending.add("account", account, axes, self.queue_limit)
+        for customer, axes in pending.customers.items():
+            overflowed |= not self._pending.add("customer", customer, axes, self.queue_limit)
+        if overflowed:
+            self.metrics.invalidations_queue_overflows.inc()
 
     # -- account index -----------------------------------------------------------
 
@@ -199,6 +417,17 @@ class Invalidator:
             with contextlib.suppress(RedisDown):
                 await self.redis.run("link", call)
 
+    def _known_members(self, account: str) -> set[str]:
+        """The account's customers this sidecar learnt (links and cached documents)."""
+        return set(self._links.get(account, ())) | self.cache.memory.customers_of(account)
+
+    async def _redis_members(self, account: str) -> set[str]:
+        """The account's customers every sidecar learnt (raises ``RedisDown``)."""
+        assert self.redis is not None
+        key = self.redis.keys.account(account)
+        members = await self.redis.run("account_members", lambda r: r.smembers(key))
+        return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
+
     async def _learn_from_entry(self, customer: str, entry: Entry) -> None:
         if entry.account_id is not None:
             await self.link(entry.account_id, customer)
@@ -210,10 +439,11 @@ class Invalidator:
             self._listener = asyncio.get_running_loop().create_task(self._listen())
 
     async def stop(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
-            self._listener = None
+        for task in (self._listener, self._drainer):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._listener = self._drainer = None
 
     async def _listen(self) -> None:
         """Subscribe, apply messages; on any failure resubscribe with backoff."""
@@ -273,10 +503,18 @@ class Invalidator:
             return
         if msg.get("origin") == self.sidecar_id:
             return  # applied locally when issued
+        named = msg.get("axes")
+        # No "axes": a sidecar from before axes existed, which meant every axis.
+        axes = AXES if not isinstance(named, list) else AXES.intersection(named)
         customers = msg.get("customers")
         if scope == "customer" and isinstance(customers, list):
-            self.cache.drop_local([c for c in customers if isinstance(c, str)])
+            self._drop_here([c for c in customers if isinstance(c, str)], axes)
         else:
-            self.cache.drop_local(None)
+            self._drop_here(None, axes)
         if sent_at:
             self.metrics.fanout_latency.observe(max(time.time() - sent_at, 0.0))
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

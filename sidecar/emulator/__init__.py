@@ -9,7 +9,8 @@ face and push delivery; ``admin.py`` the admin API under ``/_emulator/``;
 
 from __future__ import annotations
 
-from .app import EMULATOR, UPSTREAM_ROUTES, Attempt, Emulator, Push, create_emulator_app
+from .app import UPSTREAM_ROUTES, create_emulator_app
+from .service import EMULATOR, Attempt, Emulator, Push
 from .state import (
     ACCESS_STATUSES,
     ACCOUNT_STATUSES,

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from .app import EMULATOR, Emulator, to_response
+from .service import EMULATOR, Emulator, to_response
 from .state import OPERATIONS, Answer, EmulatorError, bad_request, json_object, optional_str
 
 __all__ = ["ADMIN_ROUTES"]

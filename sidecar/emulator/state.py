@@ -113,10 +113,9 @@ CUSTOMER_STATUSES: Final[frozenset[str]] = frozenset(
 #: Statuses that grant access (``hasAccess``), while the account is active too.
 ACCESS_STATUSES: Final[frozenset[str]] = frozenset({"active", "trialing", "past_due"})
 
-#: The id fields an event carries. Today's API sends ``eventId`` only; the legacy
-#: ``id`` (same value) is sent too while the sidecar's receiver still requires it.
-#: The ``eventIdFields`` setting changes it at run time.
-DEFAULT_EVENT_ID_FIELDS: Final[tuple[str, ...]] = ("eventId", "id")
+#: The id fields an event carries: ``eventId`` only, as today's API sends them. The
+#: ``eventIdFields`` setting changes it at run time (``["id"]``: an older upstream).
+DEFAULT_EVENT_ID_FIELDS: Final[tuple[str, ...]] = ("eventId",)
 _EVENT_ID_FIELDS: Final = frozenset({"eventId", "id"})
 
 _PERIOD: Final = 30 * 24 * 3600

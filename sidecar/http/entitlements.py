@@ -14,7 +14,7 @@ from aiohttp import web
 
 from ..appkeys import CACHE, INVALIDATOR, SETTINGS
 from ..cache.entry import Entry, Lookup
-from ..errors import BadRequest, UpstreamError, UpstreamUnavailable, error_body
+from ..errors import BadRequest, UpstreamError, UpstreamUnavailable
 from .inputs import MAX_BATCH, MAX_ID_LENGTH, is_id, path_id, read_json
 from .operations import Surface
 from .responses import cached_response, json_response
@@ -145,14 +145,12 @@ async def drop_all(request: web.Request) -> web.StreamResponse:
 
 
 def _dropped(shared: bool) -> web.Response:
-    """204 once every sidecar was reached; 503 when only this one could be (Redis down)."""
+    """204 once Redis (so every sidecar) has it; 200 ``queued`` while Redis is down.
+
+    Queued: dropped on this sidecar already, and on Redis and every other sidecar
+    the moment Redis answers again (``Invalidator``), so the caller has nothing to
+    retry.
+    """
     if shared:
         return web.Response(status=204)
-    return json_response(
-        error_body(
-            "redis_unavailable",
-            "dropped on this sidecar only: Redis is down, other sidecars keep their "
-            "in-process entries for up to SIDECAR_MEMORY_TTL",
-        ),
-        503,
-    )
+    return json_response({"ok": True, "queued": True})

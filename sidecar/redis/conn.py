@@ -2,20 +2,31 @@
 
 Every Redis call goes through ``RedisConn.run``. A failure marks Redis ``down``;
 while down, calls fail fast (``RedisDown``) instead of each paying a timeout, and
-one background task pings with exponential backoff until Redis answers again,
-then runs the reconnect callbacks (the pub/sub listener uses its own connection
-and drops the in-process layer when it resubscribes).
+one background task pings with exponential backoff (capped at half a second, so
+work queued while Redis was away is applied soon after it answers) until Redis
+answers again, then runs the reconnect callbacks (the invalidation queue, the
+replay ids seen meanwhile). The pub/sub listener uses its own connection and drops
+the in-process layer when it resubscribes.
+
+A restarted Redis leaves every pooled connection stale, and redis-py finds out
+only when a command fails on one ("Connection closed by server"). Such a failure,
+a connection error that came without waiting, is retried once on a fresh
+connection before Redis is marked down: a dead Redis refuses that connection at
+once (still detected fast), and a hung one times out, which is never retried (so
+a call is still bounded by ``SIDECAR_REDIS_TIMEOUT``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
 from typing import Final, Literal, TypeVar
 
 from redis.asyncio import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError
 
 from ..metrics import Metrics
@@ -29,7 +40,7 @@ log = logging.getLogger("sidecar.redis")
 T = TypeVar("T")
 RedisState = Literal["ok", "down"]
 
-_MAX_BACKOFF: Final = 5.0
+_MAX_BACKOFF: Final = 0.5
 
 
 class RedisDown(Exception):
@@ -82,15 +93,36 @@ class RedisConn:
     async def _run(self, operation: str, call: Callable[[RedisClient], Awaitable[T]]) -> T:
         try:
             return await call(self.client)
-        except MaxConnectionsError as exc:
-            # Every pooled connection is busy (a burst): this call degrades, but
-            # Redis answers, so it is not marked down.
-            self.metrics.redis_errors.labels(operation).inc()
-            raise RedisDown(operation) from exc
         except REDIS_ERRORS as exc:
-            self.metrics.redis_errors.labels(operation).inc()
+            if not _stale_connection(exc):
+                raise self._failed(operation, exc) from exc
+        # The connection was most likely stale (Redis restarted since it was
+        # pooled), and so are the other idle ones: retry once on a fresh connection.
+        self.metrics.redis_retries.labels(operation).inc()
+        await self._drop_idle_connections()
+        try:
+            return await call(self.client)
+        except REDIS_ERRORS as exc:
+            raise self._failed(operation, exc) from exc
+
+    def _failed(self, operation: str, exc: BaseException) -> RedisDown:
+        self.metrics.redis_errors.labels(operation).inc()
+        if not isinstance(exc, MaxConnectionsError):
+            # MaxConnectionsError: every pooled connection is busy (a burst); this
+            # call degrades, but Redis answers, so it is not marked down.
             self._mark_down(operation, exc)
-            raise RedisDown(operation) from exc
+        return RedisDown(operation)
+
+    async def _drop_idle_connections(self) -> None:
+        """Close the pool's idle connections; in-use ones are closed by their own failure.
+
+        A cluster client re-creates its node connections itself after a
+        connection error, so only the one-server and Sentinel pools need this.
+        """
+        if isinstance(self.client, RedisCluster):
+            return
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self.client.connection_pool.disconnect(inuse_connections=False)
 
     def _mark_down(self, operation: str, exc: BaseException) -> None:
         if self.state == "down":
@@ -103,22 +135,41 @@ class RedisConn:
             self._probe = asyncio.get_running_loop().create_task(self._probe_until_up())
 
     async def _probe_until_up(self) -> None:
-        backoff = 0.05
         while True:
-            await asyncio.sleep(random.uniform(backoff / 2, backoff))
-            try:
-                await self.client.ping()
-            except REDIS_ERRORS:
-                backoff = min(backoff * 2, _MAX_BACKOFF)
-                continue
-            break
-        self.state = "ok"
-        log.info("redis_up")
-        for callback in self._on_reconnect:
-            await callback()
+            backoff = 0.05
+            while True:
+                await asyncio.sleep(random.uniform(backoff / 2, backoff))
+                try:
+                    await self.client.ping()
+                except REDIS_ERRORS:
+                    backoff = min(backoff * 2, _MAX_BACKOFF)
+                    continue
+                break
+            self.state = "ok"
+            log.info("redis_up")
+            for callback in self._on_reconnect:
+                try:
+                    await callback()
+                except Exception:  # one failing callback must not keep the others from running
+                    log.exception("redis_reconnect_callback_failed")
+            if self.state == "ok":
+                return
+            # Down again while the callbacks ran: _mark_down saw this task still
+            # running and left the probing to it.
 
     async def close(self) -> None:
         if self._probe is not None:
             self._probe.cancel()
             await asyncio.gather(self._probe, return_exceptions=True)
         await self.client.aclose()
+
+
+def _stale_connection(exc: BaseException) -> bool:
+    """A connection error that came without waiting: the socket was closed under us.
+
+    Not a timeout (a hung Redis), and not the pool's "No connection available"
+    (a ``ConnectionError`` raised after waiting for a free connection).
+    """
+    if not isinstance(exc, RedisConnectionError) or isinstance(exc, MaxConnectionsError):
+        return False
+    return not isinstance(exc.__cause__, TimeoutError)
