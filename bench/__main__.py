@@ -384,7 +384,7 @@ async def rss_phase(session: aiohttp.ClientSession, stack: Stack, opts: Options)
 # -- the tiny clients ------------------------------------------------------------------------------
 
 
-async def clients_phase(proc: Proc, opts: Options) -> dict[str, Any]:
+async def clients_phase(proc: Process, opts: Options) -> dict[str, Any]:
     """Each client's ``can`` against a raw request, sequential, on the memory-hit sidecar."""
     out: dict[str, Any] = {}
     for name, measure in (("python", python_row), ("js", js_row)):

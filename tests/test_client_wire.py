@@ -16,9 +16,11 @@ import asyncio
 import contextlib
 import json
 import socket
+import ssl
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +30,8 @@ from vellum_sidecar_client import (
     SidecarClient,
     SidecarUnavailable,
 )
+
+from .harness import make_tls_files
 
 #: A script step: read the request, then close the connection without answering.
 DROP = object()
@@ -65,6 +69,7 @@ class Peer:
     """A loopback HTTP/1.1 server that answers request n with ``script[n]``."""
 
     script: list[Any]
+    tls: ssl.SSLContext | None = None
     seen: list[Seen] = field(default_factory=list)
     server: socket.socket = field(default_factory=socket.socket)
     threads: list[threading.Thread] = field(default_factory=list)
@@ -73,7 +78,8 @@ class Peer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.server.getsockname()[1]}"
 
     def start(self) -> Peer:
         self.server.bind(("127.0.0.1", 0))
@@ -98,7 +104,13 @@ class Peer:
             self._spawn(self._serve, conn, number)
 
     def _serve(self, conn: socket.socket, number: int) -> None:
-        with conn, contextlib.suppress(OSError):  # OSError: closed by close()
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(conn)
+            stack.enter_context(contextlib.suppress(OSError))  # closed by close(), bad TLS
+            if self.tls is not None:
+                conn = stack.enter_context(self.tls.wrap_socket(conn, server_side=True))
+                with self.lock:
+                    self.connections[number] = conn  # what close() must shut down now
             self._answer(conn, number)
 
     def _answer(self, conn: socket.socket, number: int) -> None:
@@ -141,10 +153,11 @@ class Peer:
 
 @pytest.fixture
 def peer() -> Iterator[Callable[..., Peer]]:
+    """``peer(*script, tls=None)``: a started :class:`Peer`, closed after the test."""
     peers: list[Peer] = []
 
-    def make(*script: Any) -> Peer:
-        p = Peer(list(script)).start()
+    def make(*script: Any, tls: ssl.SSLContext | None = None) -> Peer:
+        p = Peer(list(script), tls).start()
         peers.append(p)
         return p
 
@@ -335,3 +348,28 @@ async def test_a_new_connection_closed_before_answering_is_not_retried(
     assert await call("can", "c", "m") is False
     assert len(p.seen) == 1
     assert await call("can", "c", "m") is True
+
+
+# -- https -----------------------------------------------------------------------------------
+
+
+async def test_https_verifies_the_certificate(
+    connect: Callable[..., Call], peer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = make_tls_files(tmp_path)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(files.cert, files.key)
+    p = peer(ALLOWED, ALLOWED, tls=tls)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    untrusted = connect(p.url)
+    assert await untrusted("can", "c", "m") is False, "an unknown certificate is no answer"
+    with pytest.raises(SidecarUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+        await untrusted("get_entitlements", "c")
+    assert p.seen == []
+
+    monkeypatch.setenv("SSL_CERT_FILE", str(files.ca))  # read when a client first connects
+    trusted = connect(p.url)
+    assert await trusted("can", "c", "m") is True
+    assert await trusted("can", "c", "m") is True
+    assert [s.connection for s in p.seen] == [2, 2], "one TLS connection, kept alive"
+    assert p.seen[0].header("host") == p.url.removeprefix("https://")

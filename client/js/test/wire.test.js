@@ -5,8 +5,10 @@
 // what goes out on the wire, and kept-alive connections closed under the client.
 
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
 import net from "node:net";
 import { afterEach, test } from "node:test";
+import tls from "node:tls";
 
 import { SidecarClient, SidecarUnavailable } from "../vellum-sidecar-client.js";
 
@@ -27,14 +29,29 @@ function answer(body, status = "200 OK", ...headers) {
 const ALLOWED = answer({ allowed: true, customerId: "c", module: "m" });
 const DOC = { status: "active", modules: ["reports"], config: { seats: 3 }, found: true };
 
+function env(name) {
+  const value = process.env[name];
+  if (!value) throw new Error(`${name} is not set: run these tests through tests/test_client_js.py`);
+  return value;
+}
+
 const peers = [];
 const clients = [];
 
+/** A started peer; with `secure`, it speaks TLS with the certificate VSC_TLS_CERT names. */
 async function peer(...script) {
+  return serve(false, script);
+}
+
+async function securePeer(...script) {
+  return serve(true, script);
+}
+
+async function serve(secure, script) {
   const seen = [];
   const sockets = new Set();
   let connections = 0;
-  const server = net.createServer((socket) => {
+  const onConnection = (socket) => {
     const connection = connections++;
     sockets.add(socket);
     socket.on("close", () => sockets.delete(socket));
@@ -68,10 +85,14 @@ async function peer(...script) {
         }
       }
     });
-  });
+  };
+  const server = secure
+    ? tls.createServer({ cert: readFileSync(env("VSC_TLS_CERT")), key: readFileSync(env("VSC_TLS_KEY")) },
+      onConnection)
+    : net.createServer(onConnection);
   await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
   const p = {
-    url: `http://127.0.0.1:${server.address().port}`,
+    url: `${secure ? "https" : "http"}://127.0.0.1:${server.address().port}`,
     seen,
     open: () => sockets.size,
     close: () => {
@@ -235,4 +256,13 @@ test("billing calls wait billingTimeout, entitlement calls timeout, on the same 
   assert.equal(await sidecar.can("c", "m"), true, "the connection went back with the short timeout");
   await assert.rejects(sidecar.getEntitlements("c"), /timed out after 150 ms/);
   assert.deepEqual(p.seen.map((s) => s.connection), [0, 0, 0]);
+});
+
+test("https, its certificate verified (the test trusts it through NODE_EXTRA_CA_CERTS)", async () => {
+  const p = await securePeer(keep(ALLOWED), keep(ALLOWED));
+  const sidecar = client({ baseUrl: p.url });
+  assert.equal(await sidecar.can("c", "m"), true);
+  assert.equal(await sidecar.can("c", "m"), true);
+  assert.deepEqual(p.seen.map((s) => s.connection), [0, 0], "one TLS connection, kept alive");
+  assert.equal(p.seen[0].headers.host, new URL(p.url).host);
 });
