@@ -289,7 +289,7 @@ function parseBaseUrl(raw) {
     if (path.startsWith("//")) path = path.slice(2); // unix:///run/sidecar.sock
     if (!path) throw new TypeError(`a unix: URL needs a socket path, got ${JSON.stringify(url)}`);
     // The browser guard wants a loopback Host; over a socket it is only a name.
-    const connect = { socketPath: path, host: "localhost", setHost: true };
+    const connect = { socketPath: path, host: "localhost", port: undefined };
     return { socketPath: path, prefix: "", display: `unix:${path}`, secure: false, connect };
   }
   let parsed;
@@ -308,7 +308,7 @@ function parseBaseUrl(raw) {
   // node:http wants an IPv6 literal without its brackets.
   const host = parsed.hostname.replace(/^\[(.*)\]$/, "$1");
   const port = parsed.port || (secure ? 443 : 80);
-  const connect = { host, port };
+  const connect = { socketPath: undefined, host, port };
   return { socketPath: null, prefix, display: parsed.origin + prefix, secure, connect };
 }
 
@@ -420,8 +420,17 @@ export class SidecarClient {
 
   #exchange(method, path, target, headers, payload, timeout, resolve, reject, attempt) {
     const { secure, connect } = this.#target;
-    const options = { ...connect, agent: this.#agent(this.timeout), method, path: target, headers };
-    if (timeout !== this.timeout) options.timeout = timeout;
+    // One literal of one shape: a spread here costs a tenth of a call's time.
+    const options = {
+      socketPath: connect.socketPath,
+      host: connect.host,
+      port: connect.port,
+      agent: this.#agent(this.timeout),
+      method,
+      path: target,
+      headers,
+      timeout: timeout === this.timeout ? undefined : timeout, // else the Agent's
+    };
     let answered = false;
     const req = (secure ? https : http).request(options, (res) => {
       answered = true;
