@@ -160,6 +160,21 @@ async def seed(session: aiohttp.ClientSession, emulator: Process, start: int, st
     await _bounded([put(i) for i in range(start, stop)], 32)
 
 
+#: The flag the flag and OFREP rows read: a tenant-global value, overridden for every
+#: tenth customer (both answers come from the customer's one cached flags document).
+FLAG = "new-dashboard"
+
+
+async def seed_flags(session: aiohttp.ClientSession, emulator: Process, customers: int) -> None:
+    base = f"{emulator.url()}/_emulator/tenants/{TENANT}"
+    paths = [f"{base}/flags/{FLAG}"]
+    paths += [f"{base}/customers/{cid(i)}/flags/{FLAG}" for i in range(0, customers, 10)]
+    for path in paths:
+        async with session.put(path, data=orjson.dumps({"value": True})) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"seeding flags: {resp.status} {await resp.text()}")
+
+
 # -- throughput rows ------------------------------------------------------------------------
 
 
@@ -182,6 +197,21 @@ class Driver:
 
 def hot_requests(customers: int) -> list[Req]:
     return [Req("GET", f"/v1/customers/{cid(i)}/can/reports") for i in range(customers)]
+
+
+def flag_requests(customers: int) -> list[Req]:
+    return [Req("GET", f"/v1/customers/{cid(i)}/flags/{FLAG}") for i in range(customers)]
+
+
+def ofrep_requests(customers: int) -> list[Req]:
+    return [
+        Req(
+            "POST",
+            f"/ofrep/v1/evaluate/flags/{FLAG}",
+            orjson.dumps({"context": {"targetingKey": cid(i)}}),
+        )
+        for i in range(customers)
+    ]
 
 
 def batch_requests(customers: int) -> list[Req]:
@@ -467,6 +497,7 @@ async def run(opts: Options) -> dict[str, Any]:
         async with aiohttp.ClientSession(connector=connector) as session:
             _say(f"seeding {opts.customers} customers")
             await seed(session, emulator, 0, opts.customers)
+            await seed_flags(session, emulator, opts.customers)
             fleet = [stack.add_sidecar(f"sidecar-{n}") for n in range(opts.fleet)]
             assert stack.redis is not None
             stack.redis.flush()
@@ -494,6 +525,8 @@ async def run(opts: Options) -> dict[str, Any]:
                 ("hot_default", default, hot_requests(opts.customers)),
                 ("redis_only", redis_only, hot_requests(opts.customers)),
                 ("batch", hot, batch_requests(opts.customers)),
+                ("flag", hot, flag_requests(opts.customers)),
+                ("ofrep", hot, ofrep_requests(opts.customers)),
             ]
             if multi is not None:
                 rows.append(("workers", multi, hot_requests(opts.customers)))
@@ -588,6 +621,8 @@ def table(results: dict[str, Any]) -> str:
         f"({_n(t['batch']['checks_per_s'])} checks/s)",
         t["batch"],
     )
+    row("`GET /v1/customers/{c}/flags/{name}`, memory hit", t["flag"])
+    row("`POST /ofrep/v1/evaluate/flags/{key}` (OFREP), memory hits", t["ofrep"])
     for name, label in (("hot", "memory hit"), ("hot_default", "default settings")):
         half = t[f"{name}_half_peak"]
         row(

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sidecar.cache.kinds import KINDS
 from sidecar.http.operations import OPERATIONS, SURFACES, Answer, Operation, Surface
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +68,7 @@ def operation(doc: Json, op: Operation, surface: Surface) -> Json:
         "operationId": operation_id(op, surface),
         "summary": op.summary,
         "description": description(op, surface),
-        "tags": ["mirror" if mirror else "entitlements" if op.cached else "billing"],
+        "tags": ["mirror" if mirror else tag(op)],
         "parameters": params,
     }
     if op.request is not None:
@@ -81,6 +82,11 @@ def operation(doc: Json, op: Operation, surface: Surface) -> Json:
     else:
         out["responses"] = forwarded_responses(doc, op, surface)
     return out
+
+
+def tag(op: Operation) -> str:
+    """A cached read's tag is its kind's axis (entitlements, flags); the rest is billing."""
+    return KINDS[op.cache].axis if op.cache is not None else "billing"
 
 
 def operation_id(op: Operation, surface: Surface) -> str:
@@ -137,6 +143,12 @@ def cached_responses(doc: Json, op: Operation, surface: Surface) -> Json:
         out["404"] = {
             "description": "unknown (as the upstream answers it), or another tenant",
             "content": _ERROR_CONTENT,
+        }
+    elif op.cache is not None and KINDS[op.cache].missing_status == 404:
+        out["404"] = {
+            "description": "not_found: the upstream has no such document (its 404)",
+            "content": _ERROR_CONTENT,
+            "headers": body["headers"],
         }
     out["502"] = ref("responses", "UpstreamAuthFailed")
     out["503"] = ref("responses", "NothingCached")

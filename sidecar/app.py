@@ -18,21 +18,24 @@ from aiohttp import web
 from . import __version__
 from .appkeys import (
     CACHE,
+    CACHES,
     GUARD,
     INVALIDATOR,
     LIFECYCLE,
     METRICS,
+    OFREP_STREAMS,
     REDIS,
     SETTINGS,
     UPSTREAM,
     Lifecycle,
 )
-from .cache.cache import EntitlementCache
+from .cache.cache import Caches
 from .cache.invalidation import Invalidator
 from .config import Settings
 from .http.guard import HostGuard
 from .http.middleware import local_middleware
 from .http.routes import add_routes
+from .http.streams import Streams
 from .metrics import Metrics
 from .redis.conn import RedisConn, RedisDown
 from .redis.keys import Keys
@@ -55,6 +58,9 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_cache_ctx)
+    app.cleanup_ctx.append(_streams_ctx)
+    # Before the listeners wait for requests in flight: an open stream would never end.
+    app.on_shutdown.append(_end_streams)
     add_routes(app)
     return app
 
@@ -96,17 +102,32 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    cache = EntitlementCache(settings, app[UPSTREAM], app[METRICS], app[REDIS])
+    caches = Caches(settings, app[UPSTREAM], app[METRICS], app[REDIS])
     invalidator = Invalidator(
-        cache,
+        caches,
         app[REDIS],
         app[METRICS],
         sidecar_id=f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}",
         link_ttl=settings.cache_ttl + settings.stale_ttl,
     )
-    app[CACHE] = cache
+    app[CACHES] = caches
+    app[CACHE] = caches.entitlements
     app[INVALIDATOR] = invalidator
     invalidator.start()
     yield
     await invalidator.stop()
-    await cache.close()
+    await caches.close()
+
+
+async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
+    streams = Streams()
+    app[OFREP_STREAMS] = streams
+    unwatch = app[INVALIDATOR].watch(streams.notify)
+    yield
+    unwatch()
+    streams.close()
+
+
+async def _end_streams(app: web.Application) -> None:
+    if OFREP_STREAMS in app:
+        app[OFREP_STREAMS].close()

@@ -6,21 +6,24 @@ from typing import Literal
 
 from aiohttp import web
 
-from .cache.cache import EntitlementCache
+from .cache.cache import Caches, DocumentCache
 from .cache.invalidation import Invalidator
 from .config import Settings
 from .http.guard import HostGuard
+from .http.streams import Streams
 from .metrics import Metrics
 from .redis.conn import RedisConn
 from .upstream import VellumClient
 
 __all__ = [
     "CACHE",
+    "CACHES",
     "CORE",
     "GUARD",
     "INVALIDATOR",
     "LIFECYCLE",
     "METRICS",
+    "OFREP_STREAMS",
     "REDIS",
     "SETTINGS",
     "UPSTREAM",
@@ -43,7 +46,12 @@ LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 GUARD = web.AppKey("guard", HostGuard)
 UPSTREAM = web.AppKey("upstream", VellumClient)
 REDIS: web.AppKey[RedisConn | None] = web.AppKey("redis")
-CACHE = web.AppKey("cache", EntitlementCache)
+#: Every kind's cache.
+CACHES = web.AppKey("caches", Caches)
+#: The entitlement cache (``CACHES.entitlements``): its own key for the hot path.
+CACHE = web.AppKey("cache", DocumentCache)
 INVALIDATOR = web.AppKey("invalidator", Invalidator)
+#: The open OFREP event streams (told of every drop by the invalidator).
+OFREP_STREAMS = web.AppKey("ofrep_streams", Streams)
 #: The ops and webhook apps reach the shared resources through the core (local API) app.
 CORE = web.AppKey("core", web.Application)

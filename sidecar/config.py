@@ -563,6 +563,14 @@ class Settings:
         help="seconds an entitlement stays fresh",
         doc="seconds an entitlement stays fresh (jittered ±10 %)",
     )
+    flags_ttl: float = setting(
+        "SIDECAR_FLAGS_TTL",
+        _positive_float,
+        "30",
+        help="seconds a customer's flags (and the global flags) stay fresh",
+        doc="seconds a customer's flags and the tenant's global flags stay fresh (jittered "
+        "±10 %; 30 s, the Vellum SDK's flag cache TTL)",
+    )
     stale_ttl: float = setting(
         "SIDECAR_STALE_TTL",
         _non_negative_float,
@@ -582,7 +590,8 @@ class Settings:
         _non_negative_int,
         "100000",
         help="in-process cache size (LRU)",
-        doc="entries in the in-process layer (least recently used evicted); `0` disables it",
+        doc="entries in the in-process layer, per document kind (entitlements, flags; least "
+        "recently used evicted); `0` disables it",
     )
     memory_ttl: float = setting(
         "SIDECAR_MEMORY_TTL",

@@ -84,9 +84,6 @@ class Metrics:
             "Cache lookups by document kind, layer (memory, redis, upstream) and result.",
             ("kind", "layer", "result"), registry=r,
         )  # fmt: skip
-        #: The entitlement cache's lookups (``kind="entitlements"``, the one
-        #: document kind cached today); labels are (layer, result).
-        self.cache_lookups = self.cache_lookups_by_kind.bind("entitlements")
         self._request_children: dict[
             tuple[str, str, int], tuple[LoopCounterChild, LoopHistogramChild]
         ] = {}
@@ -159,7 +156,8 @@ class Metrics:
         )  # fmt: skip
         self._ready: bool | None = None
         self.memory_entries = Gauge(
-            f"{p}_memory_entries", "Entries in the in-process cache layer.", registry=r,
+            f"{p}_memory_entries", "Entries in the in-process cache layer (every kind).",
+            registry=r,
         )  # fmt: skip
         self.tasks = Gauge(
             f"{p}_asyncio_tasks", "asyncio tasks alive in the event loop (a leak shows here).",
@@ -171,7 +169,8 @@ class Metrics:
             {"version": __version__, "python": platform.python_version()}
         )
         self.inflight_fetches = Gauge(
-            f"{p}_inflight_fetches", "Entitlement fetches in flight (single-flight).",
+            f"{p}_inflight_fetches",
+            "Upstream fetches of cached documents in flight (single-flight, every kind).",
             registry=r,
         )  # fmt: skip
 

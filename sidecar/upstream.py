@@ -4,9 +4,10 @@ Reads (and writes that carry an ``Idempotency-Key``) are retried with exponentia
 backoff and full jitter, all inside one deadline (``SIDECAR_UPSTREAM_TIMEOUT``).
 A circuit breaker stops calling an upstream that keeps failing and lets one probe
 through after a cool-down, so a dead upstream costs callers nothing but a fast
-``upstream_unavailable`` (and the stale entry, where one exists). Entitlement
-reads and billing calls have a breaker each: failing billing endpoints must not
-cut the hot path off from an upstream whose entitlement reads still work.
+``upstream_unavailable`` (and the stale entry, where one exists). Each cached
+read (entitlements, a customer's flags, the global flags) has a breaker, and
+billing calls share one: failing billing endpoints must not cut the hot path off
+from an upstream whose entitlement reads still work.
 """
 
 from __future__ import annotations
@@ -155,6 +156,9 @@ class VellumClient:
         metrics.upstream_state.follow(self.state)
         #: Guards every billing operation.
         self.billing_breaker = Breaker()
+        # One per cached read operation: failing flag reads must not cut the
+        # entitlement reads off, nor the other way round.
+        self._read_breakers: dict[str, Breaker] = {"get_entitlements": self.breaker}
         self.tenant = settings.tenant_id
         self._base = settings.base_url
         self._deadline = settings.upstream_timeout
@@ -165,19 +169,24 @@ class VellumClient:
     def state(self) -> UpstreamState:
         return self.breaker.state(time.monotonic())
 
+    def _read_breaker(self, operation: str) -> Breaker:
+        breaker = self._read_breakers.get(operation)
+        if breaker is None:
+            breaker = self._read_breakers[operation] = Breaker()
+        return breaker
+
     def url(self, *segments: str) -> URL:
         return URL(self._base + tenant_path(self.tenant, *segments), encoded=True)
 
-    async def get_entitlements(self, customer_id: str) -> UpstreamResponse:
-        """Return the 200 or 404 response; raise ``UpstreamError`` for anything else.
+    async def read(self, operation: str, segments: Sequence[str]) -> UpstreamResponse:
+        """A cached read (entitlements, flags): the 200 or 404 response; raise
+        ``UpstreamError`` for anything else.
 
         A timeout is reported as ``UpstreamUnavailable``: for a read, "did not
         answer in time" and "could not be reached" mean the same to the caller.
         """
         try:
-            resp = await self.request(
-                "get_entitlements", "GET", ("customers", customer_id, "entitlements"), retry=True
-            )
+            resp = await self.request(operation, "GET", segments, retry=True, read=True)
         except UpstreamTimeout as exc:
             raise UpstreamUnavailable(exc.message) from None
         if resp.status in (200, 404):
@@ -196,8 +205,13 @@ class VellumClient:
         body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
         retry: bool = False,
+        read: bool = False,
     ) -> UpstreamResponse:
         """One logical upstream call; retried (reads, idempotent writes) within the deadline.
+
+        ``read`` marks a cached read: each cached read operation has a breaker of
+        its own (the entitlement read's is ``breaker``); every other operation
+        shares ``billing_breaker``.
 
         Returns any response the upstream gave except retryable ones that ran out
         of attempts, which are returned as the last response seen. Raises
@@ -212,7 +226,7 @@ class VellumClient:
         send_headers = CIMultiDict(headers or {})
         if body is not None and "Content-Type" not in send_headers:
             send_headers["Content-Type"] = "application/json"
-        breaker = self.breaker if operation == "get_entitlements" else self.billing_breaker
+        breaker = self._read_breaker(operation) if read else self.billing_breaker
         attempt_timeout = self._attempt_timeout if retry else self._deadline
         attempt = 0
         last_error: UpstreamError | None = None

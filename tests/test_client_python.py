@@ -42,6 +42,10 @@ SDK_METHODS: dict[str, list[str]] = {
     "can": ["customer_id", "module_id"],
     "check": ["pairs"],
     "invalidate": ["customer_id"],
+    "flags": ["customer_id"],
+    "flag": ["flag_id", "customer_id", "default"],
+    "global_flags": [],
+    "invalidate_flags": ["customer_id"],
     "create_checkout": [
         "account_id", "customer_id", "plan_id", "plan_version", "success_url", "cancel_url",
         "seats",
@@ -65,6 +69,7 @@ SDK_METHODS: dict[str, list[str]] = {
 }  # fmt: skip
 SDK_DEFAULTS = {
     ("invalidate", "customer_id"): None,
+    ("invalidate_flags", "customer_id"): None,
     ("create_checkout", "seats"): 1,
     ("create_subscription", "seats"): 1,
     ("cancel_subscription", "at_period_end"): False,
@@ -76,6 +81,7 @@ SDK_DEFAULTS = {
     ("list_invoices", "customer_id"): None,
 }
 ENTITLEMENT_METHODS = {"get_entitlements", "can", "check", "invalidate"}
+FLAG_METHODS = {"flags", "flag", "global_flags", "invalidate_flags"}
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +162,7 @@ def test_every_sdk_method_with_its_keyword_arguments(cls: type) -> None:
         assert list(params)[1 : len(args) + 1] == args, f"{name}: {list(params)}"
         for arg in args:
             param = params[arg]
-            if name not in ENTITLEMENT_METHODS:
+            if name not in ENTITLEMENT_METHODS | FLAG_METHODS or (name, arg) == ("flag", "default"):
                 assert param.kind is inspect.Parameter.KEYWORD_ONLY, f"{name}({arg})"
             expected = SDK_DEFAULTS.get((name, arg), inspect.Parameter.empty)
             assert param.default == expected, f"{name}({arg}) default"
@@ -338,6 +344,41 @@ async def test_entitlement_methods(call: Call, stack: Stack) -> None:
     assert (await call("get_entitlements", "cus_active")).cache == "miss"
 
 
+# -- flags, live -------------------------------------------------------------------------
+
+
+async def test_flag_methods(call: Call, stack: Stack) -> None:
+    customer, name = uid("cus"), uid("flag")
+    tenant = f"/tenants/{stack.tenant}"
+    stack.admin("PUT", f"{tenant}/flags/{name}", {"value": False})
+    stack.admin("PUT", f"{tenant}/customers/{customer}/flags/{name}", {"value": True})
+    mine = await call("flags", customer)
+    assert mine[name] is True and mine["bulk-export"] is True, "overrides over the globals"
+    mine[name] = False  # a copy: the next call is not changed by it
+    assert (await call("flags", customer))[name] is True
+    assert (await call("global_flags"))[name] is False
+    assert await call("flag", name, customer, default=False) is True
+    assert await call("flag", name, uid("other"), default=True) is False
+    assert await call("flag", uid("undefined"), customer, default=True) is True
+    assert await call("flag", uid("undefined"), customer, default=False) is False
+    with pytest.raises(ValueError, match="flag_id"):
+        await call("flag", "", customer, default=True)
+
+    fetches = len(stack.upstream_requests("flags"))
+    assert await call("invalidate", customer) is None  # entitlements only, as the SDK's
+    await call("flags", customer)
+    assert len(stack.upstream_requests("flags")) == fetches
+    assert await call("invalidate_flags", customer) is None
+    await call("flags", customer)
+    assert len(stack.upstream_requests("flags")) == fetches + 1
+    globals_fetched = len(stack.upstream_requests("global_flags"))
+    await call("invalidate_flags")  # every customer's, and the globals
+    await call("flags", customer)
+    await call("global_flags")
+    assert len(stack.upstream_requests("flags")) == fetches + 2
+    assert len(stack.upstream_requests("global_flags")) == globals_fetched + 1
+
+
 async def test_ids_are_quoted_one_segment_each(call: Call, stack: Stack) -> None:
     odd = "cus/ä b?c#d%2F.."
     stack.set_entitlements(odd, {"status": "active", "modules": ["x/y"], "config": {}})
@@ -503,6 +544,9 @@ async def test_fail_closed_with_the_sidecar_stopped(
         assert down.value.status is None and "cannot reach the sidecar" in str(down.value)
         with pytest.raises(SidecarUnavailable):
             await closed("invalidate")
+        assert await closed("flag", "beta", "cus_active", default=True) is True
+        with pytest.raises(SidecarUnavailable):
+            await closed("global_flags")
         with pytest.raises(SidecarUnavailable):
             await closed("create_customer", account_id="acme", customer_id=uid("cus"))
 
@@ -528,6 +572,10 @@ async def test_fail_closed_when_the_sidecar_answers_503(
     with pytest.raises(SidecarUnavailable) as gateway:
         await closed("list_invoices", account_id="acme")
     assert gateway.value.status in (502, 504)
+    assert await closed("flag", "beta", customer, default=True) is True
+    assert await closed("flag", "beta", customer, default=False) is False
+    with pytest.raises(SidecarUnavailable):
+        await closed("flags", customer)
 
 
 async def test_the_sidecars_fail_open_modules_answer_true_for_a_fail_closed_client(

@@ -85,7 +85,7 @@ class Raw:
 
 
 class VellumSdk:
-    """The SDK surface the sidecar's 16 operations cover, with vellumcharter 1.4.2's
+    """The SDK surface the sidecar's 18 operations cover, with vellumcharter 1.4.2's
     bodies; ``root`` is ``/tenants/{t}`` upstream, or ``/v1``."""
 
     def __init__(
@@ -140,6 +140,16 @@ class VellumSdk:
 
     async def can(self, customer_id: str, module_id: str) -> bool:
         return (await self.get_entitlements(customer_id)).has(module_id)
+
+    async def flags(self, customer_id: str) -> dict[str, bool]:
+        flags: dict[str, bool] = (await self._call("GET", "customers", customer_id, "flags"))[
+            "flags"
+        ]
+        return flags
+
+    async def global_flags(self) -> dict[str, bool]:
+        flags: dict[str, bool] = (await self._call("GET", "flags"))["flags"]
+        return flags
 
     async def create_checkout(
         self,
@@ -431,6 +441,10 @@ async def test_sdk_runs_every_operation_through_the_sidecar(
     suspended = await sdk.set_account_status(account_id=acct, status="suspended")
     assert suspended["status"] == "suspended"
     assert (await sdk.get_entitlements(cust)).doc["accountStatus"] == "suspended"
+
+    # The flag reads, answered from the flags caches.
+    assert await sdk.flags(cust) == emulator.flags_for(tenant, cust)
+    assert await sdk.global_flags() == emulator.flags_for(tenant)
 
     assert {r.operation for r in emulator.requests} == {op.name for op in OPERATIONS}
     assert_upstream_saw_only_the_sidecar(emulator, tenant)

@@ -16,7 +16,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from sidecar.appkeys import REDIS
-from sidecar.cache.invalidation import AXES, QUEUE_LIMIT
+from sidecar.cache.invalidation import QUEUE_LIMIT
+from sidecar.cache.kinds import AXES as AXIS_ORDER
 from sidecar.emulator import Emulator
 from sidecar.http.webhooks import Target, classify, event_key
 from sidecar.redis.keys import Keys
@@ -144,6 +145,7 @@ def test_event_key_prefers_event_id_then_id_then_the_signed_payload() -> None:
 # -- what an event drops ---------------------------------------------------------------
 
 E, F = frozenset({"entitlements"}), frozenset({"flags"})
+AXES = frozenset(AXIS_ORDER)
 
 
 @pytest.mark.parametrize(
@@ -275,6 +277,8 @@ async def test_push_and_drops_while_redis_is_down_are_queued_then_applied(
         return a.invalidator.queued == 0 and a.app[REDIS].state == "ok"
 
     await eventually(drained, timeout=10)
+    # The queue is swapped out before it is applied: wait for that drain to end.
+    await a.invalidator.drained()
     await eventually(lambda: all_answer([a, b], "cus_1", True), timeout=5)
     assert sample(a, "vellum_sidecar_invalidations_queue_applied_total") == 1
     assert sample(a, "vellum_sidecar_invalidations_queued") == 0

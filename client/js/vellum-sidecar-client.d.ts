@@ -70,7 +70,7 @@ export interface SidecarClientOptions {
   /** http(s)://host:port[/prefix] or unix:/path.sock; else VELLUM_SIDECAR_URL, else http://127.0.0.1:8700. */
   baseUrl?: string;
   /**
-   * Milliseconds for an entitlement call (can, check, getEntitlements, invalidate); default 1000.
+   * Milliseconds for a cached call (can, check, getEntitlements, flags, ...); default 1000.
    * Each wait for the sidecar's next bytes is bounded by it (a socket timeout), and an idle
    * keep-alive connection is closed after it.
    */
@@ -193,8 +193,20 @@ export declare class SidecarClient {
   getEntitlements(customerId: string): Promise<EntitlementSet>;
   /** can() for many pairs at once, in order. */
   check(pairs: Iterable<CheckPair>): Promise<boolean[]>;
-  /** Drop one customer's cached entitlements, or everyone's, on every sidecar. */
+  /** Drop one customer's cached entitlements, or everyone's, on every sidecar (not flags). */
   invalidate(customerId?: string | null): Promise<void>;
+
+  /** Every flag for the customer: the global values with its overrides applied. */
+  flags(customerId: string): Promise<Record<string, boolean>>;
+  /**
+   * One flag. `default` answers for a flag the upstream does not define and when no
+   * answer can be had: never rejects for an outage.
+   */
+  flag(flagId: string, customerId: string, options: { default: boolean }): Promise<boolean>;
+  /** The tenant-global flag values, no customer applied. */
+  globalFlags(): Promise<Record<string, boolean>>;
+  /** Drop one customer's cached flags, or every customer's and the globals, on every sidecar. */
+  invalidateFlags(customerId?: string | null): Promise<void>;
 
   createCheckout(args: CreateCheckoutArgs): Promise<JsonObject>;
   createSetupCheckout(args: CreateSetupCheckoutArgs): Promise<JsonObject>;

@@ -115,6 +115,8 @@ function seg(name, value) {
 // BEGIN GENERATED operation table: scripts/gen_clients.py writes it from the sidecar's own
 const OPERATIONS = Object.freeze({
   get_entitlements: { method: "GET", path: "/v1/customers/{customer}/entitlements", cached: true },
+  flags: { method: "GET", path: "/v1/customers/{customer}/flags", cached: true },
+  global_flags: { method: "GET", path: "/v1/flags", cached: true },
   create_checkout: { method: "POST", path: "/v1/accounts/{account}/checkout", body: true },
   create_setup_checkout: {
     method: "POST", path: "/v1/accounts/{account}/billing/setup-checkout", body: true,
@@ -225,6 +227,23 @@ const fieldList = (name) => (res) => {
   }
   return value;
 };
+
+/** A flags document's flags: a new object each call (the caller may change it). */
+function flagsOf(res) {
+  const flags = object(res).flags;
+  if (flags === null || typeof flags !== "object" || Array.isArray(flags)) {
+    throw new SidecarError(`${res.method} ${res.path} answered without a "flags" object`);
+  }
+  return Object.fromEntries(Object.entries(flags).filter(([, v]) => typeof v === "boolean"));
+}
+
+function flagValue(res) {
+  const value = object(res).value;
+  if (typeof value !== "boolean") {
+    throw new SidecarError(`${res.method} ${res.path} answered without a boolean "value"`);
+  }
+  return value;
+}
 
 function location(res) {
   const target = res.headers.get("location");
@@ -513,13 +532,55 @@ export class SidecarClient {
     return verdicts;
   }
 
-  /** Drop one customer's cached entitlements, or everyone's, on every sidecar. */
+  /** Drop one customer's cached entitlements, or everyone's, on every sidecar (not flags). */
   async invalidate(customerId) {
+    await this.#drop(customerId, "entitlements");
+  }
+
+  async #drop(customerId, axis) {
     const path =
       customerId === undefined || customerId === null
         ? "/v1/cache"
         : `/v1/customers/${seg("customerId", customerId)}/cache`;
-    await this.#run({ method: "DELETE", path }, nothing);
+    await this.#run({ method: "DELETE", path, query: { axis } }, nothing);
+  }
+
+  // -- flags: a separate axis (a flag says a feature is on, never that it was paid for)
+
+  /** Every flag for the customer: the global values with its overrides applied. */
+  async flags(customerId) {
+    return this.#run(op("flags", { customer: customerId }), flagsOf);
+  }
+
+  /**
+   * One flag; `default` is the answer for a flag the upstream does not define and
+   * when no answer can be had (never throws for an outage, like the Vellum SDK).
+   */
+  async flag(flagId, customerId, { default: fallback } = {}) {
+    if (typeof fallback !== "boolean") {
+      throw new TypeError("flag() needs { default: true | false }: there is no safe default");
+    }
+    const path =
+      `/v1/customers/${seg("customerId", customerId)}/flags/${seg("flagId", flagId)}`;
+    try {
+      return await this.#run(
+        { method: "GET", path, query: { default: String(fallback) } },
+        flagValue,
+      );
+    } catch (error) {
+      if (error instanceof SidecarUnavailable) return fallback;
+      throw error;
+    }
+  }
+
+  /** The tenant-global flag values, no customer applied (a job with no user at hand). */
+  async globalFlags() {
+    return this.#run(op("global_flags", {}), flagsOf);
+  }
+
+  /** Drop one customer's cached flags, or everyone's and the globals, on every sidecar. */
+  async invalidateFlags(customerId) {
+    await this.#drop(customerId, "flags");
   }
 
   // -- billing

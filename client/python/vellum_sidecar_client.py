@@ -329,6 +329,21 @@ def _entitlements(customer_id: str) -> Callable[[_Response], EntitlementSet]:
     return read
 
 
+def _flags(resp: _Response) -> dict[str, bool]:
+    """A flags document's ``flags``: a new dict each call (the caller may change it)."""
+    flags = _object(resp).get("flags")
+    if not isinstance(flags, dict):
+        raise SidecarError(f"{resp.describe()} without a 'flags' object")
+    return {k: v for k, v in flags.items() if isinstance(v, bool)}
+
+
+def _flag_value(resp: _Response) -> bool:
+    value = _object(resp).get("value")
+    if not isinstance(value, bool):
+        raise SidecarError(f"{resp.describe()} without a boolean 'value'")
+    return value
+
+
 def _drop_none(body: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if v is not None}
 
@@ -366,6 +381,8 @@ _OPERATIONS: Final[Mapping[str, _Route]] = {
     "get_entitlements": _Route(
         "GET", "/v1/customers/{customer}/entitlements", ("customer",), cached=True
     ),
+    "flags": _Route("GET", "/v1/customers/{customer}/flags", ("customer",), cached=True),
+    "global_flags": _Route("GET", "/v1/flags", (), cached=True),
     "create_checkout": _Route("POST", "/v1/accounts/{account}/checkout", ("account",), body=True),
     "create_setup_checkout": _Route(
         "POST", "/v1/accounts/{account}/billing/setup-checkout", ("account",), body=True
@@ -889,12 +906,47 @@ class SidecarClient:
         return verdicts
 
     def invalidate(self, customer_id: str | None = None) -> None:
-        """Drop one customer's cached entitlements, or everyone's, on every sidecar."""
+        """Drop one customer's cached entitlements, or everyone's, on every sidecar.
+
+        Flags are left alone (``invalidate_flags``), as the Vellum SDK does.
+        """
+        self._drop(customer_id, "entitlements")
+
+    def _drop(self, customer_id: str | None, axis: str) -> None:
         if customer_id is None:
             path = "/v1/cache"
         else:
             path = f"/v1/customers/{_seg('customer_id', customer_id)}/cache"
-        self._run(_Call("DELETE", path, _nothing))
+        self._run(_Call("DELETE", path, _nothing, query={"axis": axis}))
+
+    # -- flags: a separate axis (a flag says a feature is on, never that it was paid for)
+
+    def flags(self, customer_id: str) -> dict[str, bool]:
+        """Every flag for the customer: the global values with its overrides applied."""
+        return self._run(_op("flags", _flags, customer_id))
+
+    def flag(self, flag_id: str, customer_id: str, *, default: bool) -> bool:
+        """One flag, with the answer for when there is none.
+
+        ``default`` is returned for a flag the upstream does not define and when no
+        answer can be had (the sidecar or the upstream down): like the Vellum SDK,
+        this never raises for an outage. A caller's mistake (an empty id) raises.
+        """
+        path = f"/v1/customers/{_seg('customer_id', customer_id)}/flags/{_seg('flag_id', flag_id)}"
+        query = {"default": "true" if default else "false"}
+        try:
+            return self._run(_Call("GET", path, _flag_value, query=query))
+        except SidecarUnavailable:
+            return default
+
+    def global_flags(self) -> dict[str, bool]:
+        """The tenant-global flag values, no customer applied (a job with no user at hand)."""
+        return self._run(_op("global_flags", _flags))
+
+    def invalidate_flags(self, customer_id: str | None = None) -> None:
+        """Drop one customer's cached flags, or every customer's and the global flags, on
+        every sidecar. Entitlements are left alone."""
+        self._drop(customer_id, "flags")
 
     # -- billing: each builds its operation's call from the generated table
 
@@ -1255,12 +1307,47 @@ class AsyncSidecarClient:
         return verdicts
 
     async def invalidate(self, customer_id: str | None = None) -> None:
-        """Drop one customer's cached entitlements, or everyone's, on every sidecar."""
+        """Drop one customer's cached entitlements, or everyone's, on every sidecar.
+
+        Flags are left alone (``invalidate_flags``), as the Vellum SDK does.
+        """
+        await self._drop(customer_id, "entitlements")
+
+    async def _drop(self, customer_id: str | None, axis: str) -> None:
         if customer_id is None:
             path = "/v1/cache"
         else:
             path = f"/v1/customers/{_seg('customer_id', customer_id)}/cache"
-        await self._run(_Call("DELETE", path, _nothing))
+        await self._run(_Call("DELETE", path, _nothing, query={"axis": axis}))
+
+    # -- flags: a separate axis (a flag says a feature is on, never that it was paid for)
+
+    async def flags(self, customer_id: str) -> dict[str, bool]:
+        """Every flag for the customer: the global values with its overrides applied."""
+        return await self._run(_op("flags", _flags, customer_id))
+
+    async def flag(self, flag_id: str, customer_id: str, *, default: bool) -> bool:
+        """One flag, with the answer for when there is none.
+
+        ``default`` is returned for a flag the upstream does not define and when no
+        answer can be had (the sidecar or the upstream down): like the Vellum SDK,
+        this never raises for an outage. A caller's mistake (an empty id) raises.
+        """
+        path = f"/v1/customers/{_seg('customer_id', customer_id)}/flags/{_seg('flag_id', flag_id)}"
+        query = {"default": "true" if default else "false"}
+        try:
+            return await self._run(_Call("GET", path, _flag_value, query=query))
+        except SidecarUnavailable:
+            return default
+
+    async def global_flags(self) -> dict[str, bool]:
+        """The tenant-global flag values, no customer applied (a job with no user at hand)."""
+        return await self._run(_op("global_flags", _flags))
+
+    async def invalidate_flags(self, customer_id: str | None = None) -> None:
+        """Drop one customer's cached flags, or every customer's and the global flags, on
+        every sidecar. Entitlements are left alone."""
+        await self._drop(customer_id, "flags")
 
     # -- billing: each builds its operation's call from the generated table
 

@@ -1,15 +1,21 @@
-"""The entitlement cache: an in-process LRU in front of Redis, single-flight fills.
+"""The cache: an in-process LRU in front of Redis, single-flight fills, for every
+document kind.
+
+One mechanism, ``DocumentCache``, instantiated once per kind (``kinds.py``:
+entitlements, a customer's flags, the tenant's global flags); ``Caches`` holds
+the three. Everything below holds for each kind alike, with the kind's own TTL,
+Redis keys and metric label.
 
 Lookup order: memory (fresh) -> Redis (fresh) -> upstream. Misses for one
-customer share one fill (single-flight in this process, a short Redis lock
+document share one fill (single-flight in this process, a short Redis lock
 across sidecars), and an entry past its fresh window is still served, marked
 ``stale``, when the upstream cannot answer, until ``SIDECAR_STALE_TTL`` ends.
 
 The invalidation race: a fill records what it started from (a ``Flight`` in this
-process, the customer's and the tenant's generation numbers in Redis). An
-invalidation marks the flight and bumps the generations, so the answer fetched
-before it is handed to the callers already waiting but never stored: the store
-script compares the generations atomically, and memory checks the flight.
+process, the document's and the kind's tenant-wide generation numbers in Redis).
+An invalidation marks the flight and bumps the generations, so the answer
+fetched before it is handed to the callers already waiting but never stored: the
+store script compares the generations atomically, and memory checks the flight.
 """
 
 from __future__ import annotations
@@ -27,18 +33,20 @@ from ..config import Settings
 from ..errors import UpstreamError
 from ..metrics import Metrics
 from ..redis.conn import RedisConn, RedisDown
+from ..redis.keys import KindKeys
 from ..redis.url import RedisClient
 from ..upstream import VellumClient
 from .entry import Entry, Lookup
+from .kinds import AXES, ENTITLEMENTS, FLAGS, GLOBAL_FLAGS, Axis, Kind
 from .memory import MemoryLayer
 
-__all__ = ["EntitlementCache", "Flight"]
+__all__ = ["Caches", "DocumentCache", "Flight"]
 
 log = logging.getLogger("sidecar.cache")
 
-# SET the entry only if neither the customer's nor the tenant's generation moved
-# since the fill began. KEYS: entry, customer gen, tenant gen. ARGV: expected
-# customer gen, expected tenant gen, value, ttl ms.
+# SET the entry only if neither the document's nor the kind's tenant-wide generation
+# moved since the fill began. KEYS: entry, document gen, tenant gen. ARGV: expected
+# document gen, expected tenant gen, value, ttl ms.
 _STORE_SCRIPT: Final = """
 if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[1] then return 0 end
 if (redis.call('GET', KEYS[3]) or '0') ~= ARGV[2] then return 0 end
@@ -62,19 +70,26 @@ class Flight:
         self.task: asyncio.Task[Lookup] | None = None
 
 
-class EntitlementCache:
+class DocumentCache:
+    """The cache of one document kind; ids are customer ids (``GLOBAL_ID`` for the
+    tenant-wide kind)."""
+
     def __init__(
         self,
+        kind: Kind,
         settings: Settings,
         upstream: VellumClient,
         metrics: Metrics,
         redis: RedisConn | None,
     ) -> None:
+        self.kind = kind
         self.settings = settings
         self.upstream = upstream
         self.metrics = metrics
         self.redis = redis
+        self.keys: KindKeys | None = redis.keys.kind(kind.key) if redis is not None else None
         self.memory = MemoryLayer(settings.memory_max_entries)
+        self._ttl = kind.ttl(settings)
         # With Redis shared, memory answers alone only briefly, so a sidecar that
         # missed a fan-out message is wrong for at most SIDECAR_MEMORY_TTL.
         self._memory_ttl = settings.memory_ttl if redis is not None else float("inf")
@@ -82,14 +97,20 @@ class EntitlementCache:
         self._background: set[asyncio.Task[Any]] = set()
         #: Called with (customer, entry) after every upstream fetch (account index).
         self.on_fetched: Callable[[str, Entry], Awaitable[None]] | None = None
-        m = metrics.cache_lookups
-        self._m_mem_hit = m.labels("memory", "hit")
-        self._m_mem_miss = m.labels("memory", "miss")
-        self._m_redis_hit = m.labels("redis", "hit")
-        self._m_redis_miss = m.labels("redis", "miss")
-        self._m_redis_error = m.labels("redis", "error")
-        self._m_upstream = m.labels("upstream", "fetch")
-        self._m_stale = m.labels("upstream", "stale")
+        m = metrics.cache_lookups_by_kind
+        k = kind.name
+        self._m_mem_hit = m.labels(k, "memory", "hit")
+        self._m_mem_miss = m.labels(k, "memory", "miss")
+        self._m_redis_hit = m.labels(k, "redis", "hit")
+        self._m_redis_miss = m.labels(k, "redis", "miss")
+        self._m_redis_error = m.labels(k, "redis", "error")
+        self._m_upstream = m.labels(k, "upstream", "fetch")
+        self._m_stale = m.labels(k, "upstream", "stale")
+
+    @property
+    def inflight(self) -> int:
+        """Fills in progress in this process."""
+        return len(self._inflight)
 
     # -- reads -----------------------------------------------------------------
 
@@ -151,12 +172,10 @@ class EntitlementCache:
         )
         flight.task = task
         self._inflight[customer] = flight
-        self.metrics.inflight_fetches.set(len(self._inflight))
 
         def done(t: asyncio.Task[Lookup]) -> None:
             if self._inflight.get(customer) is flight:
                 del self._inflight[customer]
-            self.metrics.inflight_fetches.set(len(self._inflight))
             if not t.cancelled():
                 t.exception()  # retrieved here so a background refresh never warns
 
@@ -209,7 +228,8 @@ class EntitlementCache:
                     return Lookup(waited, "hit")
         try:
             try:
-                resp = await self.upstream.get_entitlements(customer)
+                kind = self.kind
+                resp = await self.upstream.read(kind.operation, kind.segments(customer))
                 entry = self._entry_from(resp.status, resp.body)
             except UpstreamError:
                 if stale is not None and stale.is_servable_stale(time.time()):
@@ -233,9 +253,9 @@ class EntitlementCache:
     def _entry_from(self, status: int, body: bytes) -> Entry:
         """The upstream's 200 or 404 as an entry, its TTL jittered by ±10 %."""
         s = self.settings
-        ttl = (s.negative_ttl if status == 404 else s.cache_ttl) * random.uniform(0.9, 1.1)
+        ttl = (s.negative_ttl if status == 404 else self._ttl) * random.uniform(0.9, 1.1)
         return Entry.from_upstream(
-            status, body, now=time.time(), fresh_for=ttl, stale_for=s.stale_ttl
+            status, body, now=time.time(), fresh_for=ttl, stale_for=s.stale_ttl, kind=self.kind
         )
 
     def _remember(self, customer: str, entry: Entry, flight: Flight) -> None:
@@ -249,19 +269,21 @@ class EntitlementCache:
         answer_until = min(time.time() + ttl, entry.fresh_until)
         # Kept past answer_until (until LRU eviction) as a stale fallback.
         self.memory.put(customer, entry, answer_until)
-        self.metrics.memory_entries.set(len(self.memory))
 
     # -- Redis layer -------------------------------------------------------------
 
     async def _redis_get(self, customer: str) -> Entry | None:
-        assert self.redis is not None
-        key = self.redis.keys.entry(customer)
+        assert self.redis is not None and self.keys is not None
+        key = self.keys.entry(customer)
         try:
             raw = await self.redis.run("get", lambda r: r.get(key))
         except RedisDown:
             self._m_redis_error.inc()
             return None
-        return Entry.loads(raw) if isinstance(raw, bytes) else None
+        return self._loads(raw)
+
+    def _loads(self, raw: Any) -> Entry | None:
+        return Entry.loads(raw, self.kind) if isinstance(raw, bytes) else None
 
     async def _begin_fetch(self, customer: str) -> tuple[tuple[str, str], str | None, Entry | None]:
         """Read the generations, try to take the fetch lock and re-read the entry, in
@@ -271,8 +293,8 @@ class EntitlementCache:
         already fetching this customer) and the entry if one was stored since the
         caller's first read (the fetch that raced ours finished in between).
         """
-        assert self.redis is not None
-        keys = self.redis.keys
+        assert self.redis is not None and self.keys is not None
+        keys = self.keys
         token = secrets.token_hex(8)
         lock_ms = int((self.settings.upstream_timeout + 1) * 1000)
 
@@ -286,13 +308,12 @@ class EntitlementCache:
                 return await pipe.execute()
 
         cgen, tgen, won, raw = await self.redis.run("begin_fetch", call)
-        raced = Entry.loads(raw) if isinstance(raw, bytes) else None
-        return (_s(cgen), _s(tgen)), token if won else None, raced
+        return (_s(cgen), _s(tgen)), token if won else None, self._loads(raw)
 
     async def _wait_for_other(self, customer: str, floor: float) -> Entry | None:
         """Another sidecar holds the fetch lock: poll for its answer until it lets go."""
-        assert self.redis is not None
-        keys = self.redis.keys
+        assert self.redis is not None and self.keys is not None
+        keys = self.keys
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.upstream_timeout
         # Start short: the holder is often a local-network round trip from done.
@@ -311,23 +332,22 @@ class EntitlementCache:
                 raw, locked = await self.redis.run("wait_fetch", call)
             except RedisDown:
                 return None
-            if raw is not None:
-                entry = Entry.loads(raw)
-                if entry is not None and entry.is_fresh(floor):
-                    return entry
+            entry = self._loads(raw)
+            if entry is not None and entry.is_fresh(floor):
+                return entry
             if not locked:
                 return None
         return None
 
     async def _unlock(self, customer: str, token: str) -> None:
-        assert self.redis is not None
-        key = self.redis.keys.lock(customer)
+        assert self.redis is not None and self.keys is not None
+        key = self.keys.lock(customer)
         with contextlib.suppress(RedisDown):
             await self.redis.run("unlock", lambda r: r.eval(_UNLOCK_SCRIPT, 1, key, token))
 
     async def _redis_store(self, customer: str, entry: Entry, gens: tuple[str, str]) -> None:
-        assert self.redis is not None
-        keys = self.redis.keys
+        assert self.redis is not None and self.keys is not None
+        keys = self.keys
         ttl_ms = max(int((entry.stale_until - time.time()) * 1000), 1)
         value = entry.dumps()
         with contextlib.suppress(RedisDown):
@@ -346,7 +366,10 @@ class EntitlementCache:
                 ),
             )
             if not stored:
-                log.debug("store_refused_by_generation", extra={"fields": {"customer": customer}})
+                log.debug(
+                    "store_refused_by_generation",
+                    extra={"fields": {"kind": self.kind.name, "customer": customer}},
+                )
 
     # -- invalidation (local part; cache/invalidation.py does Redis and fan-out) ------
 
@@ -363,8 +386,6 @@ class EntitlementCache:
                 overtaken = self._inflight.pop(c, None)
                 if overtaken is not None:
                     overtaken.invalidated = True
-        self.metrics.memory_entries.set(len(self.memory))
-        self.metrics.inflight_fetches.set(len(self._inflight))
 
     async def close(self) -> None:
         tasks = [f.task for f in self._inflight.values() if f.task is not None]
@@ -372,6 +393,40 @@ class EntitlementCache:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Caches:
+    """The cache of every kind, one ``DocumentCache`` each, sharing Redis and the upstream."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        upstream: VellumClient,
+        metrics: Metrics,
+        redis: RedisConn | None,
+    ) -> None:
+        def make(kind: Kind) -> DocumentCache:
+            return DocumentCache(kind, settings, upstream, metrics, redis)
+
+        self.entitlements = make(ENTITLEMENTS)
+        self.flags = make(FLAGS)
+        self.global_flags = make(GLOBAL_FLAGS)
+        self.all: tuple[DocumentCache, ...] = (self.entitlements, self.flags, self.global_flags)
+        self._by_kind = {c.kind.name: c for c in self.all}
+        # Read when /metrics is collected, so the hot path never sets a gauge.
+        metrics.memory_entries.set_function(lambda: sum(len(c.memory) for c in self.all))
+        metrics.inflight_fetches.set_function(lambda: sum(c.inflight for c in self.all))
+
+    def of_kind(self, kind: Kind) -> DocumentCache:
+        return self._by_kind[kind.name]
+
+    def of(self, axes: Iterable[Axis] = AXES) -> list[DocumentCache]:
+        """The caches of these axes."""
+        wanted = set(axes)
+        return [c for c in self.all if c.kind.axis in wanted]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.all))
 
 
 def _s(value: Any) -> str:

@@ -7,12 +7,13 @@ anywhere cannot store their older answer), publishes one message on the
 tenant's channel and drops its own in-process entries at once. Every other
 sidecar drops its in-process entries when the message arrives.
 
-**Axes.** Each kind of document the cache holds is an axis (``AXES``):
-``entitlements`` and ``flags``. An invalidation names the axes it drops; the
-Redis part and the in-process drop touch only those, and the fan-out message
-carries them, so every sidecar drops exactly those axes. Only the entitlements
-layer exists so far: an invalidation of ``flags`` alone still publishes its
-message, and changes nothing here.
+**Axes.** Every drop names its axes (``kinds.Axis``: ``entitlements``,
+``flags``; both unless narrowed) and applies to each kind of document of those
+axes: a customer's drop to the per-customer kinds, a tenant-wide drop to every
+kind of the axes (the global flags included). The fan-out message carries the
+axes, so every sidecar drops exactly those. Watchers (``watch``) hear of every
+drop applied here, issued or received, which is how the OFREP event streams
+learn of changes.
 
 **While Redis does not answer** an invalidation is applied to this process at
 once and its Redis part (deletes, generation bumps, the fan-out message) is
@@ -34,7 +35,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, Final, Literal
 
 import orjson
@@ -43,17 +44,15 @@ from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 from ..metrics import Metrics
 from ..redis.conn import RedisConn, RedisDown
 from ..redis.url import REDIS_ERRORS, RedisClient
-from .cache import EntitlementCache
+from .cache import Caches, DocumentCache
 from .entry import Entry
+from .kinds import AXES, Axis
 
-__all__ = ["AXES", "QUEUE_LIMIT", "Axis", "Invalidator", "Scope"]
+__all__ = ["QUEUE_LIMIT", "DropWatcher", "Invalidator", "Scope"]
 
 log = logging.getLogger("sidecar.invalidation")
 
 Scope = Literal["customer", "account", "tenant"]
-Axis = Literal["entitlements", "flags"]
-#: Every axis the cache knows; an invalidation names a subset (all by default).
-AXES: Final[frozenset[Axis]] = frozenset(("entitlements", "flags"))
 #: Invalidation targets (customers, accounts, the tenant) queued while Redis is down.
 QUEUE_LIMIT: Final = 10_000
 
@@ -69,6 +68,10 @@ class _Resubscribe(Exception):
 
 
 _LISTEN_ERRORS: Final[tuple[type[BaseException], ...]] = (*REDIS_ERRORS, _Resubscribe)
+
+#: Told of each drop applied on this sidecar: the customers (``None``: everyone)
+#: and the axes. Called synchronously; it must not block.
+DropWatcher = Callable[[Sequence[str] | None, tuple[Axis, ...]], None]
 
 
 class _Pending:
@@ -115,7 +118,7 @@ class _Pending:
 class Invalidator:
     def __init__(
         self,
-        cache: EntitlementCache,
+        caches: Caches,
         redis: RedisConn | None,
         metrics: Metrics,
         *,
@@ -123,7 +126,7 @@ class Invalidator:
         link_ttl: float,
         queue_limit: int = QUEUE_LIMIT,
     ) -> None:
-        self.cache = cache
+        self.caches = caches
         self.redis = redis
         self.metrics = metrics
         self.sidecar_id = sidecar_id
@@ -136,9 +139,10 @@ class Invalidator:
         self._pending = _Pending()
         self._drainer: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
+        self._watchers: list[DropWatcher] = []
         if redis is not None:
             metrics.fanout_state.follow(lambda: "ok" if self.subscribed.is_set() else "down")
-        cache.on_fetched = self._learn_from_entry
+        caches.entitlements.on_fetched = self._learn_from_entry
         if redis is not None:
             redis.on_reconnect(self._redis_answers)
         metrics.invalidations_queued.set(0)
@@ -147,6 +151,11 @@ class Invalidator:
     def queued(self) -> int:
         """Invalidation targets waiting for Redis."""
         return len(self._pending)
+
+    def watch(self, watcher: DropWatcher) -> Callable[[], None]:
+        """Call ``watcher`` on every drop applied here; returns the function that stops it."""
+        self._watchers.append(watcher)
+        return lambda: self._watchers.remove(watcher)
 
     # -- issuing -----------------------------------------------------------------
 
@@ -217,13 +226,23 @@ class Invalidator:
             return False
         return True
 
-    def _drop_here(self, customers: Iterable[str] | None, axes: Collection[Axis]) -> None:
-        """Drop ``customers`` (``None``: everyone) on ``axes`` in this process only.
+    def _drop_here(self, customers: Sequence[str] | None, axes: Collection[Axis]) -> None:
+        """Drop ``customers`` (``None``: everyone) on ``axes`` in this process only,
+        and tell the watchers."""
+        for cache in self._caches(axes, customers):
+            cache.drop_local(customers)
+        ordered = _ordered(axes)
+        for watcher in list(self._watchers):
+            try:
+                watcher(customers, ordered)
+            except Exception:
+                log.exception("drop_watcher_failed")
 
-        One line per cached axis: the flags layer adds its own.
-        """
-        if "entitlements" in axes:
-            self.cache.drop_local(customers)
+    def _caches(
+        self, axes: Collection[Axis], customers: Sequence[str] | None
+    ) -> list[DocumentCache]:
+        """The caches a drop applies to: a customer's drop leaves the tenant-wide kinds."""
+        return [c for c in self.caches.of(axes) if customers is None or c.kind.per_customer]
 
     # -- the Redis part ------------------------------------------------------------
 
@@ -232,15 +251,17 @@ class Invalidator:
         assert redis is not None
         keys = redis.keys
         message = self._message("customer", list(customers), axes)
+        kinds = [c.kind for c in self._caches(axes, customers)]
 
         async def call(r: RedisClient) -> None:
             # One slot (the tenant's hash tag), so MULTI works on a cluster too.
             async with r.pipeline(transaction=True) as pipe:
-                if "entitlements" in axes:
+                for kind in kinds:
+                    names = keys.kind(kind.key)
                     for c in customers:
-                        pipe.incr(keys.gen(c))
-                        pipe.expire(keys.gen(c), _GEN_TTL_S)
-                        pipe.delete(keys.entry(c))
+                        pipe.incr(names.gen(c))
+                        pipe.expire(names.gen(c), _GEN_TTL_S)
+                        pipe.delete(names.entry(c))
                 if redis.cluster:
                     pipe.spublish(keys.channel, message)
                 else:
@@ -254,15 +275,18 @@ class Invalidator:
         assert redis is not None
         keys = redis.keys
         message = self._message("tenant", None, axes)
+        kinds = [c.kind for c in self._caches(axes, None)]
 
         async def call(r: RedisClient) -> None:
-            if "entitlements" in axes:
-                await r.incr(keys.tenant_gen)
+            for kind in kinds:
+                await r.incr(keys.kind(kind.key).tenant_gen)
+            for kind in kinds:
                 batch: list[Any] = []
                 # On a cluster, scan_iter walks every primary (right even while
                 # the tenant's slot migrates); the keys share one slot, so UNLINK
                 # of a batch is one command.
-                async for key in r.scan_iter(match=keys.entry_pattern, count=_SCAN_BATCH):
+                pattern = keys.kind(kind.key).entry_pattern
+                async for key in r.scan_iter(match=pattern, count=_SCAN_BATCH):
                     batch.append(key)
                     if len(batch) >= _SCAN_BATCH:
                         await r.unlink(*batch)
@@ -419,7 +443,8 @@ class Invalidator:
 
     def _known_members(self, account: str) -> set[str]:
         """The account's customers this sidecar learnt (links and cached documents)."""
-        return set(self._links.get(account, ())) | self.cache.memory.customers_of(account)
+        cached = self.caches.entitlements.memory.customers_of(account)
+        return set(self._links.get(account, ())) | cached
 
     async def _redis_members(self, account: str) -> set[str]:
         """The account's customers every sidecar learnt (raises ``RedisDown``)."""
@@ -466,7 +491,7 @@ class Invalidator:
                 else:
                     await pubsub.subscribe(channel)
                 # Messages may have been missed while (re)connecting.
-                self.cache.drop_local(None)
+                self._drop_here(None, AXES)
                 self.subscribed.set()
                 backoff = 0.05
                 failed = False
@@ -505,7 +530,7 @@ class Invalidator:
             return  # applied locally when issued
         named = msg.get("axes")
         # No "axes": a sidecar from before axes existed, which meant every axis.
-        axes = AXES if not isinstance(named, list) else AXES.intersection(named)
+        axes = AXES if not isinstance(named, list) else _ordered(a for a in named if a in AXES)
         customers = msg.get("customers")
         if scope == "customer" and isinstance(customers, list):
             self._drop_here([c for c in customers if isinstance(c, str)], axes)
@@ -518,3 +543,9 @@ class Invalidator:
 def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _ordered(axes: Iterable[Any]) -> tuple[Axis, ...]:
+    """The axes named, each once, in ``AXES`` order."""
+    named = set(axes)
+    return tuple(a for a in AXES if a in named)

@@ -21,7 +21,7 @@ class MemoryLayer:
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
         #: customer -> (entry, answer_until), least recently used first. Public so
-        #: ``EntitlementCache.hit`` can answer a hit without a method call (the hot path).
+        #: ``DocumentCache.hit`` can answer a hit without a method call (the hot path).
         self.data: OrderedDict[str, tuple[Entry, float]] = OrderedDict()
 
     def __len__(self) -> int:

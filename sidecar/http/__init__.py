@@ -2,7 +2,10 @@
 
 - ``routes``: every local-API route, registered in one place;
 - ``operations``: the one table of Vellum operations (plain data);
-- ``entitlements``: the cached read, ``can``, batch checks, cache drops;
+- ``entitlements``: any kind's cached read, ``can``, batch checks, cache drops;
+- ``flags``: one flag with the caller's default;
+- ``ofrep``: the OpenFeature Remote Evaluation Protocol (``streams``: its open
+  event streams);
 - ``forwarding``: every other operation, forwarded to the upstream;
 - ``middleware``, ``inputs``, ``responses``: the local API's plumbing (the error
   envelope, path ids and JSON bodies, cached-read headers);

@@ -1,4 +1,4 @@
-"""The local API's entitlement routes: the cached read, ``can``, batch checks, cache drops.
+"""The local API's cached reads: any kind's read, ``can``, batch checks, cache drops.
 
 Handlers are thin: parse and validate input, call the cache or the invalidator,
 build the response. Errors are raised as ``SidecarError``; the middleware turns
@@ -13,24 +13,28 @@ import orjson
 from aiohttp import web
 
 from ..appkeys import CACHE, INVALIDATOR, SETTINGS
+from ..cache.cache import DocumentCache
 from ..cache.entry import Entry, Lookup
+from ..cache.kinds import AXES, Axis
 from ..errors import BadRequest, UpstreamError, UpstreamUnavailable
 from .inputs import MAX_BATCH, MAX_ID_LENGTH, is_id, path_id, read_json
 from .operations import Surface
 from .responses import cached_response, json_response
 
-__all__ = ["can", "check", "drop_all", "drop_customer", "read_entitlements"]
+__all__ = ["can", "check", "drop_all", "drop_customer", "read_cached"]
 
 
-async def read_entitlements(
-    request: web.Request, customer: str, surface: Surface
+async def read_cached(
+    request: web.Request, cache: DocumentCache, ident: str, surface: Surface
 ) -> web.StreamResponse:
-    """The cached read: ``/v1`` adds ``found`` (an unknown customer is a 200); the mirror
+    """A cached read of any kind. ``/v1`` answers the kind's local body (an entitlement
+    document adds ``found``, and an unknown customer is a 200 ``found: false``; flags
+    are the upstream's document, a 404 ``not_found`` when it has none); the mirror
     answers exactly as the upstream would (its 404 stays a 404)."""
-    lookup = await request.app[CACHE].get(customer)
+    lookup = await cache.get(ident)
     entry = lookup.entry
     if surface == "v1":
-        return cached_response(entry.body(), lookup)
+        return cached_response(entry.body(), lookup, entry.local_status)
     return cached_response(entry.upstream_body(), lookup, 200 if entry.found else 404)
 
 
@@ -136,12 +140,27 @@ async def check(request: web.Request) -> web.StreamResponse:
 
 
 async def drop_customer(request: web.Request) -> web.StreamResponse:
+    """Drop one customer's cached documents (both axes, or the one ``?axis=`` names)."""
     customer = path_id(request, "customer")
-    return _dropped(await request.app[INVALIDATOR].customers([customer], source="api"))
+    axes = _axes(request)
+    return _dropped(await request.app[INVALIDATOR].customers([customer], source="api", axes=axes))
 
 
 async def drop_all(request: web.Request) -> web.StreamResponse:
-    return _dropped(await request.app[INVALIDATOR].tenant(source="api"))
+    """Drop everything cached for the tenant (both axes, or the one ``?axis=`` names)."""
+    axes = _axes(request)
+    return _dropped(await request.app[INVALIDATOR].tenant(source="api", axes=axes))
+
+
+def _axes(request: web.Request) -> tuple[Axis, ...]:
+    """``?axis=entitlements|flags`` narrows a drop; without it both axes go."""
+    named = request.query.getall("axis", [])
+    if not named:
+        return AXES
+    axis = next((a for a in AXES if a == named[0]), None) if len(named) == 1 else None
+    if axis is None:
+        raise BadRequest(f"axis must be one of {', '.join(AXES)}, once", code="invalid_query")
+    return (axis,)
 
 
 def _dropped(shared: bool) -> web.Response:

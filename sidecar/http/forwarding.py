@@ -14,9 +14,10 @@ so no id (``..``, ``a/b``, ``%2F``, ``?x``) can reach another upstream path.
 mirror leaves that to the upstream so its 400s reach the SDK unchanged.
 
 Writes are retried only when the caller sent an ``Idempotency-Key``. A write that
-may have changed a customer's entitlements drops that customer's cache on every
-sidecar (an account status change drops the account's customers) before the
-answer is returned, so the caller's next ``can`` sees the change.
+may have changed a customer's entitlements drops that customer's cached
+entitlements (never its flags, which no plan decides) on every sidecar (an
+account status change drops the account's customers) before the answer is
+returned, so the caller's next ``can`` sees the change.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import orjson
 from aiohttp import web
 
 from ..appkeys import INVALIDATOR, UPSTREAM
+from ..cache.kinds import Axis
 from ..errors import (
     BadRequest,
     UpstreamAuthFailed,
@@ -47,6 +49,9 @@ __all__ = ["forward"]
 
 # The logger's name predates the http/ package; log pipelines filter on it.
 log = logging.getLogger("sidecar.proxy")
+
+#: Flags are never derived from the plan: a billing write drops entitlements only.
+_ENTITLEMENTS: Final[tuple[Axis, ...]] = ("entitlements",)
 
 #: Response headers passed back besides ``UpstreamResponse.passed_headers()``.
 _EXTRA_PASSED: Final = ("Idempotent-Replayed",)
@@ -188,10 +193,10 @@ async def _after_write(
     if status is not None and 200 <= status < 300 and call.account and call.customer:
         await invalidator.link(call.account, call.customer)
     if op.drops == "customer" and call.customer:
-        await invalidator.customers([call.customer], source="write")
+        await invalidator.customers([call.customer], source="write", axes=_ENTITLEMENTS)
         return "customer"
     if op.drops == "account" and call.account:
-        await invalidator.account(call.account, source="write")
+        await invalidator.account(call.account, source="write", axes=_ENTITLEMENTS)
         return "account"
     return None
 

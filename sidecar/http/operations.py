@@ -65,8 +65,9 @@ class Operation:
     """Those of ``query`` that are ids; ``/v1`` refuses them empty or too long."""
     drops: Drops | None = None
     """Whose cache a write drops: the customer it names, or the account's customers."""
-    cached: bool = False
-    """Answered from the entitlement cache instead of forwarded."""
+    cache: str | None = None
+    """The document kind (``cache.kinds.KINDS``) whose cache answers it instead of the
+    upstream; ``None``: forwarded."""
     local_answer: Answer | None = None
     """What ``/v1`` answers where it differs from the upstream (the cached read adds ``found``)."""
     params: tuple[str, ...] = field(init=False)
@@ -74,6 +75,11 @@ class Operation:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", tuple(_PARAM.findall(self.path)))
+
+    @property
+    def cached(self) -> bool:
+        """Answered from a cache instead of forwarded."""
+        return self.cache is not None
 
     @property
     def body(self) -> bool:
@@ -109,12 +115,28 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "/customers/{customer}/entitlements",
         "A customer's entitlements, from the cache",
         Answer(200, "the upstream document as the upstream gave it", "UpstreamEntitlements"),
-        cached=True,
+        cache="entitlements",
         local_answer=Answer(
             200,
             "the document plus found (found: false for a customer the upstream does not know)",
             "Entitlements",
         ),
+    ),
+    Operation(
+        "flags",
+        "GET",
+        "/customers/{customer}/flags",
+        "A customer's flags (the global values with the customer's overrides), from the cache",
+        Answer(200, "the customer's flags as the upstream gave them", "Flags"),
+        cache="flags",
+    ),
+    Operation(
+        "global_flags",
+        "GET",
+        "/flags",
+        "The tenant's global flags, from the cache",
+        Answer(200, "the tenant-global flags as the upstream gave them", "Flags"),
+        cache="global_flags",
     ),
     Operation(
         "create_checkout",

@@ -1,8 +1,9 @@
 """Every route of the local API, registered in one place.
 
-The entitlement routes and the contract are listed here; every operation of the
-table (``http/operations.py``) is registered on both surfaces, answered from the
-cache (``cached``) or forwarded to the upstream. Every GET also answers HEAD.
+The sidecar's own routes (``can``, ``check``, a flag, the cache drops, OFREP and
+the contract) are listed here; every operation of the table
+(``http/operations.py``) is registered on both surfaces, answered from its
+kind's cache (``cache``) or forwarded to the upstream. Every GET also answers HEAD.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from importlib import resources
 
 from aiohttp import web
 
-from ..appkeys import SETTINGS
+from ..appkeys import CACHES, SETTINGS
+from ..cache.kinds import GLOBAL_ID, KINDS
 from ..errors import NotFound
-from . import entitlements
+from . import entitlements, flags, ofrep
 from .forwarding import forward
 from .inputs import path_id
 from .middleware import Handler
@@ -33,8 +35,12 @@ def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get(f"/v1/customers/{{customer:{_ID}}}/can/{{module:{_ID}}}", entitlements.can)
     r.add_post("/v1/check", entitlements.check)
+    r.add_get(f"/v1/customers/{{customer:{_ID}}}/flags/{{name:{_ID}}}", flags.flag)
     r.add_delete(f"/v1/customers/{{customer:{_ID}}}/cache", entitlements.drop_customer)
     r.add_delete("/v1/cache", entitlements.drop_all)
+    r.add_post(f"/ofrep/v1/evaluate/flags/{{key:{_ID}}}", ofrep.evaluate)
+    r.add_post("/ofrep/v1/evaluate/flags", ofrep.evaluate_bulk)
+    r.add_get(ofrep.STREAM_PATH, ofrep.events)
     r.add_get("/openapi.json", openapi)
     for op in OPERATIONS:
         for surface in SURFACES:
@@ -50,10 +56,13 @@ def _operation_handler(op: Operation, surface: Surface) -> Handler:
         if surface == "mirror" and request.match_info["tenant"] != request.app[SETTINGS].tenant_id:
             raise NotFound("this sidecar serves another tenant", code="unknown_tenant")
         ids = {name: path_id(request, name) for name in op.params}
-        if op.cached:
-            return await entitlements.read_entitlements(request, ids["customer"], surface)
+        if kind is not None:
+            cache = request.app[CACHES].of_kind(kind)
+            ident = ids["customer"] if kind.per_customer else GLOBAL_ID
+            return await entitlements.read_cached(request, cache, ident, surface)
         return await forward(request, op, ids, surface)
 
+    kind = KINDS[op.cache] if op.cache is not None else None
     return handle
 
 

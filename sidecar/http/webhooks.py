@@ -26,7 +26,8 @@ import orjson
 from aiohttp import web
 
 from ..appkeys import CORE, INVALIDATOR, METRICS, REDIS, SETTINGS
-from ..cache.invalidation import AXES, Axis, Scope
+from ..cache.invalidation import Scope
+from ..cache.kinds import AXES, Axis
 from ..errors import PayloadTooLarge, error_body
 from ..redis.conn import RedisConn, RedisDown
 from ..redis.url import RedisClient
@@ -62,7 +63,7 @@ _MAX_ID_LENGTH: Final = 200
 #: and status changes that the upstream reflects in it (``payment.failed`` makes a
 #: subscription past due, ``checkout.completed`` starts one, an account or customer
 #: status withholds access, a plan change changes its modules). A family starting
-#: with ``flag`` concerns flags only; any other type drops both axes.
+#: ``flag``/``flags`` (or ``flag_...``) concerns flags only; any other type drops both axes.
 ENTITLEMENT_EVENT_FAMILIES: Final = frozenset(
     {
         "entitlement", "entitlements",
@@ -91,9 +92,10 @@ class Target:
 def classify(event: Mapping[str, Any]) -> Target:
     """The one place an event's ``type`` and ids become what it drops.
 
-    Axes: a ``type`` whose family (before the first dot) starts with ``flag``
-    drops flags; a family in ``ENTITLEMENT_EVENT_FAMILIES`` drops entitlements;
-    any other type, or none, drops both.
+    Axes: a ``type`` whose family (before the first dot) is ``flag``/``flags``
+    or starts with ``flag_``/``flags_`` drops flags; a family in
+    ``ENTITLEMENT_EVENT_FAMILIES`` drops entitlements; any other type, or none,
+    drops both.
 
     Scope: a known type naming a customer drops that customer; one naming only an
     account, that account's customers; neither, the tenant. An unknown type is
@@ -102,15 +104,15 @@ def classify(event: Mapping[str, Any]) -> Target:
     """
     kind = event.get("type")
     family = kind.split(".", 1)[0].strip().lower() if isinstance(kind, str) else ""
-    if family.startswith("flag"):
+    if family in ("flag", "flags") or family.startswith(("flag_", "flags_")):
         axes: frozenset[Axis] = frozenset({"flags"})
     elif family in ENTITLEMENT_EVENT_FAMILIES:
         axes = frozenset({"entitlements"})
     else:
-        axes = AXES
+        axes = frozenset(AXES)
     customer = _named(event.get("customerId"))
     account = _named(event.get("accountId"))
-    known = axes != AXES
+    known = axes != frozenset(AXES)
     if customer is not None and (known or account is None):
         return Target("customer", customer, account, axes)
     if account is not None:

@@ -62,6 +62,7 @@ async function lastUpstream(operation) {
 
 const SDK_METHODS = [
   "can", "getEntitlements", "check", "invalidate",
+  "flags", "flag", "globalFlags", "invalidateFlags",
   "createCheckout", "createSetupCheckout", "createSubscription", "cancelSubscription",
   "getSubscription", "createAccount", "createCustomer", "setAccountStatus",
   "setCustomerStatus", "listPaymentMethods", "setDefaultPaymentMethod",
@@ -164,6 +165,41 @@ describe("entitlements, live", () => {
     await assert.rejects(sidecar.can("", "reports"), /customerId must be a non-empty string/);
     await assert.rejects(sidecar.getSubscription({ accountId: "", customerId: "c" }), /accountId/);
     await assert.rejects(sidecar.check([["a", "b"], ["a", ""]]), /pairs\[1\] moduleId/);
+  });
+});
+
+describe("flags, live", () => {
+  const sidecar = new SidecarClient({ baseUrl: process.env.VSC_URL });
+  const tenant = () => env("VSC_TENANT");
+  const upstreamCount = async (operation) =>
+    (await admin("GET", `/requests?operation=${operation}&tenant=${tenant()}`)).requests.length;
+
+  test("flags, flag, globalFlags, invalidateFlags", async () => {
+    const customer = uid("cus");
+    const name = uid("flag");
+    await admin("PUT", `/tenants/${tenant()}/flags/${name}`, { value: false });
+    await admin("PUT", `/tenants/${tenant()}/customers/${customer}/flags/${name}`, { value: true });
+    const mine = await sidecar.flags(customer);
+    assert.equal(mine[name], true);
+    assert.equal(mine["bulk-export"], true, "the globals under the overrides");
+    assert.equal((await sidecar.globalFlags())[name], false);
+    assert.equal(await sidecar.flag(name, customer, { default: false }), true);
+    assert.equal(await sidecar.flag(name, uid("other"), { default: true }), false);
+    assert.equal(await sidecar.flag(uid("undefined"), customer, { default: true }), true);
+    await assert.rejects(sidecar.flag(name, customer), TypeError);
+    await assert.rejects(sidecar.flag("", customer, { default: true }), /flagId/);
+
+    const fetched = await upstreamCount("flags");
+    await sidecar.invalidate(customer); // entitlements only, as the SDK's
+    await sidecar.flags(customer);
+    assert.equal(await upstreamCount("flags"), fetched);
+    assert.equal(await sidecar.invalidateFlags(customer), undefined);
+    await sidecar.flags(customer);
+    assert.equal(await upstreamCount("flags"), fetched + 1);
+    const globalsFetched = await upstreamCount("global_flags");
+    await sidecar.invalidateFlags();
+    await sidecar.globalFlags();
+    assert.equal(await upstreamCount("global_flags"), globalsFetched + 1);
   });
 });
 
@@ -294,6 +330,8 @@ describe("fail closed", () => {
       return true;
     });
     await assert.rejects(closed.listInvoices({ accountId: "acme" }), SidecarUnavailable);
+    assert.equal(await closed.flag("beta", "cus_active", { default: true }), true);
+    await assert.rejects(closed.flags("cus_active"), SidecarUnavailable);
   });
 
   test("the sidecar answers 503: can and check answer false (true with failOpen)", async () => {
@@ -308,6 +346,9 @@ describe("fail closed", () => {
     await assert.rejects(closed.getEntitlements(customer), {
       name: "SidecarUnavailable", status: 503, code: "upstream_unavailable",
     });
+    assert.equal(await closed.flag("beta", customer, { default: false }), false);
+    assert.equal(await closed.flag("beta", customer, { default: true }), true);
+    await assert.rejects(closed.globalFlags(), { name: "SidecarUnavailable", status: 503 });
   });
 
   test("the sidecar's fail-open modules answer true even for a fail-closed client", async () => {
