@@ -7,7 +7,7 @@ The ``paths`` of every operation in ``sidecar/http/operations.py`` (both surface
 come from the table; ``scripts/openapi_base.json`` holds what the table does not
 describe: ``info``, ``tags``, ``components`` (schemas with examples, parameters,
 shared responses and headers) and the routes outside the table (``can``,
-``check``, the cache drops, this document). Every GET path also gets its HEAD
+``check``, a flag, the cache drops, OFREP, this document). Every GET path also gets its HEAD
 operation: the same statuses and headers, no body (the router answers HEAD on
 every GET route).
 """
@@ -73,6 +73,7 @@ def operation(doc: Json, op: Operation, surface: Surface) -> Json:
     }
     if op.request is not None:
         schema(doc, op.request, op.name)
+        check_fields(doc, op)
         out["requestBody"] = {
             "required": True,
             "content": {"application/json": {"schema": ref("schemas", op.request)}},
@@ -82,6 +83,25 @@ def operation(doc: Json, op: Operation, surface: Surface) -> Json:
     else:
         out["responses"] = forwarded_responses(doc, op, surface)
     return out
+
+
+def check_fields(doc: Json, op: Operation) -> None:
+    """The row's checked fields agree with its request schema (names, required, types)."""
+    request = doc["components"]["schemas"][op.request]
+    properties = request.get("properties", {})
+    where = f"{op.name}: {BASE.name} components/schemas/{op.request}"
+    if set(op.required) != set(request.get("required", [])):
+        raise SystemExit(f"{where}: required {request.get('required')} but the row {op.required}")
+    for f in op.fields:
+        prop = properties.get(f.name)
+        if prop is None:
+            raise SystemExit(f"{where}: no property {f.name}")
+        types = prop.get("type")
+        types = set(types) if isinstance(types, list) else {types}
+        want = {"id": "string", "string": "string", "integer": "integer", "boolean": "boolean",
+                "strings": "array", "objects": "array"}[f.kind]  # fmt: skip
+        if want not in types:
+            raise SystemExit(f"{where}: {f.name} is {prop.get('type')}, the row says {f.kind}")
 
 
 def tag(op: Operation) -> str:
@@ -97,7 +117,8 @@ def operation_id(op: Operation, surface: Surface) -> str:
 
 
 def description(op: Operation, surface: Surface) -> str:
-    parts = [f"Upstream operation `{op.name}`: {op.method} /tenants/{{t}}{op.path}."]
+    sdk = ", ".join(f"`{m}`" for m in op.sdk)
+    parts = [f"Upstream operation `{op.name}`: {op.method} /tenants/{{t}}{op.path} ({sdk})."]
     if surface == "mirror":
         parts.append("The drop-in mirror: the caller's x-api-key is ignored, never forwarded.")
     if op.cached:
@@ -107,7 +128,15 @@ def description(op: Operation, surface: Surface) -> str:
             "fresh window is served marked stale."
         )
     else:
-        parts.append("The upstream's status, body and Location are returned as they are.")
+        parts.append(
+            "The upstream's status, body bytes and Content-Type (and Location, "
+            "Content-Disposition, Idempotent-Replayed) are returned as they are."
+        )
+    if op.retry_safe:
+        parts.append(
+            "Safe to retry without an Idempotency-Key (it changes nothing, or the upstream "
+            "deduplicates it by its body), so the sidecar retries it like a read."
+        )
     if op.drops == "customer":
         parts.append(
             "On success (or an unknown outcome) drops the customer's cached entitlements "
@@ -126,6 +155,8 @@ def success(doc: Json, answer: Answer, *, cached: bool, where: str) -> tuple[str
     if answer.schema is not None:
         schema(doc, answer.schema, where)
         out["content"] = {"application/json": {"schema": ref("schemas", answer.schema)}}
+    elif answer.media_type is not None:
+        out["content"] = {answer.media_type: {}}  # any bytes, passed on as they are
     if cached:
         out["headers"] = {name: ref("headers", name) for name in ("X-Sidecar-Cache", "Age")}
     if 300 <= answer.status < 400:
@@ -156,14 +187,14 @@ def cached_responses(doc: Json, op: Operation, surface: Surface) -> Json:
 
 
 def forwarded_responses(doc: Json, op: Operation, surface: Surface) -> Json:
-    status, body = success(doc, op.answer, cached=False, where=op.name)
+    successes = dict(success(doc, a, cached=False, where=op.name) for a in op.answers)
     not_found = (
         "another tenant (unknown_tenant, no upstream call), or the upstream's 404 passed through"
         if surface == "mirror"
         else "the upstream's 404 (unknown account, customer, ...), passed through"
     )
     out: Json = {
-        status: body,
+        **dict(sorted(successes.items())),
         "400": ref("responses", "InvalidInput"),
         "403": ref("responses", "BrowserGuard"),
         "404": {"description": not_found, "content": _ERROR_CONTENT},

@@ -617,6 +617,17 @@ class Settings:
         doc="extra `Host` names the local API accepts (the browser guard); a non-wildcard "
         "remote bind address is added automatically",
     )
+    forward_unknown: bool = setting(
+        "SIDECAR_FORWARD_UNKNOWN",
+        _bool,
+        "true",
+        help="false to refuse mirror paths the operation table does not know",
+        doc="`true`: a tenant-scoped mirror path the sidecar does not know (an operation newer "
+        "than this release) is forwarded with the sidecar's key, counted and logged by its "
+        "shape; `false`: 404 `unknown_operation`, so only the operations listed in "
+        "[docs/api.md](docs/api.md#billing-and-the-drop-in-mirror) reach the upstream. See "
+        "[Unknown operations](docs/api.md#unknown-operations)",
+    )
     upstream_timeout: float = setting(
         "SIDECAR_UPSTREAM_TIMEOUT",
         _positive_float,

@@ -40,6 +40,7 @@ from . import __version__
 __all__ = [
     "CONTENT_TYPE_LATEST",
     "FANOUT_STATES",
+    "MAX_UNKNOWN_SHAPES",
     "REDIS_STATES",
     "UPSTREAM_STATES",
     "LoopCounter",
@@ -55,6 +56,10 @@ __all__ = [
 UPSTREAM_STATES: Final = ("ok", "degraded", "down")
 REDIS_STATES: Final = ("ok", "down", "disabled")
 FANOUT_STATES: Final = ("ok", "down", "disabled")
+
+#: Distinct path shapes ``forwarded_unknown`` keeps as label values.
+MAX_UNKNOWN_SHAPES: Final = 100
+_HTTP_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -173,6 +178,13 @@ class Metrics:
             "Upstream fetches of cached documents in flight (single-flight, every kind).",
             registry=r,
         )  # fmt: skip
+        self.forwarded_unknown = Counter(
+            f"{p}_forwarded_unknown",
+            "Mirror requests for operations the sidecar does not know, forwarded upstream, "
+            "by method and path shape (ids replaced).",
+            ["method", "shape"], registry=r,
+        )  # fmt: skip
+        self._unknown_shapes: set[str] = set()
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one local API request and its latency (the hot path: one dict lookup)."""
@@ -185,6 +197,22 @@ class Metrics:
             )
         children[0].value += 1
         children[1].observe(seconds)
+
+    def count_unknown(self, method: str, shape: str) -> None:
+        """Count one forwarded unknown operation, with bounded label values.
+
+        ``method`` outside the usual HTTP methods is ``OTHER``; past
+        :data:`MAX_UNKNOWN_SHAPES` distinct shapes, a new one is ``other``, so a
+        caller inventing paths cannot grow the exposition without end.
+        """
+        if method not in _HTTP_METHODS:
+            method = "OTHER"
+        if shape not in self._unknown_shapes:
+            if len(self._unknown_shapes) >= MAX_UNKNOWN_SHAPES:
+                shape = "other"
+            else:
+                self._unknown_shapes.add(shape)
+        self.forwarded_unknown.labels(method, shape).inc()
 
     def observe_readiness(self, ready: bool) -> None:
         """Record the answer ``/readyz`` just gave; a change counts once."""

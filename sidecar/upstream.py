@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
-from urllib.parse import quote
+from urllib.parse import quote, quote_from_bytes, unquote_to_bytes
 
 import aiohttp
 import orjson
@@ -35,6 +35,7 @@ __all__ = [
     "UpstreamResponse",
     "VellumClient",
     "quote_segment",
+    "requote_segment",
     "tenant_path",
 ]
 
@@ -45,7 +46,14 @@ UpstreamState = Literal["ok", "degraded", "down"]
 #: Statuses worth retrying: the request did not take effect or may succeed later.
 _RETRY_STATUSES: Final = frozenset({429, 500, 502, 503, 504})
 #: Response headers passed back to local callers of forwarded operations.
-_PASSED_HEADERS: Final = ("Content-Type", "Location", "Retry-After", "Idempotency-Key")
+_PASSED_HEADERS: Final = (
+    "Content-Type",
+    "Content-Disposition",
+    "Location",
+    "Retry-After",
+    "Idempotency-Key",
+    "Idempotent-Replayed",
+)
 _MAX_BODY: Final = 8 * 1024 * 1024
 
 
@@ -57,6 +65,19 @@ def quote_segment(segment: str) -> str:
     (``..`` climbs a level), so those dots are encoded too.
     """
     quoted = quote(segment, safe="")
+    if quoted.strip(".") == "":
+        quoted = quoted.replace(".", "%2E")
+    return quoted
+
+
+def requote_segment(raw: str) -> str:
+    """One segment of a request's raw path, decoded to its bytes and quoted again.
+
+    For paths the operation table does not know: the bytes are kept exactly (even
+    ones that are not UTF-8), and ``/``, ``%``, ``?``, ``#`` and dot-segments come
+    out encoded, as :func:`quote_segment` does, so the segment stays one segment.
+    """
+    quoted = quote_from_bytes(unquote_to_bytes(raw), safe="")
     if quoted.strip(".") == "":
         quoted = quoted.replace(".", "%2E")
     return quoted
@@ -175,7 +196,11 @@ class VellumClient:
             breaker = self._read_breakers[operation] = Breaker()
         return breaker
 
-    def url(self, *segments: str) -> URL:
+    def url(self, *segments: str, quoted: bool = False) -> URL:
+        """The upstream URL of ``segments`` under the tenant; ``quoted``: already quoted."""
+        if quoted:
+            path = tenant_path(self.tenant) + "".join("/" + s for s in segments)
+            return URL(self._base + path, encoded=True)
         return URL(self._base + tenant_path(self.tenant, *segments), encoded=True)
 
     async def read(self, operation: str, segments: Sequence[str]) -> UpstreamResponse:
@@ -206,12 +231,15 @@ class VellumClient:
         headers: Mapping[str, str] | None = None,
         retry: bool = False,
         read: bool = False,
+        quoted: bool = False,
     ) -> UpstreamResponse:
         """One logical upstream call; retried (reads, idempotent writes) within the deadline.
 
-        ``read`` marks a cached read: each cached read operation has a breaker of
-        its own (the entitlement read's is ``breaker``); every other operation
-        shares ``billing_breaker``.
+        ``segments`` are the path's segments after the tenant, quoted here unless
+        ``quoted`` says they already are (:func:`requote_segment`). ``read`` marks a
+        cached read: each cached read operation has a breaker of its own (the
+        entitlement read's is ``breaker``); every other operation shares
+        ``billing_breaker``.
 
         Returns any response the upstream gave except retryable ones that ran out
         of attempts, which are returned as the last response seen. Raises
@@ -220,7 +248,7 @@ class VellumClient:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._deadline
-        url = self.url(*segments)
+        url = self.url(*segments, quoted=quoted)
         if query:
             url = url.with_query(query)
         send_headers = CIMultiDict(headers or {})

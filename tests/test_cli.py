@@ -153,6 +153,9 @@ def test_serve_logs_never_show_url_credentials(tmp_path: Path) -> None:
         ready_url=f"http://127.0.0.1:{ops}/healthz",
     ).start()
     try:
+        # /healthz answers while the local API is still starting (its listener binds
+        # after the ops one): wait for the local API itself.
+        sidecar.wait_ready(f"http://127.0.0.1:{api}/openapi.json")
         status, _, body = http("GET", f"http://127.0.0.1:{api}/v1/customers/c1/can/reports")
         assert (status, body["allowed"]) == (503, False)
         status, _, ready = http("GET", f"http://127.0.0.1:{ops}/readyz")
@@ -242,6 +245,15 @@ def test_demo_prints_working_curl_lines(tmp_path: Path) -> None:
         assert http("GET", f"{base}/v1/customers/cus_trial/can/exports")[2]["allowed"] is False
         assert http("GET", f"{base}/v1/customers/nobody/entitlements")[2]["found"] is False
         _push_applies_at_once(base, f"http://127.0.0.1:{emu}")
+        for line in ("/v1/customers/cus_active/flags", "/v1/customers/cus_active/credits/exports",
+                     "/tenants/demo/accounts/acme/invoices"):  # fmt: skip
+            assert f"curl -s {base}{line} " in banner, line
+        flags = http("GET", f"{base}/v1/customers/cus_active/flags")[2]["flags"]
+        assert flags["new-dashboard"] is True, "the customer's override"
+        credits = http("GET", f"{base}/v1/customers/cus_active/credits/exports")[2]
+        assert (credits["creditTypeId"], credits["balance"]) == ("exports", 20)
+        invoices = http("GET", f"{base}/tenants/demo/accounts/acme/invoices")[2]["invoices"]
+        assert [i["number"] for i in invoices] == ["ACME-0001", "ACME-0002"]
         assert http("GET", f"http://127.0.0.1:{ops}/readyz")[0] == 200
     finally:
         code = demo.stop(sig=signal.SIGINT)

@@ -57,7 +57,7 @@ def test_js_client_against_a_live_sidecar(stacks: dict[str, Stack], tmp_path: Pa
     files = sorted(str(p.relative_to(JS)) for p in (JS / "test").glob("*.test.js"))
     assert files, "no JS test files found"
     main = stacks["main"]
-    # The JS client still has only invoicePdfUrl: the unix stack's upstream redirects, as
+    # invoicePdfUrl needs an upstream that redirects: the unix stack's redirects, as
     # upstreams before SDK 1.2 did (the main stack's test switches its own).
     stacks["unix"].admin("PATCH", "/settings", {"invoicePdf": "redirect"})
     env = {

@@ -234,6 +234,17 @@ def drive_every_operation(send: Recorder, prefix: str, tenant: str) -> None:
     send("POST", f"{c}/subscribe", {"planId": "team", "planVersion": 1}, expect=201)
     send("POST", f"{c}/subscribe", {"planId": "team", "planVersion": 1}, expect=409)
     send("GET", f"{c}/subscription", expect=200)
+    s = f"{c}/subscription"
+    send("PUT", s, {"planId": "team", "planVersion": 2, "seats": 2}, expect=200)
+    send("PUT", s, {"planId": "team"}, expect=400)
+    send("POST", f"{s}/preview", {"seats": 4, "addOnModuleIds": ["sso"]}, expect=200)
+    send("POST", f"{s}/preview", {"seats": "4"}, expect=400)
+    send("PATCH", f"{s}/seats", {"seats": 3}, expect=200)
+    send("PATCH", f"{s}/add-ons", {"add": ["sso"]}, expect=200)
+    send("PATCH", f"{s}/add-ons", {"add": ["nope"]}, expect=400)
+    send("PATCH", f"{s}/add-ons", {"remove": ["sso"]}, expect=200)
+    send("PATCH", f"{s}/plan", {"planId": "pro", "planVersion": 1}, expect=200)
+    send("POST", f"{s}/reactivate", expect=409)
     methods = send("GET", f"{a}/payment-methods", expect=200)["methods"]
     spare = next(m["ref"] for m in methods if not m["isDefault"])
     other = next(m["ref"] for m in methods if m["ref"] != spare)
@@ -249,6 +260,22 @@ def drive_every_operation(send: Recorder, prefix: str, tenant: str) -> None:
     send("PATCH", c, {"status": "bogus"}, expect=400)
     send("DELETE", f"{c}/subscription?atPeriodEnd=true", expect=200)
     send("DELETE", f"{c}/subscription", expect=200)
+    send("POST", f"{s}/reactivate", expect=200)
+    # Credits and flags (the demo tenant's cus_active has credits).
+    send("GET", f"{prefix}/credit-types", expect=200)
+    send("GET", f"{prefix}/credit-types/exports/packs", expect=200)
+    send("GET", f"{prefix}/credit-types/gold/packs", expect=404)
+    send("GET", f"{prefix}/customers/cus_active/credits", expect=200)
+    send("GET", f"{prefix}/customers/cus_active/credits/exports", expect=200)
+    consume = f"{prefix}/customers/cus_active/credits/exports/consume"
+    send("POST", consume, {"amount": 1, "idempotencyKey": uuid.uuid4().hex}, expect=200)
+    send("POST", consume, {"amount": 10**6, "idempotencyKey": uuid.uuid4().hex}, expect=409)
+    send("POST", consume, {"amount": 1}, expect=400)
+    credit = {"customerId": cus, "creditTypeId": "exports", "packId": "exports-10", **urls}
+    send("POST", f"{a}/credit-checkout", credit, expect=201)
+    send("POST", f"{a}/credit-checkout", {**credit, "quantity": "2"}, expect=400)
+    send("GET", f"{prefix}/flags", expect=200)
+    send("GET", f"{prefix}/customers/{cus}/flags", expect=200)
     send("PATCH", a, {"status": "suspended"}, expect=200)
     ents = f"{prefix}/customers/{{}}/entitlements"
     send("GET", ents.format("cus_active"), expect=200)

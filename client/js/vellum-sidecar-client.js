@@ -79,7 +79,16 @@ export class EntitlementSet {
     this.cache = cache;
   }
 
-  /** True when the status is active or trialing. */
+  /**
+   * The upstream's word on access (its hasAccess), as the SDK answers it: false
+   * when the document has none (an unknown customer, an upstream before SDK 1.2).
+   * Gate features on has(): the upstream empties modules when access is withheld.
+   */
+  hasAccess() {
+    return this.data.hasAccess === true;
+  }
+
+  /** True when the status is active or trialing (the status alone; see hasAccess()). */
   isActive() {
     return ACTIVE_STATUSES.has(this.status);
   }
@@ -124,11 +133,29 @@ const OPERATIONS = Object.freeze({
   create_subscription: {
     method: "POST", path: "/v1/accounts/{account}/customers/{customer}/subscribe", body: true,
   },
+  get_subscription: {
+    method: "GET", path: "/v1/accounts/{account}/customers/{customer}/subscription",
+  },
+  update_subscription: {
+    method: "PUT", path: "/v1/accounts/{account}/customers/{customer}/subscription", body: true,
+  },
   cancel_subscription: {
     method: "DELETE", path: "/v1/accounts/{account}/customers/{customer}/subscription",
   },
-  get_subscription: {
-    method: "GET", path: "/v1/accounts/{account}/customers/{customer}/subscription",
+  preview_change: {
+    method: "POST", path: "/v1/accounts/{account}/customers/{customer}/subscription/preview", body: true,
+  },
+  set_seats: {
+    method: "PATCH", path: "/v1/accounts/{account}/customers/{customer}/subscription/seats", body: true,
+  },
+  change_add_ons: {
+    method: "PATCH", path: "/v1/accounts/{account}/customers/{customer}/subscription/add-ons", body: true,
+  },
+  change_plan: {
+    method: "PATCH", path: "/v1/accounts/{account}/customers/{customer}/subscription/plan", body: true,
+  },
+  reactivate: {
+    method: "POST", path: "/v1/accounts/{account}/customers/{customer}/subscription/reactivate",
   },
   create_account: { method: "POST", path: "/v1/accounts", body: true },
   create_customer: { method: "POST", path: "/v1/accounts/{account}/customers", body: true },
@@ -148,6 +175,16 @@ const OPERATIONS = Object.freeze({
   },
   list_invoices: { method: "GET", path: "/v1/accounts/{account}/invoices" },
   invoice_pdf: { method: "GET", path: "/v1/accounts/{account}/invoices/{invoice}/pdf" },
+  create_credit_checkout: {
+    method: "POST", path: "/v1/accounts/{account}/credit-checkout", body: true,
+  },
+  list_credit_types: { method: "GET", path: "/v1/credit-types" },
+  list_credit_packs: { method: "GET", path: "/v1/credit-types/{credit_type}/packs" },
+  list_credits: { method: "GET", path: "/v1/customers/{customer}/credits" },
+  get_credit_balance: { method: "GET", path: "/v1/customers/{customer}/credits/{credit_type}" },
+  consume_credits: {
+    method: "POST", path: "/v1/customers/{customer}/credits/{credit_type}/consume", body: true,
+  },
 });
 // END GENERATED operation table
 
@@ -163,7 +200,8 @@ function op(name, ids, { body, query, idempotencyKey } = {}) {
   ) {
     throw new TypeError(`${name} takes the ids ${params} and a body: ${route.body === true}`);
   }
-  const path = route.path.replace(/\{(\w+)\}/g, (_, p) => seg(`${p}Id`, ids[p]));
+  const camel = (p) => p.replace(/_(\w)/g, (_, c) => c.toUpperCase());
+  const path = route.path.replace(/\{(\w+)\}/g, (_, p) => seg(`${camel(p)}Id`, ids[p]));
   const billing = route.cached !== true;
   return { method: route.method, path, query, body, billing, idempotencyKey };
 }
@@ -227,6 +265,18 @@ const fieldList = (name) => (res) => {
   }
   return value;
 };
+
+/** A 2xx JSON object, or null for an answer without a body (a 204). */
+function maybeObject(res) {
+  if (res.status >= 200 && res.status < 300 && !res.text) return null;
+  return object(res);
+}
+
+/** A 2xx body as it came (the invoice PDF): its bytes, never decoded. */
+function bytes(res) {
+  if (res.status < 200 || res.status >= 300) throw failure(res);
+  return res.bytes;
+}
 
 /** A flags document's flags: a new object each call (the caller may change it). */
 function flagsOf(res) {
@@ -348,21 +398,28 @@ class AnswerHeaders {
   }
 }
 
-/** One answer: status, headers, the body's bytes, and its text (decoded on first use). */
+/** One answer: status, headers, and its body as text (UTF-8, invalid bytes replaced) or bytes. */
 class Answer {
+  #body;
   #text = null;
 
-  constructor(method, path, status, headers, bytes) {
+  constructor(method, path, status, headers, body) {
     this.method = method;
     this.path = path;
     this.status = status;
     this.headers = headers;
-    this.bytes = bytes;
+    this.#body = body; // a Buffer
   }
 
+  /** Decoded on first use, once. */
   get text() {
-    this.#text ??= this.bytes.toString("utf8");
+    this.#text ??= this.#body.toString("utf8");
     return this.#text;
+  }
+
+  /** A plain Uint8Array of its own (the invoice PDF), not a view of a pooled Buffer. */
+  get bytes() {
+    return new Uint8Array(this.#body);
   }
 }
 
@@ -583,12 +640,16 @@ export class SidecarClient {
     await this.#drop(customerId, "flags");
   }
 
-  // -- billing
+  // -- billing: each builds its operation's call from the generated table
 
+  /** A hosted subscription checkout; planVersion omitted: the newest one sold. */
   async createCheckout({
-    accountId, customerId, planId, planVersion, successUrl, cancelUrl, seats = 1, idempotencyKey,
+    accountId, customerId, planId, successUrl, cancelUrl, planVersion, productId, seats = 1,
+    addOnModuleIds, idempotencyKey,
   }) {
-    const body = { customerId, planId, planVersion, seats, successUrl, cancelUrl };
+    const body = dropUndefined({
+      customerId, planId, seats, successUrl, cancelUrl, planVersion, productId, addOnModuleIds,
+    });
     const call = op("create_checkout", { account: accountId }, { body, idempotencyKey });
     return this.#run(call, object);
   }
@@ -599,9 +660,12 @@ export class SidecarClient {
     return this.#run(call, object);
   }
 
-  async createSubscription({ accountId, customerId, planId, planVersion, seats = 1, idempotencyKey }) {
+  async createSubscription({
+    accountId, customerId, planId, planVersion, productId, seats = 1, addOnModuleIds,
+    idempotencyKey,
+  }) {
     const ids = { account: accountId, customer: customerId };
-    const body = { planId, planVersion, seats };
+    const body = dropUndefined({ planId, seats, planVersion, productId, addOnModuleIds });
     return this.#run(op("create_subscription", ids, { body, idempotencyKey }), object);
   }
 
@@ -615,18 +679,63 @@ export class SidecarClient {
     return this.#run(op("get_subscription", { account: accountId, customer: customerId }), object);
   }
 
+  /** Change the plan, seats and add-ons at once. */
+  async updateSubscription({
+    accountId, customerId, planId, planVersion, productId, seats, addOnModuleIds, idempotencyKey,
+  }) {
+    const ids = { account: accountId, customer: customerId };
+    const body = dropUndefined({ planId, planVersion, productId, seats, addOnModuleIds });
+    return this.#run(op("update_subscription", ids, { body, idempotencyKey }), object);
+  }
+
+  /** The cost of a change (current, proposed, amountDueNow); changes nothing. */
+  async previewChange({ accountId, customerId, productId, planId, planVersion, seats, addOnModuleIds }) {
+    const ids = { account: accountId, customer: customerId };
+    const body = dropUndefined({ productId, planId, planVersion, seats, addOnModuleIds });
+    return this.#run(op("preview_change", ids, { body }), object);
+  }
+
+  async setSeats({ accountId, customerId, seats, idempotencyKey }) {
+    const ids = { account: accountId, customer: customerId };
+    return this.#run(op("set_seats", ids, { body: { seats }, idempotencyKey }), object);
+  }
+
+  async addAddOn({ accountId, customerId, moduleId, idempotencyKey }) {
+    const ids = { account: accountId, customer: customerId };
+    return this.#run(op("change_add_ons", ids, { body: { add: [moduleId] }, idempotencyKey }), object);
+  }
+
+  async removeAddOn({ accountId, customerId, moduleId, idempotencyKey }) {
+    const ids = { account: accountId, customer: customerId };
+    const body = { remove: [moduleId] };
+    return this.#run(op("change_add_ons", ids, { body, idempotencyKey }), object);
+  }
+
+  async changePlan({ accountId, customerId, planId, planVersion, productId, idempotencyKey }) {
+    const ids = { account: accountId, customer: customerId };
+    const body = dropUndefined({ planId, planVersion, productId });
+    return this.#run(op("change_plan", ids, { body, idempotencyKey }), object);
+  }
+
+  /** Withdraw a pending cancel, or restart an ended subscription. */
+  async reactivate({ accountId, customerId, idempotencyKey }) {
+    const ids = { account: accountId, customer: customerId };
+    return this.#run(op("reactivate", ids, { idempotencyKey }), object);
+  }
+
+  /** Create the account (or answer the existing one); 409 for another billing customer. */
   async createAccount({
-    accountId, name, email, stripeCustomerId, createStripeCustomer = false, idempotencyKey,
+    accountId, name, email, billingCustomerId, createBillingCustomer = false, idempotencyKey,
   }) {
     seg("accountId", accountId);
-    const body = dropUndefined({ accountId, name, email, stripeCustomerId });
-    if (createStripeCustomer) body.createStripeCustomer = true;
+    const body = dropUndefined({ accountId, name, email, billingCustomerId });
+    if (createBillingCustomer) body.createBillingCustomer = true;
     return this.#run(op("create_account", {}, { body, idempotencyKey }), object);
   }
 
-  async createCustomer({ accountId, customerId, email, idempotencyKey }) {
+  async createCustomer({ accountId, customerId, name, email, idempotencyKey }) {
     seg("customerId", customerId);
-    const body = dropUndefined({ customerId, email });
+    const body = dropUndefined({ customerId, name, email });
     const call = op("create_customer", { account: accountId }, { body, idempotencyKey });
     return this.#run(call, object);
   }
@@ -641,6 +750,7 @@ export class SidecarClient {
     return this.#run(op("set_customer_status", ids, { body: { status }, idempotencyKey }), object);
   }
 
+  /** The account's cards; each ref is the only id to send back. */
   async listPaymentMethods({ accountId }) {
     return this.#run(op("list_payment_methods", { account: accountId }), fieldList("methods"));
   }
@@ -650,9 +760,10 @@ export class SidecarClient {
     return this.#run(op("set_default_payment_method", ids, { idempotencyKey }), object);
   }
 
+  /** {ref, removed: true}; null from an upstream that answers 204. */
   async removePaymentMethod({ accountId, methodId, idempotencyKey }) {
     const ids = { account: accountId, method: methodId };
-    return this.#run(op("remove_payment_method", ids, { idempotencyKey }), nothing);
+    return this.#run(op("remove_payment_method", ids, { idempotencyKey }), maybeObject);
   }
 
   async setSubscriptionPaymentMethod({ accountId, customerId, methodId, idempotencyKey }) {
@@ -667,9 +778,60 @@ export class SidecarClient {
     return this.#run(op("list_invoices", { account: accountId }, { query }), fieldList("invoices"));
   }
 
-  /** The hosted PDF's URL: the Location of the sidecar's redirect, not followed. */
+  /**
+   * The invoice's PDF (invoiceId: its ref), its bytes as the upstream sent them. An
+   * upstream from before SDK 1.2 redirects instead: a SidecarApiError with status 302
+   * (use invoicePdfUrl there).
+   */
+  async invoicePdf({ accountId, invoiceId }) {
+    return this.#run(op("invoice_pdf", { account: accountId, invoice: invoiceId }), bytes);
+  }
+
+  /** Upstreams before SDK 1.2: the Location of the redirect, not followed. */
   async invoicePdfUrl({ accountId, invoiceId }) {
     return this.#run(op("invoice_pdf", { account: accountId, invoice: invoiceId }), location);
+  }
+
+  // -- credits: never cached (balances change out of band)
+
+  /** A hosted checkout buying one pack (creditTypeId, packId, quantity) or several (items). */
+  async createCreditCheckout({
+    accountId, customerId, successUrl, cancelUrl, creditTypeId, packId, quantity = 1, items,
+    idempotencyKey,
+  }) {
+    const body = { customerId, successUrl, cancelUrl };
+    if (items !== undefined && items !== null) body.items = items;
+    else Object.assign(body, dropUndefined({ creditTypeId, packId, quantity }));
+    const call = op("create_credit_checkout", { account: accountId }, { body, idempotencyKey });
+    return this.#run(call, object);
+  }
+
+  async listCreditTypes() {
+    return this.#run(op("list_credit_types", {}), fieldList("creditTypes"));
+  }
+
+  async listCreditPacks({ creditTypeId }) {
+    return this.#run(op("list_credit_packs", { credit_type: creditTypeId }), fieldList("packs"));
+  }
+
+  async listCredits({ customerId }) {
+    return this.#run(op("list_credits", { customer: customerId }), fieldList("credits"));
+  }
+
+  async getCreditBalance({ customerId, creditTypeId }) {
+    const ids = { customer: customerId, credit_type: creditTypeId };
+    return this.#run(op("get_credit_balance", ids), object);
+  }
+
+  /**
+   * Spend amount, all or nothing (409 insufficient_credits: nothing deducted).
+   * idempotencyKey travels in the body, as the SDK sends it: the same key answers
+   * the first answer again.
+   */
+  async consumeCredits({ customerId, creditTypeId, amount, idempotencyKey }) {
+    const ids = { customer: customerId, credit_type: creditTypeId };
+    const body = { amount, idempotencyKey };
+    return this.#run(op("consume_credits", ids, { body }), object);
   }
 }
 

@@ -9,7 +9,7 @@ It keeps the Vellum SDK's method names and keyword arguments, minus the API key
     if sidecar.can("cus_123", "reports"):
         ...
     ents = sidecar.get_entitlements("cus_123")
-    ents.found, ents.status, ents.is_active(), ents.has("exports"), ents.config("seats", 1)
+    ents.found, ents.status, ents.has_access(), ents.has("exports"), ents.config("seats", 1)
 
 ``AsyncSidecarClient`` has the same methods, awaitable. Both keep connections
 alive between calls; ``SidecarClient`` may be shared between threads.
@@ -142,8 +142,18 @@ class EntitlementSet:
         )
         self.cache = cache
 
+    def has_access(self) -> bool:
+        """The upstream's word on access (its ``hasAccess``), as the SDK answers it.
+
+        False when the document has no ``hasAccess`` (an unknown customer, or an
+        upstream older than SDK 1.2). Gate features on :meth:`has`: the upstream
+        empties ``modules`` when access is withheld.
+        """
+        return self.data.get("hasAccess") is True
+
     def is_active(self) -> bool:
-        """True when the status is ``active`` or ``trialing``."""
+        """True when the status is ``active`` or ``trialing`` (the status alone;
+        :meth:`has_access` is the upstream's own answer)."""
         return self.status in ACTIVE_STATUSES
 
     def has(self, module_id: str) -> bool:
@@ -281,6 +291,21 @@ def _field_list(name: str) -> Callable[[_Response], list[Any]]:
     return read
 
 
+def _maybe_object(resp: _Response) -> dict[str, Any] | None:
+    """A 2xx JSON object, or None for an answer without a body (a 204)."""
+    if resp.body:
+        return _object(resp)
+    _nothing(resp)
+    return None
+
+
+def _bytes(resp: _Response) -> bytes:
+    """A 2xx body as it came (the invoice PDF): never decoded."""
+    if not 200 <= resp.status < 300:
+        raise _failure(resp)
+    return resp.body
+
+
 def _location(resp: _Response) -> str:
     """The redirect's target: the invoice PDF's hosted URL (never followed)."""
     if 300 <= resp.status < 400 and resp.headers.get("location"):
@@ -393,13 +418,48 @@ _OPERATIONS: Final[Mapping[str, _Route]] = {
         ("account", "customer"),
         body=True,
     ),
+    "get_subscription": _Route(
+        "GET", "/v1/accounts/{account}/customers/{customer}/subscription", ("account", "customer")
+    ),
+    "update_subscription": _Route(
+        "PUT",
+        "/v1/accounts/{account}/customers/{customer}/subscription",
+        ("account", "customer"),
+        body=True,
+    ),
     "cancel_subscription": _Route(
         "DELETE",
         "/v1/accounts/{account}/customers/{customer}/subscription",
         ("account", "customer"),
     ),
-    "get_subscription": _Route(
-        "GET", "/v1/accounts/{account}/customers/{customer}/subscription", ("account", "customer")
+    "preview_change": _Route(
+        "POST",
+        "/v1/accounts/{account}/customers/{customer}/subscription/preview",
+        ("account", "customer"),
+        body=True,
+    ),
+    "set_seats": _Route(
+        "PATCH",
+        "/v1/accounts/{account}/customers/{customer}/subscription/seats",
+        ("account", "customer"),
+        body=True,
+    ),
+    "change_add_ons": _Route(
+        "PATCH",
+        "/v1/accounts/{account}/customers/{customer}/subscription/add-ons",
+        ("account", "customer"),
+        body=True,
+    ),
+    "change_plan": _Route(
+        "PATCH",
+        "/v1/accounts/{account}/customers/{customer}/subscription/plan",
+        ("account", "customer"),
+        body=True,
+    ),
+    "reactivate": _Route(
+        "POST",
+        "/v1/accounts/{account}/customers/{customer}/subscription/reactivate",
+        ("account", "customer"),
     ),
     "create_account": _Route("POST", "/v1/accounts", (), body=True),
     "create_customer": _Route("POST", "/v1/accounts/{account}/customers", ("account",), body=True),
@@ -423,6 +483,21 @@ _OPERATIONS: Final[Mapping[str, _Route]] = {
     "list_invoices": _Route("GET", "/v1/accounts/{account}/invoices", ("account",)),
     "invoice_pdf": _Route(
         "GET", "/v1/accounts/{account}/invoices/{invoice}/pdf", ("account", "invoice")
+    ),
+    "create_credit_checkout": _Route(
+        "POST", "/v1/accounts/{account}/credit-checkout", ("account",), body=True
+    ),
+    "list_credit_types": _Route("GET", "/v1/credit-types", ()),
+    "list_credit_packs": _Route("GET", "/v1/credit-types/{credit_type}/packs", ("credit_type",)),
+    "list_credits": _Route("GET", "/v1/customers/{customer}/credits", ("customer",)),
+    "get_credit_balance": _Route(
+        "GET", "/v1/customers/{customer}/credits/{credit_type}", ("customer", "credit_type")
+    ),
+    "consume_credits": _Route(
+        "POST",
+        "/v1/customers/{customer}/credits/{credit_type}/consume",
+        ("customer", "credit_type"),
+        body=True,
     ),
 }
 # END GENERATED operation table
@@ -956,20 +1031,31 @@ class SidecarClient:
         account_id: str,
         customer_id: str,
         plan_id: str,
-        plan_version: int | str,
         success_url: str,
         cancel_url: str,
+        plan_version: int | None = None,
+        product_id: str | None = None,
         seats: int = 1,
+        add_on_module_ids: list[str] | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        body = {
-            "customerId": customer_id,
-            "planId": plan_id,
-            "planVersion": plan_version,
-            "seats": seats,
-            "successUrl": success_url,
-            "cancelUrl": cancel_url,
-        }
+        """A hosted subscription checkout; send the customer to its ``url``.
+
+        ``plan_version`` omitted: Vellum sells the newest version; 409 when the
+        customer already has a live subscription (change that one instead).
+        """
+        body = _drop_none(
+            {
+                "customerId": customer_id,
+                "planId": plan_id,
+                "seats": seats,
+                "successUrl": success_url,
+                "cancelUrl": cancel_url,
+                "planVersion": plan_version,
+                "productId": product_id,
+                "addOnModuleIds": add_on_module_ids,
+            }
+        )
         call = _op("create_checkout", _object, account_id, body=body, key=idempotency_key)
         return self._run(call)
 
@@ -991,11 +1077,22 @@ class SidecarClient:
         account_id: str,
         customer_id: str,
         plan_id: str,
-        plan_version: int | str,
+        plan_version: int | None = None,
+        product_id: str | None = None,
         seats: int = 1,
+        add_on_module_ids: list[str] | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        body = {"planId": plan_id, "planVersion": plan_version, "seats": seats}
+        """Subscribe the customer (the account's card pays); 409 when one is live."""
+        body = _drop_none(
+            {
+                "planId": plan_id,
+                "seats": seats,
+                "planVersion": plan_version,
+                "productId": product_id,
+                "addOnModuleIds": add_on_module_ids,
+            }
+        )
         ids = account_id, customer_id
         call = _op("create_subscription", _object, *ids, body=body, key=idempotency_key)
         return self._run(call)
@@ -1016,27 +1113,129 @@ class SidecarClient:
     def get_subscription(self, *, account_id: str, customer_id: str) -> dict[str, Any]:
         return self._run(_op("get_subscription", _object, account_id, customer_id))
 
+    def update_subscription(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        plan_id: str,
+        plan_version: int,
+        product_id: str | None = None,
+        seats: int | None = None,
+        add_on_module_ids: list[str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Change the plan, seats and add-ons at once; the changed subscription."""
+        body = _drop_none(
+            {
+                "planId": plan_id,
+                "planVersion": plan_version,
+                "productId": product_id,
+                "seats": seats,
+                "addOnModuleIds": add_on_module_ids,
+            }
+        )
+        ids = account_id, customer_id
+        call = _op("update_subscription", _object, *ids, body=body, key=idempotency_key)
+        return self._run(call)
+
+    def preview_change(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        product_id: str | None = None,
+        plan_id: str | None = None,
+        plan_version: int | None = None,
+        seats: int | None = None,
+        add_on_module_ids: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """The cost of a change (``current``, ``proposed``, ``amountDueNow``); changes nothing."""
+        body = _drop_none(
+            {
+                "productId": product_id,
+                "planId": plan_id,
+                "planVersion": plan_version,
+                "seats": seats,
+                "addOnModuleIds": add_on_module_ids,
+            }
+        )
+        return self._run(_op("preview_change", _object, account_id, customer_id, body=body))
+
+    def set_seats(
+        self, *, account_id: str, customer_id: str, seats: int, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        body, ids = {"seats": seats}, (account_id, customer_id)
+        return self._run(_op("set_seats", _object, *ids, body=body, key=idempotency_key))
+
+    def add_add_on(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        module_id: str,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        body, ids = {"add": [module_id]}, (account_id, customer_id)
+        call = _op("change_add_ons", _object, *ids, body=body, key=idempotency_key)
+        return self._run(call)
+
+    def remove_add_on(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        module_id: str,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        body, ids = {"remove": [module_id]}, (account_id, customer_id)
+        call = _op("change_add_ons", _object, *ids, body=body, key=idempotency_key)
+        return self._run(call)
+
+    def change_plan(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        plan_id: str,
+        plan_version: int,
+        product_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        body = _drop_none({"planId": plan_id, "planVersion": plan_version, "productId": product_id})
+        ids = account_id, customer_id
+        call = _op("change_plan", _object, *ids, body=body, key=idempotency_key)
+        return self._run(call)
+
+    def reactivate(
+        self, *, account_id: str, customer_id: str, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Withdraw a pending cancel, or restart an ended subscription."""
+        ids = account_id, customer_id
+        return self._run(_op("reactivate", _object, *ids, key=idempotency_key))
+
     def create_account(
         self,
         *,
         account_id: str,
         name: str | None = None,
         email: str | None = None,
-        stripe_customer_id: str | None = None,
-        create_stripe_customer: bool = False,
+        billing_customer_id: str | None = None,
+        create_billing_customer: bool = False,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
+        """Create the account (or answer the existing one); 409 for another billing customer."""
         _seg("account_id", account_id)
         body = _drop_none(
             {
                 "accountId": account_id,
                 "name": name,
                 "email": email,
-                "stripeCustomerId": stripe_customer_id,
+                "billingCustomerId": billing_customer_id,
             }
         )
-        if create_stripe_customer:
-            body["createStripeCustomer"] = True
+        if create_billing_customer:
+            body["createBillingCustomer"] = True
         return self._run(_op("create_account", _object, body=body, key=idempotency_key))
 
     def create_customer(
@@ -1044,11 +1243,12 @@ class SidecarClient:
         *,
         account_id: str,
         customer_id: str,
+        name: str | None = None,
         email: str | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         _seg("customer_id", customer_id)
-        body = _drop_none({"customerId": customer_id, "email": email})
+        body = _drop_none({"customerId": customer_id, "name": name, "email": email})
         call = _op("create_customer", _object, account_id, body=body, key=idempotency_key)
         return self._run(call)
 
@@ -1067,6 +1267,7 @@ class SidecarClient:
         return self._run(call)
 
     def list_payment_methods(self, *, account_id: str) -> list[Any]:
+        """The account's cards; each ``ref`` is the only id to send back."""
         return self._run(_op("list_payment_methods", _field_list("methods"), account_id))
 
     def set_default_payment_method(
@@ -1078,9 +1279,10 @@ class SidecarClient:
 
     def remove_payment_method(
         self, *, account_id: str, method_id: str, idempotency_key: str | None = None
-    ) -> None:
+    ) -> dict[str, Any] | None:
+        """``{"ref", "removed": true}``; None from an upstream that answers 204."""
         ids = account_id, method_id
-        self._run(_op("remove_payment_method", _nothing, *ids, key=idempotency_key))
+        return self._run(_op("remove_payment_method", _maybe_object, *ids, key=idempotency_key))
 
     def set_subscription_payment_method(
         self,
@@ -1100,9 +1302,73 @@ class SidecarClient:
         call = _op("list_invoices", _field_list("invoices"), account_id, query=query)
         return self._run(call)
 
+    def invoice_pdf(self, *, account_id: str, invoice_id: str) -> bytes:
+        """The invoice's PDF, its bytes as the upstream sent them (``invoice_id``: its ``ref``).
+
+        An upstream from before SDK 1.2 redirects instead: that is a
+        :class:`SidecarApiError` with ``status`` 302; use :meth:`invoice_pdf_url` there.
+        """
+        return self._run(_op("invoice_pdf", _bytes, account_id, invoice_id))
+
     def invoice_pdf_url(self, *, account_id: str, invoice_id: str) -> str:
-        """The hosted PDF's URL: the ``Location`` of the sidecar's redirect, not followed."""
+        """Upstreams before SDK 1.2: the ``Location`` of the redirect, not followed."""
         return self._run(_op("invoice_pdf", _location, account_id, invoice_id))
+
+    # -- credits: never cached (balances change out of band)
+
+    def create_credit_checkout(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        success_url: str,
+        cancel_url: str,
+        credit_type_id: str | None = None,
+        pack_id: str | None = None,
+        quantity: int = 1,
+        items: list[dict[str, Any]] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """A hosted checkout buying one pack (``credit_type_id``, ``pack_id``, ``quantity``)
+        or several (``items``: ``{"creditTypeId", "packId", "quantity"?}``)."""
+        body: dict[str, Any] = {
+            "customerId": customer_id,
+            "successUrl": success_url,
+            "cancelUrl": cancel_url,
+        }
+        if items is not None:
+            body["items"] = items
+        else:
+            body |= _drop_none(
+                {"creditTypeId": credit_type_id, "packId": pack_id, "quantity": quantity}
+            )
+        call = _op("create_credit_checkout", _object, account_id, body=body, key=idempotency_key)
+        return self._run(call)
+
+    def list_credit_types(self) -> list[Any]:
+        return self._run(_op("list_credit_types", _field_list("creditTypes")))
+
+    def list_credit_packs(self, *, credit_type_id: str) -> list[Any]:
+        return self._run(_op("list_credit_packs", _field_list("packs"), credit_type_id))
+
+    def list_credits(self, *, customer_id: str) -> list[Any]:
+        return self._run(_op("list_credits", _field_list("credits"), customer_id))
+
+    def get_credit_balance(self, *, customer_id: str, credit_type_id: str) -> dict[str, Any]:
+        ids = customer_id, credit_type_id
+        return self._run(_op("get_credit_balance", _object, *ids))
+
+    def consume_credits(
+        self, *, customer_id: str, credit_type_id: str, amount: int, idempotency_key: str
+    ) -> dict[str, Any]:
+        """Spend ``amount``, all or nothing (409 ``insufficient_credits``: nothing deducted).
+
+        ``idempotency_key`` travels in the body, as the SDK sends it: the same key
+        answers the first answer again, so the sidecar retries this safely.
+        """
+        body = {"amount": amount, "idempotencyKey": idempotency_key}
+        ids = customer_id, credit_type_id
+        return self._run(_op("consume_credits", _object, *ids, body=body))
 
     # END GENERATED blocking API
 
@@ -1357,20 +1623,31 @@ class AsyncSidecarClient:
         account_id: str,
         customer_id: str,
         plan_id: str,
-        plan_version: int | str,
         success_url: str,
         cancel_url: str,
+        plan_version: int | None = None,
+        product_id: str | None = None,
         seats: int = 1,
+        add_on_module_ids: list[str] | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        body = {
-            "customerId": customer_id,
-            "planId": plan_id,
-            "planVersion": plan_version,
-            "seats": seats,
-            "successUrl": success_url,
-            "cancelUrl": cancel_url,
-        }
+        """A hosted subscription checkout; send the customer to its ``url``.
+
+        ``plan_version`` omitted: Vellum sells the newest version; 409 when the
+        customer already has a live subscription (change that one instead).
+        """
+        body = _drop_none(
+            {
+                "customerId": customer_id,
+                "planId": plan_id,
+                "seats": seats,
+                "successUrl": success_url,
+                "cancelUrl": cancel_url,
+                "planVersion": plan_version,
+                "productId": product_id,
+                "addOnModuleIds": add_on_module_ids,
+            }
+        )
         call = _op("create_checkout", _object, account_id, body=body, key=idempotency_key)
         return await self._run(call)
 
@@ -1392,11 +1669,22 @@ class AsyncSidecarClient:
         account_id: str,
         customer_id: str,
         plan_id: str,
-        plan_version: int | str,
+        plan_version: int | None = None,
+        product_id: str | None = None,
         seats: int = 1,
+        add_on_module_ids: list[str] | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        body = {"planId": plan_id, "planVersion": plan_version, "seats": seats}
+        """Subscribe the customer (the account's card pays); 409 when one is live."""
+        body = _drop_none(
+            {
+                "planId": plan_id,
+                "seats": seats,
+                "planVersion": plan_version,
+                "productId": product_id,
+                "addOnModuleIds": add_on_module_ids,
+            }
+        )
         ids = account_id, customer_id
         call = _op("create_subscription", _object, *ids, body=body, key=idempotency_key)
         return await self._run(call)
@@ -1417,27 +1705,129 @@ class AsyncSidecarClient:
     async def get_subscription(self, *, account_id: str, customer_id: str) -> dict[str, Any]:
         return await self._run(_op("get_subscription", _object, account_id, customer_id))
 
+    async def update_subscription(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        plan_id: str,
+        plan_version: int,
+        product_id: str | None = None,
+        seats: int | None = None,
+        add_on_module_ids: list[str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Change the plan, seats and add-ons at once; the changed subscription."""
+        body = _drop_none(
+            {
+                "planId": plan_id,
+                "planVersion": plan_version,
+                "productId": product_id,
+                "seats": seats,
+                "addOnModuleIds": add_on_module_ids,
+            }
+        )
+        ids = account_id, customer_id
+        call = _op("update_subscription", _object, *ids, body=body, key=idempotency_key)
+        return await self._run(call)
+
+    async def preview_change(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        product_id: str | None = None,
+        plan_id: str | None = None,
+        plan_version: int | None = None,
+        seats: int | None = None,
+        add_on_module_ids: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """The cost of a change (``current``, ``proposed``, ``amountDueNow``); changes nothing."""
+        body = _drop_none(
+            {
+                "productId": product_id,
+                "planId": plan_id,
+                "planVersion": plan_version,
+                "seats": seats,
+                "addOnModuleIds": add_on_module_ids,
+            }
+        )
+        return await self._run(_op("preview_change", _object, account_id, customer_id, body=body))
+
+    async def set_seats(
+        self, *, account_id: str, customer_id: str, seats: int, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        body, ids = {"seats": seats}, (account_id, customer_id)
+        return await self._run(_op("set_seats", _object, *ids, body=body, key=idempotency_key))
+
+    async def add_add_on(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        module_id: str,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        body, ids = {"add": [module_id]}, (account_id, customer_id)
+        call = _op("change_add_ons", _object, *ids, body=body, key=idempotency_key)
+        return await self._run(call)
+
+    async def remove_add_on(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        module_id: str,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        body, ids = {"remove": [module_id]}, (account_id, customer_id)
+        call = _op("change_add_ons", _object, *ids, body=body, key=idempotency_key)
+        return await self._run(call)
+
+    async def change_plan(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        plan_id: str,
+        plan_version: int,
+        product_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        body = _drop_none({"planId": plan_id, "planVersion": plan_version, "productId": product_id})
+        ids = account_id, customer_id
+        call = _op("change_plan", _object, *ids, body=body, key=idempotency_key)
+        return await self._run(call)
+
+    async def reactivate(
+        self, *, account_id: str, customer_id: str, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Withdraw a pending cancel, or restart an ended subscription."""
+        ids = account_id, customer_id
+        return await self._run(_op("reactivate", _object, *ids, key=idempotency_key))
+
     async def create_account(
         self,
         *,
         account_id: str,
         name: str | None = None,
         email: str | None = None,
-        stripe_customer_id: str | None = None,
-        create_stripe_customer: bool = False,
+        billing_customer_id: str | None = None,
+        create_billing_customer: bool = False,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
+        """Create the account (or answer the existing one); 409 for another billing customer."""
         _seg("account_id", account_id)
         body = _drop_none(
             {
                 "accountId": account_id,
                 "name": name,
                 "email": email,
-                "stripeCustomerId": stripe_customer_id,
+                "billingCustomerId": billing_customer_id,
             }
         )
-        if create_stripe_customer:
-            body["createStripeCustomer"] = True
+        if create_billing_customer:
+            body["createBillingCustomer"] = True
         return await self._run(_op("create_account", _object, body=body, key=idempotency_key))
 
     async def create_customer(
@@ -1445,11 +1835,12 @@ class AsyncSidecarClient:
         *,
         account_id: str,
         customer_id: str,
+        name: str | None = None,
         email: str | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         _seg("customer_id", customer_id)
-        body = _drop_none({"customerId": customer_id, "email": email})
+        body = _drop_none({"customerId": customer_id, "name": name, "email": email})
         call = _op("create_customer", _object, account_id, body=body, key=idempotency_key)
         return await self._run(call)
 
@@ -1468,6 +1859,7 @@ class AsyncSidecarClient:
         return await self._run(call)
 
     async def list_payment_methods(self, *, account_id: str) -> list[Any]:
+        """The account's cards; each ``ref`` is the only id to send back."""
         return await self._run(_op("list_payment_methods", _field_list("methods"), account_id))
 
     async def set_default_payment_method(
@@ -1479,9 +1871,12 @@ class AsyncSidecarClient:
 
     async def remove_payment_method(
         self, *, account_id: str, method_id: str, idempotency_key: str | None = None
-    ) -> None:
+    ) -> dict[str, Any] | None:
+        """``{"ref", "removed": true}``; None from an upstream that answers 204."""
         ids = account_id, method_id
-        await self._run(_op("remove_payment_method", _nothing, *ids, key=idempotency_key))
+        return await self._run(
+            _op("remove_payment_method", _maybe_object, *ids, key=idempotency_key)
+        )
 
     async def set_subscription_payment_method(
         self,
@@ -1501,8 +1896,72 @@ class AsyncSidecarClient:
         call = _op("list_invoices", _field_list("invoices"), account_id, query=query)
         return await self._run(call)
 
+    async def invoice_pdf(self, *, account_id: str, invoice_id: str) -> bytes:
+        """The invoice's PDF, its bytes as the upstream sent them (``invoice_id``: its ``ref``).
+
+        An upstream from before SDK 1.2 redirects instead: that is a
+        :class:`SidecarApiError` with ``status`` 302; use :meth:`invoice_pdf_url` there.
+        """
+        return await self._run(_op("invoice_pdf", _bytes, account_id, invoice_id))
+
     async def invoice_pdf_url(self, *, account_id: str, invoice_id: str) -> str:
-        """The hosted PDF's URL: the ``Location`` of the sidecar's redirect, not followed."""
+        """Upstreams before SDK 1.2: the ``Location`` of the redirect, not followed."""
         return await self._run(_op("invoice_pdf", _location, account_id, invoice_id))
+
+    # -- credits: never cached (balances change out of band)
+
+    async def create_credit_checkout(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        success_url: str,
+        cancel_url: str,
+        credit_type_id: str | None = None,
+        pack_id: str | None = None,
+        quantity: int = 1,
+        items: list[dict[str, Any]] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """A hosted checkout buying one pack (``credit_type_id``, ``pack_id``, ``quantity``)
+        or several (``items``: ``{"creditTypeId", "packId", "quantity"?}``)."""
+        body: dict[str, Any] = {
+            "customerId": customer_id,
+            "successUrl": success_url,
+            "cancelUrl": cancel_url,
+        }
+        if items is not None:
+            body["items"] = items
+        else:
+            body |= _drop_none(
+                {"creditTypeId": credit_type_id, "packId": pack_id, "quantity": quantity}
+            )
+        call = _op("create_credit_checkout", _object, account_id, body=body, key=idempotency_key)
+        return await self._run(call)
+
+    async def list_credit_types(self) -> list[Any]:
+        return await self._run(_op("list_credit_types", _field_list("creditTypes")))
+
+    async def list_credit_packs(self, *, credit_type_id: str) -> list[Any]:
+        return await self._run(_op("list_credit_packs", _field_list("packs"), credit_type_id))
+
+    async def list_credits(self, *, customer_id: str) -> list[Any]:
+        return await self._run(_op("list_credits", _field_list("credits"), customer_id))
+
+    async def get_credit_balance(self, *, customer_id: str, credit_type_id: str) -> dict[str, Any]:
+        ids = customer_id, credit_type_id
+        return await self._run(_op("get_credit_balance", _object, *ids))
+
+    async def consume_credits(
+        self, *, customer_id: str, credit_type_id: str, amount: int, idempotency_key: str
+    ) -> dict[str, Any]:
+        """Spend ``amount``, all or nothing (409 ``insufficient_credits``: nothing deducted).
+
+        ``idempotency_key`` travels in the body, as the SDK sends it: the same key
+        answers the first answer again, so the sidecar retries this safely.
+        """
+        body = {"amount": amount, "idempotencyKey": idempotency_key}
+        ids = customer_id, credit_type_id
+        return await self._run(_op("consume_credits", _object, *ids, body=body))
 
     # END the API

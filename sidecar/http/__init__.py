@@ -6,7 +6,8 @@
 - ``flags``: one flag with the caller's default;
 - ``ofrep``: the OpenFeature Remote Evaluation Protocol (``streams``: its open
   event streams);
-- ``forwarding``: every other operation, forwarded to the upstream;
+- ``forwarding``: every other operation, forwarded to the upstream (and mirror paths
+  the table does not know);
 - ``middleware``, ``inputs``, ``responses``: the local API's plumbing (the error
   envelope, path ids and JSON bodies, cached-read headers);
 - ``guard``: the browser guard; ``webhooks``: ``POST /webhooks/vellum``;

@@ -4,6 +4,10 @@ The sidecar's own routes (``can``, ``check``, a flag, the cache drops, OFREP and
 the contract) are listed here; every operation of the table
 (``http/operations.py``) is registered on both surfaces, answered from its
 kind's cache (``cache``) or forwarded to the upstream. Every GET also answers HEAD.
+Last comes the mirror's catch-all: any other method or path under
+``/tenants/{tenant}/`` is an operation the table does not know
+(``forwarding.forward_unknown``). It must stay the last route registered, so
+every known operation (and every route above) matches first.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from ..appkeys import CACHES, SETTINGS
 from ..cache.kinds import GLOBAL_ID, KINDS
 from ..errors import NotFound
 from . import entitlements, flags, ofrep
-from .forwarding import forward
+from .forwarding import forward, forward_unknown
 from .inputs import path_id
 from .middleware import Handler
 from .operations import OPERATIONS, SURFACES, Operation, Surface
@@ -49,6 +53,8 @@ def add_routes(app: web.Application) -> None:
                 # HEAD answers like GET without the body, as aiohttp's add_get does.
                 r.add_route("HEAD", route, handler)
             r.add_route(op.method, route, handler, name=f"{surface}.{op.name}")
+    # Last: the catch-all must not shadow any route registered above.
+    r.add_route("*", "/tenants/{tenant}/{path:.*}", forward_unknown, name="mirror.unknown")
 
 
 def _operation_handler(op: Operation, surface: Surface) -> Handler:
