@@ -32,6 +32,7 @@ from sidecar.config import VARIABLES
 from sidecar.signature import sign
 from tests.harness import WEBHOOK_SECRET, Process, Stack, free_port
 
+from .clients import js_row, python_row
 from .load import LoadResult, Req, closed_loop, have_wrk, paced, percentile, wrk
 
 TENANT = "bench"
@@ -56,6 +57,8 @@ class Options:
     rss_customers: int
     generator: str
     workers: int
+    client_calls: int
+    client_rounds: int
     json_path: Path | None
 
 
@@ -71,6 +74,9 @@ def _parse(argv: Sequence[str] | None) -> Options:
     p.add_argument("--pushes", type=int, help="pushes timed (default 200)")
     p.add_argument("--rss-customers", type=int, help="customers cached for RSS (default 100000)")
     p.add_argument("--workers", type=int, default=2, help="SIDECAR_WORKERS for the scaling row")
+    p.add_argument(
+        "--client-calls", type=int, help="sequential calls per side, client rows (default 20000)"
+    )
     p.add_argument(
         "--generator",
         choices=("auto", "wrk", "builtin"),
@@ -105,6 +111,8 @@ def _parse(argv: Sequence[str] | None) -> Options:
         rss_customers=pick(a.rss_customers, 100_000, 100),
         generator=generator,
         workers=a.workers,
+        client_calls=pick(a.client_calls, 20_000, 200),
+        client_rounds=20 if not a.smoke else 2,
         json_path=json_path,
     )
 
@@ -403,6 +411,20 @@ async def rss_phase(session: aiohttp.ClientSession, stack: Stack, opts: Options)
     return result
 
 
+# -- the tiny clients ------------------------------------------------------------------------------
+
+
+async def clients_phase(proc: Process, opts: Options) -> dict[str, Any]:
+    """Each client's ``can`` against a raw request, sequential, on the memory-hit sidecar."""
+    out: dict[str, Any] = {}
+    for name, measure in (("python", python_row), ("js", js_row)):
+        _say(f"client {name}: {opts.client_calls} sequential can calls per side")
+        out[name] = await measure(
+            proc.url(), cid(0), "reports", opts.client_calls, opts.client_rounds
+        )
+    return out
+
+
 # -- the run ------------------------------------------------------------------------------------
 
 
@@ -545,6 +567,7 @@ async def run(opts: Options) -> dict[str, Any]:
                     )
                 ).to_json()
             results["throughput"] = throughput
+            results["clients"] = await clients_phase(hot, opts)
             for proc in (hot, bare, redis_only, *([multi] if multi else [])):
                 proc.stop()
             _say(f"memory: caching {opts.rss_customers} customers")
@@ -614,6 +637,18 @@ def table(results: dict[str, Any]) -> str:
             f"memory hit, `SIDECAR_WORKERS={w['workers']}` ({w['vs_one_worker']:.2f}x one worker)",
             w,
         )
+    c = results["clients"]
+    lines += [
+        "",
+        "| client, sequential `can` on one keep-alive connection (memory hit) "
+        "| client µs/call | raw µs/call | client / raw |",
+        "|---|---:|---:|---:|",
+        f"| Python `SidecarClient.can` vs `http.client` ({c['python']['calls']:,} calls each) "
+        f"| {c['python']['client_us']:.0f} | {c['python']['raw_us']:.0f} "
+        f"| {c['python']['ratio']:.2f} |",
+        f"| JS `SidecarClient.can` vs `node:http`, keep-alive Agent ({c['js']['calls']:,} calls "
+        f"each) | {c['js']['client_us']:.0f} | {c['js']['raw_us']:.0f} | {c['js']['ratio']:.2f} |",
+    ]
     f, p, r = results["fleet"], results["push"], results["rss"]
     lines += [
         "",

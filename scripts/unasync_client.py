@@ -5,7 +5,8 @@ reads the answer, the fail-closed rule) are written once, in the asyncio client
 between ``# BEGIN the API`` and ``# END the API``. This script copies them into
 ``SidecarClient`` between its ``GENERATED blocking API`` markers with ``async``
 and ``await`` taken out; each class keeps its own hand-written transport
-(``_exchange``: ``http.client`` with a thread-safe pool, or ``asyncio`` streams).
+(``_exchange``: its own HTTP/1.1 on blocking sockets with a thread-safe pool, or
+``asyncio`` streams; both share the request encoder and the response head parser).
 
     uv run python scripts/unasync_client.py          # rewrite the blocking copy
     uv run python scripts/unasync_client.py --check  # exit 1 when it is stale (CI)

@@ -55,6 +55,11 @@ def test_bench_smoke_runs_every_phase(tmp_path: Path) -> None:
     assert rss["memory_entries"] == rss["customers"]
     assert rss["peak_rss_mib"] > 0
     assert {"cpu", "cores", "python", "aiohttp", "event_loop"} <= set(results["machine"])
+    for name in ("python", "js"):  # the tiny clients' sequential `can` against a raw request
+        row = results["clients"][name]
+        assert row["calls"] > 0 and len(row["client_rounds_us"]) == row["rounds"], (name, row)
+        assert row["client_us"] > 0 and row["raw_us"] > 0, (name, row)
+        assert row["ratio"] > 0 and row["client_cpu_us"] > 0, (name, row)
 
     table = proc.stdout
     assert "| scenario | requests/s | p50 ms | p99 ms | vs bare | server CPU |" in table
@@ -64,3 +69,5 @@ def test_bench_smoke_runs_every_phase(tmp_path: Path) -> None:
     assert "upstream requests for" in table
     assert "push to applied" in table
     assert "peak RSS" in table
+    assert "Python `SidecarClient.can` vs `http.client`" in table
+    assert "JS `SidecarClient.can` vs `node:http`" in table

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import Stack, free_port
+from .harness import Stack, free_port, make_tls_files
 
 ROOT = Path(__file__).resolve().parent.parent
 JS = ROOT / "client" / "js"
@@ -48,7 +48,7 @@ def stacks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Stack
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_js_client_against_a_live_sidecar(stacks: dict[str, Stack]) -> None:
+def test_js_client_against_a_live_sidecar(stacks: dict[str, Stack], tmp_path: Path) -> None:
     node = shutil.which("node")
     if node is None:
         pytest.fail(
@@ -70,6 +70,9 @@ def test_js_client_against_a_live_sidecar(stacks: dict[str, Stack]) -> None:
         "VSC_STOPPED_URL": f"http://127.0.0.1:{free_port()}",
     }
     env.pop("VELLUM_SIDECAR_URL", None)
+    tls = make_tls_files(tmp_path)  # for the https peer of wire.test.js, trusted by node
+    env |= {"VSC_TLS_CERT": str(tls.cert), "VSC_TLS_KEY": str(tls.key),
+            "NODE_EXTRA_CA_CERTS": str(tls.ca)}  # fmt: skip
     result = subprocess.run(
         # Files by name: node 18-20 take a folder, 21+ take globs, every version takes files.
         [node, "--test", "--test-reporter=spec", *files],

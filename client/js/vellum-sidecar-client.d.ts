@@ -71,7 +71,11 @@ export declare class EntitlementSet {
 export interface SidecarClientOptions {
   /** http(s)://host:port[/prefix] or unix:/path.sock; else VELLUM_SIDECAR_URL, else http://127.0.0.1:8700. */
   baseUrl?: string;
-  /** Milliseconds for a cached call (can, check, getEntitlements, flags, ...); default 1000. */
+  /**
+   * Milliseconds for a cached call (can, check, getEntitlements, flags, ...); default 1000.
+   * Each wait for the sidecar's next bytes is bounded by it (a socket timeout), and an idle
+   * keep-alive connection is closed after it.
+   */
   timeout?: number;
   /** Milliseconds for a billing call, which waits for the Vellum API; default 10000. */
   billingTimeout?: number;
@@ -267,7 +271,7 @@ export declare class SidecarClient {
   readonly timeout: number;
   readonly billingTimeout: number;
   readonly failOpen: boolean;
-  /** Close idle keep-alive connections of a unix-socket client. */
+  /** Close the idle keep-alive connections (the client stays usable). */
   close(): void;
 
   /** May the customer use the module? Never rejects for an outage (fail closed). */

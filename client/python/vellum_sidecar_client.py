@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.client
 import json
 import os
 import select
@@ -64,6 +63,8 @@ _USER_AGENT: Final = f"vellum-sidecar-client/{__version__} (python)"
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 _WITH_BODY: Final = frozenset({"POST", "PUT", "PATCH"})
 _MAX_IDLE: Final = 16
+#: What an id may hold unquoted: ``quote(value, safe="")`` leaves these alone.
+_UNRESERVED: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~"
 
 T = TypeVar("T")
 
@@ -174,7 +175,8 @@ class EntitlementSet:
 # -- requests and their answers ----------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+# Neither is frozen: a frozen dataclass's __init__ costs a few µs more per call.
+@dataclass(slots=True)
 class _Response:
     method: str
     path: str
@@ -186,7 +188,7 @@ class _Response:
         return f"{self.method} {self.path} answered {self.status}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Call(Generic[T]):
     """One request and how to read its answer; shared by both clients."""
 
@@ -207,8 +209,15 @@ class _Call(Generic[T]):
             return b"" if self.method in _WITH_BODY else None
         return json.dumps(self.body, separators=(",", ":")).encode()
 
-    def headers(self) -> dict[str, str]:
-        headers = {"Accept": "application/json", "User-Agent": _USER_AGENT}
+    def headers(self) -> Mapping[str, str]:
+        """The request's headers beyond ``Host`` and ``Content-Length``.
+
+        The common case is the shared :data:`_HEADERS` itself, which the
+        transports recognise and send as bytes encoded once per client.
+        """
+        if self.body is None and self.idempotency_key is None:
+            return _HEADERS
+        headers = dict(_HEADERS)
         if self.body is not None:
             headers["Content-Type"] = "application/json"
         if self.idempotency_key is not None:
@@ -216,11 +225,16 @@ class _Call(Generic[T]):
         return headers
 
 
+#: Every request's headers (besides Host); shared, never changed.
+_HEADERS: Final[Mapping[str, str]] = {"Accept": "application/json", "User-Agent": _USER_AGENT}
+
+
 def _seg(name: str, value: str) -> str:
     """One URL-quoted path segment; empty or non-string ids are caller bugs."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name} must be a non-empty string, got {value!r}")
-    return quote(value, safe="")
+    # Most ids are plain (cus_123): skip quote()'s encode and scan for them.
+    return value if not value.strip(_UNRESERVED) else quote(value, safe="")
 
 
 def _decode(raw: bytes) -> Any:
@@ -515,11 +529,100 @@ def _unreachable(
 ) -> SidecarUnavailable:
     if isinstance(exc, TimeoutError):
         reason = f"no answer: timed out after {timeout:g}s"
+    elif isinstance(exc, _ProtocolError | _Disconnected):
+        reason = str(exc)
     else:
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return SidecarUnavailable(
         f"{call.method} {call.path}: cannot reach the sidecar at {base_url} ({reason})"
     )
+
+
+# -- HTTP/1.1 on the wire, shared by both transports ---------------------------------------
+
+
+class _ProtocolError(Exception):
+    """The bytes that came back are not an HTTP/1.1 response we can read."""
+
+
+class _Disconnected(ConnectionError):
+    """The connection closed before any byte of the answer arrived."""
+
+
+#: The longest response head read (status line and headers), as asyncio's stream limit.
+_MAX_HEAD: Final = 65536
+#: Bytes asked of each ``recv``: a whole small answer at once, big ones in few calls.
+_RECV: Final = 65536
+#: Body framings besides a Content-Length (:func:`_framing`).
+_CHUNKED: Final = -1
+_UNTIL_CLOSE: Final = -2
+
+
+class _Encoder:
+    """Writes the requests for one base URL; the parts every request shares are
+    encoded once, so the common request (no body, no extra header) is two joins."""
+
+    __slots__ = ("_common", "_host", "_prefix")
+
+    def __init__(self, target: _Target) -> None:
+        self._prefix = target.prefix
+        self._host = f"Host: {target.host_header}\r\n"
+        common = "".join(f"{name}: {value}\r\n" for name, value in _HEADERS.items())
+        self._common = f"{self._host}{common}\r\n".encode("latin-1")
+
+    def __call__(self, call: _Call[Any]) -> bytes:
+        start = f"{call.method} {call.target(self._prefix)} HTTP/1.1\r\n".encode("latin-1")
+        headers = call.headers()
+        payload = call.payload()
+        if headers is _HEADERS and payload is None:
+            return start + self._common
+        lines = [self._host]
+        for name, value in headers.items():
+            if "\r" in value or "\n" in value:
+                raise ValueError(f"the {name} header must not contain line breaks: {value!r}")
+            lines.append(f"{name}: {value}\r\n")
+        if payload is not None:
+            lines.append(f"Content-Length: {len(payload)}\r\n")
+        lines.append("\r\n")
+        return start + "".join(lines).encode("latin-1") + (payload or b"")
+
+
+def _parse_head(head: bytes) -> tuple[int, dict[str, str], bool]:
+    """Status, lower-cased headers, and whether the connection may be kept, from a
+    response head without its blank line."""
+    lines = head.decode("latin-1").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    status_text = rest[:3]
+    if not version.startswith("HTTP/1.") or len(status_text) != 3 or not status_text.isdigit():
+        raise _ProtocolError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if colon:
+            headers[name.strip().lower()] = value.strip()
+    keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+    return int(status_text), headers, keep
+
+
+def _framing(method: str, status: int, headers: Mapping[str, str]) -> int:
+    """The body's length in bytes, or :data:`_CHUNKED`, or :data:`_UNTIL_CLOSE`."""
+    if method == "HEAD" or status in (204, 304):
+        return 0
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return _CHUNKED
+    length = headers.get("content-length")
+    if length is None:
+        return _UNTIL_CLOSE
+    if not length.isdigit():
+        raise _ProtocolError(f"bad Content-Length: {length[:40]!r}")
+    return int(length)
+
+
+def _chunk_size(line: bytes) -> int:
+    try:
+        return int(line.split(b";", 1)[0].strip(), 16)
+    except ValueError:
+        raise _ProtocolError("bad chunk size") from None
 
 
 # -- where the sidecar is ----------------------------------------------------------------
@@ -567,60 +670,180 @@ class _Target:
 # -- the blocking client -----------------------------------------------------------------
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._socket_path = path
+class _Reader:
+    """Buffered reads from a blocking socket, for the rarer shapes of answer
+    (chunked, until close, or longer than the first ``recv``)."""
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self._socket_path)
-        except BaseException:
-            sock.close()
-            raise
+    __slots__ = ("buffer", "sock")
+
+    def __init__(self, sock: socket.socket, data: bytes) -> None:
         self.sock = sock
+        self.buffer = bytearray(data)
+
+    def _fill(self) -> None:
+        more = self.sock.recv(_RECV)
+        if not more:
+            raise _ProtocolError("the connection closed in the middle of the answer")
+        self.buffer += more
+
+    def line(self) -> bytes:
+        while (end := self.buffer.find(b"\r\n")) < 0:
+            if len(self.buffer) > _MAX_HEAD:
+                raise _ProtocolError("a line of the answer is too long")
+            self._fill()
+        line = bytes(self.buffer[:end])
+        del self.buffer[: end + 2]
+        return line
+
+    def exactly(self, size: int) -> bytes:
+        while len(self.buffer) < size:
+            self._fill()
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return data
+
+    def until_close(self) -> bytes:
+        chunks = [bytes(self.buffer)]
+        while more := self.sock.recv(_RECV):
+            chunks.append(more)
+        self.buffer.clear()
+        return b"".join(chunks)
 
 
-def _dropped(sock: socket.socket | None) -> bool:
-    """True when an idle keep-alive socket is closed (or has unexpected data).
+class _Connection:
+    """One keep-alive HTTP/1.1 connection of the blocking client, used by one call at a time.
 
-    An idle connection has nothing to read; if it is readable, the server
-    closed it (EOF) and reusing it would fail the next request.
+    ``sock`` is None until the first exchange connects. ``sent`` and ``answered``
+    tell, after a failure, whether the whole request went out and whether any
+    byte of the answer came back (what decides a retry on a new connection).
     """
-    if sock is None:
-        return True
-    try:
-        if hasattr(select, "poll"):
-            poller = select.poll()
-            poller.register(sock, select.POLLIN)
-            return bool(poller.poll(0))
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable)
-    except (OSError, ValueError):
-        return True
+
+    __slots__ = ("_connect", "_poller", "answered", "sent", "sock", "timeout")
+
+    def __init__(self, connect: Callable[[float], socket.socket]) -> None:
+        self._connect = connect
+        self._poller: select.poll | None = None
+        self.sock: socket.socket | None = None
+        self.timeout = 0.0
+        self.sent = self.answered = False
+
+    def dropped(self) -> bool:
+        """True when the idle connection is closed (or has unexpected data).
+
+        An idle connection has nothing to read; if it is readable, the server
+        closed it (EOF) and reusing it would fail the next request.
+        """
+        if self.sock is None:
+            return True
+        try:
+            if self._poller is not None:
+                return bool(self._poller.poll(0))
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            return bool(readable)
+        except (OSError, ValueError):
+            return True
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def exchange(
+        self, request: bytes, method: str, timeout: float
+    ) -> tuple[int, dict[str, str], bytes, bool]:
+        """Send the request; its answer's status, lower-cased headers, body, and whether
+        the connection may be kept. Socket errors and timeouts propagate."""
+        self.sent = self.answered = False
+        sock = self.sock
+        if sock is None:
+            sock = self.sock = self._connect(timeout)
+            self.timeout = timeout
+            if hasattr(select, "poll"):
+                self._poller = select.poll()
+                self._poller.register(sock, select.POLLIN)
+        elif timeout != self.timeout:  # settimeout is a system call: only on a change
+            sock.settimeout(timeout)
+            self.timeout = timeout
+        sock.sendall(request)
+        self.sent = True
+        data = sock.recv(_RECV)
+        if not data:
+            raise _Disconnected("the sidecar closed the connection without answering")
+        self.answered = True
+        while True:
+            end = data.find(b"\r\n\r\n")
+            while end < 0:
+                if len(data) > _MAX_HEAD:
+                    raise _ProtocolError("response headers too large")
+                more = sock.recv(_RECV)
+                if not more:
+                    raise _ProtocolError("the connection closed in the middle of the answer")
+                data += more
+                end = data.find(b"\r\n\r\n")
+            status, headers, keep = _parse_head(data[:end])
+            data = data[end + 4 :]
+            if status >= 200:
+                break
+            if not data:  # an interim 1xx answer; the real one follows
+                data = sock.recv(_RECV)
+                if not data:
+                    raise _ProtocolError("the connection closed in the middle of the answer")
+        size = _framing(method, status, headers)
+        if size == len(data):  # the usual: the whole answer came in the first recv
+            return status, headers, data, keep
+        if size >= 0 and len(data) > size:
+            return status, headers, data[:size], False  # more than asked for: never reuse
+        reader = _Reader(sock, data)
+        if size >= 0:
+            body = reader.exactly(size)
+        elif size == _CHUNKED:
+            parts = []
+            while (chunk := _chunk_size(reader.line())) > 0:
+                parts.append(reader.exactly(chunk))
+                if reader.exactly(2) != b"\r\n":
+                    raise _ProtocolError("a chunk does not end where its size says")
+            while reader.line():
+                pass  # trailers, up to the blank line
+            body = b"".join(parts)
+        else:
+            return status, headers, reader.until_close(), False
+        return status, headers, body, keep and not reader.buffer
 
 
 class _Pool:
     """Idle keep-alive connections; each request holds one connection alone."""
 
-    def __init__(self, target: _Target, timeout: float) -> None:
+    def __init__(self, target: _Target) -> None:
         self._target = target
-        self._timeout = timeout
         self._lock = threading.Lock()
-        self._idle: list[http.client.HTTPConnection] = []
+        self._idle: list[_Connection] = []
         self._pid = os.getpid()
+        self._tls: ssl.SSLContext | None = None
 
-    def _new(self) -> http.client.HTTPConnection:
+    def _connect(self, timeout: float) -> socket.socket:
         t = self._target
         if t.socket_path is not None:
-            return _UnixConnection(t.socket_path, self._timeout)
-        if t.scheme == "https":
-            return http.client.HTTPSConnection(
-                t.host, t.port, timeout=self._timeout, context=ssl.create_default_context()
-            )
-        return http.client.HTTPConnection(t.host, t.port, timeout=self._timeout)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(t.socket_path)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        port = t.port or (443 if t.scheme == "https" else 80)
+        sock = socket.create_connection((t.host, port), timeout)
+        try:
+            # Each request goes out in one send; never hold it back for an ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if t.scheme == "https":
+                if self._tls is None:
+                    self._tls = ssl.create_default_context()
+                sock = self._tls.wrap_socket(sock, server_hostname=t.host)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _forked(self) -> bool:
         # A forked child (gunicorn, multiprocessing) must not share its parent's sockets.
@@ -630,18 +853,18 @@ class _Pool:
             return True
         return False
 
-    def get(self) -> tuple[http.client.HTTPConnection, bool]:
-        """A connection and whether it was reused."""
+    def get(self) -> tuple[_Connection, bool]:
+        """A connection and whether it was reused (a new one connects on first use)."""
         with self._lock:
             self._forked()
             while self._idle:
                 conn = self._idle.pop()
-                if not _dropped(conn.sock):
+                if not conn.dropped():
                     return conn, True
                 conn.close()
-        return self._new(), False
+        return _Connection(self._connect), False
 
-    def put(self, conn: http.client.HTTPConnection) -> None:
+    def put(self, conn: _Connection) -> None:
         with self._lock:
             if not self._forked() and len(self._idle) < _MAX_IDLE:
                 self._idle.append(conn)
@@ -681,7 +904,8 @@ class SidecarClient:
         self.timeout = timeout
         self.billing_timeout = billing_timeout
         self.fail_open = fail_open
-        self._pool = _Pool(self._target, timeout)
+        self._pool = _Pool(self._target)
+        self._encode = _Encoder(self._target)
 
     def __repr__(self) -> str:
         return f"SidecarClient({self.base_url!r}, fail_open={self.fail_open!r})"
@@ -698,34 +922,26 @@ class SidecarClient:
 
     def _exchange(self, call: _Call[Any]) -> _Response:
         timeout = self.billing_timeout if call.billing else self.timeout
-        target = call.target(self._target.prefix)
-        payload = call.payload()
-        headers = call.headers()
+        request = self._encode(call)
         for attempt in (1, 2):
             conn, reused = self._pool.get()
-            conn.timeout = timeout
-            if conn.sock is not None:
-                conn.sock.settimeout(timeout)
-            sent = False
             try:
-                conn.request(call.method, target, body=payload, headers=headers)
-                sent = True
-                resp = conn.getresponse()
-                body = resp.read()
-            except (OSError, http.client.HTTPException) as exc:
+                status, headers, body, keep = conn.exchange(request, call.method, timeout)
+            except (OSError, _ProtocolError) as exc:
                 conn.close()
-                # A kept-alive connection the sidecar closed meanwhile: try once more
-                # on a new one, unless the request may have been acted upon.
-                stale = isinstance(exc, ConnectionError | http.client.BadStatusLine)
-                if reused and attempt == 1 and stale and (not sent or call.method in _IDEMPOTENT):
+                # A kept-alive connection the sidecar closed meanwhile fails before any
+                # byte of the answer: try once more on a new one, unless the request
+                # may have been acted upon.
+                stale = isinstance(exc, ConnectionError) and not conn.answered
+                retry = stale and (not conn.sent or call.method in _IDEMPOTENT)
+                if reused and attempt == 1 and retry:
                     continue
                 raise _unreachable(call, self.base_url, exc, timeout) from exc
-            if resp.will_close:
-                conn.close()
-            else:
+            if keep:
                 self._pool.put(conn)
-            headers_in = {k.lower(): v for k, v in resp.getheaders()}
-            return _Response(call.method, call.path, resp.status, headers_in, body)
+            else:
+                conn.close()
+            return _Response(call.method, call.path, status, headers, body)
         raise AssertionError("unreachable")  # pragma: no cover
 
     # BEGIN GENERATED blocking API: scripts/unasync_client.py writes it from AsyncSidecarClient's
@@ -1160,10 +1376,6 @@ class SidecarClient:
 # -- the asyncio client ------------------------------------------------------------------
 
 
-class _ProtocolError(Exception):
-    """The bytes that came back are not an HTTP/1.1 response we can read."""
-
-
 @dataclass(slots=True)
 class _Stream:
     reader: asyncio.StreamReader
@@ -1180,49 +1392,42 @@ async def _read_response(
     reader: asyncio.StreamReader, method: str
 ) -> tuple[int, dict[str, str], bytes, bool]:
     """Status, lower-cased headers, body, and whether the connection may be kept."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise _ProtocolError("the connection closed in the middle of the answer") from None
+        raise _Disconnected("the sidecar closed the connection without answering") from None
+    except asyncio.LimitOverrunError:
+        raise _ProtocolError("response headers too large") from None
+    try:
+        return await _read_rest(reader, method, head)
+    except asyncio.IncompleteReadError:
+        raise _ProtocolError("the connection closed in the middle of the answer") from None
+    except asyncio.LimitOverrunError:
+        raise _ProtocolError("a line of the answer is too long") from None
+
+
+async def _read_rest(
+    reader: asyncio.StreamReader, method: str, head: bytes
+) -> tuple[int, dict[str, str], bytes, bool]:
     while True:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            raise _ProtocolError("response headers too large") from None
-        lines = head.decode("latin-1").split("\r\n")
-        version, _, rest = lines[0].partition(" ")
-        status_text = rest.partition(" ")[0]
-        if not version.startswith("HTTP/1.") or not status_text.isdigit():
-            raise _ProtocolError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
-        status = int(status_text)
-        if 100 <= status < 200:
-            continue  # an interim answer; the real one follows
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-        break
-    keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-    if method == "HEAD" or status in (204, 304):
-        return status, headers, b"", keep
-    if "chunked" in headers.get("transfer-encoding", "").lower():
+        status, headers, keep = _parse_head(head[:-4])
+        if status >= 200:
+            break
+        head = await reader.readuntil(b"\r\n\r\n")  # an interim 1xx; the real answer follows
+    size = _framing(method, status, headers)
+    if size >= 0:
+        return status, headers, await reader.readexactly(size), keep
+    if size == _CHUNKED:
         parts = []
-        while True:
-            size_line = await reader.readuntil(b"\r\n")
-            try:
-                size = int(size_line.split(b";")[0].strip(), 16)
-            except ValueError:
-                raise _ProtocolError("bad chunk size") from None
-            if size == 0:
-                while await reader.readuntil(b"\r\n") != b"\r\n":
-                    pass  # trailers
-                break
-            parts.append(await reader.readexactly(size))
-            await reader.readexactly(2)
+        while (chunk := _chunk_size(await reader.readuntil(b"\r\n"))) > 0:
+            parts.append(await reader.readexactly(chunk))
+            if await reader.readexactly(2) != b"\r\n":
+                raise _ProtocolError("a chunk does not end where its size says")
+        while await reader.readuntil(b"\r\n") != b"\r\n":
+            pass  # trailers
         return status, headers, b"".join(parts), keep
-    if "content-length" in headers:
-        try:
-            length = int(headers["content-length"])
-        except ValueError:
-            raise _ProtocolError("bad Content-Length") from None
-        return status, headers, await reader.readexactly(length), keep
     return status, headers, await reader.read(), False  # the body ends with the connection
 
 
@@ -1249,6 +1454,8 @@ class AsyncSidecarClient:
         self.fail_open = fail_open
         self._idle: list[_Stream] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._encode = _Encoder(self._target)
+        self._tls: ssl.SSLContext | None = None
 
     def __repr__(self) -> str:
         return f"AsyncSidecarClient({self.base_url!r}, fail_open={self.fail_open!r})"
@@ -1273,9 +1480,10 @@ class AsyncSidecarClient:
         if t.socket_path is not None:
             reader, writer = await asyncio.open_unix_connection(t.socket_path)
         elif t.scheme == "https":
-            context = ssl.create_default_context()
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
             port = t.port or 443
-            reader, writer = await asyncio.open_connection(t.host, port, ssl=context)
+            reader, writer = await asyncio.open_connection(t.host, port, ssl=self._tls)
         else:
             reader, writer = await asyncio.open_connection(t.host, t.port or 80)
         return _Stream(reader, writer)
@@ -1292,15 +1500,6 @@ class AsyncSidecarClient:
             stream.close()
         return await self._connect(), False
 
-    def _encode(self, call: _Call[Any]) -> bytes:
-        payload = call.payload()
-        lines = [f"{call.method} {call.target(self._target.prefix)} HTTP/1.1"]
-        lines.append(f"Host: {self._target.host_header}")
-        lines += [f"{name}: {value}" for name, value in call.headers().items()]
-        if payload is not None:
-            lines.append(f"Content-Length: {len(payload)}")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (payload or b"")
-
     async def _exchange(self, call: _Call[Any]) -> _Response:
         timeout = self.billing_timeout if call.billing else self.timeout
         request = self._encode(call)
@@ -1316,7 +1515,10 @@ class AsyncSidecarClient:
                     status, headers, body, keep = await _read_response(stream.reader, call.method)
                 done = True
             except (OSError, EOFError, TimeoutError, _ProtocolError) as exc:
-                stale = isinstance(exc, ConnectionError | asyncio.IncompleteReadError)
+                # A kept-alive connection the sidecar closed meanwhile fails before any
+                # byte of the answer: try once more on a new one, unless the request
+                # may have been acted upon.
+                stale = isinstance(exc, ConnectionError)
                 if reused and attempt == 1 and stale and (not sent or call.method in _IDEMPOTENT):
                     continue
                 raise _unreachable(call, self.base_url, exc, timeout) from exc
