@@ -26,7 +26,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from ..config import Settings
@@ -44,20 +44,111 @@ __all__ = ["Caches", "DocumentCache", "Flight"]
 
 log = logging.getLogger("sidecar.cache")
 
+# A miss costs Redis two round trips of its own besides the read it shares with the
+# other reads of its loop iteration (``RedisReads``): _BEGIN_SCRIPT, and after the
+# upstream's answer _STORE_SCRIPT.
+#
+# Read the generations, try to take the fetch lock and read the entry again.
+# KEYS: entry, document gen, tenant gen, lock. ARGV: lock token, lock ms.
+# Returns {document gen, tenant gen, 1 if the lock was taken, the entry or nil}.
+_BEGIN_SCRIPT: Final = """
+local won = redis.call('SET', KEYS[4], ARGV[1], 'NX', 'PX', ARGV[2])
+return {redis.call('GET', KEYS[2]) or '0', redis.call('GET', KEYS[3]) or '0',
+        won and 1 or 0, redis.call('GET', KEYS[1])}
+"""
 # SET the entry only if neither the document's nor the kind's tenant-wide generation
-# moved since the fill began. KEYS: entry, document gen, tenant gen. ARGV: expected
-# document gen, expected tenant gen, value, ttl ms.
+# moved since the fill began (and the fill was not overtaken here: ARGV[5] = 1),
+# release the fetch lock if we still hold it, and record the customer's account.
+# KEYS: entry, document gen, tenant gen, lock[, account set]. ARGV: expected document
+# gen, expected tenant gen, value, ttl ms, store (1/0), lock token or ''[, customer,
+# account set ttl s]. Returns 1 when stored.
 _STORE_SCRIPT: Final = """
-if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[1] then return 0 end
-if (redis.call('GET', KEYS[3]) or '0') ~= ARGV[2] then return 0 end
-redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
-return 1
+local stored = 0
+if ARGV[5] == '1' and (redis.call('GET', KEYS[2]) or '0') == ARGV[1]
+    and (redis.call('GET', KEYS[3]) or '0') == ARGV[2] then
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+  stored = 1
+end
+if ARGV[6] ~= '' and redis.call('GET', KEYS[4]) == ARGV[6] then
+  redis.call('DEL', KEYS[4])
+end
+if KEYS[5] then
+  redis.call('SADD', KEYS[5], ARGV[7])
+  redis.call('EXPIRE', KEYS[5], ARGV[8])
+end
+return stored
 """
 # Delete the lock only if we still hold it.
 _UNLOCK_SCRIPT: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+#: Keys per MGET; a larger batch is split (each part its own round trip, at once).
+_MGET_BATCH: Final = 256
+
+
+class RedisReads:
+    """Entry reads coalesced: every ``get`` issued in one loop iteration, of any kind,
+    goes to Redis as one ``MGET`` (the tenant's keys share one hash slot, so this
+    holds on a cluster too).
+
+    The first ``get`` of an iteration schedules the flush with ``call_soon``, which
+    runs after every task already ready in that iteration, so the reads of all the
+    requests parsed together travel in one round trip.
+    """
+
+    def __init__(self, redis: RedisConn) -> None:
+        self.redis = redis
+        self._pending: dict[str, list[asyncio.Future[Any]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def get(self, key: str) -> asyncio.Future[Any]:
+        """A future for the key's value (``bytes`` or ``None``); ``RedisDown`` on failure."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        waiting = self._pending.get(key)
+        if waiting is not None:
+            waiting.append(future)
+            return future
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending[key] = [future]
+        return future
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        loop = asyncio.get_running_loop()
+        keys = list(pending)
+        for start in range(0, len(keys), _MGET_BATCH):
+            part = {k: pending[k] for k in keys[start : start + _MGET_BATCH]}
+            task = loop.create_task(self._read(part))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _read(self, part: dict[str, list[asyncio.Future[Any]]]) -> None:
+        keys = list(part)
+        try:
+            if len(keys) == 1:
+                key = keys[0]
+                values = [await self.redis.run("get", lambda r: r.get(key))]
+            else:
+                values = await self.redis.run("mget", lambda r: r.mget(keys))
+        except RedisDown as exc:
+            for futures in part.values():
+                for f in futures:
+                    if not f.done():
+                        f.set_exception(RedisDown(*exc.args))
+            return
+        for futures, value in zip(part.values(), values, strict=True):
+            for f in futures:
+                if not f.done():
+                    f.set_result(value)
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class Flight:
@@ -81,6 +172,7 @@ class DocumentCache:
         upstream: VellumClient,
         metrics: Metrics,
         redis: RedisConn | None,
+        reads: RedisReads | None = None,
     ) -> None:
         self.kind = kind
         self.settings = settings
@@ -88,6 +180,9 @@ class DocumentCache:
         self.metrics = metrics
         self.redis = redis
         self.keys: KindKeys | None = redis.keys.kind(kind.key) if redis is not None else None
+        if redis is not None and reads is None:
+            reads = RedisReads(redis)
+        self.reads = reads
         self.memory = MemoryLayer(settings.memory_max_entries)
         self._ttl = kind.ttl(settings)
         # With Redis shared, memory answers alone only briefly, so a sidecar that
@@ -95,8 +190,12 @@ class DocumentCache:
         self._memory_ttl = settings.memory_ttl if redis is not None else float("inf")
         self._inflight: dict[str, Flight] = {}
         self._background: set[asyncio.Task[Any]] = set()
-        #: Called with (customer, entry) after every upstream fetch (account index).
-        self.on_fetched: Callable[[str, Entry], Awaitable[None]] | None = None
+        #: Called with (customer, entry) after every upstream fetch of a document naming
+        #: an account (the account index, ``Invalidator``).
+        self.on_fetched: Callable[[str, Entry], None] | None = None
+        #: With Redis: the TTL (s) of the account sets the store adds the fetched
+        #: customer to; ``None``: no account sets (``learn_accounts``).
+        self.link_ttl: int | None = None
         m = metrics.cache_lookups_by_kind
         k = kind.name
         self._m_mem_hit = m.labels(k, "memory", "hit")
@@ -122,11 +221,10 @@ class DocumentCache:
         worth a few percent of a hit (see docs/performance.md).
         """
         data = self.memory.data
-        item = data.get(customer)
-        if item is not None:
+        entry = data.get(customer)
+        if entry is not None:
             now = time.time()
-            entry, answer_until = item
-            if now < answer_until:
+            if now < entry.answer_until:
                 data.move_to_end(customer)
                 self._m_mem_hit.value += 1
                 if now >= entry.refresh_at:
@@ -226,6 +324,7 @@ class DocumentCache:
                     self._m_redis_hit.inc()
                     self._remember(customer, waited, flight)
                     return Lookup(waited, "hit")
+        entry: Entry | None = None
         try:
             try:
                 kind = self.kind
@@ -237,17 +336,19 @@ class DocumentCache:
                     return Lookup(stale, "stale")
                 raise
             self._m_upstream.inc()
-            if redis is not None and gens is not None and not flight.invalidated:
-                await self._redis_store(customer, entry, gens)
         finally:
-            # Released only after the store: a sidecar waiting on the lock that sees
-            # it go finds the entry, instead of fetching the customer again (the
-            # bench's fleet run: 36 upstream calls for 20 customers, now 20).
-            if lock:
+            # The store releases the lock only after it stored: a sidecar waiting on
+            # the lock that sees it go finds the entry, instead of fetching the
+            # customer again (the bench's fleet run: 36 upstream calls for 20
+            # customers, now 20). Without an entry, only the lock goes.
+            if gens is not None:
+                await self._redis_store(customer, entry, gens, lock or "", flight)
+            elif lock:
                 await self._unlock(customer, lock)
+        assert entry is not None  # the upstream answered (else we returned or raised)
         self._remember(customer, entry, flight)
         if self.on_fetched is not None and entry.account_id is not None:
-            await self.on_fetched(customer, entry)
+            self.on_fetched(customer, entry)
         return Lookup(entry, "miss")
 
     def _entry_from(self, status: int, body: bytes) -> Entry:
@@ -273,10 +374,10 @@ class DocumentCache:
     # -- Redis layer -------------------------------------------------------------
 
     async def _redis_get(self, customer: str) -> Entry | None:
-        assert self.redis is not None and self.keys is not None
-        key = self.keys.entry(customer)
+        """The stored entry, read with the loop iteration's other reads (``RedisReads``)."""
+        assert self.reads is not None and self.keys is not None
         try:
-            raw = await self.redis.run("get", lambda r: r.get(key))
+            raw = await self.reads.get(self.keys.entry(customer))
         except RedisDown:
             self._m_redis_error.inc()
             return None
@@ -287,7 +388,7 @@ class DocumentCache:
 
     async def _begin_fetch(self, customer: str) -> tuple[tuple[str, str], str | None, Entry | None]:
         """Read the generations, try to take the fetch lock and re-read the entry, in
-        one round trip.
+        one round trip (one script).
 
         Returns the generations, the lock token (``None`` when another sidecar is
         already fetching this customer) and the entry if one was stored since the
@@ -297,17 +398,10 @@ class DocumentCache:
         keys = self.keys
         token = secrets.token_hex(8)
         lock_ms = int((self.settings.upstream_timeout + 1) * 1000)
-
-        async def call(r: RedisClient) -> list[Any]:
-            async with r.pipeline(transaction=False) as pipe:
-                # Two GETs, not MGET: redis-py's cluster pipeline refuses multi-key commands.
-                pipe.get(keys.gen(customer))
-                pipe.get(keys.tenant_gen)
-                pipe.set(keys.lock(customer), token, nx=True, px=lock_ms)
-                pipe.get(keys.entry(customer))
-                return await pipe.execute()
-
-        cgen, tgen, won, raw = await self.redis.run("begin_fetch", call)
+        names = (keys.entry(customer), keys.gen(customer), keys.tenant_gen, keys.lock(customer))
+        cgen, tgen, won, raw = await self.redis.run(
+            "begin_fetch", lambda r: r.eval(_BEGIN_SCRIPT, 4, *names, token, lock_ms)
+        )
         return (_s(cgen), _s(tgen)), token if won else None, self._loads(raw)
 
     async def _wait_for_other(self, customer: str, floor: float) -> Entry | None:
@@ -345,27 +439,35 @@ class DocumentCache:
         with contextlib.suppress(RedisDown):
             await self.redis.run("unlock", lambda r: r.eval(_UNLOCK_SCRIPT, 1, key, token))
 
-    async def _redis_store(self, customer: str, entry: Entry, gens: tuple[str, str]) -> None:
+    async def _redis_store(
+        self,
+        customer: str,
+        entry: Entry | None,
+        gens: tuple[str, str],
+        lock: str,
+        flight: Flight,
+    ) -> None:
+        """One round trip after the fetch: store the entry unless the generations moved
+        (``entry`` ``None``: the fetch failed, store nothing), release the lock, and add
+        the customer to its account's set."""
         assert self.redis is not None and self.keys is not None
         keys = self.keys
-        ttl_ms = max(int((entry.stale_until - time.time()) * 1000), 1)
-        value = entry.dumps()
+        names = [keys.entry(customer), keys.gen(customer), keys.tenant_gen, keys.lock(customer)]
+        store = entry is not None and not flight.invalidated
+        value = entry.dumps() if entry is not None and store else b""
+        ttl_ms = max(int((entry.stale_until - time.time()) * 1000), 1) if entry else 1
+        args: list[Any] = [gens[0], gens[1], value, ttl_ms, "1" if store else "0", lock]
+        account = entry.account_id if entry is not None else None
+        if account is not None and self.link_ttl is not None:
+            names.append(self.redis.keys.account(account))
+            args += [customer, self.link_ttl]
+        if not store and not lock and len(names) == 4:
+            return
         with contextlib.suppress(RedisDown):
             stored = await self.redis.run(
-                "store",
-                lambda r: r.eval(
-                    _STORE_SCRIPT,
-                    3,
-                    keys.entry(customer),
-                    keys.gen(customer),
-                    keys.tenant_gen,
-                    gens[0],
-                    gens[1],
-                    value,
-                    ttl_ms,
-                ),
+                "store", lambda r: r.eval(_STORE_SCRIPT, len(names), *names, *args)
             )
-            if not stored:
+            if store and not stored:
                 log.debug(
                     "store_refused_by_generation",
                     extra={"fields": {"kind": self.kind.name, "customer": customer}},
@@ -405,8 +507,11 @@ class Caches:
         metrics: Metrics,
         redis: RedisConn | None,
     ) -> None:
+        #: One batcher for every kind: a tick's reads of all kinds share one MGET.
+        self.reads = RedisReads(redis) if redis is not None else None
+
         def make(kind: Kind) -> DocumentCache:
-            return DocumentCache(kind, settings, upstream, metrics, redis)
+            return DocumentCache(kind, settings, upstream, metrics, redis, self.reads)
 
         self.entitlements = make(ENTITLEMENTS)
         self.flags = make(FLAGS)
@@ -427,6 +532,8 @@ class Caches:
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.all))
+        if self.reads is not None:
+            await self.reads.close()
 
 
 def _s(value: Any) -> str:

@@ -142,7 +142,10 @@ class Invalidator:
         self._watchers: list[DropWatcher] = []
         if redis is not None:
             metrics.fanout_state.follow(lambda: "ok" if self.subscribed.is_set() else "down")
+        # A fetched document's account: learnt here, and added to the account's set
+        # in Redis by the fill's own store (no round trip of its own).
         caches.entitlements.on_fetched = self._learn_from_entry
+        caches.entitlements.link_ttl = self._link_ttl
         if redis is not None:
             redis.on_reconnect(self._redis_answers)
         metrics.invalidations_queued.set(0)
@@ -420,15 +423,7 @@ class Invalidator:
         """Remember that ``customer`` belongs to ``account`` (learnt from a call or a document)."""
         if not account or not customer:
             return
-        members = self._links.get(account)
-        if members is None:
-            members = self._links[account] = set()
-            while len(self._links) > _MAX_LOCAL_LINKS:
-                self._links.popitem(last=False)
-        else:
-            self._links.move_to_end(account)
-        fresh = customer not in members
-        members.add(customer)
+        fresh = self._link_here(account, customer)
         if self.redis is not None and fresh:
             key = self.redis.keys.account(account)
 
@@ -440,6 +435,19 @@ class Invalidator:
 
             with contextlib.suppress(RedisDown):
                 await self.redis.run("link", call)
+
+    def _link_here(self, account: str, customer: str) -> bool:
+        """Remember the link in this process; True when it was not known."""
+        members = self._links.get(account)
+        if members is None:
+            members = self._links[account] = set()
+            while len(self._links) > _MAX_LOCAL_LINKS:
+                self._links.popitem(last=False)
+        else:
+            self._links.move_to_end(account)
+        fresh = customer not in members
+        members.add(customer)
+        return fresh
 
     def _known_members(self, account: str) -> set[str]:
         """The account's customers this sidecar learnt (links and cached documents)."""
@@ -453,9 +461,10 @@ class Invalidator:
         members = await self.redis.run("account_members", lambda r: r.smembers(key))
         return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
 
-    async def _learn_from_entry(self, customer: str, entry: Entry) -> None:
+    def _learn_from_entry(self, customer: str, entry: Entry) -> None:
+        """``DocumentCache.on_fetched``: the fill's store already told Redis."""
         if entry.account_id is not None:
-            await self.link(entry.account_id, customer)
+            self._link_here(entry.account_id, customer)
 
     # -- listening -----------------------------------------------------------------
 
