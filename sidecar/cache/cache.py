@@ -185,9 +185,15 @@ class DocumentCache:
         self.reads = reads
         self.memory = MemoryLayer(settings.memory_max_entries)
         self._ttl = kind.ttl(settings)
-        # With Redis shared, memory answers alone only briefly, so a sidecar that
-        # missed a fan-out message is wrong for at most SIDECAR_MEMORY_TTL.
+        # With Redis shared and the fan-out not confirmed live, memory answers alone
+        # only briefly, so a sidecar that missed a message is wrong for at most
+        # SIDECAR_MEMORY_TTL.
         self._memory_ttl = settings.memory_ttl if redis is not None else float("inf")
+        #: Set by the invalidator while its fan-out subscription is confirmed live
+        #: (heartbeats answered): the in-process layer is kept coherent by the fan-out,
+        #: so an entry answers from memory until its own freshness ends. The
+        #: invalidator drops the layer the moment it cannot confirm the subscription.
+        self.coherent = False
         self._inflight: dict[str, Flight] = {}
         self._background: set[asyncio.Task[Any]] = set()
         #: Called with (customer, entry) after every upstream fetch of a document naming
@@ -362,12 +368,17 @@ class DocumentCache:
     def _remember(self, customer: str, entry: Entry, flight: Flight) -> None:
         if flight.invalidated:
             return
-        # Jittered downwards, so "at most SIDECAR_MEMORY_TTL" still holds: entries
-        # filled together (start-up, a tenant-wide drop, a resubscribe) would
-        # otherwise all go back to Redis in the same instant, every TTL, forever,
-        # a burst the hot path queues behind (bench: p99 5.9 ms instead of 1.5 ms).
-        ttl = self._memory_ttl * random.uniform(0.8, 1.0)
-        answer_until = min(time.time() + ttl, entry.fresh_until)
+        if self.coherent and self._memory_ttl > 0:
+            # Kept coherent by the fan-out: until its own (jittered) freshness ends.
+            # (SIDECAR_MEMORY_TTL=0 keeps every read asking Redis.)
+            answer_until = entry.fresh_until
+        else:
+            # Jittered downwards, so "at most SIDECAR_MEMORY_TTL" still holds: entries
+            # filled together (start-up, a tenant-wide drop, a resubscribe) would
+            # otherwise all go back to Redis in the same instant, every TTL, forever,
+            # a burst the hot path queues behind (bench: p99 5.9 ms instead of 1.5 ms).
+            ttl = self._memory_ttl * random.uniform(0.8, 1.0)
+            answer_until = min(time.time() + ttl, entry.fresh_until)
         # Kept past answer_until (until LRU eviction) as a stale fallback.
         self.memory.put(customer, entry, answer_until)
 
@@ -521,6 +532,21 @@ class Caches:
         # Read when /metrics is collected, so the hot path never sets a gauge.
         metrics.memory_entries.set_function(lambda: sum(len(c.memory) for c in self.all))
         metrics.inflight_fetches.set_function(lambda: sum(c.inflight for c in self.all))
+
+    def set_coherent(self, coherent: bool) -> None:
+        """The fan-out is confirmed live (``True``) or not: see ``DocumentCache.coherent``.
+
+        Losing it drops the in-process layer of every kind (entries remembered while
+        it held answer until their freshness ends, and a message may be missed from
+        now on) and overtakes the fills in flight; from then on memory answers alone
+        for at most ``SIDECAR_MEMORY_TTL`` until the subscription is confirmed again.
+        """
+        was = self.entitlements.coherent
+        for cache in self.all:
+            cache.coherent = coherent
+        if was and not coherent:
+            for cache in self.all:
+                cache.drop_local(None)
 
     def of_kind(self, kind: Kind) -> DocumentCache:
         return self._by_kind[kind.name]
