@@ -195,6 +195,9 @@ class DocumentCache:
         #: invalidator drops the layer the moment it cannot confirm the subscription.
         self.coherent = False
         self._inflight: dict[str, Flight] = {}
+        #: Drops applied here so far: a Redis read that saw this number change while it
+        #: waited (a drop overtook it) answers its caller but is not remembered.
+        self._drops = 0
         self._background: set[asyncio.Task[Any]] = set()
         #: Called with (customer, entry) after every upstream fetch of a document naming
         #: an account (the account index, ``Invalidator``).
@@ -249,9 +252,26 @@ class DocumentCache:
             return found
         item = self.memory.get(customer)
         self._m_mem_miss.inc()
+        stale = item[0] if item else None
         flight = self._inflight.get(customer)
-        if flight is None:
-            flight = self._start(customer, item[0] if item else None, refresh_after=None)
+        if flight is None and self.reads is not None:
+            # Redis first, read with the loop iteration's other reads and without a
+            # task of its own: most misses in memory are hits in Redis.
+            drops = self._drops
+            stored = await self._redis_get(customer)
+            if stored is not None and stored.is_fresh(time.time()):
+                self._m_redis_hit.inc()
+                if self._drops == drops:  # no drop here overtook the read
+                    self._put_memory(customer, stored)
+                return Lookup(stored, "hit")
+            self._m_redis_miss.inc()
+            flight = self._inflight.get(customer)  # started by another caller meanwhile
+            if flight is None:
+                if stored is not None and (stale is None or stored.fetched_at > stale.fetched_at):
+                    stale = stored
+                flight = self._start(customer, stale, refresh_after=None, read=False)
+        elif flight is None:
+            flight = self._start(customer, stale, refresh_after=None)
         assert flight.task is not None
         return await asyncio.shield(flight.task)
 
@@ -273,10 +293,12 @@ class DocumentCache:
         results = await asyncio.gather(*(one(c) for c in distinct))
         return dict(zip(distinct, results, strict=True))
 
-    def _start(self, customer: str, stale: Entry | None, refresh_after: float | None) -> Flight:
+    def _start(
+        self, customer: str, stale: Entry | None, refresh_after: float | None, read: bool = True
+    ) -> Flight:
         flight = Flight()
         task = asyncio.get_running_loop().create_task(
-            self._fill(customer, flight, stale, refresh_after)
+            self._fill(customer, flight, stale, refresh_after, read)
         )
         flight.task = task
         self._inflight[customer] = flight
@@ -300,23 +322,31 @@ class DocumentCache:
         flight.task.add_done_callback(self._background.discard)
 
     async def _fill(
-        self, customer: str, flight: Flight, stale: Entry | None, refresh_after: float | None
+        self,
+        customer: str,
+        flight: Flight,
+        stale: Entry | None,
+        refresh_after: float | None,
+        read: bool = True,
     ) -> Lookup:
+        """Redis (unless the caller just read it: ``read`` false), the fetch lock,
+        the upstream, the store."""
         now = time.time()
         redis = self.redis
         gens: tuple[str, str] | None = None
         lock: str | None = None
         if redis is not None:
-            found = await self._redis_get(customer)
             # A refresh-ahead only accepts an entry newer than the one it refreshes.
             floor = refresh_after if refresh_after is not None else now
-            if found is not None and found.is_fresh(floor):
-                self._m_redis_hit.inc()
-                self._remember(customer, found, flight)
-                return Lookup(found, "hit")
-            self._m_redis_miss.inc()
-            if found is not None and (stale is None or found.fetched_at > stale.fetched_at):
-                stale = found
+            if read:
+                found = await self._redis_get(customer)
+                if found is not None and found.is_fresh(floor):
+                    self._m_redis_hit.inc()
+                    self._remember(customer, found, flight)
+                    return Lookup(found, "hit")
+                self._m_redis_miss.inc()
+                if found is not None and (stale is None or found.fetched_at > stale.fetched_at):
+                    stale = found
             try:
                 gens, lock, raced = await self._begin_fetch(customer)
             except RedisDown:
@@ -370,8 +400,10 @@ class DocumentCache:
         )
 
     def _remember(self, customer: str, entry: Entry, flight: Flight) -> None:
-        if flight.invalidated:
-            return
+        if not flight.invalidated:
+            self._put_memory(customer, entry)
+
+    def _put_memory(self, customer: str, entry: Entry) -> None:
         if self.coherent and self._memory_ttl > 0:
             # Kept coherent by the fan-out: until its own (jittered) freshness ends.
             # (SIDECAR_MEMORY_TTL=0 keeps every read asking Redis.)
@@ -492,6 +524,7 @@ class DocumentCache:
 
     def drop_local(self, customers: Iterable[str] | None) -> None:
         """Forget customers (``None``: everyone) in this process, overtaking fills in flight."""
+        self._drops += 1
         if customers is None:
             self.memory.clear()
             for flight in self._inflight.values():
