@@ -537,6 +537,16 @@ class DocumentCache:
                 if overtaken is not None:
                     overtaken.invalidated = True
 
+    def expire_local(self) -> None:
+        """No entry of this process answers alone any more (each is kept as the stale
+        fallback); fills in flight are overtaken."""
+        self._drops += 1
+        for entry in self.memory.data.values():
+            entry.answer_until = 0.0
+        for flight in self._inflight.values():
+            flight.invalidated = True
+        self._inflight.clear()
+
     async def close(self) -> None:
         tasks = [f.task for f in self._inflight.values() if f.task is not None]
         tasks.extend(self._background)
@@ -573,17 +583,20 @@ class Caches:
     def set_coherent(self, coherent: bool) -> None:
         """The fan-out is confirmed live (``True``) or not: see ``DocumentCache.coherent``.
 
-        Losing it drops the in-process layer of every kind (entries remembered while
-        it held answer until their freshness ends, and a message may be missed from
-        now on) and overtakes the fills in flight; from then on memory answers alone
-        for at most ``SIDECAR_MEMORY_TTL`` until the subscription is confirmed again.
+        Losing it expires the in-process layer of every kind (entries remembered
+        while it held answer until their freshness ends, and a message may be missed
+        from now on): no entry answers alone any more, each stays only as the stale
+        fallback for when Redis and the upstream both fail (losing the subscription
+        often means Redis is down). Fills in flight are overtaken. From then on
+        memory answers alone for at most ``SIDECAR_MEMORY_TTL`` until the
+        subscription is confirmed again.
         """
         was = self.entitlements.coherent
         for cache in self.all:
             cache.coherent = coherent
         if was and not coherent:
             for cache in self.all:
-                cache.drop_local(None)
+                cache.expire_local()
 
     def of_kind(self, kind: Kind) -> DocumentCache:
         return self._by_kind[kind.name]
