@@ -77,3 +77,21 @@ async def test_until_confirmed_again_memory_answers_for_at_most_the_memory_ttl(
     before = time.time()
     assert (await source_of(sc, "cus_1"))[0] == "miss"
     assert before + 30 * 0.8 - 1 < answer_until(sc, "cus_1") <= time.time() + 30
+
+
+async def test_losing_the_subscription_keeps_entries_only_as_the_stale_fallback(
+    make_sidecar: SidecarFactory, own_redis: RedisServer, emulator: Emulator, tenant: str
+) -> None:
+    emulator.set_entitlements(tenant, "cus_1", OLD)
+    sc = await make_sidecar(own_redis.url, SIDECAR_MEMORY_TTL=LONG)
+    assert await source_of(sc, "cus_1") == ("miss", False)
+    own_redis.kill()
+
+    async def lost() -> bool:
+        return not sc.cache.coherent
+
+    await eventually(lost, timeout=5)
+    assert sc.cache.memory.data["cus_1"].answer_until == 0, "no longer answers alone"
+    emulator.fail("get_entitlements", 503, None)
+    assert await source_of(sc, "cus_1") == ("stale", False), "Redis and upstream down: stale"
+    emulator.clear_faults()
