@@ -33,7 +33,6 @@ from .cache.cache import Caches
 from .cache.invalidation import Invalidator
 from .config import Settings
 from .http.guard import HostGuard
-from .http.middleware import local_middleware
 from .http.routes import add_routes
 from .http.streams import Streams
 from .metrics import Metrics
@@ -50,7 +49,8 @@ LOCAL_MAX_BODY = 1024 * 1024
 
 def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
     """The local API app; its startup opens the upstream session, Redis and the listener."""
-    app = web.Application(middlewares=[local_middleware], client_max_size=LOCAL_MAX_BODY)
+    # No middleware: every route's handler is wrapped instead (http/middleware.py).
+    app = web.Application(client_max_size=LOCAL_MAX_BODY)
     app[SETTINGS] = settings
     app[METRICS] = metrics if metrics is not None else Metrics()
     app[LIFECYCLE] = Lifecycle()

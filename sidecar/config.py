@@ -597,9 +597,11 @@ class Settings:
         "SIDECAR_MEMORY_TTL",
         _non_negative_float,
         "10",
-        help="seconds an entry lives in-process when Redis is shared",
-        doc="with Redis: seconds the in-process layer answers alone before asking Redis again, "
-        "so a sidecar that missed a fan-out message is wrong for at most this long. Without "
+        help="seconds an entry lives in-process while the fan-out is not confirmed",
+        doc="with Redis, while the fan-out subscription is not confirmed live: seconds the "
+        "in-process layer answers alone before asking Redis again. While it is confirmed "
+        "(heartbeats answered) the fan-out keeps the layer coherent and entries answer until "
+        "their freshness ends; losing it drops the layer. `0`: every read asks Redis. Without "
         "Redis the in-process layer is the cache and uses `SIDECAR_CACHE_TTL`",
     )
     allow_remote: bool = setting(

@@ -26,7 +26,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from ..config import Settings
@@ -44,20 +44,111 @@ __all__ = ["Caches", "DocumentCache", "Flight"]
 
 log = logging.getLogger("sidecar.cache")
 
+# A miss costs Redis two round trips of its own besides the read it shares with the
+# other reads of its loop iteration (``RedisReads``): _BEGIN_SCRIPT, and after the
+# upstream's answer _STORE_SCRIPT.
+#
+# Read the generations, try to take the fetch lock and read the entry again.
+# KEYS: entry, document gen, tenant gen, lock. ARGV: lock token, lock ms.
+# Returns {document gen, tenant gen, 1 if the lock was taken, the entry or nil}.
+_BEGIN_SCRIPT: Final = """
+local won = redis.call('SET', KEYS[4], ARGV[1], 'NX', 'PX', ARGV[2])
+return {redis.call('GET', KEYS[2]) or '0', redis.call('GET', KEYS[3]) or '0',
+        won and 1 or 0, redis.call('GET', KEYS[1])}
+"""
 # SET the entry only if neither the document's nor the kind's tenant-wide generation
-# moved since the fill began. KEYS: entry, document gen, tenant gen. ARGV: expected
-# document gen, expected tenant gen, value, ttl ms.
+# moved since the fill began (and the fill was not overtaken here: ARGV[5] = 1),
+# release the fetch lock if we still hold it, and record the customer's account.
+# KEYS: entry, document gen, tenant gen, lock[, account set]. ARGV: expected document
+# gen, expected tenant gen, value, ttl ms, store (1/0), lock token or ''[, customer,
+# account set ttl s]. Returns 1 when stored.
 _STORE_SCRIPT: Final = """
-if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[1] then return 0 end
-if (redis.call('GET', KEYS[3]) or '0') ~= ARGV[2] then return 0 end
-redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
-return 1
+local stored = 0
+if ARGV[5] == '1' and (redis.call('GET', KEYS[2]) or '0') == ARGV[1]
+    and (redis.call('GET', KEYS[3]) or '0') == ARGV[2] then
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+  stored = 1
+end
+if ARGV[6] ~= '' and redis.call('GET', KEYS[4]) == ARGV[6] then
+  redis.call('DEL', KEYS[4])
+end
+if KEYS[5] then
+  redis.call('SADD', KEYS[5], ARGV[7])
+  redis.call('EXPIRE', KEYS[5], ARGV[8])
+end
+return stored
 """
 # Delete the lock only if we still hold it.
 _UNLOCK_SCRIPT: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+#: Keys per MGET; a larger batch is split (each part its own round trip, at once).
+_MGET_BATCH: Final = 256
+
+
+class RedisReads:
+    """Entry reads coalesced: every ``get`` issued in one loop iteration, of any kind,
+    goes to Redis as one ``MGET`` (the tenant's keys share one hash slot, so this
+    holds on a cluster too).
+
+    The first ``get`` of an iteration schedules the flush with ``call_soon``, which
+    runs after every task already ready in that iteration, so the reads of all the
+    requests parsed together travel in one round trip.
+    """
+
+    def __init__(self, redis: RedisConn) -> None:
+        self.redis = redis
+        self._pending: dict[str, list[asyncio.Future[Any]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def get(self, key: str) -> asyncio.Future[Any]:
+        """A future for the key's value (``bytes`` or ``None``); ``RedisDown`` on failure."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        waiting = self._pending.get(key)
+        if waiting is not None:
+            waiting.append(future)
+            return future
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending[key] = [future]
+        return future
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        loop = asyncio.get_running_loop()
+        keys = list(pending)
+        for start in range(0, len(keys), _MGET_BATCH):
+            part = {k: pending[k] for k in keys[start : start + _MGET_BATCH]}
+            task = loop.create_task(self._read(part))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _read(self, part: dict[str, list[asyncio.Future[Any]]]) -> None:
+        keys = list(part)
+        try:
+            if len(keys) == 1:
+                key = keys[0]
+                values = [await self.redis.run("get", lambda r: r.get(key))]
+            else:
+                values = await self.redis.run("mget", lambda r: r.mget(keys))
+        except RedisDown as exc:
+            for futures in part.values():
+                for f in futures:
+                    if not f.done():
+                        f.set_exception(RedisDown(*exc.args))
+            return
+        for futures, value in zip(part.values(), values, strict=True):
+            for f in futures:
+                if not f.done():
+                    f.set_result(value)
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class Flight:
@@ -81,6 +172,7 @@ class DocumentCache:
         upstream: VellumClient,
         metrics: Metrics,
         redis: RedisConn | None,
+        reads: RedisReads | None = None,
     ) -> None:
         self.kind = kind
         self.settings = settings
@@ -88,15 +180,31 @@ class DocumentCache:
         self.metrics = metrics
         self.redis = redis
         self.keys: KindKeys | None = redis.keys.kind(kind.key) if redis is not None else None
+        if redis is not None and reads is None:
+            reads = RedisReads(redis)
+        self.reads = reads
         self.memory = MemoryLayer(settings.memory_max_entries)
         self._ttl = kind.ttl(settings)
-        # With Redis shared, memory answers alone only briefly, so a sidecar that
-        # missed a fan-out message is wrong for at most SIDECAR_MEMORY_TTL.
+        # With Redis shared and the fan-out not confirmed live, memory answers alone
+        # only briefly, so a sidecar that missed a message is wrong for at most
+        # SIDECAR_MEMORY_TTL.
         self._memory_ttl = settings.memory_ttl if redis is not None else float("inf")
+        #: Set by the invalidator while its fan-out subscription is confirmed live
+        #: (heartbeats answered): the in-process layer is kept coherent by the fan-out,
+        #: so an entry answers from memory until its own freshness ends. The
+        #: invalidator drops the layer the moment it cannot confirm the subscription.
+        self.coherent = False
         self._inflight: dict[str, Flight] = {}
+        #: Drops applied here so far: a Redis read that saw this number change while it
+        #: waited (a drop overtook it) answers its caller but is not remembered.
+        self._drops = 0
         self._background: set[asyncio.Task[Any]] = set()
-        #: Called with (customer, entry) after every upstream fetch (account index).
-        self.on_fetched: Callable[[str, Entry], Awaitable[None]] | None = None
+        #: Called with (customer, entry) after every upstream fetch of a document naming
+        #: an account (the account index, ``Invalidator``).
+        self.on_fetched: Callable[[str, Entry], None] | None = None
+        #: With Redis: the TTL (s) of the account sets the store adds the fetched
+        #: customer to; ``None``: no account sets (``learn_accounts``).
+        self.link_ttl: int | None = None
         m = metrics.cache_lookups_by_kind
         k = kind.name
         self._m_mem_hit = m.labels(k, "memory", "hit")
@@ -115,23 +223,26 @@ class DocumentCache:
     # -- reads -----------------------------------------------------------------
 
     def hit(self, customer: str) -> Lookup | None:
-        """The in-process answer when memory may give it alone, else ``None``.
+        """The in-process answer when memory may give it alone, else ``None``."""
+        entry = self.hit_entry(customer)
+        return Lookup(entry, "hit") if entry is not None else None
 
-        Synchronous, so a handler's memory hit costs no coroutine (the hot path),
-        and it reaches into the LRU's dict directly: each method call saved is
-        worth a few percent of a hit (see docs/performance.md).
+    def hit_entry(self, customer: str) -> Entry | None:
+        """``hit``'s entry, without the ``Lookup`` (the ``can`` route's hot path).
+
+        Synchronous, so a handler's memory hit costs no coroutine, and it reaches
+        into the LRU's dict directly: each method call saved is worth a few
+        percent of a hit (see docs/performance.md).
         """
-        data = self.memory.data
-        item = data.get(customer)
-        if item is not None:
+        entry = self.memory.data.get(customer)
+        if entry is not None:
             now = time.time()
-            entry, answer_until = item
-            if now < answer_until:
-                data.move_to_end(customer)
+            if now < entry.answer_until:
+                self.memory.data.move_to_end(customer)
                 self._m_mem_hit.value += 1
                 if now >= entry.refresh_at:
                     self._refresh_ahead(customer, entry)
-                return Lookup(entry, "hit")
+                return entry
         return None
 
     async def get(self, customer: str) -> Lookup:
@@ -141,9 +252,26 @@ class DocumentCache:
             return found
         item = self.memory.get(customer)
         self._m_mem_miss.inc()
+        stale = item[0] if item else None
         flight = self._inflight.get(customer)
-        if flight is None:
-            flight = self._start(customer, item[0] if item else None, refresh_after=None)
+        if flight is None and self.reads is not None:
+            # Redis first, read with the loop iteration's other reads and without a
+            # task of its own: most misses in memory are hits in Redis.
+            drops = self._drops
+            stored = await self._redis_get(customer)
+            if stored is not None and stored.is_fresh(time.time()):
+                self._m_redis_hit.inc()
+                if self._drops == drops:  # no drop here overtook the read
+                    self._put_memory(customer, stored)
+                return Lookup(stored, "hit")
+            self._m_redis_miss.inc()
+            flight = self._inflight.get(customer)  # started by another caller meanwhile
+            if flight is None:
+                if stored is not None and (stale is None or stored.fetched_at > stale.fetched_at):
+                    stale = stored
+                flight = self._start(customer, stale, refresh_after=None, read=False)
+        elif flight is None:
+            flight = self._start(customer, stale, refresh_after=None)
         assert flight.task is not None
         return await asyncio.shield(flight.task)
 
@@ -165,10 +293,12 @@ class DocumentCache:
         results = await asyncio.gather(*(one(c) for c in distinct))
         return dict(zip(distinct, results, strict=True))
 
-    def _start(self, customer: str, stale: Entry | None, refresh_after: float | None) -> Flight:
+    def _start(
+        self, customer: str, stale: Entry | None, refresh_after: float | None, read: bool = True
+    ) -> Flight:
         flight = Flight()
         task = asyncio.get_running_loop().create_task(
-            self._fill(customer, flight, stale, refresh_after)
+            self._fill(customer, flight, stale, refresh_after, read)
         )
         flight.task = task
         self._inflight[customer] = flight
@@ -192,23 +322,31 @@ class DocumentCache:
         flight.task.add_done_callback(self._background.discard)
 
     async def _fill(
-        self, customer: str, flight: Flight, stale: Entry | None, refresh_after: float | None
+        self,
+        customer: str,
+        flight: Flight,
+        stale: Entry | None,
+        refresh_after: float | None,
+        read: bool = True,
     ) -> Lookup:
+        """Redis (unless the caller just read it: ``read`` false), the fetch lock,
+        the upstream, the store."""
         now = time.time()
         redis = self.redis
         gens: tuple[str, str] | None = None
         lock: str | None = None
         if redis is not None:
-            found = await self._redis_get(customer)
             # A refresh-ahead only accepts an entry newer than the one it refreshes.
             floor = refresh_after if refresh_after is not None else now
-            if found is not None and found.is_fresh(floor):
-                self._m_redis_hit.inc()
-                self._remember(customer, found, flight)
-                return Lookup(found, "hit")
-            self._m_redis_miss.inc()
-            if found is not None and (stale is None or found.fetched_at > stale.fetched_at):
-                stale = found
+            if read:
+                found = await self._redis_get(customer)
+                if found is not None and found.is_fresh(floor):
+                    self._m_redis_hit.inc()
+                    self._remember(customer, found, flight)
+                    return Lookup(found, "hit")
+                self._m_redis_miss.inc()
+                if found is not None and (stale is None or found.fetched_at > stale.fetched_at):
+                    stale = found
             try:
                 gens, lock, raced = await self._begin_fetch(customer)
             except RedisDown:
@@ -226,6 +364,7 @@ class DocumentCache:
                     self._m_redis_hit.inc()
                     self._remember(customer, waited, flight)
                     return Lookup(waited, "hit")
+        entry: Entry | None = None
         try:
             try:
                 kind = self.kind
@@ -237,17 +376,19 @@ class DocumentCache:
                     return Lookup(stale, "stale")
                 raise
             self._m_upstream.inc()
-            if redis is not None and gens is not None and not flight.invalidated:
-                await self._redis_store(customer, entry, gens)
         finally:
-            # Released only after the store: a sidecar waiting on the lock that sees
-            # it go finds the entry, instead of fetching the customer again (the
-            # bench's fleet run: 36 upstream calls for 20 customers, now 20).
-            if lock:
+            # The store releases the lock only after it stored: a sidecar waiting on
+            # the lock that sees it go finds the entry, instead of fetching the
+            # customer again (the bench's fleet run: 36 upstream calls for 20
+            # customers, now 20). Without an entry, only the lock goes.
+            if gens is not None:
+                await self._redis_store(customer, entry, gens, lock or "", flight)
+            elif lock:
                 await self._unlock(customer, lock)
+        assert entry is not None  # the upstream answered (else we returned or raised)
         self._remember(customer, entry, flight)
         if self.on_fetched is not None and entry.account_id is not None:
-            await self.on_fetched(customer, entry)
+            self.on_fetched(customer, entry)
         return Lookup(entry, "miss")
 
     def _entry_from(self, status: int, body: bytes) -> Entry:
@@ -259,24 +400,31 @@ class DocumentCache:
         )
 
     def _remember(self, customer: str, entry: Entry, flight: Flight) -> None:
-        if flight.invalidated:
-            return
-        # Jittered downwards, so "at most SIDECAR_MEMORY_TTL" still holds: entries
-        # filled together (start-up, a tenant-wide drop, a resubscribe) would
-        # otherwise all go back to Redis in the same instant, every TTL, forever,
-        # a burst the hot path queues behind (bench: p99 5.9 ms instead of 1.5 ms).
-        ttl = self._memory_ttl * random.uniform(0.8, 1.0)
-        answer_until = min(time.time() + ttl, entry.fresh_until)
+        if not flight.invalidated:
+            self._put_memory(customer, entry)
+
+    def _put_memory(self, customer: str, entry: Entry) -> None:
+        if self.coherent and self._memory_ttl > 0:
+            # Kept coherent by the fan-out: until its own (jittered) freshness ends.
+            # (SIDECAR_MEMORY_TTL=0 keeps every read asking Redis.)
+            answer_until = entry.fresh_until
+        else:
+            # Jittered downwards, so "at most SIDECAR_MEMORY_TTL" still holds: entries
+            # filled together (start-up, a tenant-wide drop, a resubscribe) would
+            # otherwise all go back to Redis in the same instant, every TTL, forever,
+            # a burst the hot path queues behind (bench: p99 5.9 ms instead of 1.5 ms).
+            ttl = self._memory_ttl * random.uniform(0.8, 1.0)
+            answer_until = min(time.time() + ttl, entry.fresh_until)
         # Kept past answer_until (until LRU eviction) as a stale fallback.
         self.memory.put(customer, entry, answer_until)
 
     # -- Redis layer -------------------------------------------------------------
 
     async def _redis_get(self, customer: str) -> Entry | None:
-        assert self.redis is not None and self.keys is not None
-        key = self.keys.entry(customer)
+        """The stored entry, read with the loop iteration's other reads (``RedisReads``)."""
+        assert self.reads is not None and self.keys is not None
         try:
-            raw = await self.redis.run("get", lambda r: r.get(key))
+            raw = await self.reads.get(self.keys.entry(customer))
         except RedisDown:
             self._m_redis_error.inc()
             return None
@@ -287,7 +435,7 @@ class DocumentCache:
 
     async def _begin_fetch(self, customer: str) -> tuple[tuple[str, str], str | None, Entry | None]:
         """Read the generations, try to take the fetch lock and re-read the entry, in
-        one round trip.
+        one round trip (one script).
 
         Returns the generations, the lock token (``None`` when another sidecar is
         already fetching this customer) and the entry if one was stored since the
@@ -297,17 +445,10 @@ class DocumentCache:
         keys = self.keys
         token = secrets.token_hex(8)
         lock_ms = int((self.settings.upstream_timeout + 1) * 1000)
-
-        async def call(r: RedisClient) -> list[Any]:
-            async with r.pipeline(transaction=False) as pipe:
-                # Two GETs, not MGET: redis-py's cluster pipeline refuses multi-key commands.
-                pipe.get(keys.gen(customer))
-                pipe.get(keys.tenant_gen)
-                pipe.set(keys.lock(customer), token, nx=True, px=lock_ms)
-                pipe.get(keys.entry(customer))
-                return await pipe.execute()
-
-        cgen, tgen, won, raw = await self.redis.run("begin_fetch", call)
+        names = (keys.entry(customer), keys.gen(customer), keys.tenant_gen, keys.lock(customer))
+        cgen, tgen, won, raw = await self.redis.run(
+            "begin_fetch", lambda r: r.eval(_BEGIN_SCRIPT, 4, *names, token, lock_ms)
+        )
         return (_s(cgen), _s(tgen)), token if won else None, self._loads(raw)
 
     async def _wait_for_other(self, customer: str, floor: float) -> Entry | None:
@@ -345,27 +486,35 @@ class DocumentCache:
         with contextlib.suppress(RedisDown):
             await self.redis.run("unlock", lambda r: r.eval(_UNLOCK_SCRIPT, 1, key, token))
 
-    async def _redis_store(self, customer: str, entry: Entry, gens: tuple[str, str]) -> None:
+    async def _redis_store(
+        self,
+        customer: str,
+        entry: Entry | None,
+        gens: tuple[str, str],
+        lock: str,
+        flight: Flight,
+    ) -> None:
+        """One round trip after the fetch: store the entry unless the generations moved
+        (``entry`` ``None``: the fetch failed, store nothing), release the lock, and add
+        the customer to its account's set."""
         assert self.redis is not None and self.keys is not None
         keys = self.keys
-        ttl_ms = max(int((entry.stale_until - time.time()) * 1000), 1)
-        value = entry.dumps()
+        names = [keys.entry(customer), keys.gen(customer), keys.tenant_gen, keys.lock(customer)]
+        store = entry is not None and not flight.invalidated
+        value = entry.dumps() if entry is not None and store else b""
+        ttl_ms = max(int((entry.stale_until - time.time()) * 1000), 1) if entry else 1
+        args: list[Any] = [gens[0], gens[1], value, ttl_ms, "1" if store else "0", lock]
+        account = entry.account_id if entry is not None else None
+        if account is not None and self.link_ttl is not None:
+            names.append(self.redis.keys.account(account))
+            args += [customer, self.link_ttl]
+        if not store and not lock and len(names) == 4:
+            return
         with contextlib.suppress(RedisDown):
             stored = await self.redis.run(
-                "store",
-                lambda r: r.eval(
-                    _STORE_SCRIPT,
-                    3,
-                    keys.entry(customer),
-                    keys.gen(customer),
-                    keys.tenant_gen,
-                    gens[0],
-                    gens[1],
-                    value,
-                    ttl_ms,
-                ),
+                "store", lambda r: r.eval(_STORE_SCRIPT, len(names), *names, *args)
             )
-            if not stored:
+            if store and not stored:
                 log.debug(
                     "store_refused_by_generation",
                     extra={"fields": {"kind": self.kind.name, "customer": customer}},
@@ -375,6 +524,7 @@ class DocumentCache:
 
     def drop_local(self, customers: Iterable[str] | None) -> None:
         """Forget customers (``None``: everyone) in this process, overtaking fills in flight."""
+        self._drops += 1
         if customers is None:
             self.memory.clear()
             for flight in self._inflight.values():
@@ -386,6 +536,16 @@ class DocumentCache:
                 overtaken = self._inflight.pop(c, None)
                 if overtaken is not None:
                     overtaken.invalidated = True
+
+    def expire_local(self) -> None:
+        """No entry of this process answers alone any more (each is kept as the stale
+        fallback); fills in flight are overtaken."""
+        self._drops += 1
+        for entry in self.memory.data.values():
+            entry.answer_until = 0.0
+        for flight in self._inflight.values():
+            flight.invalidated = True
+        self._inflight.clear()
 
     async def close(self) -> None:
         tasks = [f.task for f in self._inflight.values() if f.task is not None]
@@ -405,8 +565,11 @@ class Caches:
         metrics: Metrics,
         redis: RedisConn | None,
     ) -> None:
+        #: One batcher for every kind: a tick's reads of all kinds share one MGET.
+        self.reads = RedisReads(redis) if redis is not None else None
+
         def make(kind: Kind) -> DocumentCache:
-            return DocumentCache(kind, settings, upstream, metrics, redis)
+            return DocumentCache(kind, settings, upstream, metrics, redis, self.reads)
 
         self.entitlements = make(ENTITLEMENTS)
         self.flags = make(FLAGS)
@@ -416,6 +579,24 @@ class Caches:
         # Read when /metrics is collected, so the hot path never sets a gauge.
         metrics.memory_entries.set_function(lambda: sum(len(c.memory) for c in self.all))
         metrics.inflight_fetches.set_function(lambda: sum(c.inflight for c in self.all))
+
+    def set_coherent(self, coherent: bool) -> None:
+        """The fan-out is confirmed live (``True``) or not: see ``DocumentCache.coherent``.
+
+        Losing it expires the in-process layer of every kind (entries remembered
+        while it held answer until their freshness ends, and a message may be missed
+        from now on): no entry answers alone any more, each stays only as the stale
+        fallback for when Redis and the upstream both fail (losing the subscription
+        often means Redis is down). Fills in flight are overtaken. From then on
+        memory answers alone for at most ``SIDECAR_MEMORY_TTL`` until the
+        subscription is confirmed again.
+        """
+        was = self.entitlements.coherent
+        for cache in self.all:
+            cache.coherent = coherent
+        if was and not coherent:
+            for cache in self.all:
+                cache.expire_local()
 
     def of_kind(self, kind: Kind) -> DocumentCache:
         return self._by_kind[kind.name]
@@ -427,6 +608,8 @@ class Caches:
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.all))
+        if self.reads is not None:
+            await self.reads.close()
 
 
 def _s(value: Any) -> str:

@@ -134,7 +134,9 @@ class Invalidator:
         self._link_ttl = int(link_ttl)
         # account -> customers learnt from writes, for memory-only mode and while
         # Redis is down (bounded LRU of accounts).
-        self._links: OrderedDict[str, set[str]] = OrderedDict()
+        # One customer (the usual case) is kept as the string itself, not a set of
+        # one: ~200 bytes less per account.
+        self._links: OrderedDict[str, str | set[str]] = OrderedDict()
         self._listener: asyncio.Task[None] | None = None
         self._pending = _Pending()
         self._drainer: asyncio.Task[None] | None = None
@@ -142,7 +144,10 @@ class Invalidator:
         self._watchers: list[DropWatcher] = []
         if redis is not None:
             metrics.fanout_state.follow(lambda: "ok" if self.subscribed.is_set() else "down")
+        # A fetched document's account: learnt here, and added to the account's set
+        # in Redis by the fill's own store (no round trip of its own).
         caches.entitlements.on_fetched = self._learn_from_entry
+        caches.entitlements.link_ttl = self._link_ttl
         if redis is not None:
             redis.on_reconnect(self._redis_answers)
         metrics.invalidations_queued.set(0)
@@ -420,15 +425,7 @@ class Invalidator:
         """Remember that ``customer`` belongs to ``account`` (learnt from a call or a document)."""
         if not account or not customer:
             return
-        members = self._links.get(account)
-        if members is None:
-            members = self._links[account] = set()
-            while len(self._links) > _MAX_LOCAL_LINKS:
-                self._links.popitem(last=False)
-        else:
-            self._links.move_to_end(account)
-        fresh = customer not in members
-        members.add(customer)
+        fresh = self._link_here(account, customer)
         if self.redis is not None and fresh:
             key = self.redis.keys.account(account)
 
@@ -441,10 +438,33 @@ class Invalidator:
             with contextlib.suppress(RedisDown):
                 await self.redis.run("link", call)
 
+    def _link_here(self, account: str, customer: str) -> bool:
+        """Remember the link in this process; True when it was not known."""
+        links = self._links
+        members = links.get(account)
+        if members is None:
+            links[account] = customer
+            while len(links) > _MAX_LOCAL_LINKS:
+                links.popitem(last=False)
+            return True
+        links.move_to_end(account)
+        if isinstance(members, str):
+            if members == customer:
+                return False
+            links[account] = {members, customer}
+            return True
+        if customer in members:
+            return False
+        members.add(customer)
+        return True
+
     def _known_members(self, account: str) -> set[str]:
         """The account's customers this sidecar learnt (links and cached documents)."""
         cached = self.caches.entitlements.memory.customers_of(account)
-        return set(self._links.get(account, ())) | cached
+        members = self._links.get(account)
+        if members is None:
+            return cached
+        return cached | ({members} if isinstance(members, str) else members)
 
     async def _redis_members(self, account: str) -> set[str]:
         """The account's customers every sidecar learnt (raises ``RedisDown``)."""
@@ -453,9 +473,10 @@ class Invalidator:
         members = await self.redis.run("account_members", lambda r: r.smembers(key))
         return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
 
-    async def _learn_from_entry(self, customer: str, entry: Entry) -> None:
+    def _learn_from_entry(self, customer: str, entry: Entry) -> None:
+        """``DocumentCache.on_fetched``: the fill's store already told Redis."""
         if entry.account_id is not None:
-            await self.link(entry.account_id, customer)
+            self._link_here(entry.account_id, customer)
 
     # -- listening -----------------------------------------------------------------
 
@@ -464,6 +485,7 @@ class Invalidator:
             self._listener = asyncio.get_running_loop().create_task(self._listen())
 
     async def stop(self) -> None:
+        self.caches.set_coherent(False)
         for task in (self._listener, self._drainer):
             if task is not None:
                 task.cancel()
@@ -492,6 +514,7 @@ class Invalidator:
                     await pubsub.subscribe(channel)
                 # Messages may have been missed while (re)connecting.
                 self._drop_here(None, AXES)
+                self.caches.set_coherent(True)
                 self.subscribed.set()
                 backoff = 0.05
                 failed = False
@@ -509,6 +532,9 @@ class Invalidator:
             except asyncio.CancelledError:
                 raise
             except _LISTEN_ERRORS as exc:
+                # A message may be missed from now on: the in-process layer goes, and
+                # answers alone for at most SIDECAR_MEMORY_TTL until confirmed again.
+                self.caches.set_coherent(False)
                 self.subscribed.clear()
                 failed = True
                 log.warning("fanout_disconnected", extra={"fields": {"error": type(exc).__name__}})

@@ -73,6 +73,10 @@ class Kind:
     """And its body."""
     dropped: tuple[str, ...] = ()
     """Fields removed from a document: the local API's own word replaces them."""
+    upstream_body: Callable[[bytes], bytes] = lambda local: local
+    """The upstream's document from the local body (an entry keeps only the latter)."""
+    flags: bool = False
+    """A flags document: entries keep its boolean flags for ``Entry.flag``."""
 
     @property
     def per_customer(self) -> bool:
@@ -87,8 +91,20 @@ class Kind:
         return f"Kind({self.name})"
 
 
+_FOUND: Final = b',"found":true}'
+
+
 def _entitlements_local(doc: dict[str, Any]) -> bytes:
+    # "found" comes last (the document's own was dropped), which _entitlements_upstream
+    # relies on.
     return orjson.dumps({**doc, "found": True})
+
+
+def _entitlements_upstream(local: bytes) -> bytes:
+    """The document without the ``"found": true`` that ``_entitlements_local`` appended."""
+    if local.endswith(_FOUND):
+        return local[: -len(_FOUND)] + b"}"
+    return b"{}"  # {"found":true}: the document was empty
 
 
 def _not_found(message: str) -> bytes:
@@ -118,6 +134,7 @@ ENTITLEMENTS: Final = Kind(
     missing_status=200,
     missing_body=NOT_FOUND_BODY,
     dropped=("found",),
+    upstream_body=_entitlements_upstream,
 )
 FLAGS: Final = Kind(
     name="flags",
@@ -128,6 +145,7 @@ FLAGS: Final = Kind(
     ttl=lambda s: s.flags_ttl,
     check=_flags_check,
     local_body=orjson.dumps,
+    flags=True,
     missing="the upstream has no flags for this customer",
     missing_status=404,
     missing_body=orjson.dumps(
@@ -143,6 +161,7 @@ GLOBAL_FLAGS: Final = Kind(
     ttl=lambda s: s.flags_ttl,
     check=_flags_check,
     local_body=orjson.dumps,
+    flags=True,
     missing="the upstream has no global flags for this tenant",
     missing_status=404,
     missing_body=_not_found("the upstream has no global flags for this tenant"),

@@ -10,7 +10,8 @@ __all__ = ["MemoryLayer"]
 
 
 class MemoryLayer:
-    """Bounded LRU of entries; each remembers until when memory may answer alone.
+    """Bounded LRU of entries; each remembers until when memory may answer alone
+    (``Entry.answer_until``, set here).
 
     An entry stays past its ``answer_until`` (until evicted) as the stale fallback
     for a fill whose upstream call fails.
@@ -20,25 +21,28 @@ class MemoryLayer:
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
-        #: customer -> (entry, answer_until), least recently used first. Public so
+        #: customer -> entry, least recently used first. Public so
         #: ``DocumentCache.hit`` can answer a hit without a method call (the hot path).
-        self.data: OrderedDict[str, tuple[Entry, float]] = OrderedDict()
+        #: The entry itself holds ``answer_until``: no tuple per customer.
+        self.data: OrderedDict[str, Entry] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.data)
 
     def get(self, key: str) -> tuple[Entry, float] | None:
         """The entry and its ``answer_until`` (even past it), marked recently used."""
-        item = self.data.get(key)
-        if item is not None:
-            self.data.move_to_end(key)
-        return item
+        entry = self.data.get(key)
+        if entry is None:
+            return None
+        self.data.move_to_end(key)
+        return entry, entry.answer_until
 
     def put(self, key: str, entry: Entry, answer_until: float) -> None:
         """Store or replace ``key``, evicting the least recently used beyond the bound."""
         if self.max_entries <= 0:
             return
-        self.data[key] = (entry, answer_until)
+        entry.answer_until = answer_until
+        self.data[key] = entry
         self.data.move_to_end(key)
         while len(self.data) > self.max_entries:
             self.data.popitem(last=False)
@@ -51,4 +55,4 @@ class MemoryLayer:
 
     def customers_of(self, account: str) -> set[str]:
         """The customers held whose document names ``account``."""
-        return {c for c, (e, _) in self.data.items() if e.account_id == account}
+        return {c for c, e in self.data.items() if e.account_id == account}

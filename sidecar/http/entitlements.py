@@ -14,12 +14,12 @@ from aiohttp import web
 
 from ..appkeys import CACHE, INVALIDATOR, SETTINGS
 from ..cache.cache import DocumentCache
-from ..cache.entry import Entry, Lookup
+from ..cache.entry import Entry, Lookup, Source
 from ..cache.kinds import AXES, Axis
 from ..errors import BadRequest, UpstreamError, UpstreamUnavailable
 from .inputs import MAX_BATCH, MAX_ID_LENGTH, is_id, path_id, read_json
 from .operations import Surface
-from .responses import cached_response, json_response
+from .responses import cached_response, json_response, source_response
 
 __all__ = ["can", "check", "drop_all", "drop_customer", "read_cached"]
 
@@ -44,11 +44,16 @@ async def can(request: web.Request) -> web.StreamResponse:
     Modules named in ``SIDECAR_FAIL_OPEN_MODULES`` answer 200 ``allowed: true``
     with ``fallback: true`` instead, so callers can tell the answer was a policy.
     """
-    customer = path_id(request, "customer")
-    module = path_id(request, "module")
+    info = request.match_info
+    customer = info["customer"]
+    module = info["module"]
+    if not (0 < len(customer) <= MAX_ID_LENGTH and 0 < len(module) <= MAX_ID_LENGTH):
+        customer = path_id(request, "customer")  # raises the 400 naming the problem
+        module = path_id(request, "module")
     cache = request.app[CACHE]
-    lookup = cache.hit(customer)
-    if lookup is None:
+    entry = cache.hit_entry(customer)
+    source: Source = "hit"
+    if entry is None:
         try:
             lookup = await cache.get(customer)
         except UpstreamError as exc:
@@ -62,16 +67,16 @@ async def can(request: web.Request) -> web.StreamResponse:
                 module=module,
                 status=None,
             ) from None
-    entry = lookup.entry
+        entry, source = lookup.entry, lookup.source
     body = orjson.dumps(
         {
-            "allowed": entry.has(module),
+            "allowed": module in entry.modules,
             "customerId": customer,
             "module": module,
             "status": entry.status,
         }
     )
-    return cached_response(body, lookup)
+    return source_response(body, source, entry.fetched_at)
 
 
 def _fallback(customer: str, module: str) -> dict[str, Any]:

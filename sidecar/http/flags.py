@@ -20,7 +20,7 @@ from ..appkeys import CACHES
 from ..cache.entry import Lookup
 from ..errors import BadRequest, NotFound, UpstreamError, UpstreamUnavailable
 from .inputs import path_id
-from .responses import cached_response, json_response
+from .responses import cached_response, json_response, source_response
 
 __all__ = ["flag", "parse_default"]
 
@@ -41,11 +41,19 @@ def parse_default(request: web.Request) -> bool | None:
 async def flag(request: web.Request) -> web.StreamResponse:
     customer = path_id(request, "customer")
     name = path_id(request, "name")
-    default = parse_default(request)
+    default = parse_default(request) if request.query_string else None
+    cache = request.app[CACHES].flags
+    entry = cache.hit_entry(customer)
+    if entry is not None:
+        value = entry.flag(name)
+        if value is not None:
+            # The memory hit of a defined flag: no Lookup, no answer dict to merge.
+            body = orjson.dumps({"flag": name, "customerId": customer, "value": value})
+            return source_response(body, "hit", entry.fetched_at)
     answer: dict[str, Any] = {"flag": name, "customerId": customer}
     lookup: Lookup | None = None
     try:
-        lookup = await request.app[CACHES].flags.get(customer)
+        lookup = await cache.get(customer)
     except UpstreamError as exc:
         if default is None:
             raise UpstreamUnavailable(exc.message, code=exc.code, **answer, value=None) from None

@@ -1,8 +1,15 @@
-"""The listeners' middlewares: every error leaves as the JSON envelope.
+"""Around every handler: every error leaves as the JSON envelope.
 
-``local_middleware`` (the local API) also runs the browser guard and records
-each request's metrics; ``json_errors`` (ops, webhooks, the workers' supervisor)
-only turns aiohttp's own refusals into JSON.
+The local API has no aiohttp middleware: aiohttp's middleware machinery costs
+more than the sidecar's own work on a memory hit (docs/performance.md). Instead
+``guarded`` wraps each of its handlers when the routes are registered
+(``http/routes.py``): the browser guard, the request's metrics and the JSON
+errors run inline, one coroutine frame, and ``unmatched`` (a last catch-all
+route, wrapped alike) answers the paths and methods no route serves with the
+JSON 404 and 405 (``Allow`` included) aiohttp's router would have raised.
+
+``json_errors`` (ops, webhooks, the workers' supervisor) is a middleware: it
+only turns aiohttp's own refusals into JSON, off the hot path.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 from aiohttp import web
 
@@ -17,7 +25,7 @@ from ..appkeys import GUARD, METRICS
 from ..errors import Forbidden, SidecarError
 from .responses import error_response, http_exception_response
 
-__all__ = ["Handler", "json_errors", "local_middleware"]
+__all__ = ["UNMATCHED", "Handler", "guarded", "json_errors", "unmatched"]
 
 # The logger's name predates the http/ package; log pipelines filter on it.
 log = logging.getLogger("sidecar.api")
@@ -25,32 +33,56 @@ log = logging.getLogger("sidecar.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def local_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Guard, time, count, and turn every error into the JSON shape."""
-    app = request.app
-    refusal = app[GUARD].refusal(request.headers.get("Host"), request.headers.get("Origin"))
-    started = time.perf_counter()
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
-    if refusal is not None:
-        response: web.StreamResponse = error_response(Forbidden(refusal))
-    else:
-        try:
-            response = await handler(request)
-        except SidecarError as exc:
-            response = error_response(exc)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            response = http_exception_response(exc)
-        except Exception:
-            log.exception("unhandled_error", extra={"fields": {"route": route}})
-            response = error_response(SidecarError("internal error"))
-    app[METRICS].observe_request(
-        route, request.method, response.status, time.perf_counter() - started
+#: The metrics' route label of requests no route serves.
+UNMATCHED: Final = "unmatched"
+
+
+def guarded(app: web.Application, route: str, handler: Handler) -> Handler:
+    """``handler`` with the guard, timing, metrics and the JSON errors around it, for
+    the route labelled ``route`` (its canonical path)."""
+    refuse = app[GUARD].refusal
+    observe = app[METRICS].observe_request
+    clock = time.perf_counter
+
+    async def guarded_handler(request: web.Request) -> web.StreamResponse:
+        headers = request.headers
+        refusal = refuse(headers.get("Host"), headers.get("Origin"))
+        started = clock()
+        if refusal is None:
+            try:
+                response = await handler(request)
+            except SidecarError as exc:
+                response = error_response(exc)
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                response = http_exception_response(exc)
+            except Exception:
+                log.exception("unhandled_error", extra={"fields": {"route": route}})
+                response = error_response(SidecarError("internal error"))
+        else:
+            response = error_response(Forbidden(refusal))
+        observe(route, request.method, response.status, clock() - started)
+        return response
+
+    guarded_handler.__name__ = guarded_handler.__qualname__ = getattr(
+        handler, "__name__", "handler"
     )
-    return response
+    return guarded_handler
+
+
+async def unmatched(request: web.Request) -> web.StreamResponse:
+    """The last route's handler: 405 with ``Allow`` when a route serves the path with
+    other methods, else 404 (raised, so ``guarded`` answers them as JSON)."""
+    own = request.match_info.route.resource
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not own:
+            _, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
 
 
 @web.middleware

@@ -8,6 +8,7 @@ from typing import Any, Final
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict, istr
 
 from ..cache.entry import Lookup
 from ..errors import (
@@ -27,6 +28,7 @@ __all__ = [
     "http_error_code",
     "http_exception_response",
     "json_response",
+    "source_response",
 ]
 
 CACHE_HEADER: Final = "X-Sidecar-Cache"
@@ -75,14 +77,30 @@ def http_exception_response(exc: web.HTTPException) -> web.Response:
 
 def cached_response(body: bytes, lookup: Lookup, status: int = 200) -> web.Response:
     """A cached read: ``X-Sidecar-Cache`` says where it came from, ``Age`` how old it is."""
-    age = int(time.time() - lookup.entry.fetched_at)
-    # One headers dict (Content-Type included) is the cheapest way into a Response.
-    return web.Response(
-        body=body,
-        status=status,
-        headers={
-            "Content-Type": "application/json",
-            CACHE_HEADER: lookup.source,
-            "Age": str(age) if age > 0 else "0",
-        },
-    )
+    return source_response(body, lookup.source, lookup.entry.fetched_at, status)
+
+
+def source_response(body: bytes, source: str, fetched_at: float, status: int = 200) -> web.Response:
+    """``cached_response`` from its parts (the hot path has no ``Lookup`` to build)."""
+    age = int(time.time() - fetched_at)
+    if age < 0:
+        age = 0
+    key = (source, age)
+    headers = _CACHED_HEADERS.get(key)
+    if headers is None:
+        headers = CIMultiDict(
+            ((_CONTENT_TYPE, "application/json"), (_CACHE_HEADER, source), (_AGE, str(age)))
+        )
+        if len(_CACHED_HEADERS) < _MAX_CACHED_HEADERS:
+            _CACHED_HEADERS[key] = headers
+    # A copy of a ready multidict is the cheapest way into a Response (the response
+    # adds its own headers to it when sent).
+    return web.Response(body=body, status=status, headers=headers.copy())
+
+
+_CONTENT_TYPE: Final = istr("Content-Type")
+_CACHE_HEADER: Final = istr(CACHE_HEADER)
+_AGE: Final = istr("Age")
+#: A cached read's headers by (source, age in seconds), built once each.
+_CACHED_HEADERS: dict[tuple[str, int], CIMultiDict[str]] = {}
+_MAX_CACHED_HEADERS: Final = 4096

@@ -22,7 +22,7 @@ from ..errors import NotFound
 from . import entitlements, flags, ofrep
 from .forwarding import forward, forward_unknown
 from .inputs import path_id
-from .middleware import Handler
+from .middleware import UNMATCHED, Handler, guarded, unmatched
 from .operations import OPERATIONS, SURFACES, Operation, Surface
 
 __all__ = ["add_routes"]
@@ -35,26 +35,36 @@ _OPENAPI: bytes | None = None
 
 
 def add_routes(app: web.Application) -> None:
-    """Register the local API on ``app``: the routes below, then the operation table's."""
+    """Register the local API on ``app``: the routes below, then the operation table's,
+    each handler ``guarded``; last the catch-all answering every other path."""
     r = app.router
-    r.add_get(f"/v1/customers/{{customer:{_ID}}}/can/{{module:{_ID}}}", entitlements.can)
-    r.add_post("/v1/check", entitlements.check)
-    r.add_get(f"/v1/customers/{{customer:{_ID}}}/flags/{{name:{_ID}}}", flags.flag)
-    r.add_delete(f"/v1/customers/{{customer:{_ID}}}/cache", entitlements.drop_customer)
-    r.add_delete("/v1/cache", entitlements.drop_all)
-    r.add_post(f"/ofrep/v1/evaluate/flags/{{key:{_ID}}}", ofrep.evaluate)
-    r.add_post("/ofrep/v1/evaluate/flags", ofrep.evaluate_bulk)
-    r.add_get(ofrep.STREAM_PATH, ofrep.events)
-    r.add_get("/openapi.json", openapi)
+
+    def add(method: str, path: str, handler: Handler, name: str | None = None) -> None:
+        resource = r.add_resource(path, name=name)
+        wrapped = guarded(app, resource.canonical, handler)
+        if method == "GET":
+            # HEAD answers like GET without the body, as aiohttp's add_get does.
+            resource.add_route("HEAD", wrapped)
+        resource.add_route(method, wrapped)
+
+    add("GET", f"/v1/customers/{{customer:{_ID}}}/can/{{module:{_ID}}}", entitlements.can)
+    add("POST", "/v1/check", entitlements.check)
+    add("GET", f"/v1/customers/{{customer:{_ID}}}/flags/{{name:{_ID}}}", flags.flag)
+    add("DELETE", f"/v1/customers/{{customer:{_ID}}}/cache", entitlements.drop_customer)
+    add("DELETE", "/v1/cache", entitlements.drop_all)
+    add("POST", f"/ofrep/v1/evaluate/flags/{{key:{_ID}}}", ofrep.evaluate)
+    add("POST", "/ofrep/v1/evaluate/flags", ofrep.evaluate_bulk)
+    add("GET", ofrep.STREAM_PATH, ofrep.events)
+    add("GET", "/openapi.json", openapi)
     for op in OPERATIONS:
         for surface in SURFACES:
-            route, handler = op.route(surface), _operation_handler(op, surface)
-            if op.method == "GET":
-                # HEAD answers like GET without the body, as aiohttp's add_get does.
-                r.add_route("HEAD", route, handler)
-            r.add_route(op.method, route, handler, name=f"{surface}.{op.name}")
-    # Last: the catch-all must not shadow any route registered above.
-    r.add_route("*", "/tenants/{tenant}/{path:.*}", forward_unknown, name="mirror.unknown")
+            add(op.method, op.route(surface), _operation_handler(op, surface),
+                name=f"{surface}.{op.name}")  # fmt: skip
+    # The mirror's catch-all must not shadow any route registered above.
+    add("*", "/tenants/{tenant}/{path:.*}", forward_unknown, name="mirror.unknown")
+    # Last of all: every path no route serves (404, or 405 with Allow), in JSON.
+    resource = r.add_resource("/{path:.*}", name=UNMATCHED)
+    resource.add_route("*", guarded(app, UNMATCHED, unmatched))
 
 
 def _operation_handler(op: Operation, surface: Surface) -> Handler:
