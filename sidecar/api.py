@@ -15,6 +15,7 @@ from typing import Any, Final
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from .cache import Entry, Lookup
 from .errors import BadRequest, SidecarError, UpstreamError, UpstreamUnavailable
@@ -47,7 +48,13 @@ CACHE_HEADER: Final = "X-Sidecar-Cache"
 async def local_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Guard, time, count, and turn every error into the JSON shape."""
     app = request.app
-    refusal = app[GUARD].refusal(request.headers.get("Host"), request.headers.get("Origin"))
+    headers = request.headers
+    refusal = app[GUARD].refusal(
+        headers.get("Host"),
+        headers.get("Origin"),
+        headers.get("Sec-Fetch-Site"),
+        headers.get("Referer"),
+    )
     started = time.perf_counter()
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
@@ -64,6 +71,11 @@ async def local_middleware(request: web.Request, handler: Handler) -> web.Stream
             if exc.status < 400:
                 raise
             response = http_exception_response(exc)
+        except RequestPayloadError:
+            response = json_response(
+                {"error": {"code": "invalid_body", "message": "the request body is malformed"}},
+                400,
+            )
         except Exception:
             log.exception("unhandled_error", extra={"fields": {"route": route}})
             response = json_response(

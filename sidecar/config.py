@@ -165,6 +165,34 @@ class Variable:
         return "--" + base.lower().replace("_", "-")
 
 
+# -- listener limits, guards, active checks and drain (issue 14) ---------------------
+#: name: (default, help, parser, Settings attribute). docs/operations.md explains each.
+_LIMITS: Final[dict[str, tuple[str, str, Callable[[str], Any], str]]] = {
+    "SIDECAR_HEADER_TIMEOUT": ("5", "seconds a request's line and headers may take to arrive",
+                               lambda v: _positive_float(v), "header_timeout"),
+    "SIDECAR_BODY_TIMEOUT": ("10", "seconds a request body may take to arrive after its headers",
+                             lambda v: _positive_float(v), "body_timeout"),
+    "SIDECAR_KEEPALIVE_TIMEOUT": ("30", "seconds an idle keep-alive connection stays open",
+                                  lambda v: _positive_float(v), "keepalive_timeout"),
+    "SIDECAR_MAX_CONNECTIONS": ("1024", "open connections the local API accepts",
+                                lambda v: _positive_int(v), "max_connections"),
+    "SIDECAR_WEBHOOK_MAX_CONNECTIONS": ("128", "open connections the webhook listener accepts",
+                                        lambda v: _positive_int(v), "webhook_max_connections"),
+    "SIDECAR_OPS_MAX_CONNECTIONS": ("32", "open connections the ops listener accepts",
+                                    lambda v: _positive_int(v), "ops_max_connections"),
+    "SIDECAR_OPS_ALLOWED_HOSTS": ("", "Host names the ops listener accepts besides loopback "
+                                  "names and IP literals (.suffix matches subdomains)",
+                                  lambda v: _name_set(v), "ops_allowed_hosts"),
+    "SIDECAR_CHECK_INTERVAL": ("0.25", "seconds between Redis PINGs and fan-out heartbeats",
+                               lambda v: _positive_float(v), "check_interval"),
+    "SIDECAR_UPSTREAM_CHECK_INTERVAL": ("1", "seconds between upstream checks while idle; 0: off",
+                                        lambda v: _non_negative_float(v),
+                                        "upstream_check_interval"),
+    "SIDECAR_SHUTDOWN_DRAIN": ("1", "seconds after SIGTERM that open connections still get "
+                               "answers (with Connection: close)",
+                               lambda v: _non_negative_float(v), "shutdown_drain"),
+}  # fmt: skip
+
 #: Every setting, in the order ``check-config`` prints them.
 VARIABLES: Final[tuple[Variable, ...]] = (
     Variable("VELLUM_API_KEY", None, "the secret Vellum API key (required unless _FILE)", True),
@@ -202,7 +230,9 @@ VARIABLES: Final[tuple[Variable, ...]] = (
         "SIDECAR_ACCESS_LOG", "false", "true to log every request (off the hot path by default)"
     ),
     Variable("SIDECAR_WORKERS", "1", "worker processes sharing the listeners; >1 needs Redis"),
+    *(Variable(name, default, help) for name, (default, help, _, _) in _LIMITS.items()),
 )
+
 
 _BY_NAME: Final = {v.name: v for v in VARIABLES}
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -245,6 +275,17 @@ class Settings:
     log_level: str = "info"
     access_log: bool = False
     workers: int = 1
+    # listener limits, guards, active checks and drain: see _LIMITS
+    header_timeout: float = 5.0
+    body_timeout: float = 10.0
+    keepalive_timeout: float = 30.0
+    max_connections: int = 1024
+    webhook_max_connections: int = 128
+    ops_max_connections: int = 32
+    ops_allowed_hosts: frozenset[str] = frozenset()
+    check_interval: float = 0.25
+    upstream_check_interval: float = 1.0
+    shutdown_drain: float = 1.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -299,6 +340,7 @@ class Settings:
         log_level = parse("SIDECAR_LOG_LEVEL", _log_level)
         access_log = parse("SIDECAR_ACCESS_LOG", _bool)
         workers = parse("SIDECAR_WORKERS", _positive_int)
+        limits = {attr: parse(name, conv) for name, (_, _, conv, attr) in _LIMITS.items()}
 
         if listen is not None and not listen.is_loopback and allow_remote is False:
             problems.append(
@@ -359,6 +401,7 @@ class Settings:
             log_level=log_level,
             access_log=access_log,
             workers=workers,
+            **limits,
         )
 
     @property
@@ -383,6 +426,7 @@ class Settings:
             ),
             "SIDECAR_ALLOWED_HOSTS": ",".join(sorted(self.allowed_hosts)),
             "SIDECAR_FAIL_OPEN_MODULES": ",".join(sorted(self.fail_open_modules)),
+            "SIDECAR_OPS_ALLOWED_HOSTS": ",".join(sorted(self.ops_allowed_hosts)),
         }
         out: list[tuple[str, str]] = []
         for var in VARIABLES:

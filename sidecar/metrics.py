@@ -90,6 +90,18 @@ class Metrics:
             f"{p}_inflight_fetches", "Entitlement fetches in flight (single-flight).",
             registry=r,
         )  # fmt: skip
+        # Listener limits (sidecar/http/limits.py) and the batch deadline.
+        self.connections_refused = Counter(
+            f"{p}_connections_refused", "Connections refused at accept or cut by a listener "
+            "limit, by listener and reason.", ["listener", "reason"], registry=r,
+        )  # fmt: skip
+        self.open_connections = Gauge(
+            f"{p}_open_connections", "Open connections by listener.", ["listener"], registry=r,
+        )  # fmt: skip
+        self.check_timeouts = Counter(
+            f"{p}_check_timeouts", "POST /v1/check entries answered \"error\": \"timeout\".",
+            registry=r,
+        )  # fmt: skip
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one local API request and its latency (the hot path: one dict lookup)."""

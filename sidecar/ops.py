@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .keys import CORE, INVALIDATOR, LIFECYCLE, METRICS, REDIS, UPSTREAM
+from .guard import HostGuard, guard_middleware
+from .keys import CORE, INVALIDATOR, LIFECYCLE, METRICS, REDIS, SETTINGS, UPSTREAM
 from .metrics import CONTENT_TYPE_LATEST
 from .responses import json_errors, json_response
 
@@ -43,7 +44,8 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 
 def create_ops_app(core: web.Application) -> web.Application:
-    app = web.Application(middlewares=[json_errors])
+    guard = HostGuard(core[SETTINGS].ops_allowed_hosts, ip_literals=True)
+    app = web.Application(middlewares=[json_errors, guard_middleware(guard)])
     app[CORE] = core
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

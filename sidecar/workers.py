@@ -60,6 +60,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from .config import Listen, Settings
+from .guard import HostGuard, guard_middleware
+from .http.limits import listener_guards
 from .responses import json_errors, json_response
 from .server import Listener, bind, run_sidecar
 
@@ -181,6 +183,9 @@ class Supervisor:
         try:
             self._bind_shared()
             ops = Listener("ops", self._ops_app(), self.settings.ops_listen)
+            # The supervisor's own ops listener: the same limits, counted by no one
+            # (its registry would clash with the workers' merged series).
+            ops.guard = listener_guards(self.settings, None)["ops"]
             await bind(ops, shutdown_timeout=1.0, access_log=False)
             log.info("listening", extra={"fields": {"listener": "ops", "at": str(ops.listen)}})
             for worker in self.workers:
@@ -304,7 +309,8 @@ class Supervisor:
     # -- the supervisor's ops listener ----------------------------------------------------
 
     def _ops_app(self) -> web.Application:
-        app = web.Application(middlewares=[json_errors])
+        guard = HostGuard(self.settings.ops_allowed_hosts, ip_literals=True)
+        app = web.Application(middlewares=[json_errors, guard_middleware(guard)])
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
