@@ -20,10 +20,12 @@ from .api import add_routes, local_middleware
 from .cache import EntitlementCache
 from .config import Settings
 from .guard import HostGuard
+from .health import HealthMonitor
 from .invalidation import Invalidator
 from .keys import (
     CACHE,
     GUARD,
+    HEALTH,
     INVALIDATOR,
     LIFECYCLE,
     METRICS,
@@ -53,6 +55,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_cache_ctx)
+    app.cleanup_ctx.append(_health_ctx)
     add_routes(app)
     return app
 
@@ -95,6 +98,8 @@ async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
         app[METRICS],
         sidecar_id=f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}",
         link_ttl=settings.cache_ttl + settings.stale_ttl,
+        heartbeat=settings.check_interval,
+        stall_after=max(settings.redis_timeout, settings.check_interval),
     )
     app[CACHE] = cache
     app[INVALIDATOR] = invalidator
@@ -102,3 +107,14 @@ async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     await invalidator.stop()
     await cache.close()
+
+
+async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The active checks behind /readyz (sidecar/health.py)."""
+    monitor = HealthMonitor(
+        app[SETTINGS], app[UPSTREAM], app[REDIS], app[INVALIDATOR], app[CACHE], app[METRICS]
+    )
+    app[HEALTH] = monitor
+    monitor.start()
+    yield
+    await monitor.stop()

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any, Final, Literal
 
 import orjson
+from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 
 from .cache import EntitlementCache, Entry
@@ -44,7 +45,22 @@ class _Resubscribe(Exception):
     """The server ended our shard-channel subscription (slot migration, failover)."""
 
 
-_LISTEN_ERRORS: Final[tuple[type[BaseException], ...]] = (*REDIS_ERRORS, _Resubscribe)
+class _Stalled(Exception):
+    """The subscribed connection did not answer a PING in time (a hung Redis)."""
+
+
+_LISTEN_ERRORS: Final[tuple[type[BaseException], ...]] = (*REDIS_ERRORS, _Resubscribe, _Stalled)
+_HEARTBEAT: Final = b"vellum-sidecar-heartbeat"
+
+
+async def _ping(pubsub: PubSub) -> None:
+    """PING down the subscribed connection(s); the PONG comes back as a message."""
+    if isinstance(pubsub, ClusterPubSub):
+        # Sharded subscriptions live on per-node connections (one: the tenant's shard).
+        for node in list(pubsub.node_pubsub_mapping.values()):
+            await node.ping(_HEARTBEAT)
+    else:
+        await pubsub.ping(_HEARTBEAT)
 
 
 class Invalidator:
@@ -56,6 +72,8 @@ class Invalidator:
         *,
         sidecar_id: str,
         link_ttl: float,
+        heartbeat: float = 0.25,
+        stall_after: float = 0.5,
     ) -> None:
         self.cache = cache
         self.redis = redis
@@ -66,7 +84,10 @@ class Invalidator:
         # Redis is down (bounded LRU of accounts).
         self._links: OrderedDict[str, set[str]] = OrderedDict()
         self._listener: asyncio.Task[None] | None = None
+        #: Set while the fan-out subscription is confirmed and answering heartbeats.
         self.subscribed = asyncio.Event()
+        self._heartbeat = heartbeat
+        self._stall_after = stall_after
         cache.on_fetched = self._learn_from_entry
 
     # -- issuing -----------------------------------------------------------------
@@ -207,9 +228,17 @@ class Invalidator:
             self._listener = None
 
     async def _listen(self) -> None:
-        """Subscribe, apply messages; on any failure resubscribe with backoff."""
+        """Subscribe, apply messages; on any failure resubscribe with backoff.
+
+        A PING goes down the subscribed connection every ``heartbeat`` seconds.
+        The subscription counts (``subscribed``, the in-process layer dropped)
+        only once a PONG comes back, and a PONG later than ``stall_after``
+        counts as a failure: a hung Redis accepts connections and commands and
+        answers nothing, which would otherwise look like a quiet channel.
+        """
         assert self.redis is not None
         channel = self.redis.keys.channel
+        loop = asyncio.get_running_loop()
         backoff = 0.05
         failed = False
         while True:
@@ -226,22 +255,37 @@ class Invalidator:
                     await pubsub.ssubscribe(channel)
                 else:
                     await pubsub.subscribe(channel)
-                # Messages may have been missed while (re)connecting.
-                self.cache.drop_local(None)
-                self.subscribed.set()
-                backoff = 0.05
-                failed = False
-                log.info("fanout_subscribed")
+                await _ping(pubsub)
+                pinged_at, awaiting = loop.time(), True
                 while True:
+                    now = loop.time()
+                    if awaiting and now - pinged_at > self._stall_after:
+                        raise _Stalled
+                    if not awaiting and now - pinged_at >= self._heartbeat:
+                        await _ping(pubsub)
+                        pinged_at, awaiting = now, True
+                    due = self._stall_after if awaiting else self._heartbeat
+                    wait = min(max(pinged_at + due - now, 0.005), self._heartbeat)
                     if isinstance(pubsub, ClusterPubSub):
-                        msg = await pubsub.get_sharded_message(timeout=5.0)
-                        if msg is not None and msg.get("type") == "sunsubscribe":
-                            # The slot moved or its shard failed over: resubscribe.
-                            raise _Resubscribe
+                        msg = await pubsub.get_sharded_message(timeout=wait)
                     else:
-                        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
-                    if msg is not None and msg.get("type") in ("message", "smessage"):
+                        msg = await pubsub.get_message(timeout=wait)
+                    kind = msg.get("type") if msg is not None else None
+                    if kind in ("message", "smessage"):
+                        assert msg is not None
                         self._apply(msg["data"])
+                    elif kind == "pong":
+                        awaiting = False
+                        if not self.subscribed.is_set():
+                            # Messages may have been missed while (re)connecting.
+                            self.cache.drop_local(None)
+                            self.subscribed.set()
+                            backoff = 0.05
+                            failed = False
+                            log.info("fanout_subscribed")
+                    elif kind == "sunsubscribe":
+                        # The slot moved or its shard failed over: resubscribe.
+                        raise _Resubscribe
             except asyncio.CancelledError:
                 raise
             except _LISTEN_ERRORS as exc:

@@ -9,6 +9,7 @@ from aiohttp import web
 from .cache import EntitlementCache
 from .config import Settings
 from .guard import HostGuard
+from .health import HealthMonitor
 from .invalidation import Invalidator
 from .metrics import Metrics
 from .redisio import RedisConn
@@ -18,6 +19,7 @@ __all__ = [
     "CACHE",
     "CORE",
     "GUARD",
+    "HEALTH",
     "INVALIDATOR",
     "LIFECYCLE",
     "METRICS",
@@ -45,5 +47,6 @@ UPSTREAM = web.AppKey("upstream", VellumClient)
 REDIS: web.AppKey[RedisConn | None] = web.AppKey("redis")
 CACHE = web.AppKey("cache", EntitlementCache)
 INVALIDATOR = web.AppKey("invalidator", Invalidator)
+HEALTH = web.AppKey("health", HealthMonitor)
 #: The ops and webhook apps reach the shared resources through the core (local API) app.
 CORE = web.AppKey("core", web.Application)

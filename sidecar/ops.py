@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from .guard import HostGuard, guard_middleware
-from .keys import CORE, INVALIDATOR, LIFECYCLE, METRICS, REDIS, SETTINGS, UPSTREAM
+from .keys import CORE, HEALTH, LIFECYCLE, METRICS, SETTINGS
 from .metrics import CONTENT_TYPE_LATEST
 from .responses import json_errors, json_response
 
@@ -17,24 +17,23 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 
 
 async def readyz(request: web.Request) -> web.StreamResponse:
-    """200 once the sidecar can answer (stale answers count), 503 while starting or stopping.
+    """200 while the sidecar can answer reads (stale answers count), else 503.
 
-    Redis down or an upstream outage do not make the sidecar unready: it still
-    answers from memory, Redis or stale entries, and taking it out of service
-    would only turn those answers into connection errors. The body says what
-    is degraded.
+    Redis down, the fan-out down, or an upstream outage do not by themselves
+    make the sidecar unready: it still answers from memory, Redis or stale
+    entries, and taking it out of service would only turn those answers into
+    connection errors. The body names each dependency's state (sidecar/health.py,
+    from active checks). 503 while starting or stopping, and ``unavailable``
+    when no read could be answered at all (health.py says when).
     """
     core = request.app[CORE]
     phase = core[LIFECYCLE].phase
-    redis = core.get(REDIS)
-    body: dict[str, object] = {
-        "status": phase,
-        "redis": "disabled" if redis is None else redis.state,
-        "upstream": core[UPSTREAM].state() if UPSTREAM in core else "down",
-    }
-    if redis is not None:
-        body["fanout"] = "ok" if core[INVALIDATOR].subscribed.is_set() else "down"
-    return json_response(body, 200 if phase == "ready" else 503)
+    health = core.get(HEALTH)
+    if health is None:  # the core app has not started (or has stopped)
+        return json_response({"status": phase, "redis": "down", "upstream": "down"}, 503)
+    status = phase if phase != "ready" or health.can_answer() else "unavailable"
+    body: dict[str, object] = {"status": status, **health.states()}
+    return json_response(body, 200 if status == "ready" else 503)
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:

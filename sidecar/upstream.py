@@ -154,6 +154,8 @@ class VellumClient:
         self.breaker = breaker if breaker is not None else Breaker()
         #: Guards every billing operation.
         self.billing_breaker = Breaker()
+        #: (monotonic time, status or None for no answer) of the latest attempt (health.py).
+        self.last_result: tuple[float, int | None] = (0.0, None)
         self.tenant = settings.tenant_id
         self._base = settings.base_url
         self._deadline = settings.upstream_timeout
@@ -231,10 +233,12 @@ class VellumClient:
                     method, url, send_headers, body, min(attempt_timeout, remaining)
                 )
             except TimeoutError:
+                self.last_result = (time.monotonic(), None)
                 breaker.failure(time.monotonic())
                 self._count(operation, "timeout")
                 last_error = UpstreamTimeout("the upstream did not answer in time")
             except (aiohttp.ClientError, OSError) as exc:
+                self.last_result = (time.monotonic(), None)
                 breaker.failure(time.monotonic())
                 self._count(operation, "error")
                 log.warning(
@@ -243,6 +247,7 @@ class VellumClient:
                 )
                 last_error = UpstreamUnavailable("the upstream could not be reached")
             else:
+                self.last_result = (time.monotonic(), resp.status)
                 self.metrics.upstream_latency.labels(operation).observe(loop.time() - started)
                 self._count(operation, str(resp.status))
                 if resp.status >= 500 or resp.status == 429:

@@ -39,6 +39,7 @@ Everything refused or cut is counted in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import resource
 from collections.abc import Awaitable, Callable
@@ -180,10 +181,8 @@ class ListenerGuard:
         """Until every connection has closed, or ``timeout`` seconds."""
         if self._drained is None:
             return
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._drained.wait(), timeout)
-        except TimeoutError:
-            pass
 
 
 class GuardedProtocol(RequestHandler):
@@ -192,11 +191,11 @@ class GuardedProtocol(RequestHandler):
     __slots__ = (
         "_body_payload",
         "_body_timer",
+        "_cut",
         "_guard",
         "_header_timer",
         "_partial",
         "_refused",
-        "_cut",
         "idle_since",
     )
 
