@@ -53,19 +53,22 @@ async def bind(listener: Listener, *, shutdown_timeout: float, access_log: bool)
     await runner.setup()
     listener.runner = runner
     site: web.BaseSite
+    backlog = listener.guard.limits.backlog if listener.guard is not None else 128
     if listener.sock is not None:
-        site = web.SockSite(runner, listener.sock)
+        site = web.SockSite(runner, listener.sock, backlog=backlog)
         await site.start()
         return
     if listener.listen.is_unix:
         path = listener.listen.path
         assert path is not None
         _remove_stale_socket(path)
-        site = web.UnixSite(runner, path)
+        site = web.UnixSite(runner, path, backlog=backlog)
     elif listener.reuse_port:
-        site = web.TCPSite(runner, listener.listen.host, listener.listen.port, reuse_port=True)
+        site = web.TCPSite(
+            runner, listener.listen.host, listener.listen.port, reuse_port=True, backlog=backlog
+        )
     else:
-        site = web.TCPSite(runner, listener.listen.host, listener.listen.port)
+        site = web.TCPSite(runner, listener.listen.host, listener.listen.port, backlog=backlog)
     await site.start()
     if listener.listen.is_unix:
         assert listener.listen.path is not None

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_request import BaseRequest
@@ -98,6 +99,16 @@ class ListenerLimits:
     body_timeout: float = 10.0
     keepalive_timeout: float = 30.0
     max_connections: int = 1024
+
+    @property
+    def backlog(self) -> int:
+        """The listen backlog, which is also how many sockets asyncio accepts at once.
+
+        A refused socket is closed on the next loop iteration, so a flood holds
+        up to about two batches of descriptors beyond the cap: small caps take
+        small batches (the rest wait in the kernel's queue).
+        """
+        return max(4, min(128, self.max_connections // 8))
 
 
 class BodyTimeout(web.HTTPRequestTimeout):
@@ -268,8 +279,18 @@ class GuardedProtocol(RequestHandler):
         if data and not self._in_body():
             self._partial = True
         before = self._request_count
+        body = self._body_payload if self._in_body() else None
         super().data_received(data)
         if self._request_count != before:
+            last = self._messages[-1][0] if self._messages else None
+            if body is not None and not body.is_eof() and not isinstance(last, RawRequestMessage):
+                # The parser refused what followed a head already handed to a
+                # handler (a broken chunk): that handler's read fails now, with
+                # a JSON 400, instead of waiting out the body deadline.
+                self._guard.count("bad_request")
+                self._cut = True
+                self._lingering_time = 0.0
+                body.set_exception(RequestPayloadError("the request body is malformed"))
             # One or more request heads completed; a body may follow the last.
             self._partial = False
             if self._header_timer is not None:
@@ -455,17 +476,32 @@ def fit_to_fd_limit(
 
     Without this a flood on one listener (the webhook port is public) could use
     every descriptor, and the local API would then fail to accept, or to open a
-    Redis or upstream connection.
+    Redis or upstream connection. Each listener needs its cap plus two accept
+    batches (``ListenerLimits.backlog``); the Redis pool and the upstream
+    connector (each at most an eighth of the limit), and a fixed reserve for
+    the rest of the process, come first.
     """
-    room = fd_limit - _FD_RESERVE - _UPSTREAM_CONNECTIONS - redis_pool
-    wanted = sum(limits.max_connections for limits in caps.values())
-    if wanted <= room:
+    reserve = (
+        _FD_RESERVE + min(_UPSTREAM_CONNECTIONS, fd_limit // 8) + min(redis_pool, fd_limit // 8)
+    )
+    room = fd_limit - reserve
+
+    def need(limits: dict[str, ListenerLimits]) -> int:
+        return sum(x.max_connections + 2 * x.backlog for x in limits.values())
+
+    if need(caps) <= room:
         return caps
-    share = max(room, 0) / wanted
-    fitted = {
-        name: replace(limits, max_connections=max(int(limits.max_connections * share), _MIN_CAP))
-        for name, limits in caps.items()
-    }
+    share = max(room, 0) / need(caps)
+    while True:  # the batches' floor makes one proportional step fall a little short
+        fitted = {
+            name: replace(
+                limits, max_connections=max(int(limits.max_connections * share), _MIN_CAP)
+            )
+            for name, limits in caps.items()
+        }
+        if need(fitted) <= room or all(x.max_connections == _MIN_CAP for x in fitted.values()):
+            break
+        share *= 0.9
     log.warning(
         "connection_caps_lowered",
         extra={
