@@ -24,12 +24,13 @@ Each fault shows in ``/readyz`` and in
 ``vellum_sidecar_dependency_state{dependency, state}`` within one interval
 plus the Redis (or check) timeout: under a second with the defaults.
 
-``/readyz`` answers 200 while the sidecar can answer reads at all, whatever is
-degraded: the upstream answers (``ok``/``degraded``), or Redis is up (the
-fleet's shared entries), or the in-process layer holds entries. It answers 503
-while starting or stopping, and when none of those holds: a sidecar that could
-only answer 503 to every read is not ready (as Unleash Edge is not ready until
-it holds data).
+``/readyz`` answers 503 only while starting and while stopping (the shutdown
+drain included); a dependency's state never makes it 503. Whatever is down,
+the sidecar still answers: from memory, from Redis, stale entries, fail-open
+modules, flag defaults, or a clear fail-closed error. Taking it (and with it
+its pod) out of service would turn those answers into refused connections and
+a partial outage into a total one, across the fleet at once when the upstream
+is what failed. Alert on ``vellum_sidecar_dependency_state`` instead.
 """
 
 from __future__ import annotations
@@ -186,14 +187,6 @@ class HealthMonitor(Collector):
         if self.redis is not None:
             out["fanout"] = self.fanout_state()
         return out
-
-    def can_answer(self) -> bool:
-        """Whether any read could be answered now (see the module's docstring)."""
-        if self.upstream_state() in ("ok", "degraded"):
-            return True
-        if self.redis is not None and self.redis.state == "ok":
-            return True
-        return len(self.cache.memory) > 0
 
     # -- metrics -------------------------------------------------------------------------
 

@@ -17,23 +17,21 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 
 
 async def readyz(request: web.Request) -> web.StreamResponse:
-    """200 while the sidecar can answer reads (stale answers count), else 503.
+    """200 once the sidecar answers, 503 while starting or stopping (draining included).
 
-    Redis down, the fan-out down, or an upstream outage do not by themselves
-    make the sidecar unready: it still answers from memory, Redis or stale
-    entries, and taking it out of service would only turn those answers into
-    connection errors. The body names each dependency's state (sidecar/health.py,
-    from active checks). 503 while starting or stopping, and ``unavailable``
-    when no read could be answered at all (health.py says when).
+    Redis down, the fan-out down, an upstream outage or a refused key do not
+    make the sidecar unready: it still answers from memory, Redis, stale
+    entries, fail-open modules or with a clear fail-closed error, and taking it
+    out of service would only turn those answers into connection errors. The
+    body names each dependency's state, from active checks (sidecar/health.py).
     """
     core = request.app[CORE]
     phase = core[LIFECYCLE].phase
     health = core.get(HEALTH)
     if health is None:  # the core app has not started (or has stopped)
         return json_response({"status": phase, "redis": "down", "upstream": "down"}, 503)
-    status = phase if phase != "ready" or health.can_answer() else "unavailable"
-    body: dict[str, object] = {"status": status, **health.states()}
-    return json_response(body, 200 if status == "ready" else 503)
+    body: dict[str, object] = {"status": phase, **health.states()}
+    return json_response(body, 200 if phase == "ready" else 503)
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:

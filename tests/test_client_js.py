@@ -13,11 +13,13 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from .closing_server import ClosingServer
 from .conftest import free_port
 from .live import Stack
 
@@ -58,6 +60,8 @@ def test_js_client_against_a_live_sidecar(stacks: dict[str, Stack]) -> None:
     files = sorted(str(p.relative_to(JS)) for p in (JS / "test").glob("*.test.js"))
     assert files, "no JS test files found"
     main = stacks["main"]
+    closing = ClosingServer("close")  # retry.test.js: one request cut under it
+    threading.Thread(target=closing.serve_forever, daemon=True).start()
     env = {
         **os.environ,
         "VSC_URL": main.url,
@@ -66,6 +70,7 @@ def test_js_client_against_a_live_sidecar(stacks: dict[str, Stack]) -> None:
         "VSC_UNIX_URL": stacks["unix"].url,
         "VSC_UPSTREAM_DOWN_URL": stacks["down"].url,
         "VSC_STOPPED_URL": f"http://127.0.0.1:{free_port()}",
+        "VSC_CLOSING_URL": closing.url,
     }
     env.pop("VELLUM_SIDECAR_URL", None)
     result = subprocess.run(
@@ -78,8 +83,10 @@ def test_js_client_against_a_live_sidecar(stacks: dict[str, Stack]) -> None:
         timeout=300,
         check=False,
     )
+    closing.close()
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"node --test failed:\n{output}\n{main.logs()}"
+    assert closing.cut == 1, "the scripted server cut one request, which was retried"
     passed = re.search(r"\bpass (\d+)", output)
     assert re.search(r"\bfail 0\b", output) and passed, output
     assert int(passed.group(1)) >= 10, f"node ran too few tests:\n{output}"

@@ -241,6 +241,22 @@ function parseBaseUrl(raw) {
   return { socketPath: null, origin: parsed.origin, prefix, display: parsed.origin + prefix };
 }
 
+// -- retrying a request on a closed keep-alive connection -----------------------------
+
+const CLOSED_UNANSWERED = Symbol("closedUnanswered");
+// "other side closed" (undici), a reset, a write to a closed socket.
+const CLOSED_CODES = new Set(["UND_ERR_SOCKET", "ECONNRESET", "EPIPE"]);
+const IDEMPOTENT = new Set(["GET", "HEAD", "PUT", "DELETE", "OPTIONS"]);
+
+function markClosed(error) {
+  if (error && typeof error === "object") error[CLOSED_UNANSWERED] = true;
+}
+
+// GET, PUT, DELETE, the batch check (read-only) and writes with an Idempotency-Key.
+function isIdempotent({ method, path, idempotencyKey }) {
+  return IDEMPOTENT.has(method) || idempotencyKey != null || path === "/v1/check";
+}
+
 // -- the client -----------------------------------------------------------------------
 
 /**
@@ -269,7 +285,19 @@ export class SidecarClient {
     this.#agent = null;
   }
 
-  async #send({ method, path, query, body, billing = false, idempotencyKey }) {
+  async #send(call) {
+    // A kept-alive connection the sidecar closed (idle timeout, shutdown drain)
+    // just as this request went out fails before any byte of the answer: send
+    // an idempotent request once more, on a new connection.
+    try {
+      return await this.#sendOnce(call);
+    } catch (error) {
+      if (error?.cause?.[CLOSED_UNANSWERED] && isIdempotent(call)) return await this.#sendOnce(call);
+      throw error;
+    }
+  }
+
+  async #sendOnce({ method, path, query, body, billing = false, idempotencyKey }) {
     const timeout = billing ? this.billingTimeout : this.timeout;
     const search = query ? `?${new URLSearchParams(query)}` : "";
     const target = `${this.#target.prefix}${path}${search}`;
@@ -282,13 +310,22 @@ export class SidecarClient {
         return { method, path, ...(await this.#overSocket(method, target, headers, payload, timeout)) };
       }
       const signal = AbortSignal.timeout(timeout);
-      const res = await fetch(this.#target.origin + target, {
-        method,
-        headers,
-        body: payload,
-        redirect: "manual", // the invoice PDF's redirect is the answer, never followed
-        signal,
-      });
+      let res;
+      try {
+        res = await fetch(this.#target.origin + target, {
+          method,
+          headers,
+          body: payload,
+          redirect: "manual", // the invoice PDF's redirect is the answer, never followed
+          signal,
+        });
+      } catch (error) {
+        // fetch pools its own connections and does not say whether this one was
+        // reused; a connection closed before the answer's first byte (not a
+        // refused or timed-out one) is what a closed keep-alive connection gives.
+        if (!signal.aborted && CLOSED_CODES.has(error?.cause?.code)) markClosed(error);
+        throw error;
+      }
       return { method, path, status: res.status, headers: res.headers, text: await res.text() };
     } catch (error) {
       if (error instanceof SidecarError) throw error;
@@ -333,12 +370,20 @@ export class SidecarClient {
           });
         },
       );
+      let answered = false;
+      req.on("response", () => {
+        answered = true;
+      });
       req.setTimeout(timeout, () => {
         const error = new Error("timed out");
         error.name = "TimeoutError";
         req.destroy(error);
       });
-      req.on("error", reject);
+      req.on("error", (error) => {
+        // Node's own advice: a reused socket reset before any answer may be retried.
+        if (req.reusedSocket && !answered && CLOSED_CODES.has(error?.code)) markClosed(error);
+        reject(error);
+      });
       req.end(payload);
     });
   }

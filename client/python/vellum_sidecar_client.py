@@ -187,6 +187,13 @@ class _Call(Generic[T]):
     body: Any = None
     billing: bool = False
     idempotency_key: str | None = None
+    #: Read-only although not a GET (the batch check): safe to send twice.
+    safe: bool = False
+
+    @property
+    def idempotent(self) -> bool:
+        """May be sent again after a connection failed under it (see ``_exchange``)."""
+        return self.safe or self.method in _IDEMPOTENT or self.idempotency_key is not None
 
     def keyed(self, idempotency_key: str | None) -> _Call[T]:
         return self if idempotency_key is None else replace(self, idempotency_key=idempotency_key)
@@ -353,7 +360,7 @@ class _Calls:
             _seg(f"pairs[{i}] customer_id", customer_id)
             _seg(f"pairs[{i}] module_id", module_id)
             checks.append({"customerId": customer_id, "module": module_id})
-        return _Call("POST", "/v1/check", _results, body={"checks": checks})
+        return _Call("POST", "/v1/check", _results, body={"checks": checks}, safe=True)
 
     @staticmethod
     def invalidate(customer_id: str | None) -> _Call[None]:
@@ -496,6 +503,18 @@ def _unreachable(
     return SidecarUnavailable(
         f"{call.method} {call.path}: cannot reach the sidecar at {base_url} ({reason})"
     )
+
+
+def _closed_unanswered(exc: BaseException, answered: bool, sent: bool, call: _Call[Any]) -> bool:
+    """Retry once, on a new connection, after a reused keep-alive connection failed?
+
+    Yes when the sidecar closed it (idle timeout, shutdown drain) before any
+    byte of the answer came back, and the request may be sent again: it was
+    never sent whole, or it is idempotent (GET, PUT, DELETE, the batch check,
+    a write with an ``Idempotency-Key``). A failure after part of the answer
+    came is never retried: the request was acted upon.
+    """
+    return not answered and isinstance(exc, ConnectionError) and (not sent or call.idempotent)
 
 
 def _pairs(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -696,18 +715,16 @@ class SidecarClient:
             conn.timeout = timeout
             if conn.sock is not None:
                 conn.sock.settimeout(timeout)
-            sent = False
+            sent = answered = False
             try:
                 conn.request(call.method, target, body=payload, headers=headers)
                 sent = True
                 resp = conn.getresponse()
+                answered = True
                 body = resp.read()
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
-                # A kept-alive connection the sidecar closed meanwhile: try once more
-                # on a new one, unless the request may have been acted upon.
-                stale = isinstance(exc, ConnectionError | http.client.BadStatusLine)
-                if reused and attempt == 1 and stale and (not sent or call.method in _IDEMPOTENT):
+                if reused and attempt == 1 and _closed_unanswered(exc, answered, sent, call):
                     continue
                 raise _unreachable(call, self.base_url, exc, timeout) from exc
             if resp.will_close:
@@ -897,6 +914,10 @@ class _ProtocolError(Exception):
     """The bytes that came back are not an HTTP/1.1 response we can read."""
 
 
+class _NoAnswer(ConnectionError):
+    """The connection closed (or was reset) before any byte of the answer arrived."""
+
+
 @dataclass(slots=True)
 class _Stream:
     reader: asyncio.StreamReader
@@ -913,11 +934,17 @@ async def _read_response(
     reader: asyncio.StreamReader, method: str
 ) -> tuple[int, dict[str, str], bytes, bool]:
     """Status, lower-cased headers, body, and whether the connection may be kept."""
+    first = True
     while True:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
         except asyncio.LimitOverrunError:
             raise _ProtocolError("response headers too large") from None
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            if first and not getattr(exc, "partial", b""):
+                raise _NoAnswer("the connection closed before any byte of the answer") from exc
+            raise
+        first = False
         lines = head.decode("latin-1").split("\r\n")
         version, _, rest = lines[0].partition(" ")
         status_text = rest.partition(" ")[0]
@@ -1055,8 +1082,8 @@ class AsyncSidecarClient:
                     status, headers, body, keep = await _read_response(stream.reader, call.method)
                 done = True
             except (OSError, EOFError, TimeoutError, _ProtocolError) as exc:
-                stale = isinstance(exc, ConnectionError | asyncio.IncompleteReadError)
-                if reused and attempt == 1 and stale and (not sent or call.method in _IDEMPOTENT):
+                answered = sent and not isinstance(exc, _NoAnswer)
+                if reused and attempt == 1 and _closed_unanswered(exc, answered, sent, call):
                     continue
                 raise _unreachable(call, self.base_url, exc, timeout) from exc
             finally:
