@@ -100,15 +100,11 @@ class ListenerLimits:
     keepalive_timeout: float = 30.0
     max_connections: int = 1024
 
-    @property
-    def backlog(self) -> int:
-        """The listen backlog, which is also how many sockets asyncio accepts at once.
-
-        A refused socket is closed on the next loop iteration, so a flood holds
-        up to about two batches of descriptors beyond the cap: small caps take
-        small batches (the rest wait in the kernel's queue).
-        """
-        return max(4, min(128, self.max_connections // 8))
+    #: The listen backlog, which is also how many sockets asyncio accepts at once.
+    #: A refused socket is closed on the next loop iteration, so a flood holds up
+    #: to about two batches of descriptors beyond the cap: ``fit_to_fd_limit``
+    #: shrinks it when descriptors are scarce (the rest then wait in the kernel).
+    backlog: int = 128
 
 
 class BodyTimeout(web.HTTPRequestTimeout):
@@ -126,7 +122,12 @@ def _raw_error(status: int, reason: str, code: str, message: str) -> bytes:
 
 
 class ListenerGuard:
-    """One listener's limits, its open connections, its counters and its drain state."""
+    """One listener's limits, its open connections, its counters and its drain state.
+
+    The deadlines are enforced by one sweep over the open connections every
+    ``sweep_interval`` seconds rather than by a timer per request: the hot
+    path only stores a timestamp.
+    """
 
     def __init__(
         self,
@@ -143,6 +144,9 @@ class ListenerGuard:
         self.connections: dict[GuardedProtocol, None] = {}
         self.draining = False
         self._drained: asyncio.Event | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        #: A deadline is noticed at most this late.
+        self.sweep_interval = min(max(min(limits.header_timeout, limits.body_timeout) / 5, 0.05), 1)
         self._timeout_answer = _raw_error(
             408, "Request Timeout", "request_timeout",
             f"the request's headers did not arrive within {limits.header_timeout:g} s",
@@ -155,6 +159,24 @@ class ListenerGuard:
     def count(self, reason: Reason) -> None:
         if self._refused is not None:
             self._refused.labels(self.name, reason).inc()
+
+    def start(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            now = loop.time()
+            for protocol in list(self.connections):
+                protocol.check_deadlines(now)
 
     def _opened(self, protocol: GuardedProtocol) -> None:
         self.connections[protocol] = None
@@ -201,10 +223,10 @@ class GuardedProtocol(RequestHandler):
 
     __slots__ = (
         "_body_payload",
-        "_body_timer",
+        "_body_since",
         "_cut",
         "_guard",
-        "_header_timer",
+        "_head_since",
         "_partial",
         "_refused",
         "idle_since",
@@ -213,8 +235,10 @@ class GuardedProtocol(RequestHandler):
     def __init__(self, manager: web.Server, *, guard: ListenerGuard, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._guard = guard
-        self._header_timer: asyncio.TimerHandle | None = None
-        self._body_timer: asyncio.TimerHandle | None = None
+        #: When the head now awaited began: accept, or a next request's first byte.
+        self._head_since: float | None = None
+        #: When the body now awaited began (its head completed).
+        self._body_since: float | None = None
         self._body_payload: StreamReader | None = None
         self._partial = False
         self._refused = False
@@ -250,34 +274,24 @@ class GuardedProtocol(RequestHandler):
             transport.close()
             return
         guard._opened(self)
-        self.idle_since = self._loop.time()
+        self.idle_since = self._head_since = self._loop.time()
         super().connection_made(transport)
-        self._start_header_timer()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._refused:
             return
-        self._cancel_timers()
         self._guard._closed(self)
         super().connection_lost(exc)
-
-    def _cancel_timers(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = None
 
     # -- reading -------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        if data and self._header_timer is None and not self._in_body():
-            self._start_header_timer()  # the first bytes of a next request
         if data and not self._in_body():
             self._partial = True
+            if self._head_since is None:
+                self._head_since = self._loop.time()  # the first bytes of a next request
         before = self._request_count
         body = self._body_payload if self._in_body() else None
         super().data_received(data)
@@ -293,49 +307,39 @@ class GuardedProtocol(RequestHandler):
                 body.set_exception(RequestPayloadError("the request body is malformed"))
             # One or more request heads completed; a body may follow the last.
             self._partial = False
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
+            self._head_since = None
             payload = self._messages[-1][1] if self._messages else None
             if payload is not None and not payload.is_eof():
-                self._start_body_timer(payload)
-        if self._body_timer is not None and not self._in_body():
-            self._body_timer.cancel()
-            self._body_timer = None
+                self._body_payload = payload
+                self._body_since = self._loop.time()
 
-    def _start_header_timer(self) -> None:
-        if self._header_timer is None:
-            self._header_timer = self._loop.call_later(
-                self._guard.limits.header_timeout, self._header_timed_out
-            )
-
-    def _start_body_timer(self, payload: StreamReader) -> None:
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-        self._body_payload = payload
-        self._body_timer = self._loop.call_later(
-            self._guard.limits.body_timeout, self._body_timed_out
-        )
-
-    def _header_timed_out(self) -> None:
-        self._header_timer = None
+    def check_deadlines(self, now: float) -> None:
+        """Cut the connection if its head or its body is late (the guard's sweep)."""
         if self.transport is None:
             return
-        if self._request_in_progress or self._messages:
-            # A pipelined request's head is late while an earlier one is still
-            # being handled: its clock starts when that one is done.
-            self._start_header_timer()
-            return
+        limits = self._guard.limits
+        if self._head_since is not None and now - self._head_since > limits.header_timeout:
+            if self._request_in_progress or self._messages:
+                # A pipelined request's head is late while an earlier one is still
+                # being handled: its clock starts when that one is done.
+                self._head_since = now
+            else:
+                self._header_timed_out()
+        elif self._body_since is not None and now - self._body_since > limits.body_timeout:
+            self._body_since = None
+            if self._in_body():
+                self._body_timed_out()
+
+    def _header_timed_out(self) -> None:
+        assert self.transport is not None
         self._guard.count("header_timeout")
         if self._partial:
             self.transport.write(self._guard._timeout_answer)
         self.force_close()
 
     def _body_timed_out(self) -> None:
-        self._body_timer = None
         payload = self._body_payload
-        if payload is None or payload.is_eof() or self.transport is None:
-            return
+        assert payload is not None
         self._guard.count("body_timeout")
         # No lingering read of the rest: the connection closes after the answer.
         self._lingering_time = 0.0
@@ -443,6 +447,7 @@ class GuardedRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()  # the app's startup runs here
+        self.guard.start()
         return GuardedServer(
             plain.request_handler,
             guard=self.guard,
@@ -451,6 +456,10 @@ class GuardedRunner(web.AppRunner):
             loop=plain._loop,
             **plain._kwargs,
         )
+
+    async def cleanup(self) -> None:
+        await super().cleanup()
+        await self.guard.stop()
 
 
 # -- file descriptors ----------------------------------------------------------------
@@ -493,12 +502,7 @@ def fit_to_fd_limit(
         return caps
     share = max(room, 0) / need(caps)
     while True:  # the batches' floor makes one proportional step fall a little short
-        fitted = {
-            name: replace(
-                limits, max_connections=max(int(limits.max_connections * share), _MIN_CAP)
-            )
-            for name, limits in caps.items()
-        }
+        fitted = {name: _scaled(limits, share) for name, limits in caps.items()}
         if need(fitted) <= room or all(x.max_connections == _MIN_CAP for x in fitted.values()):
             break
         share *= 0.9
@@ -512,6 +516,11 @@ def fit_to_fd_limit(
         },
     )
     return fitted
+
+
+def _scaled(limits: ListenerLimits, share: float) -> ListenerLimits:
+    cap = max(int(limits.max_connections * share), _MIN_CAP)
+    return replace(limits, max_connections=cap, backlog=max(4, min(limits.backlog, cap // 8)))
 
 
 def listener_guards(settings: Settings, metrics: Metrics | None) -> dict[str, ListenerGuard]:
