@@ -63,6 +63,10 @@ class Options:
     sockets: int
     batch: int
     json_path: Path | None
+    cases: frozenset[str] | None = None
+
+    def wants(self, name: str) -> bool:
+        return self.cases is None or name in self.cases
 
 
 def _parse(argv: Sequence[str] | None) -> Options:
@@ -73,6 +77,7 @@ def _parse(argv: Sequence[str] | None) -> Options:
     p.add_argument("--customers", type=int, help="customers seeded and read (default 200)")
     p.add_argument("--sockets", type=int, help="hostile sockets per listener (default 200)")
     p.add_argument("--batch", type=int, help="unknown customers in the batch case (default 1000)")
+    p.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = p.parse_args(argv)
 
@@ -87,6 +92,7 @@ def _parse(argv: Sequence[str] | None) -> Options:
         sockets=pick(a.sockets, 200, 20),
         batch=pick(a.batch, 1000, 100),
         json_path=a.json,
+        cases=frozenset(c.strip() for c in a.cases.split(",")) if a.cases else None,
     )
 
 
@@ -103,12 +109,15 @@ class Rig:
         self.emulator_port = 0
         self._redis_argv: list[str] = []
 
-    def start(self) -> None:
+    def start_upstream(self) -> None:
         self.stack.start_redis()
         emulator = self.stack.start_emulator()
         self.emulator_port = emulator.ports["local"]
+
+    def start_sidecars(self, upstream_url: str) -> None:
         for name in ("a", "b"):
-            self.sidecars[name] = self.stack.start_sidecar(name, **self.env)
+            env = {**self.env, "VELLUM_BASE_URL": upstream_url}
+            self.sidecars[name] = self.stack.start_sidecar(name, **env)
 
     def close(self) -> None:
         self.stack.close()
@@ -166,6 +175,56 @@ def _wait_port(port: int, timeout: float = 30.0) -> None:
             return
         time.sleep(0.02)
     raise RuntimeError(f"nothing listens on {port} after {timeout}s")
+
+
+class Gate:
+    """A TCP forwarder in front of the emulator: the sidecars' upstream address.
+
+    Closing it is the upstream going down (connections refused, open ones
+    reset) without losing the emulator's data, so nothing is answered from a
+    half-seeded upstream when it comes back.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def open(self) -> None:
+        self._server = await asyncio.start_server(self._pipe, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for writer in list(self._pipes):
+            writer.transport.abort()
+        self._pipes.clear()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._pipes.update((writer, up_writer))
+
+        async def relay(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(relay(reader, up_writer), relay(up_reader, writer))
+        self._pipes.difference_update((writer, up_writer))
 
 
 # -- data ---------------------------------------------------------------------------------
@@ -531,20 +590,22 @@ async def _metric(session: aiohttp.ClientSession, proc: Proc, name: str, match: 
 # -- fault runs -----------------------------------------------------------------------------
 
 
+Step = Callable[[], Awaitable[None]]
+
+
 async def fault_run(
     rig: Rig,
     opts: Options,
-    inject: Callable[[], Any],
-    fix: Callable[[], Any] | None,
+    inject: Step,
+    fix: Step | None,
     detect: Callable[[int, dict[str, Any]], bool],
     healthy: Callable[[int, dict[str, Any]], bool] | None,
     load: Load | None = None,
-    after_fix: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[Tally, dict[str, Any]]:
     """Load both sidecars for ``--duration`` s: ``inject`` at 25 %, ``fix`` at 60 %.
 
-    ``inject`` and ``fix`` start and stop processes, so they run in a thread:
-    the load and the readiness watch keep going meanwhile.
+    The load and the readiness watch keep going while the steps run (process
+    starts and stops go to a thread).
     """
     load = load or Load(rig, opts.customers, opts.connections)
     watch = ReadyWatch(rig.sidecars["a"])
@@ -552,16 +613,14 @@ async def fault_run(
     load.start()
     d = opts.duration
     await asyncio.sleep(d * 0.25)
-    await asyncio.to_thread(inject)
+    await inject()
     # Measured from the moment the fault is in place (a restarted emulator refusing
-    # the key, say, is in place once it listens).
+    # the key, say, is in place once it is reachable).
     injected = time.monotonic()
     figures: dict[str, Any] = {}
     await asyncio.sleep(d * 0.35)
     if fix is not None:
-        await asyncio.to_thread(fix)
-        if after_fix is not None:
-            await after_fix()
+        await fix()
         fixed = time.monotonic()
         await asyncio.sleep(d * 0.4)
         assert healthy is not None
@@ -571,6 +630,13 @@ async def fault_run(
     tally = await load.finish()
     await watch.stop()
     return tally, {"readyz_shows_fault_s": watch.first(injected, detect), **figures}
+
+
+def _thread(work: Callable[[], None]) -> Step:
+    async def step() -> None:
+        await asyncio.to_thread(work)
+
+    return step
 
 
 def _state(**want: str) -> Callable[[int, dict[str, Any]], bool]:
@@ -599,14 +665,21 @@ async def run(opts: Options) -> dict[str, Any]:
     cases: dict[str, Any] = results["cases"]
     with tempfile.TemporaryDirectory(prefix="vellum-faults-") as tmp:
         rig = Rig(Path(tmp), env)
+        gate: Gate | None = None
         try:
             _say("starting redis, the emulator and two sidecars")
-            rig.start()
+            await asyncio.to_thread(rig.start_upstream)
+            gate = upstream = Gate(rig.emulator_port)
+            await gate.open()
+            await asyncio.to_thread(rig.start_sidecars, gate.url)
             async with aiohttp.ClientSession() as session:
                 await seed(session, rig, opts.customers)
                 await warm(session, rig, opts.customers)
 
                 async def hostile(name: str, work: Awaitable[dict[str, Any]]) -> None:
+                    if not opts.wants(name):
+                        work.close()  # type: ignore[attr-defined]
+                        return
                     _say(f"hostile: {name}")
                     load = Load(rig, opts.customers, opts.connections)
                     load.start()
@@ -627,39 +700,48 @@ async def run(opts: Options) -> dict[str, Any]:
                 await hostile("long_ids", case_long_ids(rig))
                 await hostile("batch", case_batch(session, rig, opts, upstream_timeout))
 
-                async def reseed() -> None:  # a restarted emulator starts empty
+                async def replace_upstream(api_key: str) -> None:
+                    """A new emulator accepting ``api_key``, seeded before it is reachable."""
+                    await upstream.close()
+                    await asyncio.to_thread(rig.kill_emulator)
+                    await asyncio.to_thread(rig.start_emulator, api_key)
                     await seed(session, rig, opts.customers)
+                    await upstream.open()
 
-                def refuse_key() -> None:
-                    rig.kill_emulator()
-                    rig.start_emulator(api_key="a_key_the_sidecar_does_not_have")
+                async def refuse_key() -> None:
+                    await replace_upstream("a_key_the_sidecar_does_not_have")
 
-                def accept_key() -> None:
-                    rig.kill_emulator()
-                    rig.start_emulator()
+                async def accept_key() -> None:
+                    await replace_upstream(API_KEY)
 
-                ok = _state(redis="ok", fanout="ok", upstream="ok")
-                runs: list[tuple[str, Any, Any, Any, Any]] = [
-                    ("redis_killed", rig.kill_redis, rig.restart_redis, _state(redis="down"),
-                     None),
-                    ("redis_hung", rig.pause_redis, rig.resume_redis,
-                     _state(redis="down", fanout="down"), None),
-                    ("upstream_down", rig.kill_emulator, rig.start_emulator,
-                     _state(upstream="down"), reseed),
-                    ("key_refused", refuse_key, accept_key, _state(upstream="auth_failed"),
-                     reseed),
+                # Back to normal: an upstream that answers again reads "degraded" until
+                # its circuit breaker has seen a real call succeed.
+                def ok(status: int, body: dict[str, Any]) -> bool:
+                    return (body.get("redis"), body.get("fanout")) == ("ok", "ok") and body.get(
+                        "upstream"
+                    ) in ("ok", "degraded")
+
+                runs: list[tuple[str, Step, Step, Callable[[int, dict[str, Any]], bool]]] = [
+                    ("redis_killed", _thread(rig.kill_redis), _thread(rig.restart_redis),
+                     _state(redis="down")),
+                    ("redis_hung", _thread(rig.pause_redis), _thread(rig.resume_redis),
+                     _state(redis="down", fanout="down")),
+                    ("upstream_down", upstream.close, upstream.open, _state(upstream="down")),
+                    ("key_refused", refuse_key, accept_key, _state(upstream="auth_failed")),
                 ]  # fmt: skip
-                for name, inject, fix, detect, after in runs:
+                for name, inject, fix, detect in runs:
+                    if not opts.wants(name):
+                        continue
                     _say(f"fault: {name}")
-                    tally, figures = await fault_run(
-                        rig, opts, inject, fix, detect, ok, after_fix=after
-                    )
+                    tally, figures = await fault_run(rig, opts, inject, fix, detect, ok)
                     cases[name] = {"kind": "fault", **asdict(tally), **figures}
 
+                if not opts.wants("sigterm"):
+                    return results
                 _say("fault: sigterm")
                 load = Load(rig, opts.customers, opts.connections)
 
-                def stop_a() -> None:
+                async def stop_a() -> None:
                     load.stopping.add("a")
                     rig.terminate("a")
 
@@ -673,7 +755,9 @@ async def run(opts: Options) -> dict[str, Any]:
                                     "stopped_sidecar_unanswered": a_tally.unanswered,
                                     "stopped_sidecar_non_2xx": a_tally.non_2xx}  # fmt: skip
         finally:
-            rig.close()
+            await asyncio.to_thread(rig.close)
+            if gate is not None:
+                await gate.close()
     return results
 
 

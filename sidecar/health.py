@@ -16,7 +16,8 @@ upstream while it refused the key). So:
   ``auth_failed`` at once), and while no real call has answered for
   ``SIDECAR_UPSTREAM_CHECK_INTERVAL`` (1 s; 0 turns it off) one authenticated
   ``GET /tenants/{t}/flags`` is sent, so an idle sidecar notices too. States:
-  ``ok``; ``degraded`` (recent failures or 429); ``down`` (breaker open, or the
+  ``ok``; ``degraded`` (recent failures or 429, or the breaker still cooling
+  down after a check got an answer again); ``down`` (breaker open, or the
   last check got no answer or a 5xx); ``auth_failed`` (the latest answer was
   401/403: the key is wrong, revoked or not yet rotated in).
 
@@ -174,9 +175,13 @@ class HealthMonitor(Collector):
         latest = check_status if probe_is_latest else real_status
         if max(real_at, check_at) > 0 and latest in _AUTH_STATUSES:
             return "auth_failed"
+        check_failed = check_status is None or check_status >= 500
         if breaker == "down":
-            return "down"
-        if probe_is_latest and (check_status is None or check_status >= 500):
+            # The breaker stays open through its cool-down; a check that got an
+            # answer since its last failure shows the upstream is back.
+            recovered = check_at > self.upstream.breaker.last_failure and not check_failed
+            return "degraded" if recovered else "down"
+        if probe_is_latest and check_failed:
             return "down"
         if breaker == "degraded" or latest == 429:
             return "degraded"

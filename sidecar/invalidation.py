@@ -293,7 +293,7 @@ class Invalidator:
                 failed = True
                 log.warning("fanout_disconnected", extra={"fields": {"error": type(exc).__name__}})
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 1.0)
             finally:
                 with contextlib.suppress(*REDIS_ERRORS):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -29,7 +29,8 @@ log = logging.getLogger("sidecar.redis")
 T = TypeVar("T")
 RedisState = Literal["ok", "down"]
 
-_MAX_BACKOFF: Final = 5.0
+#: A down Redis is pinged at least once a second, so its return shows within a second.
+_MAX_BACKOFF: Final = 1.0
 
 
 class RedisDown(Exception):

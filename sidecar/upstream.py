@@ -127,6 +127,11 @@ class Breaker:
             self._open_until = now + self._cooldown
         self._probing = False
 
+    @property
+    def last_failure(self) -> float:
+        """When (``time.monotonic()``) the latest failure was recorded."""
+        return self._last_failure
+
     def state(self, now: float) -> UpstreamState:
         if self._failures >= self.failure_threshold:
             return "down"

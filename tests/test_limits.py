@@ -117,10 +117,10 @@ async def test_keep_alive_connections_close_when_idle(serve: ServeFactory) -> No
 async def test_the_cap_refuses_busy_connections_and_evicts_idle_ones(
     serve: ServeFactory,
 ) -> None:
-    sc = await serve(SIDECAR_WEBHOOK_MAX_CONNECTIONS="3", SIDECAR_HEADER_TIMEOUT="5")
+    sc = await serve(SIDECAR_WEBHOOK_MAX_CONNECTIONS="3", SIDECAR_HEADER_TIMEOUT="3")
     port = sc.ports["webhooks"]
     ask = b"GET /webhooks/vellum HTTP/1.1\r\nHost: localhost\r\n\r\n"  # a JSON 405
-    # Three connections each in the middle of a request: none may be closed for room.
+    # Three connections each in the middle of a request: none may be closed for room...
     busy = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
     for _, writer in busy:
         writer.write(b"POST /webh")
@@ -128,6 +128,12 @@ async def test_the_cap_refuses_busy_connections_and_evicts_idle_ones(
     answer, _ = await exchange(port, ask)
     assert status_of(answer) == 503
     assert json_of(answer)["error"]["code"] == "too_many_connections"
+    # ...until their heads have dribbled for a second (half the 3 s header deadline,
+    # at most 1 s): then the oldest makes room. The time passing is what is tested.
+    await asyncio.sleep(1.2)
+    answer, _ = await exchange(port, ask.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+    assert status_of(answer) == 405
+    assert await asyncio.wait_for(busy[0][0].read(), 5) == b"", "the oldest slow head closed"
     for _, writer in busy:
         writer.close()
 
@@ -151,6 +157,7 @@ async def test_the_cap_refuses_busy_connections_and_evicts_idle_ones(
     refused = "vellum_sidecar_connections_refused_total"
     assert await sc.metric(refused, listener="webhooks", reason="max_connections") == 1
     assert await sc.metric(refused, listener="webhooks", reason="idle_evicted") == 1
+    assert await sc.metric(refused, listener="webhooks", reason="slow_evicted") == 1
 
 
 async def test_slowloris_on_every_listener_does_not_starve_the_local_api(

@@ -21,7 +21,9 @@ ops) is therefore served by :class:`GuardedRunner`, whose connections are
   ``SIDECAR_WEBHOOK_MAX_CONNECTIONS``, ``SIDECAR_OPS_MAX_CONNECTIONS``). At the
   cap, the connection idle the longest (waiting for a next request, nothing of
   one read) is closed to make room, so idle sockets cannot crowd out working
-  ones; when none is idle the new socket is answered a JSON 503 and closed.
+  ones, and failing that the one whose request head has been dribbling in
+  the longest (a second or more); when there is neither, the new socket is
+  answered a JSON 503 and closed.
 
 What the HTTP parser refuses (a request line over ``MAX_LINE_SIZE``, headers
 over ``MAX_FIELD_SIZE``, malformed HTTP) is answered with the JSON error
@@ -90,7 +92,14 @@ _FD_RESERVE: Final = 64
 _UPSTREAM_CONNECTIONS: Final = 100
 _MIN_CAP: Final = 4
 
-Reason = Literal["max_connections", "idle_evicted", "header_timeout", "body_timeout", "bad_request"]
+Reason = Literal[
+    "max_connections",
+    "idle_evicted",
+    "slow_evicted",
+    "header_timeout",
+    "body_timeout",
+    "bad_request",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +154,8 @@ class ListenerGuard:
         self.draining = False
         self._drained: asyncio.Event | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        #: At the cap, a head still incomplete after this long may be closed for room.
+        self.slow_head = min(1.0, limits.header_timeout / 2)
         #: A deadline is noticed at most this late.
         self.sweep_interval = min(max(min(limits.header_timeout, limits.body_timeout) / 5, 0.05), 1)
         self._timeout_answer = _raw_error(
@@ -190,15 +201,27 @@ class ListenerGuard:
         if not self.connections and self._drained is not None:
             self._drained.set()
 
-    def admit(self) -> bool:
-        """Room for one more connection: true below the cap or once an idle one is closed."""
+    def admit(self, now: float) -> bool:
+        """Room for one more connection: below the cap, or once one is closed for it.
+
+        At the cap the connection idle the longest goes first; failing that,
+        the one whose request head has been dribbling in the longest, once it
+        has taken ``slow_head`` seconds (a real client sends its head in
+        milliseconds), so a slowloris must keep opening a whole cap's worth of
+        sockets every ``slow_head`` seconds to keep others out.
+        """
         if len(self.connections) < self.limits.max_connections:
             return True
         idle = [p for p in self.connections if p.idle]
-        if not idle:
-            return False
-        victim = min(idle, key=lambda p: p.idle_since)
-        self.count("idle_evicted")
+        if idle:
+            victim = min(idle, key=lambda p: p.idle_since)
+            self.count("idle_evicted")
+        else:
+            slow = [p for p in self.connections if p.head_waiting_since(now, self.slow_head)]
+            if not slow:
+                return False
+            victim = min(slow, key=lambda p: p.head_since or now)
+            self.count("slow_evicted")
         victim.force_close()
         self._closed(victim)
         return True
@@ -259,6 +282,20 @@ class GuardedProtocol(RequestHandler):
             and not self._in_body()
         )
 
+    @property
+    def head_since(self) -> float | None:
+        return self._head_since
+
+    def head_waiting_since(self, now: float, at_least: float) -> bool:
+        """Has a request head been awaited for ``at_least`` seconds (none being handled)?"""
+        since = self._head_since
+        return (
+            since is not None
+            and now - since >= at_least
+            and not self._request_in_progress
+            and not self._messages
+        )
+
     def _in_body(self) -> bool:
         return self._body_payload is not None and not self._body_payload.is_eof()
 
@@ -266,7 +303,7 @@ class GuardedProtocol(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         guard = self._guard
-        if not guard.admit():
+        if not guard.admit(self._loop.time()):
             self._refused = True
             guard.count("max_connections")
             assert isinstance(transport, asyncio.Transport)
