@@ -272,10 +272,23 @@ class Tally:
     unanswered: int = 0
     #: Refused at connect once a stopped sidecar had closed its listener.
     refused_after_exit: int = 0
+    #: What the unanswered ones failed with, by exception class.
+    unanswered_by: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: Tally) -> None:
-        for name in asdict(self):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.requests += other.requests
+        self.non_2xx += other.non_2xx
+        self.wrong += other.wrong
+        self.unanswered += other.unanswered
+        self.refused_after_exit += other.refused_after_exit
+        for kind, n in other.unanswered_by.items():
+            self.unanswered_by[kind] = self.unanswered_by.get(kind, 0) + n
+
+    def failed(self, exc: BaseException) -> None:
+        self.requests += 1
+        self.unanswered += 1
+        kind = type(exc).__name__
+        self.unanswered_by[kind] = self.unanswered_by.get(kind, 0) + 1
 
 
 @dataclass
@@ -317,17 +330,15 @@ class Load:
                 try:
                     async with session.get(f"{url}/v1/customers/{cid(i)}/can/{module}") as resp:
                         body = await resp.read()
-                except aiohttp.ClientConnectorError:
+                except aiohttp.ClientConnectorError as exc:
                     if name in self.stopping:
                         tally.refused_after_exit += 1
                         return  # the app would stop using it too
-                    tally.requests += 1
-                    tally.unanswered += 1
+                    tally.failed(exc)
                     await asyncio.sleep(0.05)
                     continue
-                except (aiohttp.ClientError, TimeoutError):
-                    tally.requests += 1
-                    tally.unanswered += 1
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    tally.failed(exc)
                     continue
                 tally.requests += 1
                 if resp.status != 200:
@@ -741,17 +752,31 @@ async def run(opts: Options) -> dict[str, Any]:
                 _say("fault: sigterm")
                 load = Load(rig, opts.customers, opts.connections)
 
+                exited: list[float] = []
+
                 async def stop_a() -> None:
                     load.stopping.add("a")
-                    rig.terminate("a")
+                    proc = rig.terminate("a")
+                    signalled = time.monotonic()
+
+                    def wait() -> None:
+                        proc.popen.wait(30)
+                        exited.append(time.monotonic() - signalled)
+
+                    waiter.append(asyncio.ensure_future(asyncio.to_thread(wait)))
+
+                waiter: list[asyncio.Future[None]] = []
 
                 tally, figures = await fault_run(
                     rig, opts, stop_a, None, lambda status, body: status == 503, None, load
                 )
-                code = await asyncio.to_thread(rig.sidecars["a"].popen.wait, 30)
+                await asyncio.gather(*waiter)
+                code = rig.sidecars["a"].popen.returncode
                 a_tally = load.tallies.get("a", Tally())
+                figures.pop("readyz_shows_fault_s")  # the drain may end before a poll sees it
                 cases["sigterm"] = {"kind": "fault", **asdict(tally), **figures,
                                     "exit_code": code,
+                                    "exited_after_s": round(exited[0], 2) if exited else None,
                                     "stopped_sidecar_unanswered": a_tally.unanswered,
                                     "stopped_sidecar_non_2xx": a_tally.non_2xx}  # fmt: skip
         finally:
@@ -770,12 +795,12 @@ def table(results: dict[str, Any]) -> str:
         "| case | requests | non-2xx | wrong | unanswered | what it measured |",
         "|---|---:|---:|---:|---:|---|",
     ]
-    tally_fields = {"kind", *asdict(Tally())}
+    tally_fields = {"kind", *asdict(Tally())} - {"unanswered_by"}
     for name, case in results["cases"].items():
         figures = ", ".join(
             f"{k}={json.dumps(v, separators=(',', ':'))}"
             for k, v in case.items()
-            if k not in tally_fields
+            if k not in tally_fields and v != {}
         )
         if case.get("refused_after_exit"):
             figures += f", refused_after_exit={case['refused_after_exit']}"

@@ -10,6 +10,7 @@ and drops the in-process layer when it resubscribes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -146,6 +147,13 @@ class RedisConn:
                 backoff = min(backoff * 2, _MAX_BACKOFF)
                 continue
             break
+        # Pooled connections opened before the outage are dead (a restarted Redis
+        # reset them): drop the idle ones, or each would fail its next command and
+        # mark Redis down again, leaving fetch locks behind that others wait on.
+        pool = getattr(self.client, "connection_pool", None)
+        if pool is not None:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await pool.disconnect(inuse_connections=False)
         self.state = "ok"
         self.metrics.redis_up.set(1)
         log.info("redis_up")

@@ -76,7 +76,7 @@ _WORKER_FDS_ENV: Final = "_SIDECAR_WORKER_FDS"
 
 _PROBE_TIMEOUT: Final = 2.0
 _YOUNG: Final = 10.0  # a worker that dies younger than this backs off longer
-_STATE_ORDER: Final = {"ok": 0, "disabled": 0, "degraded": 1, "down": 2}
+_STATE_ORDER: Final = {"ok": 0, "disabled": 0, "degraded": 1, "down": 2, "auth_failed": 3}
 
 
 async def run_workers(settings: Settings, env: Mapping[str, str]) -> int:
