@@ -30,9 +30,12 @@ import orjson
 
 from sidecar.config import VARIABLES
 from sidecar.signature import sign
+from tests.harness import WEBHOOK_SECRET, Process, Stack, free_port
 
+from .clients import js_row, python_row
 from .load import LoadResult, Req, closed_loop, have_wrk, paced, percentile, wrk
-from .procs import TENANT, WEBHOOK_SECRET, Proc, Stack
+
+TENANT = "bench"
 
 MODULES = ("reports", "exports", "api")
 BATCH_SIZE = 100
@@ -54,6 +57,8 @@ class Options:
     rss_customers: int
     generator: str
     workers: int
+    client_calls: int
+    client_rounds: int
     json_path: Path | None
 
 
@@ -69,6 +74,9 @@ def _parse(argv: Sequence[str] | None) -> Options:
     p.add_argument("--pushes", type=int, help="pushes timed (default 200)")
     p.add_argument("--rss-customers", type=int, help="customers cached for RSS (default 100000)")
     p.add_argument("--workers", type=int, default=2, help="SIDECAR_WORKERS for the scaling row")
+    p.add_argument(
+        "--client-calls", type=int, help="sequential calls per side, client rows (default 20000)"
+    )
     p.add_argument(
         "--generator",
         choices=("auto", "wrk", "builtin"),
@@ -103,6 +111,8 @@ def _parse(argv: Sequence[str] | None) -> Options:
         rss_customers=pick(a.rss_customers, 100_000, 100),
         generator=generator,
         workers=a.workers,
+        client_calls=pick(a.client_calls, 20_000, 200),
+        client_rounds=20 if not a.smoke else 2,
         json_path=json_path,
     )
 
@@ -134,7 +144,7 @@ async def _bounded(jobs: Sequence[Callable[[], Awaitable[None]]], concurrency: i
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-async def seed(session: aiohttp.ClientSession, emulator: Proc, start: int, stop: int) -> None:
+async def seed(session: aiohttp.ClientSession, emulator: Process, start: int, stop: int) -> None:
     """Give customers ``start..stop-1`` documents (``exports`` for even ones)."""
     base = f"{emulator.url()}/_emulator/tenants/{TENANT}/customers"
 
@@ -150,6 +160,21 @@ async def seed(session: aiohttp.ClientSession, emulator: Proc, start: int, stop:
     await _bounded([put(i) for i in range(start, stop)], 32)
 
 
+#: The flag the flag and OFREP rows read: a tenant-global value, overridden for every
+#: tenth customer (both answers come from the customer's one cached flags document).
+FLAG = "new-dashboard"
+
+
+async def seed_flags(session: aiohttp.ClientSession, emulator: Process, customers: int) -> None:
+    base = f"{emulator.url()}/_emulator/tenants/{TENANT}"
+    paths = [f"{base}/flags/{FLAG}"]
+    paths += [f"{base}/customers/{cid(i)}/flags/{FLAG}" for i in range(0, customers, 10)]
+    for path in paths:
+        async with session.put(path, data=orjson.dumps({"value": True})) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"seeding flags: {resp.status} {await resp.text()}")
+
+
 # -- throughput rows ------------------------------------------------------------------------
 
 
@@ -157,7 +182,7 @@ class Driver:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
 
-    async def peak(self, proc: Proc, requests: Sequence[Req]) -> LoadResult:
+    async def peak(self, proc: Process, requests: Sequence[Req]) -> LoadResult:
         o = self.opts
         run = wrk if o.generator == "wrk" else closed_loop
         return await run(
@@ -172,6 +197,21 @@ class Driver:
 
 def hot_requests(customers: int) -> list[Req]:
     return [Req("GET", f"/v1/customers/{cid(i)}/can/reports") for i in range(customers)]
+
+
+def flag_requests(customers: int) -> list[Req]:
+    return [Req("GET", f"/v1/customers/{cid(i)}/flags/{FLAG}") for i in range(customers)]
+
+
+def ofrep_requests(customers: int) -> list[Req]:
+    return [
+        Req(
+            "POST",
+            f"/ofrep/v1/evaluate/flags/{FLAG}",
+            orjson.dumps({"context": {"targetingKey": cid(i)}}),
+        )
+        for i in range(customers)
+    ]
 
 
 def batch_requests(customers: int) -> list[Req]:
@@ -189,7 +229,7 @@ def batch_requests(customers: int) -> list[Req]:
 
 
 async def fleet_phase(
-    session: aiohttp.ClientSession, stack: Stack, sidecars: Sequence[Proc], opts: Options
+    session: aiohttp.ClientSession, stack: Stack, sidecars: Sequence[Process], opts: Options
 ) -> dict[str, Any]:
     assert stack.emulator is not None
     emu = stack.emulator.url()
@@ -231,7 +271,7 @@ async def fleet_phase(
 # -- push to applied ------------------------------------------------------------------------------
 
 
-async def _can(session: aiohttp.ClientSession, proc: Proc, customer: str, module: str) -> bool:
+async def _can(session: aiohttp.ClientSession, proc: Process, customer: str, module: str) -> bool:
     async with session.get(f"{proc.url()}/v1/customers/{customer}/can/{module}") as resp:
         body = await resp.read()
     if resp.status != 200:
@@ -242,8 +282,8 @@ async def _can(session: aiohttp.ClientSession, proc: Proc, customer: str, module
 async def push_phase(
     session: aiohttp.ClientSession,
     stack: Stack,
-    receiver: Proc,
-    others: Sequence[Proc],
+    receiver: Process,
+    others: Sequence[Process],
     opts: Options,
 ) -> dict[str, Any]:
     """Change a customer upstream, POST the signed push to one sidecar, and time until
@@ -318,7 +358,7 @@ async def _post_push(
 
 
 async def _until_changed(
-    session: aiohttp.ClientSession, proc: Proc, customer: str, old: bool, started: float
+    session: aiohttp.ClientSession, proc: Process, customer: str, old: bool, started: float
 ) -> float | None:
     """Poll ``proc`` back to back until it answers the new value; seconds since ``started``."""
     deadline = started + 10
@@ -331,7 +371,7 @@ async def _until_changed(
 # -- memory -------------------------------------------------------------------------------------
 
 
-async def _metric(session: aiohttp.ClientSession, proc: Proc, name: str) -> float:
+async def _metric(session: aiohttp.ClientSession, proc: Process, name: str) -> float:
     async with session.get(f"{proc.url('ops')}/metrics") as resp:
         text = await resp.text()
     total = 0.0
@@ -345,7 +385,7 @@ async def rss_phase(session: aiohttp.ClientSession, stack: Stack, opts: Options)
     assert stack.emulator is not None
     started = time.perf_counter()
     await seed(session, stack.emulator, opts.customers, opts.rss_customers)
-    proc = stack.start_sidecar("rss", SIDECAR_MEMORY_MAX_ENTRIES=str(max(opts.rss_customers, 1)))
+    proc = stack.add_sidecar("rss", SIDECAR_MEMORY_MAX_ENTRIES=str(max(opts.rss_customers, 1)))
     at_start = proc.rss_mib()
 
     def read(i: int) -> Callable[[], Awaitable[None]]:
@@ -367,8 +407,26 @@ async def rss_phase(session: aiohttp.ClientSession, stack: Stack, opts: Options)
         "peak_rss_mib": round(proc.peak_rss_mib(), 1),
         "fill_seconds": round(time.perf_counter() - started, 1),
     }
+    # Everything a cached customer costs the process (both layers' bookkeeping, the
+    # account links, allocator slack), over what it held at start.
+    grown = (result["peak_rss_mib"] - result["rss_at_start_mib"]) * 1024 * 1024
+    result["bytes_per_customer"] = round(grown / max(opts.rss_customers, 1))
     proc.stop()
     return result
+
+
+# -- the tiny clients ------------------------------------------------------------------------------
+
+
+async def clients_phase(proc: Process, opts: Options) -> dict[str, Any]:
+    """Each client's ``can`` against a raw request, sequential, on the memory-hit sidecar."""
+    out: dict[str, Any] = {}
+    for name, measure in (("python", python_row), ("js", js_row)):
+        _say(f"client {name}: {opts.client_calls} sequential can calls per side")
+        out[name] = await measure(
+            proc.url(), cid(0), "reports", opts.client_calls, opts.client_rounds
+        )
+    return out
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -404,6 +462,22 @@ def _workers_supported() -> bool:
     return any(v.name == "SIDECAR_WORKERS" for v in VARIABLES)
 
 
+def _stack(workdir: Path) -> Stack:
+    """Redis and an empty emulator; sidecars are added per phase. The benchmark signs and
+    times its own pushes, so the emulator pushes nothing, and the sidecars keep the
+    production upstream timeout."""
+    return Stack(workdir, tenant=TENANT, redis=True, seed=False, push=False, sidecar=False,
+                 SIDECAR_UPSTREAM_TIMEOUT=None)  # fmt: skip
+
+
+def _start_bare(stack: Stack) -> Process:
+    """The bare aiohttp server (``bench/bare.py``): the ceiling a handler can reach here."""
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.bare", "--port", str(port)]
+    ready = f"http://127.0.0.1:{port}/healthz"
+    return stack.add(Process("bare", argv, stack.workdir, ports={"local": port}, ready_url=ready))
+
+
 async def run(opts: Options) -> dict[str, Any]:
     results: dict[str, Any] = {
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -420,15 +494,17 @@ async def run(opts: Options) -> dict[str, Any]:
         },
     }
     driver = Driver(opts)
-    with tempfile.TemporaryDirectory(prefix="vellum-bench-") as tmp, Stack(Path(tmp)) as stack:
-        stack.start_redis()
-        emulator = stack.start_emulator()
+    with tempfile.TemporaryDirectory(prefix="vellum-bench-") as tmp, _stack(Path(tmp)) as stack:
+        emulator = stack.emulator
+        assert emulator is not None
         connector = aiohttp.TCPConnector(limit=256)
         async with aiohttp.ClientSession(connector=connector) as session:
             _say(f"seeding {opts.customers} customers")
             await seed(session, emulator, 0, opts.customers)
-            fleet = [stack.start_sidecar(f"sidecar-{n}") for n in range(opts.fleet)]
-            stack.flush_redis()
+            await seed_flags(session, emulator, opts.customers)
+            fleet = [stack.add_sidecar(f"sidecar-{n}") for n in range(opts.fleet)]
+            assert stack.redis is not None
+            stack.redis.flush()
 
             _say(f"fleet: {opts.reads} reads, {opts.customers} customers, {opts.fleet} sidecars")
             results["fleet"] = await fleet_phase(session, stack, fleet, opts)
@@ -436,23 +512,26 @@ async def run(opts: Options) -> dict[str, Any]:
             results["push"] = await push_phase(session, stack, fleet[0], fleet[1:], opts)
 
             # "hot": the in-process layer answering alone for the whole run. The
-            # defaults (fleet[0]) also go back to Redis for every customer once per
-            # SIDECAR_MEMORY_TTL (10 s), which the "hot_default" row includes.
+            # defaults (fleet[0]): the same while the fan-out subscription is
+            # confirmed (memory kept coherent by it); without it, each customer
+            # would go back to Redis once per SIDECAR_MEMORY_TTL (10 s).
             default = fleet[0]
-            hot = stack.start_sidecar("hot", SIDECAR_MEMORY_TTL=PURE_MEMORY_TTL)
-            redis_only = stack.start_sidecar("redis-only", SIDECAR_MEMORY_MAX_ENTRIES="0")
-            bare = stack.start_bare()
+            hot = stack.add_sidecar("hot", SIDECAR_MEMORY_TTL=PURE_MEMORY_TTL)
+            redis_only = stack.add_sidecar("redis-only", SIDECAR_MEMORY_MAX_ENTRIES="0")
+            bare = _start_bare(stack)
             multi = None
             if opts.workers > 1 and _workers_supported():
-                multi = stack.start_sidecar(
+                multi = stack.add_sidecar(
                     "workers", SIDECAR_WORKERS=str(opts.workers), SIDECAR_MEMORY_TTL=PURE_MEMORY_TTL
                 )
-            rows: list[tuple[str, Proc, list[Req]]] = [
+            rows: list[tuple[str, Process, list[Req]]] = [
                 ("bare", bare, hot_requests(opts.customers)),
                 ("hot", hot, hot_requests(opts.customers)),
                 ("hot_default", default, hot_requests(opts.customers)),
                 ("redis_only", redis_only, hot_requests(opts.customers)),
                 ("batch", hot, batch_requests(opts.customers)),
+                ("flag", hot, flag_requests(opts.customers)),
+                ("ofrep", hot, ofrep_requests(opts.customers)),
             ]
             if multi is not None:
                 rows.append(("workers", multi, hot_requests(opts.customers)))
@@ -493,6 +572,7 @@ async def run(opts: Options) -> dict[str, Any]:
                     )
                 ).to_json()
             results["throughput"] = throughput
+            results["clients"] = await clients_phase(hot, opts)
             for proc in (hot, bare, redis_only, *([multi] if multi else [])):
                 proc.stop()
             _say(f"memory: caching {opts.rss_customers} customers")
@@ -537,7 +617,7 @@ def table(results: dict[str, Any]) -> str:
     row("bare aiohttp handler, same JSON (framework ceiling)", t["bare"])
     row("`GET /v1/customers/{c}/can/{m}`, memory hit", t["hot"])
     row(
-        "same, default settings (each customer re-read from Redis every <= 10 s)",
+        "same, default settings (memory kept coherent by the fan-out)",
         t["hot_default"],
     )
     row("same, Redis layer only (in-process layer off)", t["redis_only"])
@@ -546,6 +626,8 @@ def table(results: dict[str, Any]) -> str:
         f"({_n(t['batch']['checks_per_s'])} checks/s)",
         t["batch"],
     )
+    row("`GET /v1/customers/{c}/flags/{name}`, memory hit", t["flag"])
+    row("`POST /ofrep/v1/evaluate/flags/{key}` (OFREP), memory hits", t["ofrep"])
     for name, label in (("hot", "memory hit"), ("hot_default", "default settings")):
         half = t[f"{name}_half_peak"]
         row(
@@ -560,6 +642,18 @@ def table(results: dict[str, Any]) -> str:
             f"memory hit, `SIDECAR_WORKERS={w['workers']}` ({w['vs_one_worker']:.2f}x one worker)",
             w,
         )
+    c = results["clients"]
+    lines += [
+        "",
+        "| client, sequential `can` on one keep-alive connection (memory hit) "
+        "| client µs/call | raw µs/call | client / raw |",
+        "|---|---:|---:|---:|",
+        f"| Python `SidecarClient.can` vs `http.client` ({c['python']['calls']:,} calls each) "
+        f"| {c['python']['client_us']:.0f} | {c['python']['raw_us']:.0f} "
+        f"| {c['python']['ratio']:.2f} |",
+        f"| JS `SidecarClient.can` vs `node:http`, keep-alive Agent ({c['js']['calls']:,} calls "
+        f"each) | {c['js']['client_us']:.0f} | {c['js']['raw_us']:.0f} | {c['js']['ratio']:.2f} |",
+    ]
     f, p, r = results["fleet"], results["push"], results["rss"]
     lines += [
         "",
@@ -574,7 +668,8 @@ def table(results: dict[str, Any]) -> str:
         f" (not applied: {p['not_applied_within_10s']}) |",
         f"| peak RSS of the sidecar with {_n(r['customers'])} customers cached "
         f"({_n(r['memory_entries'])} in the in-process layer) | {r['peak_rss_mib']:.0f} MiB "
-        f"({r['rss_at_start_mib']:.0f} MiB at start) |",
+        f"({r['rss_at_start_mib']:.0f} MiB at start; {_n(r['bytes_per_customer'])} bytes per "
+        "customer) |",
     ]
     return "\n".join(lines)
 

@@ -34,14 +34,14 @@ from typing import Any
 
 import aiohttp
 
-from .procs import Proc, Stack
+from tests.harness import Process, Stack
 
 
 def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-async def _metric(session: aiohttp.ClientSession, proc: Proc, name: str) -> float:
+async def _metric(session: aiohttp.ClientSession, proc: Process, name: str) -> float:
     async with session.get(f"{proc.url('ops')}/metrics") as resp:
         text = await resp.text()
     for line in text.splitlines():
@@ -51,7 +51,7 @@ async def _metric(session: aiohttp.ClientSession, proc: Proc, name: str) -> floa
 
 
 async def memory_phase(
-    session: aiohttp.ClientSession, proc: Proc, customers: int, say: Any
+    session: aiohttp.ClientSession, proc: Process, customers: int, say: Any
 ) -> dict[str, Any]:
     batch = 1000
     samples: list[dict[str, Any]] = []
@@ -95,7 +95,7 @@ async def memory_phase(
 
 
 async def leak_phase(
-    session: aiohttp.ClientSession, proc: Proc, requests: int, say: Any
+    session: aiohttp.ClientSession, proc: Process, requests: int, say: Any
 ) -> dict[str, Any]:
     url = proc.url()
     # Warm up: fill the customers and open the keep-alive connections.
@@ -165,11 +165,10 @@ async def run(customers: int, requests: int, max_entries: int) -> dict[str, Any]
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="vellum-soak-") as tmp, Stack(Path(tmp)) as stack:
-        stack.start_emulator()
-        proc = stack.start_sidecar(
+    workdir = tempfile.TemporaryDirectory(prefix="vellum-soak-")
+    with workdir as tmp, Stack(Path(tmp), seed=False, push=False, sidecar=False) as stack:
+        proc = stack.add_sidecar(
             "soak",
-            SIDECAR_REDIS_URL="",
             SIDECAR_MEMORY_MAX_ENTRIES=str(max_entries),
             SIDECAR_UPSTREAM_TIMEOUT="30",
         )

@@ -188,6 +188,9 @@ Try these:
   curl -s -X PUT {emu}/_emulator/customers/cus_trial/entitlements \\
        -d '{{"status":"active","modules":["reports","exports"]}}'   # emulator pushes a webhook
   {curl} -s {api}/v1/customers/cus_trial/can/exports      # "allowed":true at once
+  {curl} -s {api}/v1/customers/cus_active/flags           # "new-dashboard":true (its override)
+  {curl} -s {api}/v1/customers/cus_active/credits/exports # "balance":20
+  {curl} -s {api}/tenants/demo/accounts/acme/invoices     # the mirror, as the Vellum SDK calls it
   curl -s {ops}/readyz
 
 Ctrl-C stops it.

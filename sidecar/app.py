@@ -16,27 +16,31 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
-from .api import add_routes, local_middleware
-from .cache import EntitlementCache
-from .config import Settings
-from .guard import HostGuard
-from .health import HealthMonitor
-from .invalidation import Invalidator
-from .keys import (
+from .appkeys import (
     CACHE,
+    CACHES,
     GUARD,
     HEALTH,
     INVALIDATOR,
     LIFECYCLE,
     METRICS,
+    OFREP_STREAMS,
     REDIS,
     SETTINGS,
     UPSTREAM,
     Lifecycle,
 )
+from .cache.cache import Caches
+from .cache.invalidation import Invalidator
+from .config import Settings
+from .health import HealthMonitor
+from .http.guard import HostGuard
+from .http.routes import add_routes
+from .http.streams import Streams
 from .metrics import Metrics
-from .redisclient import create_redis
-from .redisio import Keys, RedisConn, RedisDown
+from .redis.conn import RedisConn, RedisDown
+from .redis.keys import Keys
+from .redis.url import create_redis
 from .upstream import VellumClient
 
 __all__ = ["create_app"]
@@ -47,7 +51,8 @@ LOCAL_MAX_BODY = 1024 * 1024
 
 def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
     """The local API app; its startup opens the upstream session, Redis and the listener."""
-    app = web.Application(middlewares=[local_middleware], client_max_size=LOCAL_MAX_BODY)
+    # No middleware: every route's handler is wrapped instead (http/middleware.py).
+    app = web.Application(client_max_size=LOCAL_MAX_BODY)
     app[SETTINGS] = settings
     app[METRICS] = metrics if metrics is not None else Metrics()
     app[LIFECYCLE] = Lifecycle()
@@ -56,6 +61,9 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_cache_ctx)
     app.cleanup_ctx.append(_health_ctx)
+    app.cleanup_ctx.append(_streams_ctx)
+    # Before the listeners wait for requests in flight: an open stream would never end.
+    app.on_shutdown.append(_end_streams)
     add_routes(app)
     return app
 
@@ -81,7 +89,13 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         app[REDIS] = None
         yield
         return
-    conn = RedisConn(create_redis(settings), Keys(settings.tenant_id), app[METRICS])
+    client = create_redis(
+        settings.redis_url.reveal(),
+        cluster=settings.redis_cluster,
+        timeout=settings.redis_timeout,
+        pool_size=settings.redis_pool_size,
+    )
+    conn = RedisConn(client, Keys(settings.tenant_id), app[METRICS])
     with contextlib.suppress(RedisDown):
         await conn.run("ping", lambda r: r.ping())
     app[REDIS] = conn
@@ -91,9 +105,9 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    cache = EntitlementCache(settings, app[UPSTREAM], app[METRICS], app[REDIS])
+    caches = Caches(settings, app[UPSTREAM], app[METRICS], app[REDIS])
     invalidator = Invalidator(
-        cache,
+        caches,
         app[REDIS],
         app[METRICS],
         sidecar_id=f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}",
@@ -101,20 +115,35 @@ async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
         heartbeat=settings.check_interval,
         stall_after=max(settings.redis_timeout, settings.check_interval),
     )
-    app[CACHE] = cache
+    app[CACHES] = caches
+    app[CACHE] = caches.entitlements
     app[INVALIDATOR] = invalidator
     invalidator.start()
     yield
     await invalidator.stop()
-    await cache.close()
+    await caches.close()
 
 
 async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
     """The active checks behind /readyz (sidecar/health.py)."""
     monitor = HealthMonitor(
-        app[SETTINGS], app[UPSTREAM], app[REDIS], app[INVALIDATOR], app[CACHE], app[METRICS]
+        app[SETTINGS], app[UPSTREAM], app[REDIS], app[INVALIDATOR], app[METRICS]
     )
     app[HEALTH] = monitor
     monitor.start()
     yield
     await monitor.stop()
+
+
+async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
+    streams = Streams()
+    app[OFREP_STREAMS] = streams
+    unwatch = app[INVALIDATOR].watch(streams.notify)
+    yield
+    unwatch()
+    streams.close()
+
+
+async def _end_streams(app: web.Application) -> None:
+    if OFREP_STREAMS in app:
+        app[OFREP_STREAMS].close()

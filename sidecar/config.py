@@ -1,8 +1,20 @@
-"""Settings: read once from the environment (and flags), validated, secrets redacted.
+"""Settings: one declaration per variable, read once from the environment (and flags).
+
+Each ``Settings`` field is declared with ``setting`` or ``secret_setting``: the
+variable's name, parser, default, help and README text, in one place. Everything
+else derives from those declarations: ``Settings.from_env`` (parsing),
+``add_flags`` (one flag per variable), ``Settings.redacted`` (what
+``check-config`` prints) and the README's configuration table
+(``scripts/gen_config_docs.py``, whose ``--check`` runs in CI).
 
 ``Settings.from_env(env)`` collects *every* problem before failing, so an operator
 fixes a broken deployment in one round; ``ConfigError.problems`` holds one line
 per bad variable, each naming the variable.
+
+Credentials never show: secret values are ``Secret`` / ``ApiKeySource`` objects,
+and ``redact_url`` / ``redact_text`` hide the credentials of any URL (userinfo,
+password or token options) in the redacted print, in configuration errors and,
+through ``sidecar/logs.py``, in every log line.
 """
 
 from __future__ import annotations
@@ -10,26 +22,33 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Final, Literal
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, Final, Literal, TypeVar, cast
+from urllib.parse import unquote, urlsplit
 
-from .redisclient import parse_redis_url
+from .redis.url import parse_redis_url
 
 __all__ = [
+    "SETTINGS",
     "VARIABLES",
     "ApiKeySource",
     "ConfigError",
     "Listen",
     "Secret",
+    "Setting",
     "Settings",
     "Variable",
     "add_flags",
     "env_with_flags",
+    "redact_text",
+    "redact_url",
 ]
+
+T = TypeVar("T")
 
 
 class Secret:
@@ -152,354 +171,105 @@ class Listen:
         return cls(host=host, port=port)
 
 
-@dataclass(frozen=True, slots=True)
-class Variable:
-    name: str
-    default: str | None
-    help: str
-    secret: bool = False
-
-    @property
-    def flag(self) -> str:
-        base = self.name.removeprefix("VELLUM_").removeprefix("SIDECAR_")
-        return "--" + base.lower().replace("_", "-")
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off", ""})
+_LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
-# -- listener limits, guards, active checks and drain (issue 14) ---------------------
-#: name: (default, help, parser, Settings attribute). docs/operations.md explains each.
-_LIMITS: Final[dict[str, tuple[str, str, Callable[[str], Any], str]]] = {
-    "SIDECAR_HEADER_TIMEOUT": ("5", "seconds a request's line and headers may take to arrive",
-                               lambda v: _positive_float(v), "header_timeout"),
-    "SIDECAR_BODY_TIMEOUT": ("10", "seconds a request body may take to arrive after its headers",
-                             lambda v: _positive_float(v), "body_timeout"),
-    "SIDECAR_KEEPALIVE_TIMEOUT": ("30", "seconds an idle keep-alive connection stays open",
-                                  lambda v: _positive_float(v), "keepalive_timeout"),
-    "SIDECAR_MAX_CONNECTIONS": ("1024", "open connections the local API accepts",
-                                lambda v: _positive_int(v), "max_connections"),
-    "SIDECAR_WEBHOOK_MAX_CONNECTIONS": ("128", "open connections the webhook listener accepts",
-                                        lambda v: _positive_int(v), "webhook_max_connections"),
-    "SIDECAR_OPS_MAX_CONNECTIONS": ("32", "open connections the ops listener accepts",
-                                    lambda v: _positive_int(v), "ops_max_connections"),
-    "SIDECAR_OPS_ALLOWED_HOSTS": ("", "Host names the ops listener accepts besides loopback "
-                                  "names and IP literals (.suffix matches subdomains)",
-                                  lambda v: _name_set(v), "ops_allowed_hosts"),
-    "SIDECAR_CHECK_INTERVAL": ("0.25", "seconds between Redis PINGs and fan-out heartbeats",
-                               lambda v: _positive_float(v), "check_interval"),
-    "SIDECAR_UPSTREAM_CHECK_INTERVAL": ("1", "seconds between upstream checks while idle; 0: off",
-                                        lambda v: _non_negative_float(v),
-                                        "upstream_check_interval"),
-    "SIDECAR_SHUTDOWN_DRAIN": ("1", "seconds after SIGTERM that open connections still get "
-                               "answers (with Connection: close)",
-                               lambda v: _non_negative_float(v), "shutdown_drain"),
-}  # fmt: skip
-
-#: Every setting, in the order ``check-config`` prints them.
-VARIABLES: Final[tuple[Variable, ...]] = (
-    Variable("VELLUM_API_KEY", None, "the secret Vellum API key (required unless _FILE)", True),
-    Variable("VELLUM_API_KEY_FILE", None, "file holding the API key (re-read when it changes)"),
-    Variable("VELLUM_TENANT_ID", None, "the tenant this sidecar serves (required)"),
-    Variable("VELLUM_BASE_URL", "https://api.vellumcharter.com", "upstream base URL"),
-    Variable("VELLUM_WEBHOOK_SECRETS", None, "comma-separated push signing secrets", True),
-    Variable("VELLUM_WEBHOOK_SECRETS_FILE", None, "file holding the signing secrets"),
-    Variable(
-        "SIDECAR_REDIS_URL",
-        None,
-        "redis://, rediss://, unix:// or redis+sentinel:// URL; unset = memory only",
-    ),
-    Variable("SIDECAR_REDIS_CLUSTER", "false", "true when SIDECAR_REDIS_URL names Cluster nodes"),
-    Variable("SIDECAR_LISTEN", "127.0.0.1:8700", "local API: host:port or unix:/path.sock"),
-    Variable("SIDECAR_WEBHOOK_LISTEN", "0.0.0.0:8701", "push webhook receiver"),
-    Variable("SIDECAR_OPS_LISTEN", "0.0.0.0:9700", "health and metrics"),
-    Variable("SIDECAR_CACHE_TTL", "300", "seconds an entitlement stays fresh"),
-    Variable("SIDECAR_STALE_TTL", "86400", "seconds a stale entry may be served if upstream fails"),
-    Variable("SIDECAR_NEGATIVE_TTL", "30", "seconds an unknown customer (404) stays cached"),
-    Variable("SIDECAR_MEMORY_MAX_ENTRIES", "100000", "in-process cache size (LRU)"),
-    Variable("SIDECAR_MEMORY_TTL", "10", "seconds an entry lives in-process when Redis is shared"),
-    Variable("SIDECAR_ALLOW_REMOTE", "false", "true to bind the local API off loopback"),
-    Variable("SIDECAR_ALLOWED_HOSTS", "", "extra Host names the local API accepts"),
-    Variable(
-        "SIDECAR_UPSTREAM_TIMEOUT", "5", "total seconds for one upstream call, retries included"
-    ),
-    Variable("SIDECAR_UPSTREAM_CONNECT_TIMEOUT", "2", "seconds to connect to the upstream"),
-    Variable("SIDECAR_REDIS_TIMEOUT", "0.5", "seconds for one Redis command or connect"),
-    Variable("SIDECAR_REDIS_POOL_SIZE", "50", "maximum Redis connections"),
-    Variable("SIDECAR_FAIL_OPEN_MODULES", "", "modules that `can` allows when no answer exists"),
-    Variable("SIDECAR_SHUTDOWN_GRACE", "10", "seconds in-flight requests get on SIGTERM"),
-    Variable("SIDECAR_LOG_LEVEL", "info", "debug, info, warning or error"),
-    Variable(
-        "SIDECAR_ACCESS_LOG", "false", "true to log every request (off the hot path by default)"
-    ),
-    Variable("SIDECAR_WORKERS", "1", "worker processes sharing the listeners; >1 needs Redis"),
-    *(Variable(name, default, help) for name, (default, help, _, _) in _LIMITS.items()),
-)
+#: Query and fragment options whose value is a credential (matched on the
+#: option's words, so ``ssl_keyfile`` stays visible and ``sentinel_password`` not).
+_CREDENTIAL_WORDS: Final = frozenset(
+    {
+        "apikey", "auth", "authorization", "code", "credential", "credentials", "jwt", "key",
+        "pass", "passphrase", "passwd", "password", "pwd", "secret", "session", "sig",
+        "signature", "token",
+    }
+)  # fmt: skip
+_CREDENTIAL_PARTS: Final = ("password", "secret", "token", "apikey", "credential")
+#: A URL in free text (a log line, an error): it ends at whitespace, a quote or a
+#: backslash (so a JSON escape next to it is never consumed).
+_URL_IN_TEXT: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s\"'<>`\\]+")
 
 
-_BY_NAME: Final = {v.name: v for v in VARIABLES}
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off", ""})
-_LOG_LEVELS = ("debug", "info", "warning", "error")
+def _is_credential(option: str) -> bool:
+    low = unquote(option).lower()
+    words = re.split(r"[^a-z0-9]+", low)
+    return any(w in _CREDENTIAL_WORDS for w in words) or any(p in low for p in _CREDENTIAL_PARTS)
 
 
-class ConfigError(Exception):
-    """Raised with one line per problem; every line names its variable."""
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = list(problems)
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    api_key: ApiKeySource = field(repr=False)
-    tenant_id: str
-    base_url: str = "https://api.vellumcharter.com"
-    webhook_secrets: tuple[Secret, ...] = ()
-    redis_url: Secret | None = None
-    redis_cluster: bool = False
-    listen: Listen = Listen("127.0.0.1", 8700)
-    webhook_listen: Listen = Listen("0.0.0.0", 8701)
-    ops_listen: Listen = Listen("0.0.0.0", 9700)
-    cache_ttl: float = 300.0
-    stale_ttl: float = 86400.0
-    negative_ttl: float = 30.0
-    memory_max_entries: int = 100_000
-    memory_ttl: float = 10.0
-    allow_remote: bool = False
-    allowed_hosts: frozenset[str] = frozenset()
-    upstream_timeout: float = 5.0
-    upstream_connect_timeout: float = 2.0
-    redis_timeout: float = 0.5
-    redis_pool_size: int = 50
-    fail_open_modules: frozenset[str] = frozenset()
-    shutdown_grace: float = 10.0
-    log_level: str = "info"
-    access_log: bool = False
-    workers: int = 1
-    # listener limits, guards, active checks and drain: see _LIMITS
-    header_timeout: float = 5.0
-    body_timeout: float = 10.0
-    keepalive_timeout: float = 30.0
-    max_connections: int = 1024
-    webhook_max_connections: int = 128
-    ops_max_connections: int = 32
-    ops_allowed_hosts: frozenset[str] = frozenset()
-    check_interval: float = 0.25
-    upstream_check_interval: float = 1.0
-    shutdown_drain: float = 1.0
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> Settings:
-        """Build settings from an environment mapping; ``ConfigError`` lists every problem."""
-        problems: list[str] = []
-
-        def raw(name: str) -> str | None:
-            value = env.get(name)
-            if value is None or value.strip() == "":
-                return _BY_NAME[name].default
-            return value.strip()
-
-        def parse(name: str, conv: Callable[[str], Any]) -> Any:
-            value = raw(name)
-            try:
-                return conv(value) if value is not None else None
-            except ValueError as exc:
-                problems.append(f"{name}: {exc}")
-                return None
-
-        api_key = _read_secret_pair(env, "VELLUM_API_KEY", problems, required=True)
-        tenant = raw("VELLUM_TENANT_ID")
-        if tenant is None:
-            problems.append("VELLUM_TENANT_ID: required (the tenant this sidecar serves)")
-        secrets_value = _read_secret_pair(env, "VELLUM_WEBHOOK_SECRETS", problems, required=False)
-        webhook_secrets: tuple[Secret, ...] = ()
-        if secrets_value is not None:
-            parts = [s.strip() for s in secrets_value[0].replace("\n", ",").split(",")]
-            webhook_secrets = tuple(Secret(s) for s in parts if s)
-            if not webhook_secrets:
-                problems.append("VELLUM_WEBHOOK_SECRETS: set but holds no secret")
-
-        base_url = parse("VELLUM_BASE_URL", _http_url)
-        redis_url = parse("SIDECAR_REDIS_URL", _redis_url)
-        redis_cluster = parse("SIDECAR_REDIS_CLUSTER", _bool)
-        listen = parse("SIDECAR_LISTEN", Listen.parse)
-        webhook_listen = parse("SIDECAR_WEBHOOK_LISTEN", Listen.parse)
-        ops_listen = parse("SIDECAR_OPS_LISTEN", Listen.parse)
-        cache_ttl = parse("SIDECAR_CACHE_TTL", _positive_float)
-        stale_ttl = parse("SIDECAR_STALE_TTL", _non_negative_float)
-        negative_ttl = parse("SIDECAR_NEGATIVE_TTL", _non_negative_float)
-        memory_max = parse("SIDECAR_MEMORY_MAX_ENTRIES", _non_negative_int)
-        memory_ttl = parse("SIDECAR_MEMORY_TTL", _non_negative_float)
-        allow_remote = parse("SIDECAR_ALLOW_REMOTE", _bool)
-        allowed_hosts = parse("SIDECAR_ALLOWED_HOSTS", _name_set)
-        upstream_timeout = parse("SIDECAR_UPSTREAM_TIMEOUT", _positive_float)
-        connect_timeout = parse("SIDECAR_UPSTREAM_CONNECT_TIMEOUT", _positive_float)
-        redis_timeout = parse("SIDECAR_REDIS_TIMEOUT", _positive_float)
-        pool_size = parse("SIDECAR_REDIS_POOL_SIZE", _positive_int)
-        fail_open = parse("SIDECAR_FAIL_OPEN_MODULES", _csv_set)
-        grace = parse("SIDECAR_SHUTDOWN_GRACE", _non_negative_float)
-        log_level = parse("SIDECAR_LOG_LEVEL", _log_level)
-        access_log = parse("SIDECAR_ACCESS_LOG", _bool)
-        workers = parse("SIDECAR_WORKERS", _positive_int)
-        limits = {attr: parse(name, conv) for name, (_, _, conv, attr) in _LIMITS.items()}
-
-        if listen is not None and not listen.is_loopback and allow_remote is False:
-            problems.append(
-                f"SIDECAR_LISTEN: {listen} is not a loopback address; the local API has no "
-                "authentication, so set SIDECAR_ALLOW_REMOTE=true to bind it there on purpose"
-            )
-        if redis_cluster and raw("SIDECAR_REDIS_URL") is None:
-            problems.append(
-                "SIDECAR_REDIS_CLUSTER: true needs SIDECAR_REDIS_URL (cluster nodes' redis:// URL)"
-            )
-        elif redis_url is not None and redis_cluster is not None:
-            target = parse_redis_url(redis_url)
-            problem = target.cluster_problem() if redis_cluster else target.standalone_problem()
-            if problem:
-                var = "SIDECAR_REDIS_CLUSTER" if redis_cluster else "SIDECAR_REDIS_URL"
-                problems.append(f"{var}: {problem}")
-        if workers is not None and workers > 1:
-            # Each worker has its own in-process layer; only the Redis fan-out
-            # keeps them coherent, and only SO_REUSEPORT spreads connections.
-            if raw("SIDECAR_REDIS_URL") is None:
-                problems.append(
-                    "SIDECAR_WORKERS: more than one worker needs SIDECAR_REDIS_URL (the "
-                    "workers' in-process caches are kept coherent through Redis)"
-                )
-            if not hasattr(socket, "SO_REUSEPORT"):
-                problems.append("SIDECAR_WORKERS: this platform has no SO_REUSEPORT")
-        if problems:
-            raise ConfigError(problems)
-
-        assert api_key is not None
-        assert tenant is not None
-        hosts = set(allowed_hosts)
-        if listen.host and not listen.is_loopback and listen.host not in ("0.0.0.0", "::"):
-            hosts.add(listen.host.lower())
-        return cls(
-            api_key=ApiKeySource(api_key[0], api_key[1]),
-            tenant_id=tenant,
-            base_url=base_url,
-            webhook_secrets=webhook_secrets,
-            redis_url=Secret(redis_url) if redis_url else None,
-            redis_cluster=redis_cluster,
-            listen=listen,
-            webhook_listen=webhook_listen,
-            ops_listen=ops_listen,
-            cache_ttl=cache_ttl,
-            stale_ttl=stale_ttl,
-            negative_ttl=negative_ttl,
-            memory_max_entries=memory_max,
-            memory_ttl=memory_ttl,
-            allow_remote=allow_remote,
-            allowed_hosts=frozenset(hosts),
-            upstream_timeout=upstream_timeout,
-            upstream_connect_timeout=connect_timeout,
-            redis_timeout=redis_timeout,
-            redis_pool_size=pool_size,
-            fail_open_modules=fail_open,
-            shutdown_grace=grace,
-            log_level=log_level,
-            access_log=access_log,
-            workers=workers,
-            **limits,
-        )
-
-    @property
-    def webhooks_enabled(self) -> bool:
-        return bool(self.webhook_secrets)
-
-    def redacted(self) -> list[tuple[str, str]]:
-        """``(VARIABLE, shown value)`` pairs with every secret replaced by ``***``."""
-        shown: dict[str, str] = {
-            "VELLUM_API_KEY": "***",
-            "VELLUM_API_KEY_FILE": str(self.api_key.path) if self.api_key.path else "(unset)",
-            "VELLUM_TENANT_ID": self.tenant_id,
-            "VELLUM_BASE_URL": self.base_url,
-            "VELLUM_WEBHOOK_SECRETS": (
-                f"*** ({len(self.webhook_secrets)} secret(s))"
-                if self.webhook_secrets
-                else "(unset: webhook listener off)"
-            ),
-            "VELLUM_WEBHOOK_SECRETS_FILE": "(see VELLUM_WEBHOOK_SECRETS)",
-            "SIDECAR_REDIS_URL": (
-                redact_url(self.redis_url.reveal()) if self.redis_url else "(unset: memory only)"
-            ),
-            "SIDECAR_ALLOWED_HOSTS": ",".join(sorted(self.allowed_hosts)),
-            "SIDECAR_FAIL_OPEN_MODULES": ",".join(sorted(self.fail_open_modules)),
-            "SIDECAR_OPS_ALLOWED_HOSTS": ",".join(sorted(self.ops_allowed_hosts)),
-        }
-        out: list[tuple[str, str]] = []
-        for var in VARIABLES:
-            if var.name in shown:
-                out.append((var.name, shown[var.name]))
-                continue
-            attr = var.name.removeprefix("SIDECAR_").lower()
-            value = getattr(self, attr)
-            out.append((var.name, str(value).lower() if isinstance(value, bool) else str(value)))
-        return out
+def _redact_options(options: str) -> str:
+    return "&".join(
+        f"{name}=***" if sep and _is_credential(name) else f"{name}{sep}{value}"
+        for name, sep, value in (part.partition("=") for part in options.split("&"))
+    )
 
 
 def redact_url(url: str) -> str:
-    """Hide the password (and a lone username, which some providers use as a token).
+    """``url`` with its credentials replaced by ``***``; never raises.
 
-    Works on the raw netloc, so a host list (``h1:26379,h2:26379``) survives, and
-    hides ``*password*`` query options (``?sentinel_password=``) too.
+    Hides the password (and a lone username, which some providers use as a
+    token) and the value of every credential-like query or fragment option
+    (``?sentinel_password=``, ``?token=``, ``?api_key=``). Works on the raw text,
+    so a host list (``h1:26379,h2:26379``) and an unparsable URL survive.
     """
-    parts = urlsplit(url)
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    netloc = parts.netloc
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i != -1), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    userinfo, at, hosts = netloc.rpartition("@")
     if at:
         user, colon, _ = userinfo.partition(":")
         netloc = f"{user}:***@{hosts}" if colon else f"***@{hosts}"
-    query = "&".join(
-        f"{name}=***" if "password" in name.lower() else f"{name}={value}" if sep else name
-        for name, sep, value in (p.partition("=") for p in parts.query.split("&") if p)
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    tail, hash_, fragment = tail.partition("#")
+    path, qmark, query = tail.partition("?")
+    if qmark:
+        query = _redact_options(query)
+    if hash_ and "=" in fragment:
+        fragment = _redact_options(fragment)
+    return f"{scheme}{sep}{netloc}{path}{qmark}{query}{hash_}{fragment}"
 
 
-def _read_secret_pair(
-    env: Mapping[str, str], name: str, problems: list[str], *, required: bool
-) -> tuple[str, Path | None] | None:
-    direct = (env.get(name) or "").strip()
-    file_name = f"{name}_FILE"
-    path_s = (env.get(file_name) or "").strip()
-    if direct and path_s:
-        problems.append(f"{name}: set either {name} or {file_name}, not both")
-        return None
-    if path_s:
-        path = Path(path_s)
-        try:
-            value = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            problems.append(f"{file_name}: cannot read {path_s}: {exc.strerror or exc}")
-            return None
-        except UnicodeDecodeError:
-            problems.append(f"{file_name}: {path_s} is not UTF-8 text")
-            return None
-        if not value:
-            problems.append(f"{file_name}: {path_s} is empty")
-            return None
-        return value, path
-    if direct:
-        return direct, None
-    if required:
-        problems.append(f"{name}: required (set {name} or {file_name})")
-    return None
+def redact_text(text: str) -> str:
+    """``text`` with every ``scheme://...`` URL in it passed through ``redact_url``."""
+    if "://" not in text:
+        return text
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+
+
+def _show(value: Any) -> str:
+    """How ``check-config`` prints a parsed value."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, frozenset):
+        return ",".join(sorted(value))
+    return str(value)
+
+
+def _text(value: str) -> str:
+    return value
 
 
 def _http_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        raise ValueError(f"expected an http:// or https:// URL, got {redact_url(value)!r}")
     if parts.query or parts.fragment:
         raise ValueError("must not carry a query or fragment")
     return value.rstrip("/")
 
 
-def _redis_url(value: str) -> str:
-    parse_redis_url(value)  # the forms and their options: sidecar/redisclient.py
-    return value
+def _redis_url(value: str, _path: Path | None) -> Secret:
+    parse_redis_url(value)  # the forms and their options; its errors never repeat the URL
+    return Secret(value)
+
+
+def _secret_list(value: str, _path: Path | None) -> tuple[Secret, ...]:
+    parts = (s.strip() for s in value.replace("\n", ",").split(","))
+    secrets = tuple(Secret(s) for s in parts if s)
+    if not secrets:
+        raise ValueError("set but holds no secret")
+    return secrets
 
 
 def _bool(value: str) -> bool:
@@ -567,11 +337,598 @@ def _log_level(value: str) -> Literal["debug", "info", "warning", "error"]:
     return low  # type: ignore[return-value]
 
 
+@dataclass(frozen=True, slots=True)
+class Variable:
+    """One environment variable as an operator sees it: its name, flag and default."""
+
+    name: str
+    default: str | None
+    help: str
+    secret: bool = False
+
+    @property
+    def flag(self) -> str:
+        base = self.name.removeprefix("VELLUM_").removeprefix("SIDECAR_")
+        return "--" + base.lower().replace("_", "-")
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """The declaration of one ``Settings`` field: every fact about its variable.
+
+    ``default`` is written as an operator would write it and parsed by ``parse``
+    like any value, so the README shows exactly what the code does. A setting
+    with ``file_help`` also reads ``<name>_FILE`` (the two are mutually exclusive).
+    """
+
+    name: str
+    default: str | None
+    help: str
+    doc: str
+    parse: Callable[[str, Path | None], Any]
+    show: Callable[[Any], str]
+    required: bool = False
+    secret: bool = False
+    file_help: str | None = None
+
+    @property
+    def file_name(self) -> str | None:
+        return f"{self.name}_FILE" if self.file_help is not None else None
+
+    @property
+    def required_hint(self) -> str:
+        if self.file_name is not None:
+            return f"set {self.name} or {self.file_name}"
+        return self.help
+
+    def variables(self) -> tuple[Variable, ...]:
+        """The variable (and its ``_FILE`` twin), each with its own flag."""
+        help_ = self.help
+        if self.required:
+            help_ += " (required" + (f" unless {self.file_name})" if self.file_name else ")")
+        own = Variable(self.name, self.default, help_, self.secret)
+        if self.file_name is None or self.file_help is None:
+            return (own,)
+        return own, Variable(self.file_name, None, self.file_help)
+
+
+_SETTING: Final = "sidecar.config.setting"
+
+
+def setting(
+    name: str,
+    parse: Callable[[str], T],
+    default: str | None,
+    *,
+    help: str,
+    doc: str,
+    show: Callable[[T], str] | None = None,
+) -> T:
+    """Declare a ``Settings`` field read from ``name`` (and its flag).
+
+    ``default=None`` makes the variable required. The field's own default is
+    ``parse(default)``, so a directly built ``Settings`` agrees with ``from_env``.
+    """
+    decl = Setting(
+        name,
+        default,
+        help,
+        doc,
+        parse=lambda value, _path: parse(value),
+        show=show or _show,
+        required=default is None,
+    )
+    if default is None:
+        return cast(T, field(metadata={_SETTING: decl}))
+    return field(default=parse(default), metadata={_SETTING: decl})
+
+
+def secret_setting(
+    name: str,
+    parse: Callable[[str, Path | None], T],
+    *,
+    unset: object = None,
+    required: bool = False,
+    help: str,
+    file_help: str,
+    doc: str,
+    show: Callable[[Any], str],
+) -> T:
+    """Declare a secret field read from ``name`` or from the file ``<name>_FILE`` names.
+
+    The file is read at start (surrounding whitespace, such as the trailing
+    newline of a mounted Secret, stripped); ``parse`` gets the value and the path
+    it came from (``None`` for the variable itself). ``unset`` is the value when
+    neither is set and the setting is not required.
+    """
+    decl = Setting(
+        name,
+        None,
+        help,
+        doc,
+        parse=parse,
+        show=show,
+        required=required,
+        secret=True,
+        file_help=file_help,
+    )
+    if required:
+        return cast(T, field(repr=False, metadata={_SETTING: decl}))
+    return cast(T, field(default=unset, repr=False, metadata={_SETTING: decl}))
+
+
+class ConfigError(Exception):
+    """Raised with one line per problem; every line names its variable.
+
+    Every line goes through ``redact_text``, so a URL echoed in a problem never
+    shows its credentials.
+    """
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = [redact_text(p) for p in problems]
+        super().__init__("; ".join(self.problems))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
+class Settings:
+    """Every setting; each field's declaration (``setting``) is its variable's one source.
+
+    The field order is the order of ``VARIABLES``, of ``check-config``'s output
+    and of the README's configuration table.
+    """
+
+    api_key: ApiKeySource = secret_setting(
+        "VELLUM_API_KEY",
+        ApiKeySource,
+        required=True,
+        help="the secret Vellum API key",
+        file_help="file holding the API key (re-read when it changes)",
+        doc="the secret key; `_FILE` reads it from a mounted secret and re-reads it when the "
+        "file changes (checked at most once a second), so a rotated Kubernetes Secret takes "
+        "effect without a restart",
+        show=lambda _key: "***",
+    )
+    tenant_id: str = setting(
+        "VELLUM_TENANT_ID",
+        _text,
+        None,
+        help="the tenant this sidecar serves",
+        doc="the tenant this sidecar serves",
+    )
+    base_url: str = setting(
+        "VELLUM_BASE_URL",
+        _http_url,
+        "https://api.vellumcharter.com",
+        help="upstream base URL",
+        doc="upstream base URL (`http://` or `https://`, no query); credentials in it are "
+        "never shown",
+        show=redact_url,
+    )
+    webhook_secrets: tuple[Secret, ...] = secret_setting(
+        "VELLUM_WEBHOOK_SECRETS",
+        _secret_list,
+        unset=(),
+        help="comma-separated push signing secrets",
+        file_help="file holding the signing secrets (comma- or line-separated)",
+        doc="comma-separated signing secrets (several during rotation; one per line in the "
+        "file works too); unset = webhook listener off",
+        show=lambda secrets: (
+            f"*** ({len(secrets)} secret(s))" if secrets else "(unset: webhook listener off)"
+        ),
+    )
+    redis_url: Secret | None = secret_setting(
+        "SIDECAR_REDIS_URL",
+        _redis_url,
+        help="redis://, rediss://, unix:// or redis+sentinel:// URL; unset = memory only",
+        file_help="file holding SIDECAR_REDIS_URL (keeps a Redis password out of a ConfigMap)",
+        doc="`redis://`, `rediss://` (TLS), `unix://` or `redis+sentinel://` URL, or Cluster "
+        "seed nodes (see [Redis topologies](docs/deploy.md#redis-one-server-tls-sentinel-"
+        "cluster)); unset = in-process memory cache only. `_FILE` reads it from a mounted "
+        "secret at start, so a password never sits in a ConfigMap. Credentials in it are never "
+        "shown",
+        show=lambda url: redact_url(url.reveal()) if url else "(unset: memory only)",
+    )
+    redis_cluster: bool = setting(
+        "SIDECAR_REDIS_CLUSTER",
+        _bool,
+        "false",
+        help="true when SIDECAR_REDIS_URL names Cluster nodes",
+        doc="`true` when `SIDECAR_REDIS_URL` names Redis Cluster nodes (`redis://n1:6379,n2:6379`)",
+    )
+    listen: Listen = setting(
+        "SIDECAR_LISTEN",
+        Listen.parse,
+        "127.0.0.1:8700",
+        help="local API: host:port or unix:/path.sock",
+        doc="local API; `host:port` or `unix:/path.sock` (the socket file is created mode 0660)",
+    )
+    webhook_listen: Listen = setting(
+        "SIDECAR_WEBHOOK_LISTEN",
+        Listen.parse,
+        "0.0.0.0:8701",
+        help="push webhook receiver",
+        doc="push webhook receiver",
+    )
+    ops_listen: Listen = setting(
+        "SIDECAR_OPS_LISTEN",
+        Listen.parse,
+        "0.0.0.0:9700",
+        help="health and metrics",
+        doc="health and metrics",
+    )
+    cache_ttl: float = setting(
+        "SIDECAR_CACHE_TTL",
+        _positive_float,
+        "300",
+        help="seconds an entitlement stays fresh",
+        doc="seconds an entitlement stays fresh (jittered ±10 %)",
+    )
+    flags_ttl: float = setting(
+        "SIDECAR_FLAGS_TTL",
+        _positive_float,
+        "30",
+        help="seconds a customer's flags (and the global flags) stay fresh",
+        doc="seconds a customer's flags and the tenant's global flags stay fresh (jittered "
+        "±10 %; 30 s, the Vellum SDK's flag cache TTL)",
+    )
+    stale_ttl: float = setting(
+        "SIDECAR_STALE_TTL",
+        _non_negative_float,
+        "86400",
+        help="seconds a stale entry may be served if upstream fails",
+        doc="seconds past freshness a stale entry may still be served while the upstream fails",
+    )
+    negative_ttl: float = setting(
+        "SIDECAR_NEGATIVE_TTL",
+        _non_negative_float,
+        "30",
+        help="seconds an unknown customer (404) stays cached",
+        doc='seconds a "customer not found" (upstream 404) stays cached (jittered ±10 %)',
+    )
+    memory_max_entries: int = setting(
+        "SIDECAR_MEMORY_MAX_ENTRIES",
+        _non_negative_int,
+        "100000",
+        help="in-process cache size (LRU)",
+        doc="entries in the in-process layer, per document kind (entitlements, flags; least "
+        "recently used evicted); `0` disables it",
+    )
+    memory_ttl: float = setting(
+        "SIDECAR_MEMORY_TTL",
+        _non_negative_float,
+        "10",
+        help="seconds an entry lives in-process while the fan-out is not confirmed",
+        doc="with Redis, while the fan-out subscription is not confirmed live: seconds the "
+        "in-process layer answers alone before asking Redis again. While it is confirmed "
+        "(heartbeats answered) the fan-out keeps the layer coherent and entries answer until "
+        "their freshness ends; losing it drops the layer. `0`: every read asks Redis. Without "
+        "Redis the in-process layer is the cache and uses `SIDECAR_CACHE_TTL`",
+    )
+    allow_remote: bool = setting(
+        "SIDECAR_ALLOW_REMOTE",
+        _bool,
+        "false",
+        help="true to bind the local API off loopback",
+        doc="must be `true` to bind the local API to a non-loopback address",
+    )
+    allowed_hosts: frozenset[str] = setting(
+        "SIDECAR_ALLOWED_HOSTS",
+        _name_set,
+        "",
+        help="extra Host names the local API accepts",
+        doc="extra `Host` names the local API accepts (the browser guard); a non-wildcard "
+        "remote bind address is added automatically",
+    )
+    forward_unknown: bool = setting(
+        "SIDECAR_FORWARD_UNKNOWN",
+        _bool,
+        "true",
+        help="false to refuse mirror paths the operation table does not know",
+        doc="`true`: a tenant-scoped mirror path the sidecar does not know (an operation newer "
+        "than this release) is forwarded with the sidecar's key, counted and logged by its "
+        "shape; `false`: 404 `unknown_operation`, so only the operations listed in "
+        "[docs/api.md](docs/api.md#billing-and-the-drop-in-mirror) reach the upstream. See "
+        "[Unknown operations](docs/api.md#unknown-operations)",
+    )
+    upstream_timeout: float = setting(
+        "SIDECAR_UPSTREAM_TIMEOUT",
+        _positive_float,
+        "5",
+        help="total seconds for one upstream call, retries included",
+        doc="total seconds for one upstream call, retries included",
+    )
+    upstream_connect_timeout: float = setting(
+        "SIDECAR_UPSTREAM_CONNECT_TIMEOUT",
+        _positive_float,
+        "2",
+        help="seconds to connect to the upstream",
+        doc="seconds to open a connection to the upstream",
+    )
+    redis_timeout: float = setting(
+        "SIDECAR_REDIS_TIMEOUT",
+        _positive_float,
+        "0.5",
+        help="seconds for one Redis command or connect",
+        doc="seconds for one Redis command, connect, or wait for a pooled connection",
+    )
+    redis_pool_size: int = setting(
+        "SIDECAR_REDIS_POOL_SIZE",
+        _positive_int,
+        "50",
+        help="maximum Redis connections",
+        doc="maximum Redis connections (per worker; per node for a Cluster)",
+    )
+    fail_open_modules: frozenset[str] = setting(
+        "SIDECAR_FAIL_OPEN_MODULES",
+        _csv_set,
+        "",
+        help="modules that `can` allows when no answer exists",
+        doc='comma-separated modules that `can` allows (with `"fallback": true`) when no '
+        "answer can be had; every other module fails closed",
+    )
+    shutdown_grace: float = setting(
+        "SIDECAR_SHUTDOWN_GRACE",
+        _non_negative_float,
+        "10",
+        help="seconds in-flight requests get on SIGTERM",
+        doc="seconds in-flight requests get to finish after SIGTERM",
+    )
+    log_level: str = setting(
+        "SIDECAR_LOG_LEVEL",
+        _log_level,
+        "info",
+        help="debug, info, warning or error",
+        doc="`debug`, `info`, `warning` or `error`; logs are one JSON object per line on stderr",
+    )
+    access_log: bool = setting(
+        "SIDECAR_ACCESS_LOG",
+        _bool,
+        "false",
+        help="true to log every request (off the hot path by default)",
+        doc="`true` logs every request (off by default: it costs on the hot path)",
+    )
+    workers: int = setting(
+        "SIDECAR_WORKERS",
+        _positive_int,
+        "1",
+        help="worker processes sharing the listeners; >1 needs Redis",
+        doc="worker processes serving the same addresses (`SO_REUSEPORT`), one supervisor; more "
+        "than 1 needs Redis (`SIDECAR_REDIS_URL` or its `_FILE`). See [Multiple workers]"
+        "(docs/operations.md#multiple-workers-sidecar_workers)",
+    )
+    # -- listener limits, guards, active checks and drain (docs/operations.md) --------
+    header_timeout: float = setting(
+        "SIDECAR_HEADER_TIMEOUT",
+        _positive_float,
+        "5",
+        help="seconds a request's line and headers may take to arrive",
+        doc="seconds a request's line and headers may take to arrive (a slow client gets a "
+        "JSON 408 and the connection is closed). See [Listener limits]"
+        "(docs/operations.md#listener-limits)",
+    )
+    body_timeout: float = setting(
+        "SIDECAR_BODY_TIMEOUT",
+        _positive_float,
+        "10",
+        help="seconds a request body may take to arrive after its headers",
+        doc="seconds a request body may take to arrive after its headers (408, then closed)",
+    )
+    keepalive_timeout: float = setting(
+        "SIDECAR_KEEPALIVE_TIMEOUT",
+        _positive_float,
+        "30",
+        help="seconds an idle keep-alive connection stays open",
+        doc="seconds an idle keep-alive connection stays open (the tiny clients retry a "
+        "request once when the sidecar closed their idle connection under it)",
+    )
+    max_connections: int = setting(
+        "SIDECAR_MAX_CONNECTIONS",
+        _positive_int,
+        "1024",
+        help="open connections the local API accepts",
+        doc="open connections the local API accepts; beyond it new connections are refused "
+        "(counted in `vellum_sidecar_connections_refused_total`)",
+    )
+    webhook_max_connections: int = setting(
+        "SIDECAR_WEBHOOK_MAX_CONNECTIONS",
+        _positive_int,
+        "128",
+        help="open connections the webhook listener accepts",
+        doc="open connections the webhook listener accepts",
+    )
+    ops_max_connections: int = setting(
+        "SIDECAR_OPS_MAX_CONNECTIONS",
+        _positive_int,
+        "32",
+        help="open connections the ops listener accepts",
+        doc="open connections the ops listener accepts",
+    )
+    ops_allowed_hosts: frozenset[str] = setting(
+        "SIDECAR_OPS_ALLOWED_HOSTS",
+        _name_set,
+        "",
+        help="Host names the ops listener accepts besides loopback names and IP literals "
+        "(.suffix matches subdomains)",
+        doc="`Host` names the ops listener accepts besides loopback names and IP literals (a "
+        "leading dot, `.svc.cluster.local`, matches every name under it). See [Browser guards]"
+        "(docs/operations.md#browser-guards)",
+    )
+    check_interval: float = setting(
+        "SIDECAR_CHECK_INTERVAL",
+        _positive_float,
+        "0.25",
+        help="seconds between Redis PINGs and fan-out heartbeats",
+        doc="seconds between the active Redis PINGs and the fan-out subscription's heartbeats "
+        "(what `/readyz` and `vellum_sidecar_dependency_state` report)",
+    )
+    upstream_check_interval: float = setting(
+        "SIDECAR_UPSTREAM_CHECK_INTERVAL",
+        _non_negative_float,
+        "1",
+        help="seconds between upstream checks while idle; 0: off",
+        doc="seconds without an upstream answer after which one authenticated check is sent "
+        "(so an idle sidecar notices an outage or a refused key); `0` turns it off",
+    )
+    shutdown_drain: float = setting(
+        "SIDECAR_SHUTDOWN_DRAIN",
+        _non_negative_float,
+        "1",
+        help="seconds after SIGTERM that open connections still get answers "
+        "(with Connection: close)",
+        doc="seconds after SIGTERM during which open connections still get answers, each with "
+        "`Connection: close` (ends early once every connection closed)",
+    )
+    #: The ``_FILE`` variables that supplied a value, with their paths (for ``redacted``).
+    files: tuple[tuple[str, Path], ...] = field(default=(), repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Build settings from an environment mapping; ``ConfigError`` lists every problem."""
+        problems: list[str] = []
+        values: dict[str, Any] = {}
+        given: set[str] = set()
+        files: list[tuple[str, Path]] = []
+        for f in fields(cls):
+            decl: Setting | None = f.metadata.get(_SETTING)
+            if decl is None:
+                continue
+            try:
+                found = _lookup(env, decl)
+            except ValueError as exc:
+                problems.append(str(exc))
+                continue
+            if found is None:
+                if decl.required:
+                    problems.append(f"{decl.name}: required ({decl.required_hint})")
+                else:
+                    values[f.name] = f.default
+                continue
+            value, path, source = found
+            given.add(decl.name)
+            if path is not None:
+                files.append((source, path))
+            try:
+                values[f.name] = decl.parse(value, path)
+            except ValueError as exc:
+                problems.append(f"{source}: {exc}")
+        problems += _combination_problems(values, given)
+        if problems:
+            raise ConfigError(problems)
+
+        listen: Listen = values["listen"]
+        if listen.host and not listen.is_loopback and listen.host not in ("0.0.0.0", "::"):
+            values["allowed_hosts"] = values["allowed_hosts"] | {listen.host.lower()}
+        return cls(**values, files=tuple(files))
+
+    @property
+    def webhooks_enabled(self) -> bool:
+        return bool(self.webhook_secrets)
+
+    def __repr__(self) -> str:
+        """The redacted print, so a logged or printed ``Settings`` shows no credential."""
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in self.redacted()) + ")"
+
+    def redacted(self) -> list[tuple[str, str]]:
+        """``(VARIABLE, shown value)`` pairs with every secret replaced by ``***``.
+
+        A ``_FILE`` variable shows its path; URLs show no credentials.
+        """
+        paths = dict(self.files)
+        out: list[tuple[str, str]] = []
+        for f in fields(self):
+            decl: Setting | None = f.metadata.get(_SETTING)
+            if decl is None:
+                continue
+            out.append((decl.name, redact_text(decl.show(getattr(self, f.name)))))
+            if decl.file_name is not None:
+                path = paths.get(decl.file_name)
+                out.append((decl.file_name, str(path) if path is not None else "(unset)"))
+        return out
+
+
+#: Every declaration, in ``Settings``' field order.
+SETTINGS: Final[tuple[Setting, ...]] = tuple(
+    f.metadata[_SETTING] for f in fields(Settings) if _SETTING in f.metadata
+)
+#: Every variable (a ``_FILE`` twin after its variable), in the order ``check-config`` prints.
+VARIABLES: Final[tuple[Variable, ...]] = tuple(v for s in SETTINGS for v in s.variables())
+
+
+def _combination_problems(values: Mapping[str, Any], given: set[str]) -> list[str]:
+    """Problems between settings; a setting that failed to parse is absent from ``values``."""
+    problems: list[str] = []
+    listen: Listen | None = values.get("listen")
+    if listen is not None and not listen.is_loopback and values.get("allow_remote") is False:
+        problems.append(
+            f"SIDECAR_LISTEN: {listen} is not a loopback address; the local API has no "
+            "authentication, so set SIDECAR_ALLOW_REMOTE=true to bind it there on purpose"
+        )
+    redis_given = "SIDECAR_REDIS_URL" in given
+    redis_url: Secret | None = values.get("redis_url")
+    cluster: bool | None = values.get("redis_cluster")
+    if cluster and not redis_given:
+        problems.append(
+            "SIDECAR_REDIS_CLUSTER: true needs SIDECAR_REDIS_URL (cluster nodes' redis:// URL)"
+        )
+    elif redis_url is not None and cluster is not None:
+        target = parse_redis_url(redis_url.reveal())
+        problem = target.cluster_problem() if cluster else target.standalone_problem()
+        if problem:
+            var = "SIDECAR_REDIS_CLUSTER" if cluster else "SIDECAR_REDIS_URL"
+            problems.append(f"{var}: {problem}")
+    workers: int | None = values.get("workers")
+    if workers is not None and workers > 1:
+        # Each worker has its own in-process layer; only the Redis fan-out
+        # keeps them coherent, and only SO_REUSEPORT spreads connections.
+        if not redis_given:
+            problems.append(
+                "SIDECAR_WORKERS: more than one worker needs SIDECAR_REDIS_URL (the "
+                "workers' in-process caches are kept coherent through Redis)"
+            )
+        if not hasattr(socket, "SO_REUSEPORT"):
+            problems.append("SIDECAR_WORKERS: this platform has no SO_REUSEPORT")
+    return problems
+
+
+def _lookup(env: Mapping[str, str], decl: Setting) -> tuple[str, Path | None, str] | None:
+    """``(value, file path or None, variable that supplied it)``, or ``None`` when unset.
+
+    Raises ``ValueError`` with a line naming the variable when both forms are
+    set or the file cannot be read.
+    """
+    direct = _given(env, decl.name)
+    file_name = decl.file_name
+    path_s = _given(env, file_name) if file_name is not None else None
+    if file_name is None or path_s is None:
+        return None if direct is None else (direct, None, decl.name)
+    if direct is not None:
+        raise ValueError(f"{decl.name}: set either {decl.name} or {file_name}, not both")
+    path = Path(path_s)
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"{file_name}: cannot read {path_s}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{file_name}: {path_s} is not UTF-8 text") from None
+    if not value:
+        raise ValueError(f"{file_name}: {path_s} is empty")
+    return value, path, file_name
+
+
+def _given(env: Mapping[str, str], name: str) -> str | None:
+    """The variable's value, stripped; ``None`` when unset or blank (the default applies)."""
+    value = env.get(name)
+    if value is None or not value.strip():
+        return None
+    return value.strip()
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per variable (``--redis-url`` for ``SIDECAR_REDIS_URL``); flags win over env."""
     group = parser.add_argument_group("configuration (each flag overrides its variable)")
     for var in VARIABLES:
-        group.add_argument(var.flag, dest=var.name, default=None, metavar="VALUE", help=var.help)
+        help_ = var.help.replace("%", "%%")  # argparse formats help with %
+        group.add_argument(var.flag, dest=var.name, default=None, metavar="VALUE", help=help_)
 
 
 def env_with_flags(

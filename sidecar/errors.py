@@ -1,19 +1,25 @@
-"""Domain errors, turned into JSON ``{"error": {"code", "message"}}`` by one middleware.
+"""Domain errors and the one JSON error envelope, ``{"error": {"code", "message"}}``.
+
+:func:`error_body` is the only place the envelope is built: a ``SidecarError``'s
+body, aiohttp's own refusals and every listener's error answers go through it.
 
 The tree::
 
     SidecarError                      status  code
     ├── BadRequest                    400     bad_request (or a more precise code)
+    ├── Forbidden                     403     forbidden              (the browser guard)
     ├── NotFound                      404     not_found
-    ├── MethodNotAllowed              405     method_not_allowed
-    ├── Forbidden                     403     forbidden
-    ├── PayloadTooLarge               413     payload_too_large
+    ├── MethodNotAllowed              405     method_not_allowed     (aiohttp's 405)
+    ├── PayloadTooLarge               413     payload_too_large      (a body over the limit)
     └── UpstreamError                 502     upstream_error
         ├── UpstreamUnavailable       503     upstream_unavailable   (reads: nothing usable cached)
         ├── UpstreamTimeout           504     upstream_timeout
         └── UpstreamAuthFailed        502     upstream_auth_failed   (the sidecar's key was refused)
 
-Messages never contain secrets: they are built from ids and status codes only.
+aiohttp's own refusals are answered through the class of their status where the
+tree has one (``http.responses.http_exception_response``); the rarer ones (414,
+415, 431) keep their own code in the same envelope. Messages never contain
+secrets: they are built from ids and status codes only.
 """
 
 from __future__ import annotations
@@ -31,7 +37,13 @@ __all__ = [
     "UpstreamError",
     "UpstreamTimeout",
     "UpstreamUnavailable",
+    "error_body",
 ]
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    """The JSON error envelope; ``extra`` adds top-level fields (``allowed: false``)."""
+    return {**extra, "error": {"code": code, "message": message}}
 
 
 class SidecarError(Exception):
@@ -49,7 +61,7 @@ class SidecarError(Exception):
         self.extra = extra
 
     def body(self) -> dict[str, Any]:
-        return {**self.extra, "error": {"code": self.code, "message": self.message}}
+        return error_body(self.code, self.message, **self.extra)
 
 
 class BadRequest(SidecarError):

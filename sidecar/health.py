@@ -47,11 +47,10 @@ import aiohttp
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .cache import EntitlementCache
+from .cache.invalidation import Invalidator
 from .config import Settings
-from .invalidation import Invalidator
 from .metrics import Metrics
-from .redisio import RedisConn, RedisDown
+from .redis.conn import RedisConn, RedisDown
 from .upstream import VellumClient
 
 __all__ = ["HealthMonitor", "State"]
@@ -77,14 +76,12 @@ class HealthMonitor(Collector):
         upstream: VellumClient,
         redis: RedisConn | None,
         invalidator: Invalidator,
-        cache: EntitlementCache,
         metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.upstream = upstream
         self.redis = redis
         self.invalidator = invalidator
-        self.cache = cache
         self.metrics = metrics
         #: (monotonic time, status or None for no answer) of the latest upstream check.
         self.last_check: tuple[float, int | None] = (0.0, 0)
@@ -101,6 +98,8 @@ class HealthMonitor(Collector):
             self._tasks.append(loop.create_task(self._upstream_loop()))
         self.metrics.registry.register(self)
         self._registered = True
+        # vellum_sidecar_upstream_state reports what /readyz does: the active checks.
+        self.metrics.upstream_state.follow(self.upstream_state)
 
     async def stop(self) -> None:
         for task in self._tasks:

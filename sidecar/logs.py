@@ -3,6 +3,8 @@
 Call sites log an event name as the message and put ids and timings in
 ``extra={"fields": {...}}``. Nothing logged carries a secret: the formatter only
 prints what call sites pass, and no call site passes a key, a secret or a body.
+As a last line of defence every line goes through ``redact_text``, so a URL that
+reaches a log (in an exception's message, say) never shows its credentials.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import time
 from typing import Any
 
 import orjson
+
+from .config import redact_text
 
 __all__ = ["JsonFormatter", "configure_logging"]
 
@@ -32,7 +36,7 @@ class JsonFormatter(logging.Formatter):
             # The exception type and message only: frames' locals never reach a log.
             exc = record.exc_info[1]
             out["error"] = f"{record.exc_info[0].__name__}: {exc}"
-        return orjson.dumps(out, default=str).decode()
+        return redact_text(orjson.dumps(out, default=str).decode())
 
 
 def configure_logging(level: str = "info") -> None:

@@ -1,19 +1,65 @@
-"""Prometheus metrics, one ``CollectorRegistry`` per app so tests stay isolated."""
+"""Prometheus metrics, one ``CollectorRegistry`` per app so tests stay isolated.
+
+``/metrics`` carries no ``*_created`` series. prometheus-client adds one per
+counter and histogram child (a start timestamp that the text format's
+consumers ignore); they are dropped where the exposition is written
+(:func:`exposition`), registry by registry, rather than with
+``prometheus_client.disable_created_metrics()``, which flips a process-global
+switch under every other registry in the process (tests build many apps).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import platform
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-__all__ = ["CONTENT_TYPE_LATEST", "LoopCounter", "LoopHistogram", "Metrics"]
+from . import __version__
+
+__all__ = [
+    "CONTENT_TYPE_LATEST",
+    "FANOUT_STATES",
+    "MAX_UNKNOWN_SHAPES",
+    "REDIS_STATES",
+    "UPSTREAM_STATES",
+    "LoopCounter",
+    "LoopHistogram",
+    "Metrics",
+    "StateGauge",
+    "exposition",
+]
+
+#: The states each ``*_state`` gauge always exports (one series each, the
+#: current one 1, the others 0), so an alert can name a state that has not
+#: happened yet. They mirror ``/readyz``'s fields.
+UPSTREAM_STATES: Final = ("ok", "degraded", "down", "auth_failed")
+REDIS_STATES: Final = ("ok", "down", "disabled")
+FANOUT_STATES: Final = ("ok", "down", "disabled")
+
+#: Distinct path shapes ``forwarded_unknown`` keeps as label values.
+MAX_UNKNOWN_SHAPES: Final = 100
+_HTTP_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -38,9 +84,10 @@ class Metrics:
             f"{p}_request_duration_seconds", "Local API request latency by route.",
             ("route",), buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self.cache_lookups = LoopCounter(
-            f"{p}_cache_lookups", "Cache lookups by layer (memory, redis) and result.",
-            ("layer", "result"), registry=r,
+        self.cache_lookups_by_kind = LoopCounter(
+            f"{p}_cache_lookups",
+            "Cache lookups by document kind, layer (memory, redis, upstream) and result.",
+            ("kind", "layer", "result"), registry=r,
         )  # fmt: skip
         self._request_children: dict[
             tuple[str, str, int], tuple[LoopCounterChild, LoopHistogramChild]
@@ -53,9 +100,12 @@ class Metrics:
             f"{p}_upstream_request_duration_seconds", "Upstream request latency by operation.",
             ["operation"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self.upstream_state = Gauge(
-            f"{p}_upstream_state", "Upstream state: 0 ok, 1 degraded, 2 down (breaker open).",
-            registry=r,
+        self.upstream_state = StateGauge(
+            f"{p}_upstream_state",
+            "Upstream state as /readyz reports it: 1 for the current state "
+            "(down: breaker open or the last check unanswered; degraded: failures in the "
+            "last 30 s or a 429; auth_failed: the latest answer was 401/403).",
+            UPSTREAM_STATES, initial="ok", registry=r,
         )  # fmt: skip
         self.webhooks = Counter(
             f"{p}_webhooks", "Push webhooks received by result.", ["result"], registry=r,
@@ -73,12 +123,47 @@ class Metrics:
             f"{p}_redis_errors", "Redis commands that failed, by operation.",
             ["operation"], registry=r,
         )  # fmt: skip
-        self.redis_up = Gauge(
-            f"{p}_redis_up", "1 when Redis answers, 0 when down, absent when disabled.",
+        self.redis_retries = Counter(
+            f"{p}_redis_retries",
+            "Redis commands retried once on a fresh connection after a stale pooled "
+            "connection failed (Redis restarted since it was pooled), by operation.",
+            ["operation"], registry=r,
+        )  # fmt: skip
+        self.invalidations_queued = Gauge(
+            f"{p}_invalidations_queued",
+            "Invalidations applied here but waiting for Redis (to reach Redis and the "
+            "other sidecars once it answers).",
             registry=r,
         )  # fmt: skip
+        self.invalidations_queue_applied = Counter(
+            f"{p}_invalidations_queue_applied",
+            "Queued invalidations applied to Redis and fanned out once it answered.",
+            registry=r,
+        )  # fmt: skip
+        self.invalidations_queue_overflows = Counter(
+            f"{p}_invalidations_queue_overflows",
+            "Times the invalidation queue was full and collapsed into one tenant-wide drop.",
+            registry=r,
+        )  # fmt: skip
+        self.redis_state = StateGauge(
+            f"{p}_redis_state",
+            "Redis state as /readyz reports it: 1 for the current state.",
+            REDIS_STATES, initial="disabled", registry=r,
+        )  # fmt: skip
+        self.fanout_state = StateGauge(
+            f"{p}_fanout_state",
+            "The invalidation fan-out subscription (Redis pub/sub): 1 for the current state.",
+            FANOUT_STATES, initial="disabled", registry=r,
+        )  # fmt: skip
+        self.readiness_changes = Counter(
+            f"{p}_readiness_changes",
+            "Times the /readyz answer changed between ready (200) and not ready (503).",
+            registry=r,
+        )  # fmt: skip
+        self._ready: bool | None = None
         self.memory_entries = Gauge(
-            f"{p}_memory_entries", "Entries in the in-process cache layer.", registry=r,
+            f"{p}_memory_entries", "Entries in the in-process cache layer (every kind).",
+            registry=r,
         )  # fmt: skip
         self.tasks = Gauge(
             f"{p}_asyncio_tasks", "asyncio tasks alive in the event loop (a leak shows here).",
@@ -86,8 +171,12 @@ class Metrics:
         )  # fmt: skip
         # process_resident_memory_bytes, process_open_fds, ... for this process.
         ProcessCollector(registry=r)
+        Info(f"{p}_build", "The running build: 1, labelled with its versions.", registry=r).info(
+            {"version": __version__, "python": platform.python_version()}
+        )
         self.inflight_fetches = Gauge(
-            f"{p}_inflight_fetches", "Entitlement fetches in flight (single-flight).",
+            f"{p}_inflight_fetches",
+            "Upstream fetches of cached documents in flight (single-flight, every kind).",
             registry=r,
         )  # fmt: skip
         # Listener limits (sidecar/http/limits.py) and the batch deadline.
@@ -102,6 +191,13 @@ class Metrics:
             f"{p}_check_timeouts", "POST /v1/check entries answered \"error\": \"timeout\".",
             registry=r,
         )  # fmt: skip
+        self.forwarded_unknown = Counter(
+            f"{p}_forwarded_unknown",
+            "Mirror requests for operations the sidecar does not know, forwarded upstream, "
+            "by method and path shape (ids replaced).",
+            ["method", "shape"], registry=r,
+        )  # fmt: skip
+        self._unknown_shapes: set[str] = set()
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one local API request and its latency (the hot path: one dict lookup)."""
@@ -115,11 +211,95 @@ class Metrics:
         children[0].value += 1
         children[1].observe(seconds)
 
+    def count_unknown(self, method: str, shape: str) -> None:
+        """Count one forwarded unknown operation, with bounded label values.
+
+        ``method`` outside the usual HTTP methods is ``OTHER``; past
+        :data:`MAX_UNKNOWN_SHAPES` distinct shapes, a new one is ``other``, so a
+        caller inventing paths cannot grow the exposition without end.
+        """
+        if method not in _HTTP_METHODS:
+            method = "OTHER"
+        if shape not in self._unknown_shapes:
+            if len(self._unknown_shapes) >= MAX_UNKNOWN_SHAPES:
+                shape = "other"
+            else:
+                self._unknown_shapes.add(shape)
+        self.forwarded_unknown.labels(method, shape).inc()
+
+    def observe_readiness(self, ready: bool) -> None:
+        """Record the answer ``/readyz`` just gave; a change counts once."""
+        if self._ready is not None and ready != self._ready:
+            self.readiness_changes.inc()
+        self._ready = ready
+
     def render(self) -> bytes:
         # RuntimeError: no running loop (rendering outside the server).
         with contextlib.suppress(RuntimeError):
             self.tasks.set(len(asyncio.all_tasks()))
-        return generate_latest(self.registry)
+        return exposition(self.registry)
+
+
+def exposition(registry: Collector) -> bytes:
+    """The Prometheus text format of ``registry``, without ``*_created`` samples."""
+    return generate_latest(_WithoutCreated(registry))
+
+
+class _WithoutCreated(Collector):
+    _TYPES: Final = frozenset({"counter", "histogram", "summary", "gaugehistogram"})
+
+    def __init__(self, registry: Collector) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            if family.type in self._TYPES:
+                kept = Metric(family.name, family.documentation, family.type, family.unit)
+                kept.samples = [s for s in family.samples if not s.name.endswith("_created")]
+                family = kept
+            yield family
+
+
+class StateGauge(Collector):
+    """A state as a labelled gauge: ``name{state="ok"} 1``, every other state 0.
+
+    The current state is read when the registry is collected, from the function
+    given to :meth:`follow` (the owner's own state, so the gauge cannot drift
+    from what ``/readyz`` says), else it is the last one :meth:`set`. A state
+    outside ``states`` is still exported (as the one series at 1).
+    """
+
+    def __init__(
+        self, name: str, documentation: str, states: Sequence[str], *, initial: str,
+        registry: CollectorRegistry,
+    ) -> None:  # fmt: skip
+        self.name = name
+        self.documentation = documentation
+        self.states = tuple(states)
+        self._current = initial
+        self._source: Callable[[], str] | None = None
+        registry.register(self)
+
+    @property
+    def state(self) -> str:
+        return self._source() if self._source is not None else self._current
+
+    def set(self, state: str) -> None:
+        self._source = None
+        self._current = state
+
+    def follow(self, source: Callable[[], str]) -> None:
+        self._source = source
+
+    def describe(self) -> list[Metric]:
+        return [GaugeMetricFamily(self.name, self.documentation, labels=("state",))]
+
+    def collect(self) -> Iterator[Metric]:
+        current = self.state
+        family = GaugeMetricFamily(self.name, self.documentation, labels=("state",))
+        for state in self.states if current in self.states else (*self.states, current):
+            family.add_metric((state,), 1.0 if state == current else 0.0)
+        yield family
 
 
 class LoopCounterChild:
@@ -160,6 +340,10 @@ class LoopCounter(Collector):
             child = self._children[values] = LoopCounterChild()
         return child
 
+    def bind(self, *first: str) -> BoundLoopCounter:
+        """This counter with its first label values fixed; ``labels()`` takes the rest."""
+        return BoundLoopCounter(self, first)
+
     def describe(self) -> list[Metric]:
         return [CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)]
 
@@ -168,6 +352,17 @@ class LoopCounter(Collector):
         for values, child in list(self._children.items()):
             family.add_metric(values, child.value)
         yield family
+
+
+class BoundLoopCounter:
+    __slots__ = ("_counter", "_first")
+
+    def __init__(self, counter: LoopCounter, first: tuple[str, ...]) -> None:
+        self._counter = counter
+        self._first = first
+
+    def labels(self, *rest: str) -> LoopCounterChild:
+        return self._counter.labels(*self._first, *rest)
 
 
 class LoopHistogramChild:

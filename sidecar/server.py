@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from .app import create_app
+from .appkeys import LIFECYCLE, METRICS
 from .config import Listen, Settings
 from .http.limits import GuardedRunner, ListenerGuard, listener_guards
-from .keys import LIFECYCLE, METRICS
-from .ops import create_ops_app
-from .webhooks import create_webhook_app
+from .http.ops import create_ops_app
+from .http.webhooks import create_webhook_app
 
 __all__ = ["Listener", "bind", "run_sidecar"]
 

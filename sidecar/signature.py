@@ -9,14 +9,16 @@ import hashlib
 import hmac
 import re
 from collections.abc import Sequence
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 __all__ = [
     "DEFAULT_TOLERANCE",
     "MAX_HEADER_LENGTH",
     "MAX_SIGNATURES",
+    "ParsedHeader",
     "Reason",
     "SignatureError",
+    "parse",
     "sign",
     "sign_many",
     "verify",
@@ -73,8 +75,23 @@ def sign_many(secrets: Sequence[str], body: bytes, timestamp: int) -> str:
     return ",".join([f"t={t}", *entries])
 
 
-def _parse(header: str) -> tuple[str, list[bytes]]:
-    """Split a header into its raw timestamp digits and the decoded ``v1`` digests."""
+class ParsedHeader(NamedTuple):
+    """A header's timestamp as its raw digits (signed as they appear) and its digests."""
+
+    timestamp: str
+    digests: list[bytes]
+
+
+def parse(header: str) -> ParsedHeader:
+    """Split a header into its raw timestamp digits and the decoded ``v1`` digests.
+
+    Syntax only, nothing is verified. Raises ``SignatureError("malformed")`` for a
+    header over ``MAX_HEADER_LENGTH``, an entry that is not ``key=value``, no single
+    numeric ``t=`` or no usable ``v1=``. Other schemes and unusable ``v1`` values
+    are skipped, and only the first ``MAX_SIGNATURES`` usable ``v1`` are kept.
+    """
+    if len(header) > MAX_HEADER_LENGTH:
+        raise SignatureError("malformed", "signature header is too long")
     timestamp: str | None = None
     digests: list[bytes] = []
     for item in header.split(","):
@@ -99,7 +116,7 @@ def _parse(header: str) -> tuple[str, list[bytes]]:
         raise SignatureError("malformed", "signature header has no t=")
     if not digests:
         raise SignatureError("malformed", "signature header has no usable v1=")
-    return timestamp, digests
+    return ParsedHeader(timestamp, digests)
 
 
 def verify(
@@ -131,9 +148,7 @@ def verify(
         raise ValueError("tolerance must not be negative")
     if header is None or not header.strip():
         raise SignatureError("missing", "no signature header")
-    if len(header) > MAX_HEADER_LENGTH:
-        raise SignatureError("malformed", "signature header is too long")
-    timestamp, digests = _parse(header)
+    timestamp, digests = parse(header)
 
     matched = False
     for secret in secrets:

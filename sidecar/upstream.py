@@ -4,9 +4,10 @@ Reads (and writes that carry an ``Idempotency-Key``) are retried with exponentia
 backoff and full jitter, all inside one deadline (``SIDECAR_UPSTREAM_TIMEOUT``).
 A circuit breaker stops calling an upstream that keeps failing and lets one probe
 through after a cool-down, so a dead upstream costs callers nothing but a fast
-``upstream_unavailable`` (and the stale entry, where one exists). Entitlement
-reads and billing calls have a breaker each: failing billing endpoints must not
-cut the hot path off from an upstream whose entitlement reads still work.
+``upstream_unavailable`` (and the stale entry, where one exists). Each cached
+read (entitlements, a customer's flags, the global flags) has a breaker, and
+billing calls share one: failing billing endpoints must not cut the hot path off
+from an upstream whose entitlement reads still work.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
-from urllib.parse import quote
+from urllib.parse import quote, quote_from_bytes, unquote_to_bytes
 
 import aiohttp
 import orjson
@@ -34,6 +35,7 @@ __all__ = [
     "UpstreamResponse",
     "VellumClient",
     "quote_segment",
+    "requote_segment",
     "tenant_path",
 ]
 
@@ -43,8 +45,15 @@ UpstreamState = Literal["ok", "degraded", "down"]
 
 #: Statuses worth retrying: the request did not take effect or may succeed later.
 _RETRY_STATUSES: Final = frozenset({429, 500, 502, 503, 504})
-#: Response headers passed back to local callers of the proxy routes.
-_PASSED_HEADERS: Final = ("Content-Type", "Location", "Retry-After", "Idempotency-Key")
+#: Response headers passed back to local callers of forwarded operations.
+_PASSED_HEADERS: Final = (
+    "Content-Type",
+    "Content-Disposition",
+    "Location",
+    "Retry-After",
+    "Idempotency-Key",
+    "Idempotent-Replayed",
+)
 _MAX_BODY: Final = 8 * 1024 * 1024
 
 
@@ -56,6 +65,19 @@ def quote_segment(segment: str) -> str:
     (``..`` climbs a level), so those dots are encoded too.
     """
     quoted = quote(segment, safe="")
+    if quoted.strip(".") == "":
+        quoted = quoted.replace(".", "%2E")
+    return quoted
+
+
+def requote_segment(raw: str) -> str:
+    """One segment of a request's raw path, decoded to its bytes and quoted again.
+
+    For paths the operation table does not know: the bytes are kept exactly (even
+    ones that are not UTF-8), and ``/``, ``%``, ``?``, ``#`` and dot-segments come
+    out encoded, as :func:`quote_segment` does, so the segment stays one segment.
+    """
+    quoted = quote_from_bytes(unquote_to_bytes(raw), safe="")
     if quoted.strip(".") == "":
         quoted = quoted.replace(".", "%2E")
     return quoted
@@ -157,10 +179,14 @@ class VellumClient:
         self.metrics = metrics
         #: Guards entitlement reads (the hot path); its state is the one /readyz reports.
         self.breaker = breaker if breaker is not None else Breaker()
+        metrics.upstream_state.follow(self.state)
         #: Guards every billing operation.
         self.billing_breaker = Breaker()
         #: (monotonic time, status or None for no answer) of the latest attempt (health.py).
         self.last_result: tuple[float, int | None] = (0.0, None)
+        # One per cached read operation: failing flag reads must not cut the
+        # entitlement reads off, nor the other way round.
+        self._read_breakers: dict[str, Breaker] = {"get_entitlements": self.breaker}
         self.tenant = settings.tenant_id
         self._base = settings.base_url
         self._deadline = settings.upstream_timeout
@@ -171,19 +197,28 @@ class VellumClient:
     def state(self) -> UpstreamState:
         return self.breaker.state(time.monotonic())
 
-    def url(self, *segments: str) -> URL:
+    def _read_breaker(self, operation: str) -> Breaker:
+        breaker = self._read_breakers.get(operation)
+        if breaker is None:
+            breaker = self._read_breakers[operation] = Breaker()
+        return breaker
+
+    def url(self, *segments: str, quoted: bool = False) -> URL:
+        """The upstream URL of ``segments`` under the tenant; ``quoted``: already quoted."""
+        if quoted:
+            path = tenant_path(self.tenant) + "".join("/" + s for s in segments)
+            return URL(self._base + path, encoded=True)
         return URL(self._base + tenant_path(self.tenant, *segments), encoded=True)
 
-    async def get_entitlements(self, customer_id: str) -> UpstreamResponse:
-        """Return the 200 or 404 response; raise ``UpstreamError`` for anything else.
+    async def read(self, operation: str, segments: Sequence[str]) -> UpstreamResponse:
+        """A cached read (entitlements, flags): the 200 or 404 response; raise
+        ``UpstreamError`` for anything else.
 
         A timeout is reported as ``UpstreamUnavailable``: for a read, "did not
         answer in time" and "could not be reached" mean the same to the caller.
         """
         try:
-            resp = await self.request(
-                "get_entitlements", "GET", ("customers", customer_id, "entitlements"), retry=True
-            )
+            resp = await self.request(operation, "GET", segments, retry=True, read=True)
         except UpstreamTimeout as exc:
             raise UpstreamUnavailable(exc.message) from None
         if resp.status in (200, 404):
@@ -202,8 +237,16 @@ class VellumClient:
         body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
         retry: bool = False,
+        read: bool = False,
+        quoted: bool = False,
     ) -> UpstreamResponse:
         """One logical upstream call; retried (reads, idempotent writes) within the deadline.
+
+        ``segments`` are the path's segments after the tenant, quoted here unless
+        ``quoted`` says they already are (:func:`requote_segment`). ``read`` marks a
+        cached read: each cached read operation has a breaker of its own (the
+        entitlement read's is ``breaker``); every other operation shares
+        ``billing_breaker``.
 
         Returns any response the upstream gave except retryable ones that ran out
         of attempts, which are returned as the last response seen. Raises
@@ -212,13 +255,13 @@ class VellumClient:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._deadline
-        url = self.url(*segments)
+        url = self.url(*segments, quoted=quoted)
         if query:
             url = url.with_query(query)
         send_headers = CIMultiDict(headers or {})
         if body is not None and "Content-Type" not in send_headers:
             send_headers["Content-Type"] = "application/json"
-        breaker = self.breaker if operation == "get_entitlements" else self.billing_breaker
+        breaker = self._read_breaker(operation) if read else self.billing_breaker
         attempt_timeout = self._attempt_timeout if retry else self._deadline
         attempt = 0
         last_error: UpstreamError | None = None
@@ -260,11 +303,9 @@ class VellumClient:
                 else:
                     breaker.success()
                 if not (retry and resp.status in _RETRY_STATUSES):
-                    self._update_state()
                     return resp
                 last_error = None
                 last_resp = resp
-            self._update_state()
             if not retry:
                 assert last_error is not None
                 raise last_error
@@ -299,7 +340,3 @@ class VellumClient:
 
     def _count(self, operation: str, status: str) -> None:
         self.metrics.upstream_requests.labels(operation, status).inc()
-
-    def _update_state(self) -> None:
-        state = self.state()
-        self.metrics.upstream_state.set({"ok": 0, "degraded": 1, "down": 2}[state])

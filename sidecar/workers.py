@@ -55,14 +55,16 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from .config import Listen, Settings
-from .guard import HostGuard, guard_middleware
+from .http.guard import HostGuard, guard_middleware
 from .http.limits import listener_guards
-from .responses import json_errors, json_response
+from .http.middleware import json_errors
+from .http.responses import json_response
+from .metrics import exposition
 from .server import Listener, bind, run_sidecar
 
 __all__ = ["WORKER_INDEX_ENV", "run_workers"]
@@ -354,7 +356,7 @@ class Supervisor:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Merged(self.registry, scraped))
         return web.Response(
-            body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            body=exposition(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
 

@@ -1,17 +1,16 @@
 """Shared fixtures: a real ``redis-server`` on a free port, the emulator, sidecars.
 
-The Redis fixture starts its own server (never the machine's 6379) so tests can
-kill and restart it; ``SIDECAR_TEST_REDIS_URL`` points the suite at an existing
-server instead (tests that must kill Redis still start their own).
+The Redis fixture starts its own server (``harness.RedisServer``, never the
+machine's 6379) so tests can kill and restart it; ``SIDECAR_TEST_REDIS_URL``
+points the suite at an existing server instead (tests that must kill Redis still
+start their own). The emulator and sidecars here run in this process, on
+``aiohttp_server``; ``harness.Stack`` runs them as processes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -25,31 +24,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar.app import create_app
+from sidecar.appkeys import CACHE, INVALIDATOR, LIFECYCLE, METRICS
 from sidecar.config import Settings
 from sidecar.emulator import EMULATOR, Emulator, create_emulator_app
-from sidecar.keys import CACHE, INVALIDATOR, LIFECYCLE, METRICS
-from sidecar.ops import create_ops_app
-from sidecar.webhooks import create_webhook_app
+from sidecar.http.ops import create_ops_app
+from sidecar.http.webhooks import create_webhook_app
 
-API_KEY = "test_key_" + "k" * 24
-WEBHOOK_SECRET = "whsec_test_" + "s" * 24
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(
-    predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
+from .harness import API_KEY, RedisServer, sidecar_env
 
 
 async def eventually(
@@ -65,48 +46,6 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
-class RedisServer:
-    """A ``redis-server`` process this test session owns."""
-
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
-        self.workdir = workdir
-        self.port = port or free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_until(self.ping)
-
-    def ping(self) -> bool:
-        try:
-            with redis.Redis(port=self.port, socket_timeout=0.5) as client:
-                return bool(client.ping())
-        except redis.RedisError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of the session's Redis."""
@@ -114,10 +53,9 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if url:
         yield url
         return
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server.url
-    server.stop()
+    server.kill()
 
 
 @pytest.fixture
@@ -131,10 +69,9 @@ def redis_url(redis_server: str) -> str:
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A Redis only this test uses, which it may kill and restart."""
-    server = RedisServer(tmp_path)
-    server.start()
+    server = RedisServer(tmp_path).start()
     yield server
-    server.stop()
+    server.kill()
 
 
 @pytest.fixture
@@ -178,25 +115,6 @@ class Sidecar:
 
 
 SidecarFactory = Callable[..., Awaitable[Sidecar]]
-
-
-def sidecar_env(tenant: str, base_url: str, **overrides: str | None) -> dict[str, str]:
-    env = {
-        "VELLUM_API_KEY": API_KEY,
-        "VELLUM_TENANT_ID": tenant,
-        "VELLUM_BASE_URL": base_url,
-        "VELLUM_WEBHOOK_SECRETS": WEBHOOK_SECRET,
-        "SIDECAR_UPSTREAM_TIMEOUT": "2",
-        # No background upstream checks: tests count and fault upstream calls exactly
-        # (tests/test_health.py turns them on).
-        "SIDECAR_UPSTREAM_CHECK_INTERVAL": "0",
-    }
-    for key, value in overrides.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    return env
 
 
 @pytest.fixture

@@ -1,14 +1,13 @@
 """Real Redis topologies for tests: a three-master Cluster and a Sentinel-watched pair.
 
-Every process is a real ``redis-server`` (``--cluster-enabled yes`` or
-``--sentinel``) on free loopback ports, in a temporary directory, started and
-killed by these helpers; nothing touches a server the machine already runs.
-Readiness is polled with deadlines, never slept for.
+Every process is a :class:`harness.RedisServer` (``--cluster-enabled yes``,
+``--replicaof`` or ``--sentinel``) on free loopback ports, in a temporary
+directory, started and killed by these helpers; nothing touches a server the
+machine already runs. Readiness is polled with deadlines, never slept for.
 """
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -16,18 +15,11 @@ from typing import Any
 
 import redis
 
-from .conftest import RedisServer, free_port, wait_until
+from .harness import RedisServer, free_port, require, wait_until
 
-__all__ = ["ClusterSetup", "SentinelSetup", "redis_binary", "wait_until"]
+__all__ = ["ClusterSetup", "SentinelSetup"]
 
 SERVICE = "mymaster"
-
-
-def redis_binary(name: str = "redis-server") -> str:
-    binary = shutil.which(name)
-    if binary is None:
-        raise RuntimeError(f"{name} is not installed (apt-get install redis-server)")
-    return binary
 
 
 def _client(port: int) -> redis.Redis:
@@ -44,31 +36,26 @@ def _answers(check: Callable[[], bool]) -> Callable[[], bool]:
     return probe
 
 
-class _Process:
-    """One ``redis-server`` process with its own log file."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.log = log
-        self._log_file = log.open("ab")
-        self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-            args, stdout=self._log_file, stderr=subprocess.STDOUT
-        )
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            self.proc = None
-        self._log_file.close()
-
-
 class ClusterSetup:
     """Three masters, no replicas, all 16384 slots assigned by ``redis-cli --cluster create``."""
 
     def __init__(self, workdir: Path, masters: int = 3) -> None:
         self.workdir = workdir
-        self.ports = [free_port() for _ in range(masters)]
-        self._procs: list[_Process] = []
+        self.nodes: list[RedisServer] = []
+        for _ in range(masters):
+            port = free_port()
+            node_dir = workdir / f"node-{port}"
+            node_dir.mkdir()
+            self.nodes.append(
+                RedisServer(
+                    node_dir,
+                    port=port,
+                    extra=["--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+                           "--cluster-config-file", "nodes.conf",
+                           "--cluster-node-timeout", "2000"],
+                )
+            )  # fmt: skip
+        self.ports = [node.port for node in self.nodes]
 
     @property
     def url(self) -> str:
@@ -76,24 +63,10 @@ class ClusterSetup:
         return "redis://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
 
     def start(self) -> None:
-        server = redis_binary()
-        for port in self.ports:
-            node_dir = self.workdir / f"node-{port}"
-            node_dir.mkdir()
-            self._procs.append(
-                _Process(
-                    [server, "--port", str(port), "--cluster-port", str(free_port()),
-                     "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                     "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
-                     "--save", "", "--appendonly", "no", "--dir", str(node_dir),
-                     "--protected-mode", "no"],
-                    node_dir / "redis.log",
-                )
-            )  # fmt: skip
-        for port in self.ports:
-            wait_until(_answers(lambda port=port: bool(_client(port).ping())), timeout=20)
+        for node in self.nodes:
+            node.start()
         subprocess.run(
-            [redis_binary("redis-cli"), "--cluster", "create",
+            [require("redis-cli"), "--cluster", "create",
              *(f"127.0.0.1:{p}" for p in self.ports), "--cluster-replicas", "0", "--cluster-yes"],
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip
@@ -128,9 +101,8 @@ class ClusterSetup:
             _client(port).flushall()
 
     def stop(self) -> None:
-        for proc in self._procs:
-            proc.kill()
-        self._procs.clear()
+        for node in self.nodes:
+            node.kill()
 
 
 class SentinelSetup:
@@ -138,12 +110,15 @@ class SentinelSetup:
 
     def __init__(self, workdir: Path, sentinels: int = 3, down_after_ms: int = 1000) -> None:
         self.workdir = workdir
+        (workdir / "master").mkdir()
+        (workdir / "replica").mkdir()
         self.master = RedisServer(workdir / "master")
-        self.replica = RedisServer(workdir / "replica")
+        self.replica = RedisServer(
+            workdir / "replica", extra=["--replicaof", "127.0.0.1", str(self.master.port)]
+        )
         self.sentinel_ports = [free_port() for _ in range(sentinels)]
         self.down_after_ms = down_after_ms
-        self._sentinels: list[_Process] = []
-        self._replica_proc: _Process | None = None
+        self._sentinels: list[RedisServer] = []
 
     @property
     def url(self) -> str:
@@ -151,16 +126,8 @@ class SentinelSetup:
         return f"redis+sentinel://{hosts}/{SERVICE}"
 
     def start(self) -> None:
-        server = redis_binary()
-        self.master.workdir.mkdir()
-        self.replica.workdir.mkdir()
         self.master.start()
-        self._replica_proc = _Process(
-            [server, "--port", str(self.replica.port), "--bind", "127.0.0.1",
-             "--replicaof", "127.0.0.1", str(self.master.port), "--save", "",
-             "--appendonly", "no", "--dir", str(self.replica.workdir), "--protected-mode", "no"],
-            self.replica.workdir / "redis.log",
-        )  # fmt: skip
+        self.replica.start()
         wait_until(
             _answers(lambda: _info(self.replica.port, "replication")["master_link_status"] == "up"),
             timeout=20,
@@ -169,15 +136,15 @@ class SentinelSetup:
         for port in self.sentinel_ports:
             sdir = self.workdir / f"sentinel-{port}"
             sdir.mkdir()
-            conf = sdir / "sentinel.conf"
+            conf = sdir / "sentinel.conf"  # the sentinel rewrites it: its own copy
             conf.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {sdir}\n"
                 f"sentinel monitor {SERVICE} 127.0.0.1 {self.master.port} {quorum}\n"
                 f"sentinel down-after-milliseconds {SERVICE} {self.down_after_ms}\n"
                 f"sentinel failover-timeout {SERVICE} 10000\n"
                 f"sentinel parallel-syncs {SERVICE} 1\n"
             )
-            self._sentinels.append(_Process([server, str(conf), "--sentinel"], sdir / "log"))
+            sentinel = RedisServer(sdir, port=port, config=conf, extra=["--sentinel"])
+            self._sentinels.append(sentinel.start())
         wait_until(self._sentinels_agree, timeout=30, interval=0.1)
 
     def _sentinels_agree(self) -> bool:
@@ -206,22 +173,13 @@ class SentinelSetup:
     def kill_master(self) -> int:
         """Kill the current master (SIGKILL, no goodbye); return its port."""
         port = self.master_port()
-        if port == self.master.port:
-            self.master.stop()
-        else:
-            assert self._replica_proc is not None and port == self.replica.port
-            self._replica_proc.kill()
-            self._replica_proc = None
+        [current] = [s for s in (self.master, self.replica) if s.port == port]
+        current.kill()
         return port
 
     def stop(self) -> None:
-        for proc in self._sentinels:
-            proc.kill()
-        self._sentinels.clear()
-        if self._replica_proc is not None:
-            self._replica_proc.kill()
-            self._replica_proc = None
-        self.master.stop()
+        for server in [*self._sentinels, self.replica, self.master]:
+            server.kill()
 
 
 def _info(port: int, section: str) -> dict[str, Any]:

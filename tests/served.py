@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestServer
 from sidecar.config import Settings
 from sidecar.server import run_sidecar
 
-from .conftest import free_port, sidecar_env
+from .harness import free_port, sidecar_env
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 ROWS = (
-    "bare", "hot", "hot_default", "redis_only", "batch", "workers",
+    "bare", "hot", "hot_default", "redis_only", "batch", "flag", "ofrep", "workers",
     "hot_half_peak", "hot_default_half_peak", "bare_half_peak",
 )  # fmt: skip
 ROW_FIELDS = {"generator", "connections", "requests", "rps", "p50_ms", "p99_ms", "errors"}
@@ -40,7 +40,7 @@ def test_bench_smoke_runs_every_phase(tmp_path: Path) -> None:
         assert set(row) >= ROW_FIELDS, (name, row)
         assert row["requests"] > 0, (name, row)
         assert row["errors"] == 0, (name, row)
-    for name in ("hot", "hot_default", "redis_only", "batch", "workers"):
+    for name in ("hot", "hot_default", "redis_only", "batch", "flag", "ofrep", "workers"):
         assert isinstance(results["throughput"][name]["vs_bare"], float)
     assert results["throughput"]["workers"]["workers"] == 2
 
@@ -55,10 +55,19 @@ def test_bench_smoke_runs_every_phase(tmp_path: Path) -> None:
     assert rss["memory_entries"] == rss["customers"]
     assert rss["peak_rss_mib"] > 0
     assert {"cpu", "cores", "python", "aiohttp", "event_loop"} <= set(results["machine"])
+    for name in ("python", "js"):  # the tiny clients' sequential `can` against a raw request
+        row = results["clients"][name]
+        assert row["calls"] > 0 and len(row["client_rounds_us"]) == row["rounds"], (name, row)
+        assert row["client_us"] > 0 and row["raw_us"] > 0, (name, row)
+        assert row["ratio"] > 0 and row["client_cpu_us"] > 0, (name, row)
 
     table = proc.stdout
     assert "| scenario | requests/s | p50 ms | p99 ms | vs bare | server CPU |" in table
     assert "SIDECAR_WORKERS=2" in table
+    assert "`GET /v1/customers/{c}/flags/{name}`, memory hit" in table
+    assert "`POST /ofrep/v1/evaluate/flags/{key}` (OFREP), memory hits" in table
     assert "upstream requests for" in table
     assert "push to applied" in table
     assert "peak RSS" in table
+    assert "Python `SidecarClient.can` vs `http.client`" in table
+    assert "JS `SidecarClient.can` vs `node:http`" in table

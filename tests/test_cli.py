@@ -15,10 +15,16 @@ from typing import Any
 
 import pytest
 
-from .conftest import RedisServer, free_port, wait_until
-
-KEY = "vk_cli_secret_" + "x" * 20
-HOOK_SECRET = "whsec_cli_" + "y" * 20
+from .harness import (
+    API_KEY,
+    WEBHOOK_SECRET,
+    Process,
+    Stack,
+    free_port,
+    http_status,
+    sidecar_command,
+    wait_until,
+)
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -47,48 +53,16 @@ def http(
         return err.code, dict(err.headers), json.loads(raw) if raw else None
 
 
-def answers(url: str) -> bool:
-    try:
-        return http("GET", url)[0] == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-class Proc:
-    def __init__(self, args: list[str], env: dict[str, str], tmp: Path, name: str) -> None:
-        self.log = tmp / f"{name}.log"
-        self._fh = self.log.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", *args],
-            env={"PATH": os.environ["PATH"], **env},
-            stdout=self._fh,
-            stderr=subprocess.STDOUT,
-        )
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=30)
-        if not self._fh.closed:
-            self._fh.close()
-        return code
-
-    def output(self) -> str:
-        if not self._fh.closed:
-            self._fh.flush()
-        return self.log.read_text()
-
-
 def test_check_config_ok_redacts_secrets(tmp_path: Path) -> None:
     key_file = tmp_path / "key"
-    key_file.write_text(KEY)
+    key_file.write_text(API_KEY)
     result = run_cli(
         "check-config",
         "--tenant-id",
         "acme",
         env={
             "VELLUM_API_KEY_FILE": str(key_file),
-            "VELLUM_WEBHOOK_SECRETS": HOOK_SECRET,
+            "VELLUM_WEBHOOK_SECRETS": WEBHOOK_SECRET,
             "SIDECAR_REDIS_URL": "redis://:redispw@127.0.0.1:6390/0",
         },
     )
@@ -98,14 +72,18 @@ def test_check_config_ok_redacts_secrets(tmp_path: Path) -> None:
     assert printed["VELLUM_API_KEY_FILE"] == str(key_file)
     assert printed["SIDECAR_REDIS_URL"] == "redis://:***@127.0.0.1:6390/0"
     everything = result.stdout + result.stderr
-    for secret in (KEY, HOOK_SECRET, "redispw"):
+    for secret in (API_KEY, WEBHOOK_SECRET, "redispw"):
         assert secret not in everything
 
 
 def test_check_config_errors_exit_2_one_line_each() -> None:
     result = run_cli(
         "check-config",
-        env={"VELLUM_API_KEY": KEY, "SIDECAR_CACHE_TTL": "forever", "SIDECAR_LISTEN": "0.0.0.0:1"},
+        env={
+            "VELLUM_API_KEY": API_KEY,
+            "SIDECAR_CACHE_TTL": "forever",
+            "SIDECAR_LISTEN": "0.0.0.0:1",
+        },
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -113,7 +91,81 @@ def test_check_config_errors_exit_2_one_line_each() -> None:
     assert any("VELLUM_TENANT_ID" in line for line in lines)
     assert any("SIDECAR_CACHE_TTL" in line for line in lines)
     assert any("SIDECAR_LISTEN" in line and "SIDECAR_ALLOW_REMOTE" in line for line in lines)
-    assert KEY not in result.stdout + result.stderr
+    assert API_KEY not in result.stdout + result.stderr
+
+
+def test_check_config_hides_url_credentials_and_reads_the_redis_url_file(tmp_path: Path) -> None:
+    url_file = tmp_path / "redis-url"
+    url_file.write_text(
+        "redis+sentinel://app:redispw@s1,s2:26380/mymaster?sentinel_password=sentpw\n"
+    )
+    env = {
+        "VELLUM_API_KEY": API_KEY,
+        "VELLUM_TENANT_ID": "acme",
+        "VELLUM_BASE_URL": "https://svc:basepw@vellum.internal",
+        "SIDECAR_REDIS_URL_FILE": str(url_file),
+    }
+    result = run_cli("check-config", env=env)
+    assert result.returncode == 0, result.stderr
+    printed = dict(line.split("=", 1) for line in result.stdout.splitlines())
+    assert printed["VELLUM_BASE_URL"] == "https://svc:***@vellum.internal"
+    assert printed["SIDECAR_REDIS_URL"] == (
+        "redis+sentinel://app:***@s1,s2:26380/mymaster?sentinel_password=***"
+    )
+    assert printed["SIDECAR_REDIS_URL_FILE"] == str(url_file)
+    # Errors name the variable and hide the credentials of the URL they quote.
+    bad = run_cli(
+        "check-config", "--redis-url", "redis://h/0",
+        env={**env, "VELLUM_BASE_URL": "ftp://svc:basepw@vellum.internal"},
+    )  # fmt: skip
+    assert bad.returncode == 2
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 2
+    assert "VELLUM_BASE_URL: expected an http:// or https:// URL" in lines[0]
+    assert "SIDECAR_REDIS_URL: set either SIDECAR_REDIS_URL or SIDECAR_REDIS_URL_FILE" in lines[1]
+    everything = result.stdout + result.stderr + bad.stdout + bad.stderr
+    for secret in (API_KEY, "basepw", "redispw", "sentpw"):
+        assert secret not in everything
+
+
+def test_serve_logs_never_show_url_credentials(tmp_path: Path) -> None:
+    """Upstream and Redis unreachable, debug and access logs on: no credential in the output."""
+    url_file = tmp_path / "redis-url"
+    url_file.write_text(f"redis://app:redispw@127.0.0.1:{free_port()}/0\n")
+    api, ops = free_port(), free_port()
+    env = {
+        "VELLUM_API_KEY": API_KEY,
+        "VELLUM_TENANT_ID": "acme",
+        "VELLUM_BASE_URL": f"http://svc:basepw@127.0.0.1:{free_port()}",
+        "SIDECAR_REDIS_URL_FILE": str(url_file),
+        "SIDECAR_LISTEN": f"127.0.0.1:{api}",
+        "SIDECAR_WEBHOOK_LISTEN": f"127.0.0.1:{free_port()}",
+        "SIDECAR_OPS_LISTEN": f"127.0.0.1:{ops}",
+        "SIDECAR_LOG_LEVEL": "debug",
+        "SIDECAR_ACCESS_LOG": "true",
+        "SIDECAR_UPSTREAM_TIMEOUT": "0.5",
+    }
+    sidecar = Process(
+        "sidecar",
+        sidecar_command("serve"),
+        tmp_path,
+        env=env,
+        ready_url=f"http://127.0.0.1:{ops}/healthz",
+    ).start()
+    try:
+        # /healthz answers while the local API is still starting (its listener binds
+        # after the ops one): wait for the local API itself.
+        sidecar.wait_ready(f"http://127.0.0.1:{api}/openapi.json")
+        status, _, body = http("GET", f"http://127.0.0.1:{api}/v1/customers/c1/can/reports")
+        assert (status, body["allowed"]) == (503, False)
+        status, _, ready = http("GET", f"http://127.0.0.1:{ops}/readyz")
+        assert ready["redis"] == "down"
+    finally:
+        assert sidecar.stop() == 0
+    output = sidecar.output()
+    assert '"redis_down"' in output, "the failure paths were logged"
+    for secret in (API_KEY, "basepw", "redispw"):
+        assert secret not in output
 
 
 def test_serve_refuses_bad_config_with_exit_2() -> None:
@@ -123,47 +175,16 @@ def test_serve_refuses_bad_config_with_exit_2() -> None:
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """Redis, the emulator and a sidecar, each a real process."""
-    redis = RedisServer(tmp_path)
-    redis.start()
-    emu_port, api, hooks, ops = free_port(), free_port(), free_port(), free_port()
-    emulator = Proc(
-        ["emulator", "--listen", f"127.0.0.1:{emu_port}", "--tenant", "acme",
-         "--webhook-url", f"http://127.0.0.1:{hooks}/webhooks/vellum"],
-        {"EMULATOR_API_KEYS": KEY, "EMULATOR_WEBHOOK_SECRET": HOOK_SECRET},
-        tmp_path, "emulator",
-    )  # fmt: skip
-    wait_until(lambda: answers(f"http://127.0.0.1:{emu_port}/_emulator/requests"))
-    env = {
-        "VELLUM_API_KEY": KEY,
-        "VELLUM_TENANT_ID": "acme",
-        "VELLUM_BASE_URL": f"http://127.0.0.1:{emu_port}",
-        "VELLUM_WEBHOOK_SECRETS": HOOK_SECRET,
-        "SIDECAR_REDIS_URL": redis.url,
-        "SIDECAR_LISTEN": f"127.0.0.1:{api}",
-        "SIDECAR_WEBHOOK_LISTEN": f"127.0.0.1:{hooks}",
-        "SIDECAR_OPS_LISTEN": f"127.0.0.1:{ops}",
-        "SIDECAR_LOG_LEVEL": "debug",
-        "SIDECAR_ACCESS_LOG": "true",
-    }
-    sidecar = Proc(["serve"], env, tmp_path, "sidecar")
-    wait_until(lambda: answers(f"http://127.0.0.1:{ops}/readyz"), timeout=20)
-    yield {
-        "api": f"http://127.0.0.1:{api}",
-        "ops": f"http://127.0.0.1:{ops}",
-        "emu": f"http://127.0.0.1:{emu_port}",
-        "sidecar": sidecar,
-        "emulator": emulator,
-        "env": env,
-    }
-    sidecar.stop(signal.SIGKILL)
-    emulator.stop(signal.SIGKILL)
-    redis.stop()
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    """Redis, the emulator and a sidecar (debug logs, access log on), each a real process."""
+    with Stack(
+        tmp_path, redis=True, tenant="acme", SIDECAR_LOG_LEVEL="debug", SIDECAR_ACCESS_LOG="true"
+    ) as stack:
+        yield stack
 
 
-def test_serve_from_outside(stack: dict[str, Any]) -> None:
-    api, emu, ops = stack["api"], stack["emu"], stack["ops"]
+def test_serve_from_outside(stack: Stack) -> None:
+    api, emu, ops = stack.url, stack.emulator_url, stack.sidecar.ops_url
     status, headers, body = http("GET", f"{api}/v1/customers/cus_active/entitlements")
     assert status == 200
     assert headers["X-Sidecar-Cache"] == "miss"
@@ -171,15 +192,7 @@ def test_serve_from_outside(stack: dict[str, Any]) -> None:
     status, headers, body = http("GET", f"{api}/v1/customers/cus_active/can/reports")
     assert (status, headers["X-Sidecar-Cache"], body["allowed"]) == (200, "hit", True)
     assert http("GET", f"{api}/v1/customers/cus_trial/can/exports")[2]["allowed"] is False
-    # An emulator change is pushed to the sidecar's webhook listener and applies at once.
-    status, _, reply = http(
-        "PUT",
-        f"{emu}/_emulator/customers/cus_trial/entitlements",
-        {"status": "active", "modules": ["reports", "exports"]},
-    )
-    assert status == 200
-    assert reply["pushed"] is True
-    assert http("GET", f"{api}/v1/customers/cus_trial/can/exports")[2]["allowed"] is True
+    _push_applies_at_once(api, emu)
     assert http("GET", f"{api}/v1/customers/ghost/entitlements")[2]["found"] is False
     assert http("GET", f"{api}/v1/customers/x/can/y", headers={"Origin": "http://a"})[0] == 403
     status, _, ready = http("GET", f"{ops}/readyz")
@@ -191,21 +204,35 @@ def test_serve_from_outside(stack: dict[str, Any]) -> None:
         metrics = resp.read().decode()
     assert 'vellum_sidecar_webhooks_total{result="ok"} 1.0' in metrics
     # SIGTERM: clean exit 0; nothing printed (debug logs and access log on) carries a secret.
-    assert stack["sidecar"].stop() == 0
-    output = stack["sidecar"].output()
+    assert stack.sidecar.stop() == 0
+    output = stack.sidecar.output()
     assert '"event": "stopped"' in output or '"event":"stopped"' in output
-    for secret in (KEY, HOOK_SECRET):
+    for secret in (API_KEY, WEBHOOK_SECRET):
         assert secret not in output
     assert run_cli("healthcheck", env={"SIDECAR_OPS_LISTEN": f"127.0.0.1:{ops_port}"}).returncode
 
 
+def _push_applies_at_once(api: str, emu: str) -> None:
+    """An emulator change is pushed to the sidecar's webhook listener and applies at once."""
+    status, _, reply = http(
+        "PUT",
+        f"{emu}/_emulator/customers/cus_trial/entitlements",
+        {"status": "active", "modules": ["reports", "exports"]},
+    )
+    assert status == 200
+    assert reply["pushed"] is True
+    assert http("GET", f"{api}/v1/customers/cus_trial/can/exports")[2]["allowed"] is True
+
+
 def test_demo_prints_working_curl_lines(tmp_path: Path) -> None:
     api, hooks, ops, emu = free_port(), free_port(), free_port(), free_port()
-    demo = Proc(
-        ["demo", "--listen", f"127.0.0.1:{api}", "--webhook-listen", f"127.0.0.1:{hooks}",
-         "--ops-listen", f"127.0.0.1:{ops}", "--emulator-listen", f"127.0.0.1:{emu}"],
-        {}, tmp_path, "demo",
-    )  # fmt: skip
+    demo = Process(
+        "demo",
+        sidecar_command("demo", "--listen", f"127.0.0.1:{api}", "--webhook-listen",
+                        f"127.0.0.1:{hooks}", "--ops-listen", f"127.0.0.1:{ops}",
+                        "--emulator-listen", f"127.0.0.1:{emu}"),
+        tmp_path,
+    ).start()  # fmt: skip
     try:
         wait_until(lambda: "Ctrl-C" in demo.output(), timeout=20)
         banner = demo.output()
@@ -217,24 +244,27 @@ def test_demo_prints_working_curl_lines(tmp_path: Path) -> None:
         assert http("GET", f"{base}/v1/customers/cus_active/can/reports")[2]["allowed"] is True
         assert http("GET", f"{base}/v1/customers/cus_trial/can/exports")[2]["allowed"] is False
         assert http("GET", f"{base}/v1/customers/nobody/entitlements")[2]["found"] is False
-        status, _, _ = http(
-            "PUT",
-            f"http://127.0.0.1:{emu}/_emulator/customers/cus_trial/entitlements",
-            {"status": "active", "modules": ["reports", "exports"]},
-        )
-        assert status == 200
-        assert http("GET", f"{base}/v1/customers/cus_trial/can/exports")[2]["allowed"] is True
+        _push_applies_at_once(base, f"http://127.0.0.1:{emu}")
+        for line in ("/v1/customers/cus_active/flags", "/v1/customers/cus_active/credits/exports",
+                     "/tenants/demo/accounts/acme/invoices"):  # fmt: skip
+            assert f"curl -s {base}{line} " in banner, line
+        flags = http("GET", f"{base}/v1/customers/cus_active/flags")[2]["flags"]
+        assert flags["new-dashboard"] is True, "the customer's override"
+        credits = http("GET", f"{base}/v1/customers/cus_active/credits/exports")[2]
+        assert (credits["creditTypeId"], credits["balance"]) == ("exports", 20)
+        invoices = http("GET", f"{base}/tenants/demo/accounts/acme/invoices")[2]["invoices"]
+        assert [i["number"] for i in invoices] == ["ACME-0001", "ACME-0002"]
         assert http("GET", f"http://127.0.0.1:{ops}/readyz")[0] == 200
     finally:
-        code = demo.stop(signal.SIGINT)
+        code = demo.stop(sig=signal.SIGINT)
     assert code == 0
 
 
-def test_sigterm_under_load_finishes_in_flight_requests(stack: dict[str, Any]) -> None:
+def test_sigterm_under_load_finishes_in_flight_requests(stack: Stack) -> None:
     """In-flight upstream calls finish after SIGTERM, /readyz turns 503 first, exit 0."""
     import concurrent.futures
 
-    api, emu, ops = stack["api"], stack["emu"], stack["ops"]
+    api, emu, ops = stack.url, stack.emulator_url, stack.sidecar.ops_url
     status, _, _ = http(
         "POST", f"{emu}/_emulator/faults", {"operation": "get_entitlements", "delay": 1.0}
     )
@@ -251,37 +281,29 @@ def test_sigterm_under_load_finishes_in_flight_requests(stack: dict[str, Any]) -
             return len(items) >= len(customers)
 
         wait_until(all_arrived, timeout=10)
-        stack["sidecar"].proc.send_signal(signal.SIGTERM)
-        wait_until(lambda: _ready_status(ops) in (503, None), timeout=5)
+        stack.sidecar.send_signal(signal.SIGTERM)
+        wait_until(lambda: http_status(f"{ops}/readyz") in (503, None), timeout=5)
         results = [f.result(timeout=20) for f in futures]
     assert [r[0] for r in results] == [200] * len(customers)
     assert all(r[2]["found"] is False for r in results)
     # Wait for the exit; a second SIGTERM after the drain would kill it for real.
-    assert stack["sidecar"].proc.wait(timeout=30) == 0
+    assert stack.sidecar.wait(timeout=30) == 0
 
 
-def _ready_status(ops: str) -> int | None:
-    try:
-        return http("GET", f"{ops}/readyz")[0]
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-def test_no_secret_in_any_output(tmp_path: Path, stack: dict[str, Any]) -> None:
+def test_no_secret_in_any_output(stack: Stack) -> None:
     """Grep everything a full run prints or serves for the key and the webhook secret."""
-    api, ops, emu = stack["api"], stack["ops"], stack["emu"]
+    api, ops, emu = stack.url, stack.sidecar.ops_url, stack.emulator_url
     seen: list[str] = []
     for url in (f"{ops}/readyz", f"{ops}/metrics", f"{api}/openapi.json"):
         with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310
             seen.append(resp.read().decode())
     # Error paths: refused webhook signatures, malformed input, upstream failures.
-    hooks = stack["env"]["SIDECAR_WEBHOOK_LISTEN"]
     for header in ("t=1,v1=00", "garbage", ""):
         seen.append(
             str(
                 http(
                     "POST",
-                    f"http://{hooks}/webhooks/vellum",
+                    stack.sidecar.webhook_url,
                     {"id": "evt_x"},
                     {"X-Vellum-Signature": header},
                 )
@@ -291,24 +313,18 @@ def test_no_secret_in_any_output(tmp_path: Path, stack: dict[str, Any]) -> None:
     http("POST", f"{emu}/_emulator/faults", {"operation": "get_entitlements", "status": 500})
     seen.append(str(http("GET", f"{api}/v1/customers/boom/entitlements")))
     seen.append(str(http("GET", f"{api}/v1/customers/boom/can/x")))
-    assert stack["sidecar"].stop() == 0
-    seen.append(stack["sidecar"].output())
+    assert stack.sidecar.stop() == 0
+    seen.append(stack.sidecar.output())
     # A sidecar whose key the upstream refuses, and check-config, with debug logs.
-    env = {**stack["env"], "VELLUM_API_KEY": KEY + "_wrong", "SIDECAR_LOG_LEVEL": "debug"}
-    env["SIDECAR_LISTEN"] = f"127.0.0.1:{free_port()}"
-    env["SIDECAR_OPS_LISTEN"] = f"127.0.0.1:{free_port()}"
-    env["SIDECAR_WEBHOOK_LISTEN"] = f"127.0.0.1:{free_port()}"
-    wrong = Proc(["serve"], env, tmp_path, "wrong")
-    wrong_ops = "http://" + env["SIDECAR_OPS_LISTEN"]
-    wait_until(lambda: answers(f"{wrong_ops}/readyz"), timeout=20)
+    wrong = stack.add_sidecar("wrong", VELLUM_API_KEY=API_KEY + "_wrong", SIDECAR_LOG_LEVEL="debug")
     http("DELETE", f"{emu}/_emulator/faults")
-    seen.append(str(http("GET", f"http://{env['SIDECAR_LISTEN']}/v1/customers/c/entitlements")))
+    seen.append(str(http("GET", f"{wrong.api_url}/v1/customers/c/entitlements")))
     assert wrong.stop() == 0
     seen.append(wrong.output())
-    checked = run_cli("check-config", env=env)
+    checked = run_cli("check-config", env=wrong.env)
     seen.extend([checked.stdout, checked.stderr])
     everything = "\n".join(seen)
     assert "upstream_auth_failed" in everything, "the error paths really ran"
     assert "invalid_signature" in everything
-    for secret in (KEY, HOOK_SECRET):
+    for secret in (API_KEY, WEBHOOK_SECRET):
         assert secret not in everything

@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 
 from .closing_server import ClosingServer
-from .conftest import free_port
-from .live import Stack
+from .harness import Stack, free_port, make_tls_files
 
 ROOT = Path(__file__).resolve().parent.parent
 JS = ROOT / "client" / "js"
@@ -51,7 +50,7 @@ def stacks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Stack
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_js_client_against_a_live_sidecar(stacks: dict[str, Stack]) -> None:
+def test_js_client_against_a_live_sidecar(stacks: dict[str, Stack], tmp_path: Path) -> None:
     node = shutil.which("node")
     if node is None:
         pytest.fail(
@@ -62,6 +61,9 @@ def test_js_client_against_a_live_sidecar(stacks: dict[str, Stack]) -> None:
     main = stacks["main"]
     closing = ClosingServer("close")  # retry.test.js: one request cut under it
     threading.Thread(target=closing.serve_forever, daemon=True).start()
+    # invoicePdfUrl needs an upstream that redirects: the unix stack's redirects, as
+    # upstreams before SDK 1.2 did (the main stack's test switches its own).
+    stacks["unix"].admin("PATCH", "/settings", {"invoicePdf": "redirect"})
     env = {
         **os.environ,
         "VSC_URL": main.url,
@@ -73,6 +75,9 @@ def test_js_client_against_a_live_sidecar(stacks: dict[str, Stack]) -> None:
         "VSC_CLOSING_URL": closing.url,
     }
     env.pop("VELLUM_SIDECAR_URL", None)
+    tls = make_tls_files(tmp_path)  # for the https peer of wire.test.js, trusted by node
+    env |= {"VSC_TLS_CERT": str(tls.cert), "VSC_TLS_KEY": str(tls.key),
+            "NODE_EXTRA_CA_CERTS": str(tls.ca)}  # fmt: skip
     result = subprocess.run(
         # Files by name: node 18-20 take a folder, 21+ take globs, every version takes files.
         [node, "--test", "--test-reporter=spec", *files],

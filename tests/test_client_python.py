@@ -1,7 +1,7 @@
 """The Python client (``client/python``), both flavours, against a live sidecar.
 
 Every method runs against ``python -m sidecar serve`` in front of the emulator
-(see ``live.py``); what reached the emulator is checked too, so the bodies and
+(``harness.Stack``); what reached the emulator is checked too, so the bodies and
 queries are the SDK's. The fail-closed rule is checked with the sidecar
 stopped, with its upstream down, and with a sidecar that never answers.
 """
@@ -9,6 +9,7 @@ stopped, with its upstream down, and with a sidecar that never answers.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import inspect
 import os
 import socket
@@ -30,50 +31,22 @@ from vellum_sidecar_client import (
     SidecarError,
     SidecarUnavailable,
 )
+from vellumcharter import VellumCharterClient
 
-from .conftest import free_port
-from .live import Stack
+from sidecar.http.operations import OPERATIONS
 
-# The Vellum SDK's surface (interface.md, section 1): name -> keyword arguments.
-SDK_METHODS: dict[str, list[str]] = {
-    "get_entitlements": ["customer_id"],
-    "can": ["customer_id", "module_id"],
-    "check": ["pairs"],
-    "invalidate": ["customer_id"],
-    "create_checkout": [
-        "account_id", "customer_id", "plan_id", "plan_version", "success_url", "cancel_url",
-        "seats",
-    ],
-    "create_setup_checkout": ["account_id", "success_url", "cancel_url"],
-    "create_subscription": ["account_id", "customer_id", "plan_id", "plan_version", "seats"],
-    "cancel_subscription": ["account_id", "customer_id", "at_period_end"],
-    "get_subscription": ["account_id", "customer_id"],
-    "create_account": [
-        "account_id", "name", "email", "stripe_customer_id", "create_stripe_customer",
-    ],
-    "create_customer": ["account_id", "customer_id", "email"],
-    "set_account_status": ["account_id", "status"],
-    "set_customer_status": ["account_id", "customer_id", "status"],
-    "list_payment_methods": ["account_id"],
-    "set_default_payment_method": ["account_id", "method_id"],
-    "remove_payment_method": ["account_id", "method_id"],
-    "set_subscription_payment_method": ["account_id", "customer_id", "method_id"],
-    "list_invoices": ["account_id", "customer_id"],
-    "invoice_pdf_url": ["account_id", "invoice_id"],
-}  # fmt: skip
-SDK_DEFAULTS = {
-    ("invalidate", "customer_id"): None,
-    ("create_checkout", "seats"): 1,
-    ("create_subscription", "seats"): 1,
-    ("cancel_subscription", "at_period_end"): False,
-    ("create_account", "name"): None,
-    ("create_account", "email"): None,
-    ("create_account", "stripe_customer_id"): None,
-    ("create_account", "create_stripe_customer"): False,
-    ("create_customer", "email"): None,
-    ("list_invoices", "customer_id"): None,
+from .harness import Stack, free_port
+
+#: vellumcharter 1.4.2's methods, every public one, with the SDK's own names and
+#: keywords (the flags ones included). ``check`` and ``invoice_pdf_url`` (upstreams
+#: before SDK 1.2) are this client's own.
+SDK_METHODS: dict[str, inspect.Signature] = {
+    name: inspect.signature(method)
+    for name, method in inspect.getmembers(VellumCharterClient, inspect.isfunction)
+    if not name.startswith("_")
 }
-ENTITLEMENT_METHODS = {"get_entitlements", "can", "check", "invalidate"}
+OWN_METHODS = {"check", "invoice_pdf_url"}
+FLAG_METHODS = {"flags", "flag", "global_flags", "invalidate_flags"}
 
 
 @pytest.fixture(scope="module")
@@ -146,18 +119,30 @@ def uid(prefix: str) -> str:
 
 @pytest.mark.parametrize("cls", [SidecarClient, AsyncSidecarClient])
 def test_every_sdk_method_with_its_keyword_arguments(cls: type) -> None:
-    for name, args in SDK_METHODS.items():
+    """Each SDK method's parameters, in order, kind and default; ours may add optional
+    keywords after them (``idempotency_key``)."""
+    assert len(SDK_METHODS) == 35
+    assert set(SDK_METHODS) >= FLAG_METHODS
+    for name, sdk in SDK_METHODS.items():
         method = getattr(cls, name, None)
         assert method is not None, f"{cls.__name__}.{name} is missing"
         assert inspect.iscoroutinefunction(method) == (cls is AsyncSidecarClient), name
-        params = inspect.signature(method).parameters
-        assert list(params)[1 : len(args) + 1] == args, f"{name}: {list(params)}"
-        for arg in args:
-            param = params[arg]
-            if name not in ENTITLEMENT_METHODS:
-                assert param.kind is inspect.Parameter.KEYWORD_ONLY, f"{name}({arg})"
-            expected = SDK_DEFAULTS.get((name, arg), inspect.Parameter.empty)
-            assert param.default == expected, f"{name}({arg}) default"
+        ours = list(inspect.signature(method).parameters.values())[1:]
+        theirs = list(sdk.parameters.values())[1:]
+        assert [(p.name, p.kind, p.default) for p in ours[: len(theirs)]] == [
+            (p.name, p.kind, p.default) for p in theirs
+        ], f"{name}: {ours}"
+        for extra in ours[len(theirs) :]:
+            assert extra.kind is inspect.Parameter.KEYWORD_ONLY, f"{name}({extra.name})"
+            assert extra.default is None, f"{name}({extra.name})"
+    public = {n for n in dir(cls) if not n.startswith("_")} - {"close", "aclose"}
+    attributes = {"base_url", "timeout", "billing_timeout", "fail_open"}
+    assert public - attributes == set(SDK_METHODS) | OWN_METHODS
+    # flag's default has no default of its own and is keyword-only, as the SDK's.
+    default = inspect.signature(cls.flag).parameters["default"]
+    assert default.kind is inspect.Parameter.KEYWORD_ONLY
+    assert default.default is inspect.Parameter.empty
+    assert inspect.signature(cls.invalidate_flags).parameters["customer_id"].default is None
     ctor = inspect.signature(cls).parameters
     assert list(ctor)[:3] == ["base_url", "timeout", "fail_open"]
     assert (ctor["base_url"].default, ctor["timeout"].default, ctor["fail_open"].default) == (
@@ -190,6 +175,74 @@ def test_stdlib_only_single_module_with_py_typed() -> None:
     }, imported  # fmt: skip
 
 
+# -- generated code ----------------------------------------------------------------
+
+
+@pytest.fixture
+def scripts(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], Any]:
+    """Import a generator of ``scripts/`` by name (they import their sibling ``regions``)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "scripts"))
+    return importlib.import_module
+
+
+def test_blocking_api_is_generated_from_the_async_one(scripts: Callable[[str], Any]) -> None:
+    unasync = scripts("unasync_client")
+    source = Path(vsc.__file__).read_text()
+    assert unasync.render(source) == source, "stale: run scripts/unasync_client.py"
+
+    edited = source.replace(
+        '        call = _op("list_invoices", _field_list("invoices"), account_id, query=query)\n'
+        "        return await self._run(call)\n",
+        '        return await self._run(_op("list_invoices", _field_list("invoices"), '
+        "account_id, query=query))\n",
+    )
+    assert edited != source
+    regenerated = unasync.render(edited)
+    assert (
+        '        return self._run(_op("list_invoices", _field_list("invoices"), account_id, '
+        "query=query))\n" in regenerated
+    ), "the edit reached the blocking copy, unasynced and formatted"
+    assert 'call = _op("list_invoices"' not in regenerated
+    # The first copy in the file is SidecarClient's: an edit by hand is undone.
+    hand_edited = source.replace("the ``Location`` of the redirect", "edited by hand", 1)
+    assert hand_edited != source and unasync.render(hand_edited) == source
+    with pytest.raises(SystemExit, match="asyncio"):
+        unasync.render(source.replace("await self._run(call)", "await asyncio.sleep(0)", 1))
+
+
+def test_call_tables_are_generated_from_the_operation_table(
+    scripts: Callable[[str], Any],
+) -> None:
+    gen = scripts("gen_clients")
+    python, js = gen.PYTHON.read_text(), gen.JS.read_text()
+    assert gen.render_python(python) == python, "stale: run scripts/gen_clients.py"
+    assert gen.render_js(js) == js, "stale: run scripts/gen_clients.py"
+    assert [op.name for op in OPERATIONS] == list(vsc._OPERATIONS)
+    for op in OPERATIONS:
+        route = vsc._OPERATIONS[op.name]
+        assert (route.method, route.path, route.params) == (op.method, f"/v1{op.path}", op.params)
+        assert (route.body, route.cached) == (op.body, op.cached)
+        assert f"  {op.name}: {{" in js and f'"/v1{op.path}"' in js, op.name
+    stale = python.replace('"/v1/accounts/{account}/invoices", ', '"/v1/invoices", ')
+    assert stale != python and gen.render_python(stale) == python
+    stale_js = js.replace('path: "/v1/accounts/{account}/invoices" ', 'path: "/v1/invoices" ')
+    assert stale_js != js and gen.render_js(stale_js) == js
+
+
+def test_a_call_that_does_not_match_its_operation_is_refused() -> None:
+    with pytest.raises(TypeError, match="get_subscription takes the ids"):
+        vsc._op("get_subscription", vsc._object, "acme")
+    with pytest.raises(TypeError, match="a body: True"):
+        vsc._op("set_account_status", vsc._object, "acme")
+    call = vsc._op("invoice_pdf", vsc._location, "a/b", "in 1")
+    assert (call.method, call.path, call.billing) == (
+        "GET",
+        "/v1/accounts/a%2Fb/invoices/in%201/pdf",
+        True,
+    )
+    assert vsc._op("get_entitlements", vsc._object, "c").billing is False
+
+
 def test_base_url_from_argument_then_environment_then_default(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -220,6 +273,11 @@ def test_entitlement_set_follows_the_sdk() -> None:
     gone = EntitlementSet("c", {"found": False, "status": None, "modules": [], "config": {}})
     assert (gone.found, gone.status, gone.is_active(), gone.has("a")) == (False, None, False, False)
     assert not EntitlementSet("c", {"status": "past_due"}).is_active()
+    # has_access() is the upstream's hasAccess, as the SDK's: absent (an older upstream,
+    # an unknown customer) is False, whatever the status says.
+    assert not ents.has_access() and not gone.has_access()
+    assert EntitlementSet("c", {"status": "past_due", "hasAccess": True}).has_access()
+    assert not EntitlementSet("c", {"status": "active", "hasAccess": False}).has_access()
 
 
 # -- entitlements, live ----------------------------------------------------------------
@@ -266,6 +324,41 @@ async def test_entitlement_methods(call: Call, stack: Stack) -> None:
     assert (await call("get_entitlements", "cus_active")).cache == "hit"
     await call("invalidate")
     assert (await call("get_entitlements", "cus_active")).cache == "miss"
+
+
+# -- flags, live -------------------------------------------------------------------------
+
+
+async def test_flag_methods(call: Call, stack: Stack) -> None:
+    customer, name = uid("cus"), uid("flag")
+    tenant = f"/tenants/{stack.tenant}"
+    stack.admin("PUT", f"{tenant}/flags/{name}", {"value": False})
+    stack.admin("PUT", f"{tenant}/customers/{customer}/flags/{name}", {"value": True})
+    mine = await call("flags", customer)
+    assert mine[name] is True and mine["bulk-export"] is True, "overrides over the globals"
+    mine[name] = False  # a copy: the next call is not changed by it
+    assert (await call("flags", customer))[name] is True
+    assert (await call("global_flags"))[name] is False
+    assert await call("flag", name, customer, default=False) is True
+    assert await call("flag", name, uid("other"), default=True) is False
+    assert await call("flag", uid("undefined"), customer, default=True) is True
+    assert await call("flag", uid("undefined"), customer, default=False) is False
+    with pytest.raises(ValueError, match="flag_id"):
+        await call("flag", "", customer, default=True)
+
+    fetches = len(stack.upstream_requests("flags"))
+    assert await call("invalidate", customer) is None  # entitlements only, as the SDK's
+    await call("flags", customer)
+    assert len(stack.upstream_requests("flags")) == fetches
+    assert await call("invalidate_flags", customer) is None
+    await call("flags", customer)
+    assert len(stack.upstream_requests("flags")) == fetches + 1
+    globals_fetched = len(stack.upstream_requests("global_flags"))
+    await call("invalidate_flags")  # every customer's, and the globals
+    await call("flags", customer)
+    await call("global_flags")
+    assert len(stack.upstream_requests("flags")) == fetches + 2
+    assert len(stack.upstream_requests("global_flags")) == globals_fetched + 1
 
 
 async def test_ids_are_quoted_one_segment_each(call: Call, stack: Stack) -> None:
@@ -336,30 +429,41 @@ async def test_every_billing_method(call: Call, stack: Stack) -> None:
     assert sent["body"] == {"planId": "pro", "planVersion": 1, "seats": 3}
     assert sent["idempotencyKey"] is not None
     assert await call("can", customer, "api") is True, "the write dropped the customer's cache"
-    assert (await call("get_subscription", account_id=account, customer_id=customer))["id"] == sub[
-        "id"
-    ]
+    assert await call("get_subscription", account_id=account, customer_id=customer) == sub
 
     methods = await call("list_payment_methods", account_id=account)
     assert len(methods) == 2 and {m["isDefault"] for m in methods} == {True, False}
-    spare = next(m["id"] for m in methods if not m["isDefault"])
+    spare = next(m["ref"] for m in methods if not m["isDefault"])
     default = await call("set_default_payment_method", account_id=account, method_id=spare)
-    assert default == {**default, "id": spare, "isDefault": True}
+    assert default == {**default, "ref": spare, "isDefault": True}
     paying = await call(
         "set_subscription_payment_method", account_id=account, customer_id=customer,
         method_id=spare,
     )  # fmt: skip
-    assert paying["paymentMethodId"] == spare
-    unused = next(m["id"] for m in methods if m["id"] != spare)
-    assert await call("remove_payment_method", account_id=account, method_id=unused) is None
-    assert [m["id"] for m in await call("list_payment_methods", account_id=account)] == [spare]
+    assert paying["defaultPaymentMethodRef"] == spare
+    unused = next(m["ref"] for m in methods if m["ref"] != spare)
+    removed = await call("remove_payment_method", account_id=account, method_id=unused)
+    assert removed == {"ref": unused, "removed": True}
+    assert [m["ref"] for m in await call("list_payment_methods", account_id=account)] == [spare]
 
     invoices = await call("list_invoices", account_id=account)
-    assert [i["customerId"] for i in invoices] == [customer]
+    assert len(invoices) == 1
+    assert await call("list_invoices", account_id=account, customer_id=customer) == invoices
     assert await call("list_invoices", account_id=account, customer_id="someone_else") == []
     assert stack.upstream_requests("list_invoices")[-1]["query"] == {"customerId": "someone_else"}
-    url = await call("invoice_pdf_url", account_id=account, invoice_id=invoices[0]["id"])
-    assert url == f"https://invoices.example/{invoices[0]['id']}.pdf"
+    pdf = await call("invoice_pdf", account_id=account, invoice_id=invoices[0]["ref"])
+    assert isinstance(pdf, bytes) and pdf.startswith(b"%PDF-"), "the bytes, not text"
+    assert invoices[0]["number"].encode() in pdf
+    # invoice_pdf_url: an upstream from before SDK 1.2 redirects (invoice_pdf then raises).
+    stack.admin("PATCH", "/settings", {"invoicePdf": "redirect"})
+    try:
+        url = await call("invoice_pdf_url", account_id=account, invoice_id=invoices[0]["ref"])
+        with pytest.raises(SidecarApiError) as redirected:
+            await call("invoice_pdf", account_id=account, invoice_id=invoices[0]["ref"])
+        assert redirected.value.status == 302
+    finally:
+        stack.admin("PATCH", "/settings", {"invoicePdf": "bytes"})
+    assert url.startswith("https://") and url.endswith(f"/{invoices[0]['number']}.pdf")
 
     status = await call(
         "set_customer_status", account_id=account, customer_id=customer, status="past_due"
@@ -379,6 +483,127 @@ async def test_every_billing_method(call: Call, stack: Stack) -> None:
     assert closed["status"] == "suspended"
 
 
+async def test_subscription_changes(call: Call, stack: Stack) -> None:
+    account, customer = uid("acct"), uid("cus")
+    created = await call("create_account", account_id=account, billing_customer_id="cus_billing_1")
+    assert created["billingCustomerId"] == "cus_billing_1"
+    assert stack.upstream_requests("create_account")[-1]["body"] == {
+        "accountId": account,
+        "billingCustomerId": "cus_billing_1",
+    }
+    again = await call("create_account", account_id=account)
+    assert again["accountId"] == account, "an existing account is answered, not refused"
+    with pytest.raises(SidecarApiError) as conflict:
+        await call("create_account", account_id=account, billing_customer_id="cus_other")
+    assert (conflict.value.status, conflict.value.code) == (409, "billing_customer_conflict")
+    await call("create_customer", account_id=account, customer_id=customer, name="Jane")
+    assert stack.upstream_requests("create_customer")[-1]["body"] == {
+        "customerId": customer,
+        "name": "Jane",
+    }
+    sub = await call("create_subscription", account_id=account, customer_id=customer,
+                     plan_id="team")  # fmt: skip
+    assert (sub["planId"], sub["planVersion"], sub["seats"]) == ("team", 2, 1), "the newest"
+    assert stack.upstream_requests("create_subscription")[-1]["body"] == {
+        "planId": "team",
+        "seats": 1,
+    }, "an optional field is omitted, never null"
+    ents = await call("get_entitlements", customer)
+    assert ents.has_access() and ents.has("exports") and not ents.has("sso")
+
+    preview = await call(
+        "preview_change", account_id=account, customer_id=customer, seats=4,
+        add_on_module_ids=["sso"],
+    )  # fmt: skip
+    assert (preview["current"]["seats"], preview["proposed"]["seats"]) == (1, 4)
+    assert stack.upstream_requests("preview_change")[-1]["body"] == {
+        "seats": 4,
+        "addOnModuleIds": ["sso"],
+    }
+    seated = await call("set_seats", account_id=account, customer_id=customer, seats=3)
+    assert seated["seats"] == 3
+    assert (await call("get_entitlements", customer)).config("seats") == 3, "dropped at once"
+    await call("add_add_on", account_id=account, customer_id=customer, module_id="sso")
+    assert stack.upstream_requests("change_add_ons")[-1]["body"] == {"add": ["sso"]}
+    assert await call("can", customer, "sso") is True
+    await call("remove_add_on", account_id=account, customer_id=customer, module_id="sso")
+    assert stack.upstream_requests("change_add_ons")[-1]["body"] == {"remove": ["sso"]}
+    assert await call("can", customer, "sso") is False
+    planned = await call(
+        "change_plan", account_id=account, customer_id=customer, plan_id="pro", plan_version=1
+    )
+    assert (planned["planId"], planned["planVersion"]) == ("pro", 1)
+    assert await call("can", customer, "api") is True
+    updated = await call(
+        "update_subscription", account_id=account, customer_id=customer, plan_id="team",
+        plan_version=1, seats=2, add_on_module_ids=["audit"],
+    )  # fmt: skip
+    assert (updated["planId"], updated["seats"], updated["addOnModuleIds"]) == (
+        "team", 2, ["audit"],
+    )  # fmt: skip
+    assert (
+        await call("can", customer, "audit") is True and await call("can", customer, "api") is False
+    )
+    await call("cancel_subscription", account_id=account, customer_id=customer)
+    assert await call("can", customer, "audit") is False
+    revived = await call("reactivate", account_id=account, customer_id=customer)
+    assert revived["status"] == "active"
+    assert stack.upstream_requests("reactivate")[-1]["body"] is None, "no body"
+    assert await call("can", customer, "audit") is True
+    with pytest.raises(SidecarApiError) as refused:
+        await call("set_seats", account_id=account, customer_id=customer, seats="3")
+    assert (refused.value.status, refused.value.code) == (400, "invalid_body"), "checked first"
+
+
+async def test_credits(call: Call, stack: Stack) -> None:
+    types = await call("list_credit_types")
+    assert [t["creditTypeId"] for t in types] == ["api-calls", "exports"]
+    packs = await call("list_credit_packs", credit_type_id="exports")
+    assert [(p["packId"], p["credits"]) for p in packs] == [("exports-10", 10)]
+    customer = uid("cus")
+    await call("create_customer", account_id="acme", customer_id=customer)
+    path = f"/tenants/{stack.tenant}/customers/{customer}/credits/exports"
+    stack.admin("PUT", path, {"balance": 12})
+    balances = await call("list_credits", customer_id=customer)
+    assert {c["creditTypeId"]: c["balance"] for c in balances} == {"api-calls": 0, "exports": 12}
+    key = uid("use")
+    spent = await call("consume_credits", customer_id=customer, credit_type_id="exports",
+                       amount=5, idempotency_key=key)  # fmt: skip
+    assert (spent["balance"], spent["consumed"]) == (7, 5)
+    assert stack.upstream_requests("consume_credits")[-1]["body"] == {
+        "amount": 5,
+        "idempotencyKey": key,
+    }
+    again = await call("consume_credits", customer_id=customer, credit_type_id="exports",
+                       amount=5, idempotency_key=key)  # fmt: skip
+    assert again == spent, "deducted once"
+    with pytest.raises(SidecarApiError) as short:
+        await call("consume_credits", customer_id=customer, credit_type_id="exports",
+                   amount=8, idempotency_key=uid("use"))  # fmt: skip
+    assert (short.value.status, short.value.code) == (409, "insufficient_credits")
+    stack.admin("PUT", path, {"balance": 40})
+    balance = await call("get_credit_balance", customer_id=customer, credit_type_id="exports")
+    assert balance["balance"] == 40, "balances are never cached"
+    one = await call(
+        "create_credit_checkout", account_id="acme", customer_id=customer,
+        success_url="https://app.example/ok", cancel_url="https://app.example/no",
+        credit_type_id="exports", pack_id="exports-10", quantity=2,
+    )  # fmt: skip
+    assert (one["mode"], one["amountTotal"]) == ("payment", 1000)
+    several = await call(
+        "create_credit_checkout", account_id="acme", customer_id=customer,
+        success_url="https://app.example/ok", cancel_url="https://app.example/no",
+        items=[{"creditTypeId": "api-calls", "packId": "calls-1k"}],
+    )  # fmt: skip
+    assert [i["credits"] for i in several["items"]] == [1000]
+    assert stack.upstream_requests("create_credit_checkout")[-1]["body"] == {
+        "customerId": customer,
+        "successUrl": "https://app.example/ok",
+        "cancelUrl": "https://app.example/no",
+        "items": [{"creditTypeId": "api-calls", "packId": "calls-1k"}],
+    }
+
+
 async def test_upstream_errors_carry_status_code_and_body(call: Call) -> None:
     with pytest.raises(SidecarApiError) as missing:
         await call("get_subscription", account_id="acme", customer_id=uid("ghost"))
@@ -388,8 +613,8 @@ async def test_upstream_errors_carry_status_code_and_body(call: Call) -> None:
     assert "404" in str(missing.value)
 
     with pytest.raises(SidecarApiError) as taken:
-        await call("create_account", account_id="acme")
-    assert (taken.value.status, taken.value.code) == (409, "account_exists")
+        await call("create_customer", account_id="acme", customer_id="cus_trial")
+    assert (taken.value.status, taken.value.code) == (409, "customer_exists")
 
     with pytest.raises(SidecarApiError) as bad:
         await call("set_customer_status", account_id="acme", customer_id="cus_trial", status="x")
@@ -429,6 +654,9 @@ async def test_fail_closed_with_the_sidecar_stopped(
         assert down.value.status is None and "cannot reach the sidecar" in str(down.value)
         with pytest.raises(SidecarUnavailable):
             await closed("invalidate")
+        assert await closed("flag", "beta", "cus_active", default=True) is True
+        with pytest.raises(SidecarUnavailable):
+            await closed("global_flags")
         with pytest.raises(SidecarUnavailable):
             await closed("create_customer", account_id="acme", customer_id=uid("cus"))
 
@@ -454,6 +682,10 @@ async def test_fail_closed_when_the_sidecar_answers_503(
     with pytest.raises(SidecarUnavailable) as gateway:
         await closed("list_invoices", account_id="acme")
     assert gateway.value.status in (502, 504)
+    assert await closed("flag", "beta", customer, default=True) is True
+    assert await closed("flag", "beta", customer, default=False) is False
+    with pytest.raises(SidecarUnavailable):
+        await closed("flags", customer)
 
 
 async def test_the_sidecars_fail_open_modules_answer_true_for_a_fail_closed_client(
@@ -559,12 +791,13 @@ async def test_unix_socket_url(unix_stack: Stack) -> None:
         ents = await asyncio.to_thread(client.get_entitlements, "cus_active")
         assert ents.status == "active"
         invoices = await asyncio.to_thread(client.list_invoices, account_id="acme")
-        assert {i["id"] for i in invoices} >= {"in_acme_0001", "in_acme_0002"}
+        assert {i["number"] for i in invoices} >= {"ACME-0001", "ACME-0002"}
+    unix_stack.admin("PATCH", "/settings", {"invoicePdf": "redirect"})  # invoice_pdf_url's kind
     async with AsyncSidecarClient(unix_stack.url) as aclient:
         assert await aclient.can("cus_trial", "exports") is False
         assert (await aclient.get_entitlements("cus_trial")).status == "trialing"
-        url = await aclient.invoice_pdf_url(account_id="acme", invoice_id="in_acme_0001")
-        assert url.endswith("/in_acme_0001.pdf")
+        url = await aclient.invoice_pdf_url(account_id="acme", invoice_id=invoices[0]["ref"])
+        assert url.endswith(f"/{invoices[0]['number']}.pdf")
 
 
 def test_environment_url_reaches_the_live_sidecar(

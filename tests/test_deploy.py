@@ -7,15 +7,21 @@ CLI parser). The compose wiring is also run for real, without Docker: the
 ``vellum`` and ``sidecar`` services' commands and environments start as local
 processes (hosts and ports mapped to free loopback ports), their healthchecks
 must pass, and the example app must see a push webhook's change.
-(``.ci/run`` adds ``docker-compose config``, ``kubectl kustomize`` and
-``kubernetes-validate`` where they can be installed.)
+The Kubernetes manifests are checked twice: as files (the Component's patch,
+the example), and as ``kubectl kustomize`` renders them (the example, and the
+Component on sample workloads in ``tests/kustomize``: a Deployment and a
+StatefulSet), which is what a cluster receives. (``.ci/run`` adds ``docker-compose
+config``, ``kubernetes-validate`` on the same renders, the CRD kinds against
+their schemas and ``promtool``.)
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -33,13 +39,16 @@ from sidecar.__main__ import _parser
 from sidecar.app import create_app
 from sidecar.config import VARIABLES, Listen, Settings
 from sidecar.emulator import create_emulator_app
-from sidecar.ops import create_ops_app
-from sidecar.webhooks import create_webhook_app
+from sidecar.http.ops import create_ops_app
+from sidecar.http.webhooks import create_webhook_app
 
-from .conftest import free_port, wait_until
+from .harness import Process, free_port, sidecar_command, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"
+COMPONENT_DIR = K8S / "components" / "sidecar"
+SAMPLE_DIR = ROOT / "tests" / "kustomize"
+DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 VARIABLE_NAMES = {v.name for v in VARIABLES}
 DEFAULTS = {v.name: v.default for v in VARIABLES}
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -328,25 +337,6 @@ def test_compose_hardening() -> None:
 # -- the compose wiring, run as local processes -----------------------------------------------
 
 
-class Proc:
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self._fh = log.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", *args],
-            env={"PATH": os.environ["PATH"], **env},
-            stdout=self._fh,
-            stderr=subprocess.STDOUT,
-        )
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        code = self.proc.wait(timeout=30)
-        self._fh.close()
-        return code
-
-
 def _get(url: str) -> tuple[int, Any]:
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback
@@ -405,18 +395,30 @@ def compose_stack(tmp_path: Path, redis_url: str) -> Iterator[dict[str, str]]:
     side_env["SIDECAR_WEBHOOK_LISTEN"] = f"127.0.0.1:{hooks}"
     side_env["SIDECAR_OPS_LISTEN"] = f"127.0.0.1:{ops}"
     assert "127.0.0.1" in emu_env["EMULATOR_WEBHOOK_URL"], "the push target was mapped"
-    vellum = Proc(SERVICES["vellum"]["command"], emu_env, tmp_path / "vellum.log")
-    sidecar: Proc | None = None
+    vellum = Process("vellum", sidecar_command(*SERVICES["vellum"]["command"]), tmp_path,
+                     env=emu_env).start()  # fmt: skip
+    sidecar: Process | None = None
     try:
         emu_health = SERVICES["vellum"]["healthcheck"]["test"]
-        wait_until(lambda: _healthcheck_passes(emu_health, hosts, {}), timeout=30, interval=0.2)
-        sidecar = Proc(SERVICES["sidecar"]["command"], side_env, tmp_path / "sidecar.log")
+        wait_until(
+            lambda: _healthcheck_passes(emu_health, hosts, {}),
+            timeout=30,
+            interval=0.2,
+            process=vellum,
+            what="the vellum service's healthcheck",
+        )
+        sidecar = Process("sidecar", sidecar_command(*SERVICES["sidecar"]["command"]), tmp_path,
+                          env=side_env).start()  # fmt: skip
         side_health = SERVICES["sidecar"]["healthcheck"]["test"]
         ops_env = {"SIDECAR_OPS_LISTEN": side_env["SIDECAR_OPS_LISTEN"]}
         wait_until(
-            lambda: _healthcheck_passes(side_health, hosts, ops_env), timeout=30, interval=0.2
+            lambda: _healthcheck_passes(side_health, hosts, ops_env),
+            timeout=30,
+            interval=0.2,
+            process=sidecar,
+            what="the sidecar service's healthcheck",
         )
-        wait_until(lambda: _get(f"http://127.0.0.1:{ops}/readyz")[0] == 200, timeout=30)
+        sidecar.wait_ready(f"http://127.0.0.1:{ops}/readyz")
         yield {
             "api": f"http://127.0.0.1:{api}",
             "emulator": f"http://127.0.0.1:{emu_port}",
@@ -465,92 +467,88 @@ def test_compose_demo_flows_push_webhooks_to_the_app(compose_stack: dict[str, st
     assert pushes["pushes"] and all(p["delivered"] for p in pushes["pushes"]), pushes
 
 
-# -- deploy/kubernetes -----------------------------------------------------------------------
+# -- deploy/kubernetes: the Component ----------------------------------------------------------
 
-KUSTOMIZATION = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+COMPONENT = yaml.safe_load((COMPONENT_DIR / "kustomization.yaml").read_text())
+[PATCH_ENTRY] = COMPONENT["patches"]
+PATCH = yaml.safe_load((COMPONENT_DIR / PATCH_ENTRY["path"]).read_text())
+POD_PATCH = PATCH["spec"]["template"]
+[SIDECAR] = POD_PATCH["spec"]["initContainers"]
+INJECT = "vellum-sidecar/inject"
 
-
-def load_manifests(*names: str) -> list[dict[str, Any]]:
-    docs: list[dict[str, Any]] = []
-    for name in names:
-        docs.extend(d for d in yaml.safe_load_all((K8S / name).read_text()) if d)
-    return docs
-
-
-MANIFESTS = load_manifests(*KUSTOMIZATION["resources"])
-BY_KIND = {d["kind"]: d for d in MANIFESTS}
-DEPLOYMENT = BY_KIND["Deployment"]
-POD = DEPLOYMENT["spec"]["template"]
-[SIDECAR] = POD["spec"]["initContainers"]
-CONTAINERS = [SIDECAR, *POD["spec"]["containers"]]
+#: Measured (docs/deploy.md, "Resources"): RSS at start, and at most with
+#: 100,000 customers' documents cached (bench, SIDECAR_MEMORY_MAX_ENTRIES=100000).
+RSS_AT_START_MIB = 61
+RSS_PEAK_MIB = 227
+RSS_PEAK_ENTRIES = 100_000
 
 
 def container_port(container: dict[str, Any], name_or_number: str | int) -> int:
     if isinstance(name_or_number, int):
         return name_or_number
-    [port] = [p for p in container["ports"] if p["name"] == name_or_number]
+    [port] = [p for p in container.get("ports", []) if p["name"] == name_or_number]
     return int(port["containerPort"])
 
 
-def sidecar_env() -> dict[str, str]:
-    """The sidecar's environment as Kubernetes would give it (configMap, then env)."""
-    [generator] = KUSTOMIZATION["configMapGenerator"]
-    [source] = SIDECAR["envFrom"]
-    assert source["configMapRef"]["name"] == generator["name"]
-    env = dict(literal.split("=", 1) for literal in generator["literals"])
-    env.update({e["name"]: e["value"] for e in SIDECAR["env"]})
+def mebibytes(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return float(quantity.removesuffix(suffix)) * factor
+    raise AssertionError(f"write memory in Ki, Mi or Gi: {quantity}")
+
+
+def render(directory: Path) -> list[dict[str, Any]]:
+    """``kubectl kustomize directory``: what a cluster would receive."""
+    kubectl = shutil.which("kubectl")
+    assert kubectl is not None, (
+        "kubectl is not installed: these tests render the kustomizations with it "
+        "(apt-get install kubernetes-client)"
+    )
+    done = subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+def pod_env(container: dict[str, Any], rendered: list[dict[str, Any]]) -> dict[str, str]:
+    """A container's environment as the kubelet builds it: envFrom in order, then env."""
+    config_maps = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "ConfigMap"}
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        name = source["configMapRef"]["name"]
+        assert name in config_maps, f"{container['name']}: no ConfigMap {name} in the render"
+        env.update(config_maps[name]["data"])
+    env.update({e["name"]: e["value"] for e in container.get("env", [])})
     return env
 
 
-def test_kustomization_lists_every_manifest() -> None:
-    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    examples = {n for n in on_disk if ".example." in n}
-    assert set(KUSTOMIZATION["resources"]) == on_disk - examples
-    assert {d["kind"] for d in MANIFESTS} == {
-        "Deployment",
-        "Service",
-        "NetworkPolicy",
-        "PodDisruptionBudget",
-    }
-    for doc in [*MANIFESTS, *load_manifests(*examples)]:
-        assert doc["metadata"]["labels"]["app.kubernetes.io/name"] == "vellum-app"
+def test_component_patches_annotated_deployments_and_statefulsets() -> None:
+    assert COMPONENT["kind"] == "Component"
+    target = PATCH_ENTRY["target"]
+    assert (target["group"], target["version"]) == ("apps", "v1")
+    for kind in ("Deployment", "StatefulSet"):
+        assert re.fullmatch(target["kind"], kind), kind
+    for kind in ("DaemonSet", "Job", "CronJob", "MyDeployment"):
+        assert not re.fullmatch(target["kind"], kind), kind
+    assert target["annotationSelector"] == f"{INJECT}=true"
+    # Only the sidecar, its volumes and one pod label: nothing of the app's pod.
+    assert set(POD_PATCH) == {"metadata", "spec"}
+    assert set(POD_PATCH["metadata"]) == {"labels"}
+    assert set(POD_PATCH["spec"]) == {"initContainers", "volumes"}
+    names = {v["name"] for v in POD_PATCH["spec"]["volumes"]}
+    assert all(n.startswith("vellum-sidecar-") for n in names), "no clash with the app's"
+    assert all(p["name"].startswith("vellum-") and len(p["name"]) <= 15 for p in SIDECAR["ports"])
 
 
 def test_sidecar_is_a_native_sidecar_running_the_image_command() -> None:
     assert SIDECAR["restartPolicy"] == "Always"
-    [image] = KUSTOMIZATION["images"]
-    assert SIDECAR["image"] == image["name"]
-    assert image["newTag"] == PYPROJECT["project"]["version"]
     assert SIDECAR["args"] == exec_form(RUNTIME.one("CMD"))
     assert "command" not in SIDECAR, "keep the image's entrypoint"
-
-
-def test_sidecar_settings_are_valid_and_secrets_come_from_files(tmp_path: Path) -> None:
-    env = sidecar_env()
-    assert set(env) <= VARIABLE_NAMES, set(env) - VARIABLE_NAMES
-    assert "VELLUM_API_KEY" not in env and "VELLUM_WEBHOOK_SECRETS" not in env
-    [mount] = SIDECAR["volumeMounts"]
-    assert mount["readOnly"] is True
-    [volume] = [v for v in POD["spec"]["volumes"] if v["name"] == mount["name"]]
-    items = {i["path"] for i in volume["secret"]["items"]}
-    for name in ("VELLUM_API_KEY_FILE", "VELLUM_WEBHOOK_SECRETS_FILE"):
-        directory, _, item = env[name].rpartition("/")
-        assert directory == mount["mountPath"] and item in items, name
-        # The file as Kubernetes would mount it, read by the real config code.
-        local = tmp_path / item
-        local.write_text(f"value-of-{item}\n")
-        env[name] = str(local)
-    settings = Settings.from_env(env)
-    assert settings.listen.is_loopback, "the local API never leaves the pod"
-    assert settings.webhook_listen.port == container_port(SIDECAR, "webhooks")
-    assert settings.ops_listen.port == container_port(SIDECAR, "ops")
-    assert API_PORT not in {p["containerPort"] for c in CONTAINERS for p in c.get("ports", [])}
-    # The README's `kubectl create secret` line creates exactly these keys.
-    readme = (ROOT / "README.md").read_text()
-    create = next(line for line in readme.splitlines() if "kubectl create secret generic" in line)
-    assert create.split()[4] == volume["secret"]["secretName"]
-    keys = set(re.findall(r"--from-file=([\w-]+)=", readme[readme.index(create) :][:400]))
-    assert keys == {i["key"] for i in volume["secret"]["items"]}
+    [image] = EXAMPLE["images"]
+    assert SIDECAR["image"] == image["name"]
+    assert image["newTag"] == PYPROJECT["project"]["version"]
 
 
 def test_probes_hit_the_ops_routes() -> None:
@@ -563,20 +561,210 @@ def test_probes_hit_the_ops_routes() -> None:
         assert container_port(SIDECAR, probe["port"]) == OPS_PORT
 
 
-def test_prometheus_annotations_point_at_metrics() -> None:
-    notes = POD["metadata"]["annotations"]
-    assert notes["prometheus.io/scrape"] == "true"
-    assert int(notes["prometheus.io/port"]) == OPS_PORT
-    assert notes["prometheus.io/path"] in OPS_ROUTES
+def test_sidecar_is_locked_down() -> None:
+    uid, gid = image_user()
+    sc = SIDECAR["securityContext"]
+    assert (sc["runAsNonRoot"], sc["runAsUser"], sc["runAsGroup"]) == (True, uid, gid)
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False and sc["privileged"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    # The container's own seccomp profile: the Component leaves the pod's alone.
+    assert sc["seccompProfile"]["type"] == "RuntimeDefault"
+
+
+def test_sidecar_resources_fit_the_measured_memory_and_cpu() -> None:
+    [defaults] = COMPONENT["configMapGenerator"]
+    settings = dict(literal.split("=", 1) for literal in defaults["literals"])
+    assert int(settings["SIDECAR_MEMORY_MAX_ENTRIES"]) == RSS_PEAK_ENTRIES, (
+        "the memory below was measured for this many entries"
+    )
+    resources = SIDECAR["resources"]
+    request = mebibytes(resources["requests"]["memory"])
+    limit = mebibytes(resources["limits"]["memory"])
+    assert RSS_PEAK_MIB <= request <= limit, "the full cache fits the request"
+    assert limit >= RSS_PEAK_MIB * 1.25, "headroom for documents bigger than the bench's"
+    assert "cpu" in resources["requests"]
+    assert "cpu" not in resources["limits"], "a CFS quota throttles the hot path in bursts"
+    docs = DEPLOY_DOC.read_text()
+    for figure in (f"{RSS_PEAK_MIB} MiB", f"{RSS_AT_START_MIB} MiB", "100,000"):
+        assert figure in docs, f"docs/deploy.md states {figure}"
+
+
+def test_workers_get_a_writable_tmp() -> None:
+    """SIDECAR_WORKERS > 1: the supervisor's sockets go to tempfile's directory."""
+    env_names = {e["name"] for e in SIDECAR["env"]}
+    assert not env_names & {"TMPDIR", "TEMP", "TMP"}, "so tempfile picks /tmp"
+    [tmp] = [m for m in SIDECAR["volumeMounts"] if m["mountPath"] == "/tmp"]
+    [volume] = [v for v in POD_PATCH["spec"]["volumes"] if v["name"] == tmp["name"]]
+    assert "emptyDir" in volume and not tmp.get("readOnly", False)
+    workers = (ROOT / "sidecar" / "workers.py").read_text()
+    assert 'tempfile.mkdtemp(prefix="vellum-sidecar-")' in workers, "no dir=: TMPDIR or /tmp"
+
+
+def test_component_renders_onto_a_deployment_and_a_statefulset(tmp_path: Path) -> None:
+    source = {
+        d["metadata"]["name"]: d
+        for d in yaml.safe_load_all((SAMPLE_DIR / "workloads.yaml").read_text())
+        if d
+    }
+    rendered = render(SAMPLE_DIR)
+    workloads = {
+        d["metadata"]["name"]: d for d in rendered if d["kind"] in ("Deployment", "StatefulSet")
+    }
+    assert workloads["batch"] == source["batch"], "not asked for: left exactly as it was"
+    assert {workloads["shop"]["kind"], workloads["orders"]["kind"]} == {"Deployment", "StatefulSet"}
+    for name in ("shop", "orders"):
+        got, was = workloads[name], source[name]
+        assert got["metadata"]["annotations"][INJECT] == "true"
+        pod, pod_was = got["spec"]["template"], was["spec"]["template"]
+        assert pod["metadata"]["labels"] == {**pod_was["metadata"]["labels"],
+                                             **POD_PATCH["metadata"]["labels"]}  # fmt: skip
+        inits = pod["spec"]["initContainers"]
+        assert inits[0]["name"] == SIDECAR["name"], "first: ready before the app's init containers"
+        assert inits[1:] == pod_was["spec"].get("initContainers", [])
+        assert inits[0]["image"] == "registry.example.com/vellum-sidecar:0.1.0"
+        # Everything of the app is unchanged; the sidecar's volumes come first.
+        assert pod["spec"]["containers"] == pod_was["spec"]["containers"]
+        volumes = pod["spec"]["volumes"]
+        assert volumes[len(POD_PATCH["spec"]["volumes"]) :] == pod_was["spec"].get("volumes", [])
+        rest = {k: v for k, v in pod["spec"].items() if k not in ("initContainers", "volumes")}
+        assert rest == {k: v for k, v in pod_was["spec"].items()
+                        if k not in ("initContainers", "volumes")}  # fmt: skip
+        assert {k: v for k, v in got["spec"].items() if k != "template"} == {
+            k: v for k, v in was["spec"].items() if k != "template"
+        }
+        # The environment the kubelet would give it: the user's ConfigMap wins.
+        env = pod_env(inits[0], rendered)
+        assert env["VELLUM_TENANT_ID"] == "acme"
+        assert env["SIDECAR_MEMORY_MAX_ENTRIES"] == "50000", "the kustomization's own value wins"
+        settings = settings_from_k8s_env(env, pod["spec"], inits[0], tmp_path / name)
+        assert settings.tenant_id == "acme"
+
+
+def settings_from_k8s_env(
+    env: dict[str, str], pod_spec: dict[str, Any], container: dict[str, Any], workdir: Path
+) -> Settings:
+    """Settings.from_env on ``env`` with each Secret file as Kubernetes would mount it."""
+    assert set(env) <= VARIABLE_NAMES, set(env) - VARIABLE_NAMES
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec["volumes"]}
+    workdir.mkdir()
+    for name, value in list(env.items()):
+        if not name.endswith("_FILE"):
+            continue
+        directory, _, item = value.rpartition("/")
+        mount = mounts[directory]
+        assert mount["readOnly"] is True, name
+        secret = volumes[mount["name"]]["secret"]
+        assert item in {i["path"] for i in secret["items"]}, name
+        local = workdir / item
+        local.write_text(SECRET_FILES[item])
+        env[name] = str(local)
+    return Settings.from_env(env)
+
+
+#: Values for the Secret's keys, as a `kubectl create secret --from-file` would hold them.
+SECRET_FILES = {
+    "api-key": "vk_live_example_key_0123456789\n",
+    "webhook-secrets": "whsec_example_0123456789\n",
+    "redis-url": "rediss://:example-password@redis.vellum.svc.cluster.local:6380/0\n",
+}
+
+
+# -- deploy/kubernetes: the example built on the Component ----------------------------------
+
+EXAMPLE = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+
+
+def load_manifests(*names: str) -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for name in names:
+        docs.extend(d for d in yaml.safe_load_all((K8S / name).read_text()) if d)
+    return docs
+
+
+MANIFESTS = load_manifests(*EXAMPLE["resources"])
+[HTTPROUTE] = load_manifests("httproute.example.yaml")
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+@functools.cache
+def example_pod() -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """The rendered example: its Deployment's pod template, the sidecar, everything.
+
+    Rendered once per run; callers read it and must not change it.
+    """
+    rendered = render(K8S)
+    [deployment] = by_kind(rendered, "Deployment")
+    pod = deployment["spec"]["template"]
+    [sidecar] = [c for c in pod["spec"]["initContainers"] if c["name"] == SIDECAR["name"]]
+    return pod, sidecar, rendered
+
+
+def test_example_lists_every_manifest_and_uses_the_component() -> None:
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    examples = {n for n in on_disk if ".example." in n}
+    assert set(EXAMPLE["resources"]) == on_disk - examples
+    assert examples == {"httproute.example.yaml"}
+    assert EXAMPLE["components"] == ["components/sidecar"]
+    assert sorted(d["kind"] for d in MANIFESTS) == [
+        "Deployment", "NetworkPolicy", "NetworkPolicy", "PodDisruptionBudget", "Service",
+    ]  # fmt: skip
+    for doc in [*MANIFESTS, HTTPROUTE]:
+        assert doc["metadata"]["labels"]["app.kubernetes.io/name"] == "vellum-app"
+    [deployment] = by_kind(MANIFESTS, "Deployment")
+    assert deployment["metadata"]["annotations"][INJECT] == "true"
+    assert "initContainers" not in deployment["spec"]["template"]["spec"], "the Component adds it"
+
+
+def test_sidecar_settings_are_valid_and_secrets_come_from_files(tmp_path: Path) -> None:
+    pod, sidecar, rendered = example_pod()
+    env = pod_env(sidecar, rendered)
+    for secret in ("VELLUM_API_KEY", "VELLUM_WEBHOOK_SECRETS", "SIDECAR_REDIS_URL"):
+        assert secret not in env, f"{secret} comes from a file, never from a ConfigMap"
+        assert f"{secret}_FILE" in env, secret
+    settings = settings_from_k8s_env(env, pod["spec"], sidecar, tmp_path / "secrets")
+    assert settings.listen.is_loopback, "the local API never leaves the pod"
+    assert settings.webhook_listen.port == container_port(sidecar, "vellum-webhooks")
+    assert settings.ops_listen.port == container_port(sidecar, "vellum-ops")
+    assert settings.redis_url is not None
+    assert settings.redis_url.reveal() == SECRET_FILES["redis-url"].strip()
+    assert settings.memory_max_entries == RSS_PEAK_ENTRIES
+    every_port = {p["containerPort"] for c in pod_containers(pod) for p in c.get("ports", [])}
+    assert API_PORT not in every_port
+    # docs/deploy.md's `kubectl create secret` line creates exactly these keys.
+    docs = DEPLOY_DOC.read_text()
+    create = next(line for line in docs.splitlines() if "kubectl create secret generic" in line)
+    [volume] = [v for v in pod["spec"]["volumes"] if "secret" in v]
+    assert create.split()[4] == volume["secret"]["secretName"]
+    keys = set(re.findall(r"--from-file=([\w-]+)=", docs[docs.index(create) :][:400]))
+    assert keys == {i["key"] for i in volume["secret"]["items"]} == set(SECRET_FILES)
+
+
+def pod_containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*pod["spec"].get("initContainers", []), *pod["spec"]["containers"]]
+
+
+def test_no_prometheus_annotations_the_podmonitor_scrapes() -> None:
+    """prometheus.io/* annotations: ignored by the Prometheus Operator, and they
+    would take the app's own metrics port. monitoring/podmonitor.yaml scrapes."""
+    pod, _, _ = example_pod()
+    annotations = pod["metadata"].get("annotations", {})
+    assert not [a for a in annotations if a.startswith("prometheus.io/")]
+    assert pod["metadata"]["labels"]["vellum-sidecar/injected"] == "true"
 
 
 def test_every_container_is_locked_down_with_resources() -> None:
+    pod, _, _ = example_pod()
     uid, gid = image_user()
-    pod_sc = POD["spec"]["securityContext"]
+    pod_sc = pod["spec"]["securityContext"]
     assert (pod_sc["runAsNonRoot"], pod_sc["runAsUser"], pod_sc["runAsGroup"]) == (True, uid, gid)
     assert pod_sc["seccompProfile"]["type"] == "RuntimeDefault"
-    assert POD["spec"]["automountServiceAccountToken"] is False
-    for container in CONTAINERS:
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    for container in pod_containers(pod):
         sc = container["securityContext"]
         assert sc["runAsNonRoot"] is True, container["name"]
         assert sc["readOnlyRootFilesystem"] is True, container["name"]
@@ -586,38 +774,58 @@ def test_every_container_is_locked_down_with_resources() -> None:
         resources = container["resources"]
         assert {"cpu", "memory"} <= set(resources["requests"]), container["name"]
         assert "memory" in resources["limits"], container["name"]
-    assert SIDECAR["securityContext"]["runAsUser"] == uid
 
 
-def test_service_exposes_only_the_webhook_port() -> None:
-    service = BY_KIND["Service"]
+def test_service_and_httproute_expose_only_the_webhook_path() -> None:
+    pod, sidecar, _ = example_pod()
+    [service] = by_kind(MANIFESTS, "Service")
     [port] = service["spec"]["ports"]
-    assert container_port(SIDECAR, port["targetPort"]) == WEBHOOK_PORT
+    assert container_port(sidecar, port["targetPort"]) == WEBHOOK_PORT
     assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
-    assert service["spec"]["selector"].items() <= POD["metadata"]["labels"].items()
-    [ingress] = load_manifests("ingress.example.yaml")
-    paths = [p for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
-    assert [(p["path"], p["pathType"]) for p in paths] == [("/webhooks/vellum", "Exact")]
-    assert paths[0]["path"] in WEBHOOK_ROUTES
-    assert paths[0]["backend"]["service"]["name"] == service["metadata"]["name"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert HTTPROUTE["apiVersion"] == "gateway.networking.k8s.io/v1"
+    [rule] = HTTPROUTE["spec"]["rules"]
+    assert rule["matches"] == [
+        {"path": {"type": "Exact", "value": "/webhooks/vellum"}, "method": "POST"}
+    ]
+    assert rule["matches"][0]["path"]["value"] in WEBHOOK_ROUTES
+    [backend] = rule["backendRefs"]
+    assert (backend["name"], backend["port"]) == (service["metadata"]["name"], port["port"])
+    assert HTTPROUTE["spec"]["parentRefs"][0]["kind"] == "Gateway"
 
 
-def test_network_policy_and_pdb_select_the_pods() -> None:
-    labels = POD["metadata"]["labels"].items()
-    policy, pdb = BY_KIND["NetworkPolicy"], BY_KIND["PodDisruptionBudget"]
-    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels
-    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels
-    assert DEPLOYMENT["spec"]["selector"]["matchLabels"].items() <= labels
+def test_network_policies_select_the_pods_and_allow_what_the_sidecar_needs() -> None:
+    pod, _, _ = example_pod()
+    labels = pod["metadata"]["labels"].items()
+    policies = by_kind(MANIFESTS, "NetworkPolicy")
+    for policy in policies:
+        assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels
+    [ingress] = [p for p in policies if "Ingress" in p["spec"]["policyTypes"]]
     allowed = {
         container_port(c, p["port"])
-        for rule in policy["spec"]["ingress"]
+        for rule in ingress["spec"]["ingress"]
         for p in rule["ports"]
-        for c in CONTAINERS
+        for c in pod_containers(pod)
         if isinstance(p["port"], int) or p["port"] in {q["name"] for q in c.get("ports", [])}
     }
     assert WEBHOOK_PORT in allowed and OPS_PORT in allowed
     assert API_PORT not in allowed
-    assert pdb["spec"]["maxUnavailable"] < DEPLOYMENT["spec"]["replicas"]
-    grace = POD["spec"]["terminationGracePeriodSeconds"]
-    assert grace > float(sidecar_env().get("SIDECAR_SHUTDOWN_GRACE") or DEFAULTS[
-        "SIDECAR_SHUTDOWN_GRACE"] or 0)  # fmt: skip
+    sources = json.dumps(ingress["spec"]["ingress"])
+    assert "ingress-nginx" not in sources
+    [egress] = [p for p in policies if p["spec"]["policyTypes"] == ["Egress"]]
+    ports = {(p["port"], p.get("protocol", "TCP")) for r in egress["spec"]["egress"]
+             for p in r["ports"]}  # fmt: skip
+    assert {(53, "UDP"), (53, "TCP"), (443, "TCP")} <= ports, "DNS and the HTTPS upstream"
+    redis = urlsplit(SECRET_FILES["redis-url"].strip())
+    assert (redis.port, "TCP") in ports and (6379, "TCP") in ports, "Redis, TLS or not"
+    assert urlsplit(DEFAULTS["VELLUM_BASE_URL"] or "").scheme == "https"
+
+
+def test_pdb_and_grace_period() -> None:
+    pod, _, rendered = example_pod()
+    [deployment] = by_kind(rendered, "Deployment")
+    [pdb] = by_kind(MANIFESTS, "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert pdb["spec"]["maxUnavailable"] < deployment["spec"]["replicas"]
+    grace = pod["spec"]["terminationGracePeriodSeconds"]
+    assert grace > float(DEFAULTS["SIDECAR_SHUTDOWN_GRACE"] or 0)

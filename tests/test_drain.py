@@ -12,7 +12,7 @@ import pytest
 from vellum_sidecar_client import AsyncSidecarClient, SidecarClient, SidecarUnavailable
 
 from .closing_server import closing_server
-from .live import Stack, _status
+from .harness import Stack, http_status
 
 CONNECTIONS = 16
 
@@ -50,20 +50,19 @@ def _request(sock: socket.socket, path: str) -> bytes:
 def test_requests_on_idle_keep_alive_connections_are_answered_during_the_drain(
     stack: Stack,
 ) -> None:
-    host, port = stack.listen.rsplit(":", 1)
+    host, port = stack.sidecar.listen.rsplit(":", 1)
     sockets = [socket.create_connection((host, int(port)), timeout=10) for _ in range(CONNECTIONS)]
     try:
         for sock in sockets:
             answer = _request(sock, "/v1/customers/cus_1/can/m")
             assert answer.startswith(b"HTTP/1.1 200")
             assert b"connection: close" not in answer.lower(), "kept alive"
-        proc = stack.sidecar.proc
-        assert proc is not None
+        proc = stack.sidecar
         proc.send_signal(signal.SIGTERM)
         stopped_at = time.monotonic()
 
         def draining() -> bool:
-            return _status(f"http://127.0.0.1:{stack.ops_port}/readyz") == 503
+            return http_status(f"{stack.sidecar.ops_url}/readyz") == 503
 
         deadline = time.monotonic() + 10
         while not draining():

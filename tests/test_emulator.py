@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import quote
 
 import orjson
+import pypdf
 import pytest
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestClient
@@ -19,12 +20,17 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 from yarl import URL
 
 from sidecar.emulator import (
+    DEFAULT_EVENT_ID_FIELDS,
     DEMO_TENANT,
     EMULATOR,
     OPERATIONS,
+    UPSTREAM_ROUTES,
+    Answer,
+    Call,
     Emulator,
+    EmulatorError,
+    State,
     create_emulator_app,
-    plan_modules,
 )
 from sidecar.signature import verify
 
@@ -174,7 +180,7 @@ async def subscribe(
         tenant,
         account,
         customer,
-        json={"planId": plan, "planVersion": 3, "seats": seats},
+        json={"planId": plan, "planVersion": 1, "seats": seats},
     )
 
 
@@ -292,16 +298,16 @@ async def test_weird_account_and_customer_ids_work_everywhere(api: Api) -> None:
 
 
 @pytest.mark.parametrize(
-    ("customer", "status", "modules", "config"),
+    ("customer", "status", "access", "modules", "seats"),
     [
-        ("cus_active", "active", ["reports", "exports"], {"seats": 5}),
-        ("cus_trial", "trialing", ["reports"], {}),
-        ("cus_pastdue", "past_due", ["reports"], {}),
-        ("cus_canceled", "canceled", [], {}),
+        ("cus_active", "active", True, ["reports", "exports"], 5),
+        ("cus_trial", "trialing", True, ["reports"], 1),
+        ("cus_pastdue", "past_due", True, ["reports"], 1),
+        ("cus_canceled", "canceled", False, [], 1),
     ],
 )
 async def test_seeded_entitlements(
-    api: Api, customer: str, status: str, modules: list[str], config: dict[str, Any]
+    api: Api, customer: str, status: str, access: bool, modules: list[str], seats: int
 ) -> None:
     reply = await api.entitlements(customer)
 
@@ -309,8 +315,10 @@ async def test_seeded_entitlements(
     assert reply.body["customerId"] == customer
     assert reply.body["accountId"] == "acme"
     assert reply.body["status"] == status
-    assert reply.body["modules"] == modules
-    assert reply.body["config"] == config
+    assert reply.body["hasAccess"] is access
+    assert reply.body["modules"] == modules, "emptied when access is withheld"
+    assert reply.body["config"] == {"seats": seats}
+    assert reply.body["productId"] == "app"
     assert isinstance(reply.body["updatedAt"], int)
 
 
@@ -420,29 +428,62 @@ async def test_create_account(api: Api) -> None:
     assert reply.body["name"] == "Globex"
     assert reply.body["email"] == "ap@globex.example"
     assert reply.body["status"] == "active"
-    assert reply.body["stripeCustomerId"] is None
+    assert reply.body["billingCustomerId"] is None
+    assert isinstance(reply.body["createdAt"], int)
     assert [m["isDefault"] for m in methods.body["methods"]] == [True, False]
-    assert all(m["id"].startswith("pm_") for m in methods.body["methods"])
-    assert reply.body["defaultPaymentMethodId"] == methods.body["methods"][0]["id"]
+    assert all(m["ref"].startswith("pmr_") for m in methods.body["methods"])
+    assert reply.body["defaultPaymentMethodRef"] == methods.body["methods"][0]["ref"]
 
 
-async def test_create_account_adopts_or_creates_a_stripe_customer(api: Api) -> None:
-    adopted = await new_account(api, "a1", stripeCustomerId="cus_existing")
-    created = await new_account(api, "a2", createStripeCustomer=True)
+async def test_create_account_adopts_or_creates_a_billing_customer(api: Api) -> None:
+    adopted = await new_account(api, "a1", billingCustomerId="cus_existing")
+    created = await new_account(api, "a2", createBillingCustomer=True)
+    bare = await new_account(api, "a3")
 
-    assert adopted.body["stripeCustomerId"] == "cus_existing"
-    assert created.body["stripeCustomerId"].startswith("cus_")
+    assert adopted.body["billingCustomerId"] == "cus_existing"
+    assert created.body["billingCustomerId"].startswith("cus_")
+    # An existing account: the create is idempotent and adopts a customer it lacks.
+    again = await api.call("POST", "/tenants/{}/accounts", T, json={"accountId": "a1"})
+    same = await api.call(
+        "POST",
+        "/tenants/{}/accounts",
+        T,
+        json={"accountId": "a1", "billingCustomerId": "cus_existing"},
+    )
+    adopts = await api.call(
+        "POST", "/tenants/{}/accounts", T, json={"accountId": "a3", "billingCustomerId": "cus_new"}
+    )
+    conflict = await api.call(
+        "POST",
+        "/tenants/{}/accounts",
+        T,
+        json={"accountId": "a1", "billingCustomerId": "cus_other"},
+    )
+    stale_names = await api.call(
+        "POST", "/tenants/{}/accounts", T, json={"accountId": "a4", "stripeCustomerId": "cus_old"}
+    )
+
+    assert bare.body["billingCustomerId"] is None
+    assert (again.status, again.body) == (200, adopted.body)
+    assert (same.status, same.body) == (200, adopted.body)
+    assert (adopts.status, adopts.body["billingCustomerId"]) == (200, "cus_new")
+    assert (conflict.status, error_code(conflict)) == (409, "billing_customer_conflict")
+    assert (await api.call("POST", "/tenants/{}/accounts", T, json={"accountId": "a1"})).body[
+        "billingCustomerId"
+    ] == "cus_existing", "nothing changed"
+    assert stale_names.body["billingCustomerId"] is None, "0.1.0's field names are unknown fields"
 
 
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [
-        ({"accountId": "acme"}, 409, "account_exists"),
+        ({"accountId": "acme", "billingCustomerId": "cus_other"}, 409, "billing_customer_conflict"),
         ({"name": "no id"}, 400, "missing_field"),
         ({"accountId": ""}, 400, "invalid_field"),
         ({"accountId": 7}, 400, "invalid_field"),
         ({"accountId": "x", "name": 1}, 400, "invalid_field"),
-        ({"accountId": "x", "createStripeCustomer": "yes"}, 400, "invalid_field"),
+        ({"accountId": "x", "createBillingCustomer": "yes"}, 400, "invalid_field"),
+        ({"accountId": "x", "name": None}, 400, "invalid_field"),
         (["acme"], 400, "invalid_body"),
     ],
 )
@@ -497,7 +538,7 @@ async def test_python_api_creates_accounts_and_customers(api: Api, emulator: Emu
 
 async def test_checkout(api: Api, emulator: Emulator) -> None:
     body = {
-        "customerId": "cus_trial",
+        "customerId": "cus_canceled",
         "planId": "pro",
         "planVersion": 2,
         "seats": 3,
@@ -507,18 +548,34 @@ async def test_checkout(api: Api, emulator: Emulator) -> None:
     reply = await api.call("POST", "/tenants/{}/accounts/{}/checkout", T, "acme", json=body)
 
     assert reply.status == 201
-    assert reply.body["id"].startswith("cs_")
+    assert reply.body["id"].startswith("cs_test_")
     assert reply.body["url"] == f"https://checkout.example/{reply.body['id']}"
-    assert reply.body["seats"] == 3
+    assert (reply.body["mode"], reply.body["status"]) == ("subscription", "open")
+    assert (reply.body["productId"], reply.body["planVersion"], reply.body["seats"]) == (
+        "app",
+        2,
+        3,
+    )
+    assert reply.body["amountTotal"] == 3 * 5900
     assert emulator.requests[-1].body == body
+    assert [c["id"] for c in emulator.checkouts(T)] == [reply.body["id"]]
 
 
 @pytest.mark.parametrize(
     ("account", "change", "status", "code"),
     [
         ("acme", {"successUrl": None}, 400, "missing_field"),
-        ("acme", {"planVersion": None}, 400, "missing_field"),
+        ("acme", {"planId": None}, 400, "missing_field"),
         ("acme", {"planVersion": 0}, 400, "invalid_field"),
+        ("acme", {"planVersion": "2"}, 400, "invalid_field"),
+        ("acme", {"planVersion": 9}, 404, "plan_version_not_found"),
+        ("acme", {"planId": "gold"}, 404, "plan_not_found"),
+        ("acme", {"planId": "enterprise"}, 400, "ambiguous_plan"),
+        ("acme", {"productId": "data"}, 404, "plan_not_found"),
+        ("acme", {"productId": "nope"}, 404, "product_not_found"),
+        ("acme", {"addOnModuleIds": ["api"]}, 409, "add_on_included"),
+        ("acme", {"addOnModuleIds": ["gold"]}, 400, "unknown_add_on"),
+        ("acme", {"customerId": "cus_active"}, 409, "subscription_exists"),
         ("acme", {"seats": 0}, 400, "invalid_field"),
         ("acme", {"seats": True}, 400, "invalid_field"),
         ("acme", {"customerId": "cus_nobody"}, 404, "customer_not_found"),
@@ -529,7 +586,7 @@ async def test_checkout_errors(
     api: Api, account: str, change: dict[str, Any], status: int, code: str
 ) -> None:
     body = {
-        "customerId": "cus_trial",
+        "customerId": "cus_canceled",
         "planId": "pro",
         "planVersion": 1,
         "successUrl": "https://app.example/ok",
@@ -573,25 +630,24 @@ async def test_subscribe_grants_plan_modules_bills_and_pushes(api: Api, receiver
     methods = await api.call("GET", "/tenants/{}/accounts/{}/payment-methods", T, "globex")
 
     assert reply.status == 201
-    assert reply.body["id"].startswith("sub_")
     assert reply.body["planId"] == "pro"
-    assert reply.body["planVersion"] == 3
+    assert reply.body["planVersion"] == 1
     assert reply.body["seats"] == 4
     assert reply.body["status"] == "active"
-    assert reply.body["paymentMethodId"] == methods.body["methods"][0]["id"]
-    assert ent.body["status"] == "active"
+    assert reply.body["amount"] == 4 * 4900
+    assert reply.body["defaultPaymentMethodRef"] == methods.body["methods"][0]["ref"]
+    assert ent.body["status"] == "active" and ent.body["hasAccess"] is True
     assert ent.body["modules"] == ["reports", "exports", "api"]
     assert ent.body["config"] == {"seats": 4}
-    assert [i["subscriptionId"] for i in invoices.body["invoices"]] == [reply.body["id"]]
-    # the handler waited for delivery, so the push is already there
-    assert receiver.events[-1]["customerId"] == "cus_g"
-    assert receiver.events[-1]["accountId"] == "globex"
-
-
-def test_plan_modules() -> None:
-    assert plan_modules("pro") == ["reports", "exports", "api"]
-    assert plan_modules("team") == ["reports", "exports"]
-    assert plan_modules("anything-else") == ["reports"]
+    assert (ent.body["planId"], ent.body["planVersion"]) == ("pro", 1)
+    (invoice,) = invoices.body["invoices"]
+    assert (invoice["total"], invoice["paid"], invoice["number"]) == (4 * 4900, True, "GLOBEX-0001")
+    # the handler waited for delivery, so the pushes are already there, in order
+    paid, updated = receiver.events
+    assert (paid["type"], paid["seats"], paid["invoice"]) == ("payment.succeeded", 4, invoice)
+    assert updated["type"] == "entitlements.updated"
+    assert updated["customerId"] == paid["customerId"] == "cus_g"
+    assert updated["accountId"] == "globex"
 
 
 async def test_subscribe_errors(api: Api) -> None:
@@ -599,18 +655,22 @@ async def test_subscribe_errors(api: Api) -> None:
     twice = await subscribe(api, "acme", "cus_active")
     unknown = await subscribe(api, "acme", "cus_nobody")
     no_plan = await api.call("POST", path, T, "acme", "cus_canceled", json={"planVersion": 1})
+    null = await api.call(
+        "POST", path, T, "acme", "cus_canceled", json={"planId": "pro", "planVersion": None}
+    )
     bad_seats = await api.call(
         "POST",
         path,
         T,
         "acme",
         "cus_canceled",
-        json={"planId": "p", "planVersion": 1, "seats": "2"},
+        json={"planId": "pro", "planVersion": 1, "seats": "2"},
     )
 
     assert (twice.status, error_code(twice)) == (409, "subscription_exists")
     assert (unknown.status, error_code(unknown)) == (404, "customer_not_found")
     assert (no_plan.status, error_code(no_plan)) == (400, "missing_field")
+    assert (null.status, error_code(null)) == (400, "invalid_field"), "optional, not nullable"
     assert (bad_seats.status, error_code(bad_seats)) == (400, "invalid_field")
 
 
@@ -647,14 +707,21 @@ async def test_cancel_now_revokes_and_pushes(api: Api, receiver: Receiver) -> No
     reply = await api.call("DELETE", path, T, "acme", "cus_active")
     ent = await api.entitlements("cus_active")
     again = await api.call("DELETE", path, T, "acme", "cus_active")
-    resubscribed = await subscribe(api, "acme", "cus_active", plan="basic")
+    resubscribed = await subscribe(api, "acme", "cus_active", plan="starter")
 
     assert reply.status == 200
     assert reply.body["status"] == "canceled"
+    assert reply.body["canceledAt"].endswith("Z")
     assert ent.body["status"] == "canceled"
+    assert ent.body["hasAccess"] is False
     assert ent.body["modules"] == []
     assert ent.body["config"] == {"seats": 5}
-    assert [e["customerId"] for e in receiver.events] == ["cus_active", "cus_active"]
+    assert [e["type"] for e in receiver.events] == [
+        "entitlements.updated",
+        "payment.succeeded",
+        "entitlements.updated",
+    ]
+    assert {e["customerId"] for e in receiver.events} == {"cus_active"}
     assert (again.status, error_code(again)) == (409, "subscription_canceled")
     assert resubscribed.status == 201
     assert (await api.entitlements("cus_active")).body["modules"] == ["reports"]
@@ -724,6 +791,7 @@ async def test_set_customer_status_is_reflected_in_entitlements(
         "customerId": "cus_fresh",
         "accountId": "acme",
         "status": "trialing",
+        "hasAccess": True,
         "modules": [],
         "config": {},
         "updatedAt": emulator.get_entitlements(T, "cus_fresh")["updatedAt"],  # type: ignore[index]
@@ -738,38 +806,80 @@ async def test_payment_methods(api: Api) -> None:
     one = base + "/{}"
 
     listed = await api.call("GET", base, T, "acme")
-    made_default = await api.call("PATCH", one, T, "acme", "pm_acme_mastercard")
+    visa, mastercard = (m["ref"] for m in listed.body["methods"])
+    made_default = await api.call("PATCH", one, T, "acme", mastercard)
     after = await api.call("GET", base, T, "acme")
     unknown = await api.call("PATCH", one, T, "acme", "pm_nope")
+    raw = await api.call("PATCH", one, T, "acme", "pm_acme_visa")
 
-    assert [m["id"] for m in listed.body["methods"]] == ["pm_acme_visa", "pm_acme_mastercard"]
+    assert listed.body["methods"][0] == {
+        "ref": visa,
+        "brand": "visa",
+        "last4": "4242",
+        "expMonth": 12,
+        "expYear": 2030,
+        "name": "Acme Inc.",
+        "isDefault": True,
+    }
     assert made_default.body == {**listed.body["methods"][1], "isDefault": True}
     assert [m["isDefault"] for m in after.body["methods"]] == [False, True]
     assert (unknown.status, error_code(unknown)) == (404, "payment_method_not_found")
+    assert (raw.status, error_code(raw)) == (404, "payment_method_not_found"), "the provider's id"
     assert (await api.call("GET", base, T, "nobody")).status == 404
+
+
+async def test_refs_are_bound_to_their_account(api: Api) -> None:
+    base = "/tenants/{}/accounts/{}/payment-methods"
+    await new_account(api, "globex")
+    theirs = (await api.call("GET", base, T, "globex")).body["methods"][0]["ref"]
+    invoice = (await api.call("GET", "/tenants/{}/accounts/{}/invoices", T, "acme")).body[
+        "invoices"
+    ][0]["ref"]
+
+    foreign_method = await api.call("PATCH", base + "/{}", T, "acme", theirs)
+    foreign_invoice = await api.call(
+        "GET", "/tenants/{}/accounts/{}/invoices/{}/pdf", T, "globex", invoice
+    )
+    other_tenant = await api.call(
+        "GET", "/tenants/{}/accounts/{}/invoices/{}/pdf", "elsewhere", "acme", invoice
+    )
+
+    assert (foreign_method.status, error_code(foreign_method)) == (404, "payment_method_not_found")
+    assert (foreign_invoice.status, error_code(foreign_invoice)) == (404, "invoice_not_found")
+    assert other_tenant.status == 404
 
 
 async def test_remove_payment_method(api: Api) -> None:
     base = "/tenants/{}/accounts/{}/payment-methods"
     one = base + "/{}"
     await new_account(api, "globex")
-    first, second = [m["id"] for m in (await api.call("GET", base, T, "globex")).body["methods"]]
+    first, second = [m["ref"] for m in (await api.call("GET", base, T, "globex")).body["methods"]]
 
     removed = await api.call("DELETE", one, T, "globex", first)
     again = await api.call("DELETE", one, T, "globex", first)
     remaining = await api.call("GET", base, T, "globex")
 
-    assert removed.status == 204
-    assert removed.body is None
+    assert removed.status == 200, "a JSON answer: the SDK parses every answer"
+    assert removed.body == {"ref": first, "removed": True}
     assert (again.status, error_code(again)) == (404, "payment_method_not_found")
     # the default moves to what is left
-    assert remaining.body["methods"] == [{**remaining.body["methods"][0], "id": second}]
+    assert remaining.body["methods"] == [{**remaining.body["methods"][0], "ref": second}]
     assert remaining.body["methods"][0]["isDefault"] is True
 
 
 async def test_payment_method_in_use_cannot_be_removed(api: Api) -> None:
     one = "/tenants/{}/accounts/{}/payment-methods/{}"
-    reply = await api.call("DELETE", one, T, "acme", "pm_acme_visa")
+    refs = await api.call("GET", "/tenants/{}/accounts/{}/payment-methods", T, "acme")
+    visa = refs.body["methods"][0]["ref"]
+    await api.call(
+        "PATCH",
+        "/tenants/{}/accounts/{}/customers/{}/payment-method",
+        T,
+        "acme",
+        "cus_active",
+        json={"methodId": visa},
+    )
+    reply = await api.call("DELETE", one, T, "acme", visa)
 
     assert (reply.status, error_code(reply)) == (409, "payment_method_in_use")
 
@@ -777,22 +887,24 @@ async def test_payment_method_in_use_cannot_be_removed(api: Api) -> None:
 async def test_set_subscription_payment_method(api: Api, emulator: Emulator) -> None:
     path = "/tenants/{}/accounts/{}/customers/{}/payment-method"
     emulator.create_customer(T, "acme", "cus_fresh")
+    refs = await api.call("GET", "/tenants/{}/accounts/{}/payment-methods", T, "acme")
+    visa, mastercard = (m["ref"] for m in refs.body["methods"])
 
-    ok = await api.call(
-        "PATCH", path, T, "acme", "cus_active", json={"methodId": "pm_acme_mastercard"}
+    before = await api.call(
+        "GET", "/tenants/{}/accounts/{}/customers/{}/subscription", T, "acme", "cus_active"
     )
+    ok = await api.call("PATCH", path, T, "acme", "cus_active", json={"methodId": mastercard})
     sub = await api.call(
         "GET", "/tenants/{}/accounts/{}/customers/{}/subscription", T, "acme", "cus_active"
     )
     unknown = await api.call("PATCH", path, T, "acme", "cus_active", json={"methodId": "pm_x"})
     missing = await api.call("PATCH", path, T, "acme", "cus_active", json={})
-    no_sub = await api.call(
-        "PATCH", path, T, "acme", "cus_fresh", json={"methodId": "pm_acme_visa"}
-    )
+    no_sub = await api.call("PATCH", path, T, "acme", "cus_fresh", json={"methodId": visa})
 
+    assert before.body["defaultPaymentMethodRef"] == visa, "the account's default pays"
     assert ok.status == 200
-    assert ok.body["paymentMethodId"] == "pm_acme_mastercard"
-    assert sub.body["paymentMethodId"] == "pm_acme_mastercard"
+    assert ok.body["defaultPaymentMethodRef"] == mastercard
+    assert sub.body["defaultPaymentMethodRef"] == mastercard
     assert (unknown.status, error_code(unknown)) == (404, "payment_method_not_found")
     assert (missing.status, error_code(missing)) == (400, "missing_field")
     assert (no_sub.status, error_code(no_sub)) == (404, "subscription_not_found")
@@ -805,20 +917,58 @@ async def test_invoices(api: Api) -> None:
     nobody = await api.call("GET", path, T, "acme", params={"customerId": "cus_nobody"})
     unknown = await api.call("GET", path, T, "nobody")
 
-    assert [i["id"] for i in everything.body["invoices"]] == ["in_acme_0001", "in_acme_0002"]
-    assert [i["id"] for i in filtered.body["invoices"]] == ["in_acme_0002"]
+    assert [i["number"] for i in everything.body["invoices"]] == ["ACME-0001", "ACME-0002"]
+    assert [(i["paid"], i["status"]) for i in everything.body["invoices"]] == [
+        (True, "paid"),
+        (False, "open"),
+    ]
+    assert [i["number"] for i in filtered.body["invoices"]] == ["ACME-0002"]
+    assert set(everything.body["invoices"][0]) == {
+        "ref", "number", "status", "amountDue", "amountPaid", "subtotal", "total", "tax",
+        "paid", "currency", "created", "hostedInvoiceUrl",
+    }  # fmt: skip
     assert nobody.body == {"invoices": []}
     assert (unknown.status, error_code(unknown)) == (404, "account_not_found")
 
 
-async def test_invoice_pdf_redirects(api: Api) -> None:
+async def test_invoice_pdf_is_the_pdf_after_an_ownership_check(api: Api) -> None:
     path = "/tenants/{}/accounts/{}/invoices/{}/pdf"
-    reply = await api.call("GET", path, T, "acme", "in_acme_0001")
+    invoice = (await api.call("GET", "/tenants/{}/accounts/{}/invoices", T, "acme")).body[
+        "invoices"
+    ][0]
+    url = URL(api.root + path.format(T, "acme", quote(invoice["ref"], safe="")), encoded=True)
+    async with api.client.session.get(url, headers={"x-api-key": API_KEY}) as response:
+        status, ctype, raw = response.status, response.content_type, await response.read()
+        disposition = response.headers["Content-Disposition"]
+    unknown = await api.call("GET", path, T, "acme", "in_nope")
+    raw_id = await api.call("GET", path, T, "acme", "in_acme_0001")
+
+    assert (status, ctype) == (200, "application/pdf")
+    assert disposition == 'inline; filename="ACME-0001.pdf"'
+    text = pypdf.PdfReader(io.BytesIO(raw), strict=True).pages[0].extract_text()
+    assert "Invoice ACME-0001" in text
+    assert "Total: 145.00 USD" in text
+    assert (unknown.status, error_code(unknown)) == (404, "invoice_not_found")
+    assert (raw_id.status, error_code(raw_id)) == (404, "invoice_not_found"), "the provider's id"
+
+
+async def test_invoice_pdf_redirects_like_older_upstreams_when_switched(api: Api) -> None:
+    path = "/tenants/{}/accounts/{}/invoices/{}/pdf"
+    ref = (await api.call("GET", "/tenants/{}/accounts/{}/invoices", T, "acme")).body["invoices"][
+        0
+    ]["ref"]
+    switched = await api.call(
+        "PATCH", "/_emulator/settings", key=None, json={"invoicePdf": "redirect"}
+    )
+    reply = await api.call("GET", path, T, "acme", ref)
     unknown = await api.call("GET", path, T, "acme", "in_nope")
 
+    assert switched.body["invoicePdf"] == "redirect"
     assert reply.status == 302
-    assert reply.headers["Location"] == "https://invoices.example/in_acme_0001.pdf"
-    assert (unknown.status, error_code(unknown)) == (404, "invoice_not_found")
+    assert reply.headers["Location"].startswith("https://files.invoices.example/")
+    assert reply.headers["Location"].endswith("/ACME-0001.pdf")
+    assert reply.body == {"url": reply.headers["Location"]}
+    assert unknown.status == 404
 
 
 # ---------------------------------------------------------------- the request log
@@ -828,50 +978,80 @@ async def test_every_operation_is_logged_under_its_interface_name(
     api: Api, emulator: Emulator
 ) -> None:
     acct = "/tenants/{}/accounts/{}"
+    sub = acct + "/customers/{}/subscription"
     urls = {"successUrl": "https://a/ok", "cancelUrl": "https://a/no"}
-    checkout = {"customerId": "cus_trial", "planId": "pro", "planVersion": 1, **urls}
+    checkout = {"customerId": "cus_canceled", "planId": "pro", **urls}
+    credit = {"customerId": "cus_active", "creditTypeId": "exports", "packId": "exports-10"}
+    invoice = emulator.answer(Call("list_invoices", T, "test", {"account": "acme"})).parsed()[
+        "invoices"
+    ][0]["ref"]
+    methods = emulator.answer(Call("list_payment_methods", T, "test", {"account": "acme"}))
+    spare = methods.parsed()["methods"][1]["ref"]
+    g = ("globex", "cus_g")
     calls: list[tuple[str, str, tuple[str, ...], Any]] = [
         ("GET", "/tenants/{}/customers/{}/entitlements", ("cus_active",), None),
+        ("GET", "/tenants/{}/customers/{}/flags", ("cus_active",), None),
+        ("GET", "/tenants/{}/flags", (), None),
         ("POST", acct + "/checkout", ("acme",), checkout),
         ("POST", acct + "/billing/setup-checkout", ("acme",), urls),
         ("POST", "/tenants/{}/accounts", (), {"accountId": "globex"}),
         ("POST", acct + "/customers", ("globex",), {"customerId": "cus_g"}),
-        (
-            "POST",
-            acct + "/customers/{}/subscribe",
-            ("globex", "cus_g"),
-            {"planId": "p", "planVersion": 1},
-        ),
-        ("GET", acct + "/customers/{}/subscription", ("acme", "cus_trial"), None),
+        ("POST", acct + "/customers/{}/subscribe", g, {"planId": "team"}),
+        ("GET", sub, g, None),
+        ("PUT", sub, g, {"planId": "team", "planVersion": 1, "seats": 2}),
+        ("POST", sub + "/preview", g, {"seats": 3}),
+        ("PATCH", sub + "/seats", g, {"seats": 3}),
+        ("PATCH", sub + "/add-ons", g, {"add": ["sso"]}),
+        ("PATCH", sub + "/plan", g, {"planId": "pro", "planVersion": 1}),
+        ("DELETE", sub, g, None),
+        ("POST", sub + "/reactivate", g, None),
         (
             "PATCH",
             acct + "/customers/{}/payment-method",
             ("acme", "cus_trial"),
-            {"methodId": "pm_acme_visa"},
+            {"methodId": spare},
         ),
-        ("DELETE", acct + "/customers/{}/subscription", ("acme", "cus_trial"), None),
         ("PATCH", acct, ("acme",), {"status": "active"}),
         ("PATCH", acct + "/customers/{}", ("acme", "cus_trial"), {"status": "active"}),
         ("GET", acct + "/payment-methods", ("acme",), None),
-        ("PATCH", acct + "/payment-methods/{}", ("acme", "pm_acme_mastercard"), None),
-        ("DELETE", acct + "/payment-methods/{}", ("acme", "pm_acme_mastercard"), None),
+        ("PATCH", acct + "/payment-methods/{}", ("acme", spare), None),
+        ("DELETE", acct + "/payment-methods/{}", ("globex", "x"), None),
         ("GET", acct + "/invoices", ("acme",), None),
-        ("GET", acct + "/invoices/{}/pdf", ("acme", "in_acme_0001"), None),
+        ("GET", acct + "/invoices/{}/pdf", ("acme", invoice), None),
+        ("POST", acct + "/credit-checkout", ("acme",), {**credit, **urls}),
+        ("GET", "/tenants/{}/credit-types", (), None),
+        ("GET", "/tenants/{}/credit-types/{}/packs", ("exports",), None),
+        ("GET", "/tenants/{}/customers/{}/credits", ("cus_active",), None),
+        ("GET", "/tenants/{}/customers/{}/credits/{}", ("cus_active", "exports"), None),
+        (
+            "POST",
+            "/tenants/{}/customers/{}/credits/{}/consume",
+            ("cus_active", "exports"),
+            {"amount": 1, "idempotencyKey": "k1"},
+        ),
     ]
     for method, template, segments, body in calls:
         reply = await api.call(method, template, T, *segments, json=body)
-        assert reply.status < 400, (template, reply.body)
+        assert reply.status < 400 or template.endswith("payment-methods/{}"), (template, reply.body)
 
     assert [r.operation for r in emulator.requests] == [
         "get_entitlements",
+        "flags",
+        "global_flags",
         "create_checkout",
         "create_setup_checkout",
         "create_account",
         "create_customer",
         "create_subscription",
         "get_subscription",
-        "set_subscription_payment_method",
+        "update_subscription",
+        "preview_change",
+        "set_seats",
+        "change_add_ons",
+        "change_plan",
         "cancel_subscription",
+        "reactivate",
+        "set_subscription_payment_method",
         "set_account_status",
         "set_customer_status",
         "list_payment_methods",
@@ -879,8 +1059,16 @@ async def test_every_operation_is_logged_under_its_interface_name(
         "remove_payment_method",
         "list_invoices",
         "invoice_pdf",
+        "create_credit_checkout",
+        "list_credit_types",
+        "list_credit_packs",
+        "list_credits",
+        "get_credit_balance",
+        "consume_credits",
     ]
     assert {r.operation for r in emulator.requests} == OPERATIONS
+    assert {op for op, _, _ in UPSTREAM_ROUTES} == OPERATIONS
+    assert len(UPSTREAM_ROUTES) == len(OPERATIONS) == 30
 
 
 async def test_a_recorded_request_has_everything_a_test_needs(api: Api, emulator: Emulator) -> None:
@@ -943,19 +1131,20 @@ async def test_admin_request_log(api: Api) -> None:
 
 async def test_idempotency_key_replays_the_first_answer(api: Api, emulator: Emulator) -> None:
     headers = {"Idempotency-Key": "k-1"}
-    path = "/tenants/{}/accounts"
-    first = await api.call("POST", path, T, json={"accountId": "globex"}, headers=headers)
-    second = await api.call("POST", path, T, json={"accountId": "globex"}, headers=headers)
-    other_body = await api.call("POST", path, T, json={"accountId": "initech"}, headers=headers)
-    no_key = await api.call("POST", path, T, json={"accountId": "globex"})
+    path = "/tenants/{}/accounts/{}/customers"
+    first = await api.call("POST", path, T, "acme", json={"customerId": "c1"}, headers=headers)
+    second = await api.call("POST", path, T, "acme", json={"customerId": "c1"}, headers=headers)
+    other_body = await api.call("POST", path, T, "acme", json={"customerId": "c2"}, headers=headers)
+    no_key = await api.call("POST", path, T, "acme", json={"customerId": "c1"})
 
     assert first.status == second.status == 201
     assert second.body == first.body
+    assert second.headers["Content-Type"] == "application/json"
     assert second.headers["Idempotent-Replayed"] == "true"
     assert "Idempotent-Replayed" not in first.headers
     assert (other_body.status, error_code(other_body)) == (422, "idempotency_key_reused")
-    assert (no_key.status, error_code(no_key)) == (409, "account_exists")
-    assert emulator.count("create_account") == 4
+    assert (no_key.status, error_code(no_key)) == (409, "customer_exists")
+    assert emulator.count("create_customer") == 4
 
 
 # ---------------------------------------------------------------- faults
@@ -1126,10 +1315,30 @@ async def test_admin_faults_delay_and_clear(api: Api) -> None:
     assert (await api.entitlements("cus_active")).status == 200
 
 
+async def test_admin_faults_hold_until_cleared(api: Api) -> None:
+    added = await api.call(
+        "POST", "/_emulator/faults", key=None, json={"operation": "list_invoices", "hold": True}
+    )
+    held = asyncio.create_task(api.call("GET", "/tenants/{}/accounts/{}/invoices", T, "acme"))
+    deadline = time.monotonic() + WAIT
+    while (await api.call("GET", "/_emulator/faults", key=None)).body["faults"][0]["held"] < 1:
+        assert time.monotonic() < deadline, "the request was never held"
+        await asyncio.sleep(0.01)
+    passing = await api.entitlements("cus_active")
+    assert not held.done()
+    cleared = await api.call("DELETE", "/_emulator/faults", key=None)
+
+    assert added.body == {"faults": [{"operation": "list_invoices", "hold": True, "held": 0}]}
+    assert passing.status == 200
+    assert cleared.status == 204
+    assert (await asyncio.wait_for(held, WAIT)).status == 200
+
+
 @pytest.mark.parametrize(
     "body",
     [
         {"operation": "get_entitlements"},
+        {"hold": "yes"},
         {"operation": "nope", "status": 500},
         {"status": 200},
         {"status": "500"},
@@ -1164,8 +1373,9 @@ async def test_admin_change_delivers_a_push_that_verifies(
     )
     assert abs(timestamp - time.time()) < 60
     event = received.event
-    assert event["id"].startswith("evt_")
-    assert len(event["id"]) == len("evt_") + 32
+    assert event["eventId"].startswith("evt_")
+    assert len(event["eventId"]) == len("evt_") + 32
+    assert "id" not in event, "today's format"
     assert event["type"] == "entitlements.updated"
     assert event["tenantId"] == T
     assert event["customerId"] == "cus_trial"
@@ -1345,6 +1555,7 @@ def test_without_a_running_loop_pushes_are_recorded_as_failed() -> None:
     assert emulator.get_entitlements(T, "cus_trial") == {
         "customerId": "cus_trial",
         "status": "active",
+        "hasAccess": True,
         "modules": [],
         "config": {},
         "accountId": "acme",
@@ -1455,3 +1666,507 @@ async def test_shutdown_releases_held_requests(aiohttp_server: AiohttpServer) ->
 
     assert hold.released
     assert status == 200
+
+
+# ---------------------------------------------------------------- the state, without HTTP
+
+
+def test_state_answers_data_without_a_server() -> None:
+    state = State(api_keys=["k", "live_k"], seed=True)
+
+    found = state.answer(Call("get_entitlements", T, "test", {"customer": "cus_active"}))
+    missing = state.answer(Call("get_entitlements", T, "test", {"customer": "ghost"}))
+    bad = state.answer(Call("create_account", T, "test", body=b"{nope"))
+
+    assert (found.status, found.content_type) == (200, "application/json")
+    assert found.parsed()["modules"] == ["reports", "exports"]
+    assert (missing.status, missing.parsed()["error"]["code"]) == (404, "entitlements_not_found")
+    assert (bad.status, bad.parsed()["error"]["code"]) == (400, "invalid_json")
+    assert (state.mode_of("k"), state.mode_of("live_k"), state.mode_of("x")) == (
+        "test",
+        "live",
+        None,
+    )
+    with pytest.raises(ValueError, match="unknown operation"):
+        state.answer(Call("nope", T, "test"))
+
+
+def test_faults_are_data_too() -> None:
+    state = State(api_keys=["k"])
+    state.fail("list_invoices", 503, times=1, headers={"Retry-After": "1"})
+    state.delay(None, 0.5, times=2)
+
+    assert state.take_delays("list_invoices") == [0.5]
+    assert state.take_delays("flags") == [0.5]
+    assert state.take_delays("flags") == []
+    failure = state.take_failure("list_invoices")
+    assert failure is not None
+    assert (failure.status, failure.headers["Retry-After"]) == (503, "1")
+    assert failure.parsed()["error"]["code"] == "injected_fault"
+    assert state.take_failure("list_invoices") is None
+
+
+def test_the_newest_version_priced_in_the_keys_mode_is_sold() -> None:
+    state = State(api_keys=["k"], seed=True)
+    body = orjson.dumps({"planId": "pro"})
+    path = {"account": "acme", "customer": "cus_canceled"}
+
+    test = state.answer(Call("create_subscription", T, "test", path, body=body))
+    live = state.answer(Call("create_subscription", T, "live", path, body=body))
+    again = state.answer(Call("create_subscription", T, "live", path, body=body))
+    v3 = orjson.dumps({"planId": "pro", "planVersion": 3})
+    unpriced = state.answer(
+        Call("create_subscription", T, "live", {**path, "customer": "cus_pastdue"}, body=v3)
+    )
+
+    assert test.status == live.status == 201, "one live subscription per mode"
+    assert (test.parsed()["planVersion"], test.parsed()["mode"]) == (3, "test")
+    assert (live.parsed()["planVersion"], live.parsed()["mode"]) == (2, "live")
+    assert (again.status, again.parsed()["error"]["code"]) == (409, "subscription_exists")
+    assert (unpriced.status, unpriced.parsed()["error"]["code"]) == (
+        400,
+        "plan_version_not_priced",
+    )
+
+
+def test_a_trial_starts_with_a_paid_zero_invoice() -> None:
+    state = State(api_keys=["k"], seed=True)
+    state.create_customer(T, "acme", "c1")
+
+    sub = state.subscribe(T, "acme", "c1", "starter")
+
+    assert (sub["status"], sub["planVersion"], sub["amount"]) == ("trialing", 2, 2400)
+    assert "trialEnd" in sub
+    paid, updated = state.events
+    assert paid["type"] == "payment.succeeded"
+    assert (paid["invoice"]["amountPaid"], paid["invoice"]["paid"], paid["seats"]) == (0, True, 1)
+    assert updated["type"] == "entitlements.updated"
+    assert state.get_entitlements(T, "c1")["hasAccess"] is True  # type: ignore[index]
+
+
+def test_renewals_bill_fail_and_end_pending_cancels() -> None:
+    state = State(api_keys=["k"], seed=True)
+
+    renewed = state.renew(T, "acme", "cus_trial")
+    failed = state.renew(T, "acme", "cus_active", succeeded=False)
+    state.answer(
+        Call(
+            "cancel_subscription",
+            T,
+            "test",
+            {"account": "acme", "customer": "cus_pastdue"},
+            {"atPeriodEnd": "true"},
+        )
+    )
+    ended = state.renew(T, "acme", "cus_pastdue")
+
+    assert renewed["status"] == "active" and "trialEnd" not in renewed
+    assert failed["status"] == "past_due"
+    assert ended["status"] == "canceled" and ended["cancelAtPeriodEnd"] is False
+    assert [(e["type"], e.get("customerId")) for e in state.events] == [
+        ("payment.succeeded", "cus_trial"),
+        ("entitlements.updated", "cus_trial"),
+        ("payment.failed", "cus_active"),
+        ("entitlements.updated", "cus_active"),
+        ("entitlements.updated", "cus_pastdue"),
+    ]
+    failed_invoice = state.events[2]["invoice"]
+    assert (failed_invoice["status"], failed_invoice["amountPaid"]) == ("open", 0)
+    assert state.events[2]["seats"] == 5
+    assert state.get_entitlements(T, "cus_pastdue")["modules"] == []  # type: ignore[index]
+    with pytest.raises(EmulatorError) as gone:
+        state.renew(T, "acme", "cus_canceled")
+    assert gone.value.code == "subscription_canceled"
+
+
+def test_preview_changes_nothing() -> None:
+    state = State(api_keys=["k"], seed=True)
+    path = {"account": "acme", "customer": "cus_active"}
+    before = state.answer(Call("get_subscription", T, "test", path)).parsed()
+    doc = state.get_entitlements(T, "cus_active")
+
+    preview = state.answer(
+        Call(
+            "preview_change",
+            T,
+            "test",
+            path,
+            body=orjson.dumps({"planId": "pro", "planVersion": 1, "addOnModuleIds": ["sso"]}),
+        )
+    ).parsed()
+    empty = state.answer(Call("preview_change", T, "test", path)).parsed()
+
+    assert preview["current"] == before
+    assert (preview["proposed"]["planId"], preview["proposed"]["addOnModuleIds"]) == (
+        "pro",
+        ["sso"],
+    )
+    assert preview["amountDueNow"] == (5 * 4900 + 1500) - 5 * 2900
+    assert empty["proposed"] == empty["current"] and empty["amountDueNow"] == 0
+    assert state.answer(Call("get_subscription", T, "test", path)).parsed() == before
+    assert state.get_entitlements(T, "cus_active") == doc
+    assert state.events == []
+
+
+def test_subscription_changes_are_written_into_the_document() -> None:
+    state = State(api_keys=["k"], seed=True)
+    path = {"account": "acme", "customer": "cus_active"}
+
+    def run(operation: str, body: Any = None) -> Answer:
+        raw = b"" if body is None else orjson.dumps(body)
+        return state.answer(Call(operation, T, "test", path, body=raw))
+
+    def doc() -> dict[str, Any]:
+        got = state.get_entitlements(T, "cus_active")
+        assert got is not None
+        return got
+
+    assert run("change_add_ons", {"add": ["sso", "api"]}).status == 200
+    assert doc()["modules"] == ["reports", "exports", "sso", "api"]
+    assert run("change_add_ons", {"remove": ["api"]}).parsed()["addOnModuleIds"] == ["sso"]
+    assert run("set_seats", {"seats": 7}).status == 200
+    assert doc()["config"] == {"seats": 7}
+    planned = run("change_plan", {"planId": "enterprise", "planVersion": 1, "productId": "app"})
+    assert planned.parsed()["addOnModuleIds"] == [], "an add-on the plan includes is dropped"
+    assert doc()["planId"] == "enterprise" and "sso" in doc()["modules"]
+    assert run("update_subscription", {"planId": "team", "planVersion": 2}).status == 200
+    assert (doc()["planVersion"], doc()["modules"], doc()["config"]) == (
+        2,
+        ["reports", "exports"],
+        {"seats": 7},
+    )
+    errors = {
+        "change_add_ons": run("change_add_ons", {}),
+        "set_seats": run("set_seats", {"seats": 0}),
+        "change_plan": run("change_plan", {"planId": "team"}),
+        "update_subscription": run("update_subscription", {"planVersion": 1}),
+    }
+    assert {k: (a.status, a.parsed()["error"]["code"]) for k, a in errors.items()} == {
+        "change_add_ons": (400, "missing_field"),
+        "set_seats": (400, "invalid_field"),
+        "change_plan": (400, "missing_field"),
+        "update_subscription": (400, "missing_field"),
+    }
+    # Upgrades are billed at once (a proration invoice and its payment event).
+    paid = [e for e in state.events if e["type"] == "payment.succeeded"]
+    assert [e["invoice"]["total"] for e in paid] == [
+        1500 + 2000,
+        2 * 2900,
+        7 * 9900 - (7 * 2900 + 1500),
+    ]
+    assert all(e["seats"] in (5, 7) for e in paid)
+
+
+# ---------------------------------------------------------------- credits
+
+
+def test_consume_is_all_or_nothing_and_idempotent_on_its_key() -> None:
+    state = State(api_keys=["k"], seed=True)
+    path = {"customer": "cus_active", "credit_type": "exports"}
+
+    def consume(amount: int, key: str) -> Answer:
+        body = orjson.dumps({"amount": amount, "idempotencyKey": key})
+        return state.answer(Call("consume_credits", T, "test", path, body=body))
+
+    first = consume(15, "a")
+    replay = consume(15, "a")
+    other = consume(16, "a")
+    short = consume(6, "b")
+    state.set_credits(T, "cus_active", "exports", 100)
+    after_top_up = consume(6, "b")
+
+    assert (first.status, first.parsed()["balance"]) == (200, 5)
+    assert (replay.status, replay.body, replay.headers["Idempotent-Replayed"]) == (
+        200,
+        first.body,
+        "true",
+    )
+    assert (other.status, other.parsed()["error"]["code"]) == (422, "idempotency_key_reused")
+    assert (short.status, short.parsed()["error"]["code"]) == (409, "insufficient_credits")
+    assert after_top_up.parsed()["balance"] == 94, "a refused key is not remembered"
+    assert state.credits_of(T, "cus_active") == {"api-calls": 5000, "exports": 94}
+    for body, code in [
+        ({"amount": 0, "idempotencyKey": "c"}, "invalid_field"),
+        ({"amount": 1}, "missing_field"),
+        ({"idempotencyKey": "c"}, "missing_field"),
+        ({"amount": 1, "idempotencyKey": "x" * 256}, "invalid_field"),
+    ]:
+        answer = state.answer(Call("consume_credits", T, "test", path, body=orjson.dumps(body)))
+        assert (answer.status, answer.parsed()["error"]["code"]) == (400, code), body
+    unknown = state.answer(
+        Call("consume_credits", T, "test", {**path, "customer": "ghost"}, body=first.body)
+    )
+    assert unknown.status == 404
+
+
+async def test_checkouts_complete_like_the_hosted_page(api: Api, receiver: Receiver) -> None:
+    urls = {"successUrl": "https://a/ok", "cancelUrl": "https://a/no"}
+    acct = "/tenants/{}/accounts/{}"
+    subscription = await api.call(
+        "POST",
+        acct + "/checkout",
+        T,
+        "acme",
+        json={"customerId": "cus_canceled", "planId": "team", **urls},
+    )
+    setup = await api.call("POST", acct + "/billing/setup-checkout", T, "acme", json=urls)
+    credits = await api.call(
+        "POST",
+        acct + "/credit-checkout",
+        T,
+        "acme",
+        json={
+            "customerId": "cus_trial",
+            "creditTypeId": "api-calls",
+            "packId": "calls-10k",
+            **urls,
+        },
+    )
+    listed = await api.call("GET", "/_emulator/checkouts", key=None)
+
+    done = {}
+    for reply in (subscription, setup, credits):
+        path = "/_emulator/checkouts/{}/complete"
+        done[reply.body["mode"]] = await api.call("POST", path, reply.body["id"], key=None)
+    twice = await api.call("POST", "/_emulator/checkouts/{}/complete", setup.body["id"], key=None)
+    nothing = await api.call("POST", "/_emulator/checkouts/{}/complete", "cs_nope", key=None)
+
+    assert [c["status"] for c in listed.body["checkouts"]] == ["open"] * 3
+    assert done["subscription"].body["result"]["status"] == "active"
+    assert done["subscription"].body["pushed"] is True
+    assert (await api.entitlements("cus_canceled")).body["hasAccess"] is True
+    assert done["setup"].body["result"]["brand"] == "amex"
+    methods = await api.call("GET", acct + "/payment-methods", T, "acme")
+    assert len(methods.body["methods"]) == 3
+    balances = {c["creditTypeId"]: c["balance"] for c in done["payment"].body["result"]["credits"]}
+    assert balances["api-calls"] == 10_100
+    assert [e["type"] for e in receiver.events] == [
+        "payment.succeeded",
+        "entitlements.updated",
+        "payment_method.attached",
+        "payment.succeeded",
+    ]
+    assert receiver.events[-1]["invoice"]["total"] == 8000
+    assert receiver.events[-1]["seats"] == 1, "cus_trial's subscription"
+    assert (twice.status, error_code(twice)) == (409, "checkout_completed")
+    assert nothing.status == 404
+
+
+async def test_admin_credits(api: Api) -> None:
+    path = "/_emulator/customers/{}/credits"
+    put = await api.call("PUT", path + "/{}", "cus_trial", "exports", key=None, json={"balance": 7})
+    got = await api.call("GET", path, "cus_trial", key=None)
+    bad = await api.call(
+        "PUT", path + "/{}", "cus_trial", "exports", key=None, json={"balance": -1}
+    )
+    ghost = await api.call("PUT", path + "/{}", "ghost", "exports", key=None, json={"balance": 1})
+    unknown = await api.call(
+        "PUT", path + "/{}", "cus_trial", "gold", key=None, json={"balance": 1}
+    )
+    upstream = await api.call(
+        "GET", "/tenants/{}/customers/{}/credits/{}", T, "cus_trial", "exports"
+    )
+
+    assert put.body == {
+        "customerId": "cus_trial",
+        "creditTypeId": "exports",
+        "unit": "export",
+        "balance": 7,
+    }
+    assert got.body == {"credits": {"api-calls": 100, "exports": 7}}
+    assert upstream.body == put.body
+    assert (bad.status, ghost.status, unknown.status) == (400, 404, 404)
+
+
+# ---------------------------------------------------------------- flags
+
+
+async def test_flags_globals_and_overrides(api: Api, receiver: Receiver) -> None:
+    customer = "/tenants/{}/customers/{}/flags"
+    globals_before = await api.call("GET", "/tenants/{}/flags", T)
+    active = await api.call("GET", customer, T, "cus_active")
+    stranger = await api.call("GET", customer, T, "not-a-billing-customer")
+
+    assert globals_before.body == {
+        "flags": {"new-dashboard": False, "bulk-export": True, "maintenance-banner": False}
+    }
+    assert active.body["flags"]["new-dashboard"] is True
+    assert stranger.body == globals_before.body, "globals for anyone"
+    assert (await api.call("GET", "/tenants/{}/flags", "other")).body == {"flags": {}}
+
+
+async def test_admin_flags_change_and_push(api: Api, receiver: Receiver) -> None:
+    put_global = await api.call(
+        "PUT", "/_emulator/flags/{}", "beta", key=None, json={"value": True}
+    )
+    put_override = await api.call(
+        "PUT",
+        "/_emulator/customers/{}/flags/{}",
+        "cus_trial",
+        "beta",
+        key=None,
+        json={"value": False},
+    )
+    undefined = await api.call(
+        "PUT",
+        "/_emulator/customers/{}/flags/{}",
+        "cus_trial",
+        "nope",
+        key=None,
+        json={"value": True},
+    )
+    not_bool = await api.call("PUT", "/_emulator/flags/{}", "beta", key=None, json={"value": "on"})
+    trial = await api.call("GET", "/tenants/{}/customers/{}/flags", T, "cus_trial")
+    dropped_override = await api.call(
+        "DELETE", "/_emulator/customers/{}/flags/{}", "cus_trial", "beta", key=None
+    )
+    dropped = await api.call("DELETE", "/_emulator/flags/{}", "beta", key=None)
+    again = await api.call("DELETE", "/_emulator/flags/{}", "beta", key=None)
+    listed = await api.call("GET", "/_emulator/flags", key=None)
+
+    assert put_global.body["flags"]["beta"] is True and put_global.body["pushed"] is True
+    assert put_override.body["overrides"]["cus_trial"] == {"bulk-export": False, "beta": False}
+    assert (undefined.status, error_code(undefined)) == (404, "flag_not_found")
+    assert not_bool.status == 400
+    assert trial.body["flags"]["beta"] is False
+    assert dropped_override.body == dropped.body == {"deleted": True, "pushed": True}
+    assert again.body == {"deleted": False, "pushed": False}
+    assert "beta" not in listed.body["flags"]
+    assert [(e["type"], e.get("customerId"), e.get("accountId")) for e in receiver.events] == [
+        ("flags.updated", None, None),
+        ("flags.updated", "cus_trial", "acme"),
+        ("flags.updated", "cus_trial", "acme"),
+        ("flags.updated", None, None),
+    ]
+
+
+# ---------------------------------------------------------------- settings and event format
+
+
+async def test_settings(api: Api) -> None:
+    defaults = await api.call("GET", "/_emulator/settings", key=None)
+    changed = await api.call(
+        "PATCH",
+        "/_emulator/settings",
+        key=None,
+        json={"eventIdFields": ["id"], "hasAccess": False, "pushAttempts": 1},
+    )
+    bad = [
+        await api.call("PATCH", "/_emulator/settings", key=None, json=body)
+        for body in (
+            {"invoicePdf": "fax"},
+            {"eventIdFields": ["uuid"]},
+            {"eventIdFields": "eventId"},
+            {"hasAccess": 1},
+            {"pushAttempts": 0},
+            {"colour": "red"},
+        )
+    ]
+    legacy = await api.entitlements("cus_canceled")
+    reset = await api.call("POST", "/_emulator/reset", key=None)
+    after = await api.call("GET", "/_emulator/settings", key=None)
+
+    assert defaults.body == {
+        "invoicePdf": "bytes",
+        "eventIdFields": list(DEFAULT_EVENT_ID_FIELDS),
+        "hasAccess": True,
+        "pushAttempts": 3,
+    }
+    assert changed.body == {
+        "invoicePdf": "bytes",
+        "eventIdFields": ["id"],
+        "hasAccess": False,
+        "pushAttempts": 1,
+    }
+    assert {(r.status, error_code(r)) for r in bad} == {(400, "invalid_field")}
+    assert "hasAccess" not in legacy.body, "an older upstream's document"
+    assert legacy.body["modules"] == ["reports"], "as stored"
+    assert reset.status == 204
+    assert after.body == defaults.body
+
+
+async def test_event_id_fields(api: Api, emulator: Emulator, receiver: Receiver) -> None:
+    await api.admin_put("cus_trial", {})
+    emulator.settings.event_id_fields = ("eventId", "id")
+    await api.admin_put("cus_trial", {})
+    emulator.settings.event_id_fields = ("id",)
+    await api.admin_put("cus_trial", {})
+
+    current, both, older = receiver.events
+    assert both["eventId"] == both["id"]
+    assert "id" not in current and current["eventId"].startswith("evt_")
+    assert "eventId" not in older and older["id"].startswith("evt_")
+    assert DEFAULT_EVENT_ID_FIELDS == ("eventId",)
+
+
+async def test_pushes_are_retried_back_to_back_then_dropped(
+    api: Api, emulator: Emulator, receiver: Receiver
+) -> None:
+    receiver.status = 503
+    reply = await api.admin_put("cus_trial", {})
+    emulator.settings.push_attempts = 1
+    once = await api.admin_put("cus_trial", {})
+    listed = await api.call("GET", "/_emulator/pushes", key=None)
+
+    assert reply.body["pushed"] is False and once.body["pushed"] is False
+    assert [len(p.attempts) for p in emulator.pushes] == [3, 1]
+    assert emulator.pushes[0].dropped
+    ids = [e["eventId"] for e in receiver.events]
+    assert ids[:3] == [ids[0]] * 3 and ids[3] != ids[0]
+    signatures = {p.signature for p in emulator.pushes}
+    assert all(
+        s is not None and verify(s, r.body, [SECRET], now=time.time())
+        for s, r in zip(
+            [a.signature for p in emulator.pushes for a in p.attempts],
+            receiver.received,
+            strict=True,
+        )
+    )
+    assert len(signatures) == 2
+    assert listed.body["pushes"][0]["attempts"] == 3
+    assert listed.body["pushes"][0]["statuses"] == [503, 503, 503]
+
+
+async def test_pushes_arrive_in_the_order_of_the_changes(
+    api: Api, emulator: Emulator, receiver: Receiver
+) -> None:
+    for n in range(10):
+        emulator.set_entitlements(T, f"c{n}", {})
+    await emulator.wait_pushes_idle()
+
+    assert [e["customerId"] for e in receiver.events] == [f"c{n}" for n in range(10)]
+
+
+async def test_admin_events_and_renew(api: Api, receiver: Receiver) -> None:
+    renewed = await api.call(
+        "POST", "/_emulator/accounts/{}/customers/{}/renew", "acme", "cus_active", key=None
+    )
+    failed = await api.call(
+        "POST",
+        "/_emulator/tenants/{}/accounts/{}/customers/{}/renew",
+        T,
+        "acme",
+        "cus_trial",
+        key=None,
+        json={"outcome": "failed"},
+    )
+    bad = await api.call(
+        "POST",
+        "/_emulator/accounts/{}/customers/{}/renew",
+        "acme",
+        "cus_active",
+        key=None,
+        json={"outcome": "maybe"},
+    )
+    events = await api.call("GET", "/_emulator/events", key=None)
+
+    assert renewed.body["subscription"]["status"] == "active" and renewed.body["pushed"] is True
+    assert failed.body["subscription"]["status"] == "past_due"
+    assert bad.status == 400
+    assert [e["type"] for e in events.body["events"]] == [
+        "payment.succeeded",
+        "entitlements.updated",
+        "payment.failed",
+        "entitlements.updated",
+    ]
+    assert events.body["events"] == receiver.events

@@ -24,7 +24,8 @@ import pytest
 from sidecar.emulator import Emulator
 from sidecar.http.limits import MAX_FIELD_SIZE, MAX_LINE_SIZE, ListenerLimits, fit_to_fd_limit
 
-from .conftest import API_KEY, WEBHOOK_SECRET, eventually, free_port, wait_until
+from .conftest import eventually
+from .harness import API_KEY, WEBHOOK_SECRET, free_port, wait_until
 from .served import ServeFactory, exchange, json_of, serve, status_of
 
 __all__ = ["serve"]

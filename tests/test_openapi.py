@@ -1,11 +1,13 @@
 """The OpenAPI document: valid 3.1, served as the file, complete, and true of live answers.
 
-``sidecar/openapi.json`` is the one source: the server serves that file, this
-test validates it (openapi-spec-validator), compares its operations with the
-routes the app registers, and checks every answer of a live sidecar, for
-every operation and the usual error statuses, against the schema the document
-gives for that status (jsonschema, the 2020-12 dialect OpenAPI 3.1 uses).
-Failures list every mismatch at once, each naming the request and the rule.
+``sidecar/openapi.json`` is written by ``scripts/gen_openapi.py`` from the operation
+table and ``scripts/openapi_base.json``; the server serves that file. This test
+checks the committed file is what the generator writes, validates it
+(openapi-spec-validator), compares its operations (HEAD included) with the routes
+the app registers, and checks every answer of a live sidecar, for every operation
+and the usual error statuses, against the schema the document gives for that
+status (jsonschema, the 2020-12 dialect OpenAPI 3.1 uses). Failures list every
+mismatch at once, each naming the request and the rule.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -29,11 +34,11 @@ from referencing.jsonschema import DRAFT202012
 from sidecar.app import create_app
 from sidecar.config import Settings
 
-from .conftest import sidecar_env
-from .live import Stack
+from .harness import Stack, sidecar_env
 
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
 SPEC_URI = "urn:vellum-sidecar:openapi"
+GENERATOR = Path(__file__).resolve().parent.parent / "scripts" / "gen_openapi.py"
 
 
 def load_spec() -> dict[str, Any]:
@@ -55,6 +60,30 @@ def operations(spec: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]
 
 
 # -- the document ----------------------------------------------------------------------
+
+
+def generate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(GENERATOR), *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_committed_document_is_what_the_generator_writes() -> None:
+    result = generate("--check")
+    assert result.returncode == 0, result.stderr
+
+
+def test_generator_check_fails_on_a_stale_document(tmp_path: Path) -> None:
+    stale = tmp_path / "openapi.json"
+    spec = load_spec()
+    del spec["paths"]["/v1/accounts"]
+    stale.write_text(json.dumps(spec, indent=2) + "\n")
+    result = generate("--check", "--output", str(stale))
+    assert result.returncode == 1
+    assert "is stale" in result.stderr and "scripts/gen_openapi.py" in result.stderr
+    written = generate("--output", str(stale))
+    assert written.returncode == 0, written.stderr
+    assert stale.read_bytes() == resources.files("sidecar").joinpath("openapi.json").read_bytes()
 
 
 def test_document_is_valid_openapi_3_1(spec: dict[str, Any]) -> None:
@@ -98,14 +127,14 @@ def resolve(spec: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
 
 
 def served_routes() -> set[tuple[str, str]]:
-    """(METHOD, /path/{param}) for every route the local API app registers."""
+    """(METHOD, /path/{param}) for every route the local API app registers, HEAD included."""
     settings = Settings.from_env(sidecar_env("t_routes", "http://127.0.0.1:1"))
     app = create_app(settings)
     routes = set()
     for route in app.router.routes():
         info = route.resource.get_info() if route.resource is not None else {}
         path = info.get("path") or info.get("formatter")
-        if path is None or route.method in ("HEAD", "*"):
+        if path is None or route.method == "*":
             continue
         routes.add((route.method, re.sub(r"\{(\w+):[^}]*\}", r"{\1}", path)))
     return routes
@@ -172,7 +201,8 @@ class Recorder:
         self.exchanges.append(exchange)
         if expect is not None:
             assert exchange.status == expect, f"{exchange}: {exchange.body[:300]!r}"
-        return json.loads(exchange.body) if exchange.body else None
+        is_json = exchange.headers.get("content-type", "").startswith("application/json")
+        return json.loads(exchange.body) if exchange.body and is_json else None
 
 
 def drive_every_operation(send: Recorder, prefix: str, tenant: str) -> None:
@@ -182,8 +212,16 @@ def drive_every_operation(send: Recorder, prefix: str, tenant: str) -> None:
     c = f"{a}/customers/{cus}"
     urls = {"successUrl": "https://app.example/ok", "cancelUrl": "https://app.example/no"}
 
-    send("POST", f"{prefix}/accounts", {"accountId": acct, "name": "N"}, expect=201)
-    send("POST", f"{prefix}/accounts", {"accountId": acct}, expect=409)
+    send(
+        "POST",
+        f"{prefix}/accounts",
+        {"accountId": acct, "name": "N", "billingCustomerId": "cus_b"},
+        expect=201,
+    )
+    send("POST", f"{prefix}/accounts", {"accountId": acct}, expect=200)
+    send(
+        "POST", f"{prefix}/accounts", {"accountId": acct, "billingCustomerId": "cus_c"}, expect=409
+    )
     send("POST", f"{prefix}/accounts", {"name": "no id"}, expect=400)
     send("POST", f"{prefix}/accounts", b"{not json", expect=400)
     send("POST", f"{a}/customers", {"customerId": cus}, expect=201)
@@ -196,21 +234,48 @@ def drive_every_operation(send: Recorder, prefix: str, tenant: str) -> None:
     send("POST", f"{c}/subscribe", {"planId": "team", "planVersion": 1}, expect=201)
     send("POST", f"{c}/subscribe", {"planId": "team", "planVersion": 1}, expect=409)
     send("GET", f"{c}/subscription", expect=200)
+    s = f"{c}/subscription"
+    send("PUT", s, {"planId": "team", "planVersion": 2, "seats": 2}, expect=200)
+    send("PUT", s, {"planId": "team"}, expect=400)
+    send("POST", f"{s}/preview", {"seats": 4, "addOnModuleIds": ["sso"]}, expect=200)
+    send("POST", f"{s}/preview", {"seats": "4"}, expect=400)
+    send("PATCH", f"{s}/seats", {"seats": 3}, expect=200)
+    send("PATCH", f"{s}/add-ons", {"add": ["sso"]}, expect=200)
+    send("PATCH", f"{s}/add-ons", {"add": ["nope"]}, expect=400)
+    send("PATCH", f"{s}/add-ons", {"remove": ["sso"]}, expect=200)
+    send("PATCH", f"{s}/plan", {"planId": "pro", "planVersion": 1}, expect=200)
+    send("POST", f"{s}/reactivate", expect=409)
     methods = send("GET", f"{a}/payment-methods", expect=200)["methods"]
-    spare = next(m["id"] for m in methods if not m["isDefault"])
-    other = next(m["id"] for m in methods if m["id"] != spare)
+    spare = next(m["ref"] for m in methods if not m["isDefault"])
+    other = next(m["ref"] for m in methods if m["ref"] != spare)
     send("PATCH", f"{a}/payment-methods/{spare}", expect=200)
     send("PATCH", f"{a}/payment-methods/pm_nope", expect=404)
     send("PATCH", f"{c}/payment-method", {"methodId": spare}, expect=200)
-    send("DELETE", f"{a}/payment-methods/{other}", expect=204)
+    send("DELETE", f"{a}/payment-methods/{other}", expect=200)
     invoices = send("GET", f"{a}/invoices", expect=200)["invoices"]
     send("GET", f"{a}/invoices?customerId={cus}", expect=200)
-    send("GET", f"{a}/invoices/{invoices[0]['id']}/pdf", expect=302)
+    send("GET", f"{a}/invoices/{invoices[0]['ref']}/pdf", expect=200)
     send("GET", f"{a}/invoices/in_nope/pdf", expect=404)
     send("PATCH", c, {"status": "past_due"}, expect=200)
     send("PATCH", c, {"status": "bogus"}, expect=400)
     send("DELETE", f"{c}/subscription?atPeriodEnd=true", expect=200)
     send("DELETE", f"{c}/subscription", expect=200)
+    send("POST", f"{s}/reactivate", expect=200)
+    # Credits and flags (the demo tenant's cus_active has credits).
+    send("GET", f"{prefix}/credit-types", expect=200)
+    send("GET", f"{prefix}/credit-types/exports/packs", expect=200)
+    send("GET", f"{prefix}/credit-types/gold/packs", expect=404)
+    send("GET", f"{prefix}/customers/cus_active/credits", expect=200)
+    send("GET", f"{prefix}/customers/cus_active/credits/exports", expect=200)
+    consume = f"{prefix}/customers/cus_active/credits/exports/consume"
+    send("POST", consume, {"amount": 1, "idempotencyKey": uuid.uuid4().hex}, expect=200)
+    send("POST", consume, {"amount": 10**6, "idempotencyKey": uuid.uuid4().hex}, expect=409)
+    send("POST", consume, {"amount": 1}, expect=400)
+    credit = {"customerId": cus, "creditTypeId": "exports", "packId": "exports-10", **urls}
+    send("POST", f"{a}/credit-checkout", credit, expect=201)
+    send("POST", f"{a}/credit-checkout", {**credit, "quantity": "2"}, expect=400)
+    send("GET", f"{prefix}/flags", expect=200)
+    send("GET", f"{prefix}/customers/{cus}/flags", expect=200)
     send("PATCH", a, {"status": "suspended"}, expect=200)
     ents = f"{prefix}/customers/{{}}/entitlements"
     send("GET", ents.format("cus_active"), expect=200)
@@ -252,6 +317,31 @@ def record_live_answers(stack: Stack, upstream_down: Stack) -> list[Exchange]:
     send("DELETE", "/v1/cache", expect=204)
     send("GET", "/v1/customers/cus_active/can/reports", headers={"Origin": "https://x"}, expect=403)
     send("GET", "/openapi.json", expect=200)
+    # Flags (the seeded tenant: cus_active overrides new-dashboard) and OFREP.
+    send("GET", "/v1/customers/cus_active/flags", expect=200)
+    send("GET", "/v1/flags", expect=200)
+    send("GET", "/v1/customers/cus_active/flags/new-dashboard", expect=200)
+    send("GET", "/v1/customers/cus_active/flags/nope?default=true", expect=200)
+    send("GET", "/v1/customers/cus_active/flags/nope", expect=404)
+    send("GET", "/v1/customers/cus_active/flags/nope?default=maybe", expect=400)
+    send("GET", f"/tenants/{t}/customers/cus_active/flags", expect=200)
+    send("GET", f"/tenants/{t}/flags", expect=200)
+    send("DELETE", "/v1/customers/cus_active/cache?axis=flags", expect=204)
+    send("DELETE", "/v1/cache?axis=entitlements", expect=204)
+    send("DELETE", "/v1/cache?axis=bogus", expect=400)
+    ofrep = {"context": {"targetingKey": "cus_active"}}
+    send("POST", "/ofrep/v1/evaluate/flags/new-dashboard", ofrep, expect=200)
+    send("POST", "/ofrep/v1/evaluate/flags/module:reports", ofrep, expect=200)
+    send("POST", "/ofrep/v1/evaluate/flags/nope", ofrep, expect=404)
+    send("POST", "/ofrep/v1/evaluate/flags/new-dashboard", {"context": {}}, expect=400)
+    send("POST", "/ofrep/v1/evaluate/flags/new-dashboard", b"[" * (2 << 20), expect=413)
+    send("POST", "/ofrep/v1/evaluate/flags", ofrep, expect=200)
+    etag = {"If-None-Match": send.exchanges[-1].headers["etag"]}
+    send("POST", "/ofrep/v1/evaluate/flags", ofrep, headers=etag, expect=304)
+    send("POST", "/ofrep/v1/evaluate/flags", b"nope", expect=400)
+    send("POST", "/ofrep/v1/evaluate/flags", b"[" * (2 << 20), expect=413)
+    send("GET", "/ofrep/v1/events", expect=400)  # a 200 is a stream: tests/test_ofrep.py
+    send("HEAD", "/ofrep/v1/events?targetingKey=cus_active", expect=200)
     # The drop-in mirror's entitlement read.
     send("GET", f"/tenants/{t}/customers/cus_active/entitlements", expect=200)
     send("GET", f"/tenants/{t}/customers/nobody/entitlements", expect=404)
@@ -265,8 +355,18 @@ def record_live_answers(stack: Stack, upstream_down: Stack) -> list[Exchange]:
     down("GET", "/v1/customers/cus_x/entitlements", expect=503)
     down("GET", "/v1/customers/cus_x/can/reports", expect=503)
     down("POST", "/v1/check", checks, expect=200)
+    down("GET", "/v1/customers/cus_x/flags", expect=503)
+    down("GET", "/v1/flags", expect=503)
+    down("GET", "/v1/customers/cus_x/flags/new-dashboard", expect=503)
+    down("GET", "/v1/customers/cus_x/flags/new-dashboard?default=false", expect=200)
+    down("POST", "/ofrep/v1/evaluate/flags/new-dashboard", ofrep, expect=500)
+    down("POST", "/ofrep/v1/evaluate/flags", ofrep, expect=500)
     down("GET", "/v1/accounts/acme/invoices")
     down("POST", "/v1/accounts", {"accountId": "a1"})
+    # HEAD on every path read with GET: the same status and headers, no body.
+    for recorder in (send, down):
+        for path in dict.fromkeys(e.path for e in list(recorder.exchanges) if e.method == "GET"):
+            recorder("HEAD", path)
     return send.exchanges + down.exchanges
 
 

@@ -2,12 +2,48 @@
 
 from __future__ import annotations
 
+import platform
+from typing import get_args
+
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar import __version__
+from sidecar.appkeys import LIFECYCLE
 from sidecar.emulator import Emulator
-from sidecar.keys import LIFECYCLE
+from sidecar.metrics import REDIS_STATES, UPSTREAM_STATES
+from sidecar.redis.conn import RedisState
+from sidecar.upstream import UpstreamState
 
-from .conftest import RedisServer, SidecarFactory, eventually
+from .conftest import Sidecar, SidecarFactory, eventually
+from .harness import RedisServer
+
+
+async def scrape(sc: Sidecar) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """``GET /metrics`` parsed: (sample name, labels) -> value."""
+    resp = await sc.ops.get("/metrics")
+    assert resp.status == 200
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(await resp.text())
+        for sample in family.samples
+    }
+
+
+async def states(sc: Sidecar, metric: str) -> dict[str, float]:
+    """A ``*_state`` gauge's series: state -> value."""
+    name = f"vellum_sidecar_{metric}_state"
+    return {
+        dict(labels)["state"]: value
+        for (sample, labels), value in (await scrape(sc)).items()
+        if sample == name
+    }
+
+
+def current(series: dict[str, float]) -> str:
+    [state] = [s for s, v in series.items() if v == 1.0]
+    assert all(v in (0.0, 1.0) for v in series.values()), series
+    return state
 
 
 async def test_healthz_and_readyz(make_sidecar: SidecarFactory, redis_url: str) -> None:
@@ -21,6 +57,8 @@ async def test_healthz_and_readyz(make_sidecar: SidecarFactory, redis_url: str) 
         "upstream": "ok",
         "fanout": "ok",
     }
+    for metric in ("redis", "upstream", "fanout"):
+        assert current(await states(sc, metric)) == "ok", metric
 
 
 async def test_readyz_memory_mode_and_phases(make_sidecar: SidecarFactory) -> None:
@@ -28,6 +66,8 @@ async def test_readyz_memory_mode_and_phases(make_sidecar: SidecarFactory) -> No
     body = await (await sc.ops.get("/readyz")).json()
     assert body["redis"] == "disabled"
     assert "fanout" not in body
+    assert await states(sc, "redis") == {"ok": 0.0, "down": 0.0, "disabled": 1.0}
+    assert current(await states(sc, "fanout")) == "disabled"
     for phase in ("starting", "stopping"):
         sc.app[LIFECYCLE].phase = phase
         resp = await sc.ops.get("/readyz")
@@ -41,7 +81,7 @@ async def test_readyz_reports_redis_down_and_back(
 ) -> None:
     emulator.set_entitlements(tenant, "cus_1", {"status": "active", "modules": ["m"]})
     sc = await make_sidecar(own_redis.url)
-    own_redis.stop()
+    own_redis.kill()
     # The next read notices; the answer still comes (from the upstream).
     resp = await sc.client.get("/v1/customers/cus_1/can/m")
     assert resp.status == 200
@@ -49,6 +89,7 @@ async def test_readyz_reports_redis_down_and_back(
     body = await (await sc.ops.get("/readyz")).json()
     assert body["redis"] == "down"
     assert (await sc.ops.get("/readyz")).status == 200, "still answering, so still ready"
+    assert current(await states(sc, "redis")) == "down"
     own_redis.start()
 
     async def recovered() -> bool:
@@ -56,6 +97,29 @@ async def test_readyz_reports_redis_down_and_back(
         return bool(state["redis"] == "ok" and state["fanout"] == "ok")
 
     await eventually(recovered, timeout=15)
+    assert current(await states(sc, "redis")) == "ok"
+    assert current(await states(sc, "fanout")) == "ok"
+
+
+async def test_fanout_state_follows_the_subscription(
+    make_sidecar: SidecarFactory, own_redis: RedisServer
+) -> None:
+    """Redis down takes the subscription with it: both gauges say so, and both recover."""
+    sc = await make_sidecar(own_redis.url)
+    assert current(await states(sc, "fanout")) == "ok"
+    own_redis.stop()
+
+    async def fanout_down() -> bool:
+        return current(await states(sc, "fanout")) == "down"
+
+    await eventually(fanout_down, timeout=15)
+    assert (await (await sc.ops.get("/readyz")).json())["fanout"] == "down"
+    own_redis.start()
+
+    async def fanout_up() -> bool:
+        return current(await states(sc, "fanout")) == "ok"
+
+    await eventually(fanout_up, timeout=15)
 
 
 async def test_readyz_reports_upstream_down(
@@ -67,6 +131,25 @@ async def test_readyz_reports_upstream_down(
         await sc.client.get(f"/v1/customers/c{i}/entitlements")
     body = await (await sc.ops.get("/readyz")).json()
     assert body["upstream"] == "down"
+    assert await states(sc, "upstream") == {"ok": 0.0, "degraded": 0.0, "down": 1.0}
+
+
+def test_state_gauges_name_every_state_the_code_has() -> None:
+    """An alert may name a state before it happens: each one is always exported."""
+    assert set(get_args(UpstreamState)) <= set(UPSTREAM_STATES)
+    assert set(get_args(RedisState)) | {"disabled"} <= set(REDIS_STATES)
+
+
+async def test_readiness_changes_count_each_flip_of_readyz(make_sidecar: SidecarFactory) -> None:
+    sc = await make_sidecar(None)
+    name = ("vellum_sidecar_readiness_changes_total", frozenset())
+    assert (await scrape(sc))[name] == 0.0
+    for phase, status in [
+        ("ready", 200), ("starting", 503), ("stopping", 503), ("ready", 200), ("ready", 200),
+    ]:  # fmt: skip
+        sc.app[LIFECYCLE].phase = phase  # type: ignore[assignment]
+        assert (await sc.ops.get("/readyz")).status == status
+    assert (await scrape(sc))[name] == 2.0, "ready -> not ready -> ready"
 
 
 async def test_metrics_exposition(
@@ -84,12 +167,17 @@ async def test_metrics_exposition(
     for line in (
         'vellum_sidecar_requests_total{method="GET",route="/v1/customers/{customer}/can/{module}",'
         'status="200"} 2.0',
-        'vellum_sidecar_cache_lookups_total{layer="memory",result="hit"} 1.0',
-        'vellum_sidecar_cache_lookups_total{layer="redis",result="miss"} 1.0',
-        'vellum_sidecar_cache_lookups_total{layer="upstream",result="fetch"} 1.0',
+        'vellum_sidecar_cache_lookups_total{kind="entitlements",layer="memory",result="hit"} 1.0',
+        'vellum_sidecar_cache_lookups_total{kind="entitlements",layer="redis",result="miss"} 1.0',
+        'vellum_sidecar_cache_lookups_total{kind="entitlements",layer="upstream",result="fetch"}'
+        " 1.0",
         'vellum_sidecar_upstream_requests_total{operation="get_entitlements",status="200"} 1.0',
         'vellum_sidecar_invalidations_total{scope="customer",source="api"} 1.0',
-        "vellum_sidecar_redis_up 1.0",
+        'vellum_sidecar_redis_state{state="ok"} 1.0',
+        'vellum_sidecar_redis_state{state="down"} 0.0',
+        'vellum_sidecar_upstream_state{state="ok"} 1.0',
+        f'vellum_sidecar_build_info{{python="{platform.python_version()}",version="{__version__}"}}'
+        " 1.0",
     ):
         assert line in text, line
     for name in (
@@ -100,6 +188,9 @@ async def test_metrics_exposition(
         "vellum_sidecar_upstream_state",
     ):
         assert name in text, name
+    # No *_created series (a start timestamp per counter and histogram child).
+    assert "_created" not in text
+    assert "vellum_sidecar_upstream_requests_total" in text
 
 
 async def test_unknown_ops_route_is_json(make_sidecar: SidecarFactory) -> None:

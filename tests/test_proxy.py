@@ -23,13 +23,13 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
-from sidecar.emulator import OPERATIONS as EMULATOR_OPERATIONS
+from sidecar.appkeys import REDIS
 from sidecar.emulator import Emulator
-from sidecar.keys import REDIS
+from sidecar.http.operations import OPERATIONS, SURFACES, Operation
 from sidecar.logs import JsonFormatter
-from sidecar.proxy import OPERATIONS, SURFACES, Operation
 
-from .conftest import API_KEY, Sidecar, SidecarFactory, eventually, free_port
+from .conftest import Sidecar, SidecarFactory, eventually
+from .harness import API_KEY, free_port
 
 CALLER_KEY = "caller_own_key_" + "c" * 20
 PERSONAL = "jane.doe@example.com"
@@ -85,7 +85,8 @@ class Raw:
 
 
 class VellumSdk:
-    """The SDK surface apps use today; ``root`` is ``/tenants/{t}`` upstream, or ``/v1``."""
+    """vellumcharter 1.4.2's methods as the SDK builds them (tests/test_sdk.py drives
+    the SDK itself); ``root`` is ``/tenants/{t}`` upstream, or ``/v1``."""
 
     def __init__(
         self, session: aiohttp.ClientSession, base_url: str, root: str, api_key: str | None
@@ -146,19 +147,20 @@ class VellumSdk:
         account_id: str,
         customer_id: str,
         plan_id: str,
-        plan_version: int | str,
         success_url: str,
         cancel_url: str,
+        plan_version: int | None = None,
         seats: int = 1,
     ) -> Any:
-        body = {
+        body: dict[str, Any] = {
             "customerId": customer_id,
             "planId": plan_id,
-            "planVersion": plan_version,
             "seats": seats,
             "successUrl": success_url,
             "cancelUrl": cancel_url,
         }
+        if plan_version is not None:
+            body["planVersion"] = plan_version
         return await self._call("POST", "accounts", account_id, "checkout", body=body)
 
     async def create_setup_checkout(
@@ -175,10 +177,12 @@ class VellumSdk:
         account_id: str,
         customer_id: str,
         plan_id: str,
-        plan_version: int | str,
+        plan_version: int | None = None,
         seats: int = 1,
     ) -> Any:
-        body = {"planId": plan_id, "planVersion": plan_version, "seats": seats}
+        body: dict[str, Any] = {"planId": plan_id, "seats": seats}
+        if plan_version is not None:
+            body["planVersion"] = plan_version
         return await self._call(
             "POST", "accounts", account_id, "customers", customer_id, "subscribe", body=body
         )
@@ -202,18 +206,18 @@ class VellumSdk:
         account_id: str,
         name: str | None = None,
         email: str | None = None,
-        stripe_customer_id: str | None = None,
-        create_stripe_customer: bool = False,
+        billing_customer_id: str | None = None,
+        create_billing_customer: bool = False,
     ) -> Any:
         body: dict[str, Any] = {"accountId": account_id}
         if name is not None:
             body["name"] = name
         if email is not None:
             body["email"] = email
-        if stripe_customer_id is not None:
-            body["stripeCustomerId"] = stripe_customer_id
-        if create_stripe_customer:
-            body["createStripeCustomer"] = True
+        if billing_customer_id is not None:
+            body["billingCustomerId"] = billing_customer_id
+        if create_billing_customer:
+            body["createBillingCustomer"] = True
         return await self._call("POST", "accounts", body=body)
 
     async def create_customer(
@@ -259,11 +263,99 @@ class VellumSdk:
         resp = await self._call("GET", "accounts", account_id, "invoices", query=query)
         return list(resp["invoices"])
 
+    async def invoice_pdf(self, *, account_id: str, invoice_id: str) -> bytes:
+        resp = await self.raw("GET", "accounts", account_id, "invoices", invoice_id, "pdf")
+        if not 200 <= resp.status < 300:
+            raise VellumError(resp.status, resp.json())
+        return resp.body
+
     async def invoice_pdf_url(self, *, account_id: str, invoice_id: str) -> str:
+        """What SDKs before 1.2 did: the 3xx's ``Location`` (older upstreams)."""
         resp = await self.raw("GET", "accounts", account_id, "invoices", invoice_id, "pdf")
         if not 300 <= resp.status < 400:
             raise VellumError(resp.status, resp.json())
         return resp.headers["Location"]
+
+    async def _sub(
+        self, method: str, account_id: str, customer_id: str, *tail: str, **kw: Any
+    ) -> Any:
+        segments = ("accounts", account_id, "customers", customer_id, "subscription", *tail)
+        return await self._call(method, *segments, **kw)
+
+    async def update_subscription(
+        self, *, account_id: str, customer_id: str, plan_id: str, plan_version: int,
+        seats: int | None = None, add_on_module_ids: list[str] | None = None,
+    ) -> Any:  # fmt: skip
+        body: dict[str, Any] = {"planId": plan_id, "planVersion": plan_version}
+        if seats is not None:
+            body["seats"] = seats
+        if add_on_module_ids is not None:
+            body["addOnModuleIds"] = add_on_module_ids
+        return await self._sub("PUT", account_id, customer_id, body=body)
+
+    async def preview_change(self, *, account_id: str, customer_id: str, **fields: Any) -> Any:
+        names = {"seats": "seats", "add_on_module_ids": "addOnModuleIds", "plan_id": "planId"}
+        body = {names[k]: v for k, v in fields.items()}
+        return await self._sub("POST", account_id, customer_id, "preview", body=body)
+
+    async def set_seats(self, *, account_id: str, customer_id: str, seats: int) -> Any:
+        return await self._sub("PATCH", account_id, customer_id, "seats", body={"seats": seats})
+
+    async def add_add_on(self, *, account_id: str, customer_id: str, module_id: str) -> Any:
+        body = {"add": [module_id]}
+        return await self._sub("PATCH", account_id, customer_id, "add-ons", body=body)
+
+    async def remove_add_on(self, *, account_id: str, customer_id: str, module_id: str) -> Any:
+        body = {"remove": [module_id]}
+        return await self._sub("PATCH", account_id, customer_id, "add-ons", body=body)
+
+    async def change_plan(
+        self, *, account_id: str, customer_id: str, plan_id: str, plan_version: int
+    ) -> Any:
+        body = {"planId": plan_id, "planVersion": plan_version}
+        return await self._sub("PATCH", account_id, customer_id, "plan", body=body)
+
+    async def reactivate(self, *, account_id: str, customer_id: str) -> Any:
+        return await self._sub("POST", account_id, customer_id, "reactivate")
+
+    async def flags(self, customer_id: str) -> dict[str, bool]:
+        flags: dict[str, bool] = (await self._call("GET", "customers", customer_id, "flags"))[
+            "flags"
+        ]
+        return flags
+
+    async def global_flags(self) -> dict[str, bool]:
+        flags: dict[str, bool] = (await self._call("GET", "flags"))["flags"]
+        return flags
+
+    async def create_credit_checkout(
+        self, *, account_id: str, customer_id: str, success_url: str, cancel_url: str,
+        credit_type_id: str, pack_id: str, quantity: int = 1,
+    ) -> Any:  # fmt: skip
+        body = {
+            "customerId": customer_id, "successUrl": success_url, "cancelUrl": cancel_url,
+            "creditTypeId": credit_type_id, "packId": pack_id, "quantity": quantity,
+        }  # fmt: skip
+        return await self._call("POST", "accounts", account_id, "credit-checkout", body=body)
+
+    async def list_credit_types(self) -> list[Any]:
+        return list((await self._call("GET", "credit-types"))["creditTypes"])
+
+    async def list_credit_packs(self, *, credit_type_id: str) -> list[Any]:
+        return list((await self._call("GET", "credit-types", credit_type_id, "packs"))["packs"])
+
+    async def list_credits(self, *, customer_id: str) -> list[Any]:
+        return list((await self._call("GET", "customers", customer_id, "credits"))["credits"])
+
+    async def get_credit_balance(self, *, customer_id: str, credit_type_id: str) -> Any:
+        return await self._call("GET", "customers", customer_id, "credits", credit_type_id)
+
+    async def consume_credits(
+        self, *, customer_id: str, credit_type_id: str, amount: int, idempotency_key: str
+    ) -> Any:
+        body = {"amount": amount, "idempotencyKey": idempotency_key}
+        segments = ("customers", customer_id, "credits", credit_type_id, "consume")
+        return await self._call("POST", *segments, body=body)
 
 
 # -- fixtures -------------------------------------------------------------------------------
@@ -341,12 +433,12 @@ async def test_sdk_runs_every_operation_through_the_sidecar(
     acct, adopted, cust = uid("acc"), uid("acc"), uid("cus")
 
     account = await sdk.create_account(
-        account_id=acct, name="Acme", email=PERSONAL, create_stripe_customer=True
+        account_id=acct, name="Acme", email=PERSONAL, create_billing_customer=True
     )
     assert account["accountId"] == acct
-    assert account["stripeCustomerId"].startswith("cus_"), "a Stripe customer was created"
-    other = await sdk.create_account(account_id=adopted, stripe_customer_id="cus_existing")
-    assert other["stripeCustomerId"] == "cus_existing", "the Stripe customer was adopted"
+    assert account["billingCustomerId"].startswith("cus_"), "a billing customer was created"
+    other = await sdk.create_account(account_id=adopted, billing_customer_id="cus_existing")
+    assert other["billingCustomerId"] == "cus_existing", "the billing customer was adopted"
     customer = await sdk.create_customer(account_id=acct, customer_id=cust, email=PERSONAL)
     assert (customer["customerId"], customer["accountId"]) == (cust, acct)
 
@@ -379,30 +471,59 @@ async def test_sdk_runs_every_operation_through_the_sidecar(
     assert await can(sc, cust, "api")
     ents = await sdk.get_entitlements(cust)
     assert ents.found and ents.is_active() and ents.has("exports")
+    assert ents.doc["hasAccess"] is True
     assert ents.config("seats") == 3
-    assert (await sdk.get_subscription(account_id=acct, customer_id=cust))["id"] == sub["id"]
+    assert await sdk.get_subscription(account_id=acct, customer_id=cust) == sub
 
     methods = await sdk.list_payment_methods(account_id=acct)
     assert len(methods) == 2
     default = next(m for m in methods if m["isDefault"])
     spare = next(m for m in methods if not m["isDefault"])
-    assert sub["paymentMethodId"] == default["id"]
-    assert (await sdk.set_default_payment_method(account_id=acct, method_id=spare["id"]))[
+    assert sub["defaultPaymentMethodRef"] == default["ref"]
+    assert (await sdk.set_default_payment_method(account_id=acct, method_id=spare["ref"]))[
         "isDefault"
     ] is True
     moved = await sdk.set_subscription_payment_method(
-        account_id=acct, customer_id=cust, method_id=spare["id"]
+        account_id=acct, customer_id=cust, method_id=spare["ref"]
     )
-    assert moved["paymentMethodId"] == spare["id"]
-    assert await sdk.remove_payment_method(account_id=acct, method_id=default["id"]) is None
-    assert [m["id"] for m in await sdk.list_payment_methods(account_id=acct)] == [spare["id"]]
+    assert moved["defaultPaymentMethodRef"] == spare["ref"]
+    removed = await sdk.remove_payment_method(account_id=acct, method_id=default["ref"])
+    assert removed == {"ref": default["ref"], "removed": True}
+    assert [m["ref"] for m in await sdk.list_payment_methods(account_id=acct)] == [spare["ref"]]
 
     invoices = await sdk.list_invoices(account_id=acct)
-    assert [i["customerId"] for i in invoices] == [cust]
+    assert len(invoices) == 1 and invoices[0]["total"] == 3 * 4900
     assert await sdk.list_invoices(account_id=acct, customer_id=cust) == invoices
     assert await sdk.list_invoices(account_id=acct, customer_id="someone-else") == []
-    pdf = await sdk.invoice_pdf_url(account_id=acct, invoice_id=invoices[0]["id"])
-    assert pdf == f"https://invoices.example/{invoices[0]['id']}.pdf"
+    pdf = await sdk.invoice_pdf(account_id=acct, invoice_id=invoices[0]["ref"])
+    assert pdf.startswith(b"%PDF-") and invoices[0]["number"].encode() in pdf, "a PDF stays a PDF"
+
+    # The subscription changes: each one drops the customer, so the next check sees it.
+    await cache_source(sc, cust)
+    preview = await sdk.preview_change(
+        account_id=acct, customer_id=cust, seats=5, add_on_module_ids=["sso"]
+    )
+    assert (preview["current"]["seats"], preview["proposed"]["seats"]) == (3, 5)
+    assert await cache_source(sc, cust) == "hit", "a preview changes nothing, drops nothing"
+    assert (await sdk.set_seats(account_id=acct, customer_id=cust, seats=4))["seats"] == 4
+    assert (await sdk.get_entitlements(cust)).config("seats") == 4
+    assert not await can(sc, cust, "sso")
+    added = await sdk.add_add_on(account_id=acct, customer_id=cust, module_id="sso")
+    assert added["addOnModuleIds"] == ["sso"]
+    assert await can(sc, cust, "sso")
+    await sdk.remove_add_on(account_id=acct, customer_id=cust, module_id="sso")
+    assert not await can(sc, cust, "sso")
+    planned = await sdk.change_plan(
+        account_id=acct, customer_id=cust, plan_id="team", plan_version=1
+    )
+    assert (planned["planId"], planned["planVersion"]) == ("team", 1)
+    assert not await can(sc, cust, "api"), "team has no api"
+    updated = await sdk.update_subscription(
+        account_id=acct, customer_id=cust, plan_id="pro", plan_version=2, seats=3,
+        add_on_module_ids=["sso"],
+    )  # fmt: skip
+    assert (updated["planId"], updated["seats"], updated["addOnModuleIds"]) == ("pro", 3, ["sso"])
+    assert await can(sc, cust, "api") and await can(sc, cust, "sso")
 
     status = await sdk.set_customer_status(account_id=acct, customer_id=cust, status="past_due")
     assert status["status"] == "past_due"
@@ -414,16 +535,73 @@ async def test_sdk_runs_every_operation_through_the_sidecar(
     now = await sdk.cancel_subscription(account_id=acct, customer_id=cust)
     assert now["status"] == "canceled"
     assert not await can(sc, cust, "api")
+    revived = await sdk.reactivate(account_id=acct, customer_id=cust)
+    assert revived["status"] == "active"
+    assert await can(sc, cust, "api"), "reactivate dropped the canceled document"
+
+    # Credits: forwarded, never cached (balances change out of band). Flags: cached.
+    types = await sdk.list_credit_types()
+    assert [t["creditTypeId"] for t in types] == ["api-calls", "exports"]
+    packs = await sdk.list_credit_packs(credit_type_id="exports")
+    assert [p["packId"] for p in packs] == ["exports-10"]
+    emulator.set_credits(tenant, cust, "exports", 10)
+    balance = await sdk.get_credit_balance(customer_id=cust, credit_type_id="exports")
+    assert balance["balance"] == 10
+    spent = await sdk.consume_credits(
+        customer_id=cust, credit_type_id="exports", amount=4, idempotency_key="use-1"
+    )
+    assert (spent["balance"], spent["consumed"]) == (6, 4)
+    again = await sdk.consume_credits(
+        customer_id=cust, credit_type_id="exports", amount=4, idempotency_key="use-1"
+    )
+    assert again == spent, "the same idempotencyKey: deducted once"
+    emulator.set_credits(tenant, cust, "exports", 2)
+    credits = {c["creditTypeId"]: c["balance"] for c in await sdk.list_credits(customer_id=cust)}
+    assert credits == {"api-calls": 0, "exports": 2}, "a balance read is never cached"
+    with pytest.raises(VellumError) as short:
+        await sdk.consume_credits(
+            customer_id=cust, credit_type_id="exports", amount=3, idempotency_key="use-2"
+        )
+    assert (short.value.status, short.value.body["error"]["code"]) == (409, "insufficient_credits")
+    bought = await sdk.create_credit_checkout(
+        account_id=acct, customer_id=cust, credit_type_id="exports", pack_id="exports-10",
+        quantity=2, success_url="https://app.example/ok", cancel_url="https://app.example/no",
+    )  # fmt: skip
+    assert (bought["mode"], bought["amountTotal"]) == ("payment", 1000)
+    emulator.set_flag(tenant, "beta", True)
+    assert await sdk.global_flags() == {"beta": True}
+    emulator.set_flag(tenant, "beta", False, customer_id=cust)
+    assert await sdk.flags(cust) == {"beta": False}, "the first read fetches the override"
+    fetched = (emulator.count("flags"), emulator.count("global_flags"))
+    emulator.set_flag(tenant, "beta", True, customer_id=cust)
+    emulator.set_flag(tenant, "beta", False)
+    assert await sdk.flags(cust) == {"beta": False}, "flags are cached: the change is not seen"
+    assert await sdk.global_flags() == {"beta": True}, "and neither is the global one"
+    assert (emulator.count("flags"), emulator.count("global_flags")) == fetched
+    # A billing write drops entitlements only: the flags stay cached.
+    await sdk.set_seats(account_id=acct, customer_id=cust, seats=3)
+    assert await sdk.flags(cust) == {"beta": False}
+    assert (await sc.client.delete(f"/v1/customers/{cust}/cache?axis=flags")).status == 204
+    assert await sdk.flags(cust) == {"beta": True}, "seen once the customer's flags are dropped"
+    assert emulator.count("flags") == fetched[0] + 1
+    assert await sdk.global_flags() == {"beta": True}, "the global flags are the tenant's"
+    assert (await sc.client.delete("/v1/cache?axis=flags")).status == 204
+    assert await sdk.global_flags() == {"beta": False}
 
     suspended = await sdk.set_account_status(account_id=acct, status="suspended")
     assert suspended["status"] == "suspended"
     assert (await sdk.get_entitlements(cust)).doc["accountStatus"] == "suspended"
 
-    assert {r.operation for r in emulator.requests} == EMULATOR_OPERATIONS
+    # The flag reads, answered from the flags caches.
+    assert await sdk.flags(cust) == emulator.flags_for(tenant, cust)
+    assert await sdk.global_flags() == emulator.flags_for(tenant)
+
+    assert {r.operation for r in emulator.requests} == {op.name for op in OPERATIONS}
     assert_upstream_saw_only_the_sidecar(emulator, tenant)
     # Every write went out exactly once (no retries without an Idempotency-Key).
     assert emulator.count("create_subscription") == 1
     assert emulator.count("cancel_subscription") == 2
+    assert emulator.count("consume_credits") == 3
 
 
 async def test_mirror_answers_exactly_like_the_upstream(
@@ -434,7 +612,7 @@ async def test_mirror_answers_exactly_like_the_upstream(
     session: aiohttp.ClientSession,
 ) -> None:
     """Byte for byte: status, body, Location, for found, missing and refused requests."""
-    emulator.create_account(tenant, "acc")
+    emulator.create_account(tenant, "acc", billing_customer_id="cus_billing")
     emulator.create_customer(tenant, "acc", "cus")
     emulator.set_entitlements(tenant, "cus", {"status": "active", "modules": ["reports"]})
     sc = await make_sidecar(None)
@@ -449,6 +627,7 @@ async def test_mirror_answers_exactly_like_the_upstream(
         ("GET", ("accounts", "acc", "invoices"), None),
         ("PATCH", ("accounts", "acc", "customers", "cus"), {"status": "bogus"}),
         ("POST", ("accounts",), {"accountId": "acc"}),
+        ("POST", ("accounts",), {"accountId": "acc", "billingCustomerId": "cus_other"}),
         ("POST", ("accounts", "acc", "checkout"), {"customerId": "cus", "planId": "pro"}),
     ]
     for method, segments, body in calls:
@@ -461,7 +640,13 @@ async def test_mirror_answers_exactly_like_the_upstream(
     await direct.create_subscription(
         account_id="acc", customer_id="cus", plan_id="team", plan_version=1
     )
-    invoice = (await direct.list_invoices(account_id="acc"))[0]["id"]
+    invoice = (await direct.list_invoices(account_id="acc"))[0]["ref"]
+    theirs = await direct.raw("GET", "accounts", "acc", "invoices", invoice, "pdf")
+    ours = await mirror.raw("GET", "accounts", "acc", "invoices", invoice, "pdf")
+    assert ours.status == theirs.status == 200
+    assert ours.headers["Content-Type"] == theirs.headers["Content-Type"] == "application/pdf"
+    assert ours.body == theirs.body and ours.body.startswith(b"%PDF-"), "a PDF stays a PDF"
+    emulator.settings.invoice_pdf = "redirect"  # an upstream from before SDK 1.2
     theirs = await direct.raw("GET", "accounts", "acc", "invoices", invoice, "pdf")
     ours = await mirror.raw("GET", "accounts", "acc", "invoices", invoice, "pdf")
     assert ours.status == theirs.status == 302, "the redirect is passed on, never followed"
@@ -548,7 +733,7 @@ async def test_each_customer_write_drops_the_customer(
     await sdk.create_subscription(
         account_id="acc", customer_id="cus", plan_id="team", plan_version=1
     )
-    pm = (await sdk.list_payment_methods(account_id="acc"))[1]["id"]
+    pm = (await sdk.list_payment_methods(account_id="acc"))[1]["ref"]
     writes = [
         lambda: sdk.set_customer_status(account_id="acc", customer_id="cus", status="paused"),
         lambda: sdk.set_subscription_payment_method(
@@ -823,6 +1008,84 @@ CHECKOUT = {
         ("DELETE", "/accounts/a/payment-methods/", None, {}, "invalid_id"),
         ("GET", "/customers//entitlements", None, {}, "invalid_id"),
         ("GET", "/accounts/a/invoices?customerId=", None, {}, "invalid_query"),
+        # Today's operations: the SDK's types (integers, lists) are checked too.
+        (
+            "PATCH",
+            "/accounts/a/customers/c/subscription/seats",
+            b'{"seats": "3"}',
+            {},
+            "invalid_body",
+        ),
+        (
+            "PATCH",
+            "/accounts/a/customers/c/subscription/seats",
+            b'{"seats": true}',
+            {},
+            "invalid_body",
+        ),
+        ("PATCH", "/accounts/a/customers/c/subscription/seats", b"{}", {}, "invalid_body"),
+        ("PUT", "/accounts/a/customers/c/subscription", b'{"planId": "pro"}', {}, "invalid_body"),
+        (
+            "PUT",
+            "/accounts/a/customers/c/subscription",
+            b'{"planId": "pro", "planVersion": 1.5}',
+            {},
+            "invalid_body",
+        ),
+        ("POST", "/accounts/a/customers/c/subscription/preview", b"[]", {}, "invalid_body"),
+        (
+            "POST",
+            "/accounts/a/customers/c/subscription/preview",
+            b'{"addOnModuleIds": "sso"}',
+            {},
+            "invalid_body",
+        ),
+        (
+            "PATCH",
+            "/accounts/a/customers/c/subscription/add-ons",
+            b'{"add": [1]}',
+            {},
+            "invalid_body",
+        ),
+        (
+            "PATCH",
+            "/accounts/a/customers/c/subscription/plan",
+            b'{"planId": "pro"}',
+            {},
+            "invalid_body",
+        ),
+        (
+            "POST",
+            "/accounts/a/customers/c/subscribe",
+            b'{"planId": "pro", "seats": "2"}',
+            {},
+            "invalid_body",
+        ),
+        (
+            "POST",
+            "/accounts",
+            b'{"accountId": "a", "createBillingCustomer": "yes"}',
+            {},
+            "invalid_body",
+        ),
+        ("POST", "/accounts/a/credit-checkout", b'{"customerId": "c"}', {}, "invalid_body"),
+        (
+            "POST",
+            "/accounts/a/credit-checkout",
+            orjson.dumps({"customerId": "c", "successUrl": "u", "cancelUrl": "u", "items": {}}),
+            {},
+            "invalid_body",
+        ),
+        ("POST", "/customers/c/credits/exports/consume", b'{"amount": 1}', {}, "invalid_body"),
+        (
+            "POST",
+            "/customers/c/credits/exports/consume",
+            b'{"amount": "1", "idempotencyKey": "k"}',
+            {},
+            "invalid_body",
+        ),
+        ("GET", "/customers//credits", None, {}, "invalid_id"),
+        ("GET", "/credit-types//packs", None, {}, "invalid_id"),
         (
             "POST",
             "/accounts",
@@ -854,6 +1117,21 @@ async def test_v1_refuses_bad_input_before_calling_upstream(
     assert resp.content_type == "application/json"
     assert (await resp.json())["error"]["code"] == code
     assert emulator.count() == 0
+
+
+async def test_v1_leaves_an_optional_null_to_the_upstream(
+    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
+) -> None:
+    """The SDK sends ``creditTypeId: null`` when given neither a pack nor items."""
+    emulator.create_account(tenant, "acc")
+    emulator.create_customer(tenant, "acc", "cus")
+    sc = await make_sidecar(None)
+    body = {"customerId": "cus", "successUrl": "https://a.example", "cancelUrl": "https://a.example",
+            "creditTypeId": None, "packId": None, "quantity": 1}  # fmt: skip
+    resp = await sc.client.post("/v1/accounts/acc/credit-checkout", json=body)
+    assert resp.status == 400
+    assert (await resp.json())["error"]["code"] == "missing_field", "the upstream's own code"
+    assert emulator.count("create_credit_checkout") == 1
 
 
 async def test_the_mirror_lets_the_upstream_judge_bodies(
@@ -910,19 +1188,26 @@ async def test_the_mirror_serves_only_its_own_tenant(
     assert emulator.count() == 0
 
 
-async def test_unknown_upstream_paths_are_not_proxied(
+async def test_unknown_upstream_paths_are_not_proxied_when_forwarding_is_off(
     make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
 ) -> None:
-    sc = await make_sidecar(None)
-    for method, path in [
-        ("GET", f"/tenants/{tenant}/accounts/a/secrets"),
-        ("PUT", f"/tenants/{tenant}/accounts/a"),
-        ("GET", "/v1/accounts/a/invoices/i"),
-        ("POST", f"/tenants/{tenant}/_emulator/reset"),
+    """SIDECAR_FORWARD_UNKNOWN=false: only the table's operations reach the upstream
+    (tests/test_unknown_operations.py has the default, forwarding on)."""
+    sc = await make_sidecar(None, SIDECAR_FORWARD_UNKNOWN="false")
+    for method, path, status, code in [
+        ("GET", f"/tenants/{tenant}/accounts/a/secrets", 404, "unknown_operation"),
+        ("PUT", f"/tenants/{tenant}/accounts/a", 405, "method_not_allowed"),
+        ("GET", "/v1/accounts/a/invoices/i", 404, "not_found"),
+        ("POST", f"/tenants/{tenant}/_emulator/reset", 404, "unknown_operation"),
+        ("GET", "/tenants/someone-else/accounts/a/secrets", 404, "unknown_tenant"),
     ]:
         resp = await sc.client.request(method, path)
         assert resp.status in (404, 405), path
+        assert resp.status == status, path
         assert resp.content_type == "application/json"
+        assert (await resp.json())["error"]["code"] == code, path
+        if status == 405:
+            assert resp.headers["Allow"] == "PATCH"
     assert emulator.count() == 0
 
 
@@ -1131,7 +1416,7 @@ async def test_openapi_describes_every_operation_on_both_surfaces(
                 assert "Idempotency-Key" in params
             if op.body:
                 schema = resolve(entry["requestBody"]["content"]["application/json"]["schema"])
-                assert set(op.required) <= set(schema["required"]), op.name
+                assert set(op.required) <= set(schema.get("required", [])), op.name
             else:
                 assert "requestBody" not in entry, op.name
             responses = entry["responses"]
@@ -1139,8 +1424,10 @@ async def test_openapi_describes_every_operation_on_both_surfaces(
             assert success, op.name
             for status in success:
                 content = resolve(responses[status]).get("content")
-                if content:
+                if content and "application/json" in content:
                     assert resolve(content["application/json"]["schema"])["type"] == "object"
+                elif content:  # a body that is not JSON (the invoice PDF): any bytes
+                    assert list(content) == ["application/pdf"], op.name
             if not op.cached:
                 for status in ("400", "502", "504"):
                     assert resolve(responses[status])["content"], (op.name, status)

@@ -10,8 +10,6 @@ answering through a master failover.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -22,23 +20,16 @@ import redis
 from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar.app import create_app
+from sidecar.appkeys import LIFECYCLE, REDIS
 from sidecar.config import ConfigError, Settings, redact_url
 from sidecar.emulator import Emulator
-from sidecar.keys import LIFECYCLE, REDIS
-from sidecar.ops import create_ops_app
-from sidecar.redisclient import RedisTarget, parse_redis_url
-from sidecar.redisio import Keys
+from sidecar.http.ops import create_ops_app
+from sidecar.redis.keys import Keys
+from sidecar.redis.url import RedisTarget, parse_redis_url
 
-from .conftest import (
-    WEBHOOK_SECRET,
-    Sidecar,
-    SidecarFactory,
-    eventually,
-    free_port,
-    sidecar_env,
-    wait_until,
-)
-from .redis_topologies import ClusterSetup, SentinelSetup, redis_binary
+from .conftest import Sidecar, SidecarFactory, eventually
+from .harness import WEBHOOK_SECRET, RedisServer, free_port, make_tls_files, sidecar_env
+from .redis_topologies import ClusterSetup, SentinelSetup
 
 DOC = {"status": "active", "modules": ["reports"], "config": {}, "accountId": "acc_1"}
 UPGRADED = {"status": "active", "modules": ["reports", "exports"], "config": {}}
@@ -232,94 +223,98 @@ async def _tenant_drop_fans_out(a: Sidecar, b: Sidecar, emulator: Emulator, tena
 # -- TLS and unix sockets --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
-    """A redis-server that speaks only TLS, with a throwaway CA; yields (port, CA file)."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        raise RuntimeError("openssl is not installed (apt-get install openssl): it makes the CA")
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    port = free_port()
-    proc = subprocess.Popen(
-        [redis_binary(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-         "--tls-cert-file", str(d / "cert.pem"), "--tls-key-file", str(d / "key.pem"),
-         "--tls-ca-cert-file", str(d / "cert.pem"), "--tls-auth-clients", "no",
-         "--save", "", "--appendonly", "no", "--dir", str(d)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-
-    def up() -> bool:
-        try:
-            return bool(
-                redis.Redis(port=port, ssl=True, ssl_ca_certs=str(d / "cert.pem"),
-                            socket_timeout=1).ping()
-            )  # fmt: skip
-        except redis.RedisError:
-            return False
-
-    try:
-        wait_until(up, timeout=20)
-        yield port, d / "cert.pem"
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-async def test_tls_reads_and_fanout(
-    tls_redis: tuple[int, Path], make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
+async def _two_share_reads_and_fanout(
+    url: str, make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
 ) -> None:
-    port, ca = tls_redis
-    url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}"
     a = await make_sidecar(url, SIDECAR_MEMORY_TTL=LONG_MEMORY)
     b = await make_sidecar(url, SIDECAR_MEMORY_TTL=LONG_MEMORY)
     await _shares_reads(a, b, emulator, tenant)
     await _webhook_fans_out(a, b, emulator, tenant)
 
 
-async def test_tls_refuses_an_unknown_ca(
-    tls_redis: tuple[int, Path], bare_sidecar: BareFactory, emulator: Emulator, tenant: str
-) -> None:
-    """Verification is on by default: a server cert no CA vouches for counts as Redis down."""
-    port, _ = tls_redis
-    client, ops = await bare_sidecar(SIDECAR_REDIS_URL=f"rediss://127.0.0.1:{port}/0")
+async def _redis_down_at_start(
+    bare_sidecar: BareFactory, emulator: Emulator, tenant: str, **env: str
+) -> TestClient[Any, Any]:
+    """A sidecar whose Redis cannot be used from the start still answers (a miss), stays
+    ready and says Redis is down; its ops client."""
+    client, ops = await bare_sidecar(**env)
     emulator.set_entitlements(tenant, "cus_1", DOC)
     resp = await client.get("/v1/customers/cus_1/entitlements")
     assert (resp.status, resp.headers["X-Sidecar-Cache"]) == (200, "miss")
-    assert (await (await ops.get("/readyz")).json())["redis"] == "down"
+    ready = await ops.get("/readyz")
+    assert ready.status == 200
+    assert (await ready.json())["redis"] == "down"
+    return ops
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server that speaks only TLS, with a throwaway CA."""
+    workdir = tmp_path_factory.mktemp("tls")
+    with RedisServer(workdir, tls=make_tls_files(workdir)) as server:
+        yield server
+
+
+async def test_tls_reads_and_fanout(
+    tls_redis: RedisServer, make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
+) -> None:
+    assert tls_redis.tls is not None
+    url = f"rediss://127.0.0.1:{tls_redis.port}/0?ssl_ca_certs={tls_redis.tls.ca}"
+    assert url == tls_redis.url
+    await _two_share_reads_and_fanout(url, make_sidecar, emulator, tenant)
+
+
+async def test_tls_refuses_an_unknown_ca(
+    tls_redis: RedisServer, bare_sidecar: BareFactory, emulator: Emulator, tenant: str
+) -> None:
+    """Verification is on by default: a server cert no CA vouches for counts as Redis down."""
+    url = f"rediss://127.0.0.1:{tls_redis.port}/0"
+    await _redis_down_at_start(bare_sidecar, emulator, tenant, SIDECAR_REDIS_URL=url)
 
 
 @pytest.fixture
-def unix_redis(tmp_path: Path) -> Iterator[Path]:
-    """A redis-server listening on a unix socket only; yields the socket's path."""
-    sock = tmp_path / "redis.sock"
-    proc = subprocess.Popen(
-        [redis_binary(), "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
-         "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        wait_until(lambda: sock.exists(), timeout=20)
-        yield sock
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
+def unix_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server listening on a unix socket only."""
+    with RedisServer(tmp_path, unix_socket=tmp_path / "redis.sock") as server:
+        yield server
 
 
 async def test_unix_socket_reads_and_fanout(
-    unix_redis: Path, make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
+    unix_redis: RedisServer, make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
 ) -> None:
-    url = f"unix://{unix_redis}?db=0"
-    a = await make_sidecar(url, SIDECAR_MEMORY_TTL=LONG_MEMORY)
-    b = await make_sidecar(url, SIDECAR_MEMORY_TTL=LONG_MEMORY)
-    await _shares_reads(a, b, emulator, tenant)
-    await _webhook_fans_out(a, b, emulator, tenant)
-    assert redis.Redis(unix_socket_path=str(unix_redis)).exists(Keys(tenant).entry("cus_1")) == 1
+    url = f"unix://{unix_redis.unix_socket}?db=0"
+    assert url == unix_redis.url
+    await _two_share_reads_and_fanout(url, make_sidecar, emulator, tenant)
+    with redis.Redis(unix_socket_path=str(unix_redis.unix_socket)) as client:
+        assert client.exists(Keys(tenant).entry("cus_1")) == 1
+
+
+@pytest.fixture
+def password_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server with ``requirepass``; the password needs quoting in a URL."""
+    with RedisServer(tmp_path, password="s3cret@/pw") as server:
+        yield server
+
+
+async def test_password_reads_and_fanout(
+    password_redis: RedisServer, make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
+) -> None:
+    url = password_redis.url
+    assert url == f"redis://:s3cret%40%2Fpw@127.0.0.1:{password_redis.port}/0"
+    anonymous = redis.Redis(port=password_redis.port)
+    with anonymous, pytest.raises(redis.AuthenticationError):
+        anonymous.ping()
+    await _two_share_reads_and_fanout(url, make_sidecar, emulator, tenant)
+
+
+async def test_wrong_password_is_redis_down_and_never_shown(
+    password_redis: RedisServer, bare_sidecar: BareFactory, emulator: Emulator, tenant: str
+) -> None:
+    url = f"redis://:not-the-pw@127.0.0.1:{password_redis.port}/0"
+    ops = await _redis_down_at_start(bare_sidecar, emulator, tenant, SIDECAR_REDIS_URL=url)
+    for path in ("/readyz", "/metrics"):
+        shown = await (await ops.get(path)).text()
+        assert "not-the-pw" not in shown and "s3cret" not in shown
 
 
 # -- Redis Cluster ---------------------------------------------------------------------------
@@ -496,13 +491,8 @@ async def test_unreachable_topology_at_start_is_redis_down_not_a_crash(
     env: dict[str, str], bare_sidecar: BareFactory, emulator: Emulator, tenant: str
 ) -> None:
     port = free_port()
-    client, ops = await bare_sidecar(**{k: v.format(port=port) for k, v in env.items()})
-    emulator.set_entitlements(tenant, "cus_1", DOC)
-    resp = await client.get("/v1/customers/cus_1/entitlements")
-    assert (resp.status, resp.headers["X-Sidecar-Cache"]) == (200, "miss")
-    ready = await ops.get("/readyz")
-    assert ready.status == 200
-    assert (await ready.json())["redis"] == "down"
+    env = {k: v.format(port=port) for k, v in env.items()}
+    await _redis_down_at_start(bare_sidecar, emulator, tenant, **env)
 
 
 async def test_sentinel_pool_waits_for_a_free_connection(

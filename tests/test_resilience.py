@@ -4,9 +4,7 @@ upstream refusing, failing or hanging; stale serving, the breaker, fail-open."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,7 +13,8 @@ from aiohttp.test_utils import TestServer
 
 from sidecar.emulator import Emulator
 
-from .conftest import RedisServer, Sidecar, SidecarFactory, eventually
+from .conftest import Sidecar, SidecarFactory, eventually
+from .harness import RedisServer
 
 DOC = {"status": "active", "modules": ["reports"]}
 
@@ -48,7 +47,7 @@ async def test_redis_killed_mid_load_no_failed_reads(
 
     workers = [asyncio.create_task(load()) for _ in range(8)]
     await eventually(lambda: _at_least(results, 200))
-    own_redis.stop()
+    own_redis.kill()
     await eventually(lambda: _ready_is(sc, "redis", "down"))
     mark = len(results)
     await eventually(lambda: _at_least(results, mark + 300))
@@ -114,15 +113,14 @@ async def test_redis_hung_reads_stay_bounded(
     emulator.set_entitlements(tenant, "cus_1", DOC)
     sc = await make_sidecar(own_redis.url, SIDECAR_REDIS_TIMEOUT="0.2", SIDECAR_MEMORY_TTL="0")
     assert (await read(sc, "cus_1"))[0] == 200
-    assert own_redis.proc is not None
-    os.kill(own_redis.proc.pid, signal.SIGSTOP)
+    own_redis.pause()
     try:
         for _ in range(5):
             status, _, body = await asyncio.wait_for(read(sc, "cus_1"), timeout=5)
             assert (status, body["allowed"]) == (200, True)
         assert (await ready(sc))["redis"] == "down"
     finally:
-        os.kill(own_redis.proc.pid, signal.SIGCONT)
+        own_redis.resume()
     await eventually(lambda: _ready_is(sc, "redis", "ok"), timeout=15)
 
 
@@ -240,7 +238,9 @@ async def test_refresh_ahead_keeps_callers_off_the_upstream(
     make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
 ) -> None:
     emulator.set_entitlements(tenant, "cus_1", DOC)
-    sc = await make_sidecar(None, SIDECAR_CACHE_TTL="0.5")
+    # 2 s fresh: the refresh-ahead window (its last 10 %) is 200 ms wide, so a
+    # caller polling every 10 ms lands in it even on a loaded machine.
+    sc = await make_sidecar(None, SIDECAR_CACHE_TTL="2")
     assert (await read(sc, "cus_1"))[1] == "miss"
     sources: list[str] = []
 
@@ -248,7 +248,7 @@ async def test_refresh_ahead_keeps_callers_off_the_upstream(
         sources.append((await read(sc, "cus_1"))[1])
         return emulator.count("get_entitlements", tenant) >= 3
 
-    await eventually(refreshed, timeout=10, interval=0.01)
+    await eventually(refreshed, timeout=20, interval=0.01)
     assert set(sources) == {"hit"}, "the refreshes happened in the background"
 
 
@@ -362,33 +362,3 @@ async def test_unretried_write_gets_the_whole_deadline(
     resp = await sc.client.post("/v1/accounts/acct_1/customers", json={"customerId": "cus_slow"})
     assert resp.status == 201, await resp.text()
     assert emulator.count("create_customer", tenant) == 1
-
-
-async def test_push_while_redis_is_down_asks_for_a_retry(
-    make_sidecar: SidecarFactory, own_redis: RedisServer, emulator: Emulator, tenant: str
-) -> None:
-    """A push that cannot reach the other sidecars is not acknowledged: 503, then a retry
-    once Redis is back is applied in full (not refused as a duplicate)."""
-    from .test_webhooks import event, push
-
-    emulator.set_entitlements(tenant, "cus_1", DOC)
-    a = await make_sidecar(own_redis.url)
-    b = await make_sidecar(own_redis.url)
-    await read(b, "cus_1")
-    own_redis.stop()
-    payload = event(tenant, customerId="cus_1")
-    status, body = await push(a, payload)
-    assert status == 503
-    assert body["error"]["code"] == "redis_unavailable"
-    drop = await a.client.delete("/v1/customers/cus_1/cache")
-    assert drop.status == 503
-    assert (await drop.json())["error"]["code"] == "redis_unavailable"
-    own_redis.start()
-    for sc in (a, b):
-        await eventually(lambda sc=sc: _fanout_and_redis_ok(sc), timeout=15)
-    assert (await push(a, payload)) == (200, {"ok": True})
-    assert (await a.client.delete("/v1/customers/cus_1/cache")).status == 204
-    retried = a.metrics.registry.get_sample_value(
-        "vellum_sidecar_webhooks_total", {"result": "retry"}
-    )
-    assert retried == 1

@@ -12,7 +12,9 @@ from sidecar.signature import (
     DEFAULT_TOLERANCE,
     MAX_HEADER_LENGTH,
     MAX_SIGNATURES,
+    ParsedHeader,
     SignatureError,
+    parse,
     sign,
     sign_many,
     verify,
@@ -269,3 +271,45 @@ def test_huge_header_of_entries_is_rejected_cheaply() -> None:
     flood = f"t={NOW}," + ",".join(f"v1={GOOD}" for _ in range(10_000))
 
     assert reason(flood) == "malformed"
+
+
+# ---------------------------------------------------------------- parsing, directly
+
+
+def test_parse_keeps_the_raw_timestamp_and_decodes_each_v1_in_order() -> None:
+    first, second = "ab" * 32, "CD" * 32
+    parsed = parse(f"t=001700000000,v1={first},v1={second}")
+    assert parsed == ParsedHeader("001700000000", [bytes.fromhex(first), bytes.fromhex(second)])
+    assert parsed.timestamp == "001700000000"  # signed as it appears, leading zeros kept
+
+
+def test_parse_skips_other_schemes_bad_v1_values_and_blank_items() -> None:
+    digest = "0f" * 32
+    header = f" v0=zz , ,v1=short,v1={'g' * 64},x=1,t=5,v1={digest},"
+    assert parse(header) == ParsedHeader("5", [bytes.fromhex(digest)])
+
+
+def test_parse_keeps_only_the_first_usable_v1_entries() -> None:
+    digests = [f"{i:02x}" * 32 for i in range(MAX_SIGNATURES + 3)]
+    parsed = parse("t=1," + ",".join(f"v1={d}" for d in digests))
+    assert parsed.digests == [bytes.fromhex(d) for d in digests[:MAX_SIGNATURES]]
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ("t=1,v1", "not key=value"),
+        ("=1,v1=" + "a" * 64, "not key=value"),
+        ("t=1,t=2,v1=" + "a" * 64, "more than one t="),
+        ("t=-1,v1=" + "a" * 64, "not a unix time"),
+        ("t=1.5,v1=" + "a" * 64, "not a unix time"),
+        ("t=" + "9" * 13 + ",v1=" + "a" * 64, "not a unix time"),
+        ("v1=" + "a" * 64, "no t="),
+        ("t=1,v0=" + "a" * 64, "no usable v1="),
+        ("t=1,v1=" + "a" * 64 + " " * MAX_HEADER_LENGTH, "too long"),
+    ],
+)
+def test_parse_refuses_malformed_headers(header: str, message: str) -> None:
+    with pytest.raises(SignatureError, match=re.escape(message)) as info:
+        parse(header)
+    assert info.value.reason == "malformed"

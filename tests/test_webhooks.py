@@ -14,21 +14,14 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar.app import create_app
+from sidecar.appkeys import LIFECYCLE
 from sidecar.config import Settings
 from sidecar.emulator import EMULATOR, Emulator, create_emulator_app
-from sidecar.keys import LIFECYCLE
+from sidecar.http.webhooks import create_webhook_app
 from sidecar.signature import sign, sign_many
-from sidecar.webhooks import create_webhook_app
 
-from .conftest import (
-    API_KEY,
-    WEBHOOK_SECRET,
-    Sidecar,
-    SidecarFactory,
-    eventually,
-    free_port,
-    sidecar_env,
-)
+from .conftest import Sidecar, SidecarFactory, eventually
+from .harness import API_KEY, WEBHOOK_SECRET, free_port, sidecar_env
 
 OLD = {"status": "active", "modules": ["reports"], "accountId": "acct_1"}
 NEW = {"status": "active", "modules": ["reports", "exports"], "accountId": "acct_1"}
@@ -128,7 +121,7 @@ async def test_malformed_and_oversized_bodies(
     emulator.set_entitlements(tenant, "cus_1", OLD)
     sc = await make_sidecar(None)
     await source_of(sc, "cus_1")
-    for body in (b"{nope", b"[]", b'{"type": "x"}', b'{"id": 5}', b"\xff\xfe"):
+    for body in (b"{nope", b"[]", b'"evt_1"', b"5", b"null", b"\xff\xfe"):
         status, reply = await push(sc, body)
         assert status == 400, body
         assert reply["error"]["code"] == "malformed_event"
@@ -137,7 +130,28 @@ async def test_malformed_and_oversized_bodies(
     assert status == 413
     assert reply["error"]["code"] == "payload_too_large"
     assert await source_of(sc, "cus_1") == ("hit", False)
-    assert webhook_count(sc, "malformed") == 5
+    assert webhook_count(sc, "malformed") == 6
+
+
+async def test_authentic_events_without_an_id_are_applied(
+    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
+) -> None:
+    """No id field, an id that is not a string, an id too long to be a key: all applied."""
+    emulator.set_entitlements(tenant, "cus_1", OLD)
+    sc = await make_sidecar(None)
+    bodies = (
+        {"type": "entitlements.updated", "customerId": "cus_1"},
+        {"id": 5, "customerId": "cus_1"},
+        {"eventId": "e" * 5000, "customerId": "cus_1"},
+        {"eventId": "", "id": None, "customerId": "cus_1"},
+    )
+    for payload in bodies:
+        await source_of(sc, "cus_1")
+        assert (await source_of(sc, "cus_1"))[0] == "hit"
+        assert await push(sc, payload) == (200, {"ok": True}), payload
+        assert (await source_of(sc, "cus_1"))[0] == "miss", payload
+    assert webhook_count(sc, "ok") == 4
+    assert webhook_count(sc, "malformed") == 0
 
 
 async def test_replay_is_a_duplicate_even_on_another_sidecar(

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +17,7 @@ import pytest
 
 from sidecar.config import ConfigError, Settings
 
-from .conftest import RedisServer, free_port, wait_until
-
-KEY = "vk_workers_" + "x" * 20
-HOOK_SECRET = "whsec_workers_" + "y" * 20
+from .harness import Stack, free_port, wait_until
 
 
 def get(url: str) -> tuple[int, Any]:
@@ -43,13 +39,6 @@ def put(url: str, body: Any) -> Any:
         return json.loads(resp.read())
 
 
-def answers(url: str) -> bool:
-    try:
-        return get(url)[0] == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -68,61 +57,15 @@ def served_by(metrics: str) -> set[str]:
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    redis = RedisServer(tmp_path)
-    redis.start()
-    emu_port, hooks, ops = free_port(), free_port(), free_port()
-    logs = []
+def start_workers(tmp_path: Path) -> Iterator[Callable[[str], Stack]]:
+    """Starts Redis, the emulator and a two-worker sidecar with its local API on ``listen``."""
+    with contextlib.ExitStack() as stacks:
 
-    def spawn(name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        log = (tmp_path / f"{name}.log").open("wb")
-        logs.append(log)
-        return subprocess.Popen(
-            [sys.executable, "-m", "sidecar", *args],
-            env={"PATH": os.environ["PATH"], **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        def start(listen: str) -> Stack:
+            stack = Stack(tmp_path, redis=True, tenant="acme", listen=listen, SIDECAR_WORKERS="2")
+            return stacks.enter_context(stack)
 
-    emulator = spawn(
-        "emulator",
-        ["emulator", "--listen", f"127.0.0.1:{emu_port}", "--tenant", "acme",
-         "--webhook-url", f"http://127.0.0.1:{hooks}/webhooks/vellum"],
-        {"EMULATOR_API_KEYS": KEY, "EMULATOR_WEBHOOK_SECRET": HOOK_SECRET},
-    )  # fmt: skip
-    wait_until(lambda: answers(f"http://127.0.0.1:{emu_port}/_emulator/healthz"))
-    env = {
-        "VELLUM_API_KEY": KEY,
-        "VELLUM_TENANT_ID": "acme",
-        "VELLUM_BASE_URL": f"http://127.0.0.1:{emu_port}",
-        "VELLUM_WEBHOOK_SECRETS": HOOK_SECRET,
-        "SIDECAR_REDIS_URL": redis.url,
-        "SIDECAR_WEBHOOK_LISTEN": f"127.0.0.1:{hooks}",
-        "SIDECAR_OPS_LISTEN": f"127.0.0.1:{ops}",
-        "SIDECAR_WORKERS": "2",
-    }
-
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(**extra: str) -> subprocess.Popen[bytes]:
-        proc = spawn("sidecar", ["serve"], {**env, **extra})
-        procs.append(proc)
-        wait_until(lambda: answers(f"http://127.0.0.1:{ops}/readyz"), timeout=30)
-        return proc
-
-    yield {
-        "start": start,
-        "ops": f"http://127.0.0.1:{ops}",
-        "emu": f"http://127.0.0.1:{emu_port}",
-        "tmp": tmp_path,
-    }
-    for proc in [*procs, emulator]:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
-    for log in logs:
-        log.close()
-    redis.stop()
+        yield start
 
 
 def test_more_than_one_worker_needs_redis() -> None:
@@ -137,11 +80,12 @@ def test_more_than_one_worker_needs_redis() -> None:
     assert Settings.from_env({"VELLUM_API_KEY": "k", "VELLUM_TENANT_ID": "t"}).workers == 1
 
 
-def test_workers_share_the_port_stay_coherent_and_are_restarted(stack: dict[str, Any]) -> None:
-    api_port = free_port()
-    api = f"http://127.0.0.1:{api_port}"
-    supervisor = stack["start"](SIDECAR_LISTEN=f"127.0.0.1:{api_port}")
-    ops, emu = stack["ops"], stack["emu"]
+def test_workers_share_the_port_stay_coherent_and_are_restarted(
+    start_workers: Callable[[str], Stack],
+) -> None:
+    stack = start_workers(f"127.0.0.1:{free_port()}")
+    supervisor = stack.sidecar
+    api, ops, emu = stack.url, supervisor.ops_url, stack.emulator_url
 
     status, ready = get(f"{ops}/readyz")
     assert status == 200
@@ -177,6 +121,8 @@ def test_workers_share_the_port_stay_coherent_and_are_restarted(stack: dict[str,
     assert "vellum_sidecar_workers 2.0" in metrics
     assert 'vellum_sidecar_webhooks_total{result="ok",worker=' in metrics
     assert 'process_resident_memory_bytes{worker="1"}' in metrics
+    assert 'vellum_sidecar_fanout_state{state="ok",worker="1"} 1.0' in metrics
+    assert "_created" not in metrics, "neither the supervisor's series nor the workers'"
 
     # A worker that dies is restarted; once it is gone (connections already queued
     # on its socket die with it), the port keeps answering through the other.
@@ -199,9 +145,9 @@ def test_workers_share_the_port_stay_coherent_and_are_restarted(stack: dict[str,
     assert not any(alive(pid) for pid in workers)
 
 
-def test_workers_share_a_unix_socket(stack: dict[str, Any]) -> None:
-    path = str(stack["tmp"] / "sidecar.sock")
-    stack["start"](SIDECAR_LISTEN=f"unix:{path}")
+def test_workers_share_a_unix_socket(tmp_path: Path, start_workers: Callable[[str], Stack]) -> None:
+    path = str(tmp_path / "sidecar.sock")
+    stack = start_workers(f"unix:{path}")
     assert os.stat(path).st_mode & 0o777 == 0o660
 
     def over_unix(target: str) -> bytes:
@@ -217,6 +163,6 @@ def test_workers_share_a_unix_socket(stack: dict[str, Any]) -> None:
     def both_served() -> bool:
         reply = over_unix("/v1/customers/cus_active/can/reports")
         assert reply.startswith(b"HTTP/1.0 200") or reply.startswith(b"HTTP/1.1 200"), reply
-        return served_by(get(f"{stack['ops']}/metrics")[1]) == {"0", "1"}
+        return served_by(get(f"{stack.sidecar.ops_url}/metrics")[1]) == {"0", "1"}
 
     wait_until(both_served, timeout=20, interval=0)

@@ -58,7 +58,9 @@ export declare class EntitlementSet {
   /** The whole document, unknown fields included. */
   readonly data: EntitlementDocument;
   readonly cache: CacheSource | null;
-  /** True when the status is active or trialing. */
+  /** The upstream's hasAccess, as the SDK answers it; false when the document has none. */
+  hasAccess(): boolean;
+  /** True when the status is active or trialing (the status alone; see hasAccess()). */
   isActive(): boolean;
   /** True when moduleId is one of the customer's modules (what can() answers). */
   has(moduleId: string): boolean;
@@ -69,7 +71,11 @@ export declare class EntitlementSet {
 export interface SidecarClientOptions {
   /** http(s)://host:port[/prefix] or unix:/path.sock; else VELLUM_SIDECAR_URL, else http://127.0.0.1:8700. */
   baseUrl?: string;
-  /** Milliseconds for an entitlement call (can, check, getEntitlements, invalidate); default 1000. */
+  /**
+   * Milliseconds for a cached call (can, check, getEntitlements, flags, ...); default 1000.
+   * Each wait for the sidecar's next bytes is bounded by it (a socket timeout), and an idle
+   * keep-alive connection is closed after it.
+   */
   timeout?: number;
   /** Milliseconds for a billing call, which waits for the Vellum API; default 10000. */
   billingTimeout?: number;
@@ -88,14 +94,22 @@ export interface WriteOptions {
   idempotencyKey?: string;
 }
 
-export interface CreateCheckoutArgs extends WriteOptions {
+/** The plan a checkout or a subscription sells; optional fields are omitted, never null. */
+export interface PlanChoice {
+  planId: string;
+  /** Omitted: the newest version sold in the sidecar key's mode. */
+  planVersion?: number;
+  /** Omitted: resolved from the plan (400 ambiguous_plan when two products sell it). */
+  productId?: string;
+  seats?: number;
+  addOnModuleIds?: string[];
+}
+
+export interface CreateCheckoutArgs extends WriteOptions, PlanChoice {
   accountId: string;
   customerId: string;
-  planId: string;
-  planVersion: number | string;
   successUrl: string;
   cancelUrl: string;
-  seats?: number;
 }
 
 export interface CreateSetupCheckoutArgs extends WriteOptions {
@@ -104,12 +118,9 @@ export interface CreateSetupCheckoutArgs extends WriteOptions {
   cancelUrl: string;
 }
 
-export interface CreateSubscriptionArgs extends WriteOptions {
+export interface CreateSubscriptionArgs extends WriteOptions, PlanChoice {
   accountId: string;
   customerId: string;
-  planId: string;
-  planVersion: number | string;
-  seats?: number;
 }
 
 export interface CancelSubscriptionArgs extends WriteOptions {
@@ -123,17 +134,55 @@ export interface SubscriptionArgs {
   customerId: string;
 }
 
+export interface UpdateSubscriptionArgs extends WriteOptions, PlanChoice {
+  accountId: string;
+  customerId: string;
+  planVersion: number;
+}
+
+export interface PreviewChangeArgs extends Partial<PlanChoice> {
+  accountId: string;
+  customerId: string;
+}
+
+export interface SetSeatsArgs extends WriteOptions {
+  accountId: string;
+  customerId: string;
+  seats: number;
+}
+
+export interface AddOnArgs extends WriteOptions {
+  accountId: string;
+  customerId: string;
+  moduleId: string;
+}
+
+export interface ChangePlanArgs extends WriteOptions {
+  accountId: string;
+  customerId: string;
+  planId: string;
+  planVersion: number;
+  productId?: string;
+}
+
+export interface ReactivateArgs extends WriteOptions {
+  accountId: string;
+  customerId: string;
+}
+
 export interface CreateAccountArgs extends WriteOptions {
   accountId: string;
   name?: string | null;
   email?: string | null;
-  stripeCustomerId?: string | null;
-  createStripeCustomer?: boolean;
+  /** Adopt this existing billing customer (409 when the account has another). */
+  billingCustomerId?: string | null;
+  createBillingCustomer?: boolean;
 }
 
 export interface CreateCustomerArgs extends WriteOptions {
   accountId: string;
   customerId: string;
+  name?: string | null;
   email?: string | null;
 }
 
@@ -154,6 +203,7 @@ export interface AccountArgs {
 
 export interface PaymentMethodArgs extends WriteOptions {
   accountId: string;
+  /** The payment method's ref (a raw provider id is a 404). */
   methodId: string;
 }
 
@@ -170,7 +220,48 @@ export interface ListInvoicesArgs {
 
 export interface InvoicePdfArgs {
   accountId: string;
+  /** The invoice's ref. */
   invoiceId: string;
+}
+
+/** One pack of a credit checkout with several. */
+export interface CreditItem {
+  creditTypeId: string;
+  packId: string;
+  quantity?: number;
+}
+
+export interface CreateCreditCheckoutArgs extends WriteOptions {
+  accountId: string;
+  customerId: string;
+  successUrl: string;
+  cancelUrl: string;
+  creditTypeId?: string;
+  packId?: string;
+  quantity?: number;
+  /** Several packs at once; creditTypeId, packId and quantity are then not sent. */
+  items?: CreditItem[];
+}
+
+export interface CreditTypeArgs {
+  creditTypeId: string;
+}
+
+export interface CustomerArgs {
+  customerId: string;
+}
+
+export interface CreditBalanceArgs {
+  customerId: string;
+  creditTypeId: string;
+}
+
+export interface ConsumeCreditsArgs {
+  customerId: string;
+  creditTypeId: string;
+  amount: number;
+  /** Sent in the body, as the SDK does: the same key answers the first answer again. */
+  idempotencyKey: string;
 }
 
 export declare class SidecarClient {
@@ -180,7 +271,7 @@ export declare class SidecarClient {
   readonly timeout: number;
   readonly billingTimeout: number;
   readonly failOpen: boolean;
-  /** Close idle keep-alive connections of a unix-socket client. */
+  /** Close the idle keep-alive connections (the client stays usable). */
   close(): void;
 
   /** May the customer use the module? Never rejects for an outage (fail closed). */
@@ -189,14 +280,37 @@ export declare class SidecarClient {
   getEntitlements(customerId: string): Promise<EntitlementSet>;
   /** can() for many pairs at once, in order. */
   check(pairs: Iterable<CheckPair>): Promise<boolean[]>;
-  /** Drop one customer's cached entitlements, or everyone's, on every sidecar. */
+  /** Drop one customer's cached entitlements, or everyone's, on every sidecar (not flags). */
   invalidate(customerId?: string | null): Promise<void>;
+
+  /** Every flag for the customer: the global values with its overrides applied. */
+  flags(customerId: string): Promise<Record<string, boolean>>;
+  /**
+   * One flag. `default` answers for a flag the upstream does not define and when no
+   * answer can be had: never rejects for an outage.
+   */
+  flag(flagId: string, customerId: string, options: { default: boolean }): Promise<boolean>;
+  /** The tenant-global flag values, no customer applied. */
+  globalFlags(): Promise<Record<string, boolean>>;
+  /** Drop one customer's cached flags, or every customer's and the globals, on every sidecar. */
+  invalidateFlags(customerId?: string | null): Promise<void>;
 
   createCheckout(args: CreateCheckoutArgs): Promise<JsonObject>;
   createSetupCheckout(args: CreateSetupCheckoutArgs): Promise<JsonObject>;
   createSubscription(args: CreateSubscriptionArgs): Promise<JsonObject>;
   cancelSubscription(args: CancelSubscriptionArgs): Promise<JsonObject>;
   getSubscription(args: SubscriptionArgs): Promise<JsonObject>;
+  /** Change the plan, seats and add-ons at once. */
+  updateSubscription(args: UpdateSubscriptionArgs): Promise<JsonObject>;
+  /** The cost of a change (current, proposed, amountDueNow); changes nothing. */
+  previewChange(args: PreviewChangeArgs): Promise<JsonObject>;
+  setSeats(args: SetSeatsArgs): Promise<JsonObject>;
+  addAddOn(args: AddOnArgs): Promise<JsonObject>;
+  removeAddOn(args: AddOnArgs): Promise<JsonObject>;
+  changePlan(args: ChangePlanArgs): Promise<JsonObject>;
+  /** Withdraw a pending cancel, or restart an ended subscription. */
+  reactivate(args: ReactivateArgs): Promise<JsonObject>;
+  /** Create the account, or answer the existing one. */
   createAccount(args: CreateAccountArgs): Promise<JsonObject>;
   createCustomer(args: CreateCustomerArgs): Promise<JsonObject>;
   setAccountStatus(args: SetAccountStatusArgs): Promise<JsonObject>;
@@ -204,12 +318,27 @@ export declare class SidecarClient {
   /** The account's payment methods (the methods array). */
   listPaymentMethods(args: AccountArgs): Promise<JsonObject[]>;
   setDefaultPaymentMethod(args: PaymentMethodArgs): Promise<JsonObject>;
-  removePaymentMethod(args: PaymentMethodArgs): Promise<void>;
+  /** {ref, removed: true}; null from an upstream that answers 204. */
+  removePaymentMethod(args: PaymentMethodArgs): Promise<JsonObject | null>;
   setSubscriptionPaymentMethod(args: SetSubscriptionPaymentMethodArgs): Promise<JsonObject>;
   /** The account's invoices (the invoices array), optionally one customer's. */
   listInvoices(args: ListInvoicesArgs): Promise<JsonObject[]>;
-  /** The hosted PDF's URL: the Location of the sidecar's redirect, not followed. */
+  /** The invoice's PDF, its bytes as the upstream sent them. */
+  invoicePdf(args: InvoicePdfArgs): Promise<Uint8Array>;
+  /** Upstreams before SDK 1.2: the Location of the redirect, not followed. */
   invoicePdfUrl(args: InvoicePdfArgs): Promise<string>;
+
+  /** A hosted checkout buying credit packs. */
+  createCreditCheckout(args: CreateCreditCheckoutArgs): Promise<JsonObject>;
+  /** The tenant's credit types (the creditTypes array). */
+  listCreditTypes(): Promise<JsonObject[]>;
+  /** The packs for sale within a credit type (the packs array). */
+  listCreditPacks(args: CreditTypeArgs): Promise<JsonObject[]>;
+  /** A customer's balances (the credits array); never cached. */
+  listCredits(args: CustomerArgs): Promise<JsonObject[]>;
+  getCreditBalance(args: CreditBalanceArgs): Promise<JsonObject>;
+  /** Spend credits, all or nothing (409 insufficient_credits). */
+  consumeCredits(args: ConsumeCreditsArgs): Promise<JsonObject>;
 }
 
 export default SidecarClient;

@@ -1,6 +1,7 @@
 // vellum-sidecar-client: a tiny client for vellum-sidecar's local API.
 //
-// One ES module, no dependencies: the platform's fetch (Node 18+, Deno, Bun).
+// One ES module, no dependencies: node:http with a keep-alive Agent (Node 18+,
+// and Bun and Deno through their Node compatibility).
 // It keeps the Vellum SDK's method names (in camelCase) and argument names,
 // without the API key, which only the sidecar holds.
 //
@@ -13,12 +14,21 @@
 // every such answer with { failOpen: true }. Every other method throws
 // SidecarUnavailable then, and SidecarApiError for any other non-2xx answer.
 
+import http from "node:http";
+import https from "node:https";
+
 export const VERSION = "0.1.0";
 export const DEFAULT_URL = "http://127.0.0.1:8700";
 export const ENV_URL = "VELLUM_SIDECAR_URL";
 /** The sidecar's batch limit; check() splits longer lists into several requests. */
 export const MAX_BATCH = 1000;
 const ACTIVE_STATUSES = new Set(["active", "trialing"]);
+const IDEMPOTENT = new Set(["GET", "HEAD", "PUT", "DELETE", "OPTIONS"]);
+/** Every request's headers, unless it has a body or an Idempotency-Key; never changed. */
+const HEADERS = Object.freeze({
+  accept: "application/json",
+  "user-agent": `vellum-sidecar-client/${VERSION} (js)`,
+});
 
 // -- errors ---------------------------------------------------------------------------
 
@@ -69,7 +79,16 @@ export class EntitlementSet {
     this.cache = cache;
   }
 
-  /** True when the status is active or trialing. */
+  /**
+   * The upstream's word on access (its hasAccess), as the SDK answers it: false
+   * when the document has none (an unknown customer, an upstream before SDK 1.2).
+   * Gate features on has(): the upstream empties modules when access is withheld.
+   */
+  hasAccess() {
+    return this.data.hasAccess === true;
+  }
+
+  /** True when the status is active or trialing (the status alone; see hasAccess()). */
   isActive() {
     return ACTIVE_STATUSES.has(this.status);
   }
@@ -98,9 +117,94 @@ function seg(name, value) {
   return encodeURIComponent(value);
 }
 
-const account = (accountId) => `/v1/accounts/${seg("accountId", accountId)}`;
-const customer = (accountId, customerId) =>
-  `${account(accountId)}/customers/${seg("customerId", customerId)}`;
+// -- the Vellum operations: each one's method, /v1 path, ids ({name}, the methods'
+// nameId argument), JSON body, and whether the sidecar's cache answers it (the short
+// timeout) rather than the Vellum API (billingTimeout).
+
+// BEGIN GENERATED operation table: scripts/gen_clients.py writes it from the sidecar's own
+const OPERATIONS = Object.freeze({
+  get_entitlements: { method: "GET", path: "/v1/customers/{customer}/entitlements", cached: true },
+  flags: { method: "GET", path: "/v1/customers/{customer}/flags", cached: true },
+  global_flags: { method: "GET", path: "/v1/flags", cached: true },
+  create_checkout: { method: "POST", path: "/v1/accounts/{account}/checkout", body: true },
+  create_setup_checkout: {
+    method: "POST", path: "/v1/accounts/{account}/billing/setup-checkout", body: true,
+  },
+  create_subscription: {
+    method: "POST", path: "/v1/accounts/{account}/customers/{customer}/subscribe", body: true,
+  },
+  get_subscription: {
+    method: "GET", path: "/v1/accounts/{account}/customers/{customer}/subscription",
+  },
+  update_subscription: {
+    method: "PUT", path: "/v1/accounts/{account}/customers/{customer}/subscription", body: true,
+  },
+  cancel_subscription: {
+    method: "DELETE", path: "/v1/accounts/{account}/customers/{customer}/subscription",
+  },
+  preview_change: {
+    method: "POST", path: "/v1/accounts/{account}/customers/{customer}/subscription/preview", body: true,
+  },
+  set_seats: {
+    method: "PATCH", path: "/v1/accounts/{account}/customers/{customer}/subscription/seats", body: true,
+  },
+  change_add_ons: {
+    method: "PATCH", path: "/v1/accounts/{account}/customers/{customer}/subscription/add-ons", body: true,
+  },
+  change_plan: {
+    method: "PATCH", path: "/v1/accounts/{account}/customers/{customer}/subscription/plan", body: true,
+  },
+  reactivate: {
+    method: "POST", path: "/v1/accounts/{account}/customers/{customer}/subscription/reactivate",
+  },
+  create_account: { method: "POST", path: "/v1/accounts", body: true },
+  create_customer: { method: "POST", path: "/v1/accounts/{account}/customers", body: true },
+  set_account_status: { method: "PATCH", path: "/v1/accounts/{account}", body: true },
+  set_customer_status: {
+    method: "PATCH", path: "/v1/accounts/{account}/customers/{customer}", body: true,
+  },
+  list_payment_methods: { method: "GET", path: "/v1/accounts/{account}/payment-methods" },
+  set_default_payment_method: {
+    method: "PATCH", path: "/v1/accounts/{account}/payment-methods/{method}",
+  },
+  remove_payment_method: {
+    method: "DELETE", path: "/v1/accounts/{account}/payment-methods/{method}",
+  },
+  set_subscription_payment_method: {
+    method: "PATCH", path: "/v1/accounts/{account}/customers/{customer}/payment-method", body: true,
+  },
+  list_invoices: { method: "GET", path: "/v1/accounts/{account}/invoices" },
+  invoice_pdf: { method: "GET", path: "/v1/accounts/{account}/invoices/{invoice}/pdf" },
+  create_credit_checkout: {
+    method: "POST", path: "/v1/accounts/{account}/credit-checkout", body: true,
+  },
+  list_credit_types: { method: "GET", path: "/v1/credit-types" },
+  list_credit_packs: { method: "GET", path: "/v1/credit-types/{credit_type}/packs" },
+  list_credits: { method: "GET", path: "/v1/customers/{customer}/credits" },
+  get_credit_balance: { method: "GET", path: "/v1/customers/{customer}/credits/{credit_type}" },
+  consume_credits: {
+    method: "POST", path: "/v1/customers/{customer}/credits/{credit_type}/consume", body: true,
+  },
+});
+// END GENERATED operation table
+
+/** The request for one operation of OPERATIONS, its ids quoted into the path. */
+function op(name, ids, { body, query, idempotencyKey } = {}) {
+  const route = OPERATIONS[name];
+  const params = [...route.path.matchAll(/\{(\w+)\}/g)].map((m) => m[1]);
+  const given = Object.keys(ids);
+  if (
+    given.length !== params.length ||
+    !params.every((p) => given.includes(p)) ||
+    (body !== undefined) !== (route.body === true)
+  ) {
+    throw new TypeError(`${name} takes the ids ${params} and a body: ${route.body === true}`);
+  }
+  const camel = (p) => p.replace(/_(\w)/g, (_, c) => c.toUpperCase());
+  const path = route.path.replace(/\{(\w+)\}/g, (_, p) => seg(`${camel(p)}Id`, ids[p]));
+  const billing = route.cached !== true;
+  return { method: route.method, path, query, body, billing, idempotencyKey };
+}
 
 function dropUndefined(body) {
   return Object.fromEntries(
@@ -161,6 +265,35 @@ const fieldList = (name) => (res) => {
   }
   return value;
 };
+
+/** A 2xx JSON object, or null for an answer without a body (a 204). */
+function maybeObject(res) {
+  if (res.status >= 200 && res.status < 300 && !res.text) return null;
+  return object(res);
+}
+
+/** A 2xx body as it came (the invoice PDF): its bytes, never decoded. */
+function bytes(res) {
+  if (res.status < 200 || res.status >= 300) throw failure(res);
+  return res.bytes;
+}
+
+/** A flags document's flags: a new object each call (the caller may change it). */
+function flagsOf(res) {
+  const flags = object(res).flags;
+  if (flags === null || typeof flags !== "object" || Array.isArray(flags)) {
+    throw new SidecarError(`${res.method} ${res.path} answered without a "flags" object`);
+  }
+  return Object.fromEntries(Object.entries(flags).filter(([, v]) => typeof v === "boolean"));
+}
+
+function flagValue(res) {
+  const value = object(res).value;
+  if (typeof value !== "boolean") {
+    throw new SidecarError(`${res.method} ${res.path} answered without a boolean "value"`);
+  }
+  return value;
+}
 
 function location(res) {
   const target = res.headers.get("location");
@@ -224,7 +357,9 @@ function parseBaseUrl(raw) {
     let path = url.slice("unix:".length);
     if (path.startsWith("//")) path = path.slice(2); // unix:///run/sidecar.sock
     if (!path) throw new TypeError(`a unix: URL needs a socket path, got ${JSON.stringify(url)}`);
-    return { socketPath: path, origin: "http://localhost", prefix: "", display: `unix:${path}` };
+    // The browser guard wants a loopback Host; over a socket it is only a name.
+    const connect = { socketPath: path, host: "localhost", port: undefined };
+    return { socketPath: path, prefix: "", display: `unix:${path}`, secure: false, connect };
   }
   let parsed;
   try {
@@ -238,38 +373,81 @@ function parseBaseUrl(raw) {
     );
   }
   const prefix = parsed.pathname.replace(/\/+$/, "");
-  return { socketPath: null, origin: parsed.origin, prefix, display: parsed.origin + prefix };
+  const secure = parsed.protocol === "https:";
+  // node:http wants an IPv6 literal without its brackets.
+  const host = parsed.hostname.replace(/^\[(.*)\]$/, "$1");
+  const port = parsed.port || (secure ? 443 : 80);
+  const connect = { socketPath: undefined, host, port };
+  return { socketPath: null, prefix, display: parsed.origin + prefix, secure, connect };
 }
 
-// -- retrying a request on a closed keep-alive connection -----------------------------
+// -- the transport --------------------------------------------------------------------
 
-const CLOSED_UNANSWERED = Symbol("closedUnanswered");
-// "other side closed" (undici), a reset, a write to a closed socket.
-const CLOSED_CODES = new Set(["UND_ERR_SOCKET", "ECONNRESET", "EPIPE"]);
-const IDEMPOTENT = new Set(["GET", "HEAD", "PUT", "DELETE", "OPTIONS"]);
+/** An answer's headers, read as fetch's Headers are: get(name) -> string or null. */
+class AnswerHeaders {
+  #raw;
 
-function markClosed(error) {
-  if (error && typeof error === "object") error[CLOSED_UNANSWERED] = true;
+  constructor(raw) {
+    this.#raw = raw; // node:http's, names in lower case
+  }
+
+  get(name) {
+    const value = this.#raw[name.toLowerCase()];
+    if (value === undefined) return null;
+    return Array.isArray(value) ? value.join(", ") : String(value);
+  }
 }
 
-// GET, PUT, DELETE, the batch check (read-only) and writes with an Idempotency-Key.
-function isIdempotent({ method, path, idempotencyKey }) {
-  return IDEMPOTENT.has(method) || idempotencyKey != null || path === "/v1/check";
+/** One answer: status, headers, and its body as text (UTF-8, invalid bytes replaced) or bytes. */
+class Answer {
+  #body;
+  #text = null;
+
+  constructor(method, path, status, headers, body) {
+    this.method = method;
+    this.path = path;
+    this.status = status;
+    this.headers = headers;
+    this.#body = body; // a Buffer
+  }
+
+  /** Decoded on first use, once. */
+  get text() {
+    this.#text ??= this.#body.toString("utf8");
+    return this.#text;
+  }
+
+  /** A plain Uint8Array of its own (the invoice PDF), not a view of a pooled Buffer. */
+  get bytes() {
+    return new Uint8Array(this.#body);
+  }
+}
+
+function timeoutError() {
+  const error = new Error("timed out");
+  error.name = "TimeoutError";
+  return error;
 }
 
 // -- the client -----------------------------------------------------------------------
 
 /**
  * The client. Options: baseUrl (else VELLUM_SIDECAR_URL, else
- * http://127.0.0.1:8700; "unix:/path.sock" needs Node), timeout in
- * milliseconds for entitlement calls (answered from the sidecar's cache,
- * default 1000), billingTimeout for billing calls (they wait for the Vellum
- * API, default 10000), and failOpen (what can() and check() answer when no
- * answer can be had; default false: fail closed).
+ * http://127.0.0.1:8700, or "unix:/path.sock"), timeout in milliseconds for
+ * entitlement calls (answered from the sidecar's cache, default 1000),
+ * billingTimeout for billing calls (they wait for the Vellum API, default
+ * 10000), and failOpen (what can() and check() answer when no answer can be
+ * had; default false: fail closed). A timeout bounds each wait for the
+ * sidecar's next bytes (a socket timeout, as the Python client's).
+ *
+ * Connections are kept alive and reused, in one node:http Agent whose sockets
+ * carry the entitlement timeout, so an entitlement call sets no timer of its
+ * own (a billing call sets billingTimeout on its socket while it runs). An idle
+ * connection is closed after that timeout too. close() closes the idle ones.
  */
 export class SidecarClient {
   #target;
-  #agent = null;
+  #agents = new Map(); // socket timeout in ms -> a keep-alive Agent with it
 
   constructor({ baseUrl, timeout = 1000, billingTimeout = 10000, failOpen = false } = {}) {
     this.#target = parseBaseUrl(baseUrl ?? environmentUrl() ?? DEFAULT_URL);
@@ -279,113 +457,92 @@ export class SidecarClient {
     this.failOpen = failOpen;
   }
 
-  /** Close idle keep-alive connections of a unix-socket client (fetch pools its own). */
+  /** Close idle keep-alive connections (the client stays usable). */
   close() {
-    this.#agent?.destroy();
-    this.#agent = null;
+    for (const agent of this.#agents.values()) agent.destroy();
+    this.#agents.clear();
   }
 
-  async #send(call) {
-    // A kept-alive connection the sidecar closed (idle timeout, shutdown drain)
-    // just as this request went out fails before any byte of the answer: send
-    // an idempotent request once more, on a new connection.
-    try {
-      return await this.#sendOnce(call);
-    } catch (error) {
-      if (error?.cause?.[CLOSED_UNANSWERED] && isIdempotent(call)) return await this.#sendOnce(call);
-      throw error;
+  #agent(timeout) {
+    let agent = this.#agents.get(timeout);
+    if (agent === undefined) {
+      agent = new (this.#target.secure ? https : http).Agent({ keepAlive: true, timeout });
+      this.#agents.set(timeout, agent);
     }
+    return agent;
   }
 
-  async #sendOnce({ method, path, query, body, billing = false, idempotencyKey }) {
+  /** The answer to one call, or a SidecarUnavailable rejection when none can be had. */
+  #send({ method, path, query, body, billing = false, idempotencyKey }) {
     const timeout = billing ? this.billingTimeout : this.timeout;
     const search = query ? `?${new URLSearchParams(query)}` : "";
-    const target = `${this.#target.prefix}${path}${search}`;
-    const headers = { accept: "application/json", "user-agent": `vellum-sidecar-client/${VERSION} (js)` };
+    const target = this.#target.prefix + path + search;
     const payload = body === undefined ? undefined : JSON.stringify(body);
-    if (payload !== undefined) headers["content-type"] = "application/json";
-    if (idempotencyKey != null) headers["idempotency-key"] = idempotencyKey;
-    try {
-      if (this.#target.socketPath !== null) {
-        return { method, path, ...(await this.#overSocket(method, target, headers, payload, timeout)) };
+    let headers = HEADERS;
+    if (payload !== undefined || idempotencyKey != null) {
+      headers = { ...HEADERS };
+      if (payload !== undefined) headers["content-type"] = "application/json";
+      if (idempotencyKey != null) {
+        if (/[\r\n]/.test(idempotencyKey)) {
+          throw new TypeError("idempotencyKey must not contain line breaks");
+        }
+        headers["idempotency-key"] = idempotencyKey;
       }
-      const signal = AbortSignal.timeout(timeout);
-      let res;
-      try {
-        res = await fetch(this.#target.origin + target, {
-          method,
-          headers,
-          body: payload,
-          redirect: "manual", // the invoice PDF's redirect is the answer, never followed
-          signal,
-        });
-      } catch (error) {
-        // fetch pools its own connections and does not say whether this one was
-        // reused; a connection closed before the answer's first byte (not a
-        // refused or timed-out one) is what a closed keep-alive connection gives.
-        if (!signal.aborted && CLOSED_CODES.has(error?.cause?.code)) markClosed(error);
-        throw error;
-      }
-      return { method, path, status: res.status, headers: res.headers, text: await res.text() };
-    } catch (error) {
-      if (error instanceof SidecarError) throw error;
-      const timedOut = error?.name === "TimeoutError" || error?.name === "AbortError";
-      const reason = timedOut
-        ? `no answer: timed out after ${timeout} ms`
-        : `${error?.cause?.code ?? error?.code ?? error?.name ?? "error"}: ${error?.cause?.message ?? error?.message ?? error}`;
-      throw new SidecarUnavailable(
-        `${method} ${path}: cannot reach the sidecar at ${this.baseUrl} (${reason})`,
-        { cause: error },
-      );
     }
+    return new Promise((resolve, reject) => {
+      this.#exchange(method, path, target, headers, payload, timeout, resolve, reject, 1);
+    });
   }
 
-  async #overSocket(method, target, headers, payload, timeout) {
-    // fetch cannot dial a unix socket; node:http can (Node, and Bun/Deno's node compat).
-    const http = await import("node:http");
-    this.#agent ??= new http.Agent({ keepAlive: true });
-    return await new Promise((resolve, reject) => {
-      const req = http.request(
-        {
-          socketPath: this.#target.socketPath,
-          agent: this.#agent,
-          method,
-          path: target,
-          headers: { ...headers, host: "localhost" },
-        },
-        (res) => {
-          const chunks = [];
-          res.on("data", (chunk) => chunks.push(chunk));
-          res.on("error", reject);
-          res.on("end", () => {
-            const map = new Headers();
-            for (const [name, value] of Object.entries(res.headers)) {
-              if (value !== undefined) map.set(name, Array.isArray(value) ? value.join(", ") : value);
-            }
-            resolve({
-              status: res.statusCode,
-              headers: map,
-              text: Buffer.concat(chunks).toString("utf8"),
-            });
-          });
-        },
-      );
-      let answered = false;
-      req.on("response", () => {
-        answered = true;
+  #exchange(method, path, target, headers, payload, timeout, resolve, reject, attempt) {
+    const { secure, connect } = this.#target;
+    // One literal of one shape: a spread here costs a tenth of a call's time.
+    const options = {
+      socketPath: connect.socketPath,
+      host: connect.host,
+      port: connect.port,
+      agent: this.#agent(this.timeout),
+      method,
+      path: target,
+      headers,
+      timeout: timeout === this.timeout ? undefined : timeout, // else the Agent's
+    };
+    let answered = false;
+    const req = (secure ? https : http).request(options, (res) => {
+      answered = true;
+      const chunks = [];
+      res.on("data", (chunk) => chunks.push(chunk));
+      res.on("end", () => {
+        const bytes = chunks.length === 1 ? chunks[0] : Buffer.concat(chunks);
+        resolve(new Answer(method, path, res.statusCode, new AnswerHeaders(res.headers), bytes));
       });
-      req.setTimeout(timeout, () => {
-        const error = new Error("timed out");
-        error.name = "TimeoutError";
-        req.destroy(error);
-      });
-      req.on("error", (error) => {
-        // Node's own advice: a reused socket reset before any answer may be retried.
-        if (req.reusedSocket && !answered && CLOSED_CODES.has(error?.code)) markClosed(error);
-        reject(error);
-      });
-      req.end(payload);
+      res.on("error", (error) => reject(this.#unreachable(method, path, error, timeout)));
     });
+    // The socket's timeout: no bytes from the sidecar for `timeout` ms.
+    req.on("timeout", () => req.destroy(timeoutError()));
+    req.on("error", (error) => {
+      // A kept-alive connection the sidecar closed meanwhile fails before any byte of
+      // the answer: send it once more, on a new connection, when that is safe (a read,
+      // PUT/DELETE, the read-only batch check, a write with an Idempotency-Key).
+      if (attempt === 1 && !answered && req.reusedSocket &&
+          (error.code === "ECONNRESET" || error.code === "EPIPE") &&
+          (IDEMPOTENT.has(method) || path === "/v1/check" || "idempotency-key" in headers)) {
+        this.#exchange(method, path, target, headers, payload, timeout, resolve, reject, 2);
+        return;
+      }
+      reject(this.#unreachable(method, path, error, timeout));
+    });
+    req.end(payload);
+  }
+
+  #unreachable(method, path, error, timeout) {
+    const reason = error?.name === "TimeoutError"
+      ? `no answer: timed out after ${timeout} ms`
+      : `${error?.code ?? error?.name ?? "error"}: ${error?.message ?? error}`;
+    return new SidecarUnavailable(
+      `${method} ${path}: cannot reach the sidecar at ${this.baseUrl} (${reason})`,
+      { cause: error },
+    );
   }
 
   async #run(call, read) {
@@ -398,7 +555,7 @@ export class SidecarClient {
   async can(customerId, moduleId) {
     const path = `/v1/customers/${seg("customerId", customerId)}/can/${seg("moduleId", moduleId)}`;
     try {
-      return await this.#run({ method: "GET", path }, (res) => verdict(res).allowed === true);
+      return verdict(await this.#send({ method: "GET", path })).allowed === true;
     } catch (error) {
       if (error instanceof SidecarUnavailable) return this.failOpen;
       throw error;
@@ -407,9 +564,8 @@ export class SidecarClient {
 
   /** The customer's entitlements; found is false for an unknown customer. */
   async getEntitlements(customerId) {
-    const path = `/v1/customers/${seg("customerId", customerId)}/entitlements`;
     return this.#run(
-      { method: "GET", path },
+      op("get_entitlements", { customer: customerId }),
       (res) => new EntitlementSet(customerId, object(res), res.headers.get("x-sidecar-cache")),
     );
   }
@@ -435,117 +591,249 @@ export class SidecarClient {
     return verdicts;
   }
 
-  /** Drop one customer's cached entitlements, or everyone's, on every sidecar. */
+  /** Drop one customer's cached entitlements, or everyone's, on every sidecar (not flags). */
   async invalidate(customerId) {
+    await this.#drop(customerId, "entitlements");
+  }
+
+  async #drop(customerId, axis) {
     const path =
       customerId === undefined || customerId === null
         ? "/v1/cache"
         : `/v1/customers/${seg("customerId", customerId)}/cache`;
-    await this.#run({ method: "DELETE", path }, nothing);
+    await this.#run({ method: "DELETE", path, query: { axis } }, nothing);
   }
 
-  // -- billing
+  // -- flags: a separate axis (a flag says a feature is on, never that it was paid for)
 
+  /** Every flag for the customer: the global values with its overrides applied. */
+  async flags(customerId) {
+    return this.#run(op("flags", { customer: customerId }), flagsOf);
+  }
+
+  /**
+   * One flag; `default` is the answer for a flag the upstream does not define and
+   * when no answer can be had (never throws for an outage, like the Vellum SDK).
+   */
+  async flag(flagId, customerId, { default: fallback } = {}) {
+    if (typeof fallback !== "boolean") {
+      throw new TypeError("flag() needs { default: true | false }: there is no safe default");
+    }
+    const path =
+      `/v1/customers/${seg("customerId", customerId)}/flags/${seg("flagId", flagId)}`;
+    try {
+      return await this.#run(
+        { method: "GET", path, query: { default: String(fallback) } },
+        flagValue,
+      );
+    } catch (error) {
+      if (error instanceof SidecarUnavailable) return fallback;
+      throw error;
+    }
+  }
+
+  /** The tenant-global flag values, no customer applied (a job with no user at hand). */
+  async globalFlags() {
+    return this.#run(op("global_flags", {}), flagsOf);
+  }
+
+  /** Drop one customer's cached flags, or everyone's and the globals, on every sidecar. */
+  async invalidateFlags(customerId) {
+    await this.#drop(customerId, "flags");
+  }
+
+  // -- billing: each builds its operation's call from the generated table
+
+  /** A hosted subscription checkout; planVersion omitted: the newest one sold. */
   async createCheckout({
-    accountId, customerId, planId, planVersion, successUrl, cancelUrl, seats = 1, idempotencyKey,
+    accountId, customerId, planId, successUrl, cancelUrl, planVersion, productId, seats = 1,
+    addOnModuleIds, idempotencyKey,
   }) {
-    const body = { customerId, planId, planVersion, seats, successUrl, cancelUrl };
-    const path = `${account(accountId)}/checkout`;
-    return this.#run({ method: "POST", path, body, billing: true, idempotencyKey }, object);
+    const body = dropUndefined({
+      customerId, planId, seats, successUrl, cancelUrl, planVersion, productId, addOnModuleIds,
+    });
+    const call = op("create_checkout", { account: accountId }, { body, idempotencyKey });
+    return this.#run(call, object);
   }
 
   async createSetupCheckout({ accountId, successUrl, cancelUrl, idempotencyKey }) {
-    const path = `${account(accountId)}/billing/setup-checkout`;
     const body = { successUrl, cancelUrl };
-    return this.#run({ method: "POST", path, body, billing: true, idempotencyKey }, object);
+    const call = op("create_setup_checkout", { account: accountId }, { body, idempotencyKey });
+    return this.#run(call, object);
   }
 
-  async createSubscription({ accountId, customerId, planId, planVersion, seats = 1, idempotencyKey }) {
-    const path = `${customer(accountId, customerId)}/subscribe`;
-    const body = { planId, planVersion, seats };
-    return this.#run({ method: "POST", path, body, billing: true, idempotencyKey }, object);
+  async createSubscription({
+    accountId, customerId, planId, planVersion, productId, seats = 1, addOnModuleIds,
+    idempotencyKey,
+  }) {
+    const ids = { account: accountId, customer: customerId };
+    const body = dropUndefined({ planId, seats, planVersion, productId, addOnModuleIds });
+    return this.#run(op("create_subscription", ids, { body, idempotencyKey }), object);
   }
 
   async cancelSubscription({ accountId, customerId, atPeriodEnd = false, idempotencyKey }) {
-    const path = `${customer(accountId, customerId)}/subscription`;
+    const ids = { account: accountId, customer: customerId };
     const query = atPeriodEnd ? { atPeriodEnd: "true" } : undefined;
-    return this.#run({ method: "DELETE", path, query, billing: true, idempotencyKey }, object);
+    return this.#run(op("cancel_subscription", ids, { query, idempotencyKey }), object);
   }
 
   async getSubscription({ accountId, customerId }) {
-    const path = `${customer(accountId, customerId)}/subscription`;
-    return this.#run({ method: "GET", path, billing: true }, object);
+    return this.#run(op("get_subscription", { account: accountId, customer: customerId }), object);
   }
 
+  /** Change the plan, seats and add-ons at once. */
+  async updateSubscription({
+    accountId, customerId, planId, planVersion, productId, seats, addOnModuleIds, idempotencyKey,
+  }) {
+    const ids = { account: accountId, customer: customerId };
+    const body = dropUndefined({ planId, planVersion, productId, seats, addOnModuleIds });
+    return this.#run(op("update_subscription", ids, { body, idempotencyKey }), object);
+  }
+
+  /** The cost of a change (current, proposed, amountDueNow); changes nothing. */
+  async previewChange({ accountId, customerId, productId, planId, planVersion, seats, addOnModuleIds }) {
+    const ids = { account: accountId, customer: customerId };
+    const body = dropUndefined({ productId, planId, planVersion, seats, addOnModuleIds });
+    return this.#run(op("preview_change", ids, { body }), object);
+  }
+
+  async setSeats({ accountId, customerId, seats, idempotencyKey }) {
+    const ids = { account: accountId, customer: customerId };
+    return this.#run(op("set_seats", ids, { body: { seats }, idempotencyKey }), object);
+  }
+
+  async addAddOn({ accountId, customerId, moduleId, idempotencyKey }) {
+    const ids = { account: accountId, customer: customerId };
+    return this.#run(op("change_add_ons", ids, { body: { add: [moduleId] }, idempotencyKey }), object);
+  }
+
+  async removeAddOn({ accountId, customerId, moduleId, idempotencyKey }) {
+    const ids = { account: accountId, customer: customerId };
+    const body = { remove: [moduleId] };
+    return this.#run(op("change_add_ons", ids, { body, idempotencyKey }), object);
+  }
+
+  async changePlan({ accountId, customerId, planId, planVersion, productId, idempotencyKey }) {
+    const ids = { account: accountId, customer: customerId };
+    const body = dropUndefined({ planId, planVersion, productId });
+    return this.#run(op("change_plan", ids, { body, idempotencyKey }), object);
+  }
+
+  /** Withdraw a pending cancel, or restart an ended subscription. */
+  async reactivate({ accountId, customerId, idempotencyKey }) {
+    const ids = { account: accountId, customer: customerId };
+    return this.#run(op("reactivate", ids, { idempotencyKey }), object);
+  }
+
+  /** Create the account (or answer the existing one); 409 for another billing customer. */
   async createAccount({
-    accountId, name, email, stripeCustomerId, createStripeCustomer = false, idempotencyKey,
+    accountId, name, email, billingCustomerId, createBillingCustomer = false, idempotencyKey,
   }) {
     seg("accountId", accountId);
-    const body = dropUndefined({ accountId, name, email, stripeCustomerId });
-    if (createStripeCustomer) body.createStripeCustomer = true;
-    return this.#run(
-      { method: "POST", path: "/v1/accounts", body, billing: true, idempotencyKey },
-      object,
-    );
+    const body = dropUndefined({ accountId, name, email, billingCustomerId });
+    if (createBillingCustomer) body.createBillingCustomer = true;
+    return this.#run(op("create_account", {}, { body, idempotencyKey }), object);
   }
 
-  async createCustomer({ accountId, customerId, email, idempotencyKey }) {
+  async createCustomer({ accountId, customerId, name, email, idempotencyKey }) {
     seg("customerId", customerId);
-    const path = `${account(accountId)}/customers`;
-    const body = dropUndefined({ customerId, email });
-    return this.#run({ method: "POST", path, body, billing: true, idempotencyKey }, object);
+    const body = dropUndefined({ customerId, name, email });
+    const call = op("create_customer", { account: accountId }, { body, idempotencyKey });
+    return this.#run(call, object);
   }
 
   async setAccountStatus({ accountId, status, idempotencyKey }) {
-    const path = account(accountId);
-    return this.#run(
-      { method: "PATCH", path, body: { status }, billing: true, idempotencyKey },
-      object,
-    );
+    const ids = { account: accountId };
+    return this.#run(op("set_account_status", ids, { body: { status }, idempotencyKey }), object);
   }
 
   async setCustomerStatus({ accountId, customerId, status, idempotencyKey }) {
-    const path = customer(accountId, customerId);
-    return this.#run(
-      { method: "PATCH", path, body: { status }, billing: true, idempotencyKey },
-      object,
-    );
+    const ids = { account: accountId, customer: customerId };
+    return this.#run(op("set_customer_status", ids, { body: { status }, idempotencyKey }), object);
   }
 
+  /** The account's cards; each ref is the only id to send back. */
   async listPaymentMethods({ accountId }) {
-    const path = `${account(accountId)}/payment-methods`;
-    return this.#run({ method: "GET", path, billing: true }, fieldList("methods"));
+    return this.#run(op("list_payment_methods", { account: accountId }), fieldList("methods"));
   }
 
   async setDefaultPaymentMethod({ accountId, methodId, idempotencyKey }) {
-    const path = `${account(accountId)}/payment-methods/${seg("methodId", methodId)}`;
-    return this.#run({ method: "PATCH", path, billing: true, idempotencyKey }, object);
+    const ids = { account: accountId, method: methodId };
+    return this.#run(op("set_default_payment_method", ids, { idempotencyKey }), object);
   }
 
+  /** {ref, removed: true}; null from an upstream that answers 204. */
   async removePaymentMethod({ accountId, methodId, idempotencyKey }) {
-    const path = `${account(accountId)}/payment-methods/${seg("methodId", methodId)}`;
-    return this.#run({ method: "DELETE", path, billing: true, idempotencyKey }, nothing);
+    const ids = { account: accountId, method: methodId };
+    return this.#run(op("remove_payment_method", ids, { idempotencyKey }), maybeObject);
   }
 
   async setSubscriptionPaymentMethod({ accountId, customerId, methodId, idempotencyKey }) {
     seg("methodId", methodId);
-    const path = `${customer(accountId, customerId)}/payment-method`;
-    return this.#run(
-      { method: "PATCH", path, body: { methodId }, billing: true, idempotencyKey },
-      object,
-    );
+    const ids = { account: accountId, customer: customerId };
+    const call = op("set_subscription_payment_method", ids, { body: { methodId }, idempotencyKey });
+    return this.#run(call, object);
   }
 
   async listInvoices({ accountId, customerId }) {
-    const path = `${account(accountId)}/invoices`;
     const query = customerId === undefined || customerId === null ? undefined : { customerId };
-    return this.#run({ method: "GET", path, query, billing: true }, fieldList("invoices"));
+    return this.#run(op("list_invoices", { account: accountId }, { query }), fieldList("invoices"));
   }
 
-  /** The hosted PDF's URL: the Location of the sidecar's redirect, not followed. */
+  /**
+   * The invoice's PDF (invoiceId: its ref), its bytes as the upstream sent them. An
+   * upstream from before SDK 1.2 redirects instead: a SidecarApiError with status 302
+   * (use invoicePdfUrl there).
+   */
+  async invoicePdf({ accountId, invoiceId }) {
+    return this.#run(op("invoice_pdf", { account: accountId, invoice: invoiceId }), bytes);
+  }
+
+  /** Upstreams before SDK 1.2: the Location of the redirect, not followed. */
   async invoicePdfUrl({ accountId, invoiceId }) {
-    const path = `${account(accountId)}/invoices/${seg("invoiceId", invoiceId)}/pdf`;
-    return this.#run({ method: "GET", path, billing: true }, location);
+    return this.#run(op("invoice_pdf", { account: accountId, invoice: invoiceId }), location);
+  }
+
+  // -- credits: never cached (balances change out of band)
+
+  /** A hosted checkout buying one pack (creditTypeId, packId, quantity) or several (items). */
+  async createCreditCheckout({
+    accountId, customerId, successUrl, cancelUrl, creditTypeId, packId, quantity = 1, items,
+    idempotencyKey,
+  }) {
+    const body = { customerId, successUrl, cancelUrl };
+    if (items !== undefined && items !== null) body.items = items;
+    else Object.assign(body, dropUndefined({ creditTypeId, packId, quantity }));
+    const call = op("create_credit_checkout", { account: accountId }, { body, idempotencyKey });
+    return this.#run(call, object);
+  }
+
+  async listCreditTypes() {
+    return this.#run(op("list_credit_types", {}), fieldList("creditTypes"));
+  }
+
+  async listCreditPacks({ creditTypeId }) {
+    return this.#run(op("list_credit_packs", { credit_type: creditTypeId }), fieldList("packs"));
+  }
+
+  async listCredits({ customerId }) {
+    return this.#run(op("list_credits", { customer: customerId }), fieldList("credits"));
+  }
+
+  async getCreditBalance({ customerId, creditTypeId }) {
+    const ids = { customer: customerId, credit_type: creditTypeId };
+    return this.#run(op("get_credit_balance", ids), object);
+  }
+
+  /**
+   * Spend amount, all or nothing (409 insufficient_credits: nothing deducted).
+   * idempotencyKey travels in the body, as the SDK sends it: the same key answers
+   * the first answer again.
+   */
+  async consumeCredits({ customerId, creditTypeId, amount, idempotencyKey }) {
+    const ids = { customer: customerId, credit_type: creditTypeId };
+    const body = { amount, idempotencyKey };
+    return this.#run(op("consume_credits", ids, { body }), object);
   }
 }
 

@@ -9,7 +9,7 @@ It keeps the Vellum SDK's method names and keyword arguments, minus the API key
     if sidecar.can("cus_123", "reports"):
         ...
     ents = sidecar.get_entitlements("cus_123")
-    ents.found, ents.status, ents.is_active(), ents.has("exports"), ents.config("seats", 1)
+    ents.found, ents.status, ents.has_access(), ents.has("exports"), ents.config("seats", 1)
 
 ``AsyncSidecarClient`` has the same methods, awaitable. Both keep connections
 alive between calls; ``SidecarClient`` may be shared between threads.
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.client
 import json
 import os
 import select
@@ -35,7 +34,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -64,6 +63,8 @@ _USER_AGENT: Final = f"vellum-sidecar-client/{__version__} (python)"
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 _WITH_BODY: Final = frozenset({"POST", "PUT", "PATCH"})
 _MAX_IDLE: Final = 16
+#: What an id may hold unquoted: ``quote(value, safe="")`` leaves these alone.
+_UNRESERVED: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~"
 
 T = TypeVar("T")
 
@@ -141,8 +142,18 @@ class EntitlementSet:
         )
         self.cache = cache
 
+    def has_access(self) -> bool:
+        """The upstream's word on access (its ``hasAccess``), as the SDK answers it.
+
+        False when the document has no ``hasAccess`` (an unknown customer, or an
+        upstream older than SDK 1.2). Gate features on :meth:`has`: the upstream
+        empties ``modules`` when access is withheld.
+        """
+        return self.data.get("hasAccess") is True
+
     def is_active(self) -> bool:
-        """True when the status is ``active`` or ``trialing``."""
+        """True when the status is ``active`` or ``trialing`` (the status alone;
+        :meth:`has_access` is the upstream's own answer)."""
         return self.status in ACTIVE_STATUSES
 
     def has(self, module_id: str) -> bool:
@@ -164,7 +175,8 @@ class EntitlementSet:
 # -- requests and their answers ----------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+# Neither is frozen: a frozen dataclass's __init__ costs a few µs more per call.
+@dataclass(slots=True)
 class _Response:
     method: str
     path: str
@@ -176,7 +188,7 @@ class _Response:
         return f"{self.method} {self.path} answered {self.status}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Call(Generic[T]):
     """One request and how to read its answer; shared by both clients."""
 
@@ -192,11 +204,8 @@ class _Call(Generic[T]):
 
     @property
     def idempotent(self) -> bool:
-        """May be sent again after a connection failed under it (see ``_exchange``)."""
+        """May be sent again after a reused connection closed before any answer."""
         return self.safe or self.method in _IDEMPOTENT or self.idempotency_key is not None
-
-    def keyed(self, idempotency_key: str | None) -> _Call[T]:
-        return self if idempotency_key is None else replace(self, idempotency_key=idempotency_key)
 
     def target(self, prefix: str) -> str:
         query = f"?{urlencode(self.query)}" if self.query else ""
@@ -207,8 +216,15 @@ class _Call(Generic[T]):
             return b"" if self.method in _WITH_BODY else None
         return json.dumps(self.body, separators=(",", ":")).encode()
 
-    def headers(self) -> dict[str, str]:
-        headers = {"Accept": "application/json", "User-Agent": _USER_AGENT}
+    def headers(self) -> Mapping[str, str]:
+        """The request's headers beyond ``Host`` and ``Content-Length``.
+
+        The common case is the shared :data:`_HEADERS` itself, which the
+        transports recognise and send as bytes encoded once per client.
+        """
+        if self.body is None and self.idempotency_key is None:
+            return _HEADERS
+        headers = dict(_HEADERS)
         if self.body is not None:
             headers["Content-Type"] = "application/json"
         if self.idempotency_key is not None:
@@ -216,11 +232,16 @@ class _Call(Generic[T]):
         return headers
 
 
+#: Every request's headers (besides Host); shared, never changed.
+_HEADERS: Final[Mapping[str, str]] = {"Accept": "application/json", "User-Agent": _USER_AGENT}
+
+
 def _seg(name: str, value: str) -> str:
     """One URL-quoted path segment; empty or non-string ids are caller bugs."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name} must be a non-empty string, got {value!r}")
-    return quote(value, safe="")
+    # Most ids are plain (cus_123): skip quote()'s encode and scan for them.
+    return value if not value.strip(_UNRESERVED) else quote(value, safe="")
 
 
 def _decode(raw: bytes) -> Any:
@@ -277,6 +298,21 @@ def _field_list(name: str) -> Callable[[_Response], list[Any]]:
     return read
 
 
+def _maybe_object(resp: _Response) -> dict[str, Any] | None:
+    """A 2xx JSON object, or None for an answer without a body (a 204)."""
+    if resp.body:
+        return _object(resp)
+    _nothing(resp)
+    return None
+
+
+def _bytes(resp: _Response) -> bytes:
+    """A 2xx body as it came (the invoice PDF): never decoded."""
+    if not 200 <= resp.status < 300:
+        raise _failure(resp)
+    return resp.body
+
+
 def _location(resp: _Response) -> str:
     """The redirect's target: the invoice PDF's hosted URL (never followed)."""
     if 300 <= resp.status < 400 and resp.headers.get("location"):
@@ -325,172 +361,174 @@ def _entitlements(customer_id: str) -> Callable[[_Response], EntitlementSet]:
     return read
 
 
-def _account(account_id: str) -> str:
-    return f"/v1/accounts/{_seg('account_id', account_id)}"
+def _flags(resp: _Response) -> dict[str, bool]:
+    """A flags document's ``flags``: a new dict each call (the caller may change it)."""
+    flags = _object(resp).get("flags")
+    if not isinstance(flags, dict):
+        raise SidecarError(f"{resp.describe()} without a 'flags' object")
+    return {k: v for k, v in flags.items() if isinstance(v, bool)}
 
 
-def _customer(account_id: str, customer_id: str) -> str:
-    return f"{_account(account_id)}/customers/{_seg('customer_id', customer_id)}"
+def _flag_value(resp: _Response) -> bool:
+    value = _object(resp).get("value")
+    if not isinstance(value, bool):
+        raise SidecarError(f"{resp.describe()} without a boolean 'value'")
+    return value
 
 
 def _drop_none(body: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if v is not None}
 
 
-class _Calls:
-    """Every operation as a :class:`_Call`: the part both clients share."""
+def _pairs(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The pairs as a list, every id checked before any request is sent."""
+    out = []
+    for i, pair in enumerate(pairs):
+        customer_id, module_id = pair
+        _seg(f"pairs[{i}] customer_id", customer_id)
+        _seg(f"pairs[{i}] module_id", module_id)
+        out.append((customer_id, module_id))
+    return out
 
-    @staticmethod
-    def can(customer_id: str, module_id: str) -> _Call[bool]:
-        path = (
-            f"/v1/customers/{_seg('customer_id', customer_id)}/can/{_seg('module_id', module_id)}"
-        )
-        return _Call("GET", path, _allowed)
 
-    @staticmethod
-    def get_entitlements(customer_id: str) -> _Call[EntitlementSet]:
-        path = f"/v1/customers/{_seg('customer_id', customer_id)}/entitlements"
-        return _Call("GET", path, _entitlements(customer_id))
+# -- the Vellum operations ---------------------------------------------------------------
 
-    @staticmethod
-    def check(pairs: list[tuple[str, str]]) -> _Call[list[bool | None]]:
-        checks = []
-        for i, pair in enumerate(pairs):
-            customer_id, module_id = pair
-            _seg(f"pairs[{i}] customer_id", customer_id)
-            _seg(f"pairs[{i}] module_id", module_id)
-            checks.append({"customerId": customer_id, "module": module_id})
-        return _Call("POST", "/v1/check", _results, body={"checks": checks}, safe=True)
 
-    @staticmethod
-    def invalidate(customer_id: str | None) -> _Call[None]:
-        if customer_id is None:
-            return _Call("DELETE", "/v1/cache", _nothing)
-        path = f"/v1/customers/{_seg('customer_id', customer_id)}/cache"
-        return _Call("DELETE", path, _nothing)
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """One Vellum operation on the sidecar's ``/v1`` surface: a row of the sidecar's table."""
 
-    @staticmethod
-    def create_checkout(
-        account_id: str,
-        customer_id: str,
-        plan_id: str,
-        plan_version: int | str,
-        success_url: str,
-        cancel_url: str,
-        seats: int,
-    ) -> _Call[dict[str, Any]]:
-        body = {
-            "customerId": customer_id,
-            "planId": plan_id,
-            "planVersion": plan_version,
-            "seats": seats,
-            "successUrl": success_url,
-            "cancelUrl": cancel_url,
-        }
-        return _Call("POST", f"{_account(account_id)}/checkout", _object, body=body, billing=True)
+    method: str
+    path: str
+    """Each ``{name}`` is one id segment; the methods' keyword for it is ``<name>_id``."""
+    params: tuple[str, ...] = ()
+    body: bool = False
+    """Takes a JSON object body."""
+    cached: bool = False
+    """Answered from the sidecar's cache (``timeout``), not the Vellum API (``billing_timeout``)."""
 
-    @staticmethod
-    def create_setup_checkout(
-        account_id: str, success_url: str, cancel_url: str
-    ) -> _Call[dict[str, Any]]:
-        body = {"successUrl": success_url, "cancelUrl": cancel_url}
-        path = f"{_account(account_id)}/billing/setup-checkout"
-        return _Call("POST", path, _object, body=body, billing=True)
 
-    @staticmethod
-    def create_subscription(
-        account_id: str, customer_id: str, plan_id: str, plan_version: int | str, seats: int
-    ) -> _Call[dict[str, Any]]:
-        body = {"planId": plan_id, "planVersion": plan_version, "seats": seats}
-        path = f"{_customer(account_id, customer_id)}/subscribe"
-        return _Call("POST", path, _object, body=body, billing=True)
+# BEGIN GENERATED operation table: scripts/gen_clients.py writes it from the sidecar's own
+_OPERATIONS: Final[Mapping[str, _Route]] = {
+    "get_entitlements": _Route(
+        "GET", "/v1/customers/{customer}/entitlements", ("customer",), cached=True
+    ),
+    "flags": _Route("GET", "/v1/customers/{customer}/flags", ("customer",), cached=True),
+    "global_flags": _Route("GET", "/v1/flags", (), cached=True),
+    "create_checkout": _Route("POST", "/v1/accounts/{account}/checkout", ("account",), body=True),
+    "create_setup_checkout": _Route(
+        "POST", "/v1/accounts/{account}/billing/setup-checkout", ("account",), body=True
+    ),
+    "create_subscription": _Route(
+        "POST",
+        "/v1/accounts/{account}/customers/{customer}/subscribe",
+        ("account", "customer"),
+        body=True,
+    ),
+    "get_subscription": _Route(
+        "GET", "/v1/accounts/{account}/customers/{customer}/subscription", ("account", "customer")
+    ),
+    "update_subscription": _Route(
+        "PUT",
+        "/v1/accounts/{account}/customers/{customer}/subscription",
+        ("account", "customer"),
+        body=True,
+    ),
+    "cancel_subscription": _Route(
+        "DELETE",
+        "/v1/accounts/{account}/customers/{customer}/subscription",
+        ("account", "customer"),
+    ),
+    "preview_change": _Route(
+        "POST",
+        "/v1/accounts/{account}/customers/{customer}/subscription/preview",
+        ("account", "customer"),
+        body=True,
+    ),
+    "set_seats": _Route(
+        "PATCH",
+        "/v1/accounts/{account}/customers/{customer}/subscription/seats",
+        ("account", "customer"),
+        body=True,
+    ),
+    "change_add_ons": _Route(
+        "PATCH",
+        "/v1/accounts/{account}/customers/{customer}/subscription/add-ons",
+        ("account", "customer"),
+        body=True,
+    ),
+    "change_plan": _Route(
+        "PATCH",
+        "/v1/accounts/{account}/customers/{customer}/subscription/plan",
+        ("account", "customer"),
+        body=True,
+    ),
+    "reactivate": _Route(
+        "POST",
+        "/v1/accounts/{account}/customers/{customer}/subscription/reactivate",
+        ("account", "customer"),
+    ),
+    "create_account": _Route("POST", "/v1/accounts", (), body=True),
+    "create_customer": _Route("POST", "/v1/accounts/{account}/customers", ("account",), body=True),
+    "set_account_status": _Route("PATCH", "/v1/accounts/{account}", ("account",), body=True),
+    "set_customer_status": _Route(
+        "PATCH", "/v1/accounts/{account}/customers/{customer}", ("account", "customer"), body=True
+    ),
+    "list_payment_methods": _Route("GET", "/v1/accounts/{account}/payment-methods", ("account",)),
+    "set_default_payment_method": _Route(
+        "PATCH", "/v1/accounts/{account}/payment-methods/{method}", ("account", "method")
+    ),
+    "remove_payment_method": _Route(
+        "DELETE", "/v1/accounts/{account}/payment-methods/{method}", ("account", "method")
+    ),
+    "set_subscription_payment_method": _Route(
+        "PATCH",
+        "/v1/accounts/{account}/customers/{customer}/payment-method",
+        ("account", "customer"),
+        body=True,
+    ),
+    "list_invoices": _Route("GET", "/v1/accounts/{account}/invoices", ("account",)),
+    "invoice_pdf": _Route(
+        "GET", "/v1/accounts/{account}/invoices/{invoice}/pdf", ("account", "invoice")
+    ),
+    "create_credit_checkout": _Route(
+        "POST", "/v1/accounts/{account}/credit-checkout", ("account",), body=True
+    ),
+    "list_credit_types": _Route("GET", "/v1/credit-types", ()),
+    "list_credit_packs": _Route("GET", "/v1/credit-types/{credit_type}/packs", ("credit_type",)),
+    "list_credits": _Route("GET", "/v1/customers/{customer}/credits", ("customer",)),
+    "get_credit_balance": _Route(
+        "GET", "/v1/customers/{customer}/credits/{credit_type}", ("customer", "credit_type")
+    ),
+    "consume_credits": _Route(
+        "POST",
+        "/v1/customers/{customer}/credits/{credit_type}/consume",
+        ("customer", "credit_type"),
+        body=True,
+    ),
+}
+# END GENERATED operation table
 
-    @staticmethod
-    def cancel_subscription(
-        account_id: str, customer_id: str, at_period_end: bool
-    ) -> _Call[dict[str, Any]]:
-        path = f"{_customer(account_id, customer_id)}/subscription"
-        query = {"atPeriodEnd": "true"} if at_period_end else None
-        return _Call("DELETE", path, _object, query=query, billing=True)
 
-    @staticmethod
-    def get_subscription(account_id: str, customer_id: str) -> _Call[dict[str, Any]]:
-        path = f"{_customer(account_id, customer_id)}/subscription"
-        return _Call("GET", path, _object, billing=True)
+def _op(
+    name: str,
+    read: Callable[[_Response], T],
+    *ids: str,
+    body: Any = None,
+    query: Mapping[str, str] | None = None,
+    key: str | None = None,
+) -> _Call[T]:
+    """The call for one operation of :data:`_OPERATIONS`; ``ids`` in the path's order.
 
-    @staticmethod
-    def create_account(
-        account_id: str,
-        name: str | None,
-        email: str | None,
-        stripe_customer_id: str | None,
-        create_stripe_customer: bool,
-    ) -> _Call[dict[str, Any]]:
-        _seg("account_id", account_id)
-        body = _drop_none(
-            {
-                "accountId": account_id,
-                "name": name,
-                "email": email,
-                "stripeCustomerId": stripe_customer_id,
-            }
-        )
-        if create_stripe_customer:
-            body["createStripeCustomer"] = True
-        return _Call("POST", "/v1/accounts", _object, body=body, billing=True)
-
-    @staticmethod
-    def create_customer(
-        account_id: str, customer_id: str, email: str | None
-    ) -> _Call[dict[str, Any]]:
-        _seg("customer_id", customer_id)
-        body = _drop_none({"customerId": customer_id, "email": email})
-        return _Call("POST", f"{_account(account_id)}/customers", _object, body=body, billing=True)
-
-    @staticmethod
-    def set_account_status(account_id: str, status: str) -> _Call[dict[str, Any]]:
-        return _Call("PATCH", _account(account_id), _object, body={"status": status}, billing=True)
-
-    @staticmethod
-    def set_customer_status(
-        account_id: str, customer_id: str, status: str
-    ) -> _Call[dict[str, Any]]:
-        path = _customer(account_id, customer_id)
-        return _Call("PATCH", path, _object, body={"status": status}, billing=True)
-
-    @staticmethod
-    def list_payment_methods(account_id: str) -> _Call[list[Any]]:
-        path = f"{_account(account_id)}/payment-methods"
-        return _Call("GET", path, _field_list("methods"), billing=True)
-
-    @staticmethod
-    def set_default_payment_method(account_id: str, method_id: str) -> _Call[dict[str, Any]]:
-        path = f"{_account(account_id)}/payment-methods/{_seg('method_id', method_id)}"
-        return _Call("PATCH", path, _object, billing=True)
-
-    @staticmethod
-    def remove_payment_method(account_id: str, method_id: str) -> _Call[None]:
-        path = f"{_account(account_id)}/payment-methods/{_seg('method_id', method_id)}"
-        return _Call("DELETE", path, _nothing, billing=True)
-
-    @staticmethod
-    def set_subscription_payment_method(
-        account_id: str, customer_id: str, method_id: str
-    ) -> _Call[dict[str, Any]]:
-        _seg("method_id", method_id)
-        path = f"{_customer(account_id, customer_id)}/payment-method"
-        return _Call("PATCH", path, _object, body={"methodId": method_id}, billing=True)
-
-    @staticmethod
-    def list_invoices(account_id: str, customer_id: str | None) -> _Call[list[Any]]:
-        path = f"{_account(account_id)}/invoices"
-        query = {"customerId": customer_id} if customer_id is not None else None
-        return _Call("GET", path, _field_list("invoices"), query=query, billing=True)
-
-    @staticmethod
-    def invoice_pdf_url(account_id: str, invoice_id: str) -> _Call[str]:
-        path = f"{_account(account_id)}/invoices/{_seg('invoice_id', invoice_id)}/pdf"
-        return _Call("GET", path, _location, billing=True)
+    ``key`` is the caller's ``Idempotency-Key``.
+    """
+    route = _OPERATIONS[name]
+    if len(ids) != len(route.params) or (body is not None) != route.body:
+        raise TypeError(f"{name} takes the ids {route.params} and a body: {route.body}")
+    quoted = {p: _seg(f"{p}_id", i) for p, i in zip(route.params, ids, strict=True)}
+    return _Call(
+        route.method, route.path.format_map(quoted), read, query, body, not route.cached, key
+    )
 
 
 def _unreachable(
@@ -498,6 +536,8 @@ def _unreachable(
 ) -> SidecarUnavailable:
     if isinstance(exc, TimeoutError):
         reason = f"no answer: timed out after {timeout:g}s"
+    elif isinstance(exc, _ProtocolError | _Disconnected):
+        reason = str(exc)
     else:
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return SidecarUnavailable(
@@ -505,24 +545,91 @@ def _unreachable(
     )
 
 
-def _closed_unanswered(exc: BaseException, answered: bool, sent: bool, call: _Call[Any]) -> bool:
-    """Retry once, on a new connection, after a reused keep-alive connection failed?
-
-    Yes when the sidecar closed it (idle timeout, shutdown drain) before any
-    byte of the answer came back, and the request may be sent again: it was
-    never sent whole, or it is idempotent (GET, PUT, DELETE, the batch check,
-    a write with an ``Idempotency-Key``). A failure after part of the answer
-    came is never retried: the request was acted upon.
-    """
-    return not answered and isinstance(exc, ConnectionError) and (not sent or call.idempotent)
+# -- HTTP/1.1 on the wire, shared by both transports ---------------------------------------
 
 
-def _pairs(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    out = []
-    for pair in pairs:
-        customer_id, module_id = pair
-        out.append((customer_id, module_id))
-    return out
+class _ProtocolError(Exception):
+    """The bytes that came back are not an HTTP/1.1 response we can read."""
+
+
+class _Disconnected(ConnectionError):
+    """The connection closed before any byte of the answer arrived."""
+
+
+#: The longest response head read (status line and headers), as asyncio's stream limit.
+_MAX_HEAD: Final = 65536
+#: Bytes asked of each ``recv``: a whole small answer at once, big ones in few calls.
+_RECV: Final = 65536
+#: Body framings besides a Content-Length (:func:`_framing`).
+_CHUNKED: Final = -1
+_UNTIL_CLOSE: Final = -2
+
+
+class _Encoder:
+    """Writes the requests for one base URL; the parts every request shares are
+    encoded once, so the common request (no body, no extra header) is two joins."""
+
+    __slots__ = ("_common", "_host", "_prefix")
+
+    def __init__(self, target: _Target) -> None:
+        self._prefix = target.prefix
+        self._host = f"Host: {target.host_header}\r\n"
+        common = "".join(f"{name}: {value}\r\n" for name, value in _HEADERS.items())
+        self._common = f"{self._host}{common}\r\n".encode("latin-1")
+
+    def __call__(self, call: _Call[Any]) -> bytes:
+        start = f"{call.method} {call.target(self._prefix)} HTTP/1.1\r\n".encode("latin-1")
+        headers = call.headers()
+        payload = call.payload()
+        if headers is _HEADERS and payload is None:
+            return start + self._common
+        lines = [self._host]
+        for name, value in headers.items():
+            if "\r" in value or "\n" in value:
+                raise ValueError(f"the {name} header must not contain line breaks: {value!r}")
+            lines.append(f"{name}: {value}\r\n")
+        if payload is not None:
+            lines.append(f"Content-Length: {len(payload)}\r\n")
+        lines.append("\r\n")
+        return start + "".join(lines).encode("latin-1") + (payload or b"")
+
+
+def _parse_head(head: bytes) -> tuple[int, dict[str, str], bool]:
+    """Status, lower-cased headers, and whether the connection may be kept, from a
+    response head without its blank line."""
+    lines = head.decode("latin-1").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    status_text = rest[:3]
+    if not version.startswith("HTTP/1.") or len(status_text) != 3 or not status_text.isdigit():
+        raise _ProtocolError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if colon:
+            headers[name.strip().lower()] = value.strip()
+    keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+    return int(status_text), headers, keep
+
+
+def _framing(method: str, status: int, headers: Mapping[str, str]) -> int:
+    """The body's length in bytes, or :data:`_CHUNKED`, or :data:`_UNTIL_CLOSE`."""
+    if method == "HEAD" or status in (204, 304):
+        return 0
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return _CHUNKED
+    length = headers.get("content-length")
+    if length is None:
+        return _UNTIL_CLOSE
+    if not length.isdigit():
+        raise _ProtocolError(f"bad Content-Length: {length[:40]!r}")
+    return int(length)
+
+
+def _chunk_size(line: bytes) -> int:
+    try:
+        return int(line.split(b";", 1)[0].strip(), 16)
+    except ValueError:
+        raise _ProtocolError("bad chunk size") from None
 
 
 # -- where the sidecar is ----------------------------------------------------------------
@@ -570,60 +677,180 @@ class _Target:
 # -- the blocking client -----------------------------------------------------------------
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._socket_path = path
+class _Reader:
+    """Buffered reads from a blocking socket, for the rarer shapes of answer
+    (chunked, until close, or longer than the first ``recv``)."""
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self._socket_path)
-        except BaseException:
-            sock.close()
-            raise
+    __slots__ = ("buffer", "sock")
+
+    def __init__(self, sock: socket.socket, data: bytes) -> None:
         self.sock = sock
+        self.buffer = bytearray(data)
+
+    def _fill(self) -> None:
+        more = self.sock.recv(_RECV)
+        if not more:
+            raise _ProtocolError("the connection closed in the middle of the answer")
+        self.buffer += more
+
+    def line(self) -> bytes:
+        while (end := self.buffer.find(b"\r\n")) < 0:
+            if len(self.buffer) > _MAX_HEAD:
+                raise _ProtocolError("a line of the answer is too long")
+            self._fill()
+        line = bytes(self.buffer[:end])
+        del self.buffer[: end + 2]
+        return line
+
+    def exactly(self, size: int) -> bytes:
+        while len(self.buffer) < size:
+            self._fill()
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return data
+
+    def until_close(self) -> bytes:
+        chunks = [bytes(self.buffer)]
+        while more := self.sock.recv(_RECV):
+            chunks.append(more)
+        self.buffer.clear()
+        return b"".join(chunks)
 
 
-def _dropped(sock: socket.socket | None) -> bool:
-    """True when an idle keep-alive socket is closed (or has unexpected data).
+class _Connection:
+    """One keep-alive HTTP/1.1 connection of the blocking client, used by one call at a time.
 
-    An idle connection has nothing to read; if it is readable, the server
-    closed it (EOF) and reusing it would fail the next request.
+    ``sock`` is None until the first exchange connects. ``sent`` and ``answered``
+    tell, after a failure, whether the whole request went out and whether any
+    byte of the answer came back (what decides a retry on a new connection).
     """
-    if sock is None:
-        return True
-    try:
-        if hasattr(select, "poll"):
-            poller = select.poll()
-            poller.register(sock, select.POLLIN)
-            return bool(poller.poll(0))
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable)
-    except (OSError, ValueError):
-        return True
+
+    __slots__ = ("_connect", "_poller", "answered", "sent", "sock", "timeout")
+
+    def __init__(self, connect: Callable[[float], socket.socket]) -> None:
+        self._connect = connect
+        self._poller: select.poll | None = None
+        self.sock: socket.socket | None = None
+        self.timeout = 0.0
+        self.sent = self.answered = False
+
+    def dropped(self) -> bool:
+        """True when the idle connection is closed (or has unexpected data).
+
+        An idle connection has nothing to read; if it is readable, the server
+        closed it (EOF) and reusing it would fail the next request.
+        """
+        if self.sock is None:
+            return True
+        try:
+            if self._poller is not None:
+                return bool(self._poller.poll(0))
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            return bool(readable)
+        except (OSError, ValueError):
+            return True
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def exchange(
+        self, request: bytes, method: str, timeout: float
+    ) -> tuple[int, dict[str, str], bytes, bool]:
+        """Send the request; its answer's status, lower-cased headers, body, and whether
+        the connection may be kept. Socket errors and timeouts propagate."""
+        self.sent = self.answered = False
+        sock = self.sock
+        if sock is None:
+            sock = self.sock = self._connect(timeout)
+            self.timeout = timeout
+            if hasattr(select, "poll"):
+                self._poller = select.poll()
+                self._poller.register(sock, select.POLLIN)
+        elif timeout != self.timeout:  # settimeout is a system call: only on a change
+            sock.settimeout(timeout)
+            self.timeout = timeout
+        sock.sendall(request)
+        self.sent = True
+        data = sock.recv(_RECV)
+        if not data:
+            raise _Disconnected("the sidecar closed the connection without answering")
+        self.answered = True
+        while True:
+            end = data.find(b"\r\n\r\n")
+            while end < 0:
+                if len(data) > _MAX_HEAD:
+                    raise _ProtocolError("response headers too large")
+                more = sock.recv(_RECV)
+                if not more:
+                    raise _ProtocolError("the connection closed in the middle of the answer")
+                data += more
+                end = data.find(b"\r\n\r\n")
+            status, headers, keep = _parse_head(data[:end])
+            data = data[end + 4 :]
+            if status >= 200:
+                break
+            if not data:  # an interim 1xx answer; the real one follows
+                data = sock.recv(_RECV)
+                if not data:
+                    raise _ProtocolError("the connection closed in the middle of the answer")
+        size = _framing(method, status, headers)
+        if size == len(data):  # the usual: the whole answer came in the first recv
+            return status, headers, data, keep
+        if size >= 0 and len(data) > size:
+            return status, headers, data[:size], False  # more than asked for: never reuse
+        reader = _Reader(sock, data)
+        if size >= 0:
+            body = reader.exactly(size)
+        elif size == _CHUNKED:
+            parts = []
+            while (chunk := _chunk_size(reader.line())) > 0:
+                parts.append(reader.exactly(chunk))
+                if reader.exactly(2) != b"\r\n":
+                    raise _ProtocolError("a chunk does not end where its size says")
+            while reader.line():
+                pass  # trailers, up to the blank line
+            body = b"".join(parts)
+        else:
+            return status, headers, reader.until_close(), False
+        return status, headers, body, keep and not reader.buffer
 
 
 class _Pool:
     """Idle keep-alive connections; each request holds one connection alone."""
 
-    def __init__(self, target: _Target, timeout: float) -> None:
+    def __init__(self, target: _Target) -> None:
         self._target = target
-        self._timeout = timeout
         self._lock = threading.Lock()
-        self._idle: list[http.client.HTTPConnection] = []
+        self._idle: list[_Connection] = []
         self._pid = os.getpid()
+        self._tls: ssl.SSLContext | None = None
 
-    def _new(self) -> http.client.HTTPConnection:
+    def _connect(self, timeout: float) -> socket.socket:
         t = self._target
         if t.socket_path is not None:
-            return _UnixConnection(t.socket_path, self._timeout)
-        if t.scheme == "https":
-            return http.client.HTTPSConnection(
-                t.host, t.port, timeout=self._timeout, context=ssl.create_default_context()
-            )
-        return http.client.HTTPConnection(t.host, t.port, timeout=self._timeout)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(t.socket_path)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        port = t.port or (443 if t.scheme == "https" else 80)
+        sock = socket.create_connection((t.host, port), timeout)
+        try:
+            # Each request goes out in one send; never hold it back for an ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if t.scheme == "https":
+                if self._tls is None:
+                    self._tls = ssl.create_default_context()
+                sock = self._tls.wrap_socket(sock, server_hostname=t.host)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _forked(self) -> bool:
         # A forked child (gunicorn, multiprocessing) must not share its parent's sockets.
@@ -633,18 +860,18 @@ class _Pool:
             return True
         return False
 
-    def get(self) -> tuple[http.client.HTTPConnection, bool]:
-        """A connection and whether it was reused."""
+    def get(self) -> tuple[_Connection, bool]:
+        """A connection and whether it was reused (a new one connects on first use)."""
         with self._lock:
             self._forked()
             while self._idle:
                 conn = self._idle.pop()
-                if not _dropped(conn.sock):
+                if not conn.dropped():
                     return conn, True
                 conn.close()
-        return self._new(), False
+        return _Connection(self._connect), False
 
-    def put(self, conn: http.client.HTTPConnection) -> None:
+    def put(self, conn: _Connection) -> None:
         with self._lock:
             if not self._forked() and len(self._idle) < _MAX_IDLE:
                 self._idle.append(conn)
@@ -684,7 +911,8 @@ class SidecarClient:
         self.timeout = timeout
         self.billing_timeout = billing_timeout
         self.fail_open = fail_open
-        self._pool = _Pool(self._target, timeout)
+        self._pool = _Pool(self._target)
+        self._encode = _Encoder(self._target)
 
     def __repr__(self) -> str:
         return f"SidecarClient({self.base_url!r}, fail_open={self.fail_open!r})"
@@ -699,41 +927,34 @@ class SidecarClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _run(self, call: _Call[T]) -> T:
-        return call.read(self._exchange(call))
-
-    def _write(self, idempotency_key: str | None, call: _Call[T]) -> T:
-        return self._run(call.keyed(idempotency_key))
-
     def _exchange(self, call: _Call[Any]) -> _Response:
         timeout = self.billing_timeout if call.billing else self.timeout
-        target = call.target(self._target.prefix)
-        payload = call.payload()
-        headers = call.headers()
+        request = self._encode(call)
         for attempt in (1, 2):
             conn, reused = self._pool.get()
-            conn.timeout = timeout
-            if conn.sock is not None:
-                conn.sock.settimeout(timeout)
-            sent = answered = False
             try:
-                conn.request(call.method, target, body=payload, headers=headers)
-                sent = True
-                resp = conn.getresponse()
-                answered = True
-                body = resp.read()
-            except (OSError, http.client.HTTPException) as exc:
+                status, headers, body, keep = conn.exchange(request, call.method, timeout)
+            except (OSError, _ProtocolError) as exc:
                 conn.close()
-                if reused and attempt == 1 and _closed_unanswered(exc, answered, sent, call):
+                # A kept-alive connection the sidecar closed meanwhile fails before any
+                # byte of the answer: try once more on a new one, unless the request
+                # may have been acted upon.
+                stale = isinstance(exc, ConnectionError) and not conn.answered
+                retry = stale and (not conn.sent or call.idempotent)
+                if reused and attempt == 1 and retry:
                     continue
                 raise _unreachable(call, self.base_url, exc, timeout) from exc
-            if resp.will_close:
-                conn.close()
-            else:
+            if keep:
                 self._pool.put(conn)
-            headers_in = {k.lower(): v for k, v in resp.getheaders()}
-            return _Response(call.method, call.path, resp.status, headers_in, body)
+            else:
+                conn.close()
+            return _Response(call.method, call.path, status, headers, body)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    # BEGIN GENERATED blocking API: scripts/unasync_client.py writes it from AsyncSidecarClient's
+
+    def _run(self, call: _Call[T]) -> T:
+        return call.read(self._exchange(call))
 
     # -- entitlements
 
@@ -743,33 +964,75 @@ class SidecarClient:
         False when no answer can be had, unless the client is ``fail_open``.
         A caller's mistake (an empty id, a refused request) still raises.
         """
+        customer, module = _seg("customer_id", customer_id), _seg("module_id", module_id)
         try:
-            return self._run(_Calls.can(customer_id, module_id))
+            return self._run(_Call("GET", f"/v1/customers/{customer}/can/{module}", _allowed))
         except SidecarUnavailable:
             return self.fail_open
 
     def get_entitlements(self, customer_id: str) -> EntitlementSet:
         """The customer's entitlements; ``found`` is False for an unknown customer."""
-        return self._run(_Calls.get_entitlements(customer_id))
+        return self._run(_op("get_entitlements", _entitlements(customer_id), customer_id))
 
     def check(self, pairs: Iterable[tuple[str, str]]) -> list[bool]:
         """``can`` for many ``(customer_id, module_id)`` pairs at once, in order."""
         items = _pairs(pairs)
         verdicts: list[bool] = []
         for start in range(0, len(items), MAX_BATCH):
-            chunk = items[start : start + MAX_BATCH]
+            chunk = [{"customerId": c, "module": m} for c, m in items[start : start + MAX_BATCH]]
             try:
-                answers = self._run(_Calls.check(chunk))
+                answers = self._run(
+                    _Call("POST", "/v1/check", _results, body={"checks": chunk}, safe=True)
+                )
             except SidecarUnavailable:
                 answers = [None] * len(chunk)
             verdicts += [self.fail_open if a is None else a for a in answers]
         return verdicts
 
     def invalidate(self, customer_id: str | None = None) -> None:
-        """Drop one customer's cached entitlements, or everyone's, on every sidecar."""
-        self._run(_Calls.invalidate(customer_id))
+        """Drop one customer's cached entitlements, or everyone's, on every sidecar.
 
-    # -- billing
+        Flags are left alone (``invalidate_flags``), as the Vellum SDK does.
+        """
+        self._drop(customer_id, "entitlements")
+
+    def _drop(self, customer_id: str | None, axis: str) -> None:
+        if customer_id is None:
+            path = "/v1/cache"
+        else:
+            path = f"/v1/customers/{_seg('customer_id', customer_id)}/cache"
+        self._run(_Call("DELETE", path, _nothing, query={"axis": axis}))
+
+    # -- flags: a separate axis (a flag says a feature is on, never that it was paid for)
+
+    def flags(self, customer_id: str) -> dict[str, bool]:
+        """Every flag for the customer: the global values with its overrides applied."""
+        return self._run(_op("flags", _flags, customer_id))
+
+    def flag(self, flag_id: str, customer_id: str, *, default: bool) -> bool:
+        """One flag, with the answer for when there is none.
+
+        ``default`` is returned for a flag the upstream does not define and when no
+        answer can be had (the sidecar or the upstream down): like the Vellum SDK,
+        this never raises for an outage. A caller's mistake (an empty id) raises.
+        """
+        path = f"/v1/customers/{_seg('customer_id', customer_id)}/flags/{_seg('flag_id', flag_id)}"
+        query = {"default": "true" if default else "false"}
+        try:
+            return self._run(_Call("GET", path, _flag_value, query=query))
+        except SidecarUnavailable:
+            return default
+
+    def global_flags(self) -> dict[str, bool]:
+        """The tenant-global flag values, no customer applied (a job with no user at hand)."""
+        return self._run(_op("global_flags", _flags))
+
+    def invalidate_flags(self, customer_id: str | None = None) -> None:
+        """Drop one customer's cached flags, or every customer's and the global flags, on
+        every sidecar. Entitlements are left alone."""
+        self._drop(customer_id, "flags")
+
+    # -- billing: each builds its operation's call from the generated table
 
     def create_checkout(
         self,
@@ -777,18 +1040,33 @@ class SidecarClient:
         account_id: str,
         customer_id: str,
         plan_id: str,
-        plan_version: int | str,
         success_url: str,
         cancel_url: str,
+        plan_version: int | None = None,
+        product_id: str | None = None,
         seats: int = 1,
+        add_on_module_ids: list[str] | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return self._write(
-            idempotency_key,
-            _Calls.create_checkout(
-                account_id, customer_id, plan_id, plan_version, success_url, cancel_url, seats
-            ),
+        """A hosted subscription checkout; send the customer to its ``url``.
+
+        ``plan_version`` omitted: Vellum sells the newest version; 409 when the
+        customer already has a live subscription (change that one instead).
+        """
+        body = _drop_none(
+            {
+                "customerId": customer_id,
+                "planId": plan_id,
+                "seats": seats,
+                "successUrl": success_url,
+                "cancelUrl": cancel_url,
+                "planVersion": plan_version,
+                "productId": product_id,
+                "addOnModuleIds": add_on_module_ids,
+            }
         )
+        call = _op("create_checkout", _object, account_id, body=body, key=idempotency_key)
+        return self._run(call)
 
     def create_setup_checkout(
         self,
@@ -798,9 +1076,9 @@ class SidecarClient:
         cancel_url: str,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return self._write(
-            idempotency_key, _Calls.create_setup_checkout(account_id, success_url, cancel_url)
-        )
+        body = {"successUrl": success_url, "cancelUrl": cancel_url}
+        call = _op("create_setup_checkout", _object, account_id, body=body, key=idempotency_key)
+        return self._run(call)
 
     def create_subscription(
         self,
@@ -808,14 +1086,25 @@ class SidecarClient:
         account_id: str,
         customer_id: str,
         plan_id: str,
-        plan_version: int | str,
+        plan_version: int | None = None,
+        product_id: str | None = None,
         seats: int = 1,
+        add_on_module_ids: list[str] | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return self._write(
-            idempotency_key,
-            _Calls.create_subscription(account_id, customer_id, plan_id, plan_version, seats),
+        """Subscribe the customer (the account's card pays); 409 when one is live."""
+        body = _drop_none(
+            {
+                "planId": plan_id,
+                "seats": seats,
+                "planVersion": plan_version,
+                "productId": product_id,
+                "addOnModuleIds": add_on_module_ids,
+            }
         )
+        ids = account_id, customer_id
+        call = _op("create_subscription", _object, *ids, body=body, key=idempotency_key)
+        return self._run(call)
 
     def cancel_subscription(
         self,
@@ -825,12 +1114,114 @@ class SidecarClient:
         at_period_end: bool = False,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return self._write(
-            idempotency_key, _Calls.cancel_subscription(account_id, customer_id, at_period_end)
-        )
+        query = {"atPeriodEnd": "true"} if at_period_end else None
+        ids = account_id, customer_id
+        call = _op("cancel_subscription", _object, *ids, query=query, key=idempotency_key)
+        return self._run(call)
 
     def get_subscription(self, *, account_id: str, customer_id: str) -> dict[str, Any]:
-        return self._run(_Calls.get_subscription(account_id, customer_id))
+        return self._run(_op("get_subscription", _object, account_id, customer_id))
+
+    def update_subscription(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        plan_id: str,
+        plan_version: int,
+        product_id: str | None = None,
+        seats: int | None = None,
+        add_on_module_ids: list[str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Change the plan, seats and add-ons at once; the changed subscription."""
+        body = _drop_none(
+            {
+                "planId": plan_id,
+                "planVersion": plan_version,
+                "productId": product_id,
+                "seats": seats,
+                "addOnModuleIds": add_on_module_ids,
+            }
+        )
+        ids = account_id, customer_id
+        call = _op("update_subscription", _object, *ids, body=body, key=idempotency_key)
+        return self._run(call)
+
+    def preview_change(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        product_id: str | None = None,
+        plan_id: str | None = None,
+        plan_version: int | None = None,
+        seats: int | None = None,
+        add_on_module_ids: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """The cost of a change (``current``, ``proposed``, ``amountDueNow``); changes nothing."""
+        body = _drop_none(
+            {
+                "productId": product_id,
+                "planId": plan_id,
+                "planVersion": plan_version,
+                "seats": seats,
+                "addOnModuleIds": add_on_module_ids,
+            }
+        )
+        return self._run(_op("preview_change", _object, account_id, customer_id, body=body))
+
+    def set_seats(
+        self, *, account_id: str, customer_id: str, seats: int, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        body, ids = {"seats": seats}, (account_id, customer_id)
+        return self._run(_op("set_seats", _object, *ids, body=body, key=idempotency_key))
+
+    def add_add_on(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        module_id: str,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        body, ids = {"add": [module_id]}, (account_id, customer_id)
+        call = _op("change_add_ons", _object, *ids, body=body, key=idempotency_key)
+        return self._run(call)
+
+    def remove_add_on(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        module_id: str,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        body, ids = {"remove": [module_id]}, (account_id, customer_id)
+        call = _op("change_add_ons", _object, *ids, body=body, key=idempotency_key)
+        return self._run(call)
+
+    def change_plan(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        plan_id: str,
+        plan_version: int,
+        product_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        body = _drop_none({"planId": plan_id, "planVersion": plan_version, "productId": product_id})
+        ids = account_id, customer_id
+        call = _op("change_plan", _object, *ids, body=body, key=idempotency_key)
+        return self._run(call)
+
+    def reactivate(
+        self, *, account_id: str, customer_id: str, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Withdraw a pending cancel, or restart an ended subscription."""
+        ids = account_id, customer_id
+        return self._run(_op("reactivate", _object, *ids, key=idempotency_key))
 
     def create_account(
         self,
@@ -838,53 +1229,69 @@ class SidecarClient:
         account_id: str,
         name: str | None = None,
         email: str | None = None,
-        stripe_customer_id: str | None = None,
-        create_stripe_customer: bool = False,
+        billing_customer_id: str | None = None,
+        create_billing_customer: bool = False,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return self._write(
-            idempotency_key,
-            _Calls.create_account(
-                account_id, name, email, stripe_customer_id, create_stripe_customer
-            ),
+        """Create the account (or answer the existing one); 409 for another billing customer."""
+        _seg("account_id", account_id)
+        body = _drop_none(
+            {
+                "accountId": account_id,
+                "name": name,
+                "email": email,
+                "billingCustomerId": billing_customer_id,
+            }
         )
+        if create_billing_customer:
+            body["createBillingCustomer"] = True
+        return self._run(_op("create_account", _object, body=body, key=idempotency_key))
 
     def create_customer(
         self,
         *,
         account_id: str,
         customer_id: str,
+        name: str | None = None,
         email: str | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return self._write(idempotency_key, _Calls.create_customer(account_id, customer_id, email))
+        _seg("customer_id", customer_id)
+        body = _drop_none({"customerId": customer_id, "name": name, "email": email})
+        call = _op("create_customer", _object, account_id, body=body, key=idempotency_key)
+        return self._run(call)
 
     def set_account_status(
         self, *, account_id: str, status: str, idempotency_key: str | None = None
     ) -> dict[str, Any]:
-        return self._write(idempotency_key, _Calls.set_account_status(account_id, status))
+        body = {"status": status}
+        call = _op("set_account_status", _object, account_id, body=body, key=idempotency_key)
+        return self._run(call)
 
     def set_customer_status(
         self, *, account_id: str, customer_id: str, status: str, idempotency_key: str | None = None
     ) -> dict[str, Any]:
-        return self._write(
-            idempotency_key, _Calls.set_customer_status(account_id, customer_id, status)
-        )
+        body, ids = {"status": status}, (account_id, customer_id)
+        call = _op("set_customer_status", _object, *ids, body=body, key=idempotency_key)
+        return self._run(call)
 
     def list_payment_methods(self, *, account_id: str) -> list[Any]:
-        return self._run(_Calls.list_payment_methods(account_id))
+        """The account's cards; each ``ref`` is the only id to send back."""
+        return self._run(_op("list_payment_methods", _field_list("methods"), account_id))
 
     def set_default_payment_method(
         self, *, account_id: str, method_id: str, idempotency_key: str | None = None
     ) -> dict[str, Any]:
-        return self._write(
-            idempotency_key, _Calls.set_default_payment_method(account_id, method_id)
-        )
+        ids = account_id, method_id
+        call = _op("set_default_payment_method", _object, *ids, key=idempotency_key)
+        return self._run(call)
 
     def remove_payment_method(
         self, *, account_id: str, method_id: str, idempotency_key: str | None = None
-    ) -> None:
-        self._write(idempotency_key, _Calls.remove_payment_method(account_id, method_id))
+    ) -> dict[str, Any] | None:
+        """``{"ref", "removed": true}``; None from an upstream that answers 204."""
+        ids = account_id, method_id
+        return self._run(_op("remove_payment_method", _maybe_object, *ids, key=idempotency_key))
 
     def set_subscription_payment_method(
         self,
@@ -894,28 +1301,88 @@ class SidecarClient:
         method_id: str,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return self._write(
-            idempotency_key,
-            _Calls.set_subscription_payment_method(account_id, customer_id, method_id),
-        )
+        _seg("method_id", method_id)
+        body, ids = {"methodId": method_id}, (account_id, customer_id)
+        call = _op("set_subscription_payment_method", _object, *ids, body=body, key=idempotency_key)
+        return self._run(call)
 
     def list_invoices(self, *, account_id: str, customer_id: str | None = None) -> list[Any]:
-        return self._run(_Calls.list_invoices(account_id, customer_id))
+        query = {"customerId": customer_id} if customer_id is not None else None
+        call = _op("list_invoices", _field_list("invoices"), account_id, query=query)
+        return self._run(call)
+
+    def invoice_pdf(self, *, account_id: str, invoice_id: str) -> bytes:
+        """The invoice's PDF, its bytes as the upstream sent them (``invoice_id``: its ``ref``).
+
+        An upstream from before SDK 1.2 redirects instead: that is a
+        :class:`SidecarApiError` with ``status`` 302; use :meth:`invoice_pdf_url` there.
+        """
+        return self._run(_op("invoice_pdf", _bytes, account_id, invoice_id))
 
     def invoice_pdf_url(self, *, account_id: str, invoice_id: str) -> str:
-        """The hosted PDF's URL: the ``Location`` of the sidecar's redirect, not followed."""
-        return self._run(_Calls.invoice_pdf_url(account_id, invoice_id))
+        """Upstreams before SDK 1.2: the ``Location`` of the redirect, not followed."""
+        return self._run(_op("invoice_pdf", _location, account_id, invoice_id))
+
+    # -- credits: never cached (balances change out of band)
+
+    def create_credit_checkout(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        success_url: str,
+        cancel_url: str,
+        credit_type_id: str | None = None,
+        pack_id: str | None = None,
+        quantity: int = 1,
+        items: list[dict[str, Any]] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """A hosted checkout buying one pack (``credit_type_id``, ``pack_id``, ``quantity``)
+        or several (``items``: ``{"creditTypeId", "packId", "quantity"?}``)."""
+        body: dict[str, Any] = {
+            "customerId": customer_id,
+            "successUrl": success_url,
+            "cancelUrl": cancel_url,
+        }
+        if items is not None:
+            body["items"] = items
+        else:
+            body |= _drop_none(
+                {"creditTypeId": credit_type_id, "packId": pack_id, "quantity": quantity}
+            )
+        call = _op("create_credit_checkout", _object, account_id, body=body, key=idempotency_key)
+        return self._run(call)
+
+    def list_credit_types(self) -> list[Any]:
+        return self._run(_op("list_credit_types", _field_list("creditTypes")))
+
+    def list_credit_packs(self, *, credit_type_id: str) -> list[Any]:
+        return self._run(_op("list_credit_packs", _field_list("packs"), credit_type_id))
+
+    def list_credits(self, *, customer_id: str) -> list[Any]:
+        return self._run(_op("list_credits", _field_list("credits"), customer_id))
+
+    def get_credit_balance(self, *, customer_id: str, credit_type_id: str) -> dict[str, Any]:
+        ids = customer_id, credit_type_id
+        return self._run(_op("get_credit_balance", _object, *ids))
+
+    def consume_credits(
+        self, *, customer_id: str, credit_type_id: str, amount: int, idempotency_key: str
+    ) -> dict[str, Any]:
+        """Spend ``amount``, all or nothing (409 ``insufficient_credits``: nothing deducted).
+
+        ``idempotency_key`` travels in the body, as the SDK sends it: the same key
+        answers the first answer again, so the sidecar retries this safely.
+        """
+        body = {"amount": amount, "idempotencyKey": idempotency_key}
+        ids = customer_id, credit_type_id
+        return self._run(_op("consume_credits", _object, *ids, body=body))
+
+    # END GENERATED blocking API
 
 
 # -- the asyncio client ------------------------------------------------------------------
-
-
-class _ProtocolError(Exception):
-    """The bytes that came back are not an HTTP/1.1 response we can read."""
-
-
-class _NoAnswer(ConnectionError):
-    """The connection closed (or was reset) before any byte of the answer arrived."""
 
 
 @dataclass(slots=True)
@@ -934,55 +1401,42 @@ async def _read_response(
     reader: asyncio.StreamReader, method: str
 ) -> tuple[int, dict[str, str], bytes, bool]:
     """Status, lower-cased headers, body, and whether the connection may be kept."""
-    first = True
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise _ProtocolError("the connection closed in the middle of the answer") from None
+        raise _Disconnected("the sidecar closed the connection without answering") from None
+    except asyncio.LimitOverrunError:
+        raise _ProtocolError("response headers too large") from None
+    try:
+        return await _read_rest(reader, method, head)
+    except asyncio.IncompleteReadError:
+        raise _ProtocolError("the connection closed in the middle of the answer") from None
+    except asyncio.LimitOverrunError:
+        raise _ProtocolError("a line of the answer is too long") from None
+
+
+async def _read_rest(
+    reader: asyncio.StreamReader, method: str, head: bytes
+) -> tuple[int, dict[str, str], bytes, bool]:
     while True:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            raise _ProtocolError("response headers too large") from None
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            if first and not getattr(exc, "partial", b""):
-                raise _NoAnswer("the connection closed before any byte of the answer") from exc
-            raise
-        first = False
-        lines = head.decode("latin-1").split("\r\n")
-        version, _, rest = lines[0].partition(" ")
-        status_text = rest.partition(" ")[0]
-        if not version.startswith("HTTP/1.") or not status_text.isdigit():
-            raise _ProtocolError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
-        status = int(status_text)
-        if 100 <= status < 200:
-            continue  # an interim answer; the real one follows
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-        break
-    keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-    if method == "HEAD" or status in (204, 304):
-        return status, headers, b"", keep
-    if "chunked" in headers.get("transfer-encoding", "").lower():
+        status, headers, keep = _parse_head(head[:-4])
+        if status >= 200:
+            break
+        head = await reader.readuntil(b"\r\n\r\n")  # an interim 1xx; the real answer follows
+    size = _framing(method, status, headers)
+    if size >= 0:
+        return status, headers, await reader.readexactly(size), keep
+    if size == _CHUNKED:
         parts = []
-        while True:
-            size_line = await reader.readuntil(b"\r\n")
-            try:
-                size = int(size_line.split(b";")[0].strip(), 16)
-            except ValueError:
-                raise _ProtocolError("bad chunk size") from None
-            if size == 0:
-                while await reader.readuntil(b"\r\n") != b"\r\n":
-                    pass  # trailers
-                break
-            parts.append(await reader.readexactly(size))
-            await reader.readexactly(2)
+        while (chunk := _chunk_size(await reader.readuntil(b"\r\n"))) > 0:
+            parts.append(await reader.readexactly(chunk))
+            if await reader.readexactly(2) != b"\r\n":
+                raise _ProtocolError("a chunk does not end where its size says")
+        while await reader.readuntil(b"\r\n") != b"\r\n":
+            pass  # trailers
         return status, headers, b"".join(parts), keep
-    if "content-length" in headers:
-        try:
-            length = int(headers["content-length"])
-        except ValueError:
-            raise _ProtocolError("bad Content-Length") from None
-        return status, headers, await reader.readexactly(length), keep
     return status, headers, await reader.read(), False  # the body ends with the connection
 
 
@@ -1009,6 +1463,8 @@ class AsyncSidecarClient:
         self.fail_open = fail_open
         self._idle: list[_Stream] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._encode = _Encoder(self._target)
+        self._tls: ssl.SSLContext | None = None
 
     def __repr__(self) -> str:
         return f"AsyncSidecarClient({self.base_url!r}, fail_open={self.fail_open!r})"
@@ -1033,9 +1489,10 @@ class AsyncSidecarClient:
         if t.socket_path is not None:
             reader, writer = await asyncio.open_unix_connection(t.socket_path)
         elif t.scheme == "https":
-            context = ssl.create_default_context()
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
             port = t.port or 443
-            reader, writer = await asyncio.open_connection(t.host, port, ssl=context)
+            reader, writer = await asyncio.open_connection(t.host, port, ssl=self._tls)
         else:
             reader, writer = await asyncio.open_connection(t.host, t.port or 80)
         return _Stream(reader, writer)
@@ -1052,21 +1509,6 @@ class AsyncSidecarClient:
             stream.close()
         return await self._connect(), False
 
-    def _encode(self, call: _Call[Any]) -> bytes:
-        payload = call.payload()
-        lines = [f"{call.method} {call.target(self._target.prefix)} HTTP/1.1"]
-        lines.append(f"Host: {self._target.host_header}")
-        lines += [f"{name}: {value}" for name, value in call.headers().items()]
-        if payload is not None:
-            lines.append(f"Content-Length: {len(payload)}")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (payload or b"")
-
-    async def _run(self, call: _Call[T]) -> T:
-        return call.read(await self._exchange(call))
-
-    async def _write(self, idempotency_key: str | None, call: _Call[T]) -> T:
-        return await self._run(call.keyed(idempotency_key))
-
     async def _exchange(self, call: _Call[Any]) -> _Response:
         timeout = self.billing_timeout if call.billing else self.timeout
         request = self._encode(call)
@@ -1082,8 +1524,11 @@ class AsyncSidecarClient:
                     status, headers, body, keep = await _read_response(stream.reader, call.method)
                 done = True
             except (OSError, EOFError, TimeoutError, _ProtocolError) as exc:
-                answered = sent and not isinstance(exc, _NoAnswer)
-                if reused and attempt == 1 and _closed_unanswered(exc, answered, sent, call):
+                # A kept-alive connection the sidecar closed meanwhile fails before any
+                # byte of the answer: try once more on a new one, unless the request
+                # may have been acted upon.
+                stale = isinstance(exc, ConnectionError)
+                if reused and attempt == 1 and stale and (not sent or call.idempotent):
                     continue
                 raise _unreachable(call, self.base_url, exc, timeout) from exc
             finally:
@@ -1098,37 +1543,88 @@ class AsyncSidecarClient:
             return _Response(call.method, call.path, status, headers, body)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    # BEGIN the API, written once: scripts/unasync_client.py copies it into SidecarClient
+
+    async def _run(self, call: _Call[T]) -> T:
+        return call.read(await self._exchange(call))
+
     # -- entitlements
 
     async def can(self, customer_id: str, module_id: str) -> bool:
-        """May the customer use the module? Never raises for an outage (fail closed)."""
+        """May the customer use the module? Never raises for an outage (fail closed).
+
+        False when no answer can be had, unless the client is ``fail_open``.
+        A caller's mistake (an empty id, a refused request) still raises.
+        """
+        customer, module = _seg("customer_id", customer_id), _seg("module_id", module_id)
         try:
-            return await self._run(_Calls.can(customer_id, module_id))
+            return await self._run(_Call("GET", f"/v1/customers/{customer}/can/{module}", _allowed))
         except SidecarUnavailable:
             return self.fail_open
 
     async def get_entitlements(self, customer_id: str) -> EntitlementSet:
         """The customer's entitlements; ``found`` is False for an unknown customer."""
-        return await self._run(_Calls.get_entitlements(customer_id))
+        return await self._run(_op("get_entitlements", _entitlements(customer_id), customer_id))
 
     async def check(self, pairs: Iterable[tuple[str, str]]) -> list[bool]:
         """``can`` for many ``(customer_id, module_id)`` pairs at once, in order."""
         items = _pairs(pairs)
         verdicts: list[bool] = []
         for start in range(0, len(items), MAX_BATCH):
-            chunk = items[start : start + MAX_BATCH]
+            chunk = [{"customerId": c, "module": m} for c, m in items[start : start + MAX_BATCH]]
             try:
-                answers = await self._run(_Calls.check(chunk))
+                answers = await self._run(
+                    _Call("POST", "/v1/check", _results, body={"checks": chunk}, safe=True)
+                )
             except SidecarUnavailable:
                 answers = [None] * len(chunk)
             verdicts += [self.fail_open if a is None else a for a in answers]
         return verdicts
 
     async def invalidate(self, customer_id: str | None = None) -> None:
-        """Drop one customer's cached entitlements, or everyone's, on every sidecar."""
-        await self._run(_Calls.invalidate(customer_id))
+        """Drop one customer's cached entitlements, or everyone's, on every sidecar.
 
-    # -- billing
+        Flags are left alone (``invalidate_flags``), as the Vellum SDK does.
+        """
+        await self._drop(customer_id, "entitlements")
+
+    async def _drop(self, customer_id: str | None, axis: str) -> None:
+        if customer_id is None:
+            path = "/v1/cache"
+        else:
+            path = f"/v1/customers/{_seg('customer_id', customer_id)}/cache"
+        await self._run(_Call("DELETE", path, _nothing, query={"axis": axis}))
+
+    # -- flags: a separate axis (a flag says a feature is on, never that it was paid for)
+
+    async def flags(self, customer_id: str) -> dict[str, bool]:
+        """Every flag for the customer: the global values with its overrides applied."""
+        return await self._run(_op("flags", _flags, customer_id))
+
+    async def flag(self, flag_id: str, customer_id: str, *, default: bool) -> bool:
+        """One flag, with the answer for when there is none.
+
+        ``default`` is returned for a flag the upstream does not define and when no
+        answer can be had (the sidecar or the upstream down): like the Vellum SDK,
+        this never raises for an outage. A caller's mistake (an empty id) raises.
+        """
+        path = f"/v1/customers/{_seg('customer_id', customer_id)}/flags/{_seg('flag_id', flag_id)}"
+        query = {"default": "true" if default else "false"}
+        try:
+            return await self._run(_Call("GET", path, _flag_value, query=query))
+        except SidecarUnavailable:
+            return default
+
+    async def global_flags(self) -> dict[str, bool]:
+        """The tenant-global flag values, no customer applied (a job with no user at hand)."""
+        return await self._run(_op("global_flags", _flags))
+
+    async def invalidate_flags(self, customer_id: str | None = None) -> None:
+        """Drop one customer's cached flags, or every customer's and the global flags, on
+        every sidecar. Entitlements are left alone."""
+        await self._drop(customer_id, "flags")
+
+    # -- billing: each builds its operation's call from the generated table
 
     async def create_checkout(
         self,
@@ -1136,18 +1632,33 @@ class AsyncSidecarClient:
         account_id: str,
         customer_id: str,
         plan_id: str,
-        plan_version: int | str,
         success_url: str,
         cancel_url: str,
+        plan_version: int | None = None,
+        product_id: str | None = None,
         seats: int = 1,
+        add_on_module_ids: list[str] | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return await self._write(
-            idempotency_key,
-            _Calls.create_checkout(
-                account_id, customer_id, plan_id, plan_version, success_url, cancel_url, seats
-            ),
+        """A hosted subscription checkout; send the customer to its ``url``.
+
+        ``plan_version`` omitted: Vellum sells the newest version; 409 when the
+        customer already has a live subscription (change that one instead).
+        """
+        body = _drop_none(
+            {
+                "customerId": customer_id,
+                "planId": plan_id,
+                "seats": seats,
+                "successUrl": success_url,
+                "cancelUrl": cancel_url,
+                "planVersion": plan_version,
+                "productId": product_id,
+                "addOnModuleIds": add_on_module_ids,
+            }
         )
+        call = _op("create_checkout", _object, account_id, body=body, key=idempotency_key)
+        return await self._run(call)
 
     async def create_setup_checkout(
         self,
@@ -1157,9 +1668,9 @@ class AsyncSidecarClient:
         cancel_url: str,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return await self._write(
-            idempotency_key, _Calls.create_setup_checkout(account_id, success_url, cancel_url)
-        )
+        body = {"successUrl": success_url, "cancelUrl": cancel_url}
+        call = _op("create_setup_checkout", _object, account_id, body=body, key=idempotency_key)
+        return await self._run(call)
 
     async def create_subscription(
         self,
@@ -1167,14 +1678,25 @@ class AsyncSidecarClient:
         account_id: str,
         customer_id: str,
         plan_id: str,
-        plan_version: int | str,
+        plan_version: int | None = None,
+        product_id: str | None = None,
         seats: int = 1,
+        add_on_module_ids: list[str] | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return await self._write(
-            idempotency_key,
-            _Calls.create_subscription(account_id, customer_id, plan_id, plan_version, seats),
+        """Subscribe the customer (the account's card pays); 409 when one is live."""
+        body = _drop_none(
+            {
+                "planId": plan_id,
+                "seats": seats,
+                "planVersion": plan_version,
+                "productId": product_id,
+                "addOnModuleIds": add_on_module_ids,
+            }
         )
+        ids = account_id, customer_id
+        call = _op("create_subscription", _object, *ids, body=body, key=idempotency_key)
+        return await self._run(call)
 
     async def cancel_subscription(
         self,
@@ -1184,12 +1706,114 @@ class AsyncSidecarClient:
         at_period_end: bool = False,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return await self._write(
-            idempotency_key, _Calls.cancel_subscription(account_id, customer_id, at_period_end)
-        )
+        query = {"atPeriodEnd": "true"} if at_period_end else None
+        ids = account_id, customer_id
+        call = _op("cancel_subscription", _object, *ids, query=query, key=idempotency_key)
+        return await self._run(call)
 
     async def get_subscription(self, *, account_id: str, customer_id: str) -> dict[str, Any]:
-        return await self._run(_Calls.get_subscription(account_id, customer_id))
+        return await self._run(_op("get_subscription", _object, account_id, customer_id))
+
+    async def update_subscription(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        plan_id: str,
+        plan_version: int,
+        product_id: str | None = None,
+        seats: int | None = None,
+        add_on_module_ids: list[str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Change the plan, seats and add-ons at once; the changed subscription."""
+        body = _drop_none(
+            {
+                "planId": plan_id,
+                "planVersion": plan_version,
+                "productId": product_id,
+                "seats": seats,
+                "addOnModuleIds": add_on_module_ids,
+            }
+        )
+        ids = account_id, customer_id
+        call = _op("update_subscription", _object, *ids, body=body, key=idempotency_key)
+        return await self._run(call)
+
+    async def preview_change(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        product_id: str | None = None,
+        plan_id: str | None = None,
+        plan_version: int | None = None,
+        seats: int | None = None,
+        add_on_module_ids: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """The cost of a change (``current``, ``proposed``, ``amountDueNow``); changes nothing."""
+        body = _drop_none(
+            {
+                "productId": product_id,
+                "planId": plan_id,
+                "planVersion": plan_version,
+                "seats": seats,
+                "addOnModuleIds": add_on_module_ids,
+            }
+        )
+        return await self._run(_op("preview_change", _object, account_id, customer_id, body=body))
+
+    async def set_seats(
+        self, *, account_id: str, customer_id: str, seats: int, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        body, ids = {"seats": seats}, (account_id, customer_id)
+        return await self._run(_op("set_seats", _object, *ids, body=body, key=idempotency_key))
+
+    async def add_add_on(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        module_id: str,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        body, ids = {"add": [module_id]}, (account_id, customer_id)
+        call = _op("change_add_ons", _object, *ids, body=body, key=idempotency_key)
+        return await self._run(call)
+
+    async def remove_add_on(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        module_id: str,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        body, ids = {"remove": [module_id]}, (account_id, customer_id)
+        call = _op("change_add_ons", _object, *ids, body=body, key=idempotency_key)
+        return await self._run(call)
+
+    async def change_plan(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        plan_id: str,
+        plan_version: int,
+        product_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        body = _drop_none({"planId": plan_id, "planVersion": plan_version, "productId": product_id})
+        ids = account_id, customer_id
+        call = _op("change_plan", _object, *ids, body=body, key=idempotency_key)
+        return await self._run(call)
+
+    async def reactivate(
+        self, *, account_id: str, customer_id: str, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Withdraw a pending cancel, or restart an ended subscription."""
+        ids = account_id, customer_id
+        return await self._run(_op("reactivate", _object, *ids, key=idempotency_key))
 
     async def create_account(
         self,
@@ -1197,55 +1821,71 @@ class AsyncSidecarClient:
         account_id: str,
         name: str | None = None,
         email: str | None = None,
-        stripe_customer_id: str | None = None,
-        create_stripe_customer: bool = False,
+        billing_customer_id: str | None = None,
+        create_billing_customer: bool = False,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return await self._write(
-            idempotency_key,
-            _Calls.create_account(
-                account_id, name, email, stripe_customer_id, create_stripe_customer
-            ),
+        """Create the account (or answer the existing one); 409 for another billing customer."""
+        _seg("account_id", account_id)
+        body = _drop_none(
+            {
+                "accountId": account_id,
+                "name": name,
+                "email": email,
+                "billingCustomerId": billing_customer_id,
+            }
         )
+        if create_billing_customer:
+            body["createBillingCustomer"] = True
+        return await self._run(_op("create_account", _object, body=body, key=idempotency_key))
 
     async def create_customer(
         self,
         *,
         account_id: str,
         customer_id: str,
+        name: str | None = None,
         email: str | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return await self._write(
-            idempotency_key, _Calls.create_customer(account_id, customer_id, email)
-        )
+        _seg("customer_id", customer_id)
+        body = _drop_none({"customerId": customer_id, "name": name, "email": email})
+        call = _op("create_customer", _object, account_id, body=body, key=idempotency_key)
+        return await self._run(call)
 
     async def set_account_status(
         self, *, account_id: str, status: str, idempotency_key: str | None = None
     ) -> dict[str, Any]:
-        return await self._write(idempotency_key, _Calls.set_account_status(account_id, status))
+        body = {"status": status}
+        call = _op("set_account_status", _object, account_id, body=body, key=idempotency_key)
+        return await self._run(call)
 
     async def set_customer_status(
         self, *, account_id: str, customer_id: str, status: str, idempotency_key: str | None = None
     ) -> dict[str, Any]:
-        return await self._write(
-            idempotency_key, _Calls.set_customer_status(account_id, customer_id, status)
-        )
+        body, ids = {"status": status}, (account_id, customer_id)
+        call = _op("set_customer_status", _object, *ids, body=body, key=idempotency_key)
+        return await self._run(call)
 
     async def list_payment_methods(self, *, account_id: str) -> list[Any]:
-        return await self._run(_Calls.list_payment_methods(account_id))
+        """The account's cards; each ``ref`` is the only id to send back."""
+        return await self._run(_op("list_payment_methods", _field_list("methods"), account_id))
 
     async def set_default_payment_method(
         self, *, account_id: str, method_id: str, idempotency_key: str | None = None
     ) -> dict[str, Any]:
-        return await self._write(
-            idempotency_key, _Calls.set_default_payment_method(account_id, method_id)
-        )
+        ids = account_id, method_id
+        call = _op("set_default_payment_method", _object, *ids, key=idempotency_key)
+        return await self._run(call)
 
     async def remove_payment_method(
         self, *, account_id: str, method_id: str, idempotency_key: str | None = None
-    ) -> None:
-        await self._write(idempotency_key, _Calls.remove_payment_method(account_id, method_id))
+    ) -> dict[str, Any] | None:
+        """``{"ref", "removed": true}``; None from an upstream that answers 204."""
+        ids = account_id, method_id
+        return await self._run(
+            _op("remove_payment_method", _maybe_object, *ids, key=idempotency_key)
+        )
 
     async def set_subscription_payment_method(
         self,
@@ -1255,14 +1895,82 @@ class AsyncSidecarClient:
         method_id: str,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        return await self._write(
-            idempotency_key,
-            _Calls.set_subscription_payment_method(account_id, customer_id, method_id),
-        )
+        _seg("method_id", method_id)
+        body, ids = {"methodId": method_id}, (account_id, customer_id)
+        call = _op("set_subscription_payment_method", _object, *ids, body=body, key=idempotency_key)
+        return await self._run(call)
 
     async def list_invoices(self, *, account_id: str, customer_id: str | None = None) -> list[Any]:
-        return await self._run(_Calls.list_invoices(account_id, customer_id))
+        query = {"customerId": customer_id} if customer_id is not None else None
+        call = _op("list_invoices", _field_list("invoices"), account_id, query=query)
+        return await self._run(call)
+
+    async def invoice_pdf(self, *, account_id: str, invoice_id: str) -> bytes:
+        """The invoice's PDF, its bytes as the upstream sent them (``invoice_id``: its ``ref``).
+
+        An upstream from before SDK 1.2 redirects instead: that is a
+        :class:`SidecarApiError` with ``status`` 302; use :meth:`invoice_pdf_url` there.
+        """
+        return await self._run(_op("invoice_pdf", _bytes, account_id, invoice_id))
 
     async def invoice_pdf_url(self, *, account_id: str, invoice_id: str) -> str:
-        """The hosted PDF's URL: the ``Location`` of the sidecar's redirect, not followed."""
-        return await self._run(_Calls.invoice_pdf_url(account_id, invoice_id))
+        """Upstreams before SDK 1.2: the ``Location`` of the redirect, not followed."""
+        return await self._run(_op("invoice_pdf", _location, account_id, invoice_id))
+
+    # -- credits: never cached (balances change out of band)
+
+    async def create_credit_checkout(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        success_url: str,
+        cancel_url: str,
+        credit_type_id: str | None = None,
+        pack_id: str | None = None,
+        quantity: int = 1,
+        items: list[dict[str, Any]] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """A hosted checkout buying one pack (``credit_type_id``, ``pack_id``, ``quantity``)
+        or several (``items``: ``{"creditTypeId", "packId", "quantity"?}``)."""
+        body: dict[str, Any] = {
+            "customerId": customer_id,
+            "successUrl": success_url,
+            "cancelUrl": cancel_url,
+        }
+        if items is not None:
+            body["items"] = items
+        else:
+            body |= _drop_none(
+                {"creditTypeId": credit_type_id, "packId": pack_id, "quantity": quantity}
+            )
+        call = _op("create_credit_checkout", _object, account_id, body=body, key=idempotency_key)
+        return await self._run(call)
+
+    async def list_credit_types(self) -> list[Any]:
+        return await self._run(_op("list_credit_types", _field_list("creditTypes")))
+
+    async def list_credit_packs(self, *, credit_type_id: str) -> list[Any]:
+        return await self._run(_op("list_credit_packs", _field_list("packs"), credit_type_id))
+
+    async def list_credits(self, *, customer_id: str) -> list[Any]:
+        return await self._run(_op("list_credits", _field_list("credits"), customer_id))
+
+    async def get_credit_balance(self, *, customer_id: str, credit_type_id: str) -> dict[str, Any]:
+        ids = customer_id, credit_type_id
+        return await self._run(_op("get_credit_balance", _object, *ids))
+
+    async def consume_credits(
+        self, *, customer_id: str, credit_type_id: str, amount: int, idempotency_key: str
+    ) -> dict[str, Any]:
+        """Spend ``amount``, all or nothing (409 ``insufficient_credits``: nothing deducted).
+
+        ``idempotency_key`` travels in the body, as the SDK sends it: the same key
+        answers the first answer again, so the sidecar retries this safely.
+        """
+        body = {"amount": amount, "idempotencyKey": idempotency_key}
+        ids = customer_id, credit_type_id
+        return await self._run(_op("consume_credits", _object, *ids, body=body))
+
+    # END the API

@@ -60,12 +60,18 @@ async function lastUpstream(operation) {
   return requests.at(-1);
 }
 
+// vellumcharter 1.4.2's methods in camelCase, the flags ones included; check and
+// invoicePdfUrl (upstreams before SDK 1.2) are this client's own.
 const SDK_METHODS = [
   "can", "getEntitlements", "check", "invalidate",
+  "flags", "flag", "globalFlags", "invalidateFlags",
   "createCheckout", "createSetupCheckout", "createSubscription", "cancelSubscription",
-  "getSubscription", "createAccount", "createCustomer", "setAccountStatus",
-  "setCustomerStatus", "listPaymentMethods", "setDefaultPaymentMethod",
-  "removePaymentMethod", "setSubscriptionPaymentMethod", "listInvoices", "invoicePdfUrl",
+  "getSubscription", "updateSubscription", "previewChange", "setSeats", "addAddOn",
+  "removeAddOn", "changePlan", "reactivate", "createAccount", "createCustomer",
+  "setAccountStatus", "setCustomerStatus", "listPaymentMethods", "setDefaultPaymentMethod",
+  "removePaymentMethod", "setSubscriptionPaymentMethod", "listInvoices", "invoicePdf",
+  "invoicePdfUrl", "createCreditCheckout", "listCreditTypes", "listCreditPacks", "listCredits",
+  "getCreditBalance", "consumeCredits",
 ];
 
 describe("surface", () => {
@@ -113,6 +119,15 @@ describe("surface", () => {
     assert.deepEqual([set.config("seats"), set.config("x"), set.config("x", 7)], [2, null, 7]);
     const gone = new EntitlementSet("c", { found: false, status: null, modules: [], config: {} });
     assert.deepEqual([gone.found, gone.isActive(), gone.has("a")], [false, false, false]);
+    // hasAccess() is the upstream's hasAccess, as the SDK's: absent is false.
+    assert.deepEqual([set.hasAccess(), gone.hasAccess()], [false, false]);
+    assert.equal(new EntitlementSet("c", { status: "past_due", hasAccess: true }).hasAccess(), true);
+    assert.equal(new EntitlementSet("c", { status: "active", hasAccess: false }).hasAccess(), false);
+  });
+
+  test("exactly the SDK methods and this client's own", () => {
+    const methods = Object.getOwnPropertyNames(SidecarClient.prototype).filter((n) => n !== "constructor");
+    assert.deepEqual([...methods].sort(), [...SDK_METHODS, "close"].sort());
   });
 });
 
@@ -167,6 +182,41 @@ describe("entitlements, live", () => {
   });
 });
 
+describe("flags, live", () => {
+  const sidecar = new SidecarClient({ baseUrl: process.env.VSC_URL });
+  const tenant = () => env("VSC_TENANT");
+  const upstreamCount = async (operation) =>
+    (await admin("GET", `/requests?operation=${operation}&tenant=${tenant()}`)).requests.length;
+
+  test("flags, flag, globalFlags, invalidateFlags", async () => {
+    const customer = uid("cus");
+    const name = uid("flag");
+    await admin("PUT", `/tenants/${tenant()}/flags/${name}`, { value: false });
+    await admin("PUT", `/tenants/${tenant()}/customers/${customer}/flags/${name}`, { value: true });
+    const mine = await sidecar.flags(customer);
+    assert.equal(mine[name], true);
+    assert.equal(mine["bulk-export"], true, "the globals under the overrides");
+    assert.equal((await sidecar.globalFlags())[name], false);
+    assert.equal(await sidecar.flag(name, customer, { default: false }), true);
+    assert.equal(await sidecar.flag(name, uid("other"), { default: true }), false);
+    assert.equal(await sidecar.flag(uid("undefined"), customer, { default: true }), true);
+    await assert.rejects(sidecar.flag(name, customer), TypeError);
+    await assert.rejects(sidecar.flag("", customer, { default: true }), /flagId/);
+
+    const fetched = await upstreamCount("flags");
+    await sidecar.invalidate(customer); // entitlements only, as the SDK's
+    await sidecar.flags(customer);
+    assert.equal(await upstreamCount("flags"), fetched);
+    assert.equal(await sidecar.invalidateFlags(customer), undefined);
+    await sidecar.flags(customer);
+    assert.equal(await upstreamCount("flags"), fetched + 1);
+    const globalsFetched = await upstreamCount("global_flags");
+    await sidecar.invalidateFlags();
+    await sidecar.globalFlags();
+    assert.equal(await upstreamCount("global_flags"), globalsFetched + 1);
+  });
+});
+
 describe("billing, live", () => {
   const sidecar = new SidecarClient({ baseUrl: process.env.VSC_URL });
 
@@ -203,25 +253,42 @@ describe("billing, live", () => {
     assert.deepEqual(sent.body, { planId: "pro", planVersion: 1, seats: 3 });
     assert.ok(sent.idempotencyKey);
     assert.equal(await sidecar.can(customerId, "api"), true, "the write dropped the cache");
-    assert.equal((await sidecar.getSubscription({ accountId, customerId })).id, sub.id);
+    assert.deepEqual(await sidecar.getSubscription({ accountId, customerId }), sub);
 
     const methods = await sidecar.listPaymentMethods({ accountId });
     assert.equal(methods.length, 2);
-    const spare = methods.find((m) => !m.isDefault).id;
+    const spare = methods.find((m) => !m.isDefault).ref;
     const made = await sidecar.setDefaultPaymentMethod({ accountId, methodId: spare });
-    assert.deepEqual([made.id, made.isDefault], [spare, true]);
+    assert.deepEqual([made.ref, made.isDefault], [spare, true]);
     const paying = await sidecar.setSubscriptionPaymentMethod({ accountId, customerId, methodId: spare });
-    assert.equal(paying.paymentMethodId, spare);
-    const unused = methods.find((m) => m.id !== spare).id;
-    assert.equal(await sidecar.removePaymentMethod({ accountId, methodId: unused }), undefined);
-    assert.deepEqual((await sidecar.listPaymentMethods({ accountId })).map((m) => m.id), [spare]);
+    assert.equal(paying.defaultPaymentMethodRef, spare);
+    const unused = methods.find((m) => m.ref !== spare).ref;
+    assert.deepEqual(await sidecar.removePaymentMethod({ accountId, methodId: unused }), {
+      ref: unused, removed: true,
+    });
+    assert.deepEqual((await sidecar.listPaymentMethods({ accountId })).map((m) => m.ref), [spare]);
 
     const invoices = await sidecar.listInvoices({ accountId });
-    assert.deepEqual(invoices.map((i) => i.customerId), [customerId]);
+    assert.equal(invoices.length, 1);
+    assert.deepEqual(await sidecar.listInvoices({ accountId, customerId }), invoices);
     assert.deepEqual(await sidecar.listInvoices({ accountId, customerId: "someone_else" }), []);
     assert.deepEqual((await lastUpstream("list_invoices")).query, { customerId: "someone_else" });
-    const url = await sidecar.invoicePdfUrl({ accountId, invoiceId: invoices[0].id });
-    assert.equal(url, `https://invoices.example/${invoices[0].id}.pdf`);
+    const pdf = await sidecar.invoicePdf({ accountId, invoiceId: invoices[0].ref });
+    assert.ok(pdf instanceof Uint8Array, "bytes, not text");
+    assert.equal(new TextDecoder("latin1").decode(pdf.slice(0, 5)), "%PDF-");
+    assert.ok(Buffer.from(pdf).includes(invoices[0].number), "the invoice's own PDF");
+    assert.ok(pdf.some((b) => b > 127), "binary bytes survive (a text decode would break them)");
+    // invoicePdfUrl: an upstream from before SDK 1.2 redirects (invoicePdf then throws).
+    await admin("PATCH", "/settings", { invoicePdf: "redirect" });
+    try {
+      const url = await sidecar.invoicePdfUrl({ accountId, invoiceId: invoices[0].ref });
+      assert.ok(url.endsWith(`/${invoices[0].number}.pdf`), url);
+      await assert.rejects(sidecar.invoicePdf({ accountId, invoiceId: invoices[0].ref }), {
+        name: "SidecarApiError", status: 302,
+      });
+    } finally {
+      await admin("PATCH", "/settings", { invoicePdf: "bytes" });
+    }
 
     const status = await sidecar.setCustomerStatus({ accountId, customerId, status: "past_due" });
     assert.equal(status.status, "past_due");
@@ -236,6 +303,96 @@ describe("billing, live", () => {
     assert.equal((await sidecar.setAccountStatus({ accountId, status: "suspended" })).status, "suspended");
   });
 
+  test("subscription changes", async () => {
+    const accountId = uid("acct");
+    const customerId = uid("cus");
+    const account = await sidecar.createAccount({ accountId, billingCustomerId: "cus_billing_js" });
+    assert.equal(account.billingCustomerId, "cus_billing_js");
+    assert.deepEqual((await lastUpstream("create_account")).body, {
+      accountId, billingCustomerId: "cus_billing_js",
+    });
+    assert.equal((await sidecar.createAccount({ accountId })).accountId, accountId, "the existing one");
+    await assert.rejects(sidecar.createAccount({ accountId, billingCustomerId: "cus_other" }), {
+      status: 409, code: "billing_customer_conflict",
+    });
+    await sidecar.createCustomer({ accountId, customerId, name: "Jane" });
+    assert.deepEqual((await lastUpstream("create_customer")).body, { customerId, name: "Jane" });
+    const sub = await sidecar.createSubscription({ accountId, customerId, planId: "team" });
+    assert.deepEqual([sub.planId, sub.planVersion, sub.seats], ["team", 2, 1], "the newest version");
+    assert.deepEqual((await lastUpstream("create_subscription")).body, { planId: "team", seats: 1 });
+    const ents = await sidecar.getEntitlements(customerId);
+    assert.deepEqual([ents.hasAccess(), ents.has("exports"), ents.has("sso")], [true, true, false]);
+
+    const preview = await sidecar.previewChange({ accountId, customerId, seats: 4, addOnModuleIds: ["sso"] });
+    assert.deepEqual([preview.current.seats, preview.proposed.seats], [1, 4]);
+    assert.deepEqual((await lastUpstream("preview_change")).body, { seats: 4, addOnModuleIds: ["sso"] });
+    assert.equal((await sidecar.setSeats({ accountId, customerId, seats: 3 })).seats, 3);
+    assert.equal((await sidecar.getEntitlements(customerId)).config("seats"), 3, "dropped at once");
+    await sidecar.addAddOn({ accountId, customerId, moduleId: "sso" });
+    assert.deepEqual((await lastUpstream("change_add_ons")).body, { add: ["sso"] });
+    assert.equal(await sidecar.can(customerId, "sso"), true);
+    await sidecar.removeAddOn({ accountId, customerId, moduleId: "sso" });
+    assert.deepEqual((await lastUpstream("change_add_ons")).body, { remove: ["sso"] });
+    assert.equal(await sidecar.can(customerId, "sso"), false);
+    const planned = await sidecar.changePlan({ accountId, customerId, planId: "pro", planVersion: 1 });
+    assert.deepEqual([planned.planId, planned.planVersion], ["pro", 1]);
+    assert.equal(await sidecar.can(customerId, "api"), true);
+    const updated = await sidecar.updateSubscription({
+      accountId, customerId, planId: "team", planVersion: 1, seats: 2, addOnModuleIds: ["audit"],
+    });
+    assert.deepEqual([updated.planId, updated.seats, updated.addOnModuleIds], ["team", 2, ["audit"]]);
+    assert.deepEqual(
+      [await sidecar.can(customerId, "audit"), await sidecar.can(customerId, "api")],
+      [true, false],
+    );
+    await sidecar.cancelSubscription({ accountId, customerId });
+    assert.equal(await sidecar.can(customerId, "audit"), false);
+    assert.equal((await sidecar.reactivate({ accountId, customerId })).status, "active");
+    assert.equal((await lastUpstream("reactivate")).body, null, "no body");
+    assert.equal(await sidecar.can(customerId, "audit"), true);
+    await assert.rejects(sidecar.setSeats({ accountId, customerId, seats: "3" }), {
+      status: 400, code: "invalid_body",
+    });
+  });
+
+  test("credits", async () => {
+    const types = await sidecar.listCreditTypes();
+    assert.deepEqual(types.map((t) => t.creditTypeId), ["api-calls", "exports"]);
+    const packs = await sidecar.listCreditPacks({ creditTypeId: "exports" });
+    assert.deepEqual(packs.map((p) => [p.packId, p.credits]), [["exports-10", 10]]);
+    const customerId = uid("cus");
+    await sidecar.createCustomer({ accountId: "acme", customerId });
+    const tenant = env("VSC_TENANT");
+    await admin("PUT", `/tenants/${tenant}/customers/${customerId}/credits/exports`, { balance: 12 });
+    const balances = await sidecar.listCredits({ customerId });
+    assert.deepEqual(
+      Object.fromEntries(balances.map((c) => [c.creditTypeId, c.balance])),
+      { "api-calls": 0, exports: 12 },
+    );
+    const idempotencyKey = uid("use");
+    const spent = await sidecar.consumeCredits({ customerId, creditTypeId: "exports", amount: 5, idempotencyKey });
+    assert.deepEqual([spent.balance, spent.consumed], [7, 5]);
+    assert.deepEqual((await lastUpstream("consume_credits")).body, { amount: 5, idempotencyKey });
+    const again = await sidecar.consumeCredits({ customerId, creditTypeId: "exports", amount: 5, idempotencyKey });
+    assert.deepEqual(again, spent, "deducted once");
+    await assert.rejects(
+      sidecar.consumeCredits({ customerId, creditTypeId: "exports", amount: 8, idempotencyKey: uid("use") }),
+      { status: 409, code: "insufficient_credits" },
+    );
+    await admin("PUT", `/tenants/${tenant}/customers/${customerId}/credits/exports`, { balance: 40 });
+    const balance = await sidecar.getCreditBalance({ customerId, creditTypeId: "exports" });
+    assert.equal(balance.balance, 40, "balances are never cached");
+    const urls = { successUrl: "https://app.example/ok", cancelUrl: "https://app.example/no" };
+    const one = await sidecar.createCreditCheckout({
+      accountId: "acme", customerId, creditTypeId: "exports", packId: "exports-10", quantity: 2, ...urls,
+    });
+    assert.deepEqual([one.mode, one.amountTotal], ["payment", 1000]);
+    const items = [{ creditTypeId: "api-calls", packId: "calls-1k" }];
+    const several = await sidecar.createCreditCheckout({ accountId: "acme", customerId, items, ...urls });
+    assert.deepEqual(several.items.map((i) => i.credits), [1000]);
+    assert.deepEqual((await lastUpstream("create_credit_checkout")).body, { customerId, ...urls, items });
+  });
+
   test("upstream errors carry status, code and body", async () => {
     const missing = await sidecar
       .getSubscription({ accountId: "acme", customerId: uid("ghost") })
@@ -244,7 +401,10 @@ describe("billing, live", () => {
     assert.deepEqual([missing.status, missing.code], [404, "customer_not_found"]);
     assert.equal(missing.body.error.code, "customer_not_found");
     assert.match(missing.message, /404/);
-    await assert.rejects(sidecar.createAccount({ accountId: "acme" }), { status: 409, code: "account_exists" });
+    await assert.rejects(
+      sidecar.createCustomer({ accountId: "acme", customerId: "cus_trial" }),
+      { status: 409, code: "customer_exists" },
+    );
     await assert.rejects(
       sidecar.setCustomerStatus({ accountId: "acme", customerId: "cus_trial", status: "x" }),
       { status: 400, code: "invalid_status" },
@@ -259,8 +419,10 @@ describe("unix socket", () => {
       assert.equal(await sidecar.can("cus_active", "reports"), true);
       assert.equal((await sidecar.getEntitlements("cus_trial")).status, "trialing");
       assert.deepEqual(await sidecar.check([["cus_trial", "exports"]]), [false]);
-      const url = await sidecar.invoicePdfUrl({ accountId: "acme", invoiceId: "in_acme_0001" });
-      assert.match(url, /\/in_acme_0001\.pdf$/);
+      // tests/test_client_js.py switched this stack's emulator to redirect (pre-1.2) PDFs.
+      const [first] = await sidecar.listInvoices({ accountId: "acme" });
+      const url = await sidecar.invoicePdfUrl({ accountId: "acme", invoiceId: first.ref });
+      assert.match(url, /\/ACME-0001\.pdf$/);
     } finally {
       sidecar.close();
     }
@@ -282,6 +444,8 @@ describe("fail closed", () => {
       return true;
     });
     await assert.rejects(closed.listInvoices({ accountId: "acme" }), SidecarUnavailable);
+    assert.equal(await closed.flag("beta", "cus_active", { default: true }), true);
+    await assert.rejects(closed.flags("cus_active"), SidecarUnavailable);
   });
 
   test("the sidecar answers 503: can and check answer false (true with failOpen)", async () => {
@@ -296,6 +460,9 @@ describe("fail closed", () => {
     await assert.rejects(closed.getEntitlements(customer), {
       name: "SidecarUnavailable", status: 503, code: "upstream_unavailable",
     });
+    assert.equal(await closed.flag("beta", customer, { default: false }), false);
+    assert.equal(await closed.flag("beta", customer, { default: true }), true);
+    await assert.rejects(closed.globalFlags(), { name: "SidecarUnavailable", status: 503 });
   });
 
   test("the sidecar's fail-open modules answer true even for a fail-closed client", async () => {

@@ -1,0 +1,284 @@
+"""Write sidecar/openapi.json from the operation table and a small hand-written base.
+
+    uv run python scripts/gen_openapi.py          # rewrite sidecar/openapi.json
+    uv run python scripts/gen_openapi.py --check  # exit 1 when the committed file is stale
+
+The ``paths`` of every operation in ``sidecar/http/operations.py`` (both surfaces)
+come from the table; ``scripts/openapi_base.json`` holds what the table does not
+describe: ``info``, ``tags``, ``components`` (schemas with examples, parameters,
+shared responses and headers) and the routes outside the table (``can``,
+``check``, a flag, the cache drops, OFREP, this document). Every GET path also gets its HEAD
+operation: the same statuses and headers, no body (the router answers HEAD on
+every GET route).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from sidecar.cache.kinds import KINDS
+from sidecar.http.operations import OPERATIONS, SURFACES, Answer, Operation, Surface
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ROOT / "scripts" / "openapi_base.json"
+TARGET = ROOT / "sidecar" / "openapi.json"
+
+Json = dict[str, Any]
+
+_ERROR_CONTENT: Json = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+
+
+def ref(kind: str, name: str) -> Json:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def build(base: Json) -> Json:
+    """The whole document: the base with the table's operations and the HEADs added."""
+    doc = copy.deepcopy(base)
+    paths: Json = doc["paths"]
+    for op in OPERATIONS:
+        for surface in SURFACES:
+            item = paths.setdefault(SURFACES[surface] + op.path, {})
+            method = op.method.lower()
+            if method in item:
+                raise SystemExit(f"{op.method} {SURFACES[surface]}{op.path} is described twice")
+            item[method] = operation(doc, op, surface)
+    for item in paths.values():
+        if "get" in item and "head" not in item:
+            item["head"] = head(doc, item["get"])
+    return doc
+
+
+def operation(doc: Json, op: Operation, surface: Surface) -> Json:
+    mirror = surface == "mirror"
+    params = [ref("parameters", "tenant")] if mirror else []
+    params += [ref("parameters", name) for name in op.params]
+    params += [query_parameter(doc, name) for name in op.query]
+    if op.write:
+        params.append(ref("parameters", "IdempotencyKey"))
+    for name in op.params:
+        if name not in doc["components"]["parameters"]:
+            raise SystemExit(f"{op.name}: no components/parameters/{name} in {BASE.name}")
+    out: Json = {
+        "operationId": operation_id(op, surface),
+        "summary": op.summary,
+        "description": description(op, surface),
+        "tags": ["mirror" if mirror else tag(op)],
+        "parameters": params,
+    }
+    if op.request is not None:
+        schema(doc, op.request, op.name)
+        check_fields(doc, op)
+        out["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": ref("schemas", op.request)}},
+        }
+    if op.cached:
+        out["responses"] = cached_responses(doc, op, surface)
+    else:
+        out["responses"] = forwarded_responses(doc, op, surface)
+    return out
+
+
+def check_fields(doc: Json, op: Operation) -> None:
+    """The row's checked fields agree with its request schema (names, required, types)."""
+    request = doc["components"]["schemas"][op.request]
+    properties = request.get("properties", {})
+    where = f"{op.name}: {BASE.name} components/schemas/{op.request}"
+    if set(op.required) != set(request.get("required", [])):
+        raise SystemExit(f"{where}: required {request.get('required')} but the row {op.required}")
+    for f in op.fields:
+        prop = properties.get(f.name)
+        if prop is None:
+            raise SystemExit(f"{where}: no property {f.name}")
+        types = prop.get("type")
+        types = set(types) if isinstance(types, list) else {types}
+        want = {"id": "string", "string": "string", "integer": "integer", "boolean": "boolean",
+                "strings": "array", "objects": "array"}[f.kind]  # fmt: skip
+        if want not in types:
+            raise SystemExit(f"{where}: {f.name} is {prop.get('type')}, the row says {f.kind}")
+
+
+def tag(op: Operation) -> str:
+    """A cached read's tag is its kind's axis (entitlements, flags); the rest is billing."""
+    return KINDS[op.cache].axis if op.cache is not None else "billing"
+
+
+def operation_id(op: Operation, surface: Surface) -> str:
+    """``get_entitlements``: ``getEntitlements`` on /v1, ``mirrorGetEntitlements`` on the mirror."""
+    first, *rest = op.name.split("_")
+    camel = first + "".join(word.capitalize() for word in rest)
+    return camel if surface == "v1" else "mirror" + camel[0].upper() + camel[1:]
+
+
+def description(op: Operation, surface: Surface) -> str:
+    sdk = ", ".join(f"`{m}`" for m in op.sdk)
+    parts = [f"Upstream operation `{op.name}`: {op.method} /tenants/{{t}}{op.path} ({sdk})."]
+    if surface == "mirror":
+        parts.append("The drop-in mirror: the caller's x-api-key is ignored, never forwarded.")
+    if op.cached:
+        parts.append(
+            "Answered from the cache: memory, then Redis, then one upstream call shared by "
+            "every concurrent caller; while the upstream cannot answer, an entry past its "
+            "fresh window is served marked stale."
+        )
+    else:
+        parts.append(
+            "The upstream's status, body bytes and Content-Type (and Location, "
+            "Content-Disposition, Idempotent-Replayed) are returned as they are."
+        )
+    if op.retry_safe:
+        parts.append(
+            "Safe to retry without an Idempotency-Key (it changes nothing, or the upstream "
+            "deduplicates it by its body), so the sidecar retries it like a read."
+        )
+    if op.drops == "customer":
+        parts.append(
+            "On success (or an unknown outcome) drops the customer's cached entitlements "
+            "on every sidecar."
+        )
+    elif op.drops == "account":
+        parts.append(
+            "On success (or an unknown outcome) drops the account's known customers' cached "
+            "entitlements on every sidecar (the tenant's when none are known)."
+        )
+    return " ".join(parts)
+
+
+def success(doc: Json, answer: Answer, *, cached: bool, where: str) -> tuple[str, Json]:
+    out: Json = {"description": answer.description}
+    if answer.schema is not None:
+        schema(doc, answer.schema, where)
+        out["content"] = {"application/json": {"schema": ref("schemas", answer.schema)}}
+    elif answer.media_type is not None:
+        out["content"] = {answer.media_type: {}}  # any bytes, passed on as they are
+    if cached:
+        out["headers"] = {name: ref("headers", name) for name in ("X-Sidecar-Cache", "Age")}
+    if 300 <= answer.status < 400:
+        location = {"description": "where the upstream redirects", "schema": {"type": "string"}}
+        out["headers"] = {"Location": location}
+    return str(answer.status), out
+
+
+def cached_responses(doc: Json, op: Operation, surface: Surface) -> Json:
+    answer = op.local_answer if surface == "v1" and op.local_answer is not None else op.answer
+    status, body = success(doc, answer, cached=True, where=op.name)
+    out: Json = {status: body, "400": ref("responses", "InvalidId")}
+    out["403"] = ref("responses", "BrowserGuard")
+    if surface == "mirror":
+        out["404"] = {
+            "description": "unknown (as the upstream answers it), or another tenant",
+            "content": _ERROR_CONTENT,
+        }
+    elif op.cache is not None and KINDS[op.cache].missing_status == 404:
+        out["404"] = {
+            "description": "not_found: the upstream has no such document (its 404)",
+            "content": _ERROR_CONTENT,
+            "headers": body["headers"],
+        }
+    out["502"] = ref("responses", "UpstreamAuthFailed")
+    out["503"] = ref("responses", "NothingCached")
+    return out
+
+
+def forwarded_responses(doc: Json, op: Operation, surface: Surface) -> Json:
+    successes = dict(success(doc, a, cached=False, where=op.name) for a in op.answers)
+    not_found = (
+        "another tenant (unknown_tenant, no upstream call), or the upstream's 404 passed through"
+        if surface == "mirror"
+        else "the upstream's 404 (unknown account, customer, ...), passed through"
+    )
+    out: Json = {
+        **dict(sorted(successes.items())),
+        "400": ref("responses", "InvalidInput"),
+        "403": ref("responses", "BrowserGuard"),
+        "404": {"description": not_found, "content": _ERROR_CONTENT},
+        "4XX": ref("responses", "UpstreamRefusal"),
+    }
+    if op.body:
+        out["413"] = ref("responses", "PayloadTooLarge")
+    out["502"] = ref("responses", "BadGateway")
+    out["504"] = ref("responses", "GatewayTimeout")
+    return out
+
+
+def head(doc: Json, get: Json) -> Json:
+    """The HEAD twin of a GET: its statuses and headers, never a body."""
+    out: Json = {
+        "operationId": "head" + get["operationId"][0].upper() + get["operationId"][1:],
+        "summary": get["summary"],
+        "description": "As GET, without the body.",
+    }
+    for key in ("tags", "parameters"):
+        if key in get:
+            out[key] = get[key]
+    responses: Json = {}
+    for status, response in get["responses"].items():
+        resolved = resolve(doc, response)
+        bodiless: Json = {"description": resolved["description"]}
+        if "headers" in resolved:
+            bodiless["headers"] = resolved["headers"]
+        responses[status] = bodiless
+    out["responses"] = responses
+    return out
+
+
+def query_parameter(doc: Json, name: str) -> Json:
+    """The ``components/parameters`` entry for the query parameter ``name``."""
+    for key, param in doc["components"]["parameters"].items():
+        if param.get("in") == "query" and param.get("name") == name:
+            return ref("parameters", key)
+    raise SystemExit(f"no query parameter {name!r} in {BASE.name}'s components/parameters")
+
+
+def schema(doc: Json, name: str, where: str) -> None:
+    if name not in doc["components"]["schemas"]:
+        raise SystemExit(f"{where}: no components/schemas/{name} in {BASE.name}")
+
+
+def resolve(doc: Json, node: Json) -> Json:
+    while "$ref" in node:
+        target: Any = doc
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        node = target
+    return node
+
+
+def render(doc: Json) -> str:
+    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if the file differs from what would be written"
+    )
+    parser.add_argument("--output", type=Path, default=TARGET, help="default: sidecar/openapi.json")
+    args = parser.parse_args(argv)
+    text = render(build(json.loads(BASE.read_text(encoding="utf-8"))))
+    target: Path = args.output
+    if args.check:
+        current = target.read_text(encoding="utf-8") if target.exists() else ""
+        if current != text:
+            print(
+                f"{target} is stale: it is generated from sidecar/http/operations.py and "
+                f"{BASE.relative_to(ROOT)}; run `uv run python scripts/gen_openapi.py` "
+                "and commit the result",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"{target.name} is up to date")
+        return 0
+    target.write_text(text, encoding="utf-8")
+    print(f"wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Every route of the local API, registered in one place.
+
+The sidecar's own routes (``can``, ``check``, a flag, the cache drops, OFREP and
+the contract) are listed here; every operation of the table
+(``http/operations.py``) is registered on both surfaces, answered from its
+kind's cache (``cache``) or forwarded to the upstream. Every GET also answers HEAD.
+Last comes the mirror's catch-all: any other method or path under
+``/tenants/{tenant}/`` is an operation the table does not know
+(``forwarding.forward_unknown``). It must stay the last route registered, so
+every known operation (and every route above) matches first.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from aiohttp import web
+
+from ..appkeys import CACHES, SETTINGS
+from ..cache.kinds import GLOBAL_ID, KINDS
+from ..errors import NotFound
+from . import entitlements, flags, ofrep
+from .forwarding import forward, forward_unknown
+from .inputs import path_id
+from .middleware import UNMATCHED, Handler, guarded, unmatched
+from .operations import OPERATIONS, SURFACES, Operation, Surface
+
+__all__ = ["add_routes"]
+
+#: Any one segment, even an empty one: ids may contain braces (aiohttp's default
+#: ``[^{}/]+`` refuses them), and an empty id is a 400 naming it, not a bare 404.
+_ID: str = "[^/]*"
+
+_OPENAPI: bytes | None = None
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the local API on ``app``: the routes below, then the operation table's,
+    each handler ``guarded``; last the catch-all answering every other path."""
+    r = app.router
+
+    def add(method: str, path: str, handler: Handler, name: str | None = None) -> None:
+        resource = r.add_resource(path, name=name)
+        wrapped = guarded(app, resource.canonical, handler)
+        if method == "GET":
+            # HEAD answers like GET without the body, as aiohttp's add_get does.
+            resource.add_route("HEAD", wrapped)
+        resource.add_route(method, wrapped)
+
+    add("GET", f"/v1/customers/{{customer:{_ID}}}/can/{{module:{_ID}}}", entitlements.can)
+    add("POST", "/v1/check", entitlements.check)
+    add("GET", f"/v1/customers/{{customer:{_ID}}}/flags/{{name:{_ID}}}", flags.flag)
+    add("DELETE", f"/v1/customers/{{customer:{_ID}}}/cache", entitlements.drop_customer)
+    add("DELETE", "/v1/cache", entitlements.drop_all)
+    add("POST", f"/ofrep/v1/evaluate/flags/{{key:{_ID}}}", ofrep.evaluate)
+    add("POST", "/ofrep/v1/evaluate/flags", ofrep.evaluate_bulk)
+    add("GET", ofrep.STREAM_PATH, ofrep.events)
+    add("GET", "/openapi.json", openapi)
+    for op in OPERATIONS:
+        for surface in SURFACES:
+            add(op.method, op.route(surface), _operation_handler(op, surface),
+                name=f"{surface}.{op.name}")  # fmt: skip
+    # The mirror's catch-all must not shadow any route registered above.
+    add("*", "/tenants/{tenant}/{path:.*}", forward_unknown, name="mirror.unknown")
+    # Last of all: every path no route serves (404, or 405 with Allow), in JSON.
+    resource = r.add_resource("/{path:.*}", name=UNMATCHED)
+    resource.add_route("*", guarded(app, UNMATCHED, unmatched))
+
+
+def _operation_handler(op: Operation, surface: Surface) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if surface == "mirror" and request.match_info["tenant"] != request.app[SETTINGS].tenant_id:
+            raise NotFound("this sidecar serves another tenant", code="unknown_tenant")
+        ids = {name: path_id(request, name) for name in op.params}
+        if kind is not None:
+            cache = request.app[CACHES].of_kind(kind)
+            ident = ids["customer"] if kind.per_customer else GLOBAL_ID
+            return await entitlements.read_cached(request, cache, ident, surface)
+        return await forward(request, op, ids, surface)
+
+    kind = KINDS[op.cache] if op.cache is not None else None
+    return handle
+
+
+async def openapi(request: web.Request) -> web.StreamResponse:
+    """``sidecar/openapi.json`` as it is (written by ``scripts/gen_openapi.py``)."""
+    global _OPENAPI
+    if _OPENAPI is None:
+        _OPENAPI = resources.files("sidecar").joinpath("openapi.json").read_bytes()
+    return web.Response(body=_OPENAPI, content_type="application/json")

@@ -1,0 +1,67 @@
+"""The Redis key names of one tenant (entries, generations, locks, links, events, fan-out)."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+__all__ = ["Keys", "KindKeys"]
+
+
+class KindKeys:
+    """The key names of one document kind: entries, generations and fetch locks.
+
+    ``kind`` is the kind's prefix inside the tenant's namespace (``Kind.key``);
+    each kind has its own per-document generations and its own tenant-wide
+    generation, so a drop of one axis leaves the other's fills alone.
+    """
+
+    __slots__ = ("_entry", "_gen", "_lock", "entry_pattern", "tenant_gen")
+
+    def __init__(self, prefix: str) -> None:
+        self._entry = prefix + "e:"
+        self._gen = prefix + "g:"
+        self._lock = prefix + "l:"
+        self.tenant_gen = prefix + "g"
+        self.entry_pattern = self._entry + "*"
+
+    def entry(self, ident: str) -> str:
+        return self._entry + ident
+
+    def gen(self, ident: str) -> str:
+        return self._gen + ident
+
+    def lock(self, ident: str) -> str:
+        return self._lock + ident
+
+
+class Keys(KindKeys):
+    """Key names for one tenant, all sharing the hash tag ``{tenant}``.
+
+    The tag keeps a tenant's keys in one Redis Cluster slot, so multi-key
+    scripts (generation checks) work on a cluster. The tenant id is
+    percent-encoded: no ``{``, ``}`` or glob characters can reach a key name.
+
+    Its own ``entry``/``gen``/``lock`` names are the entitlement kind's (they
+    predate the other kinds); :meth:`kind` gives any kind's.
+    """
+
+    __slots__ = ("_kinds", "channel", "prefix")
+
+    def __init__(self, tenant: str) -> None:
+        self.prefix = f"vsc:{{{quote(tenant, safe='')}}}:"
+        super().__init__(self.prefix)
+        self.channel = self.prefix + "inv"
+        self._kinds: dict[str, KindKeys] = {"": self}
+
+    def kind(self, key: str) -> KindKeys:
+        """The key names of the kind whose ``Kind.key`` is ``key``."""
+        found = self._kinds.get(key)
+        if found is None:
+            found = self._kinds[key] = KindKeys(self.prefix + key)
+        return found
+
+    def account(self, account: str) -> str:
+        return self.prefix + "a:" + account
+
+    def event(self, event_id: str) -> str:
+        return self.prefix + "evt:" + event_id
