@@ -47,10 +47,11 @@ from typing import Any
 import aiohttp
 import orjson
 
-from .procs import API_KEY, TENANT, Proc, Stack
+from tests.harness import API_KEY, Emulator, Process, RedisServer, Sidecar, free_port
 
 __all__ = ["main", "run"]
 
+TENANT = "bench"
 MODULES = ("reports", "exports", "api")
 
 
@@ -96,85 +97,86 @@ def _parse(argv: Sequence[str] | None) -> Options:
     )
 
 
-# -- the processes (bench/procs.py, used here only) ---------------------------------------
+# -- the processes (tests/harness.py) ---------------------------------------------------
 
 
 class Rig:
     """Redis, the emulator and sidecars ``a`` and ``b``, and the faults done to them."""
 
     def __init__(self, workdir: Path, env: dict[str, str]) -> None:
-        self.stack = Stack(workdir)
+        self.workdir = workdir
         self.env = env
-        self.sidecars: dict[str, Proc] = {}
-        self.emulator_port = 0
-        self._redis_argv: list[str] = []
+        self.sidecars: dict[str, Sidecar] = {}
+        self.redis = RedisServer(workdir)
+        self.emulator_port = free_port()
+        self.emulator: Emulator | None = None
 
     def start_upstream(self) -> None:
-        self.stack.start_redis()
-        emulator = self.stack.start_emulator()
-        self.emulator_port = emulator.ports["local"]
+        self.redis.start()
+        self.start_emulator()
 
     def start_sidecars(self, upstream_url: str) -> None:
         for name in ("a", "b"):
-            env = {**self.env, "VELLUM_BASE_URL": upstream_url}
-            self.sidecars[name] = self.stack.start_sidecar(name, **env)
+            # The harness's test defaults dropped: the upstream checks run (key_refused
+            # on warm sidecars needs them) and SIGTERM gets the default grace.
+            sidecar = Sidecar(
+                self.workdir, TENANT, upstream_url, name=name,
+                SIDECAR_REDIS_URL=self.redis.url, SIDECAR_UPSTREAM_CHECK_INTERVAL=None,
+                SIDECAR_SHUTDOWN_GRACE=None, **self.env,
+            )  # fmt: skip
+            self.sidecars[name] = sidecar
+            sidecar.start()
 
     def close(self) -> None:
-        self.stack.close()
+        """Stop every process, the sidecars first; raise the first failure after."""
+        failure: BaseException | None = None
+        procs: list[Process] = [*self.sidecars.values()]
+        if self.emulator is not None:
+            procs.append(self.emulator)
+        for proc in procs:
+            try:
+                proc.stop()
+            except Exception as exc:  # keep stopping the others
+                failure = failure or exc
+        if self.redis.process.running:
+            self.redis.kill()  # SIGKILL: a paused server goes too
+        if failure is not None:
+            raise failure
 
     @property
     def emulator_url(self) -> str:
         return f"http://127.0.0.1:{self.emulator_port}"
 
-    def _redis(self) -> Proc:
-        return next(p for p in self.stack.procs if p.name == "redis" and p.popen.poll() is None)
-
     def kill_redis(self) -> None:
-        proc = self._redis()
-        self._redis_argv = [str(a) for a in proc.popen.args]  # type: ignore[union-attr]
-        proc.popen.kill()
-        proc.popen.wait(10)
+        self.redis.kill()
 
     def restart_redis(self) -> None:
         """A new, empty redis-server on the killed one's port (the sidecars' URL)."""
-        self.stack._spawn("redis", self._redis_argv, {}, redis=self.stack.redis_port)
-        _wait_port(self.stack.redis_port)
+        self.redis.start()
 
     def pause_redis(self) -> None:
-        self._redis().popen.send_signal(signal.SIGSTOP)
+        self.redis.pause()
 
     def resume_redis(self) -> None:
-        self._redis().popen.send_signal(signal.SIGCONT)
+        self.redis.resume()
 
     def kill_emulator(self) -> None:
-        assert self.stack.emulator is not None
-        self.stack.emulator.popen.kill()
-        self.stack.emulator.popen.wait(10)
+        assert self.emulator is not None
+        self.emulator.kill()
 
     def start_emulator(self, api_key: str = API_KEY) -> None:
-        """The emulator again, on its port, accepting ``api_key`` (its data is gone)."""
-        argv = [sys.executable, "-m", "sidecar", "emulator", "--listen",
-                f"127.0.0.1:{self.emulator_port}", "--api-keys", api_key, "--tenant", TENANT,
-                "--no-seed"]  # fmt: skip
-        proc = self.stack._spawn(
-            "emulator", argv, {"SIDECAR_LOG_LEVEL": "warning"}, local=self.emulator_port
-        )
-        self.stack.emulator = proc
-        _wait_port(self.emulator_port)
+        """The emulator (again), on its port, accepting ``api_key`` (its data is gone).
 
-    def terminate(self, name: str) -> Proc:
+        No pushes: the cases change data through the emulator's admin API only."""
+        emulator = Emulator(self.workdir, TENANT, port=self.emulator_port, seed=False)
+        emulator.env["EMULATOR_API_KEYS"] = api_key
+        self.emulator = emulator
+        emulator.start()
+
+    def terminate(self, name: str) -> Sidecar:
         proc = self.sidecars[name]
-        proc.popen.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
         return proc
-
-
-def _wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"nothing listens on {port} after {timeout}s")
 
 
 class Gate:
@@ -362,7 +364,7 @@ async def warm(session: aiohttp.ClientSession, rig: Rig, customers: int) -> None
 class ReadyWatch:
     """Polls a sidecar's /readyz every 20 ms, remembering when each state was first seen."""
 
-    def __init__(self, proc: Proc) -> None:
+    def __init__(self, proc: Sidecar) -> None:
         self.url = f"{proc.url('ops')}/readyz"
         self.seen: list[tuple[float, int, dict[str, Any]]] = []
         self._task: asyncio.Task[None] | None = None
@@ -588,7 +590,9 @@ async def case_batch(session: aiohttp.ClientSession, rig: Rig, opts: Options,
             "answered": sum(1 for r in results if "error" not in r)}  # fmt: skip
 
 
-async def _metric(session: aiohttp.ClientSession, proc: Proc, name: str, match: str = "") -> float:
+async def _metric(
+    session: aiohttp.ClientSession, proc: Sidecar, name: str, match: str = ""
+) -> float:
     async with session.get(f"{proc.url('ops')}/metrics") as resp:
         text = await resp.text()
     return sum(

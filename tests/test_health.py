@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Iterator
 
@@ -50,8 +48,8 @@ async def state_metric(sc: Sidecar, dependency: str) -> str:
 @pytest.fixture
 def stoppable_redis(own_redis: RedisServer) -> Iterator[RedisServer]:
     yield own_redis
-    if own_redis.proc is not None:
-        os.kill(own_redis.proc.pid, signal.SIGCONT)
+    if own_redis.process.running:
+        own_redis.resume()
 
 
 async def test_redis_killed_shows_within_a_second_without_traffic(
@@ -73,13 +71,12 @@ async def test_a_hung_redis_shows_within_a_second(
 ) -> None:
     emulator.set_entitlements(tenant, "cus_1", {"status": "active", "modules": ["m"]})
     sc = await make_sidecar(stoppable_redis.url)
-    assert stoppable_redis.proc is not None
-    os.kill(stoppable_redis.proc.pid, signal.SIGSTOP)
+    stoppable_redis.pause()
     assert await seconds_until(sc, redis="down", fanout="down") < WITHIN
     assert await state_metric(sc, "fanout") == "down"
     resp = await sc.client.get("/v1/customers/cus_1/can/m")
     assert resp.status == 200, "reads skip the hung Redis"
-    os.kill(stoppable_redis.proc.pid, signal.SIGCONT)
+    stoppable_redis.resume()
     assert await seconds_until(sc, redis="ok", fanout="ok") < 5
 
 
