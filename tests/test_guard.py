@@ -44,6 +44,11 @@ async def test_cross_site_requests_are_refused_before_any_work(
         ("GET", f"/tenants/{tenant}/customers/cus_1/entitlements"),
         ("DELETE", "/v1/cache"),
         ("GET", "/v1/accounts/acct_1/invoices"),
+        ("GET", "/v1/customers/cus_1/flags"),
+        ("POST", "/ofrep/v1/evaluate/flags"),
+        ("POST", "/ofrep/v1/evaluate/flags/new_ui"),
+        ("GET", f"/tenants/{tenant}/an_operation_newer_than_this_release"),  # forwarded
+        ("GET", "/no/such/path"),  # the catch-all
     ):
         resp = await sc.client.request(method, path, headers=headers)
         assert resp.status == 403, (method, path)
