@@ -20,6 +20,7 @@ from .appkeys import (
     CACHE,
     CACHES,
     GUARD,
+    HEALTH,
     INVALIDATOR,
     LIFECYCLE,
     METRICS,
@@ -32,6 +33,7 @@ from .appkeys import (
 from .cache.cache import Caches
 from .cache.invalidation import Invalidator
 from .config import Settings
+from .health import HealthMonitor
 from .http.guard import HostGuard
 from .http.routes import add_routes
 from .http.streams import Streams
@@ -58,6 +60,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_cache_ctx)
+    app.cleanup_ctx.append(_health_ctx)
     app.cleanup_ctx.append(_streams_ctx)
     # Before the listeners wait for requests in flight: an open stream would never end.
     app.on_shutdown.append(_end_streams)
@@ -109,6 +112,8 @@ async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
         app[METRICS],
         sidecar_id=f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}",
         link_ttl=settings.cache_ttl + settings.stale_ttl,
+        heartbeat=settings.check_interval,
+        stall_after=max(settings.redis_timeout, settings.check_interval),
     )
     app[CACHES] = caches
     app[CACHE] = caches.entitlements
@@ -117,6 +122,17 @@ async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     await invalidator.stop()
     await caches.close()
+
+
+async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The active checks behind /readyz (sidecar/health.py)."""
+    monitor = HealthMonitor(
+        app[SETTINGS], app[UPSTREAM], app[REDIS], app[INVALIDATOR], app[METRICS]
+    )
+    app[HEALTH] = monitor
+    monitor.start()
+    yield
+    await monitor.stop()
 
 
 async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -9,6 +9,7 @@ from aiohttp import web
 from .cache.cache import Caches, DocumentCache
 from .cache.invalidation import Invalidator
 from .config import Settings
+from .health import HealthMonitor
 from .http.guard import HostGuard
 from .http.streams import Streams
 from .metrics import Metrics
@@ -20,6 +21,7 @@ __all__ = [
     "CACHES",
     "CORE",
     "GUARD",
+    "HEALTH",
     "INVALIDATOR",
     "LIFECYCLE",
     "METRICS",
@@ -51,6 +53,7 @@ CACHES = web.AppKey("caches", Caches)
 #: The entitlement cache (``CACHES.entitlements``): its own key for the hot path.
 CACHE = web.AppKey("cache", DocumentCache)
 INVALIDATOR = web.AppKey("invalidator", Invalidator)
+HEALTH = web.AppKey("health", HealthMonitor)
 #: The open OFREP event streams (told of every drop by the invalidator).
 OFREP_STREAMS = web.AppKey("ofrep_streams", Streams)
 #: The ops and webhook apps reach the shared resources through the core (local API) app.

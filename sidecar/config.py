@@ -696,6 +696,88 @@ class Settings:
         "than 1 needs Redis (`SIDECAR_REDIS_URL` or its `_FILE`). See [Multiple workers]"
         "(docs/operations.md#multiple-workers-sidecar_workers)",
     )
+    # -- listener limits, guards, active checks and drain (docs/operations.md) --------
+    header_timeout: float = setting(
+        "SIDECAR_HEADER_TIMEOUT",
+        _positive_float,
+        "5",
+        help="seconds a request's line and headers may take to arrive",
+        doc="seconds a request's line and headers may take to arrive (a slow client gets a "
+        "JSON 408 and the connection is closed). See [Listener limits]"
+        "(docs/operations.md#listener-limits)",
+    )
+    body_timeout: float = setting(
+        "SIDECAR_BODY_TIMEOUT",
+        _positive_float,
+        "10",
+        help="seconds a request body may take to arrive after its headers",
+        doc="seconds a request body may take to arrive after its headers (408, then closed)",
+    )
+    keepalive_timeout: float = setting(
+        "SIDECAR_KEEPALIVE_TIMEOUT",
+        _positive_float,
+        "30",
+        help="seconds an idle keep-alive connection stays open",
+        doc="seconds an idle keep-alive connection stays open (the tiny clients retry a "
+        "request once when the sidecar closed their idle connection under it)",
+    )
+    max_connections: int = setting(
+        "SIDECAR_MAX_CONNECTIONS",
+        _positive_int,
+        "1024",
+        help="open connections the local API accepts",
+        doc="open connections the local API accepts; beyond it new connections are refused "
+        "(counted in `vellum_sidecar_connections_refused_total`)",
+    )
+    webhook_max_connections: int = setting(
+        "SIDECAR_WEBHOOK_MAX_CONNECTIONS",
+        _positive_int,
+        "128",
+        help="open connections the webhook listener accepts",
+        doc="open connections the webhook listener accepts",
+    )
+    ops_max_connections: int = setting(
+        "SIDECAR_OPS_MAX_CONNECTIONS",
+        _positive_int,
+        "32",
+        help="open connections the ops listener accepts",
+        doc="open connections the ops listener accepts",
+    )
+    ops_allowed_hosts: frozenset[str] = setting(
+        "SIDECAR_OPS_ALLOWED_HOSTS",
+        _name_set,
+        "",
+        help="Host names the ops listener accepts besides loopback names and IP literals "
+        "(.suffix matches subdomains)",
+        doc="`Host` names the ops listener accepts besides loopback names and IP literals (a "
+        "leading dot, `.svc.cluster.local`, matches every name under it). See [Browser guards]"
+        "(docs/operations.md#browser-guards)",
+    )
+    check_interval: float = setting(
+        "SIDECAR_CHECK_INTERVAL",
+        _positive_float,
+        "0.25",
+        help="seconds between Redis PINGs and fan-out heartbeats",
+        doc="seconds between the active Redis PINGs and the fan-out subscription's heartbeats "
+        "(what `/readyz` and `vellum_sidecar_dependency_state` report)",
+    )
+    upstream_check_interval: float = setting(
+        "SIDECAR_UPSTREAM_CHECK_INTERVAL",
+        _non_negative_float,
+        "1",
+        help="seconds between upstream checks while idle; 0: off",
+        doc="seconds without an upstream answer after which one authenticated check is sent "
+        "(so an idle sidecar notices an outage or a refused key); `0` turns it off",
+    )
+    shutdown_drain: float = setting(
+        "SIDECAR_SHUTDOWN_DRAIN",
+        _non_negative_float,
+        "1",
+        help="seconds after SIGTERM that open connections still get answers "
+        "(with Connection: close)",
+        doc="seconds after SIGTERM during which open connections still get answers, each with "
+        "`Connection: close` (ends early once every connection closed)",
+    )
     #: The ``_FILE`` variables that supplied a value, with their paths (for ``redacted``).
     files: tuple[tuple[str, Path], ...] = field(default=(), repr=False)
 

@@ -53,7 +53,7 @@ __all__ = [
 #: The states each ``*_state`` gauge always exports (one series each, the
 #: current one 1, the others 0), so an alert can name a state that has not
 #: happened yet. They mirror ``/readyz``'s fields.
-UPSTREAM_STATES: Final = ("ok", "degraded", "down")
+UPSTREAM_STATES: Final = ("ok", "degraded", "down", "auth_failed")
 REDIS_STATES: Final = ("ok", "down", "disabled")
 FANOUT_STATES: Final = ("ok", "down", "disabled")
 
@@ -103,7 +103,8 @@ class Metrics:
         self.upstream_state = StateGauge(
             f"{p}_upstream_state",
             "Upstream state as /readyz reports it: 1 for the current state "
-            "(down: breaker open; degraded: failures in the last 30 s).",
+            "(down: breaker open or the last check unanswered; degraded: failures in the "
+            "last 30 s or a 429; auth_failed: the latest answer was 401/403).",
             UPSTREAM_STATES, initial="ok", registry=r,
         )  # fmt: skip
         self.webhooks = Counter(
@@ -176,6 +177,18 @@ class Metrics:
         self.inflight_fetches = Gauge(
             f"{p}_inflight_fetches",
             "Upstream fetches of cached documents in flight (single-flight, every kind).",
+            registry=r,
+        )  # fmt: skip
+        # Listener limits (sidecar/http/limits.py) and the batch deadline.
+        self.connections_refused = Counter(
+            f"{p}_connections_refused", "Connections refused at accept or cut by a listener "
+            "limit, by listener and reason.", ["listener", "reason"], registry=r,
+        )  # fmt: skip
+        self.open_connections = Gauge(
+            f"{p}_open_connections", "Open connections by listener.", ["listener"], registry=r,
+        )  # fmt: skip
+        self.check_timeouts = Counter(
+            f"{p}_check_timeouts", "POST /v1/check entries answered \"error\": \"timeout\".",
             registry=r,
         )  # fmt: skip
         self.forwarded_unknown = Counter(

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from .app import create_app
-from .appkeys import LIFECYCLE
+from .appkeys import LIFECYCLE, METRICS
 from .config import Listen, Settings
+from .http.limits import GuardedRunner, ListenerGuard, listener_guards
 from .http.ops import create_ops_app
 from .http.webhooks import create_webhook_app
 
@@ -35,6 +36,8 @@ class Listener:
     sock: socket.socket | None = field(default=None, repr=False)
     #: Bind with SO_REUSEPORT, sharing the address with sibling workers.
     reuse_port: bool = False
+    #: Timeouts and the connection cap (sidecar/http/limits.py); None: aiohttp's defaults.
+    guard: ListenerGuard | None = field(default=None, repr=False)
 
 
 async def bind(listener: Listener, *, shutdown_timeout: float, access_log: bool) -> None:
@@ -42,28 +45,49 @@ async def bind(listener: Listener, *, shutdown_timeout: float, access_log: bool)
     kwargs: dict[str, object] = {"shutdown_timeout": shutdown_timeout, "handle_signals": False}
     if not access_log:
         kwargs["access_log"] = None
-    runner = web.AppRunner(listener.app, **kwargs)  # type: ignore[arg-type]
+    runner = (
+        GuardedRunner(listener.app, guard=listener.guard, **kwargs)
+        if listener.guard is not None
+        else web.AppRunner(listener.app, **kwargs)  # type: ignore[arg-type]
+    )
     await runner.setup()
     listener.runner = runner
     site: web.BaseSite
+    backlog = listener.guard.limits.backlog if listener.guard is not None else 128
     if listener.sock is not None:
-        site = web.SockSite(runner, listener.sock)
+        site = web.SockSite(runner, listener.sock, backlog=backlog)
         await site.start()
         return
     if listener.listen.is_unix:
         path = listener.listen.path
         assert path is not None
         _remove_stale_socket(path)
-        site = web.UnixSite(runner, path)
+        site = web.UnixSite(runner, path, backlog=backlog)
     elif listener.reuse_port:
-        site = web.TCPSite(runner, listener.listen.host, listener.listen.port, reuse_port=True)
+        site = web.TCPSite(
+            runner, listener.listen.host, listener.listen.port, reuse_port=True, backlog=backlog
+        )
     else:
-        site = web.TCPSite(runner, listener.listen.host, listener.listen.port)
+        site = web.TCPSite(runner, listener.listen.host, listener.listen.port, backlog=backlog)
     await site.start()
     if listener.listen.is_unix:
         assert listener.listen.path is not None
         # Only this user (and its group, e.g. the pod's shared fsGroup) may connect.
         os.chmod(listener.listen.path, 0o660)
+
+
+async def _drain(listeners: list[Listener], settings: Settings) -> None:
+    """Answer what arrives on open connections for a short while, each with Connection: close.
+
+    A client that picked an idle keep-alive connection just before SIGTERM gets
+    its answer instead of a connection closed under its request; the drain ends
+    early once every connection of these listeners has closed.
+    """
+    guards = [x.guard for x in listeners if x.guard is not None]
+    for guard in guards:
+        guard.start_drain()
+    log.info("draining", extra={"fields": {"seconds": settings.shutdown_drain}})
+    await asyncio.gather(*(g.wait_drained(settings.shutdown_drain) for g in guards))
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -88,9 +112,11 @@ async def run_sidecar(
     sockets to serve by listener name instead of binding (its ``unix:``
     listeners), and ``reuse_port`` to bind the local API and webhook TCP
     addresses with ``SO_REUSEPORT``.
-    Shutdown: ``/readyz`` turns 503, the webhook and local listeners stop
-    accepting and finish requests in flight (up to ``SIDECAR_SHUTDOWN_GRACE``),
-    resources close, then the ops listener and the ``before`` listeners stop.
+    Shutdown: ``/readyz`` turns 503; for ``SIDECAR_SHUTDOWN_DRAIN`` seconds (or
+    until every connection has closed) the local and webhook listeners still
+    answer, each answer with ``Connection: close``; then they stop accepting
+    and finish requests in flight (up to ``SIDECAR_SHUTDOWN_GRACE``), resources
+    close, then the ops listener and the ``before`` listeners stop.
     """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -104,12 +130,15 @@ async def run_sidecar(
     order = [*listeners, ops, local]
     if settings.webhooks_enabled:
         order.append(Listener("webhooks", create_webhook_app(core), settings.webhook_listen))
+    guards = listener_guards(settings, core[METRICS])
     for listener in order:
+        listener.guard = guards.get(listener.name, listener.guard)
         if listener.name in ("local", "webhooks"):
             listener.sock = (sockets or {}).get(listener.name)
             listener.reuse_port = reuse_port
     started: list[Listener] = []
     code = 0
+    ready = False
     try:
         for listener in order:
             await bind(
@@ -121,6 +150,7 @@ async def run_sidecar(
                 extra={"fields": {"listener": listener.name, "at": str(listener.listen)}},
             )
         core[LIFECYCLE].phase = "ready"
+        ready = True
         log.info("ready")
         if on_ready is not None:
             result = on_ready()
@@ -136,6 +166,8 @@ async def run_sidecar(
         code = 1
     finally:
         core[LIFECYCLE].phase = "stopping"
+        if ready and settings.shutdown_drain > 0:
+            await _drain([x for x in started if x.name in ("local", "webhooks")], settings)
         for listener in reversed(started):
             if listener.runner is not None:
                 await listener.runner.cleanup()

@@ -149,6 +149,11 @@ class Breaker:
             self._open_until = now + self._cooldown
         self._probing = False
 
+    @property
+    def last_failure(self) -> float:
+        """When (``time.monotonic()``) the latest failure was recorded."""
+        return self._last_failure
+
     def state(self, now: float) -> UpstreamState:
         if self._failures >= self.failure_threshold:
             return "down"
@@ -177,6 +182,8 @@ class VellumClient:
         metrics.upstream_state.follow(self.state)
         #: Guards every billing operation.
         self.billing_breaker = Breaker()
+        #: (monotonic time, status or None for no answer) of the latest attempt (health.py).
+        self.last_result: tuple[float, int | None] = (0.0, None)
         # One per cached read operation: failing flag reads must not cut the
         # entitlement reads off, nor the other way round.
         self._read_breakers: dict[str, Breaker] = {"get_entitlements": self.breaker}
@@ -274,10 +281,12 @@ class VellumClient:
                     method, url, send_headers, body, min(attempt_timeout, remaining)
                 )
             except TimeoutError:
+                self.last_result = (time.monotonic(), None)
                 breaker.failure(time.monotonic())
                 self._count(operation, "timeout")
                 last_error = UpstreamTimeout("the upstream did not answer in time")
             except (aiohttp.ClientError, OSError) as exc:
+                self.last_result = (time.monotonic(), None)
                 breaker.failure(time.monotonic())
                 self._count(operation, "error")
                 log.warning(
@@ -286,6 +295,7 @@ class VellumClient:
                 )
                 last_error = UpstreamUnavailable("the upstream could not be reached")
             else:
+                self.last_result = (time.monotonic(), resp.status)
                 self.metrics.upstream_latency.labels(operation).observe(loop.time() - started)
                 self._count(operation, str(resp.status))
                 if resp.status >= 500 or resp.status == 429:

@@ -60,6 +60,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from .config import Listen, Settings
+from .http.guard import HostGuard, guard_middleware
+from .http.limits import listener_guards
 from .http.middleware import json_errors
 from .http.responses import json_response
 from .metrics import exposition
@@ -76,7 +78,7 @@ _WORKER_FDS_ENV: Final = "_SIDECAR_WORKER_FDS"
 
 _PROBE_TIMEOUT: Final = 2.0
 _YOUNG: Final = 10.0  # a worker that dies younger than this backs off longer
-_STATE_ORDER: Final = {"ok": 0, "disabled": 0, "degraded": 1, "down": 2}
+_STATE_ORDER: Final = {"ok": 0, "disabled": 0, "degraded": 1, "down": 2, "auth_failed": 3}
 
 
 async def run_workers(settings: Settings, env: Mapping[str, str]) -> int:
@@ -183,6 +185,9 @@ class Supervisor:
         try:
             self._bind_shared()
             ops = Listener("ops", self._ops_app(), self.settings.ops_listen)
+            # The supervisor's own ops listener: the same limits, counted by no one
+            # (its registry would clash with the workers' merged series).
+            ops.guard = listener_guards(self.settings, None)["ops"]
             await bind(ops, shutdown_timeout=1.0, access_log=False)
             log.info("listening", extra={"fields": {"listener": "ops", "at": str(ops.listen)}})
             for worker in self.workers:
@@ -306,7 +311,8 @@ class Supervisor:
     # -- the supervisor's ops listener ----------------------------------------------------
 
     def _ops_app(self) -> web.Application:
-        app = web.Application(middlewares=[json_errors])
+        guard = HostGuard(self.settings.ops_allowed_hosts, ip_literals=True)
+        app = web.Application(middlewares=[json_errors, guard_middleware(guard)])
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)

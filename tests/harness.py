@@ -143,6 +143,9 @@ def sidecar_env(tenant: str, base_url: str, **settings: str | None) -> dict[str,
         "VELLUM_BASE_URL": base_url,
         "VELLUM_WEBHOOK_SECRETS": WEBHOOK_SECRET,
         "SIDECAR_UPSTREAM_TIMEOUT": "2",
+        # No background upstream checks: tests count and fault upstream calls exactly
+        # (tests/test_health.py turns them on).
+        "SIDECAR_UPSTREAM_CHECK_INTERVAL": "0",
         **settings,
     }
     return {k: v for k, v in env.items() if v is not None}

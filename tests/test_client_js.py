@@ -13,11 +13,13 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from .closing_server import ClosingServer
 from .harness import Stack, free_port, make_tls_files
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +59,8 @@ def test_js_client_against_a_live_sidecar(stacks: dict[str, Stack], tmp_path: Pa
     files = sorted(str(p.relative_to(JS)) for p in (JS / "test").glob("*.test.js"))
     assert files, "no JS test files found"
     main = stacks["main"]
+    closing = ClosingServer("close")  # retry.test.js: one request cut under it
+    threading.Thread(target=closing.serve_forever, daemon=True).start()
     # invoicePdfUrl needs an upstream that redirects: the unix stack's redirects, as
     # upstreams before SDK 1.2 did (the main stack's test switches its own).
     stacks["unix"].admin("PATCH", "/settings", {"invoicePdf": "redirect"})
@@ -68,6 +72,7 @@ def test_js_client_against_a_live_sidecar(stacks: dict[str, Stack], tmp_path: Pa
         "VSC_UNIX_URL": stacks["unix"].url,
         "VSC_UPSTREAM_DOWN_URL": stacks["down"].url,
         "VSC_STOPPED_URL": f"http://127.0.0.1:{free_port()}",
+        "VSC_CLOSING_URL": closing.url,
     }
     env.pop("VELLUM_SIDECAR_URL", None)
     tls = make_tls_files(tmp_path)  # for the https peer of wire.test.js, trusted by node
@@ -83,8 +88,10 @@ def test_js_client_against_a_live_sidecar(stacks: dict[str, Stack], tmp_path: Pa
         timeout=300,
         check=False,
     )
+    closing.close()
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"node --test failed:\n{output}\n{main.logs()}"
+    assert closing.cut == 1, "the scripted server cut one request, which was retried"
     passed = re.search(r"\bpass (\d+)", output)
     assert re.search(r"\bfail 0\b", output) and passed, output
     assert int(passed.group(1)) >= 10, f"node ran too few tests:\n{output}"

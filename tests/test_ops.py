@@ -131,7 +131,12 @@ async def test_readyz_reports_upstream_down(
         await sc.client.get(f"/v1/customers/c{i}/entitlements")
     body = await (await sc.ops.get("/readyz")).json()
     assert body["upstream"] == "down"
-    assert await states(sc, "upstream") == {"ok": 0.0, "degraded": 0.0, "down": 1.0}
+    assert await states(sc, "upstream") == {
+        "ok": 0.0,
+        "degraded": 0.0,
+        "down": 1.0,
+        "auth_failed": 0.0,
+    }
 
 
 def test_state_gauges_name_every_state_the_code_has() -> None:

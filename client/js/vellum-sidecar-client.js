@@ -522,9 +522,11 @@ export class SidecarClient {
     req.on("timeout", () => req.destroy(timeoutError()));
     req.on("error", (error) => {
       // A kept-alive connection the sidecar closed meanwhile fails before any byte of
-      // the answer: send a read once more, on a new connection.
-      if (attempt === 1 && !answered && req.reusedSocket && IDEMPOTENT.has(method) &&
-          error.code === "ECONNRESET") {
+      // the answer: send it once more, on a new connection, when that is safe (a read,
+      // PUT/DELETE, the read-only batch check, a write with an Idempotency-Key).
+      if (attempt === 1 && !answered && req.reusedSocket &&
+          (error.code === "ECONNRESET" || error.code === "EPIPE") &&
+          (IDEMPOTENT.has(method) || path === "/v1/check" || "idempotency-key" in headers)) {
         this.#exchange(method, path, target, headers, payload, timeout, resolve, reject, 2);
         return;
       }

@@ -199,6 +199,13 @@ class _Call(Generic[T]):
     body: Any = None
     billing: bool = False
     idempotency_key: str | None = None
+    #: Read-only although not a GET (the batch check): safe to send twice.
+    safe: bool = False
+
+    @property
+    def idempotent(self) -> bool:
+        """May be sent again after a reused connection closed before any answer."""
+        return self.safe or self.method in _IDEMPOTENT or self.idempotency_key is not None
 
     def target(self, prefix: str) -> str:
         query = f"?{urlencode(self.query)}" if self.query else ""
@@ -933,7 +940,7 @@ class SidecarClient:
                 # byte of the answer: try once more on a new one, unless the request
                 # may have been acted upon.
                 stale = isinstance(exc, ConnectionError) and not conn.answered
-                retry = stale and (not conn.sent or call.method in _IDEMPOTENT)
+                retry = stale and (not conn.sent or call.idempotent)
                 if reused and attempt == 1 and retry:
                     continue
                 raise _unreachable(call, self.base_url, exc, timeout) from exc
@@ -974,7 +981,9 @@ class SidecarClient:
         for start in range(0, len(items), MAX_BATCH):
             chunk = [{"customerId": c, "module": m} for c, m in items[start : start + MAX_BATCH]]
             try:
-                answers = self._run(_Call("POST", "/v1/check", _results, body={"checks": chunk}))
+                answers = self._run(
+                    _Call("POST", "/v1/check", _results, body={"checks": chunk}, safe=True)
+                )
             except SidecarUnavailable:
                 answers = [None] * len(chunk)
             verdicts += [self.fail_open if a is None else a for a in answers]
@@ -1519,7 +1528,7 @@ class AsyncSidecarClient:
                 # byte of the answer: try once more on a new one, unless the request
                 # may have been acted upon.
                 stale = isinstance(exc, ConnectionError)
-                if reused and attempt == 1 and stale and (not sent or call.method in _IDEMPOTENT):
+                if reused and attempt == 1 and stale and (not sent or call.idempotent):
                     continue
                 raise _unreachable(call, self.base_url, exc, timeout) from exc
             finally:
@@ -1565,7 +1574,7 @@ class AsyncSidecarClient:
             chunk = [{"customerId": c, "module": m} for c, m in items[start : start + MAX_BATCH]]
             try:
                 answers = await self._run(
-                    _Call("POST", "/v1/check", _results, body={"checks": chunk})
+                    _Call("POST", "/v1/check", _results, body={"checks": chunk}, safe=True)
                 )
             except SidecarUnavailable:
                 answers = [None] * len(chunk)

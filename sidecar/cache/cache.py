@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from ..config import Settings
-from ..errors import UpstreamError
+from ..errors import UpstreamError, UpstreamTimeout
 from ..metrics import Metrics
 from ..redis.conn import RedisConn, RedisDown
 from ..redis.keys import KindKeys
@@ -275,10 +275,15 @@ class DocumentCache:
         assert flight.task is not None
         return await asyncio.shield(flight.task)
 
-    async def get_many(self, customers: Iterable[str], concurrency: int = 32) -> dict[str, Any]:
+    async def get_many(
+        self, customers: Iterable[str], concurrency: int = 32, deadline: float | None = None
+    ) -> dict[str, Any]:
         """Look up distinct customers, at most ``concurrency`` fills at once.
 
         Values are ``Lookup`` or the ``UpstreamError`` raised for that customer.
+        With a ``deadline`` (seconds), customers not answered by then get an
+        ``UpstreamTimeout`` with code ``timeout``: fills already started carry on
+        in the background (and fill the cache), fills not started yet never start.
         """
         sem = asyncio.Semaphore(concurrency)
 
@@ -290,8 +295,20 @@ class DocumentCache:
                     return exc
 
         distinct = list(dict.fromkeys(customers))
-        results = await asyncio.gather(*(one(c) for c in distinct))
-        return dict(zip(distinct, results, strict=True))
+        if deadline is None:
+            results = await asyncio.gather(*(one(c) for c in distinct))
+            return dict(zip(distinct, results, strict=True))
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(one(c)) for c in distinct]
+        _, pending = await asyncio.wait(tasks, timeout=max(deadline, 0.0))
+        for task in pending:
+            task.cancel()  # get() shields the fill itself: only the wait is dropped
+        await asyncio.gather(*pending, return_exceptions=True)
+        late = UpstreamTimeout("not fetched within the batch deadline", code="timeout")
+        return {
+            c: late if task in pending else task.result()
+            for c, task in zip(distinct, tasks, strict=True)
+        }
 
     def _start(
         self, customer: str, stale: Entry | None, refresh_after: float | None, read: bool = True

@@ -39,6 +39,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, Final, Literal
 
 import orjson
+from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 
 from ..metrics import Metrics
@@ -67,7 +68,23 @@ class _Resubscribe(Exception):
     """The server ended our shard-channel subscription (slot migration, failover)."""
 
 
-_LISTEN_ERRORS: Final[tuple[type[BaseException], ...]] = (*REDIS_ERRORS, _Resubscribe)
+class _Stalled(Exception):
+    """The subscribed connection did not answer a PING in time (a hung Redis)."""
+
+
+_LISTEN_ERRORS: Final[tuple[type[BaseException], ...]] = (*REDIS_ERRORS, _Resubscribe, _Stalled)
+_HEARTBEAT: Final = b"vellum-sidecar-heartbeat"
+
+
+async def _ping(pubsub: PubSub) -> None:
+    """PING down the subscribed connection(s); the PONG comes back as a message."""
+    if isinstance(pubsub, ClusterPubSub):
+        # Sharded subscriptions live on per-node connections (one: the tenant's shard).
+        for node in list(pubsub.node_pubsub_mapping.values()):
+            await node.ping(_HEARTBEAT)
+    else:
+        await pubsub.ping(_HEARTBEAT)
+
 
 #: Told of each drop applied on this sidecar: the customers (``None``: everyone)
 #: and the axes. Called synchronously; it must not block.
@@ -125,6 +142,8 @@ class Invalidator:
         sidecar_id: str,
         link_ttl: float,
         queue_limit: int = QUEUE_LIMIT,
+        heartbeat: float = 0.25,
+        stall_after: float = 0.5,
     ) -> None:
         self.caches = caches
         self.redis = redis
@@ -140,7 +159,11 @@ class Invalidator:
         self._listener: asyncio.Task[None] | None = None
         self._pending = _Pending()
         self._drainer: asyncio.Task[None] | None = None
+        #: Set while the fan-out subscription is confirmed: subscribed and answering
+        #: heartbeats (the coherent in-process layer and readiness follow it).
         self.subscribed = asyncio.Event()
+        self._heartbeat = heartbeat
+        self._stall_after = stall_after
         self._watchers: list[DropWatcher] = []
         if redis is not None:
             metrics.fanout_state.follow(lambda: "ok" if self.subscribed.is_set() else "down")
@@ -493,9 +516,18 @@ class Invalidator:
         self._listener = self._drainer = None
 
     async def _listen(self) -> None:
-        """Subscribe, apply messages; on any failure resubscribe with backoff."""
+        """Subscribe, apply messages; on any failure resubscribe with backoff.
+
+        A PING goes down the subscribed connection every ``heartbeat`` seconds.
+        The subscription is confirmed (``subscribed``, the in-process layer
+        dropped once and coherent from then on) only when a PONG comes back, and
+        a PONG later than ``stall_after`` counts as a failure: a hung Redis
+        accepts connections and commands and answers nothing, which would
+        otherwise look like a quiet channel.
+        """
         assert self.redis is not None
         channel = self.redis.keys.channel
+        loop = asyncio.get_running_loop()
         backoff = 0.05
         failed = False
         while True:
@@ -512,23 +544,39 @@ class Invalidator:
                     await pubsub.ssubscribe(channel)
                 else:
                     await pubsub.subscribe(channel)
-                # Messages may have been missed while (re)connecting.
-                self._drop_here(None, AXES)
-                self.caches.set_coherent(True)
-                self.subscribed.set()
-                backoff = 0.05
-                failed = False
-                log.info("fanout_subscribed")
+                await _ping(pubsub)
+                pinged_at, awaiting = loop.time(), True
                 while True:
+                    now = loop.time()
+                    if awaiting and now - pinged_at > self._stall_after:
+                        raise _Stalled
+                    if not awaiting and now - pinged_at >= self._heartbeat:
+                        await _ping(pubsub)
+                        pinged_at, awaiting = now, True
+                    due = self._stall_after if awaiting else self._heartbeat
+                    wait = min(max(pinged_at + due - now, 0.005), self._heartbeat)
                     if isinstance(pubsub, ClusterPubSub):
-                        msg = await pubsub.get_sharded_message(timeout=5.0)
-                        if msg is not None and msg.get("type") == "sunsubscribe":
-                            # The slot moved or its shard failed over: resubscribe.
-                            raise _Resubscribe
+                        msg = await pubsub.get_sharded_message(timeout=wait)
                     else:
-                        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
-                    if msg is not None and msg.get("type") in ("message", "smessage"):
+                        msg = await pubsub.get_message(timeout=wait)
+                    kind = msg.get("type") if msg is not None else None
+                    if kind in ("message", "smessage"):
+                        assert msg is not None
                         self._apply(msg["data"])
+                    elif kind == "pong":
+                        awaiting = False
+                        if not self.subscribed.is_set():
+                            # Confirmed. Messages may have been missed while
+                            # (re)connecting: drop what is here, then memory is coherent.
+                            self._drop_here(None, AXES)
+                            self.caches.set_coherent(True)
+                            self.subscribed.set()
+                            backoff = 0.05
+                            failed = False
+                            log.info("fanout_subscribed")
+                    elif kind == "sunsubscribe":
+                        # The slot moved or its shard failed over: resubscribe.
+                        raise _Resubscribe
             except asyncio.CancelledError:
                 raise
             except _LISTEN_ERRORS as exc:
@@ -539,7 +587,7 @@ class Invalidator:
                 failed = True
                 log.warning("fanout_disconnected", extra={"fields": {"error": type(exc).__name__}})
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 1.0)
             finally:
                 with contextlib.suppress(*REDIS_ERRORS):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -11,5 +11,6 @@
 - ``middleware``, ``inputs``, ``responses``: the local API's plumbing (the error
   envelope, path ids and JSON bodies, cached-read headers);
 - ``guard``: the browser guard; ``webhooks``: ``POST /webhooks/vellum``;
-  ``ops``: ``/healthz``, ``/readyz``, ``/metrics``.
+  ``ops``: ``/healthz``, ``/readyz``, ``/metrics``; ``limits``: the listeners'
+  timeouts, connection caps and shutdown drain.
 """

@@ -20,9 +20,10 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from ..appkeys import GUARD, METRICS
-from ..errors import Forbidden, SidecarError
+from ..errors import BadRequest, Forbidden, SidecarError
 from .responses import error_response, http_exception_response
 
 __all__ = ["UNMATCHED", "Handler", "guarded", "json_errors", "unmatched"]
@@ -46,7 +47,12 @@ def guarded(app: web.Application, route: str, handler: Handler) -> Handler:
 
     async def guarded_handler(request: web.Request) -> web.StreamResponse:
         headers = request.headers
-        refusal = refuse(headers.get("Host"), headers.get("Origin"))
+        refusal = refuse(
+            headers.get("Host"),
+            headers.get("Origin"),
+            headers.get("Sec-Fetch-Site"),
+            headers.get("Referer"),
+        )
         started = clock()
         if refusal is None:
             try:
@@ -57,6 +63,10 @@ def guarded(app: web.Application, route: str, handler: Handler) -> Handler:
                 if exc.status < 400:
                     raise
                 response = http_exception_response(exc)
+            except RequestPayloadError:
+                response = error_response(
+                    BadRequest("the request body is malformed", code="invalid_body")
+                )
             except Exception:
                 log.exception("unhandled_error", extra={"fields": {"route": route}})
                 response = error_response(SidecarError("internal error"))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..appkeys import CORE, INVALIDATOR, LIFECYCLE, METRICS, REDIS, UPSTREAM
+from ..appkeys import CORE, HEALTH, LIFECYCLE, METRICS, SETTINGS
 from ..metrics import CONTENT_TYPE_LATEST
+from .guard import HostGuard, guard_middleware
 from .middleware import json_errors
 from .responses import json_response
 
@@ -17,23 +18,21 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 
 
 async def readyz(request: web.Request) -> web.StreamResponse:
-    """200 once the sidecar can answer (stale answers count), 503 while starting or stopping.
+    """200 once the sidecar answers, 503 while starting or stopping (draining included).
 
-    Redis down or an upstream outage do not make the sidecar unready: it still
-    answers from memory, Redis or stale entries, and taking it out of service
-    would only turn those answers into connection errors. The body says what
-    is degraded.
+    Redis down, the fan-out down, an upstream outage or a refused key do not
+    make the sidecar unready: it still answers from memory, Redis, stale
+    entries, fail-open modules or with a clear fail-closed error, and taking it
+    out of service would only turn those answers into connection errors. The
+    body names each dependency's state, from active checks (sidecar/health.py).
     """
     core = request.app[CORE]
     phase = core[LIFECYCLE].phase
-    redis = core.get(REDIS)
-    body: dict[str, object] = {
-        "status": phase,
-        "redis": "disabled" if redis is None else redis.state,
-        "upstream": core[UPSTREAM].state() if UPSTREAM in core else "down",
-    }
-    if redis is not None:
-        body["fanout"] = "ok" if core[INVALIDATOR].subscribed.is_set() else "down"
+    health = core.get(HEALTH)
+    if health is None:  # the core app has not started (or has stopped)
+        core[METRICS].observe_readiness(False)
+        return json_response({"status": phase, "redis": "down", "upstream": "down"}, 503)
+    body: dict[str, object] = {"status": phase, **health.states()}
     core[METRICS].observe_readiness(phase == "ready")
     return json_response(body, 200 if phase == "ready" else 503)
 
@@ -45,7 +44,8 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 
 def create_ops_app(core: web.Application) -> web.Application:
-    app = web.Application(middlewares=[json_errors])
+    guard = HostGuard(core[SETTINGS].ops_allowed_hosts, ip_literals=True)
+    app = web.Application(middlewares=[json_errors, guard_middleware(guard)])
     app[CORE] = core
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

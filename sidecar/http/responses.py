@@ -42,7 +42,12 @@ _HTTP_ERRORS: Final[Mapping[int, type[SidecarError]]] = {
     413: PayloadTooLarge,
 }
 #: The codes of the rarer refusals the HTTP layer makes.
-_HTTP_CODES: Final = {414: "uri_too_long", 415: "unsupported_media_type", 431: "headers_too_large"}
+_HTTP_CODES: Final = {
+    408: "request_timeout",
+    414: "uri_too_long",
+    415: "unsupported_media_type",
+    431: "headers_too_large",
+}
 
 
 def json_response(

@@ -1,0 +1,70 @@
+"""The fault suite, run tiny (``python -m bench.faults --smoke``) so it cannot rot.
+
+Real processes (Redis, the emulator, two sidecars); the hostile cases and the
+faults each run under a legitimate load whose every answer is checked. What
+is asserted holds on any machine: no wrong answer, no legitimate read left
+unanswered or refused, every hostile request refused as it should be, every
+fault shown by /readyz. The timings are reported, never compared.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+HOSTILE = ("baseline", "slowloris", "silent", "slow_body", "flood", "cross_site", "rebinding",
+           "long_ids", "batch")  # fmt: skip
+FAULTS = ("redis_killed", "redis_hung", "upstream_down", "key_refused", "sigterm")
+
+
+def test_fault_suite_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "faults.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.faults", "--smoke", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    cases = json.loads(out.read_text())["cases"]
+    assert tuple(cases) == HOSTILE + FAULTS
+
+    for name, case in cases.items():
+        assert case["requests"] > 0, name
+        assert case["wrong"] == 0, (name, case)
+        assert case["non_2xx"] == 0, (name, case)
+        assert case["unanswered"] == 0, (name, case)
+
+    assert cases["slowloris"]["answers"] == {"408": 60}
+    assert cases["silent"]["answers"] == {"closed": 60}, "no unsolicited answer"
+    assert cases["slow_body"]["answers"] == {"408": 4}
+    assert cases["flood"]["cut_or_refused"] > 0
+    assert cases["cross_site"]["answers"] == {"403": 50}
+    assert cases["cross_site"]["upstream_calls"] == 0
+    assert cases["rebinding"]["answers"] == {"403": 20}
+    assert cases["rebinding"]["pod_ip_probe"] == 200
+    assert cases["long_ids"]["answers"] == {"200": 1}
+    assert cases["long_ids"]["over_limit"] == {"414": 1}
+    assert cases["long_ids"]["over_limit_json"] is True
+    batch = cases["batch"]
+    assert batch["status"] == 200
+    assert batch["timeouts"] > 0 and batch["answered"] > 0
+    assert batch["timeouts"] + batch["answered"] == batch["checks"]
+    for name in FAULTS[:-1]:
+        assert cases[name]["readyz_shows_fault_s"] is not None, (name, cases[name])
+        assert cases[name]["readyz_recovered_s"] is not None, (name, cases[name])
+    sigterm = cases["sigterm"]
+    assert sigterm["exit_code"] == 0
+    assert sigterm["stopped_sidecar_unanswered"] == 0, "the drain answered every request"
+    assert sigterm["exited_after_s"] is not None
+
+    table = proc.stdout
+    assert "| case | requests | non-2xx | wrong | unanswered | what it measured |" in table
+    for name in HOSTILE + FAULTS:
+        assert f"| {name} |" in table
