@@ -319,7 +319,11 @@ async def test_push_during_a_redis_hang_reaches_every_sidecar_within_a_second(
         while time.monotonic() < started + 2:
             assert (await source_of(a, "cus_1"))[1] is True
             for sc in fleet[1:]:
-                assert await source_of(sc, "cus_1") == ("hit", False), "not reachable yet"
+                # The push cannot reach them, but the heartbeat notices their silent
+                # subscription within 0.75 s: from then on memory no longer answers
+                # alone, and a read goes past the hung Redis to the upstream (new).
+                source, allowed = await source_of(sc, "cus_1")
+                assert allowed if source == "miss" else source == "hit"
         resumed = time.monotonic()
     await eventually(lambda: all_answer(fleet, "cus_1", True), timeout=5, interval=0.005)
     took = time.monotonic() - resumed
@@ -327,7 +331,12 @@ async def test_push_during_a_redis_hang_reaches_every_sidecar_within_a_second(
         print(f"\n[hang] push answered in {answered_in:.3f}s; every sidecar new {took:.3f}s "
               "after SIGCONT")  # fmt: skip
     assert took < 1.0
-    assert sample(a, "vellum_sidecar_invalidations_queue_applied_total") == 1
+
+    async def applied() -> bool:
+        # The others may have the new value from the upstream before the queue drains.
+        return sample(a, "vellum_sidecar_invalidations_queue_applied_total") == 1
+
+    await eventually(applied, timeout=5)
 
 
 async def test_first_push_after_a_redis_restart_is_applied_everywhere(

@@ -39,6 +39,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, Final, Literal
 
 import orjson
+from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 
 from ..metrics import Metrics
@@ -67,7 +68,28 @@ class _Resubscribe(Exception):
     """The server ended our shard-channel subscription (slot migration, failover)."""
 
 
-_LISTEN_ERRORS: Final[tuple[type[BaseException], ...]] = (*REDIS_ERRORS, _Resubscribe)
+class _Stalled(Exception):
+    """The subscribed connection did not answer a PING in time (a hung Redis)."""
+
+
+_LISTEN_ERRORS: Final[tuple[type[BaseException], ...]] = (*REDIS_ERRORS, _Resubscribe, _Stalled)
+_HEARTBEAT: Final = b"vellum-sidecar-heartbeat"
+#: A PING down the subscribed connection this often; a PONG later than STALL_AFTER
+#: counts as a lost subscription. Together they bound how long a silent connection
+#: goes unnoticed (docs/performance.md, "Coherent memory").
+HEARTBEAT_S: Final = 0.25
+STALL_AFTER_S: Final = 0.5
+
+
+async def _ping(pubsub: PubSub) -> None:
+    """PING down the subscribed connection(s); the PONG comes back as a message."""
+    if isinstance(pubsub, ClusterPubSub):
+        # Sharded subscriptions live on per-node connections (one: the tenant's shard).
+        for node in list(pubsub.node_pubsub_mapping.values()):
+            await node.ping(_HEARTBEAT)
+    else:
+        await pubsub.ping(_HEARTBEAT)
+
 
 #: Told of each drop applied on this sidecar: the customers (``None``: everyone)
 #: and the axes. Called synchronously; it must not block.
@@ -493,9 +515,18 @@ class Invalidator:
         self._listener = self._drainer = None
 
     async def _listen(self) -> None:
-        """Subscribe, apply messages; on any failure resubscribe with backoff."""
+        """Subscribe, apply messages; on any failure resubscribe with backoff.
+
+        A PING goes down the subscribed connection every ``HEARTBEAT_S``. The
+        subscription counts (``subscribed``, the in-process layer dropped and kept
+        coherent from then on) only once a PONG comes back, and a PONG later than
+        ``STALL_AFTER_S`` counts as a failure: a hung Redis or a proxy that stops
+        forwarding keeps the connection open and answers nothing, which would
+        otherwise look like a quiet channel.
+        """
         assert self.redis is not None
         channel = self.redis.keys.channel
+        loop = asyncio.get_running_loop()
         backoff = 0.05
         failed = False
         while True:
@@ -512,34 +543,49 @@ class Invalidator:
                     await pubsub.ssubscribe(channel)
                 else:
                     await pubsub.subscribe(channel)
-                # Messages may have been missed while (re)connecting.
-                self._drop_here(None, AXES)
-                self.caches.set_coherent(True)
-                self.subscribed.set()
-                backoff = 0.05
-                failed = False
-                log.info("fanout_subscribed")
+                await _ping(pubsub)
+                pinged_at, awaiting = loop.time(), True
                 while True:
+                    now = loop.time()
+                    if awaiting and now - pinged_at > STALL_AFTER_S:
+                        raise _Stalled
+                    if not awaiting and now - pinged_at >= HEARTBEAT_S:
+                        await _ping(pubsub)
+                        pinged_at, awaiting = now, True
+                    due = STALL_AFTER_S if awaiting else HEARTBEAT_S
+                    wait = min(max(pinged_at + due - now, 0.005), HEARTBEAT_S)
                     if isinstance(pubsub, ClusterPubSub):
-                        msg = await pubsub.get_sharded_message(timeout=5.0)
-                        if msg is not None and msg.get("type") == "sunsubscribe":
-                            # The slot moved or its shard failed over: resubscribe.
-                            raise _Resubscribe
+                        msg = await pubsub.get_sharded_message(timeout=wait)
                     else:
-                        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
-                    if msg is not None and msg.get("type") in ("message", "smessage"):
+                        msg = await pubsub.get_message(timeout=wait)
+                    kind = msg.get("type") if msg is not None else None
+                    if kind in ("message", "smessage"):
+                        assert msg is not None
                         self._apply(msg["data"])
+                    elif kind == "pong":
+                        awaiting = False
+                        if not self.subscribed.is_set():
+                            # Messages may have been missed while (re)connecting.
+                            self._drop_here(None, AXES)
+                            self.caches.set_coherent(True)
+                            self.subscribed.set()
+                            backoff = 0.05
+                            failed = False
+                            log.info("fanout_subscribed")
+                    elif kind == "sunsubscribe":
+                        # The slot moved or its shard failed over: resubscribe.
+                        raise _Resubscribe
             except asyncio.CancelledError:
                 raise
             except _LISTEN_ERRORS as exc:
-                # A message may be missed from now on: the in-process layer goes, and
-                # answers alone for at most SIDECAR_MEMORY_TTL until confirmed again.
+                # A message may be missed from now on: the in-process layer stops
+                # answering alone (SIDECAR_MEMORY_TTL applies until confirmed again).
                 self.caches.set_coherent(False)
                 self.subscribed.clear()
                 failed = True
                 log.warning("fanout_disconnected", extra={"fields": {"error": type(exc).__name__}})
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 1.0)
             finally:
                 with contextlib.suppress(*REDIS_ERRORS):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
