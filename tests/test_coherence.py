@@ -95,3 +95,37 @@ async def test_losing_the_subscription_keeps_entries_only_as_the_stale_fallback(
     emulator.fail("get_entitlements", 503, None)
     assert await source_of(sc, "cus_1") == ("stale", False), "Redis and upstream down: stale"
     emulator.clear_faults()
+
+
+async def test_a_silent_subscription_expires_the_layer_within_the_heartbeat_bound(
+    make_sidecar: SidecarFactory, own_redis: RedisServer, emulator: Emulator, tenant: str
+) -> None:
+    """Redis SIGSTOPped: the subscribed connection stays open and says nothing. The
+    heartbeat goes unanswered, the layer stops answering alone, and the next read
+    (Redis timing out) asks the upstream, which has the new value the sidecar never
+    heard of."""
+    emulator.set_entitlements(tenant, "cus_1", OLD)
+    sc = await make_sidecar(own_redis.url, SIDECAR_MEMORY_TTL=LONG, SIDECAR_REDIS_TIMEOUT="0.2")
+    assert await source_of(sc, "cus_1") == ("miss", False)
+    emulator.set_entitlements(tenant, "cus_1", NEW)
+    assert await source_of(sc, "cus_1") == ("hit", False), "memory answers alone meanwhile"
+    own_redis.pause()
+    try:
+
+        async def expired() -> bool:
+            entry = sc.cache.memory.data.get("cus_1")
+            return not sc.cache.coherent and (entry is None or entry.answer_until == 0)
+
+        await eventually(expired, timeout=5)
+
+        async def new_value() -> bool:
+            return (await source_of(sc, "cus_1"))[1]
+
+        await eventually(new_value, timeout=5)
+    finally:
+        own_redis.resume()
+
+    async def confirmed_again() -> bool:
+        return sc.invalidator.subscribed.is_set() and sc.cache.coherent
+
+    await eventually(confirmed_again, timeout=10)
