@@ -22,11 +22,13 @@ import pytest
 import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 
 from sidecar.app import create_app
 from sidecar.appkeys import CACHE, INVALIDATOR, LIFECYCLE, METRICS
 from sidecar.config import Settings
 from sidecar.emulator import EMULATOR, Emulator, create_emulator_app
+from sidecar.http.limits import GuardedRunner, ListenerGuard, ListenerLimits
 from sidecar.http.ops import create_ops_app
 from sidecar.http.webhooks import create_webhook_app
 
@@ -117,6 +119,14 @@ class Sidecar:
 SidecarFactory = Callable[..., Awaitable[Sidecar]]
 
 
+class ListenerServer(TestServer):
+    """The local app served as production serves it: ``GuardedRunner``, with the
+    listener limits and the front door (``sidecar/http/hot.py``)."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return GuardedRunner(self.app, guard=ListenerGuard("local", ListenerLimits()), **kwargs)
+
+
 @pytest.fixture
 async def make_sidecar(
     aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]],
@@ -129,7 +139,7 @@ async def make_sidecar(
         base = str(emulator_server.make_url("")).rstrip("/")
         settings = Settings.from_env(sidecar_env(tenant, base, SIDECAR_REDIS_URL=redis, **env))
         app = create_app(settings)
-        client = await aiohttp_client(app)
+        client = await aiohttp_client(ListenerServer(app))
         app[LIFECYCLE].phase = "ready"
         ops = await aiohttp_client(create_ops_app(app))
         hooks = await aiohttp_client(create_webhook_app(app)) if settings.webhooks_enabled else None

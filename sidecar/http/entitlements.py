@@ -21,7 +21,7 @@ from .inputs import MAX_BATCH, MAX_ID_LENGTH, is_id, path_id, read_json
 from .operations import Surface
 from .responses import cached_response, json_response, source_response
 
-__all__ = ["can", "check", "drop_all", "drop_customer", "read_cached"]
+__all__ = ["can", "can_route", "check", "drop_all", "drop_customer", "read_cached"]
 
 
 async def read_cached(
@@ -38,26 +38,22 @@ async def read_cached(
     return cached_response(entry.upstream_body(), lookup, 200 if entry.found else 404)
 
 
-async def can(request: web.Request) -> web.StreamResponse:
+async def can(app: web.Application, customer: str, module: str) -> web.StreamResponse:
     """Fails closed: with no answer to be had, 503 and ``allowed: false``.
 
     Modules named in ``SIDECAR_FAIL_OPEN_MODULES`` answer 200 ``allowed: true``
     with ``fallback: true`` instead, so callers can tell the answer was a policy.
+    A hot route (``http/hot.py``): the front door calls it with the ids it
+    matched, the router through ``can_route``.
     """
-    info = request.match_info
-    customer = info["customer"]
-    module = info["module"]
-    if not (0 < len(customer) <= MAX_ID_LENGTH and 0 < len(module) <= MAX_ID_LENGTH):
-        customer = path_id(request, "customer")  # raises the 400 naming the problem
-        module = path_id(request, "module")
-    cache = request.app[CACHE]
+    cache = app[CACHE]
     entry = cache.hit_entry(customer)
     source: Source = "hit"
     if entry is None:
         try:
             lookup = await cache.get(customer)
         except UpstreamError as exc:
-            if module in request.app[SETTINGS].fail_open_modules:
+            if module in app[SETTINGS].fail_open_modules:
                 return json_response(_fallback(customer, module))
             raise UpstreamUnavailable(
                 exc.message,
@@ -77,6 +73,11 @@ async def can(request: web.Request) -> web.StreamResponse:
         }
     )
     return source_response(body, source, entry.fetched_at)
+
+
+async def can_route(request: web.Request) -> web.StreamResponse:
+    """``can`` for what the router serves: the ids as the match info decoded them."""
+    return await can(request.app, path_id(request, "customer"), path_id(request, "module"))
 
 
 def _fallback(customer: str, module: str) -> dict[str, Any]:

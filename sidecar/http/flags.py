@@ -22,7 +22,7 @@ from ..errors import BadRequest, NotFound, UpstreamError, UpstreamUnavailable
 from .inputs import path_id
 from .responses import cached_response, json_response, source_response
 
-__all__ = ["flag", "parse_default"]
+__all__ = ["flag", "flag_route", "parse_default"]
 
 _BOOLS: dict[str, bool] = {"true": True, "false": False}
 
@@ -38,11 +38,13 @@ def parse_default(request: web.Request) -> bool | None:
     return value
 
 
-async def flag(request: web.Request) -> web.StreamResponse:
-    customer = path_id(request, "customer")
-    name = path_id(request, "name")
-    default = parse_default(request) if request.query_string else None
-    cache = request.app[CACHES].flags
+async def flag(
+    app: web.Application, customer: str, name: str, default: bool | None = None
+) -> web.StreamResponse:
+    """A hot route (``http/hot.py``): the front door calls it with the ids it matched
+    (and no ``default``: a query string goes to the router), the router through
+    ``flag_route``."""
+    cache = app[CACHES].flags
     entry = cache.hit_entry(customer)
     if entry is not None:
         value = entry.flag(name)
@@ -70,3 +72,11 @@ async def flag(request: web.Request) -> web.StreamResponse:
         # Still a cached read (the document said so): the cache headers stay.
         return cached_response(orjson.dumps(missing.body()), lookup, missing.status)
     return cached_response(orjson.dumps({**answer, "value": default, "fallback": True}), lookup)
+
+
+async def flag_route(request: web.Request) -> web.StreamResponse:
+    """``flag`` for what the router serves: decoded ids, ``?default=``."""
+    customer = path_id(request, "customer")
+    name = path_id(request, "name")
+    default = parse_default(request) if request.query_string else None
+    return await flag(request.app, customer, name, default)

@@ -58,6 +58,7 @@ from aiohttp.web_request import BaseRequest
 from prometheus_client import Counter, Gauge
 
 from ..errors import SidecarError
+from .hot import front_door
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -481,7 +482,8 @@ class GuardedServer(web.Server):
 
 
 class GuardedRunner(web.AppRunner):
-    """``web.AppRunner`` whose server enforces ``guard``'s limits on every connection."""
+    """``web.AppRunner`` whose server enforces ``guard``'s limits on every connection,
+    and answers the app's hot routes below its router (``http/hot.py``)."""
 
     def __init__(self, app: web.Application, *, guard: ListenerGuard, **kwargs: Any) -> None:
         limits = guard.limits
@@ -495,7 +497,7 @@ class GuardedRunner(web.AppRunner):
         plain = await super()._make_server()  # the app's startup runs here
         self.guard.start()
         return GuardedServer(
-            plain.request_handler,
+            front_door(self.app, plain.request_handler),
             guard=self.guard,
             request_factory=plain.request_factory,
             handler_cancellation=plain.handler_cancellation,

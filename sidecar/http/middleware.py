@@ -3,8 +3,9 @@
 The local API has no aiohttp middleware: aiohttp's middleware machinery costs
 more than the sidecar's own work on a memory hit (docs/performance.md). Instead
 ``guarded`` wraps each of its handlers when the routes are registered
-(``http/routes.py``): the browser guard, the request's metrics and the JSON
-errors run inline, one coroutine frame, and ``unmatched`` (a last catch-all
+(``http/routes.py``), and ``guarded_hot`` each hot route's handler for the
+front door (``http/hot.py``): the browser guard, the request's metrics and the
+JSON errors run inline, one coroutine frame, and ``unmatched`` (a last catch-all
 route, wrapped alike) answers the paths and methods no route serves with the
 JSON 404 and 405 (``Allow`` included) aiohttp's router would have raised.
 
@@ -21,12 +22,14 @@ from typing import Final
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
+from aiohttp.web_request import BaseRequest
 
 from ..appkeys import GUARD, METRICS
 from ..errors import BadRequest, Forbidden, SidecarError
+from .hot import GuardedHot, HotHandler
 from .responses import error_response, http_exception_response
 
-__all__ = ["UNMATCHED", "Handler", "guarded", "json_errors", "unmatched"]
+__all__ = ["UNMATCHED", "Handler", "guarded", "guarded_hot", "json_errors", "unmatched"]
 
 # The logger's name predates the http/ package; log pipelines filter on it.
 log = logging.getLogger("sidecar.api")
@@ -57,19 +60,8 @@ def guarded(app: web.Application, route: str, handler: Handler) -> Handler:
         if refusal is None:
             try:
                 response = await handler(request)
-            except SidecarError as exc:
-                response = error_response(exc)
-            except web.HTTPException as exc:
-                if exc.status < 400:
-                    raise
-                response = http_exception_response(exc)
-            except RequestPayloadError:
-                response = error_response(
-                    BadRequest("the request body is malformed", code="invalid_body")
-                )
-            except Exception:
-                log.exception("unhandled_error", extra={"fields": {"route": route}})
-                response = error_response(SidecarError("internal error"))
+            except Exception as exc:
+                response = _failure(exc, route)
         else:
             response = error_response(Forbidden(refusal))
         observe(route, request.method, response.status, clock() - started)
@@ -79,6 +71,49 @@ def guarded(app: web.Application, route: str, handler: Handler) -> Handler:
         handler, "__name__", "handler"
     )
     return guarded_handler
+
+
+def guarded_hot(app: web.Application, route: str, handler: HotHandler) -> GuardedHot:
+    """``guarded`` for a hot route's handler (``http/hot.py``), which the front door
+    calls with the two ids it matched instead of a routed request."""
+    refuse = app[GUARD].refusal
+    observe = app[METRICS].observe_request
+    clock = time.perf_counter
+
+    async def guarded_handler(request: BaseRequest, first: str, second: str) -> web.StreamResponse:
+        headers = request.headers
+        refusal = refuse(
+            headers.get("Host"),
+            headers.get("Origin"),
+            headers.get("Sec-Fetch-Site"),
+            headers.get("Referer"),
+        )
+        started = clock()
+        if refusal is None:
+            try:
+                response = await handler(app, first, second)
+            except Exception as exc:
+                response = _failure(exc, route)
+        else:
+            response = error_response(Forbidden(refusal))
+        observe(route, "GET", response.status, clock() - started)
+        return response
+
+    return guarded_handler
+
+
+def _failure(exc: Exception, route: str) -> web.StreamResponse:
+    """The JSON answer to what a handler raised (called inside its ``except``)."""
+    if isinstance(exc, SidecarError):
+        return error_response(exc)
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            raise exc  # a redirect is an answer, not an error
+        return http_exception_response(exc)
+    if isinstance(exc, RequestPayloadError):
+        return error_response(BadRequest("the request body is malformed", code="invalid_body"))
+    log.exception("unhandled_error", extra={"fields": {"route": route}})
+    return error_response(SidecarError("internal error"))
 
 
 async def unmatched(request: web.Request) -> web.StreamResponse:

@@ -1,7 +1,8 @@
 """Every route of the local API, registered in one place.
 
 The sidecar's own routes (``can``, ``check``, a flag, the cache drops, OFREP and
-the contract) are listed here; every operation of the table
+the contract) are listed here, the two hot ones (``HOT``) first: the front door
+(``http/hot.py``) answers their plain requests below the router; every operation of the table
 (``http/operations.py``) is registered on both surfaces, answered from its
 kind's cache (``cache``) or forwarded to the upstream. Every GET also answers HEAD.
 Last comes the mirror's catch-all: any other method or path under
@@ -21,8 +22,9 @@ from ..cache.kinds import GLOBAL_ID, KINDS
 from ..errors import NotFound
 from . import entitlements, flags, ofrep
 from .forwarding import forward, forward_unknown
+from .hot import HOT_ROUTES, HotRoute
 from .inputs import path_id
-from .middleware import UNMATCHED, Handler, guarded, unmatched
+from .middleware import UNMATCHED, Handler, guarded, guarded_hot, unmatched
 from .operations import OPERATIONS, SURFACES, Operation, Surface
 
 __all__ = ["add_routes"]
@@ -33,23 +35,34 @@ _ID: str = "[^/]*"
 
 _OPENAPI: bytes | None = None
 
+#: The hot routes (``http/hot.py``): registered first, and answered by the front door.
+HOT: tuple[HotRoute, ...] = (
+    HotRoute("can", ("customer", "module"), entitlements.can, entitlements.can_route),
+    HotRoute("flags", ("customer", "name"), flags.flag, flags.flag_route),
+)
+
 
 def add_routes(app: web.Application) -> None:
     """Register the local API on ``app``: the routes below, then the operation table's,
     each handler ``guarded``; last the catch-all answering every other path."""
     r = app.router
 
-    def add(method: str, path: str, handler: Handler, name: str | None = None) -> None:
+    def add(method: str, path: str, handler: Handler, name: str | None = None) -> str:
+        """Register ``handler``, guarded; return the route's label (canonical path)."""
         resource = r.add_resource(path, name=name)
         wrapped = guarded(app, resource.canonical, handler)
         if method == "GET":
             # HEAD answers like GET without the body, as aiohttp's add_get does.
             resource.add_route("HEAD", wrapped)
         resource.add_route(method, wrapped)
+        return resource.canonical
 
-    add("GET", f"/v1/customers/{{customer:{_ID}}}/can/{{module:{_ID}}}", entitlements.can)
+    # The hot routes: on the router, and for the front door under the same label.
+    app[HOT_ROUTES] = {
+        route.verb: guarded_hot(app, add("GET", route.path, route.routed), route.handler)
+        for route in HOT
+    }
     add("POST", "/v1/check", entitlements.check)
-    add("GET", f"/v1/customers/{{customer:{_ID}}}/flags/{{name:{_ID}}}", flags.flag)
     add("DELETE", f"/v1/customers/{{customer:{_ID}}}/cache", entitlements.drop_customer)
     add("DELETE", "/v1/cache", entitlements.drop_all)
     add("POST", f"/ofrep/v1/evaluate/flags/{{key:{_ID}}}", ofrep.evaluate)
