@@ -322,6 +322,15 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _pool_size(value: str) -> int:
+    number = _non_negative_int(value)
+    if number < 2:
+        # The fan-out subscription holds one pooled connection for good: with only
+        # one, every other command would wait for it and fail.
+        raise ValueError("must be at least 2 (the fan-out subscription holds one connection)")
+    return number
+
+
 def _csv_set(value: str) -> frozenset[str]:
     return frozenset(p.strip() for p in value.split(",") if p.strip())
 
@@ -653,10 +662,12 @@ class Settings:
     )
     redis_pool_size: int = setting(
         "SIDECAR_REDIS_POOL_SIZE",
-        _positive_int,
+        _pool_size,
         "50",
         help="maximum Redis connections",
-        doc="maximum Redis connections (per worker; per node for a Cluster)",
+        doc="maximum Redis connections (per worker; per node for a Cluster), at least 2: "
+        "the fan-out subscription holds one, and up to a quarter (at most 4) carry the "
+        "coalesced cache reads",
     )
     fail_open_modules: frozenset[str] = setting(
         "SIDECAR_FAIL_OPEN_MODULES",

@@ -93,6 +93,7 @@ def test_missing_required_values_are_all_named() -> None:
         ("SIDECAR_UPSTREAM_TIMEOUT", "0"),
         ("SIDECAR_LOG_LEVEL", "loud"),
         ("SIDECAR_REDIS_POOL_SIZE", "0"),
+        ("SIDECAR_REDIS_POOL_SIZE", "1"),  # the fan-out subscription would hold it
     ],
 )
 def test_bad_values_name_their_variable(name: str, value: str) -> None:

@@ -29,6 +29,9 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
+
 from ..config import Settings
 from ..errors import UpstreamError, UpstreamTimeout
 from ..metrics import Metrics
@@ -85,6 +88,8 @@ return 0
 """
 #: Keys per MGET; a larger batch is split (each part its own round trip, at once).
 _MGET_BATCH: Final = 256
+#: Connections borrowed from the pool for the coalesced reads (``RedisReads``).
+_READERS: Final = 4
 
 
 class RedisReads:
@@ -95,12 +100,35 @@ class RedisReads:
     The first ``get`` of an iteration schedules the flush with ``call_soon``, which
     runs after every task already ready in that iteration, so the reads of all the
     requests parsed together travel in one round trip.
+
+    The round trips go over up to ``_READERS`` connections borrowed from the pool
+    for good (one server or Sentinel; a cluster keeps its own routing): redis-py's
+    pool spends more per command on taking, checking and returning a connection
+    than the read itself costs (docs/performance.md). A borrowed connection
+    carries one read at a time; when every one is busy, the read takes the pool
+    path. A failed read closes every idle borrowed connection, since they share
+    the failure's cause (a restarted Redis leaves them all stale), and each
+    reconnects on its next use, so ``RedisConn``'s one retry meets a fresh one.
     """
 
-    def __init__(self, redis: RedisConn) -> None:
+    def __init__(self, redis: RedisConn, pool_size: int) -> None:
         self.redis = redis
         self._pending: dict[str, list[asyncio.Future[Any]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        client = redis.client
+        self._pool: ConnectionPool | None = (
+            client.connection_pool if isinstance(client, Redis) else None
+        )
+        #: At most a quarter of the pool, so scripts and the fan-out keep theirs.
+        self._max_readers = min(_READERS, pool_size // 4)
+        self._readers: list[AbstractConnection] = []
+        self._idle: list[AbstractConnection] = []
+        self._borrowing = 0
+
+    @property
+    def borrowed(self) -> int:
+        """Connections borrowed from the pool so far (at most ``_READERS``)."""
+        return len(self._readers)
 
     def get(self, key: str) -> asyncio.Future[Any]:
         """A future for the key's value (``bytes`` or ``None``); ``RedisDown`` on failure."""
@@ -127,12 +155,9 @@ class RedisReads:
 
     async def _read(self, part: dict[str, list[asyncio.Future[Any]]]) -> None:
         keys = list(part)
+        operation = "get" if len(keys) == 1 else "mget"
         try:
-            if len(keys) == 1:
-                key = keys[0]
-                values = [await self.redis.run("get", lambda r: r.get(key))]
-            else:
-                values = await self.redis.run("mget", lambda r: r.mget(keys))
+            values = await self.redis.run(operation, lambda r: self._mget(r, keys))
         except RedisDown as exc:
             for futures in part.values():
                 for f in futures:
@@ -144,11 +169,57 @@ class RedisReads:
                 if not f.done():
                     f.set_result(value)
 
+    async def _mget(self, client: RedisClient, keys: list[str]) -> list[Any]:
+        """The values of ``keys``, over an idle borrowed connection when there is one."""
+        conn = await self._reader()
+        if conn is None:
+            if len(keys) == 1:
+                return [await client.get(keys[0])]
+            return list(await client.mget(keys))
+        try:
+            if not conn.is_connected:
+                # Through connect() (as the pool does), which a Sentinel connection
+                # overrides to ask for the current master's address first.
+                await conn.connect()  # type: ignore[no-untyped-call]
+            if len(keys) == 1:
+                await conn.send_command("GET", keys[0])
+                values = [await conn.read_response()]
+            else:
+                await conn.send_command("MGET", *keys)
+                values = list(await conn.read_response())
+        except BaseException:
+            # redis-py closed this connection on its way out; the idle ones go too.
+            for other in self._idle:
+                await other.disconnect()
+            raise
+        finally:
+            self._idle.append(conn)
+        return values
+
+    async def _reader(self) -> AbstractConnection | None:
+        """An idle borrowed connection (borrowing one more while below the limit)."""
+        if self._idle:
+            return self._idle.pop()
+        if self._pool is None or self._borrowing + len(self._readers) >= self._max_readers:
+            return None
+        self._borrowing += 1  # counted across the await: another read may ask meanwhile
+        try:
+            conn: AbstractConnection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        finally:
+            self._borrowing -= 1
+        self._readers.append(conn)
+        return conn
+
     async def close(self) -> None:
         tasks = list(self._tasks)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._pool is not None:
+            for conn in self._readers:
+                await self._pool.release(conn)
+        self._readers.clear()
+        self._idle.clear()
 
 
 class Flight:
@@ -181,7 +252,7 @@ class DocumentCache:
         self.redis = redis
         self.keys: KindKeys | None = redis.keys.kind(kind.key) if redis is not None else None
         if redis is not None and reads is None:
-            reads = RedisReads(redis)
+            reads = RedisReads(redis, settings.redis_pool_size)
         self.reads = reads
         self.memory = MemoryLayer(settings.memory_max_entries)
         self._ttl = kind.ttl(settings)
@@ -250,6 +321,11 @@ class DocumentCache:
         found = self.hit(customer)
         if found is not None:
             return found
+        return await self.get_missed(customer)
+
+    async def get_missed(self, customer: str) -> Lookup:
+        """``get`` once ``hit_entry`` has said memory cannot answer alone (the hot
+        routes ask memory first themselves): Redis, then a fill."""
         item = self.memory.get(customer)
         self._m_mem_miss.inc()
         stale = item[0] if item else None
@@ -258,7 +334,13 @@ class DocumentCache:
             # Redis first, read with the loop iteration's other reads and without a
             # task of its own: most misses in memory are hits in Redis.
             drops = self._drops
-            stored = await self._redis_get(customer)
+            assert self.keys is not None
+            try:  # _redis_get, without a coroutine of its own on this path
+                raw = await self.reads.get(self.keys.entry(customer))
+            except RedisDown:
+                self._m_redis_error.inc()
+                raw = None
+            stored = Entry.loads(raw, self.kind) if raw is not None else None
             if stored is not None and stored.is_fresh(time.time()):
                 self._m_redis_hit.inc()
                 if self._drops == drops:  # no drop here overtook the read
@@ -583,7 +665,7 @@ class Caches:
         redis: RedisConn | None,
     ) -> None:
         #: One batcher for every kind: a tick's reads of all kinds share one MGET.
-        self.reads = RedisReads(redis) if redis is not None else None
+        self.reads = RedisReads(redis, settings.redis_pool_size) if redis is not None else None
 
         def make(kind: Kind) -> DocumentCache:
             return DocumentCache(kind, settings, upstream, metrics, redis, self.reads)

@@ -51,7 +51,7 @@ async def can(app: web.Application, customer: str, module: str) -> web.StreamRes
     source: Source = "hit"
     if entry is None:
         try:
-            lookup = await cache.get(customer)
+            lookup = await cache.get_missed(customer)
         except UpstreamError as exc:
             if module in app[SETTINGS].fail_open_modules:
                 return json_response(_fallback(customer, module))

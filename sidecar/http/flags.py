@@ -53,9 +53,9 @@ async def flag(
             body = orjson.dumps({"flag": name, "customerId": customer, "value": value})
             return source_response(body, "hit", entry.fetched_at)
     answer: dict[str, Any] = {"flag": name, "customerId": customer}
-    lookup: Lookup | None = None
     try:
-        lookup = await cache.get(customer)
+        # A memory hit without the flag is still the document's answer.
+        lookup = Lookup(entry, "hit") if entry is not None else await cache.get_missed(customer)
     except UpstreamError as exc:
         if default is None:
             raise UpstreamUnavailable(exc.message, code=exc.code, **answer, value=None) from None
