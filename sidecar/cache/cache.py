@@ -124,6 +124,7 @@ class RedisReads:
         self._readers: list[AbstractConnection] = []
         self._idle: list[AbstractConnection] = []
         self._borrowing = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def borrowed(self) -> int:
@@ -132,7 +133,10 @@ class RedisReads:
 
     def get(self, key: str) -> asyncio.Future[Any]:
         """A future for the key's value (``bytes`` or ``None``); ``RedisDown`` on failure."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            # Kept: on Python 3.11 each get_running_loop() is a getpid() system call.
+            loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         waiting = self._pending.get(key)
         if waiting is not None:
@@ -145,7 +149,8 @@ class RedisReads:
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, {}
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None  # get() scheduled this call on it
         keys = list(pending)
         for start in range(0, len(keys), _MGET_BATCH):
             part = {k: pending[k] for k in keys[start : start + _MGET_BATCH]}

@@ -98,9 +98,9 @@ def source_response(body: bytes, source: str, fetched_at: float, status: int = 2
         )
         if len(_CACHED_HEADERS) < _MAX_CACHED_HEADERS:
             _CACHED_HEADERS[key] = headers
-    # A copy of a ready multidict is the cheapest way into a Response (the response
-    # adds its own headers to it when sent).
-    return web.Response(body=body, status=status, headers=headers.copy())
+    # A ready multidict is the cheapest way into a Response, which copies it (and
+    # adds its own headers to the copy when sent).
+    return web.Response(body=body, status=status, headers=headers)
 
 
 _CONTENT_TYPE: Final = istr("Content-Type")
