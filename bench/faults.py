@@ -276,6 +276,8 @@ class Tally:
     refused_after_exit: int = 0
     #: What the unanswered ones failed with, by exception class.
     unanswered_by: dict[str, int] = field(default_factory=dict)
+    #: The non-2xx answers by status and error code (``"503 upstream_unavailable"``).
+    non_2xx_by: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: Tally) -> None:
         self.requests += other.requests
@@ -285,6 +287,18 @@ class Tally:
         self.refused_after_exit += other.refused_after_exit
         for kind, n in other.unanswered_by.items():
             self.unanswered_by[kind] = self.unanswered_by.get(kind, 0) + n
+        for kind, n in other.non_2xx_by.items():
+            self.non_2xx_by[kind] = self.non_2xx_by.get(kind, 0) + n
+
+    def refused(self, status: int, body: bytes) -> None:
+        """One non-2xx answer, kept by its status and the envelope's error code."""
+        self.non_2xx += 1
+        try:
+            code = orjson.loads(body)["error"]["code"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            code = "?"
+        kind = f"{status} {code}"
+        self.non_2xx_by[kind] = self.non_2xx_by.get(kind, 0) + 1
 
     def failed(self, exc: BaseException) -> None:
         self.requests += 1
@@ -344,7 +358,7 @@ class Load:
                     continue
                 tally.requests += 1
                 if resp.status != 200:
-                    tally.non_2xx += 1
+                    tally.refused(resp.status, body)
                 elif orjson.loads(body).get("allowed") is not (module in modules_of(i)):
                     tally.wrong += 1
 
@@ -799,7 +813,7 @@ def table(results: dict[str, Any]) -> str:
         "| case | requests | non-2xx | wrong | unanswered | what it measured |",
         "|---|---:|---:|---:|---:|---|",
     ]
-    tally_fields = {"kind", *asdict(Tally())} - {"unanswered_by"}
+    tally_fields = {"kind", *asdict(Tally())} - {"unanswered_by", "non_2xx_by"}
     for name, case in results["cases"].items():
         figures = ", ".join(
             f"{k}={json.dumps(v, separators=(',', ':'))}"
