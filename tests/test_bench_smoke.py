@@ -42,6 +42,11 @@ def test_bench_smoke_runs_every_phase(tmp_path: Path) -> None:
         assert row["errors"] == 0, (name, row)
     for name in ("hot", "hot_default", "redis_only", "batch", "flag", "ofrep", "workers"):
         assert isinstance(results["throughput"][name]["vs_bare"], float)
+        assert isinstance(results["throughput"][name]["vs_bare_paired"], float)
+    for name in ("hot_half_peak", "hot_default_half_peak", "bare_half_peak"):
+        row = results["throughput"][name]
+        assert len(row["all_p99_ms"]) == results["options"]["repeat"], (name, row)
+        assert abs(row["p99_ms"] - min(row["all_p99_ms"])) < 0.001, (name, row)  # the lowest
     assert results["throughput"]["workers"]["workers"] == 2
 
     fleet = results["fleet"]
@@ -62,7 +67,11 @@ def test_bench_smoke_runs_every_phase(tmp_path: Path) -> None:
         assert row["ratio"] > 0 and row["client_cpu_us"] > 0, (name, row)
 
     table = proc.stdout
-    assert "| scenario | requests/s | p50 ms | p99 ms | vs bare | server CPU |" in table
+    assert (
+        "| scenario | requests/s | p50 ms | p99 ms | vs bare | vs bare, paired | server CPU |"
+        in table
+    )
+    assert "default settings, paced at the same rate" in table
     assert "SIDECAR_WORKERS=2" in table
     assert "`GET /v1/customers/{c}/flags/{name}`, memory hit" in table
     assert "`POST /ofrep/v1/evaluate/flags/{key}` (OFREP), memory hits" in table
