@@ -193,9 +193,10 @@ class RedisReads:
                 await conn.send_command("MGET", *keys)
                 values = list(await conn.read_response())
         except BaseException:
-            # redis-py closed this connection on its way out; the idle ones go too.
-            for other in self._idle:
-                await other.disconnect()
+            # redis-py closed this connection on its way out; the idle ones go too
+            # (without waiting for their sockets to close: nothing here may hang).
+            for other in list(self._idle):
+                await other.disconnect(nowait=True)
             raise
         finally:
             self._idle.append(conn)
@@ -220,9 +221,11 @@ class RedisReads:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._pool is not None:
-            for conn in self._readers:
-                await self._pool.release(conn)
+        # Closed, not handed back: the pool is closing too (the app's cleanup closes
+        # the client next), and taking its locks here could wait on a command stuck
+        # in it. Its close skips a connection already closed.
+        for conn in self._readers:
+            await conn.disconnect(nowait=True)
         self._readers.clear()
         self._idle.clear()
 
