@@ -51,6 +51,7 @@ from .cache.invalidation import Invalidator
 from .config import Settings
 from .metrics import Metrics
 from .redis.conn import RedisConn, RedisDown
+from .tasks import cancel_and_wait
 from .upstream import VellumClient
 
 __all__ = ["HealthMonitor", "State"]
@@ -102,9 +103,7 @@ class HealthMonitor(Collector):
         self.metrics.upstream_state.follow(self.upstream_state)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         if self._registered:
             self.metrics.registry.unregister(self)

@@ -45,6 +45,7 @@ from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 from ..metrics import Metrics
 from ..redis.conn import RedisConn, RedisDown
 from ..redis.url import REDIS_ERRORS, RedisClient
+from ..tasks import cancel_and_wait
 from .cache import Caches, DocumentCache
 from .entry import Entry
 from .kinds import AXES, Axis
@@ -509,10 +510,7 @@ class Invalidator:
 
     async def stop(self) -> None:
         self.caches.set_coherent(False)
-        for task in (self._listener, self._drainer):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait([t for t in (self._listener, self._drainer) if t is not None])
         self._listener = self._drainer = None
 
     async def _listen(self) -> None:

@@ -30,6 +30,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError
 
 from ..metrics import Metrics
+from ..tasks import cancel_and_wait
 from .keys import Keys
 from .url import REDIS_ERRORS, RedisClient
 
@@ -159,8 +160,7 @@ class RedisConn:
 
     async def close(self) -> None:
         if self._probe is not None:
-            self._probe.cancel()
-            await asyncio.gather(self._probe, return_exceptions=True)
+            await cancel_and_wait([self._probe])
         await self.client.aclose()
 
 
