@@ -9,12 +9,14 @@ from sidecar.tasks import cancel_and_wait
 
 async def test_a_task_that_swallows_its_cancellation_is_cancelled_again() -> None:
     swallowed = 0
+    started = asyncio.Event()
 
     async def stubborn() -> None:
         nonlocal swallowed
+        started.set()
         while True:
             try:
-                await asyncio.sleep(3600)
+                await asyncio.Event().wait()  # until cancelled
             except asyncio.CancelledError:
                 # What a lost cancellation looks like to a loop that survives errors.
                 if swallowed < 2:
@@ -26,7 +28,7 @@ async def test_a_task_that_swallows_its_cancellation_is_cancelled_again() -> Non
         raise RuntimeError("ended on its own")
 
     tasks = [asyncio.create_task(stubborn()), asyncio.create_task(failing())]
-    await asyncio.sleep(0)
+    await asyncio.wait_for(started.wait(), 5)
     await asyncio.wait_for(cancel_and_wait(tasks), 5)
     assert swallowed == 2
     assert all(t.done() for t in tasks)

@@ -27,7 +27,7 @@ starting with a dot (``.svc.cluster.local``) matches every name under it.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -51,14 +51,12 @@ class HostGuard:
         self.ip_literals = ip_literals
         self._cache: dict[str, bool] = {}
 
-    def refusal(
-        self,
-        host: str | None,
-        origin: str | None,
-        fetch_site: str | None = None,
-        referer: str | None = None,
-    ) -> str | None:
-        """Why the request is refused, or ``None`` when it may pass."""
+    def refusal(self, headers: Mapping[str, str]) -> str | None:
+        """Why a request with these headers is refused, or ``None`` when it may pass."""
+        host = headers.get("Host")
+        origin = headers.get("Origin")
+        fetch_site = headers.get("Sec-Fetch-Site")
+        referer = headers.get("Referer")
         if origin is not None:
             return "requests from browsers (with an Origin header) are not accepted"
         if fetch_site is not None and fetch_site.lower() not in _SAME_SITE:
@@ -110,13 +108,7 @@ def guard_middleware(guard: HostGuard) -> Middleware:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        headers = request.headers
-        refusal = guard.refusal(
-            headers.get("Host"),
-            headers.get("Origin"),
-            headers.get("Sec-Fetch-Site"),
-            headers.get("Referer"),
-        )
+        refusal = guard.refusal(request.headers)
         if refusal is not None:
             return json_response({"error": {"code": "forbidden", "message": refusal}}, 403)
         return await handler(request)

@@ -49,13 +49,7 @@ def guarded(app: web.Application, route: str, handler: Handler) -> Handler:
     clock = time.perf_counter
 
     async def guarded_handler(request: web.Request) -> web.StreamResponse:
-        headers = request.headers
-        refusal = refuse(
-            headers.get("Host"),
-            headers.get("Origin"),
-            headers.get("Sec-Fetch-Site"),
-            headers.get("Referer"),
-        )
+        refusal = refuse(request.headers)
         started = clock()
         if refusal is None:
             try:
@@ -81,13 +75,7 @@ def guarded_hot(app: web.Application, route: str, handler: HotHandler) -> Guarde
     clock = time.perf_counter
 
     async def guarded_handler(request: BaseRequest, first: str, second: str) -> web.StreamResponse:
-        headers = request.headers
-        refusal = refuse(
-            headers.get("Host"),
-            headers.get("Origin"),
-            headers.get("Sec-Fetch-Site"),
-            headers.get("Referer"),
-        )
+        refusal = refuse(request.headers)
         started = clock()
         if refusal is None:
             try:
