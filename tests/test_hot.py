@@ -3,16 +3,21 @@ and that those answers are the router's, byte for byte, header for header."""
 
 from __future__ import annotations
 
+import gzip
+import io
 from collections.abc import Awaitable, Callable
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from aiohttp.web_request import BaseRequest
+from yarl import URL
 
+from sidecar.app import LOCAL_MAX_BODY
 from sidecar.emulator import Emulator
-from sidecar.http.hot import HOT_ROUTES, front_door
+from sidecar.http.hot import HOT_ROUTES, GuardedHot, HotRoute, front_door
 from sidecar.http.inputs import MAX_ID_LENGTH
+from sidecar.http.routes import HOT
 
 from .conftest import Sidecar, SidecarFactory
 
@@ -21,7 +26,10 @@ CAN_LABEL = "/v1/customers/{customer}/can/{module}"
 FLAG_LABEL = "/v1/customers/{customer}/flags/{name}"
 SUB_DELIMS = "cus-._~!$&'()*+,;=:@1"
 
-Taken = list[tuple[str, str, str]]
+OFREP_LABEL = "/ofrep/v1/evaluate/flags/{key}"
+SUB_DELIMS = "cus-._~!$&'()*+,;=:@1"
+
+Taken = list[tuple[str, ...]]
 
 
 def _door(
@@ -30,14 +38,22 @@ def _door(
     """The front door over an app whose hot handlers and router only record calls."""
     app = web.Application()
 
-    def hot(verb: str) -> Callable[[BaseRequest, str, str], Awaitable[web.StreamResponse]]:
-        async def handler(request: BaseRequest, first: str, second: str) -> web.StreamResponse:
-            taken.append((verb, first, second))
+    def hot(method: str, path: str) -> HotRoute:
+        async def handler(
+            app: web.Application, request: BaseRequest, *ids: str
+        ) -> web.StreamResponse:
+            name = "ofrep" if path.startswith("/ofrep/") else path.split("/")[-2]
+            taken.append((name, *ids))
             return web.Response(status=200)
 
-        return handler
+        async def never(request: web.Request) -> web.StreamResponse:
+            raise AssertionError("the router's handler")
 
-    app[HOT_ROUTES] = {"can": hot("can"), "flags": hot("flags")}
+        return HotRoute(method, path, handler, never)
+
+    routes = [hot(r.method, r.path) for r in HOT]
+
+    app[HOT_ROUTES] = tuple((r, _unguarded(app, r)) for r in routes)
 
     async def router(request: BaseRequest) -> web.StreamResponse:
         routed.append(request.raw_path)
@@ -46,21 +62,32 @@ def _door(
     return front_door(app, router)
 
 
+def _unguarded(app: web.Application, route: HotRoute) -> GuardedHot:
+    async def call(request: BaseRequest, *ids: str) -> web.StreamResponse:
+        return await route.handler(app, request, *ids)
+
+    return call
+
+
 @pytest.mark.parametrize(
-    ("path", "expected"),
+    ("method", "path", "expected"),
     [
-        ("/v1/customers/cus_1/can/reports", ("can", "cus_1", "reports")),
-        ("/v1/customers/cus_1/flags/new-ui", ("flags", "cus_1", "new-ui")),
-        (f"/v1/customers/{SUB_DELIMS}/can/m.v2", ("can", SUB_DELIMS, "m.v2")),
-        ("/v1/customers/.hidden/can/...", ("can", ".hidden", "...")),
-        (f"/v1/customers/{'c' * MAX_ID_LENGTH}/can/m", ("can", "c" * MAX_ID_LENGTH, "m")),
+        ("GET", "/v1/customers/cus_1/can/reports", ("can", "cus_1", "reports")),
+        ("GET", "/v1/customers/cus_1/flags/new-ui", ("flags", "cus_1", "new-ui")),
+        ("GET", f"/v1/customers/{SUB_DELIMS}/can/m.v2", ("can", SUB_DELIMS, "m.v2")),
+        ("GET", "/v1/customers/.hidden/can/...", ("can", ".hidden", "...")),
+        ("GET", f"/v1/customers/{'c' * MAX_ID_LENGTH}/can/m", ("can", "c" * MAX_ID_LENGTH, "m")),
+        ("POST", "/ofrep/v1/evaluate/flags/new-ui", ("ofrep", "new-ui")),
+        ("POST", "/ofrep/v1/evaluate/flags/module:reports", ("ofrep", "module:reports")),
     ],
 )
-async def test_front_door_answers_plain_hot_reads(path: str, expected: tuple[str, ...]) -> None:
+async def test_front_door_answers_plain_hot_reads(
+    method: str, path: str, expected: tuple[str, ...]
+) -> None:
     taken: Taken = []
     routed: list[str] = []
     door = _door(taken, routed)
-    await door(make_mocked_request("GET", path))
+    await door(make_mocked_request(method, path))
     assert taken == [expected]
     assert routed == []
 
@@ -84,6 +111,14 @@ async def test_front_door_answers_plain_hot_reads(path: str, expected: tuple[str
         ("GET", "/v1/customers/cus_1/cannot/reports"),
         ("GET", "http://127.0.0.1/v1/customers/cus_1/can/reports"),  # absolute form
         ("GET", "//v1/customers/cus_1/can/reports"),
+        ("GET", "/ofrep/v1/evaluate/flags/new-ui"),
+        ("PUT", "/ofrep/v1/evaluate/flags/new-ui"),
+        ("POST", "/ofrep/v1/evaluate/flags/new%2Dui"),
+        ("POST", "/ofrep/v1/evaluate/flags/new-ui?x=1"),
+        ("POST", "/ofrep/v1/evaluate/flags/"),  # empty: the router's FLAG_NOT_FOUND
+        ("POST", "/ofrep/v1/evaluate/flags"),  # bulk
+        ("POST", "/ofrep/v1/evaluate/flags/.."),
+        ("POST", "/ofrep/v1/evaluate/flags/a/b"),
     ],
 )
 async def test_front_door_leaves_everything_else_to_the_router(method: str, path: str) -> None:
@@ -91,6 +126,18 @@ async def test_front_door_leaves_everything_else_to_the_router(method: str, path
     routed: list[str] = []
     door = _door(taken, routed)
     await door(make_mocked_request(method, path))
+    assert taken == []
+    assert routed == [path]
+
+
+async def test_a_body_the_client_waits_to_send_goes_to_the_router() -> None:
+    """``Expect: 100-continue``: the router's expect handler answers ``100 Continue``
+    before the handler reads the body; the front door would leave the client waiting."""
+    taken: Taken = []
+    routed: list[str] = []
+    door = _door(taken, routed)
+    path = "/ofrep/v1/evaluate/flags/new-ui"
+    await door(make_mocked_request("POST", path, headers={"Expect": "100-continue"}))
     assert taken == []
     assert routed == [path]
 
@@ -113,27 +160,35 @@ def test_the_front_door_refuses_an_app_whose_middleware_it_would_skip() -> None:
         return web.Response()
 
     app = web.Application(middlewares=[mw])
-    app[HOT_ROUTES] = {}
+    app[HOT_ROUTES] = ()
     assert front_door(app, router) is router  # no hot routes: nothing skipped
     app2 = web.Application(middlewares=[mw])
 
-    async def hot(request: BaseRequest, first: str, second: str) -> web.StreamResponse:
+    async def hot(request: BaseRequest, *ids: str) -> web.StreamResponse:
         return web.Response()
 
-    app2[HOT_ROUTES] = {"can": hot}
+    app2[HOT_ROUTES] = ((HOT[0], hot),)
     with pytest.raises(RuntimeError, match="middlewares"):
         front_door(app2, router)
 
 
-async def _answer(sc: Sidecar, path: str) -> tuple[int, bytes, dict[str, str]]:
-    resp = await sc.client.get(path)
-    body = await resp.read()
-    keep = ("Content-Type", "X-Sidecar-Cache", "Content-Length")
-    return resp.status, body, {k: resp.headers.get(k, "") for k in keep}
+async def _answer(
+    sc: Sidecar, path: str, body: bytes | None = None
+) -> tuple[int, bytes, dict[str, str]]:
+    """``path`` sent as it is spelled: yarl would decode an escaped unreserved
+    character (``%5F`` to ``_``), and the read would take the front door."""
+    url = URL(str(sc.client.make_url("/")).rstrip("/") + path, encoded=True)
+    assert url.raw_path == path.split("?")[0]
+    method = "GET" if body is None else "POST"
+    headers = {"Content-Type": "application/json"} if body is not None else None
+    async with sc.client.session.request(method, url, data=body, headers=headers) as resp:
+        answer = await resp.read()
+        keep = ("Content-Type", "X-Sidecar-Cache", "Content-Length")
+        return resp.status, answer, {k: resp.headers.get(k, "") for k in keep}
 
 
-def _count(sc: Sidecar, route: str, status: str) -> float:
-    return float(sc.metrics.requests.labels(route, "GET", status).value)
+def _count(sc: Sidecar, route: str, status: str, method: str = "GET") -> float:
+    return float(sc.metrics.requests.labels(route, method, status).value)
 
 
 async def test_the_front_door_and_the_router_give_the_same_answers(
@@ -143,23 +198,64 @@ async def test_the_front_door_and_the_router_give_the_same_answers(
     (the router): same status, body and headers, counted under the same route label."""
     emulator.set_entitlements(tenant, "cus_1", DOC)
     emulator.set_flag(tenant, "new-ui", True)
+    emulator.set_flag(tenant, "dark", False)
+    emulator.set_flag(tenant, "dark", True, customer_id="cus_1")  # TARGETING_MATCH
     sc = await make_sidecar(None)
-    pairs = [
-        ("/v1/customers/cus_1/can/reports", "/v1/customers/cus%5F1/can/reports", CAN_LABEL),
-        ("/v1/customers/cus_1/can/billing", "/v1/customers/cus_1/can/%62illing", CAN_LABEL),
-        ("/v1/customers/nobody/can/reports", "/v1/customers/nob%6Fdy/can/reports", CAN_LABEL),
-        ("/v1/customers/cus_1/flags/new-ui", "/v1/customers/cus%5F1/flags/new-ui", FLAG_LABEL),
-        ("/v1/customers/cus_1/flags/absent", "/v1/customers/cus%5F1/flags/absent", FLAG_LABEL),
-    ]
-    for plain, escaped, label in pairs:
-        first = await _answer(sc, escaped)  # a miss or a hit: the same on both after this
-        before = {s: _count(sc, label, s) for s in ("200", "404")}
-        front = await _answer(sc, plain)
-        routed = await _answer(sc, escaped)
-        assert front == routed, plain
-        assert front[0] == first[0], plain
+    cus_1 = b'{"context": {"targetingKey": "cus_1"}}'
+    pairs: list[tuple[str, str, str, bytes | None]] = [
+        ("/v1/customers/cus_1/can/reports", "/v1/customers/cus%5F1/can/reports", CAN_LABEL, None),
+        ("/v1/customers/cus_1/can/billing", "/v1/customers/cus_1/can/%62illing", CAN_LABEL, None),
+        ("/v1/customers/nobody/can/reports", "/v1/customers/nob%6Fdy/can/reports", CAN_LABEL,
+         None),
+        ("/v1/customers/cus_1/flags/new-ui", "/v1/customers/cus%5F1/flags/new-ui", FLAG_LABEL,
+         None),
+        ("/v1/customers/cus_1/flags/absent", "/v1/customers/cus%5F1/flags/absent", FLAG_LABEL,
+         None),
+        ("/ofrep/v1/evaluate/flags/new-ui", "/ofrep/v1/evaluate/flags/new%2Dui", OFREP_LABEL,
+         cus_1),
+        ("/ofrep/v1/evaluate/flags/dark", "/ofrep/v1/evaluate/flags/d%61rk", OFREP_LABEL, cus_1),
+        ("/ofrep/v1/evaluate/flags/absent", "/ofrep/v1/evaluate/flags/%61bsent", OFREP_LABEL,
+         cus_1),
+        ("/ofrep/v1/evaluate/flags/module:reports", "/ofrep/v1/evaluate/flags/module%3Areports",
+         OFREP_LABEL, cus_1),
+        ("/ofrep/v1/evaluate/flags/module:billing", "/ofrep/v1/evaluate/flags/module%3Abilling",
+         OFREP_LABEL, b'{"context": {"targetingKey": "nobody"}}'),
+        ("/ofrep/v1/evaluate/flags/new-ui", "/ofrep/v1/evaluate/flags/new%2Dui", OFREP_LABEL,
+         b'{"context": {}}'),
+        ("/ofrep/v1/evaluate/flags/new-ui", "/ofrep/v1/evaluate/flags/new%2Dui", OFREP_LABEL,
+         b"{not json"),
+    ]  # fmt: skip
+    statuses = ("200", "400", "404")
+    for plain, escaped, label, body in pairs:
+        method = "GET" if body is None else "POST"
+        first = await _answer(sc, escaped, body)  # a miss or a hit: the same on both after this
+        before = {s: _count(sc, label, s, method) for s in statuses}
+        front = await _answer(sc, plain, body)
+        routed = await _answer(sc, escaped, body)
+        assert front == routed, (plain, body)
+        assert front[0] == first[0], (plain, body)
         status = str(front[0])
-        assert _count(sc, label, status) == before[status] + 2, plain
+        assert _count(sc, label, status, method) == before[status] + 2, (plain, body)
+    assert {s: _count(sc, OFREP_LABEL, s, "POST") for s in statuses} == {
+        "200": 3 * 4,
+        "400": 3 * 2,
+        "404": 3 * 1,
+    }
+
+
+async def test_a_client_that_expects_100_continue_is_answered(
+    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
+) -> None:
+    """The router's ``100 Continue``, then the evaluation, as without the header."""
+    emulator.set_flag(tenant, "new-ui", True)
+    sc = await make_sidecar(None)
+    resp = await sc.client.post(
+        "/ofrep/v1/evaluate/flags/new-ui",
+        json={"context": {"targetingKey": "cus_1"}},
+        expect100=True,
+    )
+    assert resp.status == 200
+    assert (await resp.json())["value"] is True
 
 
 async def test_the_front_door_keeps_the_guard_and_the_json_errors(
@@ -179,3 +275,32 @@ async def test_the_front_door_keeps_the_guard_and_the_json_errors(
     body = await down.json()
     assert body["allowed"] is False
     assert body["error"]["code"] == "upstream_unavailable"
+
+
+@pytest.mark.parametrize("key", ["new-ui", "new%2Dui"])  # the front door, the router
+async def test_an_evaluation_body_over_the_limit_is_a_413(
+    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str, key: str
+) -> None:
+    """Over ``LOCAL_MAX_BODY`` as sent (it arrives after the handler starts), and as a
+    small gzip body that inflates past it (whole before the handler runs)."""
+    emulator.set_flag(tenant, "new-ui", True)
+    sc = await make_sidecar(None)
+    url = URL(f"{str(sc.client.make_url('/')).rstrip('/')}/ofrep/v1/evaluate/flags/{key}",
+              encoded=True)  # fmt: skip
+    padded = b'{"context": {"targetingKey": "cus_1"}, "pad": "' + b"x" * LOCAL_MAX_BODY + b'"}'
+    inflating = gzip.compress(padded)
+    assert len(inflating) < 4096
+    for body, headers in [
+        (padded, {"Content-Type": "application/json"}),
+        (inflating, {"Content-Type": "application/json", "Content-Encoding": "gzip"}),
+    ]:
+        data = io.BytesIO(body)
+        async with sc.client.session.post(url, data=data, headers=headers) as resp:
+            assert resp.status == 413, headers
+            assert (await resp.json())["error"]["code"] == "payload_too_large"
+    small = gzip.compress(b'{"context": {"targetingKey": "cus_1"}}')
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    async with sc.client.session.post(url, data=small, headers=headers) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["value"] is True
+    assert _count(sc, OFREP_LABEL, "413", "POST") == 2

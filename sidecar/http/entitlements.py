@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.web_request import BaseRequest
 
 from ..appkeys import CACHE, INVALIDATOR, METRICS, SETTINGS
 from ..cache.cache import DocumentCache
@@ -38,13 +39,15 @@ async def read_cached(
     return cached_response(entry.upstream_body(), lookup, 200 if entry.found else 404)
 
 
-async def can(app: web.Application, customer: str, module: str) -> web.StreamResponse:
+async def can(
+    app: web.Application, request: BaseRequest, customer: str, module: str
+) -> web.StreamResponse:
     """Fails closed: with no answer to be had, 503 and ``allowed: false``.
 
     Modules named in ``SIDECAR_FAIL_OPEN_MODULES`` answer 200 ``allowed: true``
     with ``fallback: true`` instead, so callers can tell the answer was a policy.
     A hot route (``http/hot.py``): the front door calls it with the ids it
-    matched, the router through ``can_route``.
+    matched, the router through ``can_route`` (``request`` is not read).
     """
     cache = app[CACHE]
     entry = cache.hit_entry(customer)
@@ -77,7 +80,8 @@ async def can(app: web.Application, customer: str, module: str) -> web.StreamRes
 
 async def can_route(request: web.Request) -> web.StreamResponse:
     """``can`` for what the router serves: the ids as the match info decoded them."""
-    return await can(request.app, path_id(request, "customer"), path_id(request, "module"))
+    customer, module = path_id(request, "customer"), path_id(request, "module")
+    return await can(request.app, request, customer, module)
 
 
 def _fallback(customer: str, module: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.web_request import BaseRequest
 
 from ..appkeys import CACHES
 from ..cache.entry import Lookup
@@ -39,11 +40,15 @@ def parse_default(request: web.Request) -> bool | None:
 
 
 async def flag(
-    app: web.Application, customer: str, name: str, default: bool | None = None
+    app: web.Application,
+    request: BaseRequest,
+    customer: str,
+    name: str,
+    default: bool | None = None,
 ) -> web.StreamResponse:
     """A hot route (``http/hot.py``): the front door calls it with the ids it matched
     (and no ``default``: a query string goes to the router), the router through
-    ``flag_route``."""
+    ``flag_route`` (``request`` is not read)."""
     cache = app[CACHES].flags
     entry = cache.hit_entry(customer)
     if entry is not None:
@@ -79,4 +84,4 @@ async def flag_route(request: web.Request) -> web.StreamResponse:
     customer = path_id(request, "customer")
     name = path_id(request, "name")
     default = parse_default(request) if request.query_string else None
-    return await flag(request.app, customer, name, default)
+    return await flag(request.app, request, customer, name, default)

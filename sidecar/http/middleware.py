@@ -26,7 +26,7 @@ from aiohttp.web_request import BaseRequest
 
 from ..appkeys import GUARD, METRICS
 from ..errors import BadRequest, Forbidden, SidecarError
-from .hot import GuardedHot, HotHandler
+from .hot import GuardedHot, HotRoute
 from .responses import error_response, http_exception_response
 
 __all__ = ["UNMATCHED", "Handler", "guarded", "guarded_hot", "json_errors", "unmatched"]
@@ -67,24 +67,25 @@ def guarded(app: web.Application, route: str, handler: Handler) -> Handler:
     return guarded_handler
 
 
-def guarded_hot(app: web.Application, route: str, handler: HotHandler) -> GuardedHot:
+def guarded_hot(app: web.Application, label: str, route: HotRoute) -> GuardedHot:
     """``guarded`` for a hot route's handler (``http/hot.py``), which the front door
-    calls with the two ids it matched instead of a routed request."""
+    calls with the ids it matched instead of a routed request."""
     refuse = app[GUARD].refusal
     observe = app[METRICS].observe_request
     clock = time.perf_counter
+    handler, method = route.handler, route.method
 
-    async def guarded_handler(request: BaseRequest, first: str, second: str) -> web.StreamResponse:
+    async def guarded_handler(request: BaseRequest, *ids: str) -> web.StreamResponse:
         refusal = refuse(request.headers)
         started = clock()
         if refusal is None:
             try:
-                response = await handler(app, first, second)
+                response = await handler(app, request, *ids)
             except Exception as exc:
-                response = _failure(exc, route)
+                response = _failure(exc, label)
         else:
             response = error_response(Forbidden(refusal))
-        observe(route, "GET", response.status, clock() - started)
+        observe(label, method, response.status, clock() - started)
         return response
 
     return guarded_handler

@@ -39,6 +39,7 @@ from urllib.parse import quote
 
 import orjson
 from aiohttp import web
+from aiohttp.web_request import BaseRequest
 
 from ..appkeys import CACHES, OFREP_STREAMS, SETTINGS
 from ..cache.cache import Caches, DocumentCache
@@ -46,9 +47,17 @@ from ..cache.entry import Lookup, Source
 from ..cache.kinds import GLOBAL_ID
 from ..errors import UpstreamError
 from .inputs import MAX_ID_LENGTH
-from .responses import CACHE_HEADER
+from .responses import CACHE_HEADER, source_response
 
-__all__ = ["MODULE_PREFIX", "STREAM_PATH", "evaluate", "evaluate_bulk", "events", "stream_uri"]
+__all__ = [
+    "MODULE_PREFIX",
+    "STREAM_PATH",
+    "evaluate",
+    "evaluate_bulk",
+    "evaluate_key",
+    "events",
+    "stream_uri",
+]
 
 log = logging.getLogger("sidecar.ofrep")
 
@@ -91,9 +100,23 @@ def _refusal(exc: _Refused, key: str | None) -> web.Response:
 # -- the request ---------------------------------------------------------------------------
 
 
-async def _customer(request: web.Request) -> str:
+async def _body(request: BaseRequest) -> bytes:
+    """The request's body. An evaluation's small body arrives with its head, whole
+    before the handler runs: then it is taken as it is, without ``read()``'s two
+    awaits and two copies (the same size limit applies)."""
+    content = request.content
+    if not content.is_eof():
+        return await request.read()
+    raw = content.read_nowait()
+    limit = request.client_max_size
+    if limit and len(raw) > limit:
+        raise web.HTTPRequestEntityTooLarge(limit, len(raw))
+    return raw
+
+
+async def _customer(request: BaseRequest) -> str:
     """The body's ``context.targetingKey``: the customer every flag is evaluated for."""
-    raw = await request.read()
+    raw = await _body(request)
     try:
         data = orjson.loads(raw) if raw else {}
     except orjson.JSONDecodeError:
@@ -172,36 +195,59 @@ def _not_found(key: str) -> _Refused:
     return _Refused(404, "FLAG_NOT_FOUND", f"Flag '{key}' was not found")
 
 
+def _least_fresh(lookups: Sequence[Lookup]) -> tuple[Source, float]:
+    """An answer built from several documents: the least fresh source, the oldest fetch."""
+    first = lookups[0]
+    source, fetched_at = first.source, first.entry.fetched_at
+    for lookup in lookups[1:]:
+        if _SOURCE_RANK[lookup.source] > _SOURCE_RANK[source]:
+            source = lookup.source
+        fetched_at = min(fetched_at, lookup.entry.fetched_at)
+    return source, fetched_at
+
+
 def _cache_headers(lookups: Sequence[Lookup]) -> dict[str, str]:
-    """The cached-read headers for an answer built from several documents: the least
-    fresh source, the oldest age."""
-    source = max((lk.source for lk in lookups), key=_SOURCE_RANK.__getitem__)
-    age = int(time.time() - min(lk.entry.fetched_at for lk in lookups))
-    return {CACHE_HEADER: source, "Age": str(max(age, 0))}
+    """The cached-read headers (``X-Sidecar-Cache``, ``Age``) of ``_least_fresh``."""
+    source, fetched_at = _least_fresh(lookups)
+    return {CACHE_HEADER: source, "Age": str(max(int(time.time() - fetched_at), 0))}
 
 
-async def evaluate(request: web.Request) -> web.StreamResponse:
-    """``POST /ofrep/v1/evaluate/flags/{key}``: one flag for ``context.targetingKey``."""
-    key = request.match_info["key"]
+def _evaluation(result: dict[str, Any], lookups: Sequence[Lookup]) -> web.Response:
+    """One evaluation's 200, with the cached-read headers of the documents it used."""
+    body = orjson.dumps(result, option=orjson.OPT_SORT_KEYS)
+    return source_response(body, *_least_fresh(lookups))
+
+
+async def evaluate_key(app: web.Application, request: BaseRequest, key: str) -> web.StreamResponse:
+    """``POST /ofrep/v1/evaluate/flags/{key}``: one flag for ``context.targetingKey``.
+
+    A hot route (``http/hot.py``): the front door calls it with the key it matched,
+    the router through ``evaluate``.
+    """
     try:
         customer = await _customer(request)
         if not 0 < len(key) <= MAX_ID_LENGTH:
             raise _not_found(key)
-        caches = request.app[CACHES]
+        caches = app[CACHES]
         if key.startswith(MODULE_PREFIX):
             if len(key) == len(MODULE_PREFIX):
                 raise _not_found(key)
             lookup = await _lookup(caches.entitlements, customer)
-            return _json(_module_result(key, lookup), headers=_cache_headers([lookup]))
+            return _evaluation(_module_result(key, lookup), (lookup,))
         lookup = await _lookup(caches.flags, customer)
         value = lookup.entry.flag(key)
         if value is None:
             raise _not_found(key)
         globals_ = await _globals(caches)
-        used = [lookup] if globals_ is None else [lookup, globals_]
-        return _json(_flag_result(key, value, globals_), headers=_cache_headers(used))
+        used = (lookup,) if globals_ is None else (lookup, globals_)
+        return _evaluation(_flag_result(key, value, globals_), used)
     except _Refused as exc:
         return _refusal(exc, key)
+
+
+async def evaluate(request: web.Request) -> web.StreamResponse:
+    """``evaluate_key`` for what the router serves: the key as the match info decoded it."""
+    return await evaluate_key(request.app, request, request.match_info["key"])
 
 
 async def evaluate_bulk(request: web.Request) -> web.StreamResponse:

@@ -1,7 +1,7 @@
 """Every route of the local API, registered in one place.
 
 The sidecar's own routes (``can``, ``check``, a flag, the cache drops, OFREP and
-the contract) are listed here, the two hot ones (``HOT``) first: the front door
+the contract) are listed here, the hot ones (``HOT``) first: the front door
 (``http/hot.py``) answers their plain requests below the router; every operation of the table
 (``http/operations.py``) is registered on both surfaces, answered from its
 kind's cache (``cache``) or forwarded to the upstream. Every GET also answers HEAD.
@@ -37,9 +37,11 @@ _OPENAPI: bytes | None = None
 
 #: The hot routes (``http/hot.py``): registered first, and answered by the front door.
 HOT: tuple[HotRoute, ...] = (
-    HotRoute("can", ("customer", "module"), entitlements.can, entitlements.can_route),
-    HotRoute("flags", ("customer", "name"), flags.flag, flags.flag_route),
-)
+    HotRoute("GET", "/v1/customers/{customer}/can/{module}", entitlements.can,
+             entitlements.can_route),
+    HotRoute("GET", "/v1/customers/{customer}/flags/{name}", flags.flag, flags.flag_route),
+    HotRoute("POST", "/ofrep/v1/evaluate/flags/{key}", ofrep.evaluate_key, ofrep.evaluate),
+)  # fmt: skip
 
 
 def add_routes(app: web.Application) -> None:
@@ -58,14 +60,13 @@ def add_routes(app: web.Application) -> None:
         return resource.canonical
 
     # The hot routes: on the router, and for the front door under the same label.
-    app[HOT_ROUTES] = {
-        route.verb: guarded_hot(app, add("GET", route.path, route.routed), route.handler)
+    app[HOT_ROUTES] = tuple(
+        (route, guarded_hot(app, add(route.method, route.pattern, route.routed), route))
         for route in HOT
-    }
+    )
     add("POST", "/v1/check", entitlements.check)
     add("DELETE", f"/v1/customers/{{customer:{_ID}}}/cache", entitlements.drop_customer)
     add("DELETE", "/v1/cache", entitlements.drop_all)
-    add("POST", f"/ofrep/v1/evaluate/flags/{{key:{_ID}}}", ofrep.evaluate)
     add("POST", "/ofrep/v1/evaluate/flags", ofrep.evaluate_bulk)
     add("GET", ofrep.STREAM_PATH, ofrep.events)
     add("GET", "/openapi.json", openapi)
