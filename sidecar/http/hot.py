@@ -75,10 +75,6 @@ class HotRoute:
     routed: Handler
 
     @property
-    def params(self) -> tuple[str, ...]:
-        return tuple(_PARAM.findall(self.path))
-
-    @property
     def pattern(self) -> str:
         """The router's pattern: each parameter any one segment."""
         return _PARAM.sub(lambda m: f"{{{m[1]}:{_ID}}}", self.path)
