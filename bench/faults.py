@@ -42,7 +42,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import orjson
@@ -382,6 +382,7 @@ class ReadyWatch:
         self.url = f"{proc.url('ops')}/readyz"
         self.seen: list[tuple[float, int, dict[str, Any]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._polled = asyncio.Event()
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._poll())
@@ -399,7 +400,18 @@ class ReadyWatch:
                         self.seen.append((time.monotonic(), resp.status, await resp.json()))
                 except (aiohttp.ClientError, TimeoutError, ValueError):
                     self.seen.append((time.monotonic(), 0, {}))
+                self._polled.set()
                 await asyncio.sleep(0.02)
+
+    async def shown(
+        self, since: float, test: Callable[[int, dict[str, Any]], bool], timeout: float
+    ) -> None:
+        """Until an answer since ``since`` passes ``test``, or ``timeout`` seconds."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self.first(since, test) is None:
+                    self._polled.clear()
+                    await self._polled.wait()
 
     def first(self, since: float, test: Callable[[int, dict[str, Any]], bool]) -> float | None:
         """Seconds from ``since`` to the first answer passing ``test`` (None: never)."""
@@ -621,6 +633,9 @@ async def _metric(
 
 Step = Callable[[], Awaitable[None]]
 
+#: How long past its planned end a fault is held while /readyz has not shown it.
+DETECT_WITHIN: Final = 10.0
+
 
 async def fault_run(
     rig: Rig,
@@ -633,6 +648,10 @@ async def fault_run(
 ) -> tuple[Tally, dict[str, Any]]:
     """Load both sidecars for ``--duration`` s: ``inject`` at 25 %, ``fix`` at 60 %.
 
+    A fault with a ``fix`` is held until /readyz has shown it (at most
+    ``DETECT_WITHIN`` s more): on a busy machine detecting a refused key (an
+    upstream check once a second without an answer) can take longer than the
+    smoke run's 1 s window, and a fault fixed before it shows measures nothing.
     The load and the readiness watch keep going while the steps run (process
     starts and stops go to a thread).
     """
@@ -649,6 +668,7 @@ async def fault_run(
     figures: dict[str, Any] = {}
     await asyncio.sleep(d * 0.35)
     if fix is not None:
+        await watch.shown(injected, detect, DETECT_WITHIN)
         await fix()
         fixed = time.monotonic()
         await asyncio.sleep(d * 0.4)
