@@ -202,19 +202,27 @@ class Gate:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        # The open pipes go before waiting: since Python 3.12.1 ``wait_closed``
+        # waits for every connection the server accepted, and the sidecars'
+        # keep-alive connections would hold it forever.
         for writer in list(self._pipes):
             writer.transport.abort()
         self._pipes.clear()
+        if server is not None:
+            await server.wait_closed()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
             writer.transport.abort()
+            return
+        if self._server is None:  # closed while this one was connecting
+            writer.transport.abort()
+            up_writer.transport.abort()
             return
         self._pipes.update((writer, up_writer))
 
