@@ -38,6 +38,7 @@ from ..metrics import Metrics
 from ..redis.conn import RedisConn, RedisDown
 from ..redis.keys import KindKeys
 from ..redis.url import RedisClient
+from ..tasks import cancel_and_wait
 from ..upstream import VellumClient
 from .entry import Entry, Lookup
 from .kinds import AXES, ENTITLEMENTS, FLAGS, GLOBAL_FLAGS, Axis, Kind
@@ -217,10 +218,7 @@ class RedisReads:
         return conn
 
     async def close(self) -> None:
-        tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         # Closed, not handed back: the pool is closing too (the app's cleanup closes
         # the client next), and taking its locks here could wait on a command stuck
         # in it. Its close skips a connection already closed.
@@ -348,7 +346,7 @@ class DocumentCache:
             except RedisDown:
                 self._m_redis_error.inc()
                 raw = None
-            stored = Entry.loads(raw, self.kind) if raw is not None else None
+            stored = self._loads(raw)
             if stored is not None and stored.is_fresh(time.time()):
                 self._m_redis_hit.inc()
                 if self._drops == drops:  # no drop here overtook the read
@@ -656,10 +654,7 @@ class DocumentCache:
 
     async def close(self) -> None:
         tasks = [f.task for f in self._inflight.values() if f.task is not None]
-        tasks.extend(self._background)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait([*tasks, *self._background])
 
 
 class Caches:
