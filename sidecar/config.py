@@ -331,6 +331,19 @@ def _pool_size(value: str) -> int:
     return number
 
 
+def _snapshot_path(value: str) -> Path | None:
+    if not value:
+        return None
+    path = Path(value)
+    if path.is_dir():
+        raise ValueError(f"{value} is a directory (name a file in it)")
+    if not path.parent.is_dir():
+        raise ValueError(
+            f"directory {str(path.parent)!r} does not exist (mount a writable volume there)"
+        )
+    return path
+
+
 def _csv_set(value: str) -> frozenset[str]:
     return frozenset(p.strip() for p in value.split(",") if p.strip())
 
@@ -788,6 +801,40 @@ class Settings:
         "(with Connection: close)",
         doc="seconds after SIGTERM during which open connections still get answers, each with "
         "`Connection: close` (ends early once every connection closed)",
+    )
+    # -- warm start: the local snapshot and readiness (docs/operations.md) -------------
+    snapshot_file: Path | None = setting(
+        "SIDECAR_SNAPSHOT_FILE",
+        _snapshot_path,
+        "",
+        help="file the in-process layer is saved to and loaded from at start; empty: off",
+        doc="file the in-process layer (every document kind, with its freshness and stale "
+        "deadlines) is written to every `SIDECAR_SNAPSHOT_INTERVAL` and at shutdown, and "
+        "loaded from at start as the stale fallback, so a restart answers cached customers "
+        "even with Redis empty and the upstream down; its directory must exist and be "
+        "writable (a volume under a read-only root filesystem); empty: off. See [Warm start]"
+        "(docs/operations.md#warm-start-the-local-snapshot)",
+        show=lambda path: str(path) if path is not None else "(unset: off)",
+    )
+    snapshot_interval: float = setting(
+        "SIDECAR_SNAPSHOT_INTERVAL",
+        _positive_float,
+        "10",
+        help="seconds between snapshot writes (skipped when nothing changed)",
+        doc="seconds between snapshot writes (none when nothing changed since the last); a "
+        "SIGKILL loses at most this much",
+    )
+    wait_for_data: bool = setting(
+        "SIDECAR_WAIT_FOR_DATA",
+        _bool,
+        "false",
+        help="true: /readyz stays 503 until a snapshot loaded, Redis answered or the "
+        "upstream answered",
+        doc='`true`: `/readyz` stays 503 (`"status": "waiting"`) after start until the '
+        "sidecar has something to answer with: a snapshot loaded with at least one entry, "
+        "Redis answered, or the upstream answered once; from then on it is the usual "
+        "readiness. `false`: ready once listening (a sidecar that can reach nothing "
+        "answers 503 `upstream_unavailable`, fail closed)",
     )
     #: The ``_FILE`` variables that supplied a value, with their paths (for ``redacted``).
     files: tuple[tuple[str, Path], ...] = field(default=(), repr=False)

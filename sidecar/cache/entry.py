@@ -215,6 +215,15 @@ class Entry:
         an error."""
         try:
             data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None
+        return cls.from_stored(data, kind)
+
+    @classmethod
+    def from_stored(cls, data: Any, kind: Kind = ENTITLEMENTS) -> Entry | None:
+        """The entry of ``dumps``' form already parsed (a snapshot line holds it as an
+        object); ``None`` when it is not that form."""
+        try:
             doc = data["d"]
             if doc is not None and not isinstance(doc, dict):
                 return None
@@ -227,7 +236,7 @@ class Entry:
                 nf.encode() if isinstance(nf, str) else None,
                 kind,
             )
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (AttributeError, KeyError, TypeError, ValueError):
             return None
 
 

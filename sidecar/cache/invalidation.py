@@ -25,7 +25,8 @@ bounded by ``QUEUE_LIMIT`` targets; a target that does not fit collapses the que
 into one tenant-wide drop on every axis.
 
 Redis pub/sub is at-most-once: a sidecar that was disconnected may have missed
-messages, so every (re)subscribe drops the whole in-process layer.
+messages, so every (re)subscribe expires the whole in-process layer (no entry
+answers alone until revalidated; each stays as the stale fallback).
 """
 
 from __future__ import annotations
@@ -264,6 +265,18 @@ class Invalidator:
         for watcher in list(self._watchers):
             try:
                 watcher(customers, ordered)
+            except Exception:
+                log.exception("drop_watcher_failed")
+
+    def _expire_here(self) -> None:
+        """No entry of this process answers alone any more, each kept as the stale
+        fallback (``DocumentCache.expire_local``); the watchers hear of a drop of
+        everything."""
+        for cache in self.caches.all:
+            cache.expire_local()
+        for watcher in list(self._watchers):
+            try:
+                watcher(None, AXES)
             except Exception:
                 log.exception("drop_watcher_failed")
 
@@ -565,8 +578,10 @@ class Invalidator:
                         awaiting = False
                         if not self.subscribed.is_set():
                             # Confirmed. Messages may have been missed while
-                            # (re)connecting: drop what is here, then memory is coherent.
-                            self._drop_here(None, AXES)
+                            # (re)connecting: expire what is here (kept as the stale
+                            # fallback, a loaded snapshot's entries too), then memory
+                            # is coherent.
+                            self._expire_here()
                             self.caches.set_coherent(True)
                             self.subscribed.set()
                             backoff = 0.05
