@@ -24,7 +24,7 @@ import ipaddress
 import os
 import re
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, cast
@@ -44,8 +44,10 @@ __all__ = [
     "Variable",
     "add_flags",
     "env_with_flags",
+    "flag_names",
     "redact_text",
     "redact_url",
+    "settings_subset",
 ]
 
 T = TypeVar("T")
@@ -842,33 +844,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         """Build settings from an environment mapping; ``ConfigError`` lists every problem."""
-        problems: list[str] = []
-        values: dict[str, Any] = {}
-        given: set[str] = set()
-        files: list[tuple[str, Path]] = []
-        for f in fields(cls):
-            decl: Setting | None = f.metadata.get(_SETTING)
-            if decl is None:
-                continue
-            try:
-                found = _lookup(env, decl)
-            except ValueError as exc:
-                problems.append(str(exc))
-                continue
-            if found is None:
-                if decl.required:
-                    problems.append(f"{decl.name}: required ({decl.required_hint})")
-                else:
-                    values[f.name] = f.default
-                continue
-            value, path, source = found
-            given.add(decl.name)
-            if path is not None:
-                files.append((source, path))
-            try:
-                values[f.name] = decl.parse(value, path)
-            except ValueError as exc:
-                problems.append(f"{source}: {exc}")
+        values, given, files, problems = _parse_fields(env, None)
         problems += _combination_problems(values, given)
         if problems:
             raise ConfigError(problems)
@@ -904,6 +880,61 @@ class Settings:
         return out
 
 
+def settings_subset(env: Mapping[str, str], names: Collection[str]) -> dict[str, Any]:
+    """Only the named ``Settings`` fields (their values by field name), parsed as
+    ``from_env`` parses them, for a command that needs a few (``snapshot``):
+    ``ConfigError`` lists every problem, a required one missing included."""
+    values, _, _, problems = _parse_fields(env, names)
+    if problems:
+        raise ConfigError(problems)
+    return values
+
+
+def flag_names(names: Collection[str]) -> list[Variable]:
+    """The variables (and ``_FILE`` twins) of the named ``Settings`` fields."""
+    return [v for f in fields(Settings) if f.name in names for v in _decl(f).variables()]
+
+
+def _decl(f: Any) -> Setting:
+    decl: Setting = f.metadata[_SETTING]
+    return decl
+
+
+def _parse_fields(
+    env: Mapping[str, str], names: Collection[str] | None
+) -> tuple[dict[str, Any], set[str], list[tuple[str, Path]], list[str]]:
+    """Parse every declared field (``names``: only those): values by field name, the
+    variables given, the ``_FILE`` paths read, and one problem line per bad variable."""
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    given: set[str] = set()
+    files: list[tuple[str, Path]] = []
+    for f in fields(Settings):
+        decl: Setting | None = f.metadata.get(_SETTING)
+        if decl is None or (names is not None and f.name not in names):
+            continue
+        try:
+            found = _lookup(env, decl)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        if found is None:
+            if decl.required:
+                problems.append(f"{decl.name}: required ({decl.required_hint})")
+            else:
+                values[f.name] = f.default
+            continue
+        value, path, source = found
+        given.add(decl.name)
+        if path is not None:
+            files.append((source, path))
+        try:
+            values[f.name] = decl.parse(value, path)
+        except ValueError as exc:
+            problems.append(f"{source}: {exc}")
+    return values, given, files, problems
+
+
 #: Every declaration, in ``Settings``' field order.
 SETTINGS: Final[tuple[Setting, ...]] = tuple(
     f.metadata[_SETTING] for f in fields(Settings) if _SETTING in f.metadata
@@ -934,6 +965,11 @@ def _combination_problems(values: Mapping[str, Any], given: set[str]) -> list[st
         if problem:
             var = "SIDECAR_REDIS_CLUSTER" if cluster else "SIDECAR_REDIS_URL"
             problems.append(f"{var}: {problem}")
+    if values.get("snapshot_file") is not None and values.get("memory_max_entries") == 0:
+        problems.append(
+            "SIDECAR_SNAPSHOT_FILE: the snapshot saves the in-process layer, which "
+            "SIDECAR_MEMORY_MAX_ENTRIES=0 turns off"
+        )
     workers: int | None = values.get("workers")
     if workers is not None and workers > 1:
         # Each worker has its own in-process layer; only the Redis fan-out
@@ -981,10 +1017,12 @@ def _given(env: Mapping[str, str], name: str) -> str | None:
     return value.strip()
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per variable (``--redis-url`` for ``SIDECAR_REDIS_URL``); flags win over env."""
+def add_flags(parser: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:
+    """One flag per variable (``--redis-url`` for ``SIDECAR_REDIS_URL``); flags win over env.
+
+    ``names``: only the variables of these ``Settings`` fields."""
     group = parser.add_argument_group("configuration (each flag overrides its variable)")
-    for var in VARIABLES:
+    for var in VARIABLES if names is None else flag_names(names):
         help_ = var.help.replace("%", "%%")  # argparse formats help with %
         group.add_argument(var.flag, dest=var.name, default=None, metavar="VALUE", help=help_)
 

@@ -58,6 +58,8 @@ import orjson
 from .. import __version__
 from ..http.inputs import is_id
 from ..metrics import Metrics
+from ..redis.keys import Keys
+from ..redis.url import RedisClient
 from ..tasks import cancel_and_wait
 from .cache import Caches
 from .entry import Entry
@@ -71,6 +73,10 @@ __all__ = [
     "SnapshotError",
     "Snapshotter",
     "encode_lines",
+    "file_bytes",
+    "merge",
+    "parse_snapshot",
+    "read_redis",
     "read_snapshot",
     "snapshot_sources",
     "worker_file",
@@ -94,6 +100,8 @@ _STEP: Final = 64
 #: Entry lines parsed per step of a load, between yields to the event loop.
 _LOAD_STEP: Final = 2000
 _WORKER_SUFFIX: Final = re.compile(r"\.w\d+$")
+#: Keys per SCAN page and per MGET of ``read_redis``.
+_REDIS_BATCH: Final = 500
 
 
 class SnapshotError(Exception):
@@ -153,6 +161,12 @@ def encode_lines(
     lines = [header_line(tenant, now)]
     lines += (entry_line(kind, ident, entry) for kind, ident, entry in entries)
     return lines, len(lines) - 1
+
+
+def file_bytes(chunks: Iterable[bytes], entries: int) -> bytes:
+    """A whole snapshot in memory (the chunks plus the trailer), for a pipe."""
+    body = b"".join(chunks)
+    return body + _trailer_line(entries, zlib.crc32(body))
 
 
 def write_file(path: Path, chunks: Iterable[bytes], entries: int) -> int:
@@ -284,7 +298,11 @@ def read_snapshot(path: Path, tenant: str | None, now: float | None = None) -> S
     Raises ``SnapshotError`` for a file that cannot be used, ``FileNotFoundError``
     when there is none.
     """
-    raw = _read(path)
+    return parse_snapshot(_read(path), tenant, now)
+
+
+def parse_snapshot(raw: bytes, tenant: str | None, now: float | None = None) -> Snapshot:
+    """``read_snapshot`` of bytes already read (``now`` decides what has expired)."""
     parser = _Parser(raw, tenant, time.time() if now is None else now)
     for _ in parser.steps():
         pass
@@ -334,6 +352,35 @@ def merge(snapshots: Sequence[Snapshot]) -> list[tuple[Kind, str, Entry]]:
             if held is None or entry.fetched_at > held[2].fetched_at:
                 merged[key] = item
     return list(merged.values())
+
+
+async def read_redis(client: RedisClient, tenant: str, now: float | None = None) -> Snapshot:
+    """The tenant's entries as Redis holds them (every kind), for ``snapshot export
+    --from-redis``; entries past their stale deadline and unreadable values are left
+    out. Read-only: SCAN and MGET."""
+    now = time.time() if now is None else now
+    keys = Keys(tenant)
+    snapshot = Snapshot(tenant, now)
+    for kind in KINDS.values():
+        names = keys.kind(kind.key)
+        prefix = names.entry("").encode()
+        found: list[bytes] = []
+        # On a cluster scan_iter walks every primary; the tenant's keys share one slot.
+        async for key in client.scan_iter(match=names.entry_pattern, count=_REDIS_BATCH):
+            found.append(key)
+        for start in range(0, len(found), _REDIS_BATCH):
+            batch = found[start : start + _REDIS_BATCH]
+            values = await client.mget(batch)
+            for key, raw in zip(batch, values, strict=True):
+                ident = key[len(prefix) :].decode("utf-8", "replace")
+                entry = Entry.loads(raw, kind) if isinstance(raw, bytes) else None
+                if entry is None or not is_id(ident):
+                    continue
+                if entry.is_servable_stale(now):
+                    snapshot.entries.append((kind, ident, entry))
+                else:
+                    snapshot.expired += 1
+    return snapshot
 
 
 # -- the sidecar's side ----------------------------------------------------------------
