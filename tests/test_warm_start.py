@@ -147,6 +147,32 @@ def test_sigkill_loses_at_most_one_interval(seeded_stack: Stack, tmp_path: Path)
     assert "snapshot_ignored" not in stack.sidecar.output()
 
 
+@pytest.mark.parametrize(
+    "seeded_stack",
+    [{"SIDECAR_SNAPSHOT_INTERVAL": "3600", "SIDECAR_WORKERS": "2", "redis": "yes"}],
+    indirect=True,
+)
+def test_workers_each_write_a_file_and_each_loads_them_all(
+    seeded_stack: Stack, tmp_path: Path
+) -> None:
+    """SIDECAR_WORKERS=2: a customer is cached by whichever worker served it; after a
+    restart any worker may be asked, and answers it (every worker loads every file)."""
+    stack = seeded_stack
+    answers = cache_all(stack, CUSTOMERS)  # a new connection per request: both workers
+    assert stack.sidecar.stop() == 0
+    files = sorted(tmp_path.glob("snapshot.json*"))
+    assert [p.name for p in files] == ["snapshot.json.w0", "snapshot.json.w1"]
+    held = [{i for _, i, _ in read_snapshot(p, stack.tenant).entries} for p in files]
+    assert all(held), "each worker served and wrote some"
+    assert set(CUSTOMERS) <= held[0] | held[1]
+    upstream_down(stack)
+    assert stack.redis is not None
+    stack.redis.restart()
+    stack.start_sidecar()
+    for _ in range(2):  # each path twice: both workers are likely asked
+        assert_stale_answers(stack.url, answers)
+
+
 def test_damaged_file_never_stops_the_sidecar(tmp_path: Path) -> None:
     path = tmp_path / "snapshot.json"
     path.write_bytes(b'{"format":"vellum-sidecar-snapshot","version":1,"tenant":"x"}\n{"k":')
