@@ -463,14 +463,22 @@ class Snapshotter:
             for _ in parser.steps():
                 await asyncio.sleep(0)  # the ops listener keeps answering meanwhile
         except SnapshotError as exc:
-            self.metrics.snapshot_loads.labels(exc.reason).inc()
-            log.warning(
-                "snapshot_ignored",
-                extra={"fields": {"path": str(path), "reason": exc.reason, "detail": str(exc)}},
-            )
+            self._ignored(path, exc.reason, str(exc))
+            return None
+        except (ValueError, TypeError, KeyError, RecursionError, MemoryError) as exc:
+            # Whatever a file we did not foresee makes the parser raise: still never a
+            # crash at start.
+            self._ignored(path, "damaged", f"unreadable contents ({type(exc).__name__})")
             return None
         self.metrics.snapshot_loads.labels("loaded").inc()
         return parser.result
+
+    def _ignored(self, path: Path, reason: Reason, detail: str) -> None:
+        self.metrics.snapshot_loads.labels(reason).inc()
+        log.warning(
+            "snapshot_ignored",
+            extra={"fields": {"path": str(path), "reason": reason, "detail": detail}},
+        )
 
     def _install(self, entries: list[tuple[Kind, str, Entry]]) -> int:
         installed = 0
