@@ -27,7 +27,7 @@ of each goes to Redis, then the upstream, and the loaded entry is served
 **Writing** happens every ``SIDECAR_SNAPSHOT_INTERVAL`` seconds when the
 in-process layer changed (``MemoryLayer.changes``) and once more at shutdown.
 The entries are encoded on the event loop in slices of about a millisecond,
-yielding between slices, and the file is written by a thread: a temporary file
+with a pause as long after each, and the file is written by a thread: a temporary file
 in the same directory (mode 0600), fsync, rename over the old one, fsync of the
 directory, so a reader or a crash only ever sees the old file or the new one.
 Why slices on the loop and not a thread or a forked child: docs/performance.md
@@ -93,8 +93,12 @@ VERSION: Final = 1
 #: Why a file was ignored (the metric's ``result`` label).
 Reason = Literal["damaged", "truncated", "foreign_tenant", "newer_format", "unreadable"]
 
-#: Seconds of encoding per slice on the event loop before it yields to requests.
+#: Seconds of encoding per slice on the event loop before it yields to requests...
 _SLICE_S: Final = 0.001
+#: ...and the pause after each slice: the writer takes at most half the loop (and
+#: half a CPU), so requests never queue behind it and the process stays one the
+#: kernel's scheduler wakes promptly (docs/performance.md, "The local snapshot").
+_PAUSE_S: Final = 0.001
 #: Entries encoded (or parsed) between two looks at the clock.
 _STEP: Final = 64
 #: Entry lines parsed per step of a load, between yields to the event loop.
@@ -570,8 +574,8 @@ class Snapshotter:
     async def _encode(
         self, kind: Kind, data: dict[str, Entry], now: float, chunks: list[bytes]
     ) -> int:
-        """Append ``kind``'s servable entries to ``chunks``, yielding to the loop every
-        ``_SLICE_S``: requests wait at most about that long behind the encoding."""
+        """Append ``kind``'s servable entries to ``chunks``, pausing ``_PAUSE_S`` after
+        every ``_SLICE_S`` of work: requests wait at most about a slice behind it."""
         # The ids as they are now: the dict's own key list, a C copy (~1 ms per
         # 100,000). Entries are read one by one afterwards, each whole: one that went
         # meanwhile is skipped, one replaced is written as it is by then.
@@ -589,7 +593,7 @@ class Snapshotter:
                 written += len(lines)
                 chunks.append(b"".join(lines))
                 lines = []
-                await asyncio.sleep(0)
+                await asyncio.sleep(_PAUSE_S)
                 deadline = clock() + _SLICE_S
         written += len(lines)
         if lines:
