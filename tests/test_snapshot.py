@@ -233,6 +233,23 @@ async def test_entries_past_their_stale_deadline_are_dropped_at_load(
     assert (await read(sc, "/v1/customers/cus_old/entitlements"))[0] == 503
 
 
+async def test_a_snapshot_larger_than_the_layer_keeps_its_last_entries(
+    make_sidecar: SidecarFactory, seeded: Emulator, tenant: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "snapshot.json"
+    now = time.time()
+    entries = [
+        (ENTITLEMENTS, f"cus_{n}", Entry.from_upstream(200, orjson.dumps(DOC), now=now,
+                                                       fresh_for=60, stale_for=600))
+        for n in range(3)
+    ]  # fmt: skip
+    write_file(path, *encode_lines(tenant, entries, now))
+    sc = await make_sidecar(SIDECAR_SNAPSHOT_FILE=str(path), SIDECAR_MEMORY_MAX_ENTRIES="2")
+    assert snapshot_of(sc).loaded == 2
+    assert list(sc.app[CACHES].entitlements.memory.data) == ["cus_1", "cus_2"]
+    assert sample(sc.metrics, "vellum_sidecar_snapshot_loaded_entries") == 2
+
+
 async def test_account_push_drops_only_the_loaded_customers_of_the_account(
     make_sidecar: SidecarFactory, seeded: Emulator, tenant: str, tmp_path: Path
 ) -> None:

@@ -485,7 +485,8 @@ class Snapshotter:
         )
 
     def _install(self, entries: list[tuple[Kind, str, Entry]]) -> int:
-        installed = 0
+        """Put the entries in the in-process layer; how many it holds afterwards (its
+        bound may have evicted the first ones of a snapshot larger than it)."""
         for kind, ident, entry in entries:
             cache = self.caches.of_kind(kind)
             memory = cache.memory
@@ -494,10 +495,9 @@ class Snapshotter:
             # Never answers alone: the next read revalidates (Redis, then the upstream)
             # and this entry is the stale fallback.
             memory.put(ident, entry, 0.0)
-            installed += 1
             if cache.on_fetched is not None and entry.account_id is not None:
                 cache.on_fetched(ident, entry)  # the account index learns its links
-        return installed
+        return sum(len(c.memory) for c in self.caches.all)
 
     # -- writing ---------------------------------------------------------------------
 
@@ -515,7 +515,13 @@ class Snapshotter:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            await self.write_if_changed()
+            try:
+                await self.write_if_changed()
+            except Exception:
+                # A bug must not end the snapshots for the process's life: counted,
+                # logged, tried again next interval.
+                self.metrics.snapshot_writes.labels("error").inc()
+                log.exception("snapshot_write_crashed")
 
     def _changes(self) -> int:
         return sum(c.memory.changes for c in self.caches.all)
