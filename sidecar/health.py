@@ -116,11 +116,12 @@ class HealthMonitor(Collector):
         redis = self.redis
         assert redis is not None
         while True:
-            await asyncio.sleep(self.settings.check_interval)
             # While down, RedisConn's own probe pings until it answers again. The
-            # check is the shared tier's (writability, the epoch: Invalidator.check).
+            # check is the shared tier's (writability, the epoch, stalls:
+            # Invalidator.check); the first goes out at once, as a baseline.
             if redis.state == "ok":
                 await self.invalidator.check()
+            await asyncio.sleep(self.settings.check_interval)
 
     async def _upstream_loop(self) -> None:
         interval = self.settings.upstream_check_interval
