@@ -148,7 +148,7 @@ class Metrics:
         self.epoch_renewals = Counter(
             f"{p}_epoch_renewals",
             "Times this sidecar renewed the tenant's epoch, so every sidecar revalidates "
-            "what Redis holds (reason: outage, flushed, regressed).",
+            "what Redis holds (reason: outage, flushed, regressed, stalled).",
             ["reason"], registry=r,
         )  # fmt: skip
         self.epoch_changes = Counter(

@@ -188,10 +188,15 @@ def test_a_redis_gone_back_in_time_under_open_connections_is_noticed(tmp_path: P
         answering = time.monotonic()
         last_old = report("reloaded in place", watch([a, b], "cus_x", answering))
         assert last_old is None or last_old < BOUND
-        metrics = urllib.request.urlopen(f"{a.ops_url}/metrics").read().decode()  # noqa: S310
-        renewed = [line for line in metrics.splitlines()
-                   if line.startswith("vellum_sidecar_epoch_renewals_total{")]  # fmt: skip
-        assert any('reason="regressed"' in line and not line.endswith(" 0.0") for line in renewed)
+        # One of them renewed the epoch, for that reason (or because no check ran
+        # during the reload, when it took as long as a stall).
+        reasons = {
+            line.split('reason="')[1].split('"')[0]
+            for sc in (a, b)
+            for line in urllib.request.urlopen(f"{sc.ops_url}/metrics").read().decode().splitlines()  # noqa: S310
+            if line.startswith("vellum_sidecar_epoch_renewals_total{") and not line.endswith(" 0.0")
+        }
+        assert reasons & {"regressed", "stalled"}, reasons
 
 
 def _cached_everywhere(stack: Stack, customers: list[str]) -> list[Sidecar]:

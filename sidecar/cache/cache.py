@@ -436,6 +436,7 @@ class Caches:
                 KINDS.values(),
                 pool_size=settings.redis_pool_size,
                 upstream_timeout=settings.upstream_timeout,
+                stall_after=max(settings.redis_timeout, settings.check_interval),
             )
         )
 

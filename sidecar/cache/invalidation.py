@@ -49,7 +49,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, Final, Literal
 
@@ -74,8 +74,6 @@ Scope = Literal["customer", "account", "tenant"]
 #: Invalidation targets (customers, accounts, the tenant) queued while Redis is down.
 QUEUE_LIMIT: Final = 10_000
 
-#: Health checks whose clock offsets give the baseline a stall is measured against.
-_OFFSET_WINDOW: Final = 40
 #: Customers per script when the queue is applied.
 _DRAIN_BATCH: Final = 500
 _MAX_LOCAL_LINKS: Final = 100_000
@@ -182,14 +180,6 @@ class Invalidator:
         self.subscribed = asyncio.Event()
         self._heartbeat = heartbeat
         self._stall_after = stall_after
-        #: A health check that waited in Redis longer than this (Redis's clock at
-        #: execution against ours at sending, less the smallest such offset lately)
-        #: means Redis stopped answering for about as long as another sidecar's command
-        #: takes to give up (``stall_after``): that sidecar may have queued a drop, and
-        #: may die with it. Checks go out every ``heartbeat``, so one is always in
-        #: flight that long into such a stall.
-        self._stall_probe = max(stall_after - heartbeat - 0.05, 0.05)
-        self._offsets: deque[float] = deque(maxlen=_OFFSET_WINDOW)
         self._watchers: list[DropWatcher] = []
         #: The epoch this sidecar last saw; the highest drop sequence number it saw;
         #: Redis's clock at its last successful check (``None`` before the first).
@@ -490,47 +480,29 @@ class Invalidator:
         by another sidecar: the in-process layer expires); and the renewal this
         sidecar owes after an outage. ``None`` when Redis did not answer."""
         floor = self._seen_seq  # taken before the call: a drop seen later may be newer
-        sent, started = time.time(), time.monotonic()
         try:
             check = await self.tier.check(floor, self._epoch_message())
         except RedisDown:
             return None
-        self._measure_stall(check.now_ms / 1000 - sent, time.monotonic() - started)
-        redis = self.redis
-        if redis is not None and redis.writable != check.writable:
-            redis.writable = check.writable
-            log.info("redis_writable" if check.writable else "redis_write_refused")
-        if check.changed is not None:
-            self.metrics.epoch_renewals.labels(check.changed).inc()
-            log.warning("epoch_renewed", extra={"fields": {"reason": check.changed}})
-        self._seen_epoch(check.epoch)
-        self._saw_seq(check.seq)
+        self._checked(check)
         if not self.tier.trusted:
             await self._renew()
         else:
             self._last_contact_ms = check.now_ms
         return check
 
-    def _measure_stall(self, offset: float, round_trip: float) -> None:
-        """``offset``: Redis's clock at running the check minus ours at sending it, the
-        clocks' difference plus the time the check waited. Against the smallest offset
-        of the recent checks, the excess is how long Redis left it waiting; past
-        ``_stall_probe`` this is an outage like a lost connection (delays of our own
-        event loop after the answer came do not count). The first check has no
-        baseline: its whole ``round_trip`` counts."""
-        offsets = self._offsets
-        waited = offset - min(offsets) if offsets else round_trip
-        if waited <= self._stall_probe:
-            offsets.append(offset)
-            return
-        # A new baseline from here: a clock stepped backwards looks like one stall,
-        # not one per check until the old offsets leave the window.
-        offsets.clear()
-        offsets.append(offset)
-        if self.tier.trusted:
-            log.warning("redis_stalled", extra={"fields": {"waited_s": round(waited, 3)}})
-            self._drop_here(None, AXES, precaution=True)
-            self._distrust()
+    def _checked(self, check: Check) -> None:
+        """What a health check found: writability, the epoch it made, the one it saw."""
+        redis = self.redis
+        if redis is not None and redis.writable != check.writable:
+            redis.writable = check.writable
+            log.info("redis_writable" if check.writable else "redis_write_refused")
+        # A missing epoch at this sidecar's first check is a new tenant, not a flush.
+        if check.changed is not None and not (check.changed == "flushed" and self.epoch is None):
+            self.metrics.epoch_renewals.labels(check.changed).inc()
+            log.warning("epoch_renewed", extra={"fields": {"reason": check.changed}})
+        self._seen_epoch(check.epoch)
+        self._saw_seq(check.seq)
 
     def _epoch_message(self) -> bytes:
         return orjson.dumps({"scope": "epoch", "origin": self.sidecar_id, "at": time.time()})
@@ -559,8 +531,7 @@ class Invalidator:
             if renewed:
                 self.metrics.epoch_renewals.labels("outage").inc()
                 log.warning("epoch_renewed", extra={"fields": {"reason": "outage"}})
-            self._seen_epoch(check.epoch)
-            self._saw_seq(check.seq)
+            self._checked(check)
             self._last_contact_ms = check.now_ms
             self.tier.trusted = True
 

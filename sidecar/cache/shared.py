@@ -46,11 +46,12 @@ Invariants (tests/test_shared_tier.py checks each against a real redis-server):
    stored as valid after it.
 4. **The epoch moves when Redis may have lost writes**: when it is found missing
    (FLUSHALL, an empty restart), when ``seq`` went backwards (a restore, a lagging
-   replica), and when a sidecar gets Redis back after losing it (a drop another
-   sidecar queued meanwhile may have died with it) unless someone renewed it after
-   this sidecar's last contact: one renewal per outage for the whole fleet, each
-   active customer revalidated once (the fill lock) with its old entry kept as the
-   fallback.
+   replica), when no sidecar's health check ran for ``SIDECAR_REDIS_TIMEOUT`` (Redis
+   hung or restarted from a snapshot: some sidecar may have queued a drop meanwhile
+   and died with it), and when a sidecar gets Redis back after losing it unless
+   someone renewed it after this sidecar's last contact: one renewal per outage for
+   the whole fleet, each active customer revalidated once (the fill lock) with its
+   old entry kept as the fallback.
 
 Scripts are registered once (``register_script``: EVALSHA, loaded again by redis-py
 when a restarted server has forgotten them).
@@ -90,10 +91,12 @@ __all__ = [
 _MGET_BATCH: Final = 256
 #: Connections borrowed from the pool for the coalesced reads (``RedisReads``).
 _READERS: Final = 4
+#: TTL of the fleet's last check (``beat``): a fleet away this long renews the epoch.
+_BEAT_TTL_MS: Final = 60_000
 #: TTL of a per-customer generation (only bumped while a fill holds the lock).
 _GEN_TTL_MS: Final = 60_000
 #: ``_CHECK``'s reasons for a new epoch.
-_CHANGED: Final = {1: "flushed", 2: "regressed"}
+_CHANGED: Final = {1: "flushed", 2: "regressed", 3: "stalled"}
 #: The ``!`` that marks a stored value as explicitly dropped.
 _DROPPED_MARK: Final = b"!"
 
@@ -209,35 +212,47 @@ return seq
 """
 )
 
-# KEYS: epoch, seq, then every tenant generation. ARGV: random suffix, seq floor (the
-# highest the caller saw), message, channel, publish command. The health check:
-# Redis's clock, the epoch and seq, whether Redis takes writes (a SET NX, which OOM
-# refuses even when the key exists). And in the same atomic step: a missing epoch
-# (FLUSHALL, an empty restart) is created, an epoch whose seq went below the floor
-# (a restore, a lagging replica) is renewed, seq is raised to the floor, and a new
-# epoch is published; so of all the sidecars checking, exactly one acts.
-# Returns {now ms, epoch or nil, seq, writable, 0 | 1 created | 2 renewed}.
+# KEYS: epoch, seq, beat, then every tenant generation. ARGV: random suffix, seq floor
+# (the highest the caller saw), message, channel, publish command, stall ms, beat TTL
+# ms. The health check: Redis's clock, the epoch and seq, whether Redis takes writes (a
+# SET NX, which OOM refuses even when the key exists). And in the same atomic step, so
+# of all the sidecars checking exactly one acts:
+# - a missing epoch (FLUSHALL, an empty restart) is created (1);
+# - the epoch is renewed when seq fell below the floor (2: a restore, a lagging
+#   replica), or when no sidecar's check ran for ``stall`` ms (3: ``beat``, the fleet's
+#   last check, is older, or gone while the epoch is not: Redis hung, restarted from a
+#   snapshot, or every sidecar was away; a drop queued meanwhile may have died with
+#   its sidecar);
+# - seq is raised to the floor, ``beat`` set to now, a new epoch published.
+# Returns {now ms, epoch or nil, seq, writable, 0 | 1 | 2 | 3}.
 _CHECK: Final = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local token = now .. '-' .. ARGV[1]
 local floor = tonumber(ARGV[2])
 local seq = tonumber(redis.call('GET', KEYS[2]) or '0')
+local beat = tonumber(redis.call('GET', KEYS[3]))
 local changed = 0
 local writable = 1
 if redis.call('EXISTS', KEYS[1]) == 0 then
   changed = 1
 elseif seq < floor then
+  changed = 2
+elseif not beat or now - beat >= tonumber(ARGV[6]) then
+  changed = 3
+end
+if changed >= 2 then
   local r = redis.pcall('SET', KEYS[1], token)
-  if type(r) == 'table' and r.err then redis.call('DEL', KEYS[1]) else changed = 2 end
+  if type(r) == 'table' and r.err then redis.call('DEL', KEYS[1]) end
 end
 for i = 1, #KEYS do
-  if i ~= 2 then
+  if i ~= 2 and i ~= 3 then
     local r = redis.pcall('SET', KEYS[i], token, 'NX')
     if type(r) == 'table' and r.err then writable = 0 end
   end
 end
 if changed == 1 and redis.call('EXISTS', KEYS[1]) == 0 then changed = 0 end
+redis.pcall('SET', KEYS[3], now, 'PX', ARGV[7])
 if seq < floor then
   redis.pcall('SET', KEYS[2], floor)
 end
@@ -296,7 +311,8 @@ class Check:
     """Redis accepts writes (False: OOM)."""
     changed: str | None
     """Why this check made a new epoch: ``flushed`` (it was missing: FLUSHALL, an
-    empty restart) or ``regressed`` (seq below what the caller saw); ``None``."""
+    empty restart), ``regressed`` (seq below what the caller saw) or ``stalled`` (no
+    sidecar's check ran for the stall bound); ``None``."""
 
 
 def judge(
@@ -614,9 +630,19 @@ class RedisTier(SharedTier):
     shared = True
 
     def __init__(
-        self, redis: RedisConn, kinds: Iterable[Kind], *, pool_size: int, upstream_timeout: float
+        self,
+        redis: RedisConn,
+        kinds: Iterable[Kind],
+        *,
+        pool_size: int,
+        upstream_timeout: float,
+        stall_after: float = 0.5,
     ) -> None:
         self.redis = redis
+        #: No sidecar's check for this long: Redis stalled (``_CHECK``). As long as a
+        #: command takes to give up (``SIDECAR_REDIS_TIMEOUT``): a stall that made some
+        #: sidecar queue a drop is always this long.
+        self._stall_ms = int(stall_after * 1000)
         self.keys = redis.keys
         self._kinds = tuple(kinds)
         self._lock_ms = int((upstream_timeout + 1) * 1000)
@@ -759,13 +785,20 @@ class RedisTier(SharedTier):
     # -- the epoch ---------------------------------------------------------------------
 
     async def check(self, seq_floor: int, message: bytes) -> Check:
-        keys = [self.keys.epoch, self.keys.seq, *(self.tgen_key(k) for k in self._kinds)]
+        keys = [
+            self.keys.epoch,
+            self.keys.seq,
+            self.keys.beat,
+            *(self.tgen_key(k) for k in self._kinds),
+        ]
         args: list[Any] = [
             secrets.token_hex(4),
             seq_floor,
             message,
             self.keys.channel,
             self._publish_command,
+            self._stall_ms,
+            _BEAT_TTL_MS,
         ]
         now_ms, epoch, seq, writable, changed = await self.redis.run(
             "health_check", lambda r: self._check(keys, args, client=r)

@@ -46,7 +46,7 @@ class Keys(KindKeys):
     predate the other kinds); :meth:`kind` gives any kind's.
     """
 
-    __slots__ = ("_kinds", "channel", "epoch", "prefix", "seq")
+    __slots__ = ("_kinds", "beat", "channel", "epoch", "prefix", "seq")
 
     def __init__(self, tenant: str) -> None:
         self.prefix = f"vsc:{{{quote(tenant, safe='')}}}:"
@@ -55,6 +55,8 @@ class Keys(KindKeys):
         #: The tenant's epoch and drop sequence (``cache.shared``: no TTL).
         self.epoch = self.prefix + "epoch"
         self.seq = self.prefix + "seq"
+        #: Redis's clock at the fleet's last health check (TTL 60 s).
+        self.beat = self.prefix + "beat"
         self._kinds: dict[str, KindKeys] = {"": self}
 
     def kind(self, key: str) -> KindKeys:
