@@ -7,7 +7,8 @@ import asyncio
 
 import pytest
 
-from sidecar.cache.shared import RedisReads, RedisTier
+from sidecar.cache.reads import RedisReads
+from sidecar.cache.shared import RedisTier
 from sidecar.emulator import Emulator
 
 from .conftest import Sidecar, SidecarFactory

@@ -289,17 +289,17 @@ async def test_scripts_are_loaded_again_after_the_server_forgot_them(
 def test_judge_reads_stamps_marks_and_previous_releases() -> None:
     e = entry()
     stamp = ("100-aa", "200-bb")
-    valid = judge(e.dumps(stamp), ENTITLEMENTS, b"100-aa", b"200-bb", True)
+    valid = judge(e.dumps(stamp), ENTITLEMENTS, "100-aa", "200-bb", True)
     assert valid is not None and valid.expired == 0
-    assert judge(b"!" + e.dumps(stamp), ENTITLEMENTS, b"100-aa", b"200-bb", True).expired == DROPPED  # type: ignore[union-attr]
-    assert judge(e.dumps(stamp), ENTITLEMENTS, b"101-aa", b"200-bb", True).expired == DROPPED  # type: ignore[union-attr]
-    assert judge(e.dumps(stamp), ENTITLEMENTS, None, b"200-bb", True).expired == DROPPED  # type: ignore[union-attr]
-    assert judge(e.dumps(stamp), ENTITLEMENTS, b"100-aa", b"201-bb", True).expired == PRECAUTION  # type: ignore[union-attr]
-    assert judge(e.dumps(stamp), ENTITLEMENTS, b"100-aa", None, True).expired == PRECAUTION  # type: ignore[union-attr]
+    assert judge(b"!" + e.dumps(stamp), ENTITLEMENTS, "100-aa", "200-bb", True).expired == DROPPED  # type: ignore[union-attr]
+    assert judge(e.dumps(stamp), ENTITLEMENTS, "101-aa", "200-bb", True).expired == DROPPED  # type: ignore[union-attr]
+    assert judge(e.dumps(stamp), ENTITLEMENTS, None, "200-bb", True).expired == DROPPED  # type: ignore[union-attr]
+    assert judge(e.dumps(stamp), ENTITLEMENTS, "100-aa", "201-bb", True).expired == PRECAUTION  # type: ignore[union-attr]
+    assert judge(e.dumps(stamp), ENTITLEMENTS, "100-aa", None, True).expired == PRECAUTION  # type: ignore[union-attr]
     # A previous release stored no stamp: revalidated once, a precaution.
-    assert judge(e.dumps(), ENTITLEMENTS, b"100-aa", b"200-bb", True).expired == PRECAUTION  # type: ignore[union-attr]
-    assert judge(b"not json", ENTITLEMENTS, b"1", b"2", True) is None
-    assert judge(None, ENTITLEMENTS, b"1", b"2", True) is None
+    assert judge(e.dumps(), ENTITLEMENTS, "100-aa", "200-bb", True).expired == PRECAUTION  # type: ignore[union-attr]
+    assert judge(b"not json", ENTITLEMENTS, "1", "2", True) is None
+    assert judge(None, ENTITLEMENTS, "1", "2", True) is None
 
 
 async def test_the_local_tier_shares_nothing() -> None:

@@ -297,14 +297,30 @@ def test_strict_drops_fail_closed_after_an_explicit_drop_but_not_after_a_precaut
             assert can(sc, "cus_kept", "reports") == (200, True, "stale")
 
 
-def test_memory_only_drops_keep_the_fallback_too(tmp_path: Path) -> None:
+def test_memory_only_drops_keep_the_fallback_and_stale_answers_say_so(tmp_path: Path) -> None:
     with Stack(tmp_path, push=False, SIDECAR_UPSTREAM_TIMEOUT="1") as stack:
         a = stack.sidecar
         put(stack, "cus_1", OLD)
+        stack.admin("PUT", f"/tenants/{stack.tenant}/flags/beta", {"value": True})
         assert can(a, "cus_1", "reports") == (200, True, "miss")
+        fresh = get(f"{a.api_url}/v1/customers/cus_1/can/reports")[1]
+        assert "stale" not in fresh
+        assert get(f"{a.api_url}/v1/customers/cus_1/flags/beta")[0] == 200
         assert stack.emulator is not None
         stack.emulator.kill()
         request = urllib.request.Request(f"{a.api_url}/v1/cache", method="DELETE")  # noqa: S310
         with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310
             assert resp.status == 204
-        assert can(a, "cus_1", "reports") == (200, True, "stale")
+        status, body, headers = get(f"{a.api_url}/v1/customers/cus_1/can/reports")
+        assert (status, headers["x-sidecar-cache"]) == (200, "stale")
+        assert body == {**fresh, "stale": True}
+        status, body, headers = get(f"{a.api_url}/v1/customers/cus_1/flags/beta")
+        assert (status, headers["x-sidecar-cache"]) == (200, "stale")
+        assert body == {"flag": "beta", "customerId": "cus_1", "value": True, "stale": True}
+        evaluation = urllib.request.Request(  # noqa: S310 - loopback
+            f"{a.api_url}/ofrep/v1/evaluate/flags/module:reports",
+            data=json.dumps({"context": {"targetingKey": "cus_1"}}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(evaluation, timeout=10) as resp:  # noqa: S310
+            assert json.loads(resp.read())["reason"] == "STALE"

@@ -8,6 +8,8 @@ reads miss, its fills always win, its drops have nothing to reach. ``DocumentCac
 fan-out listener) talk only to this interface. (Unleash Edge's persistence layer is
 the model: one trait, a Redis and a file implementation.)
 
+Its read path, every read of a loop iteration in one ``MGET``, is ``reads.py``.
+
 The data, per tenant (``redis.keys``; every key shares the tenant's hash tag, so the
 scripts below are single-slot on a cluster):
 
@@ -68,29 +70,21 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from redis.asyncio import ConnectionPool, Redis
-from redis.asyncio.connection import AbstractConnection
-
 from ..redis.conn import RedisConn, RedisDown
 from ..redis.url import RedisClient
-from ..tasks import cancel_and_wait
 from .entry import DROPPED, PRECAUTION, Entry, Stamp
 from .kinds import Kind
+from .reads import RedisReads
 
 __all__ = [
     "Check",
     "LocalTier",
-    "RedisReads",
     "RedisTier",
     "SharedTier",
     "Ticket",
     "judge",
 ]
 
-#: Keys per MGET; a larger batch is split (each part its own round trip, at once).
-_MGET_BATCH: Final = 256
-#: Connections borrowed from the pool for the coalesced reads (``RedisReads``).
-_READERS: Final = 4
 #: TTL of the fleet's last check (``beat``): a fleet away this long renews the epoch.
 _BEAT_TTL_MS: Final = 60_000
 #: TTL of a per-customer generation (only bumped while a fill holds the lock).
@@ -315,21 +309,20 @@ class Check:
     sidecar's check ran for the stall bound); ``None``."""
 
 
-def judge(
-    raw: Any, kind: Kind, tgen: bytes | None, epoch: bytes | None, trusted: bool
-) -> Entry | None:
-    """A stored value as an entry, expired unless valid (invariant 2); ``None`` when
-    there is none or it is unreadable."""
+def judge(raw: Any, kind: Kind, tgen: str | None, epoch: str | None, trusted: bool) -> Entry | None:
+    """A stored value as an entry, expired unless valid (invariant 2) under the kind's
+    current tenant generation ``tgen`` and ``epoch``; ``None`` when there is none or it
+    is unreadable."""
     if not isinstance(raw, bytes):
         return None
     dropped = raw[:1] == _DROPPED_MARK
     entry, stamp = Entry.loads_stamped(raw[1:] if dropped else raw, kind)
     if entry is None:
         return None
-    if dropped or stamp is None or tgen is None or stamp[0] != tgen.decode():
+    if dropped or stamp is None or tgen is None or stamp[0] != tgen:
         # A stored entry without a stamp (a previous release's) is revalidated once.
         entry.expire(DROPPED if dropped or stamp is not None else PRECAUTION)
-    elif epoch is None or stamp[1] != epoch.decode() or not trusted:
+    elif epoch is None or stamp[1] != epoch or not trusted:
         entry.expire(PRECAUTION)
     return entry
 
@@ -478,146 +471,6 @@ class LocalTier(SharedTier):
         return None
 
 
-class RedisReads:
-    """Entry reads coalesced: every ``get`` issued in one loop iteration, of any kind,
-    goes to Redis as one ``MGET`` (the tenant's keys share one hash slot, so this
-    holds on a cluster too), together with the epoch and the tenant generations of
-    the kinds read, so each value is judged (``judge``) against the state it was
-    read with.
-
-    The first ``get`` of an iteration schedules the flush with ``call_soon``, which
-    runs after every task already ready in that iteration, so the reads of all the
-    requests parsed together travel in one round trip.
-
-    The round trips go over up to ``_READERS`` connections borrowed from the pool
-    for good (one server or Sentinel; a cluster keeps its own routing): redis-py's
-    pool spends more per command on taking, checking and returning a connection
-    than the read itself costs (docs/performance.md). A borrowed connection
-    carries one read at a time; when every one is busy, the read takes the pool
-    path. A failed read closes every idle borrowed connection, since they share
-    the failure's cause (a restarted Redis leaves them all stale), and each
-    reconnects on its next use, so ``RedisConn``'s one retry meets a fresh one.
-    """
-
-    def __init__(self, tier: RedisTier, pool_size: int) -> None:
-        self.tier = tier
-        self.redis = tier.redis
-        self._pending: dict[str, tuple[Kind, list[asyncio.Future[Any]]]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        client = self.redis.client
-        self._pool: ConnectionPool | None = (
-            client.connection_pool if isinstance(client, Redis) else None
-        )
-        #: At most a quarter of the pool, so scripts and the fan-out keep theirs.
-        self._max_readers = min(_READERS, pool_size // 4)
-        self._readers: list[AbstractConnection] = []
-        self._idle: list[AbstractConnection] = []
-        self._borrowing = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    @property
-    def borrowed(self) -> int:
-        """Connections borrowed from the pool so far (at most ``_READERS``)."""
-        return len(self._readers)
-
-    def get(self, kind: Kind, key: str) -> asyncio.Future[Any]:
-        """A future for the judged entry at ``key`` (or ``None``); ``RedisDown`` on failure."""
-        loop = self._loop
-        if loop is None:
-            # Kept: on Python 3.11 each get_running_loop() is a getpid() system call.
-            loop = self._loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        waiting = self._pending.get(key)
-        if waiting is not None:
-            waiting[1].append(future)
-            return future
-        if not self._pending:
-            loop.call_soon(self._flush)
-        self._pending[key] = (kind, [future])
-        return future
-
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, {}
-        loop = self._loop
-        assert loop is not None  # get() scheduled this call on it
-        keys = list(pending)
-        for start in range(0, len(keys), _MGET_BATCH):
-            part = {k: pending[k] for k in keys[start : start + _MGET_BATCH]}
-            task = loop.create_task(self._read(part))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _read(self, part: dict[str, tuple[Kind, list[asyncio.Future[Any]]]]) -> None:
-        tier = self.tier
-        kinds = list({kind.key: kind for kind, _ in part.values()}.values())
-        keys = [*part, tier.keys.epoch, *(tier.tgen_key(k) for k in kinds)]
-        # The operation label counts entries read (one, or a coalesced batch).
-        operation = "get" if len(part) == 1 else "mget"
-        try:
-            values = await self.redis.run(operation, lambda r: self._mget(r, keys))
-        except RedisDown as exc:
-            for _, futures in part.values():
-                for f in futures:
-                    if not f.done():
-                        f.set_exception(RedisDown(*exc.args))
-            return
-        n = len(part)
-        epoch = values[n]
-        tgens = {kind.key: values[n + 1 + i] for i, kind in enumerate(kinds)}
-        trusted = tier.trusted
-        for (kind, futures), raw in zip(part.values(), values, strict=False):
-            entry = judge(raw, kind, tgens[kind.key], epoch, trusted) if raw is not None else None
-            for f in futures:
-                if not f.done():
-                    f.set_result(entry)
-
-    async def _mget(self, client: RedisClient, keys: list[str]) -> list[Any]:
-        """The values of ``keys``, over an idle borrowed connection when there is one."""
-        conn = await self._reader()
-        if conn is None:
-            return list(await client.mget(keys))
-        try:
-            if not conn.is_connected:
-                # Through connect() (as the pool does), which a Sentinel connection
-                # overrides to ask for the current master's address first.
-                await conn.connect()  # type: ignore[no-untyped-call]
-            await conn.send_command("MGET", *keys)
-            values = list(await conn.read_response())
-        except BaseException:
-            # redis-py closed this connection on its way out; the idle ones go too
-            # (without waiting for their sockets to close: nothing here may hang).
-            for other in list(self._idle):
-                await other.disconnect(nowait=True)
-            raise
-        finally:
-            self._idle.append(conn)
-        return values
-
-    async def _reader(self) -> AbstractConnection | None:
-        """An idle borrowed connection (borrowing one more while below the limit)."""
-        if self._idle:
-            return self._idle.pop()
-        if self._pool is None or self._borrowing + len(self._readers) >= self._max_readers:
-            return None
-        self._borrowing += 1  # counted across the await: another read may ask meanwhile
-        try:
-            conn: AbstractConnection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
-        finally:
-            self._borrowing -= 1
-        self._readers.append(conn)
-        return conn
-
-    async def close(self) -> None:
-        await cancel_and_wait(self._tasks)
-        # Closed, not handed back: the pool is closing too (the app's cleanup closes
-        # the client next), and taking its locks here could wait on a command stuck
-        # in it. Its close skips a connection already closed.
-        for conn in self._readers:
-            await conn.disconnect(nowait=True)
-        self._readers.clear()
-        self._idle.clear()
-
-
 class RedisTier(SharedTier):
     """The fleet's shared tier in Redis (one server, Sentinel or Cluster).
 
@@ -657,10 +510,14 @@ class RedisTier(SharedTier):
         self._check = client.register_script(_CHECK)
         self._renew = client.register_script(_RENEW)
         self._publish_command = "SPUBLISH" if redis.cluster else "PUBLISH"
-        self.reads = RedisReads(self, pool_size)
+        self.reads = RedisReads(redis, self.keys, pool_size, self._judged)
 
     def tgen_key(self, kind: Kind) -> str:
         return self.keys.kind(kind.key).tenant_gen
+
+    def _judged(self, raw: Any, kind: Kind, tgen: str | None, epoch: str | None) -> Entry | None:
+        """``judge`` with this sidecar's trust (``RedisReads`` calls it per value)."""
+        return judge(raw, kind, tgen, epoch, self.trusted)
 
     # -- reads and fills ---------------------------------------------------------------
 
@@ -681,7 +538,7 @@ class RedisTier(SharedTier):
             held=won == 0,
             stamp=None if stamp[0] is None or stamp[1] is None else stamp,  # type: ignore[arg-type]
             token=token if won == 1 else "",
-            raced=judge(raw, kind, tgen, epoch, self.trusted),
+            raced=judge(raw, kind, stamp[0], stamp[1], self.trusted),
         )
 
     async def wait_fill(self, kind: Kind, ident: str, floor: float) -> Entry | None:
@@ -704,7 +561,7 @@ class RedisTier(SharedTier):
                 (raw, tgen, epoch), locked = await self.redis.run("wait_fetch", call)
             except RedisDown:
                 return None
-            entry = judge(raw, kind, tgen, epoch, self.trusted)
+            entry = judge(raw, kind, _text(tgen), _text(epoch), self.trusted)
             if entry is not None and entry.is_fresh(floor):
                 return entry
             if not locked:
