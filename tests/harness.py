@@ -633,6 +633,11 @@ class Stack:
         """The main sidecar's local API (``http://...`` or ``unix:/path``)."""
         return self.sidecar.api_url
 
+    @property
+    def sidecars(self) -> list[Sidecar]:
+        """Every sidecar started, the main one first."""
+        return [p for p in self._started if isinstance(p, Sidecar)]
+
     # lifecycle
 
     def start(self) -> Self:

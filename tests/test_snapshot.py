@@ -211,6 +211,30 @@ async def test_loaded_with_redis_revalidates_through_redis_and_upstream(
         assert await read(second, path_) == (200, "stale", body), path_
 
 
+async def test_a_drop_is_written_and_kept_across_the_restart(
+    make_sidecar: SidecarFactory, seeded: Emulator, tmp_path: Path
+) -> None:
+    """A drop expires an entry in place; the snapshot records it (a change, so a write),
+    and after a restart the dropped entry is still only the fallback, which
+    SIDECAR_STRICT_DROPS refuses to serve."""
+    path = tmp_path / "snapshot.json"
+    first = await make_sidecar(SIDECAR_SNAPSHOT_FILE=str(path))
+    await fill(first)
+    snapshotter = snapshot_of(first)
+    assert await snapshotter.write_if_changed()
+    assert (await first.client.delete("/v1/customers/cus_1/cache")).status == 204
+    assert await snapshotter.write_if_changed()
+    lenient = await make_sidecar(SIDECAR_SNAPSHOT_FILE=str(path), VELLUM_BASE_URL=dead_upstream())
+    assert (await read(lenient, "/v1/customers/cus_1/entitlements"))[:2] == (200, "stale")
+    strict = await make_sidecar(
+        SIDECAR_SNAPSHOT_FILE=str(path),
+        VELLUM_BASE_URL=dead_upstream(),
+        SIDECAR_STRICT_DROPS="true",
+    )
+    assert (await read(strict, "/v1/customers/cus_1/entitlements"))[0] == 503
+    assert (await read(strict, "/v1/customers/cus_2/entitlements"))[:2] == (200, "stale")
+
+
 async def test_entries_past_their_stale_deadline_are_dropped_at_load(
     make_sidecar: SidecarFactory, seeded: Emulator, tenant: str, tmp_path: Path
 ) -> None:

@@ -272,7 +272,7 @@ class _Parser:
         if kind is None or not is_id(ident):
             raise SnapshotError("damaged", f"line {number} names no known kind and id")
         stored: Any = item.get("e")
-        entry = Entry.from_stored(stored, kind)
+        entry = Entry.from_stored(stored, kind)[0]
         if entry is None:
             raise SnapshotError("damaged", f"line {number} holds no stored entry")
         doc = stored["d"]  # from_stored checked: the document (a dict) or None
