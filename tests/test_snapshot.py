@@ -128,6 +128,9 @@ async def test_nothing_written_while_nothing_changed(
     for _ in range(3):
         await read(sc, "/v1/customers/cus_1/entitlements")  # hits change nothing
     assert not await snapshotter.write_if_changed()
+    # Nor does a drop of a customer this sidecar does not hold.
+    assert (await sc.client.delete("/v1/customers/never_cached/cache")).status == 204
+    assert not await snapshotter.write_if_changed()
     await read(sc, "/v1/customers/cus_2/entitlements")
     assert await snapshotter.write_if_changed()
     assert sample(sc.metrics, "vellum_sidecar_snapshot_writes_total", {"result": "ok"}) == 2
