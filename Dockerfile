@@ -27,8 +27,8 @@ WORKDIR /src
 
 # Dependencies first, from the lock alone, so source edits reuse this layer.
 RUN --mount=type=cache,target=/root/.cache/uv \
-    --mount=type=bind,source=uv.lock,target=uv.lock \
-    --mount=type=bind,source=pyproject.toml,target=pyproject.toml \
+    --mount=type=bind,source=uv.lock,target=/src/uv.lock \
+    --mount=type=bind,source=pyproject.toml,target=/src/pyproject.toml \
     uv sync --locked --no-dev --no-install-project --extra fast
 
 COPY pyproject.toml uv.lock README.md ./
