@@ -5,11 +5,11 @@
 
 The ``paths`` of every operation in ``sidecar/http/operations.py`` (both surfaces)
 come from the table; ``scripts/openapi_base.json`` holds what the table does not
-describe: ``info`` (its ``version`` is pyproject.toml's), ``tags``, ``components`` (schemas with examples, parameters,
-shared responses and headers) and the routes outside the table (``can``,
-``check``, a flag, the cache drops, OFREP, this document). Every GET path also gets its HEAD
-operation: the same statuses and headers, no body (the router answers HEAD on
-every GET route).
+describe: ``info`` (but its ``version``: pyproject.toml's), ``tags``,
+``components`` (schemas with examples, parameters, shared responses and headers)
+and the routes outside the table (``can``, ``check``, a flag, the cache drops,
+OFREP, this document). Every GET path also gets its HEAD operation: the same
+statuses and headers, no body (the router answers HEAD on every GET route).
 """
 
 from __future__ import annotations
