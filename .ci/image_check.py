@@ -6,10 +6,12 @@ A real ``redis-server`` (tests/harness.py) on a free loopback port, then two
 containers of IMAGE on the host's network, each on free loopback ports: the
 emulator role (``emulator``) and the sidecar (the image's default command), both
 with a read-only root filesystem, every capability dropped and no new privileges.
+The sidecar runs with traces on towards a collector that is not there.
 Checked: the image's user is 10001 and its HEALTHCHECK is kept (podman's default
 OCI format drops it: build with ``--format docker``), each container runs as 10001
 and cannot write to its root filesystem, each role's HEALTHCHECK passes, the
-sidecar becomes ready on Redis and the emulator, an emulator change is pushed
+sidecar becomes ready on Redis and the emulator, a caller's ``traceparent``
+reaches the emulator in the same trace, an emulator change is pushed
 (signed) and applied at once, and SIGTERM stops each container with exit 0.
 Prints the image's size and how long each step took. Exit 1 with the containers'
 logs on the first failure.
@@ -41,9 +43,11 @@ def podman(*args: str, check: bool = True, timeout: float = 60) -> subprocess.Co
     )
 
 
-def http(method: str, url: str, body: Any = None) -> tuple[int, Any]:
+def http(
+    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method)  # noqa: S310 - loopback
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})  # noqa: S310
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310
             return resp.status, json.loads(resp.read() or b"null")
@@ -175,6 +179,10 @@ def main(image: str) -> int:
                     "SIDECAR_LISTEN": f"127.0.0.1:{api_port}",
                     "SIDECAR_WEBHOOK_LISTEN": f"127.0.0.1:{hook_port}",
                     "SIDECAR_OPS_LISTEN": f"127.0.0.1:{ops_port}",
+                    # Traces on (the image has the [otel] extra), to a collector
+                    # that is not there: nothing may slow or fail.
+                    "OTEL_TRACES_EXPORTER": "otlp",
+                    "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",
                 },
                 {secrets: "/run/secrets"},
             )
@@ -197,8 +205,17 @@ def main(image: str) -> int:
                 check_confinement(name)
                 check_health(name)
             t = step("both run as 10001 on a read-only root; both roles' HEALTHCHECK pass", t)
-            status, body = http("GET", f"{api}/v1/customers/cus_trial/can/exports")
+            trace_id = uuid.uuid4().hex
+            status, body = http(
+                "GET",
+                f"{api}/v1/customers/cus_trial/can/exports",
+                headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+            )
             assert (status, body["allowed"]) == (200, False), (status, body)
+            _, seen = http("GET", f"{emulator_url}/_emulator/requests?operation=get_entitlements")
+            carried = seen["requests"][0]["traceparent"] or ""
+            assert carried.split("-")[1:2] == [trace_id], carried
+            t = step("traces on, collector unreachable: the caller's trace reached the upstream", t)
             status, reply = http(
                 "PUT",
                 f"{emulator_url}/_emulator/customers/cus_trial/entitlements",
