@@ -22,6 +22,12 @@ import orjson
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from sidecar import tracing
+from sidecar.app import create_app
+from sidecar.appkeys import TRACING
+from sidecar.config import Settings
+from sidecar.http.hot import HOT_ROUTES
+
 from .harness import Stack, free_port, wait_until
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -237,3 +243,32 @@ def test_tracing_is_off_without_otel_variables(tmp_path: Path) -> None:
         call("GET", f"{stack.url}/v1/customers/cus_active/entitlements", {"traceparent": SAMPLED})
         [seen] = upstream_requests(stack, "get_entitlements")
         assert seen["traceparent"] is None  # neither read nor sent
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"OTEL_TRACES_EXPORTER": "none"},
+        {"OTEL_TRACES_EXPORTER": "zipkin"},  # not one we have: logged, off
+        {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"},
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"},  # an endpoint alone asks nothing
+    ],
+)
+def test_off_unless_an_exporter_is_asked_for(env: dict[str, str]) -> None:
+    assert tracing.from_env(env) is tracing.NO_TRACING
+
+
+async def test_off_leaves_the_front_door_and_every_route_unwrapped() -> None:
+    """Tracing off adds nothing to a memory hit: the handlers are the untraced ones."""
+    settings = Settings.from_env({"VELLUM_API_KEY": "k" * 24, "VELLUM_TENANT_ID": "t"})
+    off = create_app(settings)
+    on = create_app(settings, tracing=tracing.from_env({"OTEL_TRACES_EXPORTER": "console"}))
+    try:
+        for app, expected in ((off, "guarded_handler"), (on, "traced")):
+            hot = [handle for _, handle in app[HOT_ROUTES]]
+            routed = [r.handler for r in app.router.routes()]
+            for handler in (*hot, *routed):
+                assert handler.__code__.co_name == expected, handler
+    finally:
+        await on[TRACING].close()
