@@ -16,10 +16,11 @@ from aiohttp import web
 
 from .app import create_app
 from .appkeys import LIFECYCLE, METRICS
-from .config import Listen, Settings
+from .config import Settings
 from .http.limits import GuardedRunner, ListenerGuard, listener_guards
 from .http.ops import create_ops_app
 from .http.webhooks import create_webhook_app
+from .values import Listen
 
 __all__ = ["Listener", "bind", "run_sidecar"]
 

@@ -59,13 +59,14 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from .config import Listen, Settings
+from .config import Settings
 from .http.guard import HostGuard, guard_middleware
 from .http.limits import listener_guards
 from .http.middleware import json_errors
 from .http.responses import json_response
 from .metrics import exposition
 from .server import Listener, bind, run_sidecar
+from .values import Listen
 
 __all__ = ["WORKER_INDEX_ENV", "run_workers"]
 
