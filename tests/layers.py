@@ -52,6 +52,7 @@ STARTS_PROCESSES: Final[tuple[str, ...]] = (
     # the clients against a socket of their own (nothing listening, a closing server)
     "tests/test_client_python.py::test_nothing_listening_fails_closed_fast",
     "tests/test_drain.py::test_async_client_",
+    "tests/test_workers.py::test_a_unix_listener_",
     # the unit set itself, run in a child pytest
     "tests/test_layers.py::test_the_unit_set_",
     "tests/test_layers.py::test_a_unit_test_that_binds_or_spawns_",
