@@ -40,6 +40,7 @@ __all__ = [
     "FieldKind",
     "Operation",
     "Surface",
+    "id_field",
     "path_shape",
 ]
 
@@ -56,6 +57,13 @@ SURFACES: Final[Mapping[Surface, str]] = {"v1": "/v1", "mirror": "/tenants/{tena
 JSON: Final = "application/json"
 
 _PARAM: Final = re.compile(r"\{([a-z_]+)\}")
+
+
+def id_field(param: str) -> str:
+    """A path parameter as logs, bodies and the JS client name its id (``credit_type``:
+    ``creditTypeId``); any name a row gives a parameter has one."""
+    first, *rest = param.split("_")
+    return first + "".join(word.capitalize() for word in rest) + "Id"
 
 
 @dataclass(frozen=True, slots=True)
