@@ -1691,6 +1691,28 @@ def test_state_answers_data_without_a_server() -> None:
         state.answer(Call("nope", T, "test"))
 
 
+def test_the_state_hands_every_event_to_the_callback_it_was_given() -> None:
+    """The push delivery is passed in (``on_event``), not inherited: a plain State with
+    a list's append sees exactly the events it emits, in order, and none for the seed."""
+    seen: list[dict[str, Any]] = []
+    state = State(api_keys=["k"], seed=True, on_event=seen.append)
+    assert seen == [] and state.events == [], "the seed is where the service starts"
+
+    state.set_entitlements(T, "cus_trial", {"modules": ["reports"]})
+    state.set_flag(T, "beta", True)
+    state.answer(
+        Call("set_account_status", T, "test", {"account": "acme"}, body=b'{"status":"suspended"}')
+    )
+
+    assert seen == state.events
+    assert [(e["type"], e.get("customerId"), e.get("accountId")) for e in seen] == [
+        ("entitlements.updated", "cus_trial", "acme"),
+        ("flags.updated", None, None),
+        ("entitlements.updated", None, "acme"),
+    ]
+    assert State(api_keys=["k"]).ledger.on_event is None, "no callback: events are only kept"
+
+
 def test_faults_are_data_too() -> None:
     state = State(api_keys=["k"])
     state.fail("list_invoices", 503, times=1, headers={"Retry-After": "1"})
