@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Final
 
@@ -47,6 +48,7 @@ METHODS: Final = ("# BEGIN GENERATED billing methods", "# END GENERATED billing 
 JS_METHODS: Final = ("// BEGIN GENERATED billing methods", "// END GENERATED billing methods")
 DTS_ARGS: Final = ("// BEGIN GENERATED argument types", "// END GENERATED argument types")
 _JS_WIDTH: Final = 100
+_PY_WIDTH: Final = 100
 
 _PY_TYPES: Final = {
     "id": "str",
@@ -158,7 +160,9 @@ def python_method(op: Operation, method: str) -> str:
         args.append("idempotency_key: str | None = None")
     args = ["self", "*", *args] if args else ["self"]
     reader, returns, _ = _reader(op)
-    lines = [f"async def {method}({', '.join(args)}) -> {returns}:", f'    """{op.summary}."""']
+    doc = textwrap.wrap(f'"""{op.summary}."""', _PY_WIDTH - 8, break_on_hyphens=False)
+    lines = [f"async def {method}({', '.join(args)}) -> {returns}:"]
+    lines += [f"    {line}" for line in doc]
     lines += [f'    _seg("{f.arg}", {f.arg})' for f in required if f.kind == "id"]
     call = [json.dumps(op.name), reader, *(f"{p}_id" for p in op.params)]
     if op.body:
@@ -248,7 +252,7 @@ def js_method(op: Operation, method: str) -> str:
     )
     signature = f"  async {_camel(method)}("
     lines = [
-        f"  /** {op.summary}. */",
+        *_js_doc(op.summary, "  "),
         _wrapped(signature + "{ ", ", ".join(names), " }) {", "  ") if names else signature + ") {",
     ]
     lines += [f'    seg("{f.name}", {f.name});' for f in required if f.kind == "id"]
@@ -270,6 +274,16 @@ def js_method(op: Operation, method: str) -> str:
     lines.append(f"    const call = op({json.dumps(op.name)}, {'ids' if ids else '{}'}{extra});")
     lines += [f"    return this.#run(call, {reader});", "  }"]
     return "\n".join(lines)
+
+
+def _js_doc(summary: str, indent: str) -> list[str]:
+    """``/** summary. */``, on several lines when it does not fit on one."""
+    line = f"{indent}/** {summary}. */"
+    if len(line) <= _JS_WIDTH:
+        return [line]
+    width = _JS_WIDTH - len(indent) - 3
+    wrapped = textwrap.wrap(f"{summary}.", width, break_on_hyphens=False)
+    return [f"{indent}/**", *(f"{indent} * {part}" for part in wrapped), f"{indent} */"]
 
 
 def _js_hand_written(text: str) -> set[str]:
@@ -323,7 +337,7 @@ def dts_methods(pairs: Sequence[tuple[Operation, str]]) -> str:
         _, _, returns = _reader(op)
         takes = bool(op.params or op.fields or op.query or _keyed(op))
         args = f"args: {_pascal(method)}Args" if takes else ""
-        lines += [f"  /** {op.summary}. */", f"  {_camel(method)}({args}): Promise<{returns}>;"]
+        lines += [*_js_doc(op.summary, "  "), f"  {_camel(method)}({args}): Promise<{returns}>;"]
     return "\n".join(lines) + "\n"
 
 

@@ -25,7 +25,8 @@ NEW = Operation(
     "archive_note",
     "POST",
     "/accounts/{account}/notes/{note}/archive",
-    "Archive an account's note",
+    "Archive an account's note, and with it every reply, mention and attachment the note "
+    "gathered since it was written (a summary too long for one line)",
     Answer(200, "the archived note", "Customer"),
     newer=True,
     request="ArchiveNoteRequest",
@@ -111,10 +112,13 @@ def test_the_clients_get_a_method_with_the_sdks_keywords(monkeypatch: pytest.Mon
     ]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params)
     assert '"notifyOwner": notify_owner or None' in source, "a flag is sent only when true"
+    docstring = source[source.index('"""') : source.rindex('"""') + 3].splitlines()
+    assert len(docstring) == 2 and max(len(line) for line in docstring) <= 100, "wrapped"
     assert '_query({"dryRun": "true" if dry_run else None})' in source
     js = gen.js_method(NEW, "archive_note")
     assert "accountId, noteId, reason, notifyOwner = false, dryRun = false, idempotencyKey" in js
     assert "notifyOwner: notifyOwner ? true : undefined" in js
+    assert js.startswith("  /**\n   * Archive an account's note,"), "a long summary is wrapped"
     assert "const ids = { account: accountId, note: noteId };" in js
     dts = gen.dts_args([(NEW, "archive_note")]) + gen.dts_methods([(NEW, "archive_note")])
     assert "export interface ArchiveNoteArgs extends WriteOptions {" in dts
