@@ -21,7 +21,11 @@ import orjson
 import pytest
 import redis.asyncio as aredis
 from aiohttp.test_utils import TestServer
+from jsonschema import Draft202012Validator
 from prometheus_client.parser import text_string_to_metric_families
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+from vellum_sidecar_client import AsyncSidecarClient
 from yarl import URL
 
 from sidecar.appkeys import REDIS
@@ -571,6 +575,90 @@ async def test_a_write_drops_the_customer_on_every_sidecar(
     assert emulator.webhook_url is None, "no push webhook helped"
     text = a.metrics.render().decode()
     assert 'vellum_sidecar_invalidations_total{scope="customer",source="write"} 1.0' in text
+
+
+async def test_pause_subscription_an_operation_newer_than_the_sdk(
+    make_sidecar: SidecarFactory,
+    emulator: Emulator,
+    tenant: str,
+    redis_url: str,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Added upstream after vellumcharter 1.4.2, and to the sidecar as one row of the table,
+    its emulator handler and this test: served on both surfaces with the row's checks
+    and answers openapi.json describes, dropped on every sidecar, logged by its ids,
+    called by the Python client's generated method and the SDK stand-in derived from
+    the row."""
+    caplog.set_level(logging.INFO, logger="sidecar.proxy")
+    emulator.create_account(tenant, "acc")
+    emulator.create_customer(tenant, "acc", "cus")
+    emulator.subscribe(tenant, "acc", "cus", "pro", plan_version=1)
+    a, b = await make_sidecar(redis_url), await make_sidecar(redis_url)
+    assert await can(a, "cus", "api") and await can(b, "cus", "api")
+
+    async with AsyncSidecarClient(base_url(a)) as client:
+        paused = await client.pause_subscription(
+            account_id="acc", customer_id="cus", cycles=2, idempotency_key="pause-1"
+        )
+    assert (paused["status"], paused["resumesAfterCycles"]) == ("paused", 2)
+    assert not await can(a, "cus", "api"), "read-your-write: access withheld at once"
+    document = await (await a.client.get("/openapi.json")).json()
+    resolver = Registry().with_resource(  # type: ignore[call-arg, var-annotated]
+        "openapi.json", Resource.from_contents(document, default_specification=DRAFT202012)
+    )
+
+    def conforms(surface: str, status: int, body: Any) -> None:
+        """``body`` is what openapi.json says POST .../pause answers with ``status``."""
+        path = SURFACES[surface] + "/accounts/{account}/customers/{customer}/subscription/pause"  # type: ignore[index]
+        responses = document["paths"][path]["post"]["responses"]
+        answer = responses.get(str(status)) or responses[f"{str(status)[0]}XX"]
+        while "$ref" in answer:
+            answer = document["components"]["responses"][answer["$ref"].rpartition("/")[2]]
+        schema = answer["content"]["application/json"]["schema"]["$ref"]
+        validator = Draft202012Validator({"$ref": f"openapi.json{schema}"}, registry=resolver)
+        errors = [e.message for e in validator.iter_errors(body)]
+        assert not errors, (surface, status, errors[:3])
+
+    conforms("v1", 200, paused)
+
+    async def b_sees_it() -> bool:
+        return not await can(b, "cus", "api")
+
+    await eventually(b_sees_it, timeout=5)
+    (sent,) = [r for r in emulator.requests if r.operation == "pause_subscription"]
+    assert (sent.body, sent.idempotency_key, sent.api_key) == ({"cycles": 2}, "pause-1", API_KEY)
+    (line,) = [r.fields for r in caplog.records if r.getMessage() == "billing_write"]  # type: ignore[attr-defined]
+    assert (line["operation"], line["accountId"], line["customerId"]) == (
+        "pause_subscription", "acc", "cus",
+    )  # fmt: skip
+    assert (line["dropped"], line["idempotent"], line["outcome"]) == ("customer", True, "ok")
+
+    # /v1 checks the row's field before calling the upstream; the mirror leaves it to
+    # the upstream, whose own refusal (already paused) comes back as it is.
+    resp = await a.client.post(
+        "/v1/accounts/acc/customers/cus/subscription/pause", json={"cycles": "2"}
+    )
+    assert (resp.status, (await resp.json())["error"]["code"]) == (400, "invalid_body")
+    mirror = sdk_for(session, a, "mirror", tenant)
+    with pytest.raises(VellumError) as again:
+        await mirror.pause_subscription(account_id="acc", customer_id="cus")
+    assert (again.value.status, again.value.body["error"]["code"]) == (409, "subscription_paused")
+    assert emulator.count("pause_subscription") == 2
+    conforms("mirror", 409, again.value.body)
+
+    # Resumed by reactivate (dropped again), or by the renewal that ends its cycles.
+    assert (await mirror.reactivate(account_id="acc", customer_id="cus"))["status"] == "active"
+    assert await can(a, "cus", "api")
+    conforms(
+        "mirror",
+        200,
+        await mirror.pause_subscription(account_id="acc", customer_id="cus", cycles=1),
+    )
+    invoices = len(await mirror.list_invoices(account_id="acc"))
+    assert emulator.renew(tenant, "acc", "cus")["status"] == "active", "its one cycle is over"
+    assert len(await mirror.list_invoices(account_id="acc")) == invoices, "a paused period is free"
+    assert emulator.get_entitlements(tenant, "cus")["hasAccess"] is True  # type: ignore[index]
 
 
 @pytest.mark.parametrize("surface", ["mirror", "v1"])

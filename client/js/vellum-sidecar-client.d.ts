@@ -248,6 +248,12 @@ export interface ConsumeCreditsArgs {
   amount: number;
   idempotencyKey: string;
 }
+
+export interface PauseSubscriptionArgs extends WriteOptions {
+  accountId: string;
+  customerId: string;
+  cycles?: number | null;
+}
 // END GENERATED argument types
 
 /** The names these argument types had before they were generated. */
@@ -365,6 +371,11 @@ export declare class SidecarClient {
   getCreditBalance(args: GetCreditBalanceArgs): Promise<JsonObject>;
   /** Spend credits: all or nothing, idempotent on the body's idempotencyKey. */
   consumeCredits(args: ConsumeCreditsArgs): Promise<JsonObject>;
+  /**
+   * Pause a subscription: no access and no bill until reactivate resumes it, or until cycles
+   * periods have passed.
+   */
+  pauseSubscription(args: PauseSubscriptionArgs): Promise<JsonObject>;
   // END GENERATED billing methods
 
   addAddOn(args: AddOnArgs): Promise<JsonObject>;

@@ -189,6 +189,10 @@ const OPERATIONS = Object.freeze({
   consume_credits: {
     method: "POST", path: "/v1/customers/{customer}/credits/{credit_type}/consume", body: true,
   },
+  pause_subscription: {
+    method: "POST", path: "/v1/accounts/{account}/customers/{customer}/subscription/pause",
+    body: true,
+  },
 });
 // END GENERATED operation table
 
@@ -865,6 +869,17 @@ export class SidecarClient {
     const body = dropUndefined({ amount, idempotencyKey });
     const ids = { customer: customerId, credit_type: creditTypeId };
     const call = op("consume_credits", ids, { body });
+    return this.#run(call, object);
+  }
+
+  /**
+   * Pause a subscription: no access and no bill until reactivate resumes it, or until cycles
+   * periods have passed.
+   */
+  async pauseSubscription({ accountId, customerId, cycles, idempotencyKey }) {
+    const body = dropUndefined({ cycles });
+    const ids = { account: accountId, customer: customerId };
+    const call = op("pause_subscription", ids, { body, idempotencyKey });
     return this.#run(call, object);
   }
   // END GENERATED billing methods

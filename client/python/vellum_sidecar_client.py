@@ -511,6 +511,12 @@ _OPERATIONS: Final[Mapping[str, _Route]] = {
         ("customer", "credit_type"),
         body=True,
     ),
+    "pause_subscription": _Route(
+        "POST",
+        "/v1/accounts/{account}/customers/{customer}/subscription/pause",
+        ("account", "customer"),
+        body=True,
+    ),
 }
 # END GENERATED operation table
 
@@ -1361,6 +1367,22 @@ class SidecarClient:
         call = _op("consume_credits", _object, customer_id, credit_type_id, body=body)
         return self._run(call)
 
+    def pause_subscription(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        cycles: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Pause a subscription: no access and no bill until reactivate resumes it, or until cycles
+        periods have passed."""
+        body = _drop_none({"cycles": cycles})
+        call = _op(
+            "pause_subscription", _object, account_id, customer_id, body=body, key=idempotency_key
+        )
+        return self._run(call)
+
     # END GENERATED billing methods
 
     # -- billing written by hand: several SDK methods on one operation, or a body that
@@ -1990,6 +2012,22 @@ class AsyncSidecarClient:
         """Spend credits: all or nothing, idempotent on the body's idempotencyKey."""
         body = _drop_none({"amount": amount, "idempotencyKey": idempotency_key})
         call = _op("consume_credits", _object, customer_id, credit_type_id, body=body)
+        return await self._run(call)
+
+    async def pause_subscription(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        cycles: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Pause a subscription: no access and no bill until reactivate resumes it, or until cycles
+        periods have passed."""
+        body = _drop_none({"cycles": cycles})
+        call = _op(
+            "pause_subscription", _object, account_id, customer_id, body=body, key=idempotency_key
+        )
         return await self._run(call)
 
     # END GENERATED billing methods

@@ -46,8 +46,10 @@ __all__ = [
     "invoice",
     "new_session",
     "number_prefix",
+    "pause",
     "public",
     "renew",
+    "resume",
     "subscribe",
 ]
 
@@ -315,6 +317,14 @@ def renew(
         sub.status, sub.canceled_at, sub.cancel_at_period_end = "canceled", now, False
         ledger.write_subscription(tenant, customer, sub)
         return sub.view(account)
+    if sub.status == "paused":
+        # A paused period is not billed; the last of its cycles resumes it.
+        sub.period_start, sub.period_end = now, now + PERIOD
+        if sub.pause_cycles is not None:
+            sub.pause_cycles -= 1
+            if sub.pause_cycles == 0:
+                resume(ledger, tenant, customer, sub)
+        return sub.view(account)
     billed = bill(ledger, tenant, account, customer, sub, paid=succeeded)
     if succeeded:
         sub.status = "active"
@@ -325,6 +335,24 @@ def renew(
     ledger.payment_event(tenant, account, customer, sub, billed, succeeded=succeeded)
     ledger.write_subscription(tenant, customer, sub)
     return sub.view(account)
+
+
+def pause(
+    ledger: Ledger, tenant: str, customer: Customer, sub: Subscription, cycles: int | None
+) -> None:
+    """Withhold access and stop billing, until :func:`resume` or ``cycles`` renewals."""
+    if sub.status == "paused":
+        raise EmulatorError(409, "subscription_paused", "the subscription is already paused")
+    if sub.status == "trialing":
+        raise EmulatorError(409, "subscription_trialing", "a trial cannot be paused")
+    sub.status, sub.pause_cycles = "paused", cycles
+    ledger.write_subscription(tenant, customer, sub)
+
+
+def resume(ledger: Ledger, tenant: str, customer: Customer, sub: Subscription) -> None:
+    """A paused subscription is active again (nothing billed before its next renewal)."""
+    sub.status, sub.pause_cycles = "active", None
+    ledger.write_subscription(tenant, customer, sub)
 
 
 def new_session(

@@ -169,6 +169,8 @@ class Subscription:
     trial_end: int | None = None
     method_ref: str | None = None
     """The subscription's own payment method; None: the account's default pays."""
+    pause_cycles: int | None = None
+    """While paused: the periods left before it resumes; None: until reactivated."""
 
     @property
     def live(self) -> bool:
@@ -209,6 +211,8 @@ class Subscription:
             view["trialEnd"] = iso(self.trial_end)
         if self.canceled_at is not None:
             view["canceledAt"] = iso(self.canceled_at)
+        if self.status == "paused" and self.pause_cycles is not None:
+            view["resumesAfterCycles"] = self.pause_cycles
         method = self.method_ref or account.default_method
         if method is not None:
             view["defaultPaymentMethodRef"] = method

@@ -26,6 +26,7 @@ from .bodies import (
     bool_query,
     json_object,
     optional_bool,
+    optional_int,
     optional_str,
     positive_int,
     required_int,
@@ -247,6 +248,9 @@ def change_plan(ledger: Ledger, call: Call) -> Answer:
 def reactivate(ledger: Ledger, call: Call) -> Answer:
     _, account, customer = ledger.path(call)
     sub = customer.subscription(call.mode)
+    if sub.status == "paused":
+        billing.resume(ledger, call.tenant, customer, sub)
+        return Answer.json(sub.view(account))
     if sub.live and not sub.cancel_at_period_end:
         raise EmulatorError(
             409, "subscription_active", "the subscription is active: nothing to reactivate"
@@ -506,7 +510,22 @@ def consume_credits(ledger: Ledger, call: Call) -> Answer:
     return Answer.json(result)
 
 
-#: Every upstream operation, in the order of the SDK's table (interface.md section 1).
+# -- added upstream after vellumcharter 1.4.2 ---------------------------------------------
+
+
+@upstream("POST", _SUB + "/pause")
+def pause_subscription(ledger: Ledger, call: Call) -> Answer:
+    """Added after vellumcharter 1.4.2: paused until reactivated, or for ``cycles`` periods."""
+    body = json_object(call.body) if call.body.strip() else {}
+    _, account, customer = ledger.path(call)
+    cycles = optional_int(body, "cycles")
+    sub = customer.live_subscription(call.mode)
+    billing.pause(ledger, call.tenant, customer, sub, cycles)
+    return Answer.json(sub.view(account))
+
+
+#: Every upstream operation, in the order of the SDK's table (interface.md section 1), then
+#: those the upstream added since.
 ROUTES: Final[tuple[Route, ...]] = tuple(_REGISTERED)
 #: Every operation's name (what the request log, faults and holds name).
 OPERATIONS: Final[frozenset[str]] = frozenset(r.operation for r in ROUTES)

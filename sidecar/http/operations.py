@@ -528,6 +528,19 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         fields=(Field("amount", "integer", True), Field("idempotencyKey", "string", True)),
         retry_safe=True,
     ),
+    # Added upstream after vellumcharter 1.4.2.
+    Operation(
+        "pause_subscription",
+        "POST",
+        _SUB + "/pause",
+        "Pause a subscription: no access and no bill until reactivate resumes it, or "
+        "until cycles periods have passed",
+        Answer(200, "the paused subscription", "Subscription"),
+        newer=True,
+        request="PauseSubscriptionRequest",
+        fields=(Field("cycles", "integer"),),
+        drops="customer",
+    ),
 )
 
 #: The literals of the table's paths that an id follows (``customers`` → ``customer``).
