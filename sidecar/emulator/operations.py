@@ -36,7 +36,15 @@ from .bodies import (
 )
 from .catalog import CREDIT_TYPES, CURRENCY
 from .ledger import Ledger
-from .model import ACCOUNT_STATUSES, CUSTOMER_STATUSES, PERIOD, credit_type
+from .model import (
+    ACCOUNT_STATUSES,
+    CUSTOMER_STATUSES,
+    PERIOD,
+    Account,
+    Customer,
+    Tenant,
+    credit_type,
+)
 from .wire import Answer, Call, EmulatorError, Json
 
 __all__ = ["OPERATIONS", "ROUTES", "Route", "run"]
@@ -109,12 +117,17 @@ def _urls(body: Mapping[str, object]) -> dict[str, str]:
     }
 
 
+def _buyer(ledger: Ledger, call: Call, body: Json) -> tuple[Tenant, Account, Customer]:
+    """A checkout's tenant, the path's account and the body's ``customerId`` (404s)."""
+    state = ledger.tenant(call.tenant)
+    account = state.account(call.params["account"])
+    return state, account, account.customer(required_str(body, "customerId"))
+
+
 @upstream("POST", "/accounts/{account}/checkout")
 def create_checkout(ledger: Ledger, call: Call) -> Answer:
     body = json_object(call.body)
-    state = ledger.tenant(call.tenant)
-    account = state.account(call.params["account"])
-    customer = account.customer(required_str(body, "customerId"))
+    state, account, customer = _buyer(ledger, call, body)
     urls = _urls(body)
     choice = billing.choose(body, call.mode)
     customer.refuse_second_subscription(call.mode)
@@ -401,9 +414,7 @@ def invoice_pdf(ledger: Ledger, call: Call) -> Answer:
 @upstream("POST", "/accounts/{account}/credit-checkout")
 def create_credit_checkout(ledger: Ledger, call: Call) -> Answer:
     body = json_object(call.body)
-    state = ledger.tenant(call.tenant)
-    account = state.account(call.params["account"])
-    customer = account.customer(required_str(body, "customerId"))
+    state, account, customer = _buyer(ledger, call, body)
     urls = _urls(body)
     raw_items = body.get("items")
     if raw_items is None:
