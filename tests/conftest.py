@@ -48,7 +48,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
-        item.add_marker("unit" if layers.is_unit(item.nodeid, fixtures) else "integration")
+        function = getattr(item, "function", None)
+        unit = layers.is_unit(item.nodeid, fixtures, function)
+        item.add_marker("unit" if unit else "integration")
 
 
 @pytest.hookimpl(wrapper=True)

@@ -1,10 +1,12 @@
 """Unit and integration tests: which is which, decided in one place (``tests/conftest.py``).
 
 A test is a **unit** test when everything it uses is plain Python: its fixtures
-(and theirs) are all in :data:`PURE_FIXTURES`, and it is not named in
-:data:`STARTS_PROCESSES`. Every other test is an **integration** test: it
-starts a ``redis-server``, the emulator, a sidecar, node, kubectl, or listens
-on a socket (aiohttp's test servers do).
+(and theirs) are all in :data:`PURE_FIXTURES`, its own code names none of
+:data:`SPAWNING` (``subprocess``, the harness's ``Stack``, ``socket``, ...), and
+it is not named in :data:`STARTS_PROCESSES` (for a helper that starts one out of
+sight). Every other test is an **integration** test: it starts a
+``redis-server``, the emulator, a sidecar, node, kubectl, or listens on a socket
+(aiohttp's test servers do).
 
     uv run pytest -m unit            # seconds: no process, no socket
     uv run pytest -m integration     # the rest
@@ -19,11 +21,14 @@ without a fixture fails there by name; add it to :data:`STARTS_PROCESSES`.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import sys
-from collections.abc import Iterable
+import textwrap
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
-__all__ = ["AUDITED", "PURE_FIXTURES", "STARTS_PROCESSES", "audit", "is_unit"]
+__all__ = ["AUDITED", "PURE_FIXTURES", "SPAWNING", "STARTS_PROCESSES", "audit", "is_unit"]
 
 #: Fixtures that start nothing: pytest's own and the plain values of conftest.py.
 #: The ``_*event_loop*`` fixtures are pytest-asyncio's (a loop opens no socket).
@@ -35,25 +40,29 @@ PURE_FIXTURES: Final = frozenset(
     }
 )  # fmt: skip
 
-#: Tests that start a process or open a socket with no fixture doing it: a module
+#: Names that, in a test's own code, mean it starts a process or opens a socket.
+SPAWNING: Final = frozenset(
+    {
+        "subprocess", "socket", "Stack", "RedisServer", "Process", "free_port", "Popen",
+        "create_subprocess_exec", "create_subprocess_shell", "open_connection",
+        "start_server", "ClosingServer", "urlopen", "HTTPConnection",
+    }
+)  # fmt: skip
+
+#: Tests that start a process or open a socket through a helper (where no name of
+#: :data:`SPAWNING` shows in the test's own code): a module
 #: (``test_x.py``) or one test (``test_x.py::test_name``), as pytest names them.
 STARTS_PROCESSES: Final[tuple[str, ...]] = (
-    # the generators' --check runs, as CI runs them
-    "tests/test_api_docs.py::test_the_committed_table_is_current",
-    "tests/test_config.py::test_readme_table_is_generated_from_the_declarations",
+    # the command line, run by helpers; kubectl renders, cached for the module's tests
+    "tests/test_cli.py",
+    "tests/test_deploy.py",
+    # the generators' --check runs, and the soak script, through helpers
     "tests/test_openapi.py::test_committed_document_is_what_the_generator_writes",
     "tests/test_openapi.py::test_generator_check_fails_on_a_stale_document",
-    # the command line, the bench and the deploy files' tools (kubectl)
-    "tests/test_cli.py",
-    "tests/test_bench_smoke.py",
-    "tests/test_faults_smoke.py",
     "tests/test_soak_smoke.py",
-    "tests/test_deploy.py",  # kubectl renders, cached for the module's tests
-    # the clients against a socket of their own (nothing listening, a closing server)
-    "tests/test_client_python.py::test_nothing_listening_fails_closed_fast",
+    # the async client against a closing server of its own
     "tests/test_drain.py::test_async_client_",
-    "tests/test_workers.py::test_a_unix_listener_",
-    # the unit set itself, run in a child pytest
+    # the unit set itself, and planted offenders, each in a child pytest
     "tests/test_layers.py::test_the_unit_set_",
     "tests/test_layers.py::test_a_unit_test_that_binds_or_spawns_",
 )
@@ -72,9 +81,28 @@ def _pure(name: str) -> bool:
     return name in PURE_FIXTURES or "event_loop" in name
 
 
-def is_unit(nodeid: str, fixtures: Iterable[str]) -> bool:
-    """A unit test: only pure fixtures, and not named as starting a process itself."""
+def names_in(function: Callable[..., Any]) -> set[str]:
+    """Every name and attribute a function's own source mentions."""
+    try:
+        source = textwrap.dedent(inspect.getsource(function))
+    except (OSError, TypeError):
+        return set()
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Name):
+            found.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            found.add(node.attr)
+    return found
+
+
+def is_unit(
+    nodeid: str, fixtures: Iterable[str], function: Callable[..., Any] | None = None
+) -> bool:
+    """A unit test: only pure fixtures, no spawning name in its code, not listed."""
     if nodeid.startswith(STARTS_PROCESSES):
+        return False
+    if function is not None and names_in(function) & SPAWNING:
         return False
     return all(_pure(name) for name in fixtures)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from .layers import STARTS_PROCESSES, is_unit
 
 ROOT = Path(__file__).resolve().parent.parent
+THIS = "test_the_unit_set_opens_no_socket_and_starts_no_process"
 
 
 def run_pytest(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -36,7 +37,8 @@ def counts(output: str) -> dict[str, int]:
 
 
 def test_the_unit_set_opens_no_socket_and_starts_no_process() -> None:
-    done = run_pytest("-m", "unit")
+    # Never this test itself, whatever the classification says: no child of a child.
+    done = run_pytest("-m", "unit", "--deselect", f"tests/{Path(__file__).name}::{THIS}")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     found = counts(done.stdout)
     assert found.get("failed", 0) == 0 and found.get("error", 0) == 0, done.stdout[-2000:]
@@ -50,13 +52,18 @@ def test_a_unit_test_that_binds_or_spawns_fails_by_name(tmp_path: Path) -> None:
     suite.mkdir()
     (suite / "__init__.py").write_text("")
     (suite / "conftest.py").write_text("from tests_real.conftest import *  # noqa: F403\n")
+    # Each offender hides what it does in a helper, out of the classification's sight.
     (suite / "test_planted.py").write_text(
         "import socket, subprocess, sys\n"
-        "def test_binds():\n"
+        "def listen():\n"
         "    with socket.socket() as s:\n"
         "        s.bind(('127.0.0.1', 0))\n"
-        "def test_spawns():\n"
+        "def run_python():\n"
         "    subprocess.run([sys.executable, '-c', 'pass'], check=True)\n"
+        "def test_binds():\n"
+        "    listen()\n"
+        "def test_spawns():\n"
+        "    run_python()\n"
         "def test_pure():\n"
         "    assert sum(range(4)) == 6\n"
     )
@@ -80,3 +87,13 @@ def test_which_tests_are_unit_tests() -> None:
     assert not is_unit("tests/test_x.py::test_a", ["stack"]), "a fixture of its own module"
     assert not is_unit(STARTS_PROCESSES[0], [])
     assert not is_unit("tests/test_cli.py::test_anything", [])
+    assert not is_unit("tests/test_x.py::test_a", [], _spawns), "its own code names subprocess"
+    assert is_unit("tests/test_x.py::test_a", [], _pure)
+
+
+def _spawns() -> None:
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+
+
+def _pure() -> None:
+    assert sum(range(4)) == 6
