@@ -39,6 +39,7 @@ from .wire import Call, EmulatorError, Json
 __all__ = [
     "bill",
     "change",
+    "charge",
     "choose",
     "complete_checkout",
     "create_account",
@@ -217,8 +218,7 @@ def subscribe(
     )
     customer.subscriptions[mode] = sub
     # A trial's first invoice is a genuinely paid zero-amount invoice.
-    paid = bill(ledger, tenant, account, customer, sub, paid=True, zero=bool(trial))
-    ledger.payment_event(tenant, account, customer, sub, paid)
+    charge(ledger, tenant, account, customer, sub, zero=bool(trial))
     ledger.write_subscription(tenant, customer, sub)
     return sub.view(account)
 
@@ -273,6 +273,24 @@ def bill(
     return invoice(ledger, tenant, account, customer.customer_id, lines, paid=paid)
 
 
+def charge(
+    ledger: Ledger,
+    tenant: str,
+    account: Account,
+    customer: Customer,
+    sub: Subscription,
+    *,
+    zero: bool = False,
+    amount: int | None = None,
+    label: str | None = None,
+) -> None:
+    """A paid invoice for the subscription (:func:`bill`), pushed as ``payment.succeeded``."""
+    paid = bill(
+        ledger, tenant, account, customer, sub, paid=True, zero=zero, amount=amount, label=label
+    )
+    ledger.payment_event(tenant, account, customer, sub, paid)
+
+
 def change(
     ledger: Ledger,
     tenant: str,
@@ -287,8 +305,7 @@ def change(
     sub.choose(choice)
     extra = sub.amount() - before
     if extra > 0 and sub.status != "trialing":
-        paid = bill(ledger, tenant, account, customer, sub, paid=True, amount=extra, label=label)
-        ledger.payment_event(tenant, account, customer, sub, paid)
+        charge(ledger, tenant, account, customer, sub, amount=extra, label=label)
     ledger.write_subscription(tenant, customer, sub)
     return sub.view(account)
 

@@ -279,8 +279,7 @@ def reactivate(ledger: Ledger, call: Call) -> Answer:
     now = ledger.now()
     sub.status, sub.canceled_at, sub.trial_end = "active", None, None
     sub.period_start, sub.period_end = now, now + PERIOD
-    paid = billing.bill(ledger, call.tenant, account, customer, sub, paid=True)
-    ledger.payment_event(call.tenant, account, customer, sub, paid)
+    billing.charge(ledger, call.tenant, account, customer, sub)
     ledger.write_subscription(call.tenant, customer, sub)
     return Answer.json(sub.view(account))
 
