@@ -150,6 +150,8 @@ async def _record(em: Emulator, request: web.Request, operation: str) -> Recorde
         body=body,
         api_key=request.headers.get("x-api-key"),
         idempotency_key=request.headers.get("Idempotency-Key"),
+        traceparent=request.headers.get("traceparent"),
+        tracestate=request.headers.get("tracestate"),
     )
     em.requests.append(record)
     if too_large is not None:
