@@ -190,8 +190,8 @@ class Invalidator:
         self._last_contact_ms: int | None = None
         #: The outage since the last good check lost a connection (so Redis may have
         #: restarted or failed over, and drops queued meanwhile may be gone): the
-        #: recovery renews the epoch. A timeout alone does not (a hung Redis is caught
-        #: by the check that waited in it; our own delays need nothing).
+        #: recovery renews the epoch. After a timeout the recovery's check renews it
+        #: only if no sidecar checked meanwhile (Redis stalled for all, not for us).
         self._lost_connection = False
         #: Redis's clock minus ours at sending, per recent check: the smallest is the
         #: baseline a check's wait in Redis is measured against.
@@ -494,8 +494,9 @@ class Invalidator:
         floor = self._seen_seq  # taken before the call: a drop seen later may be newer
         sent_ms = int(time.time() * 1000)
         offset = min(self._offsets) if self._offsets else None
+        lost = not self.tier.trusted  # this sidecar lost Redis since its last good check
         try:
-            check = await self.tier.check(floor, self._epoch_message(), sent_ms, offset)
+            check = await self.tier.check(floor, self._epoch_message(), sent_ms, offset, lost)
         except RedisDown:
             return None
         self._offsets.append(check.now_ms - sent_ms)
@@ -545,7 +546,8 @@ class Invalidator:
                     if await self.tier.renew_epoch(since, message):
                         self.metrics.epoch_renewals.labels("outage").inc()
                         log.warning("epoch_renewed", extra={"fields": {"reason": "outage"}})
-                check = await self.tier.check(self._seen_seq, self._epoch_message())
+                # Lost for a timeout: a stall, if the fleet checked nothing meanwhile.
+                check = await self.tier.check(self._seen_seq, self._epoch_message(), lost=True)
             except RedisDown:
                 return
             self._checked(check)
@@ -598,7 +600,12 @@ class Invalidator:
                 while True:
                     now = loop.time()
                     if awaiting and now - pinged_at > self._stall_after:
-                        raise _Stalled
+                        # Late by our own clock, unless our own delays left the PONG
+                        # unread (a stalled event loop is not a stalled Redis).
+                        if not await self._arrived_pong(pubsub):
+                            raise _Stalled
+                        awaiting = False
+                        continue
                     if not awaiting and now - pinged_at >= self._heartbeat:
                         await _ping(pubsub)
                         pinged_at, awaiting = now, True
@@ -645,6 +652,24 @@ class Invalidator:
             finally:
                 with contextlib.suppress(*REDIS_ERRORS):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _arrived_pong(self, pubsub: PubSub) -> bool:
+        """Read what has already arrived, applying messages: whether a PONG was there."""
+        while True:
+            if isinstance(pubsub, ClusterPubSub):
+                msg = await pubsub.get_sharded_message(timeout=0)
+            else:
+                msg = await pubsub.get_message(timeout=0)
+            kind = msg.get("type") if msg is not None else None
+            if kind is None:
+                return False
+            if kind == "pong":
+                return True
+            if kind in ("message", "smessage"):
+                assert msg is not None
+                self._apply(msg["data"])
+            elif kind == "sunsubscribe":
+                raise _Resubscribe
 
     def _apply(self, data: Any) -> None:
         try:

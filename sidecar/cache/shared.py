@@ -211,17 +211,19 @@ return seq
 # KEYS: epoch, seq, beat, then every tenant generation. ARGV: random suffix, seq floor
 # (the highest the caller saw), message, channel, publish command, stall ms, beat TTL
 # ms, the caller's clock at sending (ms), the caller's usual offset of Redis's clock
-# from its own ('' when it has none yet), wait ms. The health check: Redis's clock,
+# from its own ('' when it has none yet), wait ms, '1' when the caller lost Redis
+# since its last check. The health check: Redis's clock,
 # the epoch and seq, whether Redis takes writes (a SET NX, which OOM refuses even when
 # the key exists). And in the same atomic step, so of all the sidecars checking
 # exactly one acts:
 # - a missing epoch (FLUSHALL, an empty restart) is created (1);
 # - the epoch is renewed when seq fell below the floor (2: a restore, a lagging
-#   replica), or (3) when no sidecar's check ran for ``stall`` ms and this check
-#   itself waited in Redis for ``wait`` ms (Redis stalled: a hang long enough for some
-#   sidecar to give up and queue a drop that may die with it; a fleet that merely
-#   checked nothing, its processes paused, is not a stall), or when ``beat`` is gone
-#   while the epoch is not (no sidecar checked for its TTL: the fleet was away);
+#   replica), or (3) when no sidecar's check ran for ``stall`` ms and the caller
+#   either waited in Redis for ``wait`` ms with this check or lost Redis meanwhile
+#   (Redis stalled: a hang long enough for some sidecar to give up and queue a drop
+#   that may die with it; a fleet that merely checked nothing, its processes paused,
+#   is not a stall), or when ``beat`` is gone while the epoch is not (no sidecar
+#   checked for its TTL: the fleet was away);
 # - seq is raised to the floor, ``beat`` set to now, a new epoch published.
 # Returns {now ms, epoch or nil, seq, writable, 0 | 1 | 2 | 3}.
 _CHECK: Final = """
@@ -239,8 +241,8 @@ elseif seq < floor then
   changed = 2
 elseif not beat then
   changed = 3
-elseif now - beat >= tonumber(ARGV[6]) and ARGV[9] ~= ''
-    and now - tonumber(ARGV[8]) - tonumber(ARGV[9]) >= tonumber(ARGV[10]) then
+elseif now - beat >= tonumber(ARGV[6]) and (ARGV[11] == '1' or (ARGV[9] ~= ''
+    and now - tonumber(ARGV[8]) - tonumber(ARGV[9]) >= tonumber(ARGV[10]))) then
   changed = 3
 end
 if changed >= 2 then
@@ -408,11 +410,17 @@ class SharedTier(ABC):
 
     @abstractmethod
     async def check(
-        self, seq_floor: int, message: bytes, sent_ms: int = 0, offset_ms: int | None = None
+        self,
+        seq_floor: int,
+        message: bytes,
+        sent_ms: int = 0,
+        offset_ms: int | None = None,
+        lost: bool = False,
     ) -> Check:
         """One health check: creates a missing epoch, renews one whose drop sequence
-        fell below ``seq_floor`` or after a stall this check waited through (sent at
-        ``sent_ms`` by a clock usually ``offset_ms`` behind Redis's), publishing
+        fell below ``seq_floor``, or after a stall the caller went through (this check
+        waited in Redis: sent at ``sent_ms`` by a clock usually ``offset_ms`` behind
+        Redis's; or the caller ``lost`` Redis since its last check), publishing
         ``message`` when it did (invariant 4; raises ``RedisDown``)."""
 
     @abstractmethod
@@ -473,7 +481,12 @@ class LocalTier(SharedTier):
         return set()
 
     async def check(
-        self, seq_floor: int, message: bytes, sent_ms: int = 0, offset_ms: int | None = None
+        self,
+        seq_floor: int,
+        message: bytes,
+        sent_ms: int = 0,
+        offset_ms: int | None = None,
+        lost: bool = False,
     ) -> Check:
         return Check(now_ms=0, epoch=None, seq=0, writable=True, changed=None)
 
@@ -659,7 +672,12 @@ class RedisTier(SharedTier):
     # -- the epoch ---------------------------------------------------------------------
 
     async def check(
-        self, seq_floor: int, message: bytes, sent_ms: int = 0, offset_ms: int | None = None
+        self,
+        seq_floor: int,
+        message: bytes,
+        sent_ms: int = 0,
+        offset_ms: int | None = None,
+        lost: bool = False,
     ) -> Check:
         keys = [
             self.keys.epoch,
@@ -678,6 +696,7 @@ class RedisTier(SharedTier):
             sent_ms,
             "" if offset_ms is None else offset_ms,
             self._wait_ms,
+            "1" if lost else "0",
         ]
         now_ms, epoch, seq, writable, changed = await self.redis.run(
             "health_check", lambda r: self._check(keys, args, client=r)
