@@ -19,8 +19,9 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
-from .config import ConfigError, Listen, Settings, add_flags, env_with_flags, settings_subset
+from .config import ConfigError, Settings, add_flags, env_with_flags, settings_subset
 from .logs import configure_logging
+from .values import Listen
 
 __all__ = ["main"]
 

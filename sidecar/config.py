@@ -14,351 +14,55 @@ per bad variable, each naming the variable.
 Credentials never show: secret values are ``Secret`` / ``ApiKeySource`` objects,
 and ``redact_url`` / ``redact_text`` hide the credentials of any URL (userinfo,
 password or token options) in the redacted print, in configuration errors and,
-through ``sidecar/logs.py``, in every log line.
+through ``sidecar/logs.py``, in every log line. Those value types and the
+redaction live in ``sidecar/values.py``, each variable's parser in
+``sidecar/parsers.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
-import re
 import socket
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar, cast
-from urllib.parse import unquote, urlsplit
+from typing import Any, Final, TypeVar, cast
 
+from .parsers import (
+    parse_bool,
+    parse_csv_set,
+    parse_http_url,
+    parse_log_level,
+    parse_name_set,
+    parse_non_negative_float,
+    parse_non_negative_int,
+    parse_pool_size,
+    parse_positive_float,
+    parse_positive_int,
+    parse_redis_secret,
+    parse_secret_list,
+    parse_snapshot_path,
+    parse_text,
+    shown,
+)
 from .redis.url import parse_redis_url
+from .values import ApiKeySource, Listen, Secret, redact_text, redact_url
 
 __all__ = [
     "SETTINGS",
     "VARIABLES",
-    "ApiKeySource",
     "ConfigError",
-    "Listen",
-    "Secret",
     "Setting",
     "Settings",
     "Variable",
     "add_flags",
     "env_with_flags",
     "flag_names",
-    "redact_text",
-    "redact_url",
     "settings_subset",
 ]
 
 T = TypeVar("T")
-
-
-class Secret:
-    """A string that never shows itself in ``repr``, ``str`` or f-strings."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    def __str__(self) -> str:
-        return "***"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-
-class ApiKeySource:
-    """The upstream API key, from a value or from a mounted file.
-
-    A file is re-read when its modification time changes (checked at most once a
-    second), so a rotated Kubernetes Secret takes effect without a restart. A file
-    that becomes unreadable or empty keeps the last good key.
-    """
-
-    __slots__ = ("_checked", "_key", "_mtime", "path")
-
-    def __init__(self, key: str, path: Path | None = None) -> None:
-        self._key = key
-        self.path = path
-        self._mtime = path.stat().st_mtime_ns if path is not None else 0
-        self._checked = 0.0
-
-    def __repr__(self) -> str:
-        return f"ApiKeySource(path={str(self.path) if self.path else None!r}, key='***')"
-
-    def current(self, now: float) -> str:
-        if self.path is not None and now - self._checked >= 1.0:
-            self._checked = now
-            try:
-                mtime = self.path.stat().st_mtime_ns
-                if mtime != self._mtime:
-                    key = self.path.read_text(encoding="utf-8").strip()
-                    if key:
-                        self._key, self._mtime = key, mtime
-            except OSError:
-                pass
-        return self._key
-
-
-@dataclass(frozen=True, slots=True)
-class Listen:
-    """Where a listener binds: ``host:port`` or ``unix:/path.sock``."""
-
-    host: str | None = None
-    port: int | None = None
-    path: str | None = None
-
-    @property
-    def is_unix(self) -> bool:
-        return self.path is not None
-
-    @property
-    def is_loopback(self) -> bool:
-        if self.path is not None:
-            return True
-        host = self.host or ""
-        if host == "localhost" or host.endswith(".localhost"):
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
-
-    def __str__(self) -> str:
-        if self.path is not None:
-            return f"unix:{self.path}"
-        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-    def url(self) -> str:
-        """A URL a local client can use to reach this listener."""
-        if self.path is not None:
-            return f"unix:{self.path}"
-        host = self.host or "127.0.0.1"
-        if host in ("0.0.0.0", "::"):
-            host = "127.0.0.1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
-
-    @classmethod
-    def parse(cls, value: str) -> Listen:
-        value = value.strip()
-        if value.startswith("unix:"):
-            path = value[5:]
-            if not path:
-                raise ValueError("unix: needs a socket path, e.g. unix:/run/sidecar.sock")
-            return cls(path=path)
-        host, sep, port_s = value.rpartition(":")
-        if not sep or not host:
-            raise ValueError(f"expected host:port or unix:/path.sock, got {value!r}")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        try:
-            port = int(port_s)
-        except ValueError:
-            raise ValueError(f"port must be a number, got {port_s!r}") from None
-        if not 0 <= port <= 65535:
-            raise ValueError(f"port must be 0-65535, got {port}")
-        return cls(host=host, port=port)
-
-
-_TRUE: Final = frozenset({"1", "true", "yes", "on"})
-_FALSE: Final = frozenset({"0", "false", "no", "off", ""})
-_LOG_LEVELS: Final = ("debug", "info", "warning", "error")
-
-
-#: Query and fragment options whose value is a credential (matched on the
-#: option's words, so ``ssl_keyfile`` stays visible and ``sentinel_password`` not).
-_CREDENTIAL_WORDS: Final = frozenset(
-    {
-        "apikey", "auth", "authorization", "code", "credential", "credentials", "jwt", "key",
-        "pass", "passphrase", "passwd", "password", "pwd", "secret", "session", "sig",
-        "signature", "token",
-    }
-)  # fmt: skip
-_CREDENTIAL_PARTS: Final = ("password", "secret", "token", "apikey", "credential")
-#: A URL in free text (a log line, an error): it ends at whitespace, a quote or a
-#: backslash (so a JSON escape next to it is never consumed).
-_URL_IN_TEXT: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s\"'<>`\\]+")
-
-
-def _is_credential(option: str) -> bool:
-    low = unquote(option).lower()
-    words = re.split(r"[^a-z0-9]+", low)
-    return any(w in _CREDENTIAL_WORDS for w in words) or any(p in low for p in _CREDENTIAL_PARTS)
-
-
-def _redact_options(options: str) -> str:
-    return "&".join(
-        f"{name}=***" if sep and _is_credential(name) else f"{name}{sep}{value}"
-        for name, sep, value in (part.partition("=") for part in options.split("&"))
-    )
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its credentials replaced by ``***``; never raises.
-
-    Hides the password (and a lone username, which some providers use as a
-    token) and the value of every credential-like query or fragment option
-    (``?sentinel_password=``, ``?token=``, ``?api_key=``). Works on the raw text,
-    so a host list (``h1:26379,h2:26379``) and an unparsable URL survive.
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    end = min((i for i in (rest.find(c) for c in "/?#") if i != -1), default=len(rest))
-    netloc, tail = rest[:end], rest[end:]
-    userinfo, at, hosts = netloc.rpartition("@")
-    if at:
-        user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}:***@{hosts}" if colon else f"***@{hosts}"
-    tail, hash_, fragment = tail.partition("#")
-    path, qmark, query = tail.partition("?")
-    if qmark:
-        query = _redact_options(query)
-    if hash_ and "=" in fragment:
-        fragment = _redact_options(fragment)
-    return f"{scheme}{sep}{netloc}{path}{qmark}{query}{hash_}{fragment}"
-
-
-def redact_text(text: str) -> str:
-    """``text`` with every ``scheme://...`` URL in it passed through ``redact_url``."""
-    if "://" not in text:
-        return text
-    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
-
-
-def _show(value: Any) -> str:
-    """How ``check-config`` prints a parsed value."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, frozenset):
-        return ",".join(sorted(value))
-    return str(value)
-
-
-def _text(value: str) -> str:
-    return value
-
-
-def _http_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected an http:// or https:// URL, got {redact_url(value)!r}")
-    if parts.query or parts.fragment:
-        raise ValueError("must not carry a query or fragment")
-    return value.rstrip("/")
-
-
-def _redis_url(value: str, _path: Path | None) -> Secret:
-    parse_redis_url(value)  # the forms and their options; its errors never repeat the URL
-    return Secret(value)
-
-
-def _secret_list(value: str, _path: Path | None) -> tuple[Secret, ...]:
-    parts = (s.strip() for s in value.replace("\n", ",").split(","))
-    secrets = tuple(Secret(s) for s in parts if s)
-    if not secrets:
-        raise ValueError("set but holds no secret")
-    return secrets
-
-
-def _bool(value: str) -> bool:
-    low = value.lower()
-    if low in _TRUE:
-        return True
-    if low in _FALSE:
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
-
-
-def _number(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"expected a number, got {value!r}") from None
-    if number != number or number in (float("inf"), float("-inf")):
-        raise ValueError(f"expected a finite number, got {value!r}")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    number = _number(value)
-    if number <= 0:
-        raise ValueError(f"must be greater than 0, got {value}")
-    return number
-
-
-def _non_negative_float(value: str) -> float:
-    number = _number(value)
-    if number < 0:
-        raise ValueError(f"must be 0 or more, got {value}")
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError(f"expected a whole number, got {value!r}") from None
-    if number < 0:
-        raise ValueError(f"must be 0 or more, got {value}")
-    return number
-
-
-def _positive_int(value: str) -> int:
-    number = _non_negative_int(value)
-    if number == 0:
-        raise ValueError("must be greater than 0")
-    return number
-
-
-def _pool_size(value: str) -> int:
-    number = _non_negative_int(value)
-    if number < 2:
-        # The fan-out subscription holds one pooled connection for good: with only
-        # one, every other command would wait for it and fail.
-        raise ValueError("must be at least 2 (the fan-out subscription holds one connection)")
-    return number
-
-
-def _snapshot_path(value: str) -> Path | None:
-    if not value:
-        return None
-    path = Path(value)
-    if path.is_dir():
-        raise ValueError(f"{value} is a directory (name a file in it)")
-    if not path.parent.is_dir():
-        raise ValueError(
-            f"directory {str(path.parent)!r} does not exist (mount a writable volume there)"
-        )
-    return path
-
-
-def _csv_set(value: str) -> frozenset[str]:
-    return frozenset(p.strip() for p in value.split(",") if p.strip())
-
-
-def _name_set(value: str) -> frozenset[str]:
-    return frozenset(name.lower() for name in _csv_set(value))
-
-
-def _log_level(value: str) -> Literal["debug", "info", "warning", "error"]:
-    low = value.lower()
-    if low not in _LOG_LEVELS:
-        raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)}, got {value!r}")
-    return low  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,7 +143,7 @@ def setting(
         help,
         doc,
         parse=lambda value, _path: parse(value),
-        show=show or _show,
+        show=show or shown,
         required=default is None,
     )
     if default is None:
@@ -514,14 +218,14 @@ class Settings:
     )
     tenant_id: str = setting(
         "VELLUM_TENANT_ID",
-        _text,
+        parse_text,
         None,
         help="the tenant this sidecar serves",
         doc="the tenant this sidecar serves",
     )
     base_url: str = setting(
         "VELLUM_BASE_URL",
-        _http_url,
+        parse_http_url,
         "https://api.vellumcharter.com",
         help="upstream base URL",
         doc="upstream base URL (`http://` or `https://`, no query); credentials in it are "
@@ -530,7 +234,7 @@ class Settings:
     )
     webhook_secrets: tuple[Secret, ...] = secret_setting(
         "VELLUM_WEBHOOK_SECRETS",
-        _secret_list,
+        parse_secret_list,
         unset=(),
         help="comma-separated push signing secrets",
         file_help="file holding the signing secrets (comma- or line-separated)",
@@ -542,7 +246,7 @@ class Settings:
     )
     redis_url: Secret | None = secret_setting(
         "SIDECAR_REDIS_URL",
-        _redis_url,
+        parse_redis_secret,
         help="redis://, rediss://, unix:// or redis+sentinel:// URL; unset = memory only",
         file_help="file holding SIDECAR_REDIS_URL (keeps a Redis password out of a ConfigMap)",
         doc="`redis://`, `rediss://` (TLS), `unix://` or `redis+sentinel://` URL, or Cluster "
@@ -554,7 +258,7 @@ class Settings:
     )
     redis_cluster: bool = setting(
         "SIDECAR_REDIS_CLUSTER",
-        _bool,
+        parse_bool,
         "false",
         help="true when SIDECAR_REDIS_URL names Cluster nodes",
         doc="`true` when `SIDECAR_REDIS_URL` names Redis Cluster nodes (`redis://n1:6379,n2:6379`)",
@@ -582,14 +286,14 @@ class Settings:
     )
     cache_ttl: float = setting(
         "SIDECAR_CACHE_TTL",
-        _positive_float,
+        parse_positive_float,
         "300",
         help="seconds an entitlement stays fresh",
         doc="seconds an entitlement stays fresh (jittered ±10 %)",
     )
     flags_ttl: float = setting(
         "SIDECAR_FLAGS_TTL",
-        _positive_float,
+        parse_positive_float,
         "30",
         help="seconds a customer's flags (and the global flags) stay fresh",
         doc="seconds a customer's flags and the tenant's global flags stay fresh (jittered "
@@ -597,21 +301,21 @@ class Settings:
     )
     stale_ttl: float = setting(
         "SIDECAR_STALE_TTL",
-        _non_negative_float,
+        parse_non_negative_float,
         "86400",
         help="seconds a stale entry may be served if upstream fails",
         doc="seconds past freshness a stale entry may still be served while the upstream fails",
     )
     negative_ttl: float = setting(
         "SIDECAR_NEGATIVE_TTL",
-        _non_negative_float,
+        parse_non_negative_float,
         "30",
         help="seconds an unknown customer (404) stays cached",
         doc='seconds a "customer not found" (upstream 404) stays cached (jittered ±10 %)',
     )
     negative_stale_ttl: float = setting(
         "SIDECAR_NEGATIVE_STALE_TTL",
-        _non_negative_float,
+        parse_non_negative_float,
         "600",
         help="seconds past freshness a 'not found' may be served stale",
         doc='seconds past freshness a "customer not found" may still be served stale while '
@@ -621,7 +325,7 @@ class Settings:
     )
     strict_drops: bool = setting(
         "SIDECAR_STRICT_DROPS",
-        _bool,
+        parse_bool,
         "false",
         help="true: never serve stale what a push, DELETE or write dropped",
         doc="`false`: a dropped entry (a push, a cache `DELETE`, a billing write) is "
@@ -633,7 +337,7 @@ class Settings:
     )
     memory_max_entries: int = setting(
         "SIDECAR_MEMORY_MAX_ENTRIES",
-        _non_negative_int,
+        parse_non_negative_int,
         "100000",
         help="in-process cache size (LRU)",
         doc="entries in the in-process layer, per document kind (entitlements, flags; least "
@@ -641,7 +345,7 @@ class Settings:
     )
     memory_ttl: float = setting(
         "SIDECAR_MEMORY_TTL",
-        _non_negative_float,
+        parse_non_negative_float,
         "10",
         help="seconds an entry lives in-process while the fan-out is not confirmed",
         doc="with Redis, while the fan-out subscription is not confirmed live: seconds the "
@@ -653,14 +357,14 @@ class Settings:
     )
     allow_remote: bool = setting(
         "SIDECAR_ALLOW_REMOTE",
-        _bool,
+        parse_bool,
         "false",
         help="true to bind the local API off loopback",
         doc="must be `true` to bind the local API to a non-loopback address",
     )
     allowed_hosts: frozenset[str] = setting(
         "SIDECAR_ALLOWED_HOSTS",
-        _name_set,
+        parse_name_set,
         "",
         help="extra Host names the local API accepts",
         doc="extra `Host` names the local API accepts (the browser guard); a non-wildcard "
@@ -668,7 +372,7 @@ class Settings:
     )
     forward_unknown: bool = setting(
         "SIDECAR_FORWARD_UNKNOWN",
-        _bool,
+        parse_bool,
         "true",
         help="false to refuse mirror paths the operation table does not know",
         doc="`true`: a tenant-scoped mirror path the sidecar does not know (an operation newer "
@@ -679,28 +383,28 @@ class Settings:
     )
     upstream_timeout: float = setting(
         "SIDECAR_UPSTREAM_TIMEOUT",
-        _positive_float,
+        parse_positive_float,
         "5",
         help="total seconds for one upstream call, retries included",
         doc="total seconds for one upstream call, retries included",
     )
     upstream_connect_timeout: float = setting(
         "SIDECAR_UPSTREAM_CONNECT_TIMEOUT",
-        _positive_float,
+        parse_positive_float,
         "2",
         help="seconds to connect to the upstream",
         doc="seconds to open a connection to the upstream",
     )
     redis_timeout: float = setting(
         "SIDECAR_REDIS_TIMEOUT",
-        _positive_float,
+        parse_positive_float,
         "0.5",
         help="seconds for one Redis command or connect",
         doc="seconds for one Redis command, connect, or wait for a pooled connection",
     )
     redis_pool_size: int = setting(
         "SIDECAR_REDIS_POOL_SIZE",
-        _pool_size,
+        parse_pool_size,
         "50",
         help="maximum Redis connections",
         doc="maximum Redis connections (per worker; per node for a Cluster), at least 2: "
@@ -709,7 +413,7 @@ class Settings:
     )
     fail_open_modules: frozenset[str] = setting(
         "SIDECAR_FAIL_OPEN_MODULES",
-        _csv_set,
+        parse_csv_set,
         "",
         help="modules that `can` allows when no answer exists",
         doc='comma-separated modules that `can` allows (with `"fallback": true`) when no '
@@ -717,28 +421,28 @@ class Settings:
     )
     shutdown_grace: float = setting(
         "SIDECAR_SHUTDOWN_GRACE",
-        _non_negative_float,
+        parse_non_negative_float,
         "10",
         help="seconds in-flight requests get on SIGTERM",
         doc="seconds in-flight requests get to finish after SIGTERM",
     )
     log_level: str = setting(
         "SIDECAR_LOG_LEVEL",
-        _log_level,
+        parse_log_level,
         "info",
         help="debug, info, warning or error",
         doc="`debug`, `info`, `warning` or `error`; logs are one JSON object per line on stderr",
     )
     access_log: bool = setting(
         "SIDECAR_ACCESS_LOG",
-        _bool,
+        parse_bool,
         "false",
         help="true to log every request (off the hot path by default)",
         doc="`true` logs every request (off by default: it costs on the hot path)",
     )
     workers: int = setting(
         "SIDECAR_WORKERS",
-        _positive_int,
+        parse_positive_int,
         "1",
         help="worker processes sharing the listeners; >1 needs Redis",
         doc="worker processes serving the same addresses (`SO_REUSEPORT`), one supervisor; more "
@@ -748,7 +452,7 @@ class Settings:
     # -- listener limits, guards, active checks and drain (docs/operations.md) --------
     header_timeout: float = setting(
         "SIDECAR_HEADER_TIMEOUT",
-        _positive_float,
+        parse_positive_float,
         "5",
         help="seconds a request's line and headers may take to arrive",
         doc="seconds a request's line and headers may take to arrive (a slow client gets a "
@@ -757,14 +461,14 @@ class Settings:
     )
     body_timeout: float = setting(
         "SIDECAR_BODY_TIMEOUT",
-        _positive_float,
+        parse_positive_float,
         "10",
         help="seconds a request body may take to arrive after its headers",
         doc="seconds a request body may take to arrive after its headers (408, then closed)",
     )
     keepalive_timeout: float = setting(
         "SIDECAR_KEEPALIVE_TIMEOUT",
-        _positive_float,
+        parse_positive_float,
         "30",
         help="seconds an idle keep-alive connection stays open",
         doc="seconds an idle keep-alive connection stays open (the tiny clients retry a "
@@ -772,7 +476,7 @@ class Settings:
     )
     max_connections: int = setting(
         "SIDECAR_MAX_CONNECTIONS",
-        _positive_int,
+        parse_positive_int,
         "1024",
         help="open connections the local API accepts",
         doc="open connections the local API accepts; beyond it new connections are refused "
@@ -780,21 +484,21 @@ class Settings:
     )
     webhook_max_connections: int = setting(
         "SIDECAR_WEBHOOK_MAX_CONNECTIONS",
-        _positive_int,
+        parse_positive_int,
         "128",
         help="open connections the webhook listener accepts",
         doc="open connections the webhook listener accepts",
     )
     ops_max_connections: int = setting(
         "SIDECAR_OPS_MAX_CONNECTIONS",
-        _positive_int,
+        parse_positive_int,
         "32",
         help="open connections the ops listener accepts",
         doc="open connections the ops listener accepts",
     )
     ops_allowed_hosts: frozenset[str] = setting(
         "SIDECAR_OPS_ALLOWED_HOSTS",
-        _name_set,
+        parse_name_set,
         "",
         help="Host names the ops listener accepts besides loopback names and IP literals "
         "(.suffix matches subdomains)",
@@ -804,7 +508,7 @@ class Settings:
     )
     check_interval: float = setting(
         "SIDECAR_CHECK_INTERVAL",
-        _positive_float,
+        parse_positive_float,
         "0.25",
         help="seconds between Redis PINGs and fan-out heartbeats",
         doc="seconds between the active Redis PINGs and the fan-out subscription's heartbeats "
@@ -812,7 +516,7 @@ class Settings:
     )
     upstream_check_interval: float = setting(
         "SIDECAR_UPSTREAM_CHECK_INTERVAL",
-        _non_negative_float,
+        parse_non_negative_float,
         "1",
         help="seconds between upstream checks while idle; 0: off",
         doc="seconds without an upstream answer after which one authenticated check is sent "
@@ -820,7 +524,7 @@ class Settings:
     )
     shutdown_drain: float = setting(
         "SIDECAR_SHUTDOWN_DRAIN",
-        _non_negative_float,
+        parse_non_negative_float,
         "1",
         help="seconds after SIGTERM that open connections still get answers "
         "(with Connection: close)",
@@ -830,7 +534,7 @@ class Settings:
     # -- warm start: the local snapshot and readiness (docs/operations.md) -------------
     snapshot_file: Path | None = setting(
         "SIDECAR_SNAPSHOT_FILE",
-        _snapshot_path,
+        parse_snapshot_path,
         "",
         help="file the in-process layer is saved to and loaded from at start; empty: off",
         doc="file the in-process layer (every document kind, with its freshness and stale "
@@ -843,7 +547,7 @@ class Settings:
     )
     snapshot_interval: float = setting(
         "SIDECAR_SNAPSHOT_INTERVAL",
-        _positive_float,
+        parse_positive_float,
         "10",
         help="seconds between snapshot writes (skipped when nothing changed)",
         doc="seconds between snapshot writes (none when nothing changed since the last); a "
@@ -851,7 +555,7 @@ class Settings:
     )
     wait_for_data: bool = setting(
         "SIDECAR_WAIT_FOR_DATA",
-        _bool,
+        parse_bool,
         "false",
         help="true: /readyz stays 503 until a snapshot loaded, Redis answered or the "
         "upstream answered",
