@@ -305,7 +305,7 @@ def table(r: dict[str, Any]) -> str:
     ]
     labels = {
         "no_write": "no snapshot write",
-        "chunked": "writing: encoded on the loop in 1 ms slices, I/O in a thread (shipped)",
+        "chunked": "writing: on the loop, 1 ms slices and pauses, I/O in a thread (shipped)",
         "thread": "writing: encoded and written in a thread",
         "fork": "writing: a forked child encodes and writes",
     }
