@@ -27,12 +27,14 @@ from .appkeys import (
     OFREP_STREAMS,
     REDIS,
     SETTINGS,
+    SNAPSHOT,
     TRACING,
     UPSTREAM,
     Lifecycle,
 )
 from .cache.cache import Caches
 from .cache.invalidation import Invalidator
+from .cache.snapshot import Snapshotter
 from .config import Settings
 from .health import HealthMonitor
 from .http.guard import HostGuard
@@ -70,6 +72,7 @@ def create_app(
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_cache_ctx)
+    app.cleanup_ctx.append(_snapshot_ctx)
     app.cleanup_ctx.append(_health_ctx)
     app.cleanup_ctx.append(_streams_ctx)
     app.cleanup_ctx.append(_drops_traced_ctx)
@@ -150,10 +153,33 @@ async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
     await caches.close()
 
 
+async def _snapshot_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The local snapshot (cache/snapshot.py): loaded here, at start-up, so before the
+    listeners report ready; written every interval, and once more on the way out
+    (after the listeners finished their requests, before the caches close)."""
+    settings = app[SETTINGS]
+    if settings.snapshot_file is None:
+        app[SNAPSHOT] = None
+        yield
+        return
+    snapshotter = Snapshotter(
+        settings.snapshot_file,
+        tenant=settings.tenant_id,
+        interval=settings.snapshot_interval,
+        caches=app[CACHES],
+        metrics=app[METRICS],
+    )
+    app[SNAPSHOT] = snapshotter
+    await snapshotter.load()
+    snapshotter.start()
+    yield
+    await snapshotter.stop()
+
+
 async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
     """The active checks behind /readyz (sidecar/health.py)."""
     monitor = HealthMonitor(
-        app[SETTINGS], app[UPSTREAM], app[REDIS], app[INVALIDATOR], app[METRICS]
+        app[SETTINGS], app[UPSTREAM], app[REDIS], app[INVALIDATOR], app[METRICS], app[SNAPSHOT]
     )
     app[HEALTH] = monitor
     monitor.start()

@@ -67,6 +67,7 @@ _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0,
 )  # fmt: skip
+_SNAPSHOT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class Metrics:
@@ -212,6 +213,39 @@ class Metrics:
             ["method", "shape"], registry=r,
         )  # fmt: skip
         self._unknown_shapes: set[str] = set()
+        # The local snapshot (sidecar/cache/snapshot.py).
+        self.snapshot_loads = Counter(
+            f"{p}_snapshot_loads", "Snapshot loads at start by result: loaded, absent "
+            "(no file yet), or why the file was ignored (damaged, truncated, foreign_tenant, "
+            "newer_format, unreadable).", ["result"], registry=r,
+        )  # fmt: skip
+        self.snapshot_loaded_entries = Gauge(
+            f"{p}_snapshot_loaded_entries",
+            "Entries installed from the snapshot at start (the stale fallback), every kind.",
+            registry=r,
+        )  # fmt: skip
+        self.snapshot_load_seconds = Gauge(
+            f"{p}_snapshot_load_seconds", "Seconds the start-up snapshot load took.", registry=r,
+        )  # fmt: skip
+        self.snapshot_writes = Counter(
+            f"{p}_snapshot_writes", "Snapshot writes by result (ok, error).", ["result"],
+            registry=r,
+        )  # fmt: skip
+        self.snapshot_write_seconds = Histogram(
+            f"{p}_snapshot_write_duration_seconds",
+            "Seconds one snapshot write took, encoding (on the event loop, in slices) to the "
+            "rename.", buckets=_SNAPSHOT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.snapshot_entries = Gauge(
+            f"{p}_snapshot_entries", "Entries in the last snapshot written.", registry=r,
+        )  # fmt: skip
+        self.snapshot_bytes = Gauge(
+            f"{p}_snapshot_bytes", "Size of the last snapshot written.", registry=r,
+        )  # fmt: skip
+        self.snapshot_last_write = Gauge(
+            f"{p}_snapshot_last_write_timestamp_seconds",
+            "Unix time of the last snapshot written (0: none yet).", registry=r,
+        )  # fmt: skip
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one local API request and its latency (the hot path: one dict lookup)."""

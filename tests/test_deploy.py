@@ -28,7 +28,7 @@ import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -282,11 +282,31 @@ def test_compose_publishes_the_local_api_on_loopback_only() -> None:
     assert WEBHOOK_PORT not in by_container, "the emulator reaches it on the compose network"
 
 
-def test_compose_sidecar_settings_are_valid() -> None:
+def compose_state_dir(value: str) -> str:
+    """The named volume mounted (writable) at the directory of the snapshot file
+    ``value``: the image's root is read-only."""
+    directory = str(PurePosixPath(value).parent)
+    mounts = dict(reversed(v.split(":")[:2]) for v in SERVICES["sidecar"].get("volumes", []))
+    assert directory in mounts, f"no volume mounted at {directory}"
+    assert mounts[directory] in COMPOSE["volumes"], "a named volume: it outlives the container"
+    return directory
+
+
+def local_snapshot_path(env: dict[str, str], workdir: Path) -> None:
+    """Point SIDECAR_SNAPSHOT_FILE (a path on the container's volume) into ``workdir``."""
+    value = env.get("SIDECAR_SNAPSHOT_FILE")
+    if value is not None:
+        (workdir / "state").mkdir(parents=True, exist_ok=True)
+        env["SIDECAR_SNAPSHOT_FILE"] = str(workdir / "state" / PurePosixPath(value).name)
+
+
+def test_compose_sidecar_settings_are_valid(tmp_path: Path) -> None:
     env = compose_env("sidecar")
     assert set(env) <= VARIABLE_NAMES, set(env) - VARIABLE_NAMES
+    compose_state_dir(env["SIDECAR_SNAPSHOT_FILE"])
+    local_snapshot_path(env, tmp_path)
     for name, value in list(env.items()):
-        if name.endswith("_FILE"):
+        if name.endswith("_FILE") and name != "SIDECAR_SNAPSHOT_FILE":
             env[name] = str(compose_secret_file("sidecar", value))
     settings = Settings.from_env(env)  # raises ConfigError naming any bad variable
     assert settings.redis_url is not None
@@ -391,6 +411,7 @@ def compose_stack(tmp_path: Path, redis_url: str) -> Iterator[dict[str, str]]:
         for name, value in env.items():
             if value.startswith("/run/secrets/"):
                 env[name] = str(compose_secret_file(service, value))
+    local_snapshot_path(side_env, tmp_path)
     assert side_env["SIDECAR_REDIS_URL"].startswith("redis://redis:")
     side_env["SIDECAR_REDIS_URL"] = redis_url
     side_env["SIDECAR_WEBHOOK_LISTEN"] = f"127.0.0.1:{hooks}"
@@ -482,6 +503,9 @@ INJECT = "vellum-sidecar/inject"
 RSS_AT_START_MIB = 61
 RSS_PEAK_MIB = 227
 RSS_PEAK_ENTRIES = 100_000
+#: The snapshot of those 100,000 customers: 24 MiB of entitlement documents like the
+#: bench's (bench.snapshot: 25.0 MB), and their flags documents as much again at most.
+SNAPSHOT_MIB = 48
 
 
 def container_port(container: dict[str, Any], name_or_number: str | int) -> int:
@@ -602,6 +626,24 @@ def test_workers_get_a_writable_tmp() -> None:
     assert 'tempfile.mkdtemp(prefix="vellum-sidecar-")' in workers, "no dir=: TMPDIR or /tmp"
 
 
+def test_the_snapshot_lives_on_a_volume_the_sidecar_owns() -> None:
+    """SIDECAR_SNAPSHOT_FILE is on, in compose and in the Component, on a writable
+    volume (the root filesystem is read-only); the image's directory there belongs to
+    its user (Docker seeds a new named volume from it)."""
+    uid, gid = image_user()
+    [mkdir] = [r for r in RUNTIME.all("RUN") if "/var/lib/vellum-sidecar" in r]
+    assert f"chown {uid}:{gid} /var/lib/vellum-sidecar" in mkdir
+    compose_file = compose_env("sidecar")["SIDECAR_SNAPSHOT_FILE"]
+    assert compose_state_dir(compose_file) == "/var/lib/vellum-sidecar"
+    env = {e["name"]: e.get("value") for e in SIDECAR["env"]}
+    assert env["SIDECAR_SNAPSHOT_FILE"] == compose_file
+    [mount] = [m for m in SIDECAR["volumeMounts"] if m["mountPath"] == "/var/lib/vellum-sidecar"]
+    assert not mount.get("readOnly", False)
+    [volume] = [v for v in POD_PATCH["spec"]["volumes"] if v["name"] == mount["name"]]
+    limit = mebibytes(volume["emptyDir"]["sizeLimit"])
+    assert limit >= 2 * SNAPSHOT_MIB, "room for the file twice (a write replaces it)"
+
+
 def test_component_renders_onto_a_deployment_and_a_statefulset(tmp_path: Path) -> None:
     source = {
         d["metadata"]["name"]: d
@@ -650,8 +692,14 @@ def settings_from_k8s_env(
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod_spec["volumes"]}
     workdir.mkdir()
+    if "SIDECAR_SNAPSHOT_FILE" in env:
+        directory = str(PurePosixPath(env["SIDECAR_SNAPSHOT_FILE"]).parent)
+        mount = mounts[directory]
+        assert not mount.get("readOnly", False)
+        assert "emptyDir" in volumes[mount["name"]], "the snapshot's volume"
+        local_snapshot_path(env, workdir)
     for name, value in list(env.items()):
-        if not name.endswith("_FILE"):
+        if not name.endswith("_FILE") or name == "SIDECAR_SNAPSHOT_FILE":
             continue
         directory, _, item = value.rpartition("/")
         mount = mounts[directory]
