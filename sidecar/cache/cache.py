@@ -402,10 +402,6 @@ class DocumentCache:
             if overtaken is not None:
                 overtaken.invalidated = True
 
-    def entries(self) -> Iterable[tuple[str, Entry]]:
-        """The in-process entries, least recently used first (a snapshot of the dict)."""
-        return list(self.memory.data.items())
-
     async def close(self) -> None:
         tasks = [f.task for f in self._inflight.values() if f.task is not None]
         await cancel_and_wait([*tasks, *self._background])
