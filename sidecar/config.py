@@ -653,6 +653,17 @@ class Settings:
         help="seconds to connect to the upstream",
         doc="seconds to open a connection to the upstream",
     )
+    upstream_max_waiting: int = setting(
+        "SIDECAR_UPSTREAM_MAX_WAITING",
+        _positive_int,
+        "256",
+        help="upstream calls that may be under way or waiting at once; beyond, 503 at once",
+        doc="upstream calls that may be under way or waiting for one of the 100 upstream "
+        "connections at once (at most half of `SIDECAR_MAX_CONNECTIONS`); beyond it an "
+        "uncached read is answered 503 `upstream_overloaded` with `Retry-After` at once, "
+        "while a cached entry still answers (stale if it must). See [Overload]"
+        "(docs/operations.md#overload-waiting-on-the-upstream)",
+    )
     redis_timeout: float = setting(
         "SIDECAR_REDIS_TIMEOUT",
         _positive_float,
@@ -724,6 +735,24 @@ class Settings:
         help="seconds a request body may take to arrive after its headers",
         doc="seconds a request body may take to arrive after its headers (408, then closed)",
     )
+    webhook_body_timeout: float = setting(
+        "SIDECAR_WEBHOOK_BODY_TIMEOUT",
+        _positive_float,
+        "2",
+        help="seconds a push's body may take to arrive on the webhook listener",
+        doc="seconds a push's body may take to arrive after its headers on the webhook "
+        "listener (signed pushes are small; 408, then closed)",
+    )
+    min_rate: float = setting(
+        "SIDECAR_MIN_RATE",
+        _non_negative_float,
+        "500",
+        help="bytes/s a request's head and body must average after their first second; 0: off",
+        doc="bytes per second a request's head (from its first byte) and body (from the end of "
+        "its head) must average on every listener once their first second is over (Apache "
+        "`mod_reqtimeout`'s `MinRate`); slower ones are cut with a JSON 408, and at a "
+        "connection cap the slowest goes first. `0` turns the minimum off",
+    )
     keepalive_timeout: float = setting(
         "SIDECAR_KEEPALIVE_TIMEOUT",
         _positive_float,
@@ -753,6 +782,15 @@ class Settings:
         "32",
         help="open connections the ops listener accepts",
         doc="open connections the ops listener accepts",
+    )
+    max_streams: int = setting(
+        "SIDECAR_MAX_STREAMS",
+        _non_negative_int,
+        "256",
+        help="open OFREP event streams the local API holds, apart from its connection cap",
+        doc="open OFREP event streams (`GET /ofrep/v1/events`) the local API holds; a stream's "
+        "connection does not count toward `SIDECAR_MAX_CONNECTIONS`, and beyond this a new "
+        "stream is refused 503 (`0`: no streams)",
     )
     ops_allowed_hosts: frozenset[str] = setting(
         "SIDECAR_OPS_ALLOWED_HOSTS",

@@ -30,10 +30,13 @@ from .served import ServeFactory, exchange, json_of, serve, status_of
 
 __all__ = ["serve"]
 
+#: Short deadlines, the minimum rate off: the deadlines alone (the rate has its own tests).
 FAST = {
     "SIDECAR_HEADER_TIMEOUT": "0.5",
     "SIDECAR_BODY_TIMEOUT": "0.6",
+    "SIDECAR_WEBHOOK_BODY_TIMEOUT": "0.6",
     "SIDECAR_KEEPALIVE_TIMEOUT": "0.8",
+    "SIDECAR_MIN_RATE": "0",
 }
 LISTENERS = ("local", "webhooks", "ops")
 HEAD = {
@@ -118,7 +121,11 @@ async def test_keep_alive_connections_close_when_idle(serve: ServeFactory) -> No
 async def test_the_cap_refuses_busy_connections_and_evicts_idle_ones(
     serve: ServeFactory,
 ) -> None:
-    sc = await serve(SIDECAR_WEBHOOK_MAX_CONNECTIONS="3", SIDECAR_HEADER_TIMEOUT="3")
+    # No minimum rate: these heads are judged by their age alone (the rate's own
+    # cases are below).
+    sc = await serve(
+        SIDECAR_WEBHOOK_MAX_CONNECTIONS="3", SIDECAR_HEADER_TIMEOUT="3", SIDECAR_MIN_RATE="0"
+    )
     port = sc.ports["webhooks"]
     ask = b"GET /webhooks/vellum HTTP/1.1\r\nHost: localhost\r\n\r\n"  # a JSON 405
     # Three connections each in the middle of a request: none may be closed for room...

@@ -13,17 +13,34 @@ ops) is therefore served by :class:`GuardedRunner`, whose connections are
   A connection cut with part of a request read gets a JSON 408 first; one that
   sent nothing is closed silently (an unsolicited 408 on a connection the
   client considers idle would be read as the answer to its next request);
-- **a body deadline** (``SIDECAR_BODY_TIMEOUT``): the whole body must arrive
-  within N seconds of the headers. The handler reading it gets a JSON 408 and
-  the connection closes after the answer;
+- **a body deadline** (``SIDECAR_BODY_TIMEOUT``; the webhook listener's own,
+  shorter ``SIDECAR_WEBHOOK_BODY_TIMEOUT``, since signed pushes are small): the
+  whole body must arrive within N seconds of the headers. The handler reading
+  it gets a JSON 408 and the connection closes after the answer;
+- **a minimum transfer rate** (``SIDECAR_MIN_RATE``, Apache ``mod_reqtimeout``'s
+  ``MinRate``): a request's head, from its first byte, and its body, from the end
+  of its head, must average that many bytes a second once their first second
+  (``grace``) is over, whatever their deadline: a body one byte every half
+  second is cut after about a second, not after the whole body deadline. Cut the
+  same way (a JSON 408), counted as ``too_slow``. Time during which the sidecar
+  itself stopped reading (flow control: a handler not reading its body yet) does
+  not count against the client;
 - **a keep-alive idle timeout** (``SIDECAR_KEEPALIVE_TIMEOUT``, aiohttp's own);
 - **a cap on open connections** per listener (``SIDECAR_MAX_CONNECTIONS``,
   ``SIDECAR_WEBHOOK_MAX_CONNECTIONS``, ``SIDECAR_OPS_MAX_CONNECTIONS``). At the
-  cap, the connection idle the longest (waiting for a next request, nothing of
-  one read) is closed to make room, so idle sockets cannot crowd out working
-  ones, and failing that the one whose request head has been dribbling in
-  the longest (a second or more); when there is neither, the new socket is
-  answered a JSON 503 and closed.
+  cap a new connection is let in by closing the connection making the least
+  progress: the one idle the longest (waiting for a next request, nothing of
+  one read), else the one whose head or body is arriving the slowest (below
+  the minimum rate for at least ``evict_after``, or a head still incomplete
+  after ``grace``), so no set of slow peers can hold a listener shut against a
+  client that sends at a normal pace; when every connection is busy with a
+  request already read (a handler running), the new socket is answered a JSON
+  503 and closed;
+- **a separate cap for event streams** (``SIDECAR_MAX_STREAMS``): a request
+  that becomes a long-lived stream (``GET /ofrep/v1/events``) moves its
+  connection out of the connection cap into the stream cap
+  (:func:`begin_stream`), so open streams never shut out requests; beyond the
+  stream cap a new stream is refused (the handler answers 503).
 
 What the HTTP parser refuses (a request line over ``MAX_LINE_SIZE``, headers
 over ``MAX_FIELD_SIZE``, malformed HTTP) is answered with the JSON error
@@ -35,7 +52,12 @@ carries ``Connection: close``, so each open connection gets the answer to the
 request it sends and then closes.
 
 Everything refused or cut is counted in
-``vellum_sidecar_connections_refused_total{listener, reason}``.
+``vellum_sidecar_connections_refused_total{listener, reason}`` (every reason is
+exported from the start, at 0).
+
+The hot path (``data_received``, once per chunk read) adds one byte count and,
+once per request, a clock read; every deadline and rate is checked by one sweep
+per listener, and a victim is only looked for at the cap.
 """
 
 from __future__ import annotations
@@ -46,7 +68,7 @@ import logging
 import resource
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
 import orjson
 from aiohttp import web
@@ -67,12 +89,14 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_FIELD_SIZE",
     "MAX_LINE_SIZE",
+    "REASONS",
     "BodyTimeout",
     "GuardedProtocol",
     "GuardedRunner",
     "GuardedServer",
     "ListenerGuard",
     "ListenerLimits",
+    "begin_stream",
     "fit_to_fd_limit",
     "listener_guards",
     "raise_fd_limit",
@@ -95,12 +119,16 @@ _MIN_CAP: Final = 4
 
 Reason = Literal[
     "max_connections",
+    "max_streams",
     "idle_evicted",
     "slow_evicted",
+    "too_slow",
     "header_timeout",
     "body_timeout",
     "bad_request",
 ]
+#: Every reason, each exported from the start (at 0) for every listener.
+REASONS: Final[tuple[Reason, ...]] = get_args(Reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +137,11 @@ class ListenerLimits:
     body_timeout: float = 10.0
     keepalive_timeout: float = 30.0
     max_connections: int = 1024
+    #: Open event streams, held apart from ``max_connections`` (0: none allowed).
+    max_streams: int = 0
+    #: Bytes a second a head (from its first byte) or a body (from the end of its
+    #: head) must average once its first ``grace`` is over; 0: no minimum.
+    min_rate: float = 500.0
 
     #: The listen backlog, which is also how many sockets asyncio accepts at once.
     #: A refused socket is closed on the next loop iteration, so a flood holds up
@@ -118,7 +151,7 @@ class ListenerLimits:
 
 
 class BodyTimeout(web.HTTPRequestTimeout):
-    """Raised to the handler reading a body that did not arrive in time."""
+    """Raised to the handler reading a body that did not arrive in time (or fast enough)."""
 
 
 def _raw_error(status: int, reason: str, code: str, message: str) -> bytes:
@@ -132,11 +165,12 @@ def _raw_error(status: int, reason: str, code: str, message: str) -> bytes:
 
 
 class ListenerGuard:
-    """One listener's limits, its open connections, its counters and its drain state.
+    """One listener's limits, its open connections and streams, its counters and its
+    drain state.
 
     The deadlines are enforced by one sweep over the open connections every
     ``sweep_interval`` seconds rather than by a timer per request: the hot
-    path only stores a timestamp.
+    path only stores a timestamp and counts bytes.
     """
 
     def __init__(
@@ -146,22 +180,40 @@ class ListenerGuard:
         *,
         refused: Counter | None = None,
         open_gauge: Gauge | None = None,
+        streams_gauge: Gauge | None = None,
     ) -> None:
         self.name = name
         self.limits = limits
         self._refused = refused
+        if refused is not None:
+            for reason in REASONS:
+                refused.labels(name, reason)
         self._open_gauge = open_gauge.labels(name) if open_gauge is not None else None
+        self._streams_gauge = streams_gauge
         self.connections: dict[GuardedProtocol, None] = {}
+        #: Connections carrying an event stream: outside ``connections`` and its cap.
+        self.streams: dict[GuardedProtocol, None] = {}
         self.draining = False
         self._drained: asyncio.Event | None = None
         self._sweeper: asyncio.Task[None] | None = None
-        #: At the cap, a head still incomplete after this long may be closed for room.
-        self.slow_head = min(1.0, limits.header_timeout / 2)
-        #: A deadline is noticed at most this late.
-        self.sweep_interval = min(max(min(limits.header_timeout, limits.body_timeout) / 5, 0.05), 1)
+        #: A head's or body's first seconds, before the minimum rate applies to it
+        #: (mod_reqtimeout's initial timeout); at the cap, a head still incomplete
+        #: after this long may be closed for room whatever its rate.
+        self.grace = min(1.0, limits.header_timeout / 2)
+        #: At the cap, a head or body younger than this is never closed for room:
+        #: a client just accepted has not had the time to send.
+        self.evict_after = min(0.25, self.grace / 2)
+        #: A deadline or a rate is noticed at most this late.
+        self.sweep_interval = min(
+            max(min(limits.header_timeout, limits.body_timeout, 2 * self.grace) / 5, 0.05), 1
+        )
         self._timeout_answer = _raw_error(
             408, "Request Timeout", "request_timeout",
             f"the request's headers did not arrive within {limits.header_timeout:g} s",
+        )  # fmt: skip
+        self._slow_answer = _raw_error(
+            408, "Request Timeout", "request_timeout",
+            f"the request's headers arrived slower than {limits.min_rate:g} bytes/s",
         )  # fmt: skip
         self._busy_answer = _raw_error(
             503, "Service Unavailable", "too_many_connections",
@@ -197,33 +249,61 @@ class ListenerGuard:
 
     def _closed(self, protocol: GuardedProtocol) -> None:
         self.connections.pop(protocol, None)
+        if self.streams.pop(protocol, 0) is None and self._streams_gauge is not None:
+            self._streams_gauge.set(len(self.streams))
         if self._open_gauge is not None:
             self._open_gauge.set(len(self.connections))
         if not self.connections and self._drained is not None:
             self._drained.set()
 
+    def _to_stream(self, protocol: GuardedProtocol) -> bool:
+        """Move ``protocol`` from the connection cap to the stream cap, room permitting."""
+        if protocol in self.streams:
+            return True
+        if len(self.streams) >= self.limits.max_streams:
+            self.count("max_streams")
+            return False
+        self.streams[protocol] = None
+        if self._streams_gauge is not None:
+            self._streams_gauge.set(len(self.streams))
+        self.connections.pop(protocol, None)
+        if self._open_gauge is not None:
+            self._open_gauge.set(len(self.connections))
+        if not self.connections and self._drained is not None:
+            self._drained.set()
+        return True
+
     def admit(self, now: float) -> bool:
         """Room for one more connection: below the cap, or once one is closed for it.
 
-        At the cap the connection idle the longest goes first; failing that,
-        the one whose request head has been dribbling in the longest, once it
-        has taken ``slow_head`` seconds (a real client sends its head in
-        milliseconds), so a slowloris must keep opening a whole cap's worth of
-        sockets every ``slow_head`` seconds to keep others out.
+        At the cap the connection idle the longest goes first; failing that, the
+        one whose head or body arrives the slowest (``GuardedProtocol.lagging``),
+        so slow peers must keep sending at the minimum rate on every one of a
+        cap's connections to keep a normal client out. One pass over the
+        connections, only at the cap.
         """
         if len(self.connections) < self.limits.max_connections:
             return True
-        idle = [p for p in self.connections if p.idle]
-        if idle:
-            victim = min(idle, key=lambda p: p.idle_since)
-            self.count("idle_evicted")
+        idle: GuardedProtocol | None = None
+        slow: GuardedProtocol | None = None
+        slowest = (float("inf"), 0.0)
+        for p in self.connections:
+            if p.idle:
+                if idle is None or p.idle_since < idle.idle_since:
+                    idle = p
+            elif idle is None:
+                rank = p.lagging(now)
+                if rank is not None and rank < slowest:
+                    slow, slowest = p, rank
+        reason: Reason
+        if idle is not None:
+            victim, reason = idle, "idle_evicted"
+        elif slow is not None:
+            victim, reason = slow, "slow_evicted"
         else:
-            slow = [p for p in self.connections if p.head_waiting_since(now, self.slow_head)]
-            if not slow:
-                return False
-            victim = min(slow, key=lambda p: p.head_since or now)
-            self.count("slow_evicted")
-        victim.force_close()
+            return False
+        self.count(reason)
+        victim.evict()
         self._closed(victim)
         return True
 
@@ -235,7 +315,7 @@ class ListenerGuard:
             self._drained.set()
 
     async def wait_drained(self, timeout: float) -> None:
-        """Until every connection has closed, or ``timeout`` seconds."""
+        """Until every connection (streams aside) has closed, or ``timeout`` seconds."""
         if self._drained is None:
             return
         with contextlib.suppress(TimeoutError):
@@ -243,7 +323,7 @@ class ListenerGuard:
 
 
 class GuardedProtocol(RequestHandler):
-    """aiohttp's request handler (one per connection) with the deadlines above."""
+    """aiohttp's request handler (one per connection) with the limits above."""
 
     __slots__ = (
         "_body_payload",
@@ -252,6 +332,9 @@ class GuardedProtocol(RequestHandler):
         "_guard",
         "_head_since",
         "_partial",
+        "_rate_mark",
+        "_rate_since",
+        "_received",
         "_refused",
         "idle_since",
     )
@@ -264,6 +347,12 @@ class GuardedProtocol(RequestHandler):
         #: When the body now awaited began (its head completed).
         self._body_since: float | None = None
         self._body_payload: StreamReader | None = None
+        #: Bytes received on this connection so far.
+        self._received = 0
+        #: Where the minimum rate is measured from (a head's first byte, a body's
+        #: start) and ``_received`` then; ``None``: no head or body under way.
+        self._rate_since: float | None = None
+        self._rate_mark = 0
         self._partial = False
         self._refused = False
         #: The body deadline passed: the answer closes the connection.
@@ -287,15 +376,33 @@ class GuardedProtocol(RequestHandler):
     def head_since(self) -> float | None:
         return self._head_since
 
-    def head_waiting_since(self, now: float, at_least: float) -> bool:
-        """Has a request head been awaited for ``at_least`` seconds (none being handled)?"""
-        since = self._head_since
-        return (
-            since is not None
-            and now - since >= at_least
-            and not self._request_in_progress
-            and not self._messages
-        )
+    def lagging(self, now: float) -> tuple[float, float] | None:
+        """``(bytes a second, since when)`` of the head or body now arriving, when
+        this connection may be closed to make room (``ListenerGuard.admit``);
+        ``None`` when it may not: idle (handled first), a request read and being
+        handled, too young to judge, keeping to the minimum rate, or held back
+        by the sidecar itself (reading paused)."""
+        if self._reading_paused or self._buffer_paused:
+            return None
+        guard = self._guard
+        head = self._head_since
+        since = self._rate_since
+        mark = self._rate_mark
+        if head is not None and not self._request_in_progress and not self._messages:
+            if since is None:  # a new connection that has sent nothing yet
+                since, mark = head, self._received
+            slow_head = now - head >= guard.grace
+        elif self._body_since is not None and self._in_body() and since is not None:
+            slow_head = False
+        else:
+            return None
+        age = now - since
+        if age < guard.evict_after:
+            return None
+        rate = (self._received - mark) / age
+        if rate < guard.limits.min_rate or slow_head:
+            return rate, since
+        return None
 
     def _in_body(self) -> bool:
         return self._body_payload is not None and not self._body_payload.is_eof()
@@ -321,6 +428,20 @@ class GuardedProtocol(RequestHandler):
         self._guard._closed(self)
         super().connection_lost(exc)
 
+    def begin_stream(self) -> bool:
+        """This connection now carries a long-lived stream: it leaves the connection
+        cap for the stream cap (``False``: that cap is full, nothing moved)."""
+        return self._guard._to_stream(self)
+
+    def evict(self) -> None:
+        """Close for room at the cap: no answer (the peer was too slow to want one)."""
+        payload = self._body_payload
+        if payload is not None and not payload.is_eof():
+            # A handler reading it ends with the 408 it cannot send any more,
+            # instead of a connection error logged as a crash.
+            payload.set_exception(BodyTimeout())
+        self.force_close()
+
     # -- reading -------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
@@ -334,7 +455,14 @@ class GuardedProtocol(RequestHandler):
         if body is None and data:
             self._partial = True
             if self._head_since is None:
-                self._head_since = self._loop.time()  # the first bytes of a next request
+                # The first bytes of a next request.
+                self._head_since = self._rate_since = self._loop.time()
+                self._rate_mark = self._received
+            elif self._rate_since is None:
+                # A new connection's first bytes.
+                self._rate_since = self._loop.time()
+                self._rate_mark = self._received
+        self._received += len(data)
         before = self._request_count
         _data_received(self, data)
         if self._request_count != before:
@@ -355,41 +483,72 @@ class GuardedProtocol(RequestHandler):
                 body.set_exception(RequestPayloadError("the request body is malformed"))
         self._partial = False
         now = self._head_since or self._loop.time()
-        self._head_since = None
+        self._head_since = self._rate_since = None
         self.idle_since = now
         payload = messages[-1][1] if messages else None
         if payload is not None and not payload.is_eof():
             self._body_payload = payload
-            self._body_since = self._loop.time()
+            self._body_since = self._rate_since = self._loop.time()
+            self._rate_mark = self._received
 
     def check_deadlines(self, now: float) -> None:
-        """Cut the connection if its head or its body is late (the guard's sweep)."""
+        """Cut the connection if its head or its body is late or too slow (the sweep)."""
         if self.transport is None:
             return
         limits = self._guard.limits
-        if self._head_since is not None and now - self._head_since > limits.header_timeout:
-            if self._request_in_progress or self._messages:
-                # A pipelined request's head is late while an earlier one is still
-                # being handled: its clock starts when that one is done.
-                self._head_since = now
-            else:
-                self._header_timed_out()
-        elif self._body_since is not None and now - self._body_since > limits.body_timeout:
-            self._body_since = None
-            if self._in_body():
-                self._body_timed_out()
+        head_since = self._head_since
+        if head_since is not None:
+            busy = self._request_in_progress or self._messages
+            if now - head_since > limits.header_timeout:
+                if busy:
+                    # A pipelined request's head is late while an earlier one is still
+                    # being handled: its clock starts when that one is done.
+                    self._head_since = now
+                    if self._rate_since is not None:
+                        self._rate_since, self._rate_mark = now, self._received
+                else:
+                    self._header_timed_out("header_timeout")
+            elif not busy and self._too_slow(now):
+                self._header_timed_out("too_slow")
+        elif self._body_since is not None:
+            if now - self._body_since > limits.body_timeout:
+                self._body_since = None
+                if self._in_body():
+                    self._body_timed_out("body_timeout")
+            elif self._in_body() and self._too_slow(now):
+                self._body_since = None
+                self._body_timed_out("too_slow")
 
-    def _header_timed_out(self) -> None:
+    def _too_slow(self, now: float) -> bool:
+        """Below the minimum rate since ``_rate_since``, once ``grace`` is over."""
+        since = self._rate_since
+        if since is None:
+            return False
+        if self._reading_paused or self._buffer_paused:
+            # The sidecar stopped reading (flow control), not the client: the
+            # measure starts again once it reads.
+            self._rate_since, self._rate_mark = now, self._received
+            return False
+        guard = self._guard
+        min_rate = guard.limits.min_rate
+        return min_rate > 0 and self._received - self._rate_mark < min_rate * (
+            now - since - guard.grace
+        )
+
+    def _header_timed_out(self, reason: Reason) -> None:
         assert self.transport is not None
-        self._guard.count("header_timeout")
+        guard = self._guard
+        guard.count(reason)
         if self._partial:
-            self.transport.write(self._guard._timeout_answer)
+            slow = reason == "too_slow"
+            self.transport.write(guard._slow_answer if slow else guard._timeout_answer)
         self.force_close()
 
-    def _body_timed_out(self) -> None:
+    def _body_timed_out(self, reason: Reason) -> None:
         payload = self._body_payload
         assert payload is not None
-        self._guard.count("body_timeout")
+        guard = self._guard
+        guard.count(reason)
         # No lingering read of the rest: the connection closes after the answer.
         self._lingering_time = 0.0
         self._cut = True
@@ -397,7 +556,13 @@ class GuardedProtocol(RequestHandler):
         if self._request_in_progress and current is not None and current.content is payload:
             # The handler's read raises it; the listeners' middlewares answer it as
             # JSON 408 ``request_timeout``.
-            payload.set_exception(BodyTimeout())
+            limits = guard.limits
+            message = (
+                f"the request body arrived slower than {limits.min_rate:g} bytes/s"
+                if reason == "too_slow"
+                else f"the request body did not arrive within {limits.body_timeout:g} s"
+            )
+            payload.set_exception(BodyTimeout(reason=message))
         else:
             self.force_close()
 
@@ -463,6 +628,16 @@ class GuardedProtocol(RequestHandler):
         if "Too many headers" in str(exc):
             return 431, "headers_too_large", f"more than {self.max_headers} headers"
         return 400, "bad_request", "the request is not valid HTTP/1.1"
+
+
+def begin_stream(request: BaseRequest) -> int | None:
+    """Count ``request``'s connection as an event stream from now on, outside its
+    listener's connection cap: ``None`` when done (or the listener has no guard),
+    else the stream cap found full (answer 503)."""
+    protocol = request.protocol
+    if isinstance(protocol, GuardedProtocol) and not protocol.begin_stream():
+        return protocol._guard.limits.max_streams
+    return None
 
 
 _data_received = RequestHandler.data_received
@@ -538,10 +713,10 @@ def fit_to_fd_limit(
 
     Without this a flood on one listener (the webhook port is public) could use
     every descriptor, and the local API would then fail to accept, or to open a
-    Redis or upstream connection. Each listener needs its cap plus two accept
-    batches (``ListenerLimits.backlog``); the Redis pool and the upstream
-    connector (each at most an eighth of the limit), and a fixed reserve for
-    the rest of the process, come first.
+    Redis or upstream connection. Each listener needs its connection and stream
+    caps plus two accept batches (``ListenerLimits.backlog``); the Redis pool
+    and the upstream connector (each at most an eighth of the limit), and a
+    fixed reserve for the rest of the process, come first.
     """
     reserve = (
         _FD_RESERVE + min(_UPSTREAM_CONNECTIONS, fd_limit // 8) + min(redis_pool, fd_limit // 8)
@@ -549,7 +724,7 @@ def fit_to_fd_limit(
     room = fd_limit - reserve
 
     def need(limits: dict[str, ListenerLimits]) -> int:
-        return sum(x.max_connections + 2 * x.backlog for x in limits.values())
+        return sum(x.max_connections + x.max_streams + 2 * x.backlog for x in limits.values())
 
     if need(caps) <= room:
         return caps
@@ -565,6 +740,7 @@ def fit_to_fd_limit(
             "fields": {
                 "fd_limit": fd_limit,
                 **{name: limits.max_connections for name, limits in fitted.items()},
+                "streams": sum(limits.max_streams for limits in fitted.values()),
             }
         },
     )
@@ -573,7 +749,13 @@ def fit_to_fd_limit(
 
 def _scaled(limits: ListenerLimits, share: float) -> ListenerLimits:
     cap = max(int(limits.max_connections * share), _MIN_CAP)
-    return replace(limits, max_connections=cap, backlog=max(4, min(limits.backlog, cap // 8)))
+    streams = max(int(limits.max_streams * share), _MIN_CAP) if limits.max_streams else 0
+    return replace(
+        limits,
+        max_connections=cap,
+        max_streams=streams,
+        backlog=max(4, min(limits.backlog, cap // 8)),
+    )
 
 
 def listener_guards(settings: Settings, metrics: Metrics | None) -> dict[str, ListenerGuard]:
@@ -585,20 +767,34 @@ def listener_guards(settings: Settings, metrics: Metrics | None) -> dict[str, Li
         header_timeout=settings.header_timeout,
         body_timeout=settings.body_timeout,
         keepalive_timeout=settings.keepalive_timeout,
+        min_rate=settings.min_rate,
     )
     caps = {
-        "local": replace(base, max_connections=settings.max_connections),
+        "local": replace(
+            base, max_connections=settings.max_connections, max_streams=settings.max_streams
+        ),
         "ops": replace(base, max_connections=settings.ops_max_connections),
     }
     if settings.webhooks_enabled:
-        caps["webhooks"] = replace(base, max_connections=settings.webhook_max_connections)
+        caps["webhooks"] = replace(
+            base,
+            max_connections=settings.webhook_max_connections,
+            body_timeout=settings.webhook_body_timeout,
+        )
     fitted = fit_to_fd_limit(caps, raise_fd_limit(), settings.redis_pool_size)
-    return {
-        name: ListenerGuard(
+    guards: dict[str, ListenerGuard] = {}
+    for name, limits in fitted.items():
+        if metrics is None:
+            guards[name] = ListenerGuard(name, limits)
+            continue
+        guards[name] = ListenerGuard(
             name,
             limits,
-            refused=metrics.connections_refused if metrics is not None else None,
-            open_gauge=metrics.open_connections if metrics is not None else None,
+            refused=metrics.connections_refused,
+            open_gauge=metrics.open_connections,
+            streams_gauge=metrics.open_streams if limits.max_streams else None,
         )
-        for name, limits in fitted.items()
-    }
+        metrics.connection_limit.labels(name).set(limits.max_connections)
+        if limits.max_streams:
+            metrics.stream_limit.set(limits.max_streams)
+    return guards

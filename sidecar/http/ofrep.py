@@ -46,7 +46,8 @@ from ..cache.cache import Caches, DocumentCache
 from ..cache.entry import Lookup, Source
 from ..cache.kinds import GLOBAL_ID
 from ..errors import UpstreamError
-from .inputs import MAX_ID_LENGTH
+from .inputs import MAX_ID_LENGTH, id_problem
+from .limits import begin_stream
 from .responses import CACHE_HEADER, source_response
 
 __all__ = [
@@ -140,12 +141,10 @@ def _targeting_key(value: Any) -> str:
         )
     if not isinstance(value, str):
         raise _Refused(400, "INVALID_CONTEXT", "context.targetingKey must be a string")
-    if len(value) > MAX_ID_LENGTH:
-        raise _Refused(
-            400,
-            "INVALID_CONTEXT",
-            f"context.targetingKey is longer than {MAX_ID_LENGTH} characters",
-        )
+    problem = id_problem(value)
+    if problem is not None:
+        # The customer id: the id rule of every surface (``inputs.id_problem``).
+        raise _Refused(400, "INVALID_CONTEXT", f"context.targetingKey {problem}")
     return value
 
 
@@ -228,6 +227,9 @@ async def evaluate_key(app: web.Application, request: BaseRequest, key: str) -> 
         customer = await _customer(request)
         if not 0 < len(key) <= MAX_ID_LENGTH:
             raise _not_found(key)
+        problem = id_problem(key)
+        if problem is not None:
+            raise _Refused(400, "GENERAL", f"the flag key {problem}")
         caches = app[CACHES]
         if key.startswith(MODULE_PREFIX):
             if len(key) == len(MODULE_PREFIX):
@@ -343,7 +345,15 @@ async def events(request: web.Request) -> web.StreamResponse:
     if request.method == "HEAD":
         # As every GET route: the headers, no body (here: no stream).
         return web.Response(headers=headers)
+    full = begin_stream(request)
+    if full is not None:
+        # Streams have their own cap (SIDECAR_MAX_STREAMS), apart from the
+        # connection cap, so they never shut out requests (http/limits.py).
+        details = f"this sidecar holds its maximum of {full} event streams"
+        return _json({"errorCode": "GENERAL", "errorDetails": details}, 503)
     response = web.StreamResponse(headers=headers)
+    # The connection was counted as a stream from here on: it closes with it.
+    response.force_close()
     with streams.subscribe(customer) as sub:
         await response.prepare(request)
         # A comment first, so the client sees the stream open at once.
