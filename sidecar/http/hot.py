@@ -39,6 +39,7 @@ from aiohttp.web_request import BaseRequest
 from multidict import istr
 
 from .inputs import DOT_SEGMENTS, MAX_ID_LENGTH
+from .responses import http_exception_response
 
 __all__ = ["HOT_ROUTES", "HotHandler", "HotRoute", "front_door"]
 
@@ -125,6 +126,13 @@ def front_door(app: web.Application, routed: ServerHandler) -> ServerHandler:
                     if _DOTS.isdisjoint(ids) and not (has_body and _EXPECT in request.headers):
                         return await handle(request, *ids)
                     break
-        return await routed(request)
+        try:
+            return await routed(request)
+        except web.HTTPException as exc:
+            # What no route can match (a CONNECT's authority form, OPTIONS *) is
+            # refused by the router itself, outside every guarded handler.
+            if exc.status < 400:
+                raise
+            return http_exception_response(exc)
 
     return front

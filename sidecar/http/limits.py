@@ -29,13 +29,13 @@ ops) is therefore served by :class:`GuardedRunner`, whose connections are
 - **a cap on open connections** per listener (``SIDECAR_MAX_CONNECTIONS``,
   ``SIDECAR_WEBHOOK_MAX_CONNECTIONS``, ``SIDECAR_OPS_MAX_CONNECTIONS``). At the
   cap a new connection is let in by closing the connection making the least
-  progress: the one idle the longest (waiting for a next request, nothing of
-  one read), else the one whose head or body is arriving the slowest (below
-  the minimum rate for at least ``evict_after``, or a head still incomplete
-  after ``grace``), so no set of slow peers can hold a listener shut against a
-  client that sends at a normal pace; when every connection is busy with a
-  request already read (a handler running), the new socket is answered a JSON
-  503 and closed;
+  progress: the one whose head or body is the most behind the minimum rate (a
+  new connection that has sent nothing yet only after ``evict_after``, a head
+  still incomplete after ``grace`` whatever its rate), else the one idle the
+  longest (waiting for a next request, nothing of one read), so no set of slow
+  peers can hold a listener shut against a client that sends at a normal pace;
+  when every connection is busy with a request already read (a handler
+  running), the new socket is answered a JSON 503 and closed;
 - **a separate cap for event streams** (``SIDECAR_MAX_STREAMS``): a request
   that becomes a long-lived stream (``GET /ofrep/v1/events``) moves its
   connection out of the connection cap into the stream cap
@@ -200,8 +200,9 @@ class ListenerGuard:
         #: (mod_reqtimeout's initial timeout); at the cap, a head still incomplete
         #: after this long may be closed for room whatever its rate.
         self.grace = min(1.0, limits.header_timeout / 2)
-        #: At the cap, a head or body younger than this is never closed for room:
-        #: a client just accepted has not had the time to send.
+        #: At the cap, a new connection that has sent nothing is not closed for room
+        #: before this age: a client just accepted (or whose bytes wait to be read
+        #: behind a busy loop) has not had the time to send.
         self.evict_after = min(0.25, self.grace / 2)
         #: A deadline or a rate is noticed at most this late.
         self.sweep_interval = min(
@@ -276,30 +277,32 @@ class ListenerGuard:
     def admit(self, now: float) -> bool:
         """Room for one more connection: below the cap, or once one is closed for it.
 
-        At the cap the connection idle the longest goes first; failing that, the
-        one whose head or body arrives the slowest (``GuardedProtocol.lagging``),
-        so slow peers must keep sending at the minimum rate on every one of a
-        cap's connections to keep a normal client out. One pass over the
-        connections, only at the cap.
+        At the cap the connection whose head or body is the most behind the
+        minimum rate goes first (``GuardedProtocol.lagging``), so slow peers must
+        keep sending at that rate on every one of a cap's connections to keep a
+        normal client out, however fast they reconnect; failing that, the one idle
+        the longest (a kept-alive connection whose client sent its requests whole:
+        closed only when no slow one is left, since its client may be about to
+        reuse it). One pass over the connections, only at the cap.
         """
         if len(self.connections) < self.limits.max_connections:
             return True
         idle: GuardedProtocol | None = None
         slow: GuardedProtocol | None = None
-        slowest = (float("inf"), 0.0)
+        most = 0.0
         for p in self.connections:
             if p.idle:
                 if idle is None or p.idle_since < idle.idle_since:
                     idle = p
-            elif idle is None:
-                rank = p.lagging(now)
-                if rank is not None and rank < slowest:
-                    slow, slowest = p, rank
+            else:
+                behind = p.lagging(now)
+                if behind is not None and (slow is None or behind > most):
+                    slow, most = p, behind
         reason: Reason
-        if idle is not None:
-            victim, reason = idle, "idle_evicted"
-        elif slow is not None:
+        if slow is not None:
             victim, reason = slow, "slow_evicted"
+        elif idle is not None:
+            victim, reason = idle, "idle_evicted"
         else:
             return False
         self.count(reason)
@@ -376,32 +379,38 @@ class GuardedProtocol(RequestHandler):
     def head_since(self) -> float | None:
         return self._head_since
 
-    def lagging(self, now: float) -> tuple[float, float] | None:
-        """``(bytes a second, since when)`` of the head or body now arriving, when
-        this connection may be closed to make room (``ListenerGuard.admit``);
-        ``None`` when it may not: idle (handled first), a request read and being
-        handled, too young to judge, keeping to the minimum rate, or held back
-        by the sidecar itself (reading paused)."""
+    def lagging(self, now: float) -> float | None:
+        """How far behind (seconds) the head or body now arriving is, when this
+        connection may be closed to make room (``ListenerGuard.admit``: the most
+        behind goes first); ``None`` when it may not: idle (handled first), a
+        request read and being handled, a new connection that has not had the time
+        to send (nothing read yet, younger than ``evict_after``), keeping to the
+        minimum rate, or held back by the sidecar itself (reading paused).
+
+        Behind: the phase's age less the time its bytes buy at the minimum rate,
+        so among slow peers the oldest and slowest goes first, and a client that
+        sent its request at once is never behind any of them. A head still
+        incomplete after ``grace`` is behind whatever its rate.
+        """
         if self._reading_paused or self._buffer_paused:
             return None
         guard = self._guard
         head = self._head_since
         since = self._rate_since
         mark = self._rate_mark
+        slow_head = -1.0  # a body: no head rule
         if head is not None and not self._request_in_progress and not self._messages:
             if since is None:  # a new connection that has sent nothing yet
+                if now - head < guard.evict_after:
+                    return None
                 since, mark = head, self._received
-            slow_head = now - head >= guard.grace
-        elif self._body_since is not None and self._in_body() and since is not None:
-            slow_head = False
-        else:
+            slow_head = now - head - guard.grace
+        elif self._body_since is None or not self._in_body() or since is None:
             return None
-        age = now - since
-        if age < guard.evict_after:
-            return None
-        rate = (self._received - mark) / age
-        if rate < guard.limits.min_rate or slow_head:
-            return rate, since
+        min_rate = guard.limits.min_rate
+        behind = now - since - (self._received - mark) / min_rate if min_rate > 0 else 0.0
+        if behind > 0 or slow_head >= 0:
+            return max(behind, slow_head)
         return None
 
     def _in_body(self) -> bool:
@@ -608,6 +617,11 @@ class GuardedProtocol(RequestHandler):
             )  # fmt: skip
         elif status == 504:
             code, text = "timeout", "the request took too long"
+        elif isinstance(exc, ConnectionError):
+            # The client went away while its body was being read (or was cut by a
+            # limit): nobody is left to answer, and nothing failed here.
+            log.debug("client_gone", extra={"fields": {"listener": self._guard.name}})
+            status, code, text = 400, "client_gone", "the connection was lost"
         else:
             self.log_exception("unhandled_error", exc_info=exc)
             status, code, text = 500, "internal_error", "internal error"
