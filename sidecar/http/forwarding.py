@@ -3,7 +3,7 @@
 Every operation of the table but the cached read is forwarded with the
 sidecar's key and answered with the upstream's status, body bytes and the
 headers that matter (``Content-Type``, ``Content-Disposition``, ``Location``,
-``Retry-After``, ``Idempotent-Replayed``): a PDF stays a PDF and a redirect is
+``Retry-After``, ``Allow``, ``Idempotent-Replayed``): a PDF stays a PDF and a redirect is
 passed on, never followed. The caller's ``x-api-key`` is never read, forwarded
 or logged: only ``Idempotency-Key`` is copied from the caller. The sidecar's own
 failures are the exceptions: upstream 401/403 becomes 502
