@@ -41,7 +41,7 @@ from sidecar.emulator import Emulator
 from sidecar.logs import JsonFormatter
 
 from .conftest import eventually
-from .harness import API_KEY, WEBHOOK_SECRET
+from .harness import API_KEY, WEBHOOK_SECRET, slow_body
 from .served import Served, ServeFactory, exchange, json_of, serve, status_of
 
 __all__ = ["serve"]
@@ -55,36 +55,9 @@ ALL_FORWARDED = "DELETE,GET,HEAD,PATCH,POST,PUT"
 # -- hostile peers ------------------------------------------------------------------------
 
 
-async def slow_body(port: int, path: str, stop: asyncio.Event, every: float = 0.5) -> None:
-    """One attacker of the issue: a head announcing a 100,000-byte body, then a byte
-    every ``every`` seconds, connecting again whenever the sidecar cuts it."""
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        "Content-Length: 100000\r\n\r\n"
-    ).encode()
-    while not stop.is_set():
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)  # the attacker's pace, not a wait for state
-            continue
-        try:
-            writer.write(head)
-            while not stop.is_set():
-                writer.write(b" ")
-                await writer.drain()
-                with contextlib.suppress(TimeoutError):
-                    if not await asyncio.wait_for(reader.read(4096), every):
-                        break  # cut: connect again
-        except OSError:
-            pass
-        finally:
-            writer.close()
-
-
 @contextlib.asynccontextmanager
 async def flood(
-    count: int, attack: Callable[[asyncio.Event], Awaitable[None]]
+    count: int, attack: Callable[[asyncio.Event], Awaitable[int]]
 ) -> AsyncIterator[None]:
     stop = asyncio.Event()
     tasks = [asyncio.ensure_future(attack(stop)) for _ in range(count)]
