@@ -55,9 +55,11 @@ Everything refused or cut is counted in
 ``vellum_sidecar_connections_refused_total{listener, reason}`` (every reason is
 exported from the start, at 0).
 
-The hot path (``data_received``, once per chunk read) adds one byte count and,
-once per request, a clock read; every deadline and rate is checked by one sweep
-per listener, and a victim is only looked for at the cap.
+The hot path (``data_received``, once per chunk read) adds, once per request, a
+clock read and two stores (bytes are only counted for a chunk that leaves a head
+or body incomplete, so a request arriving whole costs no count); every deadline
+and rate is checked by one sweep per listener, and a victim is only looked for
+at the cap.
 """
 
 from __future__ import annotations
@@ -205,9 +207,7 @@ class ListenerGuard:
         #: behind a busy loop) has not had the time to send.
         self.evict_after = min(0.25, self.grace / 2)
         #: A deadline or a rate is noticed at most this late.
-        self.sweep_interval = min(
-            max(min(limits.header_timeout, limits.body_timeout, 2 * self.grace) / 5, 0.05), 1
-        )
+        self.sweep_interval = min(max(min(limits.header_timeout, limits.body_timeout) / 5, 0.05), 1)
         self._timeout_answer = _raw_error(
             408, "Request Timeout", "request_timeout",
             f"the request's headers did not arrive within {limits.header_timeout:g} s",
@@ -335,7 +335,6 @@ class GuardedProtocol(RequestHandler):
         "_guard",
         "_head_since",
         "_partial",
-        "_rate_mark",
         "_rate_since",
         "_received",
         "_refused",
@@ -350,12 +349,12 @@ class GuardedProtocol(RequestHandler):
         #: When the body now awaited began (its head completed).
         self._body_since: float | None = None
         self._body_payload: StreamReader | None = None
-        #: Bytes received on this connection so far.
-        self._received = 0
         #: Where the minimum rate is measured from (a head's first byte, a body's
-        #: start) and ``_received`` then; ``None``: no head or body under way.
+        #: start); ``None``: no head or body under way.
         self._rate_since: float | None = None
-        self._rate_mark = 0
+        #: Bytes of that head or body received since, counted by the chunks that
+        #: left it incomplete (the chunk completing it ends the measure anyway).
+        self._received = 0
         self._partial = False
         self._refused = False
         #: The body deadline passed: the answer closes the connection.
@@ -397,18 +396,18 @@ class GuardedProtocol(RequestHandler):
         guard = self._guard
         head = self._head_since
         since = self._rate_since
-        mark = self._rate_mark
+        received = self._received
         slow_head = -1.0  # a body: no head rule
         if head is not None and not self._request_in_progress and not self._messages:
             if since is None:  # a new connection that has sent nothing yet
                 if now - head < guard.evict_after:
                     return None
-                since, mark = head, self._received
+                since, received = head, 0
             slow_head = now - head - guard.grace
         elif self._body_since is None or not self._in_body() or since is None:
             return None
         min_rate = guard.limits.min_rate
-        behind = now - since - (self._received - mark) / min_rate if min_rate > 0 else 0.0
+        behind = now - since - received / min_rate if min_rate > 0 else 0.0
         if behind > 0 or slow_head >= 0:
             return max(behind, slow_head)
         return None
@@ -466,16 +465,17 @@ class GuardedProtocol(RequestHandler):
             if self._head_since is None:
                 # The first bytes of a next request.
                 self._head_since = self._rate_since = self._loop.time()
-                self._rate_mark = self._received
+                self._received = 0
             elif self._rate_since is None:
                 # A new connection's first bytes.
                 self._rate_since = self._loop.time()
-                self._rate_mark = self._received
-        self._received += len(data)
+                self._received = 0
         before = self._request_count
         _data_received(self, data)
         if self._request_count != before:
             self._head_completed(body)
+        else:
+            self._received += len(data)  # a head or body still incomplete
 
     def _head_completed(self, body: StreamReader | None) -> None:
         """One or more request heads arrived; a body may follow the last."""
@@ -498,7 +498,7 @@ class GuardedProtocol(RequestHandler):
         if payload is not None and not payload.is_eof():
             self._body_payload = payload
             self._body_since = self._rate_since = self._loop.time()
-            self._rate_mark = self._received
+            self._received = 0
 
     def check_deadlines(self, now: float) -> None:
         """Cut the connection if its head or its body is late or too slow (the sweep)."""
@@ -514,7 +514,7 @@ class GuardedProtocol(RequestHandler):
                     # being handled: its clock starts when that one is done.
                     self._head_since = now
                     if self._rate_since is not None:
-                        self._rate_since, self._rate_mark = now, self._received
+                        self._rate_since, self._received = now, 0
                 else:
                     self._header_timed_out("header_timeout")
             elif not busy and self._too_slow(now):
@@ -536,13 +536,11 @@ class GuardedProtocol(RequestHandler):
         if self._reading_paused or self._buffer_paused:
             # The sidecar stopped reading (flow control), not the client: the
             # measure starts again once it reads.
-            self._rate_since, self._rate_mark = now, self._received
+            self._rate_since, self._received = now, 0
             return False
         guard = self._guard
         min_rate = guard.limits.min_rate
-        return min_rate > 0 and self._received - self._rate_mark < min_rate * (
-            now - since - guard.grace
-        )
+        return min_rate > 0 and self._received < min_rate * (now - since - guard.grace)
 
     def _header_timed_out(self, reason: Reason) -> None:
         assert self.transport is not None
