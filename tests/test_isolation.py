@@ -341,6 +341,41 @@ async def test_escape_forms_are_refused_before_the_egress_proxy_sees_them(
     assert proxy.app[SEEN] == [], "nothing was sent"
 
 
+async def test_the_id_rule_holds_on_every_other_surface(
+    serve: ServeFactory, emulator: Emulator, tenant: str
+) -> None:
+    """Besides path ids (tests/test_proxy.py): /v1/check's pairs, OFREP's targeting
+    key and flag keys, the event stream's targeting key, /v1's id fields and id
+    queries; each a 400 before any upstream call."""
+    sc = await serve()
+    base = sc.url()
+    ofrep = {"context": {"targetingKey": "../other"}}
+    cases: list[tuple[str, str, object, int, str]] = [
+        ("POST", "/v1/check", {"checks": [{"customerId": "a/b", "module": "m"}]}, 400,
+         "invalid_body"),
+        ("POST", "/v1/check", {"checks": [{"customerId": "c", "module": "m\u0000"}]}, 400,
+         "invalid_body"),
+        ("POST", "/ofrep/v1/evaluate/flags/beta", ofrep, 400, "INVALID_CONTEXT"),
+        ("POST", "/ofrep/v1/evaluate/flags", ofrep, 400, "INVALID_CONTEXT"),
+        ("POST", "/ofrep/v1/evaluate/flags/%2E%2E", {"context": {"targetingKey": "c"}}, 400,
+         "GENERAL"),
+        ("POST", "/ofrep/v1/evaluate/flags/a%5Cb", {"context": {"targetingKey": "c"}}, 400,
+         "GENERAL"),
+        ("GET", "/ofrep/v1/events?targetingKey=a%2Fb", None, 400, "INVALID_CONTEXT"),
+        ("POST", "/v1/accounts/acme/customers", {"customerId": ".."}, 400, "invalid_body"),
+        ("GET", "/v1/accounts/acme/invoices?customerId=a%5Cb", None, 400, "invalid_query"),
+    ]  # fmt: skip
+    async with aiohttp.ClientSession() as session:
+        for method, path, body, status, code in cases:
+            url = URL(base + path, encoded=True)
+            async with session.request(method, url, json=body) as resp:
+                answer = await resp.json()
+                assert resp.status == status, (path, answer)
+                got = answer["error"]["code"] if "error" in answer else answer["errorCode"]
+                assert got == code, (path, answer)
+    assert emulator.requests == [], "nothing was sent upstream"
+
+
 class EchoingUpstream:
     """An upstream (or a proxy on the way) that answers TRACE by echoing the request,
     as RFC 9110 describes it: the headers it received come back in the body."""

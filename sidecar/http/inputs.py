@@ -29,6 +29,7 @@ __all__ = [
     "ID_RULE",
     "MAX_BATCH",
     "MAX_ID_LENGTH",
+    "VALID_ID",
     "check_id",
     "id_problem",
     "is_id",
@@ -46,6 +47,9 @@ DOT_SEGMENTS: Final = frozenset({".", ".."})
 ID_RULE: Final = f"1 to {MAX_ID_LENGTH} characters, not . or .., without / \\ or control characters"
 #: Characters no id may hold once decoded: path separators and control characters.
 _FORBIDDEN: Final = re.compile(r"[/\\\x00-\x1f\x7f-\x9f]")
+#: The whole rule as one pattern: a hot path's check is one C call
+#: (``VALID_ID(value) is None`` when it fails; ``id_problem`` then says why).
+VALID_ID: Final = re.compile(rf"(?!\.\.?\Z)[^/\\\x00-\x1f\x7f-\x9f]{{1,{MAX_ID_LENGTH}}}\Z").match
 
 
 def id_problem(value: str) -> str | None:
@@ -62,15 +66,14 @@ def id_problem(value: str) -> str | None:
 
 
 def is_id(value: Any) -> TypeGuard[str]:
-    """A string that passes :func:`id_problem`."""
-    return isinstance(value, str) and id_problem(value) is None
+    """A string that passes the rule (:func:`id_problem` finds nothing)."""
+    return isinstance(value, str) and VALID_ID(value) is not None
 
 
 def check_id(value: str, name: str) -> str:
     """``value``, or 400 ``invalid_id`` naming ``name`` and the problem (never the value)."""
-    problem = id_problem(value)
-    if problem is not None:
-        raise BadRequest(f"{name} {problem} (an id is {ID_RULE})", code="invalid_id")
+    if VALID_ID(value) is None:
+        raise BadRequest(f"{name} {id_problem(value)} (an id is {ID_RULE})", code="invalid_id")
     return value
 
 

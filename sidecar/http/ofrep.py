@@ -46,7 +46,7 @@ from ..cache.cache import Caches, DocumentCache
 from ..cache.entry import Lookup, Source
 from ..cache.kinds import GLOBAL_ID
 from ..errors import UpstreamError
-from .inputs import MAX_ID_LENGTH, id_problem
+from .inputs import MAX_ID_LENGTH, VALID_ID, id_problem
 from .limits import begin_stream
 from .responses import CACHE_HEADER, source_response
 
@@ -141,10 +141,9 @@ def _targeting_key(value: Any) -> str:
         )
     if not isinstance(value, str):
         raise _Refused(400, "INVALID_CONTEXT", "context.targetingKey must be a string")
-    problem = id_problem(value)
-    if problem is not None:
+    if VALID_ID(value) is None:
         # The customer id: the id rule of every surface (``inputs.id_problem``).
-        raise _Refused(400, "INVALID_CONTEXT", f"context.targetingKey {problem}")
+        raise _Refused(400, "INVALID_CONTEXT", f"context.targetingKey {id_problem(value)}")
     return value
 
 
@@ -227,9 +226,6 @@ async def evaluate_key(app: web.Application, request: BaseRequest, key: str) -> 
         customer = await _customer(request)
         if not 0 < len(key) <= MAX_ID_LENGTH:
             raise _not_found(key)
-        problem = id_problem(key)
-        if problem is not None:
-            raise _Refused(400, "GENERAL", f"the flag key {problem}")
         caches = app[CACHES]
         if key.startswith(MODULE_PREFIX):
             if len(key) == len(MODULE_PREFIX):
@@ -248,8 +244,12 @@ async def evaluate_key(app: web.Application, request: BaseRequest, key: str) -> 
 
 
 async def evaluate(request: web.Request) -> web.StreamResponse:
-    """``evaluate_key`` for what the router serves: the key as the match info decoded it."""
-    return await evaluate_key(request.app, request, request.match_info["key"])
+    """``evaluate_key`` for what the router serves: the key as the match info decoded
+    it, first held to the id rule (the front door only takes keys that pass it)."""
+    key = request.match_info["key"]
+    if 0 < len(key) <= MAX_ID_LENGTH and VALID_ID(key) is None:
+        return _refusal(_Refused(400, "GENERAL", f"the flag key {id_problem(key)}"), key)
+    return await evaluate_key(request.app, request, key)
 
 
 async def evaluate_bulk(request: web.Request) -> web.StreamResponse:
