@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import posixpath
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import quote, unquote
@@ -38,6 +39,7 @@ from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from sidecar.emulator import Emulator
+from sidecar.http.inputs import VALID_ID, id_problem, valid_id
 from sidecar.logs import JsonFormatter
 
 from .conftest import eventually
@@ -497,3 +499,21 @@ async def test_webhook_log_lines_are_found_by_their_documented_names(
     assert len(applied) == 1, lines
     assert applied[0]["eventKey"] == "eventId:" + push.event["eventId"]
     assert applied[0]["type"] == "entitlements.updated"
+
+
+def test_the_id_rule_has_one_answer_however_it_is_asked() -> None:
+    """``valid_id`` (its fast test, then the pattern), ``VALID_ID`` and ``id_problem``
+    agree on every string, and the rule is what the docs say."""
+    refused = ["", ".", "..", "a/b", "a\\b", "a\x00b", "\x1f", "a\x7f", "\x85", "\x9f", "y" * 513]
+    allowed = ["a", "...", "..a", "a..", "cus 1?#%;", "ü", "\u00a0", "\u200b", "\u202e", "y" * 512]
+    for value in refused:
+        assert id_problem(value) is not None and not valid_id(value), repr(value)
+    for value in allowed:
+        assert id_problem(value) is None and valid_id(value), repr(value)
+    rng = random.Random(21)
+    alphabet = [*"./\\ab", "\x00", "\x1f", "\x7f", "\x85", "\xa0", "\u200b", "\u2028", "é"]
+    for _ in range(50_000):
+        value = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 5)))
+        expected = id_problem(value) is None
+        assert valid_id(value) is expected, repr(value)
+        assert (VALID_ID(value) is not None) is expected, repr(value)

@@ -35,6 +35,7 @@ __all__ = [
     "is_id",
     "path_id",
     "read_json",
+    "valid_id",
 ]
 
 #: Checks in one ``POST /v1/check``.
@@ -47,8 +48,8 @@ DOT_SEGMENTS: Final = frozenset({".", ".."})
 ID_RULE: Final = f"1 to {MAX_ID_LENGTH} characters, not . or .., without / \\ or control characters"
 #: Characters no id may hold once decoded: path separators and control characters.
 _FORBIDDEN: Final = re.compile(r"[/\\\x00-\x1f\x7f-\x9f]")
-#: The whole rule as one pattern: a hot path's check is one C call
-#: (``VALID_ID(value) is None`` when it fails; ``id_problem`` then says why).
+#: The whole rule as one pattern (``VALID_ID(value) is None`` when it fails;
+#: ``id_problem`` then says why); ``valid_id`` tries a cheaper test first.
 VALID_ID: Final = re.compile(rf"(?!\.\.?\Z)[^/\\\x00-\x1f\x7f-\x9f]{{1,{MAX_ID_LENGTH}}}\Z").match
 
 
@@ -65,14 +66,30 @@ def id_problem(value: str) -> str | None:
     return None
 
 
+def valid_id(value: str) -> bool:
+    """``value`` passes the rule (:func:`id_problem` finds nothing).
+
+    The usual id is printable (so it holds no control character), has no ``/`` or
+    ``\\`` and is not a dot segment: a few C calls decide it; anything else (a
+    no-break space, a zero-width joiner, an id to refuse) goes to the pattern.
+    """
+    return (
+        0 < len(value) <= MAX_ID_LENGTH
+        and value.isprintable()
+        and "/" not in value
+        and "\\" not in value
+        and value not in DOT_SEGMENTS
+    ) or VALID_ID(value) is not None
+
+
 def is_id(value: Any) -> TypeGuard[str]:
-    """A string that passes the rule (:func:`id_problem` finds nothing)."""
-    return isinstance(value, str) and VALID_ID(value) is not None
+    """A string that passes the rule (:func:`valid_id`)."""
+    return isinstance(value, str) and valid_id(value)
 
 
 def check_id(value: str, name: str) -> str:
     """``value``, or 400 ``invalid_id`` naming ``name`` and the problem (never the value)."""
-    if VALID_ID(value) is None:
+    if not valid_id(value):
         raise BadRequest(f"{name} {id_problem(value)} (an id is {ID_RULE})", code="invalid_id")
     return value
 

@@ -46,7 +46,7 @@ from ..cache.cache import Caches, DocumentCache
 from ..cache.entry import Lookup, Source
 from ..cache.kinds import GLOBAL_ID
 from ..errors import UpstreamError
-from .inputs import MAX_ID_LENGTH, VALID_ID, id_problem
+from .inputs import MAX_ID_LENGTH, id_problem, valid_id
 from .limits import begin_stream
 from .responses import CACHE_HEADER, source_response
 
@@ -141,7 +141,7 @@ def _targeting_key(value: Any) -> str:
         )
     if not isinstance(value, str):
         raise _Refused(400, "INVALID_CONTEXT", "context.targetingKey must be a string")
-    if VALID_ID(value) is None:
+    if not valid_id(value):
         # The customer id: the id rule of every surface (``inputs.id_problem``).
         raise _Refused(400, "INVALID_CONTEXT", f"context.targetingKey {id_problem(value)}")
     return value
@@ -247,7 +247,7 @@ async def evaluate(request: web.Request) -> web.StreamResponse:
     """``evaluate_key`` for what the router serves: the key as the match info decoded
     it, first held to the id rule (the front door only takes keys that pass it)."""
     key = request.match_info["key"]
-    if 0 < len(key) <= MAX_ID_LENGTH and VALID_ID(key) is None:
+    if 0 < len(key) <= MAX_ID_LENGTH and not valid_id(key):
         return _refusal(_Refused(400, "GENERAL", f"the flag key {id_problem(key)}"), key)
     return await evaluate_key(request.app, request, key)
 
