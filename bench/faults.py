@@ -23,7 +23,14 @@ faults
     ``redis_killed`` (SIGKILL, then a new server on the same port),
     ``redis_hung`` (SIGSTOP, then SIGCONT), ``upstream_down`` (the emulator
     killed, then restarted), ``key_refused`` (the upstream refuses the key,
-    then accepts it again) and ``sigterm`` (one sidecar stopped under load).
+    then accepts it again) and ``sigterm`` (one sidecar stopped under load);
+coherence (issue 20)
+    ``queued_drop_killed`` (a push acknowledged while Redis hangs, its sidecar
+    SIGKILLed before Redis answers), ``lost_writes`` (Redis restarted from a
+    snapshot taken before a push), ``emptied_upstream_down`` (the upstream down,
+    then Redis restarted empty) and ``tenant_drop_upstream_down`` (the upstream
+    down, then everything dropped): reads of the old document later than 2 s
+    after Redis answered, and non-2xx reads of cached customers.
 
 For each it prints the legitimate requests, how many were answered non-2xx,
 answered wrong, or not answered at all, plus what the case measures (how
@@ -55,8 +62,10 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from sidecar.signature import sign
 from tests.harness import (
     API_KEY,
+    WEBHOOK_SECRET,
     Emulator,
     Process,
     RedisServer,
@@ -181,7 +190,8 @@ class Rig:
         self.redis.kill()
 
     def restart_redis(self) -> None:
-        """A new, empty redis-server on the killed one's port (the sidecars' URL)."""
+        """A new redis-server on the killed one's port (the sidecars' URL): empty, unless a
+        case saved a snapshot it loads."""
         self.redis.start()
 
     def pause_redis(self) -> None:
@@ -352,13 +362,15 @@ class Load:
     rig: Rig
     customers: int
     connections: int
+    #: The sidecars read (default: all of them).
+    names: Sequence[str] | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     stopping: set[str] = field(default_factory=set)  # sidecars sent SIGTERM
     tallies: dict[str, Tally] = field(default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def start(self) -> None:
-        names = list(self.rig.sidecars)
+        names = list(self.names or self.rig.sidecars)
         for n in range(self.connections):
             name = names[n % len(names)]
             self._tasks.append(asyncio.ensure_future(self._worker(name, n)))
@@ -961,6 +973,139 @@ async def _metric(
     )
 
 
+# -- coherence under faults ---------------------------------------------------------------
+
+#: The promise: every live sidecar serves the new document this soon after Redis answers.
+STALE_BOUND: Final = 2.0
+_OLD_DOC: Final = {"status": "active", "modules": ["reports"]}
+_NEW_DOC: Final = {"status": "active", "modules": ["reports", "exports"]}
+
+
+async def _push(session: aiohttp.ClientSession, proc: Sidecar, customer: str) -> dict[str, Any]:
+    """A signed ``entitlements.updated`` push for ``customer``; its JSON answer."""
+    body = orjson.dumps({"eventId": f"evt_{random.getrandbits(64):x}",
+                         "type": "entitlements.updated", "tenantId": TENANT,
+                         "customerId": customer})  # fmt: skip
+    headers = {"Content-Type": "application/json",
+               "X-Vellum-Signature": sign(WEBHOOK_SECRET, body, int(time.time()))}  # fmt: skip
+    url = f"{proc.url('webhooks')}/webhooks/vellum"
+    async with session.post(url, data=body, headers=headers) as resp:
+        answer: dict[str, Any] = await resp.json()
+        return answer
+
+
+async def _allowed(session: aiohttp.ClientSession, proc: Sidecar, customer: str) -> bool:
+    async with session.get(f"{proc.url()}/v1/customers/{customer}/can/exports") as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"{proc.name}: {resp.status} for {customer}")
+        return bool((await resp.json())["allowed"])
+
+
+async def _watch_old(session: aiohttp.ClientSession, procs: Sequence[Sidecar], customer: str,
+                     since: float, seconds: float) -> dict[str, Any]:  # fmt: skip
+    """Read ``customer`` on ``procs`` for ``seconds``: old answers, the last one's time."""
+    reads, old, last = 0, 0, None
+    while (now := time.monotonic()) < since + seconds:
+        for proc in procs:
+            reads += 1
+            if not await _allowed(session, proc, customer):
+                old += 1
+                last = now - since
+        await asyncio.sleep(0.02)
+    late = 0 if last is None or last <= STALE_BOUND else old
+    return {"reads": reads, "old_reads": old,
+            "last_old_s": None if last is None else round(last, 3),
+            "old_reads_after_2s": late}  # fmt: skip
+
+
+async def _new_customer(session: aiohttp.ClientSession, rig: Rig, name: str) -> str:
+    """A customer outside the load's, cached everywhere with the old document (once the
+    sidecars' circuit breakers, opened by an earlier case, let a fetch through)."""
+    await admin(session, rig, "PUT", f"/tenants/{TENANT}/customers/{name}/entitlements", _OLD_DOC)
+    for proc in rig.sidecars.values():
+        deadline = time.monotonic() + 60
+        while True:
+            url = f"{proc.url()}/v1/customers/{name}/can/exports"
+            async with session.get(url) as resp:
+                if resp.status == 200 and (await resp.json())["allowed"] is False:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} is not cached old on {proc.name}: {resp.status}")
+            await asyncio.sleep(0.1)
+    return name
+
+
+async def _change(session: aiohttp.ClientSession, rig: Rig, customer: str) -> None:
+    path = f"/tenants/{TENANT}/customers/{customer}/entitlements"
+    await admin(session, rig, "PUT", path, _NEW_DOC)
+
+
+async def case_queued_drop_killed(
+    session: aiohttp.ClientSession, rig: Rig, watch_s: float
+) -> dict[str, Any]:
+    """A push acknowledged while Redis hangs; its sidecar dies before Redis answers."""
+    customer = await _new_customer(session, rig, "coh_killed")
+    a, b = rig.sidecars["a"], rig.sidecars["b"]
+    await asyncio.to_thread(rig.pause_redis)
+    try:
+        await _change(session, rig, customer)
+        answer = await _push(session, a, customer)
+        await asyncio.to_thread(a.kill)
+    finally:
+        await asyncio.to_thread(rig.resume_redis)
+    figures = await _watch_old(session, [b], customer, time.monotonic(), watch_s)
+    await asyncio.to_thread(a.start)
+    return {"push_answer": answer, **figures}
+
+
+async def case_lost_writes(session: aiohttp.ClientSession, rig: Rig, watch_s: float
+                           ) -> dict[str, Any]:  # fmt: skip
+    """Redis crashes after a push and comes back from a snapshot taken before it."""
+    customer = await _new_customer(session, rig, "coh_lost")
+    procs = list(rig.sidecars.values())
+    with rig.redis.client(timeout=5) as client:
+        client.save()
+    await _change(session, rig, customer)
+    answer = await _push(session, procs[0], customer)
+    deadline = time.monotonic() + 5
+    while not all([await _allowed(session, p, customer) for p in procs]):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the push was not applied everywhere")
+        await asyncio.sleep(0.02)
+    await asyncio.to_thread(rig.kill_redis)
+    await asyncio.to_thread(rig.restart_redis)  # loads the snapshot
+    figures = await _watch_old(session, procs, customer, time.monotonic(), watch_s)
+    (rig.workdir / "dump.rdb").unlink()
+    return {"push_answer": answer, **figures}
+
+
+async def case_emptied_upstream_down(rig: Rig, upstream: Gate, seconds: float
+                                     ) -> dict[str, Any]:  # fmt: skip
+    """The upstream down, then Redis restarted empty: the load's customers were cached."""
+    await upstream.close()
+    try:
+        await asyncio.to_thread(rig.kill_redis)
+        await asyncio.to_thread(rig.restart_redis)
+        await asyncio.sleep(seconds)
+    finally:
+        await upstream.open()
+    return {"upstream_down_s": seconds}
+
+
+async def case_tenant_drop_upstream_down(
+    session: aiohttp.ClientSession, rig: Rig, upstream: Gate, seconds: float
+) -> dict[str, Any]:
+    """The upstream down, then everything for the tenant dropped."""
+    await upstream.close()
+    try:
+        async with session.delete(f"{rig.sidecars['a'].url()}/v1/cache") as resp:
+            status = resp.status
+        await asyncio.sleep(seconds)
+    finally:
+        await upstream.open()
+    return {"drop_status": status, "upstream_down_s": seconds}
+
+
 # -- fault runs -----------------------------------------------------------------------------
 
 
@@ -1130,6 +1275,35 @@ async def run(opts: Options) -> dict[str, Any]:
                     _say(f"fault: {name}")
                     tally, figures = await fault_run(rig, opts, inject, fix, detect, ok)
                     cases[name] = {"kind": "fault", **asdict(tally), **figures}
+
+                async def coherence(
+                    name: str, work: Awaitable[dict[str, Any]], names: Sequence[str] | None = None
+                ) -> None:
+                    if not opts.wants(name):
+                        work.close()  # type: ignore[attr-defined]
+                        return
+                    _say(f"coherence: {name}")
+                    load = Load(rig, opts.customers, opts.connections, names)
+                    load.start()
+                    try:
+                        figures = await work
+                    finally:
+                        tally = await load.finish()
+                    cases[name] = {"kind": "coherence", **asdict(tally), **figures}
+
+                watch_s = STALE_BOUND + opts.duration / 2
+                # The load reads b only: a is SIGKILLed with requests of its own in flight.
+                await coherence(
+                    "queued_drop_killed", case_queued_drop_killed(session, rig, watch_s), ["b"]
+                )
+                await coherence("lost_writes", case_lost_writes(session, rig, watch_s))
+                await coherence(
+                    "emptied_upstream_down", case_emptied_upstream_down(rig, upstream, watch_s)
+                )
+                await coherence(
+                    "tenant_drop_upstream_down",
+                    case_tenant_drop_upstream_down(session, rig, upstream, watch_s),
+                )
 
                 if not opts.wants("sigterm"):
                     return results

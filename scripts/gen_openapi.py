@@ -5,11 +5,11 @@
 
 The ``paths`` of every operation in ``sidecar/http/operations.py`` (both surfaces)
 come from the table; ``scripts/openapi_base.json`` holds what the table does not
-describe: ``info``, ``tags``, ``components`` (schemas with examples, parameters,
-shared responses and headers) and the routes outside the table (``can``,
-``check``, a flag, the cache drops, OFREP, this document). Every GET path also gets its HEAD
-operation: the same statuses and headers, no body (the router answers HEAD on
-every GET route).
+describe: ``info`` (but its ``version``: pyproject.toml's), ``tags``,
+``components`` (schemas with examples, parameters, shared responses and headers)
+and the routes outside the table (``can``, ``check``, a flag, the cache drops,
+OFREP, this document). Every GET path also gets its HEAD operation: the same
+statuses and headers, no body (the router answers HEAD on every GET route).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,9 @@ def ref(kind: str, name: str) -> Json:
 def build(base: Json) -> Json:
     """The whole document: the base with the table's operations and the HEADs added."""
     doc = copy.deepcopy(base)
+    # The one version source: pyproject.toml's [project] version.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    doc["info"] = {"title": doc["info"]["title"], "version": project["version"], **doc["info"]}
     paths: Json = doc["paths"]
     for op in OPERATIONS:
         for surface in SURFACES:

@@ -594,6 +594,28 @@ class Settings:
         help="seconds an unknown customer (404) stays cached",
         doc='seconds a "customer not found" (upstream 404) stays cached (jittered ±10 %)',
     )
+    negative_stale_ttl: float = setting(
+        "SIDECAR_NEGATIVE_STALE_TTL",
+        _non_negative_float,
+        "600",
+        help="seconds past freshness a 'not found' may be served stale",
+        doc='seconds past freshness a "customer not found" may still be served stale while '
+        "the upstream fails: short, so ids nobody has (a typo, a flood of random ids) cost "
+        "memory and Redis only briefly (an unknown customer's keys live at most "
+        "`SIDECAR_NEGATIVE_TTL` + this)",
+    )
+    strict_drops: bool = setting(
+        "SIDECAR_STRICT_DROPS",
+        _bool,
+        "false",
+        help="true: never serve stale what a push, DELETE or write dropped",
+        doc="`false`: a dropped entry (a push, a cache `DELETE`, a billing write) is "
+        "revalidated on its next read and, while the upstream cannot answer, served as it "
+        "was, marked `stale` (RFC 5861 stale-if-error). `true`: after such an explicit "
+        "drop the customer fails closed (503, `allowed: false`) until the upstream answers. "
+        "Precautionary expiries (a lost fan-out, a Redis that lost writes) are served stale "
+        "either way. See [Drops and staleness](docs/operations.md#drops-and-staleness)",
+    )
     memory_max_entries: int = setting(
         "SIDECAR_MEMORY_MAX_ENTRIES",
         _non_negative_int,
@@ -610,8 +632,9 @@ class Settings:
         doc="with Redis, while the fan-out subscription is not confirmed live: seconds the "
         "in-process layer answers alone before asking Redis again. While it is confirmed "
         "(heartbeats answered) the fan-out keeps the layer coherent and entries answer until "
-        "their freshness ends; losing it drops the layer. `0`: every read asks Redis. Without "
-        "Redis the in-process layer is the cache and uses `SIDECAR_CACHE_TTL`",
+        "their freshness ends; losing it expires the layer (kept as the stale fallback). "
+        "`0`: every read asks Redis. Without Redis the in-process layer is the cache and "
+        "uses `SIDECAR_CACHE_TTL`",
     )
     allow_remote: bool = setting(
         "SIDECAR_ALLOW_REMOTE",

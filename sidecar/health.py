@@ -4,11 +4,13 @@ Waiting for a request to stumble on a fault makes readiness lag it (Redis read
 ``ok`` for seconds after it died, the fan-out through a whole Redis hang, the
 upstream while it refused the key). So:
 
-- **redis**: a PING every ``SIDECAR_CHECK_INTERVAL`` (0.25 s) through the
-  shared connection state (``RedisConn``): a failure or a timeout
+- **redis**: a check every ``SIDECAR_CHECK_INTERVAL`` (0.25 s) through the
+  shared connection state (``RedisConn``; one script: ``Invalidator.check``,
+  which also watches the epoch): a failure or a timeout
   (``SIDECAR_REDIS_TIMEOUT``) marks Redis ``down`` for every caller at once,
-  and its reconnect probe brings it back. States: ``ok``, ``down``,
-  ``disabled`` (no ``SIDECAR_REDIS_URL``).
+  and its reconnect probe brings it back; a refused write (OOM) shows as
+  ``oom`` until a check finds Redis taking writes. States: ``ok``, ``oom``,
+  ``down``, ``disabled`` (no ``SIDECAR_REDIS_URL``).
 - **fanout**: the pub/sub listener PINGs down its subscribed connection at the
   same interval (``Invalidator``); a PONG later than the Redis timeout makes it
   ``down`` and it resubscribes. States: ``ok``, ``down``.
@@ -37,7 +39,6 @@ is what failed. Alert on ``vellum_sidecar_dependency_state`` instead.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -50,7 +51,7 @@ from prometheus_client.registry import Collector
 from .cache.invalidation import Invalidator
 from .config import Settings
 from .metrics import Metrics
-from .redis.conn import RedisConn, RedisDown
+from .redis.conn import RedisConn
 from .tasks import cancel_and_wait
 from .upstream import VellumClient
 
@@ -58,10 +59,10 @@ __all__ = ["HealthMonitor", "State"]
 
 log = logging.getLogger("sidecar.health")
 
-State = Literal["ok", "degraded", "down", "auth_failed", "disabled"]
+State = Literal["ok", "oom", "degraded", "down", "auth_failed", "disabled"]
 
 _STATES: Final[dict[str, tuple[State, ...]]] = {
-    "redis": ("ok", "down", "disabled"),
+    "redis": ("ok", "oom", "down", "disabled"),
     "fanout": ("ok", "down", "disabled"),
     "upstream": ("ok", "degraded", "down", "auth_failed"),
 }
@@ -115,11 +116,12 @@ class HealthMonitor(Collector):
         redis = self.redis
         assert redis is not None
         while True:
-            await asyncio.sleep(self.settings.check_interval)
-            # While down, RedisConn's own probe pings until it answers again.
+            # While down, RedisConn's own probe pings until it answers again. The
+            # check is the shared tier's (writability, the epoch, stalls:
+            # Invalidator.check); the first goes out at once, as a baseline.
             if redis.state == "ok":
-                with contextlib.suppress(RedisDown):
-                    await redis.run("health_ping", lambda r: r.ping())
+                await self.invalidator.check()
+            await asyncio.sleep(self.settings.check_interval)
 
     async def _upstream_loop(self) -> None:
         interval = self.settings.upstream_check_interval
@@ -158,7 +160,9 @@ class HealthMonitor(Collector):
     # -- states ------------------------------------------------------------------------
 
     def redis_state(self) -> State:
-        return "disabled" if self.redis is None else self.redis.state
+        if self.redis is None:
+            return "disabled"
+        return "oom" if self.redis.health == "oom" else self.redis.state
 
     def fanout_state(self) -> State:
         if self.redis is None:

@@ -54,7 +54,7 @@ __all__ = [
 #: current one 1, the others 0), so an alert can name a state that has not
 #: happened yet. They mirror ``/readyz``'s fields.
 UPSTREAM_STATES: Final = ("ok", "degraded", "down", "auth_failed")
-REDIS_STATES: Final = ("ok", "down", "disabled")
+REDIS_STATES: Final = ("ok", "oom", "down", "disabled")
 FANOUT_STATES: Final = ("ok", "down", "disabled")
 
 #: Distinct path shapes ``forwarded_unknown`` keeps as label values.
@@ -143,6 +143,18 @@ class Metrics:
         self.invalidations_queue_overflows = Counter(
             f"{p}_invalidations_queue_overflows",
             "Times the invalidation queue was full and collapsed into one tenant-wide drop.",
+            registry=r,
+        )  # fmt: skip
+        self.epoch_renewals = Counter(
+            f"{p}_epoch_renewals",
+            "Times this sidecar renewed the tenant's epoch, so every sidecar revalidates "
+            "what Redis holds (reason: outage, flushed, regressed, stalled).",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.epoch_changes = Counter(
+            f"{p}_epoch_changes",
+            "Epoch renewals this sidecar saw (its own or another sidecar's): each expires "
+            "the in-process layer, kept as the stale fallback.",
             registry=r,
         )  # fmt: skip
         self.redis_state = StateGauge(

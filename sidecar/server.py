@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from . import tracing
 from .app import create_app
 from .appkeys import LIFECYCLE, METRICS, UPSTREAM
 from .config import Listen, Settings
@@ -123,7 +124,7 @@ async def run_sidecar(
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    core = create_app(settings)
+    core = create_app(settings, tracing=tracing.from_env(os.environ))
     listeners = list(before or [])
     local = Listener("local", core, settings.listen)
     ops = Listener("ops", create_ops_app(core), settings.ops_listen)

@@ -44,6 +44,7 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .metrics import Metrics
+from .tracing import NO_TRACING, Tracing, record
 
 __all__ = [
     "Breaker",
@@ -189,8 +190,10 @@ class VellumClient:
         *,
         breaker: Breaker | None = None,
         attempt_timeout: float | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.settings = settings
+        self.tracing = tracing
         self.session = session
         self.metrics = metrics
         #: Guards entitlement reads (the hot path); its state is the one /readyz reports.
@@ -284,19 +287,20 @@ class VellumClient:
             )
         self.waiting += 1
         try:
-            return await self._request(
-                operation, method, segments, query=query, body=body, headers=headers,
-                retry=retry, read=read, quoted=quoted,
-            )  # fmt: skip
+            with self.tracing.upstream_call(operation, method) as span:
+                resp = await self._attempts(
+                    operation, method, segments, query, body, headers, retry, read, quoted
+                )
+                record(span, **{"http.response.status_code": resp.status})
+                return resp
         finally:
             self.waiting -= 1
 
-    async def _request(
+    async def _attempts(
         self,
         operation: str,
         method: str,
         segments: Sequence[str],
-        *,
         query: Mapping[str, str] | None,
         body: bytes | None,
         headers: Mapping[str, str] | None,
@@ -328,9 +332,11 @@ class VellumClient:
             send_headers["x-api-key"] = self.settings.api_key.current(time.time())
             started = loop.time()
             try:
-                resp = await self._send(
-                    method, url, send_headers, body, min(attempt_timeout, remaining)
-                )
+                with self.tracing.upstream_attempt(attempt + 1, send_headers) as attempt_span:
+                    resp = await self._send(
+                        method, url, send_headers, body, min(attempt_timeout, remaining)
+                    )
+                    record(attempt_span, **{"http.response.status_code": resp.status})
             except TimeoutError:
                 self.last_result = (time.monotonic(), None)
                 breaker.failure(time.monotonic())

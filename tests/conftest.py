@@ -115,6 +115,12 @@ class Sidecar:
     def metrics(self) -> Any:
         return self.app[METRICS]
 
+    def total(self, name: str) -> float:
+        """The sum of a metric's samples named ``name`` over every label value."""
+        return sum(
+            s.value for f in self.metrics.registry.collect() for s in f.samples if s.name == name
+        )
+
 
 SidecarFactory = Callable[..., Awaitable[Sidecar]]
 

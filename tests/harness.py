@@ -126,8 +126,9 @@ def http_status(url: str, timeout: float = 2.0) -> int | None:
 
 
 def _clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment without its own sidecar settings, plus ``extra``."""
-    ours = ("VELLUM_", "SIDECAR_", "EMULATOR_")
+    """This process's environment without its own sidecar settings (and tracing
+    settings: a test turns traces on itself), plus ``extra``."""
+    ours = ("VELLUM_", "SIDECAR_", "EMULATOR_", "OTEL_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
     env.update(extra or {})
     return env
@@ -637,6 +638,11 @@ class Stack:
     def url(self) -> str:
         """The main sidecar's local API (``http://...`` or ``unix:/path``)."""
         return self.sidecar.api_url
+
+    @property
+    def sidecars(self) -> list[Sidecar]:
+        """Every sidecar started, the main one first."""
+        return [p for p in self._started if isinstance(p, Sidecar)]
 
     # lifecycle
 

@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 HOSTILE = ("baseline", "slowloris", "silent", "slow_body", "flood", "cross_site", "rebinding",
            "long_ids", "batch", "slow_pushes", "slow_probes", "streams", "waiting_misses",
            "replay_flood", "collection_paths", "escape_forms", "trace", "allow_405")  # fmt: skip
-FAULTS = ("redis_killed", "redis_hung", "upstream_down", "key_refused", "sigterm")
+COHERENCE = ("queued_drop_killed", "lost_writes", "emptied_upstream_down",
+             "tenant_drop_upstream_down")  # fmt: skip
+FAULTS = ("redis_killed", "redis_hung", "upstream_down", "key_refused", *COHERENCE, "sigterm")
 
 
 def test_fault_suite_smoke(tmp_path: Path) -> None:
@@ -90,9 +92,17 @@ def test_fault_suite_smoke(tmp_path: Path) -> None:
     assert cases["trace"]["answers"] == {"405+Allow": 3}
     assert cases["trace"]["upstream_requests"] == 0
     assert cases["allow_405"]["answers"] == {"405+Allow": 5}
-    for name in FAULTS[:-1]:
+    for name in FAULTS[: -len(COHERENCE) - 1]:
         assert cases[name]["readyz_shows_fault_s"] is not None, (name, cases[name])
         assert cases[name]["readyz_recovered_s"] is not None, (name, cases[name])
+    # No old document later than 2 s after Redis answered again; the upstream-down cases'
+    # promise (no non-2xx read of a cached customer) is the loop above.
+    for name in ("queued_drop_killed", "lost_writes"):
+        assert cases[name]["old_reads_after_2s"] == 0, (name, cases[name])
+        assert cases[name]["reads"] > 0, name
+    assert cases["queued_drop_killed"]["push_answer"] == {"ok": True, "queued": True}
+    assert cases["lost_writes"]["push_answer"] == {"ok": True}
+    assert cases["tenant_drop_upstream_down"]["drop_status"] == 204
     sigterm = cases["sigterm"]
     assert sigterm["exit_code"] == 0
     assert sigterm["stopped_sidecar_unanswered"] == 0, "the drain answered every request"

@@ -106,10 +106,16 @@ async def assert_sentinel_untouched(
     sc: Sidecar, emulator: Emulator, tenant: str, body: bytes
 ) -> None:
     resp = await sc.client.get(f"/v1/customers/{SENTINEL}/entitlements")
-    assert resp.headers["X-Sidecar-Cache"] == "hit"
     assert await resp.read() == body
     fetched = [r for r in emulator.requests if r.params.get("c") == SENTINEL or SENTINEL in r.path]
-    assert len(fetched) == 1
+    # Nothing the fuzz sent touched the entry. Only a Redis that stopped answering
+    # meanwhile (a loaded machine: the shared test Redis, a 0.5 s timeout) may have made
+    # the sidecar revalidate it once (a new epoch: docs/operations.md), never more.
+    if sc.total("vellum_sidecar_epoch_changes_total") == 0:
+        assert resp.headers["X-Sidecar-Cache"] == "hit"
+        assert len(fetched) == 1
+    else:
+        assert len(fetched) <= 2
 
 
 async def send(

@@ -66,7 +66,7 @@ async def test_readyz_memory_mode_and_phases(make_sidecar: SidecarFactory) -> No
     body = await (await sc.ops.get("/readyz")).json()
     assert body["redis"] == "disabled"
     assert "fanout" not in body
-    assert await states(sc, "redis") == {"ok": 0.0, "down": 0.0, "disabled": 1.0}
+    assert await states(sc, "redis") == {"ok": 0.0, "oom": 0.0, "down": 0.0, "disabled": 1.0}
     assert current(await states(sc, "fanout")) == "disabled"
     for phase in ("starting", "stopping"):
         sc.app[LIFECYCLE].phase = phase

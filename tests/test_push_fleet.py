@@ -377,15 +377,11 @@ async def test_first_push_after_a_redis_restart_is_applied_everywhere(
     assert await push(a, payload) == (200, {"ok": True})
     await eventually(lambda: all_answer(fleet, "cus_0", True), timeout=1)
     # The first command on a stale pooled connection was retried once on a fresh one:
-    # the push's own replay check, or the readiness PING (every 0.25 s) when it got
-    # there first. Either way no command failed and Redis was never marked down.
-    retried = sum(
-        sample(a, "vellum_sidecar_redis_retries_total", {"operation": op})
-        for op in ("replay_check", "health_ping")
-    )
-    assert retried >= 1
-    for op in ("replay_check", "health_ping"):
-        assert sample(a, "vellum_sidecar_redis_errors_total", {"operation": op}) == 0, op
+    # the push's own replay check, or the health check (every 0.25 s) or the epoch
+    # renewal when they got there first. Either way no command failed and Redis was
+    # never marked down.
+    assert a.total("vellum_sidecar_redis_retries_total") >= 1
+    assert a.total("vellum_sidecar_redis_errors_total") == 0
     assert sample(a, "vellum_sidecar_redis_state", {"state": "ok"}) == 1
     assert webhook_count(a, "queued") == 0
     body, header = signed(payload, int(time.time()) + 1)

@@ -7,7 +7,8 @@ import asyncio
 
 import pytest
 
-from sidecar.cache.cache import RedisReads
+from sidecar.cache.reads import RedisReads
+from sidecar.cache.shared import RedisTier
 from sidecar.emulator import Emulator
 
 from .conftest import Sidecar, SidecarFactory
@@ -57,7 +58,9 @@ async def test_reads_from_redis_with_any_pool_size(
                             SIDECAR_REDIS_POOL_SIZE=pool)  # fmt: skip
     for _ in range(3):
         assert set(await _sources(sc)) == {(200, "hit")}
-    reads = sc.cache.reads
+    tier = sc.cache.tier
+    assert isinstance(tier, RedisTier)
+    reads = tier.reads
     assert isinstance(reads, RedisReads)
     assert reads.borrowed <= borrowed
     if borrowed:
@@ -75,7 +78,8 @@ async def test_borrowed_connections_reconnect_after_a_restart(
         emulator.set_entitlements(tenant, c, DOC)
     sc = await make_sidecar(own_redis.url, SIDECAR_MEMORY_MAX_ENTRIES="0")
     assert {s for s, _ in await _sources(sc)} == {200}
-    assert sc.cache.reads is not None and sc.cache.reads.borrowed >= 1
+    tier = sc.cache.tier
+    assert isinstance(tier, RedisTier) and tier.reads.borrowed >= 1
     own_redis.restart()
     sources = await _sources(sc)
     assert {s for s, _ in sources} == {200}

@@ -20,7 +20,7 @@ import redis
 from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar.app import create_app
-from sidecar.appkeys import LIFECYCLE, REDIS
+from sidecar.appkeys import CACHES, INVALIDATOR, LIFECYCLE, REDIS
 from sidecar.config import ConfigError, Settings, redact_url
 from sidecar.emulator import Emulator
 from sidecar.http.ops import create_ops_app
@@ -372,10 +372,16 @@ async def test_cluster_webhook_fans_out_over_sharded_pubsub(
     assert int(channels[1]) == 2
     await _webhook_fans_out(a, b, emulator, tenant)
     await _tenant_drop_fans_out(a, b, emulator, tenant)
-    # The drop unlinked cus_2's entry; only cus_3, fetched again by B since, is stored.
-    assert cluster.keys_on(home, Keys(tenant).entry_pattern) == [
-        Keys(tenant).entry("cus_3").encode()
+    # A drop expires, it never destroys: both entries are still on the tenant's node
+    # (cus_2's as the stale fallback, cus_3's fetched again by B since), and so are the
+    # epoch and the drop sequence the scripts keep beside them.
+    keys = Keys(tenant)
+    assert sorted(cluster.keys_on(home, keys.entry_pattern)) == [
+        keys.entry("cus_2").encode(),
+        keys.entry("cus_3").encode(),
     ]
+    assert cluster.keys_on(home, keys.epoch) == [keys.epoch.encode()]
+    assert cluster.keys_on(home, keys.seq) == [keys.seq.encode()]
 
 
 # -- Redis Sentinel --------------------------------------------------------------------------
@@ -469,9 +475,26 @@ async def test_sentinel_failover_reads_continue(
     assert set(statuses) == {200}, statuses
     assert statuses[200] >= 20
 
-    # The promoted replica has the entries: a third sidecar reads them from Redis.
+    # The promoted replica may lag behind the old master (a drop acknowledged just
+    # before the kill may be missing from it), so the fleet renewed the epoch, once for
+    # both sidecars, and revalidates each customer once for the whole fleet; the
+    # replica's entries are the fallback meanwhile.
+    # (Sentinel also disconnects the clients of the replica it promotes, which may
+    # count as a second outage for a sidecar that had reconnected already.)
+    async def settled() -> bool:
+        renewals = sum(sc.total("vellum_sidecar_epoch_renewals_total") for sc in (a, b))
+        epochs = {sc.app[INVALIDATOR].epoch for sc in (a, b)}
+        trusted = all(sc.app[CACHES].tier.trusted for sc in (a, b))
+        return renewals >= 1 and trusted and len(epochs) == 1
+
+    await eventually(settled, timeout=10)
     fetches = emulator.count("get_entitlements", tenant)
     c = await make_sidecar(sentinel.url)
+    for customer in customers:
+        for sc in (c, a, b):
+            assert (await _doc(sc, customer))[1]["modules"] == DOC["modules"]
+    assert emulator.count("get_entitlements", tenant) - fetches <= len(customers)
+    fetches = emulator.count("get_entitlements", tenant)
     for customer in customers:
         assert (await _doc(c, customer))[0] == "hit"
     assert emulator.count("get_entitlements", tenant) == fetches

@@ -5,6 +5,14 @@ Times are ``time.time()`` seconds. An entry is *fresh* until ``fresh_until``
 (answered as a hit), may be served *stale* until ``stale_until`` when the
 upstream cannot answer, and from ``refresh_at`` (the last tenth of the fresh
 window, at most 30 s) a hit starts one background refresh.
+
+**A drop expires, it never destroys** (RFC 5861's stale-if-error): a dropped
+entry is kept, marked ``expired``, so it is never fresh again but is still the
+stale fallback for when the upstream cannot answer. ``expired`` says why:
+``PRECAUTION`` (the sidecar could not be sure nothing changed: a lost fan-out
+subscription, a Redis that lost writes) or ``DROPPED`` (a push, a cache
+``DELETE``, a billing write said it changed; with ``SIDECAR_STRICT_DROPS`` such an
+entry is not served stale either).
 """
 
 from __future__ import annotations
@@ -18,9 +26,28 @@ import orjson
 from ..errors import UpstreamUnavailable, error_body
 from .kinds import ENTITLEMENTS, NOT_FOUND_BODY, NOT_FOUND_DOC, Kind
 
-__all__ = ["NOT_FOUND_BODY", "NOT_FOUND_DOC", "Entry", "Lookup", "Source"]
+__all__ = [
+    "DROPPED",
+    "NOT_FOUND_BODY",
+    "NOT_FOUND_DOC",
+    "PRECAUTION",
+    "Entry",
+    "Lookup",
+    "Source",
+    "Stamp",
+]
 
 Source = Literal["hit", "miss", "stale"]
+
+#: ``Entry.expired``: revalidate first, stale fallback meanwhile (see the module docstring).
+PRECAUTION: Final = 1
+#: ``Entry.expired``: an explicit drop said the document changed.
+DROPPED: Final = 2
+
+#: What a stored entry was filled under in the shared tier: the kind's tenant-wide
+#: generation and the tenant's epoch (``cache.shared``); ``None`` for an entry never
+#: stored there.
+Stamp = tuple[str, str]
 
 #: A 404 body the upstream sent is kept (for the mirror) only up to this size.
 _MAX_NOT_FOUND_BODY: Final = 4096
@@ -45,6 +72,7 @@ class Entry:
         "_raw",
         "account_id",
         "answer_until",
+        "expired",
         "fetched_at",
         "flags",
         "found",
@@ -63,6 +91,8 @@ class Entry:
     #: The in-process layer's deadline for answering with this entry alone
     #: (``MemoryLayer.put`` sets it).
     answer_until: float
+    #: 0, ``PRECAUTION`` or ``DROPPED``: an expired entry is never fresh again.
+    expired: int
 
     def __init__(
         self,
@@ -83,6 +113,7 @@ class Entry:
             (fresh_until - fetched_at) * _REFRESH_SHARE, _MAX_REFRESH_AHEAD
         )
         self.answer_until = fresh_until
+        self.expired = 0
         if doc is None:
             self.found = False
             # "Not found": the upstream's own 404 body, kept for the mirror.
@@ -145,12 +176,21 @@ class Entry:
         return cls(doc, now, fresh_until, stale_until, None, kind)
 
     def is_fresh(self, now: float) -> bool:
-        """Whether a hit may answer with this entry at ``now``."""
-        return now < self.fresh_until
+        """Whether a hit may answer with this entry at ``now`` (never once expired)."""
+        return not self.expired and now < self.fresh_until
 
-    def is_servable_stale(self, now: float) -> bool:
-        """Whether this entry may still answer, marked ``stale``, when the upstream cannot."""
-        return now < self.stale_until
+    def is_servable_stale(self, now: float, strict: bool = False) -> bool:
+        """Whether this entry may still answer, marked ``stale``, when the upstream cannot.
+
+        ``strict`` (``SIDECAR_STRICT_DROPS``): not once an explicit drop expired it."""
+        return now < self.stale_until and not (strict and self.expired == DROPPED)
+
+    def expire(self, level: int) -> None:
+        """Never fresh again, never answering alone; kept as the stale fallback. An
+        explicit drop is never downgraded to a precaution."""
+        self.answer_until = 0.0
+        if level > self.expired:
+            self.expired = level
 
     @property
     def doc(self) -> dict[str, Any] | None:
@@ -194,32 +234,43 @@ class Entry:
             return self.kind.upstream_body(self._raw)
         return self._raw or orjson.dumps(error_body("not_found", self.kind.missing))
 
-    def dumps(self) -> bytes:
-        """The stored form (``"v": 1``, which every sidecar version reads)."""
+    def dumps(self, stamp: Stamp | None = None) -> bytes:
+        """The stored form (``"v": 1``, which every sidecar version reads), with the
+        shared tier's ``stamp`` (``"tg"``, ``"ep"``) and ``"x"`` when expired."""
         nf = None if self.found or self._raw is None else self._raw.decode("utf-8", "replace")
-        return orjson.dumps(
-            {
-                "v": 1,
-                "f": self.fetched_at,
-                "fu": self.fresh_until,
-                "su": self.stale_until,
-                # The document's bytes as they are, not parsed and dumped again.
-                "d": orjson.Fragment(self.upstream_body()) if self.found else None,
-                "nf": nf,
-            }
-        )
+        data: dict[str, Any] = {
+            "v": 1,
+            "f": self.fetched_at,
+            "fu": self.fresh_until,
+            "su": self.stale_until,
+            # The document's bytes as they are, not parsed and dumped again.
+            "d": orjson.Fragment(self.upstream_body()) if self.found else None,
+            "nf": nf,
+        }
+        if stamp is not None:
+            data["tg"], data["ep"] = stamp
+        if self.expired:
+            data["x"] = self.expired
+        return orjson.dumps(data)
 
     @classmethod
     def loads(cls, raw: bytes, kind: Kind = ENTITLEMENTS) -> Entry | None:
         """Parse a stored entry of ``kind``; anything unreadable counts as a miss, never
         an error."""
+        return cls.loads_stamped(raw, kind)[0]
+
+    @classmethod
+    def loads_stamped(
+        cls, raw: bytes, kind: Kind = ENTITLEMENTS
+    ) -> tuple[Entry | None, Stamp | None]:
+        """``loads`` plus the stamp it was stored with (``None`` when it has none)."""
         try:
             data = orjson.loads(raw)
             doc = data["d"]
             if doc is not None and not isinstance(doc, dict):
-                return None
+                return None, None
             nf = data.get("nf")
-            return cls(
+            entry = cls(
                 doc,
                 float(data["f"]),
                 float(data["fu"]),
@@ -227,8 +278,14 @@ class Entry:
                 nf.encode() if isinstance(nf, str) else None,
                 kind,
             )
+            expired = data.get("x")
+            if type(expired) is int and expired in (PRECAUTION, DROPPED):
+                entry.expire(expired)
+            tg, ep = data.get("tg"), data.get("ep")
+            stamp = (tg, ep) if type(tg) is str and type(ep) is str else None
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            return None
+            return None, None
+        return entry, stamp
 
 
 class Lookup:

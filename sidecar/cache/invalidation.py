@@ -1,11 +1,14 @@
-"""Invalidation: drop entries in Redis, fan out to every sidecar, learn account links.
+"""Invalidation: expire entries in the shared tier, fan out to every sidecar, learn
+account links, keep the epoch.
 
-An invalidation is a delete plus a generation bump, never a write of new data,
-so duplicated or reordered messages are harmless. The sidecar that issues it
-deletes the Redis entries, bumps the generations (so fills already in flight
-anywhere cannot store their older answer), publishes one message on the
-tenant's channel and drops its own in-process entries at once. Every other
-sidecar drops its in-process entries when the message arrives.
+An invalidation marks entries for revalidation, never writes new data, so
+duplicated or reordered messages are harmless, and it never destroys the stale
+fallback (``shared.py``, invariant 1). The sidecar that issues it expires the
+shared tier's entries (taking the fill lock away from fills in flight anywhere,
+so they cannot store their older answer as valid), publishes one message on the
+tenant's channel in the same script, and expires its own in-process entries at
+once. Every other sidecar expires its in-process entries when the message
+arrives.
 
 **Axes.** Every drop names its axes (``kinds.Axis``: ``entitlements``,
 ``flags``; both unless narrowed) and applies to each kind of document of those
@@ -25,7 +28,19 @@ bounded by ``QUEUE_LIMIT`` targets; a target that does not fit collapses the que
 into one tenant-wide drop on every axis.
 
 Redis pub/sub is at-most-once: a sidecar that was disconnected may have missed
-messages, so every (re)subscribe drops the whole in-process layer.
+messages, so every (re)subscribe expires the whole in-process layer.
+
+**The epoch.** A drop acknowledged while Redis did not answer lives only in the
+queue of the sidecar that took it, and dies with that process; and Redis itself
+can come back older (a restart from its last snapshot, a failover to a lagging
+replica, a FLUSHALL). So a sidecar that lost Redis or the fan-out stops trusting
+what Redis holds (``RedisTier.distrust``: its stored entries are only the stale
+fallback) until it has renewed the tenant's epoch, which expires every stored
+entry for the whole fleet at once (one renewal per outage: not if another
+sidecar renewed it after this one's last contact). The health check (every
+``SIDECAR_CHECK_INTERVAL``) also renews it when Redis's drop sequence went
+backwards, and notices a missing epoch (recreated by the check). Every sidecar
+that sees the epoch change expires its in-process layer.
 """
 
 from __future__ import annotations
@@ -44,11 +59,12 @@ from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 
 from ..metrics import Metrics
 from ..redis.conn import RedisConn, RedisDown
-from ..redis.url import REDIS_ERRORS, RedisClient
+from ..redis.url import REDIS_ERRORS
 from ..tasks import cancel_and_wait
 from .cache import Caches, DocumentCache
 from .entry import Entry
 from .kinds import AXES, Axis
+from .shared import Check
 
 __all__ = ["QUEUE_LIMIT", "DropWatcher", "Invalidator", "Scope"]
 
@@ -58,9 +74,7 @@ Scope = Literal["customer", "account", "tenant"]
 #: Invalidation targets (customers, accounts, the tenant) queued while Redis is down.
 QUEUE_LIMIT: Final = 10_000
 
-_GEN_TTL_S: Final = 3600
-_SCAN_BATCH: Final = 500
-#: Customers per transaction when the queue is applied.
+#: Customers per script when the queue is applied.
 _DRAIN_BATCH: Final = 500
 _MAX_LOCAL_LINKS: Final = 100_000
 
@@ -147,6 +161,7 @@ class Invalidator:
         stall_after: float = 0.5,
     ) -> None:
         self.caches = caches
+        self.tier = caches.tier
         self.redis = redis
         self.metrics = metrics
         self.sidecar_id = sidecar_id
@@ -166,14 +181,20 @@ class Invalidator:
         self._heartbeat = heartbeat
         self._stall_after = stall_after
         self._watchers: list[DropWatcher] = []
+        #: The epoch this sidecar last saw; the highest drop sequence number it saw;
+        #: Redis's clock at its last successful check (``None`` before the first).
+        self.epoch: str | None = None
+        self._seen_seq = 0
+        self._last_contact_ms: int | None = None
+        self._renewing: asyncio.Lock = asyncio.Lock()
         if redis is not None:
             metrics.fanout_state.follow(lambda: "ok" if self.subscribed.is_set() else "down")
+            redis.on_reconnect(self._redis_answers)
+            redis.on_down(self._distrust)
         # A fetched document's account: learnt here, and added to the account's set
         # in Redis by the fill's own store (no round trip of its own).
         caches.entitlements.on_fetched = self._learn_from_entry
         caches.entitlements.link_ttl = self._link_ttl
-        if redis is not None:
-            redis.on_reconnect(self._redis_answers)
         metrics.invalidations_queued.set(0)
 
     @property
@@ -198,19 +219,17 @@ class Invalidator:
     ) -> bool:
         """Drop these customers on ``axes`` on every sidecar.
 
-        Returns whether Redis and the other sidecars were reached now: False when
-        Redis is configured but could not be written, in which case this sidecar
-        dropped them and the rest is queued until Redis answers.
+        Returns whether the shared tier and the other sidecars were reached now:
+        False when Redis could not be written, in which case this sidecar dropped
+        them and the rest is queued until Redis answers.
         """
         if not customers:
             return True
         axes = frozenset(axes)
         self.metrics.invalidations.labels(scope, source).inc()
         self._drop_here(customers, axes)
-        if self.redis is None:
-            return True
         try:
-            await self._customers_in_redis(customers, axes)
+            await self._customers_shared(customers, axes)
         except RedisDown:
             self._enqueue("customer", customers, axes)
             return False
@@ -228,14 +247,13 @@ class Invalidator:
         """
         axes = frozenset(axes)
         known = self._known_members(account)
-        if self.redis is not None:
-            try:
-                known |= await self._redis_members(account)
-            except RedisDown:
-                self.metrics.invalidations.labels("account", source).inc()
-                self._drop_here(sorted(known) if known else None, axes)
-                self._enqueue("account", [account], axes)
-                return "account", False
+        try:
+            known |= await self.tier.members(account)
+        except RedisDown:
+            self.metrics.invalidations.labels("account", source).inc()
+            self._drop_here(sorted(known) if known else None, axes)
+            self._enqueue("account", [account], axes)
+            return "account", False
         if not known:
             return "tenant", await self.tenant(source=source, axes=axes)
         shared = await self.customers(sorted(known), source=source, scope="account", axes=axes)
@@ -246,20 +264,23 @@ class Invalidator:
         axes = frozenset(axes)
         self.metrics.invalidations.labels("tenant", source).inc()
         self._drop_here(None, axes)
-        if self.redis is None:
-            return True
         try:
-            await self._tenant_in_redis(axes)
+            await self._tenant_shared(axes)
         except RedisDown:
             self._enqueue("tenant", [""], axes)
             return False
         return True
 
-    def _drop_here(self, customers: Sequence[str] | None, axes: Collection[Axis]) -> None:
-        """Drop ``customers`` (``None``: everyone) on ``axes`` in this process only,
-        and tell the watchers."""
+    def _drop_here(
+        self, customers: Sequence[str] | None, axes: Collection[Axis], *, precaution: bool = False
+    ) -> None:
+        """Expire ``customers`` (``None``: everyone) on ``axes`` in this process only
+        (an explicit drop, or a ``precaution``), and tell the watchers."""
         for cache in self._caches(axes, customers):
-            cache.drop_local(customers)
+            if precaution:
+                cache.expire_local()
+            else:
+                cache.drop_local(customers)
         ordered = _ordered(axes)
         for watcher in list(self._watchers):
             try:
@@ -273,61 +294,17 @@ class Invalidator:
         """The caches a drop applies to: a customer's drop leaves the tenant-wide kinds."""
         return [c for c in self.caches.of(axes) if customers is None or c.kind.per_customer]
 
-    # -- the Redis part ------------------------------------------------------------
+    # -- the shared tier's part ------------------------------------------------------
 
-    async def _customers_in_redis(self, customers: Sequence[str], axes: frozenset[Axis]) -> None:
-        redis = self.redis
-        assert redis is not None
-        keys = redis.keys
-        message = self._message("customer", list(customers), axes)
+    async def _customers_shared(self, customers: Sequence[str], axes: frozenset[Axis]) -> None:
         kinds = [c.kind for c in self._caches(axes, customers)]
+        message = self._message("customer", list(customers), axes)
+        self._saw_seq(await self.tier.expire_customers(kinds, customers, message))
 
-        async def call(r: RedisClient) -> None:
-            # One slot (the tenant's hash tag), so MULTI works on a cluster too.
-            async with r.pipeline(transaction=True) as pipe:
-                for kind in kinds:
-                    names = keys.kind(kind.key)
-                    for c in customers:
-                        pipe.incr(names.gen(c))
-                        pipe.expire(names.gen(c), _GEN_TTL_S)
-                        pipe.delete(names.entry(c))
-                if redis.cluster:
-                    pipe.spublish(keys.channel, message)
-                else:
-                    pipe.publish(keys.channel, message)
-                await pipe.execute()
-
-        await redis.run("invalidate", call)
-
-    async def _tenant_in_redis(self, axes: frozenset[Axis]) -> None:
-        redis = self.redis
-        assert redis is not None
-        keys = redis.keys
-        message = self._message("tenant", None, axes)
+    async def _tenant_shared(self, axes: frozenset[Axis]) -> None:
         kinds = [c.kind for c in self._caches(axes, None)]
-
-        async def call(r: RedisClient) -> None:
-            for kind in kinds:
-                await r.incr(keys.kind(kind.key).tenant_gen)
-            for kind in kinds:
-                batch: list[Any] = []
-                # On a cluster, scan_iter walks every primary (right even while
-                # the tenant's slot migrates); the keys share one slot, so UNLINK
-                # of a batch is one command.
-                pattern = keys.kind(kind.key).entry_pattern
-                async for key in r.scan_iter(match=pattern, count=_SCAN_BATCH):
-                    batch.append(key)
-                    if len(batch) >= _SCAN_BATCH:
-                        await r.unlink(*batch)
-                        batch = []
-                if batch:
-                    await r.unlink(*batch)
-            if redis.cluster:
-                await r.spublish(keys.channel, message)
-            else:
-                await r.publish(keys.channel, message)
-
-        await redis.run("invalidate_all", call)
+        message = self._message("tenant", None, axes)
+        self._saw_seq(await self.tier.expire_tenant(kinds, message))
 
     def _message(self, scope: str, customers: list[str] | None, axes: Collection[Axis]) -> bytes:
         return orjson.dumps(
@@ -385,7 +362,7 @@ class Invalidator:
             delay = min(delay * 2, 1.0)
 
     async def _apply_queue(self) -> bool:
-        """Apply the queued invalidations to Redis and fan them out.
+        """Apply the queued invalidations to the shared tier and fan them out.
 
         Each part is dropped here again once Redis has it: a read between Redis
         answering and this drain may have brought an older entry back from Redis.
@@ -396,19 +373,19 @@ class Invalidator:
         try:
             if pending.tenant:
                 axes = frozenset(pending.tenant)
-                await self._tenant_in_redis(axes)
+                await self._tenant_shared(axes)
                 self._drop_here(None, axes)
                 pending.tenant = set()
                 applied += 1
             for account, account_axes in list(pending.accounts.items()):
                 axes = frozenset(account_axes)
-                members = self._known_members(account) | await self._redis_members(account)
+                members = self._known_members(account) | await self.tier.members(account)
                 if members:
                     for chunk in _chunks(sorted(members), _DRAIN_BATCH):
-                        await self._customers_in_redis(chunk, axes)
+                        await self._customers_shared(chunk, axes)
                         self._drop_here(chunk, axes)
                 else:
-                    await self._tenant_in_redis(axes)
+                    await self._tenant_shared(axes)
                     self._drop_here(None, axes)
                 del pending.accounts[account]
                 applied += 1
@@ -417,7 +394,7 @@ class Invalidator:
                 by_axes.setdefault(frozenset(customer_axes), []).append(customer)
             for axes, customers in by_axes.items():
                 for chunk in _chunks(customers, _DRAIN_BATCH):
-                    await self._customers_in_redis(chunk, axes)
+                    await self._customers_shared(chunk, axes)
                     self._drop_here(chunk, axes)
                     for c in chunk:
                         del pending.customers[c]
@@ -449,18 +426,9 @@ class Invalidator:
         """Remember that ``customer`` belongs to ``account`` (learnt from a call or a document)."""
         if not account or not customer:
             return
-        fresh = self._link_here(account, customer)
-        if self.redis is not None and fresh:
-            key = self.redis.keys.account(account)
-
-            async def call(r: RedisClient) -> Any:
-                async with r.pipeline(transaction=False) as pipe:
-                    pipe.sadd(key, customer)
-                    pipe.expire(key, self._link_ttl)
-                    return await pipe.execute()
-
+        if self._link_here(account, customer):
             with contextlib.suppress(RedisDown):
-                await self.redis.run("link", call)
+                await self.tier.link(account, customer, self._link_ttl)
 
     def _link_here(self, account: str, customer: str) -> bool:
         """Remember the link in this process; True when it was not known."""
@@ -490,17 +458,82 @@ class Invalidator:
             return cached
         return cached | ({members} if isinstance(members, str) else members)
 
-    async def _redis_members(self, account: str) -> set[str]:
-        """The account's customers every sidecar learnt (raises ``RedisDown``)."""
-        assert self.redis is not None
-        key = self.redis.keys.account(account)
-        members = await self.redis.run("account_members", lambda r: r.smembers(key))
-        return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
-
     def _learn_from_entry(self, customer: str, entry: Entry) -> None:
         """``DocumentCache.on_fetched``: the fill's store already told Redis."""
         if entry.account_id is not None:
             self._link_here(entry.account_id, customer)
+
+    # -- the epoch -----------------------------------------------------------------
+
+    def _distrust(self) -> None:
+        """Redis or the fan-out was lost (``RedisConn.on_down``, the listener)."""
+        self.tier.distrust()
+
+    def _saw_seq(self, seq: int) -> None:
+        if seq > self._seen_seq:
+            self._seen_seq = seq
+
+    async def check(self) -> Check | None:
+        """One health check of the shared tier (``HealthMonitor``, every
+        ``SIDECAR_CHECK_INTERVAL``): Redis's writability for ``/readyz``; a new epoch
+        (made by this check because Redis lost it or went back in time, or renewed
+        by another sidecar: the in-process layer expires); and the renewal this
+        sidecar owes after an outage. ``None`` when Redis did not answer."""
+        floor = self._seen_seq  # taken before the call: a drop seen later may be newer
+        try:
+            check = await self.tier.check(floor, self._epoch_message())
+        except RedisDown:
+            return None
+        self._checked(check)
+        if not self.tier.trusted:
+            await self._renew()
+        else:
+            self._last_contact_ms = check.now_ms
+        return check
+
+    def _checked(self, check: Check) -> None:
+        """What a health check found: writability, the epoch it made, the one it saw."""
+        redis = self.redis
+        if redis is not None and redis.writable != check.writable:
+            redis.writable = check.writable
+            log.info("redis_writable" if check.writable else "redis_write_refused")
+        # A missing epoch at this sidecar's first check is a new tenant, not a flush.
+        if check.changed is not None and not (check.changed == "flushed" and self.epoch is None):
+            self.metrics.epoch_renewals.labels(check.changed).inc()
+            log.warning("epoch_renewed", extra={"fields": {"reason": check.changed}})
+        self._seen_epoch(check.epoch)
+        self._saw_seq(check.seq)
+
+    def _epoch_message(self) -> bytes:
+        return orjson.dumps({"scope": "epoch", "origin": self.sidecar_id, "at": time.time()})
+
+    def _seen_epoch(self, epoch: str | None) -> None:
+        """Another epoch than the one this sidecar knew: expire the in-process layer."""
+        if epoch is None or epoch == self.epoch:
+            return
+        known, self.epoch = self.epoch, epoch
+        if known is not None:
+            self.metrics.epoch_changes.inc()
+            self._drop_here(None, AXES, precaution=True)
+            log.info("epoch_changed")
+
+    async def _renew(self) -> None:
+        """After an outage: renew the epoch unless another sidecar did after this one's
+        last contact, then trust Redis again."""
+        async with self._renewing:
+            if self.tier.trusted:
+                return  # renewed while this call waited for the lock
+            try:
+                renewed = await self.tier.renew_epoch(self._last_contact_ms, self._epoch_message())
+                check = await self.tier.check(self._seen_seq, self._epoch_message())
+            except RedisDown:
+                return
+            if renewed:
+                self.metrics.epoch_renewals.labels("outage").inc()
+                log.warning("epoch_renewed", extra={"fields": {"reason": "outage"}})
+            self._checked(check)
+            self._last_contact_ms = check.now_ms
+            self.tier.trusted = True
 
     # -- listening -----------------------------------------------------------------
 
@@ -518,10 +551,10 @@ class Invalidator:
 
         A PING goes down the subscribed connection every ``heartbeat`` seconds.
         The subscription is confirmed (``subscribed``, the in-process layer
-        dropped once and coherent from then on) only when a PONG comes back, and
-        a PONG later than ``stall_after`` counts as a failure: a hung Redis
-        accepts connections and commands and answers nothing, which would
-        otherwise look like a quiet channel.
+        expired once and coherent from then on, the epoch renewed if an outage
+        preceded) only when a PONG comes back, and a PONG later than
+        ``stall_after`` counts as a failure: a hung Redis accepts connections and
+        commands and answers nothing, which would otherwise look like a quiet channel.
         """
         assert self.redis is not None
         channel = self.redis.keys.channel
@@ -565,27 +598,32 @@ class Invalidator:
                         awaiting = False
                         if not self.subscribed.is_set():
                             # Confirmed. Messages may have been missed while
-                            # (re)connecting: drop what is here, then memory is coherent.
-                            self._drop_here(None, AXES)
+                            # (re)connecting: expire what is here (kept as the
+                            # fallback), then memory is coherent.
+                            self._drop_here(None, AXES, precaution=True)
                             self.caches.set_coherent(True)
                             self.subscribed.set()
                             backoff = 0.05
                             failed = False
                             log.info("fanout_subscribed")
+                            if not self.tier.trusted:
+                                await self._renew()
                     elif kind == "sunsubscribe":
                         # The slot moved or its shard failed over: resubscribe.
                         raise _Resubscribe
             except asyncio.CancelledError:
                 raise
             except _LISTEN_ERRORS as exc:
-                # A message may be missed from now on: the in-process layer goes, and
-                # answers alone for at most SIDECAR_MEMORY_TTL until confirmed again.
+                # A message may be missed from now on: the in-process layer expires,
+                # and answers alone for at most SIDECAR_MEMORY_TTL until confirmed
+                # again; what Redis holds is not trusted until the epoch is renewed.
                 self.caches.set_coherent(False)
                 self.subscribed.clear()
+                self._distrust()
                 failed = True
                 log.warning("fanout_disconnected", extra={"fields": {"error": type(exc).__name__}})
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
+                backoff = min(backoff * 2, 0.5)
             finally:
                 with contextlib.suppress(*REDIS_ERRORS):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -598,8 +636,16 @@ class Invalidator:
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             log.warning("fanout_message_malformed")
             return
+        seq = msg.get("seq")
+        if type(seq) is int:
+            self._saw_seq(seq)
         if msg.get("origin") == self.sidecar_id:
             return  # applied locally when issued
+        if scope == "epoch":
+            # Another sidecar renewed the epoch: the next check reads it; expire now.
+            self.metrics.epoch_changes.inc()
+            self._drop_here(None, AXES, precaution=True)
+            return
         named = msg.get("axes")
         # No "axes": a sidecar from before axes existed, which meant every axis.
         axes = AXES if not isinstance(named, list) else _ordered(a for a in named if a in AXES)

@@ -275,6 +275,8 @@ class Emulator(State):
             body=body,
             api_key=request.headers.get("x-api-key"),
             idempotency_key=request.headers.get("Idempotency-Key"),
+            traceparent=request.headers.get("traceparent"),
+            tracestate=request.headers.get("tracestate"),
         )
         self.requests.append(record)
         if too_large is not None:

@@ -220,6 +220,9 @@ class RecordedRequest:
     """The parsed JSON body, or None when there was none or it was not JSON."""
     api_key: str | None
     idempotency_key: str | None
+    traceparent: str | None = None
+    """W3C Trace Context headers as received (the caller's trace, carried by the sidecar)."""
+    tracestate: str | None = None
 
     @property
     def tenant(self) -> str | None:
@@ -235,6 +238,8 @@ class RecordedRequest:
             "body": self.body,
             "apiKey": self.api_key,
             "idempotencyKey": self.idempotency_key,
+            "traceparent": self.traceparent,
+            "tracestate": self.tracestate,
         }
 
 

@@ -68,6 +68,8 @@ async def can(
                 status=None,
             ) from None
         entry, source = lookup.entry, lookup.source
+        if source == "stale":
+            return source_response(_stale_answer(entry, customer, module), source, entry.fetched_at)
     body = orjson.dumps(
         {
             "allowed": module in entry.modules,
@@ -77,6 +79,19 @@ async def can(
         }
     )
     return source_response(body, source, entry.fetched_at)
+
+
+def _stale_answer(entry: Entry, customer: str, module: str) -> bytes:
+    """``can``'s body from a document served stale (the upstream could not answer)."""
+    return orjson.dumps(
+        {
+            "allowed": module in entry.modules,
+            "customerId": customer,
+            "module": module,
+            "status": entry.status,
+            "stale": True,
+        }
+    )
 
 
 async def can_route(request: web.Request) -> web.StreamResponse:
@@ -139,7 +154,10 @@ async def check(request: web.Request) -> web.StreamResponse:
         found = lookups[customer]
         if isinstance(found, Lookup):
             entry: Entry = found.entry
-            results.append({"customerId": customer, "module": module, "allowed": entry.has(module)})
+            result = {"customerId": customer, "module": module, "allowed": entry.has(module)}
+            if found.source == "stale":
+                result["stale"] = True
+            results.append(result)
         else:
             allowed = module in fail_open
             result = {"customerId": customer, "module": module, "allowed": allowed}

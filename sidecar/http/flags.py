@@ -69,7 +69,10 @@ async def flag(
         return json_response({**answer, "value": default, "fallback": True})
     value = lookup.entry.flag(name)
     if value is not None:
-        return cached_response(orjson.dumps({**answer, "value": value}), lookup)
+        answer["value"] = value
+        if lookup.source == "stale":
+            answer["stale"] = True
+        return cached_response(orjson.dumps(answer), lookup)
     if default is None:
         missing = NotFound(
             f"the upstream defines no flag {name!r} for this customer",

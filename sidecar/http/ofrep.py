@@ -210,8 +210,18 @@ def _cache_headers(lookups: Sequence[Lookup]) -> dict[str, str]:
     return {CACHE_HEADER: source, "Age": str(max(int(time.time() - fetched_at), 0))}
 
 
+def _marked(result: dict[str, Any], lookup: Lookup) -> dict[str, Any]:
+    """OpenFeature's ``STALE`` reason for a value read from a document served stale
+    (the upstream could not answer: docs/operations.md, "Drops and staleness")."""
+    if lookup.source == "stale":
+        result["reason"] = "STALE"
+    return result
+
+
 def _evaluation(result: dict[str, Any], lookups: Sequence[Lookup]) -> web.Response:
-    """One evaluation's 200, with the cached-read headers of the documents it used."""
+    """One evaluation's 200, with the cached-read headers of the documents it used (the
+    first one gave the value)."""
+    _marked(result, lookups[0])
     body = orjson.dumps(result, option=orjson.OPT_SORT_KEYS)
     return source_response(body, *_least_fresh(lookups))
 
@@ -275,12 +285,14 @@ async def evaluate_bulk(request: web.Request) -> web.StreamResponse:
     if isinstance(doc_flags, dict):
         for name, value in doc_flags.items():
             if isinstance(value, bool):
-                results.append(_flag_result(name, value, globals_))
+                results.append(_marked(_flag_result(name, value, globals_), flags))
     doc = entitlements.entry.doc
     modules = doc.get("modules") if doc is not None else None
     if isinstance(modules, list):
         for module in dict.fromkeys(m for m in modules if isinstance(m, str) and m):
-            results.append(_module_result(MODULE_PREFIX + module, entitlements))
+            results.append(
+                _marked(_module_result(MODULE_PREFIX + module, entitlements), entitlements)
+            )
     results.sort(key=lambda r: str(r["key"]))
     evaluations = orjson.dumps(results, option=orjson.OPT_SORT_KEYS)
     tenant = request.app[SETTINGS].tenant_id

@@ -14,6 +14,11 @@ a connection error that came without waiting, is retried once on a fresh
 connection before Redis is marked down: a dead Redis refuses that connection at
 once (still detected fast), and a hung one times out, which is never retried (so
 a call is still bounded by ``SIDECAR_REDIS_TIMEOUT``).
+
+A Redis at ``maxmemory`` with nothing it may evict refuses writes ("OOM command
+not allowed") and still answers reads: such a refusal is ``RedisDown`` for that
+call only, Redis is not marked down, and ``writable`` turns false until a health
+check finds it taking writes again (``/readyz`` shows ``redis: oom``).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Final, Literal, TypeVar
 
 from redis.asyncio import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MaxConnectionsError
+from redis.exceptions import MaxConnectionsError, OutOfMemoryError
 
 from ..metrics import Metrics
 from ..tasks import cancel_and_wait
@@ -68,12 +73,26 @@ class RedisConn:
         self.keys = keys
         self.metrics = metrics
         self.state: RedisState = "ok"
+        #: Redis takes writes (False while it refuses them: OOM).
+        self.writable = True
         self._probe: asyncio.Task[None] | None = None
         self._on_reconnect: list[Callable[[], Awaitable[None]]] = []
-        metrics.redis_state.follow(lambda: self.state)
+        self._on_down: list[Callable[[], None]] = []
+        metrics.redis_state.follow(lambda: self.health)
+
+    @property
+    def health(self) -> str:
+        """What ``/readyz`` reports: ``ok``, ``oom`` (answers, refuses writes) or ``down``."""
+        if self.state == "ok" and not self.writable:
+            return "oom"
+        return self.state
 
     def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
         self._on_reconnect.append(callback)
+
+    def on_down(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (synchronously) each time Redis is marked down."""
+        self._on_down.append(callback)
 
     async def run(self, operation: str, call: Callable[[RedisClient], Awaitable[T]]) -> T:
         """Run one Redis call; raise ``RedisDown`` if Redis is down or the call fails."""
@@ -106,9 +125,18 @@ class RedisConn:
         except REDIS_ERRORS as exc:
             raise self._failed(operation, exc) from exc
 
+    def write_refused(self) -> None:
+        """Redis refused a write (OOM); the next health check tells when it takes them again."""
+        if self.writable:
+            self.writable = False
+            log.warning("redis_write_refused", extra={"fields": {"reason": "oom"}})
+
     def _failed(self, operation: str, exc: BaseException) -> RedisDown:
         self.metrics.redis_errors.labels(operation).inc()
-        if not isinstance(exc, MaxConnectionsError):
+        if isinstance(exc, OutOfMemoryError):
+            # Reads still work: this call degrades, Redis is not marked down.
+            self.write_refused()
+        elif not isinstance(exc, MaxConnectionsError):
             # MaxConnectionsError: every pooled connection is busy (a burst); this
             # call degrades, but Redis answers, so it is not marked down.
             self._mark_down(operation, exc)
@@ -132,6 +160,8 @@ class RedisConn:
         log.warning(
             "redis_down", extra={"fields": {"operation": operation, "error": type(exc).__name__}}
         )
+        for callback in self._on_down:
+            callback()
         if self._probe is None or self._probe.done():
             self._probe = asyncio.get_running_loop().create_task(self._probe_until_up())
 

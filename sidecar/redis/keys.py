@@ -1,4 +1,5 @@
-"""The Redis key names of one tenant (entries, generations, locks, links, events, fan-out)."""
+"""The Redis key names of one tenant (entries, generations, locks, links, events, fan-out,
+the epoch)."""
 
 from __future__ import annotations
 
@@ -45,12 +46,17 @@ class Keys(KindKeys):
     predate the other kinds); :meth:`kind` gives any kind's.
     """
 
-    __slots__ = ("_kinds", "channel", "prefix")
+    __slots__ = ("_kinds", "beat", "channel", "epoch", "prefix", "seq")
 
     def __init__(self, tenant: str) -> None:
         self.prefix = f"vsc:{{{quote(tenant, safe='')}}}:"
         super().__init__(self.prefix)
         self.channel = self.prefix + "inv"
+        #: The tenant's epoch and drop sequence (``cache.shared``: no TTL).
+        self.epoch = self.prefix + "epoch"
+        self.seq = self.prefix + "seq"
+        #: Redis's clock at the fleet's last health check (TTL 60 s).
+        self.beat = self.prefix + "beat"
         self._kinds: dict[str, KindKeys] = {"": self}
 
     def kind(self, key: str) -> KindKeys:
