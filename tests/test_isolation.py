@@ -15,9 +15,9 @@ ops), ``test_open_event_streams_never_shut_out_requests``,
 ``test_escape_forms_are_refused_before_the_egress_proxy_sees_them``,
 ``test_trace_and_other_methods_are_405_and_never_forwarded``,
 ``test_every_405_names_its_methods`` and, for the logs,
-``test_log_lines_keep_their_event_name`` and its neighbours. (Negative entries and
-generation keys under floods are issue 20's; replay keys are in
-tests/test_webhooks.py.)
+``test_log_lines_keep_their_event_name`` and its neighbours. (Keys under floods:
+replay keys in tests/test_webhooks.py, drops for unknown customers in
+tests/test_shared_tier.py; the example Redis's bound in tests/test_deploy.py.)
 """
 
 from __future__ import annotations
