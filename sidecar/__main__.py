@@ -15,8 +15,9 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
-from .config import ConfigError, Listen, Settings, add_flags, env_with_flags
+from .config import ConfigError, Settings, add_flags, env_with_flags
 from .logs import configure_logging
+from .values import Listen
 
 __all__ = ["main"]
 

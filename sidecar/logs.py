@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import orjson
 
-from .config import redact_text
+from .values import redact_text
 
 __all__ = ["RESERVED", "JsonFormatter", "configure_logging"]
 
