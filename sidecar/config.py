@@ -26,11 +26,19 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar, cast
+from typing import Any, Final, TypeVar, cast
 from urllib.parse import urlsplit
 
 from .redis.url import parse_redis_url
 from .values import ApiKeySource, Listen, Secret, redact_text, redact_url
+from .values import csv_set as _csv_set
+from .values import log_level as _log_level
+from .values import name_set as _name_set
+from .values import non_negative_float as _non_negative_float
+from .values import non_negative_int as _non_negative_int
+from .values import parse_bool as _bool
+from .values import positive_float as _positive_float
+from .values import positive_int as _positive_int
 
 __all__ = [
     "SETTINGS",
@@ -44,11 +52,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-
-_TRUE: Final = frozenset({"1", "true", "yes", "on"})
-_FALSE: Final = frozenset({"0", "false", "no", "off", ""})
-_LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
 def _show(value: Any) -> str:
@@ -86,56 +89,6 @@ def _secret_list(value: str, _path: Path | None) -> tuple[Secret, ...]:
     return secrets
 
 
-def _bool(value: str) -> bool:
-    low = value.lower()
-    if low in _TRUE:
-        return True
-    if low in _FALSE:
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
-
-
-def _number(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"expected a number, got {value!r}") from None
-    if number != number or number in (float("inf"), float("-inf")):
-        raise ValueError(f"expected a finite number, got {value!r}")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    number = _number(value)
-    if number <= 0:
-        raise ValueError(f"must be greater than 0, got {value}")
-    return number
-
-
-def _non_negative_float(value: str) -> float:
-    number = _number(value)
-    if number < 0:
-        raise ValueError(f"must be 0 or more, got {value}")
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError(f"expected a whole number, got {value!r}") from None
-    if number < 0:
-        raise ValueError(f"must be 0 or more, got {value}")
-    return number
-
-
-def _positive_int(value: str) -> int:
-    number = _non_negative_int(value)
-    if number == 0:
-        raise ValueError("must be greater than 0")
-    return number
-
-
 def _pool_size(value: str) -> int:
     number = _non_negative_int(value)
     if number < 2:
@@ -143,21 +96,6 @@ def _pool_size(value: str) -> int:
         # one, every other command would wait for it and fail.
         raise ValueError("must be at least 2 (the fan-out subscription holds one connection)")
     return number
-
-
-def _csv_set(value: str) -> frozenset[str]:
-    return frozenset(p.strip() for p in value.split(",") if p.strip())
-
-
-def _name_set(value: str) -> frozenset[str]:
-    return frozenset(name.lower() for name in _csv_set(value))
-
-
-def _log_level(value: str) -> Literal["debug", "info", "warning", "error"]:
-    low = value.lower()
-    if low not in _LOG_LEVELS:
-        raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)}, got {value!r}")
-    return low  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,11 @@
-"""The values settings hold, apart from how they are read: secrets, listen addresses, redaction.
+"""The values settings hold: secrets, listen addresses, redaction, plain values' parsers.
 
 ``Secret`` and ``ApiKeySource`` never show their value in ``repr``, ``str`` or
 f-strings; ``Listen`` is where a listener binds; ``redact_url`` and
 ``redact_text`` hide the credentials of any URL (userinfo, password or token
-options). ``sidecar/config.py`` declares the settings made of these,
+options); ``parse_bool``, ``positive_float``, ``csv_set``, ... read a plain value
+from its text, raising ``ValueError`` with the line an operator reads.
+``sidecar/config.py`` declares the settings made of these,
 ``sidecar/logs.py`` passes every log line through ``redact_text``, and the
 listeners bind ``Listen`` addresses (``sidecar/server.py``, ``sidecar/workers.py``).
 """
@@ -14,10 +16,25 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 from urllib.parse import unquote
 
-__all__ = ["ApiKeySource", "Listen", "Secret", "redact_text", "redact_url"]
+__all__ = [
+    "ApiKeySource",
+    "Listen",
+    "Secret",
+    "csv_set",
+    "log_level",
+    "name_set",
+    "non_negative_float",
+    "non_negative_int",
+    "parse_bool",
+    "parse_number",
+    "positive_float",
+    "positive_int",
+    "redact_text",
+    "redact_url",
+]
 
 
 class Secret:
@@ -199,3 +216,75 @@ def redact_text(text: str) -> str:
     if "://" not in text:
         return text
     return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+
+
+# -- plain values' parsers (the settings' declarations name them) ------------------
+
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off", ""})
+_LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+def parse_bool(value: str) -> bool:
+    low = value.lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def parse_number(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"expected a number, got {value!r}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    number = parse_number(value)
+    if number <= 0:
+        raise ValueError(f"must be greater than 0, got {value}")
+    return number
+
+
+def non_negative_float(value: str) -> float:
+    number = parse_number(value)
+    if number < 0:
+        raise ValueError(f"must be 0 or more, got {value}")
+    return number
+
+
+def non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {value!r}") from None
+    if number < 0:
+        raise ValueError(f"must be 0 or more, got {value}")
+    return number
+
+
+def positive_int(value: str) -> int:
+    number = non_negative_int(value)
+    if number == 0:
+        raise ValueError("must be greater than 0")
+    return number
+
+
+def csv_set(value: str) -> frozenset[str]:
+    return frozenset(p.strip() for p in value.split(",") if p.strip())
+
+
+def name_set(value: str) -> frozenset[str]:
+    return frozenset(name.lower() for name in csv_set(value))
+
+
+def log_level(value: str) -> Literal["debug", "info", "warning", "error"]:
+    low = value.lower()
+    if low not in _LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)}, got {value!r}")
+    return low  # type: ignore[return-value]

@@ -1,65 +1,41 @@
 """Listener limits: what a hostile or broken client can hold, and for how long.
 
-aiohttp's server reads requests with no deadline of its own: a socket that sends
-half a request line, or a body one byte every two seconds, keeps its connection
-(and a file descriptor) for as long as it likes, and nothing caps how many such
-sockets a listener holds. Every listener of the sidecar (local API, webhooks,
-ops) is therefore served by :class:`GuardedRunner`, whose connections are
-:class:`GuardedProtocol` instances enforcing:
+aiohttp's server reads requests with no deadline of its own, and nothing caps how
+many sockets a listener holds. Every listener (local API, webhooks, ops) is
+therefore served by :class:`GuardedRunner`, whose connections are
+:class:`GuardedProtocol` instances enforcing (docs/operations.md, "Listener
+limits", says what a caller sees):
 
-- **a header deadline** (``SIDECAR_HEADER_TIMEOUT``): a request's line and
-  headers must arrive within N seconds of its first byte, and a new connection
-  must deliver its first request's headers within N seconds of being accepted.
-  A connection cut with part of a request read gets a JSON 408 first; one that
-  sent nothing is closed silently (an unsolicited 408 on a connection the
-  client considers idle would be read as the answer to its next request);
-- **a body deadline** (``SIDECAR_BODY_TIMEOUT``; the webhook listener's own,
-  shorter ``SIDECAR_WEBHOOK_BODY_TIMEOUT``, since signed pushes are small): the
-  whole body must arrive within N seconds of the headers. The handler reading
-  it gets a JSON 408 and the connection closes after the answer;
-- **a minimum transfer rate** (``SIDECAR_MIN_RATE``, Apache ``mod_reqtimeout``'s
-  ``MinRate``): a request's head, from its first byte, and its body, from the end
-  of its head, must average that many bytes a second once their first second
-  (``grace``) is over, whatever their deadline: a body one byte every half
-  second is cut after about a second, not after the whole body deadline. Cut the
-  same way (a JSON 408), counted as ``too_slow``. Time during which the sidecar
-  itself stopped reading (flow control: a handler not reading its body yet) does
-  not count against the client;
+- **a header deadline** (``SIDECAR_HEADER_TIMEOUT``), from a request's first byte
+  (from accept for a new connection): cut with a JSON 408 when part of a request
+  was read, silently when nothing was (an unsolicited 408 would be read as the
+  answer to the client's next request);
+- **a body deadline** (``SIDECAR_BODY_TIMEOUT``; on the webhook listener the
+  shorter ``SIDECAR_WEBHOOK_BODY_TIMEOUT``), from the end of the head: the
+  handler reading the body gets a JSON 408, then the connection closes;
+- **a minimum transfer rate** (``SIDECAR_MIN_RATE``, ``mod_reqtimeout``'s
+  ``MinRate``): a head from its first byte, a body from the end of its head,
+  must average that rate once their first ``grace`` is over (``too_slow``);
+  time the sidecar itself stopped reading (flow control) does not count;
 - **a keep-alive idle timeout** (``SIDECAR_KEEPALIVE_TIMEOUT``, aiohttp's own);
-- **a cap on open connections** per listener (``SIDECAR_MAX_CONNECTIONS``,
-  ``SIDECAR_WEBHOOK_MAX_CONNECTIONS``, ``SIDECAR_OPS_MAX_CONNECTIONS``). At the
-  cap a new connection is let in by closing the connection making the least
-  progress: the one whose head or body is the most behind the minimum rate (a
-  new connection that has sent nothing yet only after ``evict_after``, a head
-  still incomplete after ``grace`` whatever its rate), else the one idle the
-  longest (waiting for a next request, nothing of one read), so no set of slow
-  peers can hold a listener shut against a client that sends at a normal pace;
-  when every connection is busy with a request already read (a handler
-  running), the new socket is answered a JSON 503 and closed;
-- **a separate cap for event streams** (``SIDECAR_MAX_STREAMS``): a request
-  that becomes a long-lived stream (``GET /ofrep/v1/events``) moves its
-  connection out of the connection cap into the stream cap
-  (:func:`begin_stream`), so open streams never shut out requests; beyond the
-  stream cap a new stream is refused (the handler answers 503).
+- **a connection cap** per listener: at the cap a newcomer is let in by
+  closing the connection making the least progress (the head or body most
+  behind the minimum rate, else the one idle the longest), and answered a JSON
+  503 only when every connection holds a request already read;
+- **a stream cap** (``SIDECAR_MAX_STREAMS``): a request that becomes a
+  long-lived stream moves its connection out of the connection cap
+  (:func:`begin_stream`), so streams never shut out requests.
 
-What the HTTP parser refuses (a request line over ``MAX_LINE_SIZE``, headers
-over ``MAX_FIELD_SIZE``, malformed HTTP) is answered with the JSON error
-envelope (414, 431 or 400) and logged at warning level with the listener and
-the parser's error class only: never the raw line, which may carry ids.
+What the HTTP parser refuses is answered with the JSON error envelope (414, 431
+or 400) and logged with the listener and the parser's error class only, never
+the raw line (it may carry ids). During a shutdown drain every answer carries
+``Connection: close``. Everything refused or cut is counted in
+``vellum_sidecar_connections_refused_total{listener, reason}``.
 
-During a shutdown drain (:meth:`ListenerGuard.start_drain`) every answer
-carries ``Connection: close``, so each open connection gets the answer to the
-request it sends and then closes.
-
-Everything refused or cut is counted in
-``vellum_sidecar_connections_refused_total{listener, reason}`` (every reason is
-exported from the start, at 0).
-
-The hot path (``data_received``, once per chunk read) adds, once per request, a
-clock read and two stores (bytes are only counted for a chunk that leaves a head
-or body incomplete, so a request arriving whole costs no count); every deadline
-and rate is checked by one sweep per listener, and a victim is only looked for
-at the cap.
+The hot path (``data_received``) adds, once per request, a clock read and two
+stores; bytes are counted only for a chunk that leaves a head or body
+incomplete. Deadlines and rates are checked by one sweep per listener, and a
+victim is looked for only at the cap.
 """
 
 from __future__ import annotations
