@@ -7,16 +7,12 @@ else derives from those declarations: ``Settings.from_env`` (parsing),
 ``check-config`` prints) and the README's configuration table
 (``scripts/gen_config_docs.py``, whose ``--check`` runs in CI).
 
-``Settings.from_env(env)`` collects *every* problem before failing, so an operator
-fixes a broken deployment in one round; ``ConfigError.problems`` holds one line
-per bad variable, each naming the variable.
-
-Credentials never show: secret values are ``Secret`` / ``ApiKeySource`` objects,
-and ``redact_url`` / ``redact_text`` hide the credentials of any URL (userinfo,
-password or token options) in the redacted print, in configuration errors and,
-through ``sidecar/logs.py``, in every log line. Those value types and the
-redaction live in ``sidecar/values.py``, each variable's parser in
-``sidecar/parsers.py``.
+``Settings.from_env(env)`` collects *every* problem before failing (one line per bad
+variable in ``ConfigError.problems``), so an operator fixes a deployment in one round.
+Credentials never show: secrets are ``Secret`` / ``ApiKeySource`` objects, and
+``redact_url`` / ``redact_text`` hide any URL's credentials in the redacted print,
+configuration errors and (``sidecar/logs.py``) every log line. Those live in
+``sidecar/values.py``, each variable's parser in ``sidecar/parsers.py``.
 """
 
 from __future__ import annotations
@@ -395,6 +391,17 @@ class Settings:
         help="seconds to connect to the upstream",
         doc="seconds to open a connection to the upstream",
     )
+    upstream_max_waiting: int = setting(
+        "SIDECAR_UPSTREAM_MAX_WAITING",
+        parse_positive_int,
+        "256",
+        help="upstream calls that may be under way or waiting at once; beyond, 503 at once",
+        doc="upstream calls that may be under way or waiting for one of the 100 upstream "
+        "connections at once (at most half of `SIDECAR_MAX_CONNECTIONS`); beyond it an "
+        "uncached read is answered 503 `upstream_overloaded` with `Retry-After` at once, "
+        "while a cached entry still answers (stale if it must). See [Overload]"
+        "(docs/operations.md#overload-waiting-on-the-upstream)",
+    )
     redis_timeout: float = setting(
         "SIDECAR_REDIS_TIMEOUT",
         parse_positive_float,
@@ -466,6 +473,24 @@ class Settings:
         help="seconds a request body may take to arrive after its headers",
         doc="seconds a request body may take to arrive after its headers (408, then closed)",
     )
+    webhook_body_timeout: float = setting(
+        "SIDECAR_WEBHOOK_BODY_TIMEOUT",
+        parse_positive_float,
+        "2",
+        help="seconds a push's body may take to arrive on the webhook listener",
+        doc="seconds a push's body may take to arrive after its headers on the webhook "
+        "listener (signed pushes are small; 408, then closed)",
+    )
+    min_rate: float = setting(
+        "SIDECAR_MIN_RATE",
+        parse_non_negative_float,
+        "500",
+        help="bytes/s a request's head and body must average after their first second; 0: off",
+        doc="bytes per second a request's head (from its first byte) and body (from the end of "
+        "its head) must average on every listener once their first second is over (Apache "
+        "`mod_reqtimeout`'s `MinRate`); slower ones are cut with a JSON 408, and at a "
+        "connection cap the slowest goes first. `0` turns the minimum off",
+    )
     keepalive_timeout: float = setting(
         "SIDECAR_KEEPALIVE_TIMEOUT",
         parse_positive_float,
@@ -495,6 +520,15 @@ class Settings:
         "32",
         help="open connections the ops listener accepts",
         doc="open connections the ops listener accepts",
+    )
+    max_streams: int = setting(
+        "SIDECAR_MAX_STREAMS",
+        parse_non_negative_int,
+        "256",
+        help="open OFREP event streams the local API holds, apart from its connection cap",
+        doc="open OFREP event streams (`GET /ofrep/v1/events`) the local API holds; a stream's "
+        "connection does not count toward `SIDECAR_MAX_CONNECTIONS`, and beyond this a new "
+        "stream is refused 503 (`0`: no streams)",
     )
     ops_allowed_hosts: frozenset[str] = setting(
         "SIDECAR_OPS_ALLOWED_HOSTS",

@@ -13,10 +13,12 @@ The tree::
     ├── PayloadTooLarge               413     payload_too_large      (a body over the limit)
     └── UpstreamError                 502     upstream_error
         ├── UpstreamUnavailable       503     upstream_unavailable   (reads: nothing usable cached)
+        │   └── UpstreamOverloaded    503     upstream_overloaded    (too many waiting: not sent)
         ├── UpstreamTimeout           504     upstream_timeout
         └── UpstreamAuthFailed        502     upstream_auth_failed   (the sidecar's key was refused)
 
-aiohttp's own refusals are answered through the class of their status where the
+An error with ``retry_after`` (seconds) is answered with that ``Retry-After``
+header. aiohttp's own refusals are answered through the class of their status where the
 tree has one (``http.responses.http_exception_response``); the rarer ones (414,
 415, 431) keep their own code in the same envelope. Messages never contain
 secrets: they are built from ids and status codes only.
@@ -35,6 +37,7 @@ __all__ = [
     "SidecarError",
     "UpstreamAuthFailed",
     "UpstreamError",
+    "UpstreamOverloaded",
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "error_body",
@@ -51,12 +54,23 @@ class SidecarError(Exception):
 
     status: int = 500
     code: str = "internal_error"
+    #: Seconds the answer's ``Retry-After`` names; ``None``: no such header.
+    retry_after: int | None = None
 
-    def __init__(self, message: str, *, code: str | None = None, **extra: Any) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        retry_after: int | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        if retry_after is not None:
+            self.retry_after = retry_after
         #: Extra top-level fields merged into the error body (e.g. ``allowed: false``).
         self.extra = extra
 
@@ -97,6 +111,13 @@ class UpstreamError(SidecarError):
 class UpstreamUnavailable(UpstreamError):
     status = 503
     code = "upstream_unavailable"
+
+
+class UpstreamOverloaded(UpstreamUnavailable):
+    """Not sent: ``SIDECAR_UPSTREAM_MAX_WAITING`` upstream calls were already waiting."""
+
+    code = "upstream_overloaded"
+    retry_after = 1
 
 
 class UpstreamTimeout(UpstreamError):

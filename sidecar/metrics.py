@@ -200,7 +200,29 @@ class Metrics:
             "limit, by listener and reason.", ["listener", "reason"], registry=r,
         )  # fmt: skip
         self.open_connections = Gauge(
-            f"{p}_open_connections", "Open connections by listener.", ["listener"], registry=r,
+            f"{p}_open_connections", "Open connections by listener (event streams aside).",
+            ["listener"], registry=r,
+        )  # fmt: skip
+        self.connection_limit = Gauge(
+            f"{p}_connection_limit", "The open-connections cap in force, by listener (lowered "
+            "to fit the open-files limit when it must be).", ["listener"], registry=r,
+        )  # fmt: skip
+        self.open_streams = Gauge(
+            f"{p}_open_streams", "Open OFREP event streams (GET /ofrep/v1/events), held apart "
+            "from the local API's connection cap.", registry=r,
+        )  # fmt: skip
+        self.stream_limit = Gauge(
+            f"{p}_stream_limit", "The event-streams cap in force (SIDECAR_MAX_STREAMS).",
+            registry=r,
+        )  # fmt: skip
+        self.upstream_waiting = Gauge(
+            f"{p}_upstream_waiting", "Upstream calls under way or waiting for one of the "
+            "upstream connections (bounded by SIDECAR_UPSTREAM_MAX_WAITING).", registry=r,
+        )  # fmt: skip
+        self.upstream_overloaded = Counter(
+            f"{p}_upstream_overloaded", "Upstream calls refused without being sent, because "
+            "SIDECAR_UPSTREAM_MAX_WAITING calls were already waiting (an uncached read: 503 "
+            "upstream_overloaded; a cached one is answered from its stale entry).", registry=r,
         )  # fmt: skip
         self.check_timeouts = Counter(
             f"{p}_check_timeouts", "POST /v1/check entries answered \"error\": \"timeout\".",

@@ -43,7 +43,7 @@ from sidecar.http.ops import create_ops_app
 from sidecar.http.webhooks import create_webhook_app
 from sidecar.values import Listen
 
-from .harness import Process, free_port, sidecar_command, wait_until
+from .harness import Process, RedisServer, free_port, sidecar_command, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"
@@ -878,3 +878,85 @@ def test_pdb_and_grace_period() -> None:
     assert pdb["spec"]["maxUnavailable"] < deployment["spec"]["replicas"]
     grace = pod["spec"]["terminationGracePeriodSeconds"]
     assert grace > float(DEFAULTS["SIDECAR_SHUTDOWN_GRACE"] or 0)
+
+
+# -- the example Redis: bounded, evicting only what has a TTL --------------------------------
+
+REDIS_DIR = K8S / "redis"
+
+
+def redis_example() -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
+    """The rendered example Redis: its Deployment, its redis.conf, everything."""
+    rendered = render(REDIS_DIR)
+    [deployment] = by_kind(rendered, "Deployment")
+    [config] = by_kind(rendered, "ConfigMap")
+    return deployment, config["data"]["redis.conf"], rendered
+
+
+def conf_value(conf: str, name: str) -> str:
+    [value] = [line.split(None, 1)[1] for line in conf.splitlines() if line.startswith(name + " ")]
+    return value
+
+
+def test_the_redis_examples_bound_memory_and_evict_only_keys_with_a_ttl() -> None:
+    """compose.yaml and deploy/kubernetes/redis agree: a maxmemory and volatile-lru."""
+    deployment, conf, rendered = redis_example()
+    assert conf_value(conf, "maxmemory-policy") == "volatile-lru"
+    assert conf_value(conf, "maxmemory") == "256mb"
+    command = SERVICES["redis"]["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "volatile-lru"
+    assert command[command.index("--maxmemory") + 1] == "256mb"
+    pod = deployment["spec"]["template"]
+    [container] = pod["spec"]["containers"]
+    limit = mebibytes(container["resources"]["limits"]["memory"])
+    assert limit >= 1.4 * 256, "room above maxmemory for fragmentation and buffers"
+    assert container["args"] == ["redis-server", "/etc/redis/redis.conf"]
+    # Where the app's egress policy lets the sidecars go, and only they may come.
+    assert {d["metadata"].get("namespace") for d in rendered} == {"vellum"}
+    policies = by_kind(MANIFESTS, "NetworkPolicy")
+    [egress] = [p for p in policies if "Egress" in p["spec"]["policyTypes"]]
+    to_redis = [peer for rule in egress["spec"]["egress"] for peer in rule["to"]
+                if "podSelector" in peer and "namespaceSelector" in peer
+                and peer["namespaceSelector"]["matchLabels"].get("kubernetes.io/metadata.name")
+                == "vellum"]  # fmt: skip
+    assert to_redis and to_redis[0]["podSelector"]["matchLabels"].items() <= (
+        pod["metadata"]["labels"].items()
+    )
+    [ingress] = by_kind(rendered, "NetworkPolicy")
+    [peer] = ingress["spec"]["ingress"][0]["from"]
+    app_pod, _, _ = example_pod()
+    assert peer["podSelector"]["matchLabels"].items() <= app_pod["metadata"]["labels"].items()
+    sc = container["securityContext"]
+    assert (sc["readOnlyRootFilesystem"], sc["allowPrivilegeEscalation"]) == (True, False)
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_the_example_redis_config_evicts_cache_keys_and_keeps_durable_ones(
+    tmp_path: Path,
+) -> None:
+    """A real redis-server on the example's redis.conf (its bound lowered to 4 MiB):
+    filled with cache-like keys (each with a TTL) far past the bound, it evicts
+    them and keeps every key without a TTL."""
+    _, conf, _ = redis_example()
+    path = tmp_path / "redis.conf"
+    path.write_text(conf.replace("dir /data", f"dir {tmp_path}"))
+    server = RedisServer(tmp_path, config=path, extra=["--maxmemory", "4mb"]).start()
+    try:
+        with server.client(timeout=5) as client:
+            assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "volatile-lru"}
+            client.xadd("durable:stream", {"n": "0"})  # no TTL: durable data
+            client.set("durable:counter", 7)
+            value = b"x" * 4096
+            for start in range(0, 4000, 200):
+                with client.pipeline(transaction=False) as pipe:
+                    for i in range(start, start + 200):
+                        pipe.set(f"vsc:{{t}}:e:cus_{i}", value, px=3_600_000)
+                    pipe.execute()
+            info = client.info()
+            assert info["evicted_keys"] > 0, "16 MB of entries into a 4 MiB Redis"
+            assert info["used_memory"] <= 4 * 1024 * 1024 * 1.1
+            assert client.get("durable:counter") == b"7"
+            assert client.xlen("durable:stream") == 1
+            assert client.exists("vsc:{t}:e:cus_3999") == 1, "the newest entries stay"
+    finally:
+        server.kill()

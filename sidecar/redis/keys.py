@@ -69,5 +69,7 @@ class Keys(KindKeys):
     def account(self, account: str) -> str:
         return self.prefix + "a:" + account
 
-    def event(self, event_id: str) -> str:
-        return self.prefix + "evt:" + event_id
+    @property
+    def events(self) -> str:
+        """The push webhooks' replay guard: digests of the events first seen lately."""
+        return self.prefix + "evts"
