@@ -503,9 +503,11 @@ async def run(opts: Options) -> dict[str, Any]:
             _say(f"seeding {opts.customers} customers")
             await seed(session, emulator, 0, opts.customers)
             await seed_flags(session, emulator, opts.customers)
-            fleet = [stack.add_sidecar(f"sidecar-{n}") for n in range(opts.fleet)]
+            # An empty Redis before the fleet starts: flushed under running sidecars it
+            # would be a Redis that lost everything, which they revalidate (a new epoch).
             assert stack.redis is not None
             stack.redis.flush()
+            fleet = [stack.add_sidecar(f"sidecar-{n}") for n in range(opts.fleet)]
 
             _say(f"fleet: {opts.reads} reads, {opts.customers} customers, {opts.fleet} sidecars")
             results["fleet"] = await fleet_phase(session, stack, fleet, opts)
