@@ -28,6 +28,7 @@ from .appkeys import (
     REDIS,
     SETTINGS,
     UPSTREAM,
+    USAGE,
     Lifecycle,
 )
 from .cache.cache import Caches
@@ -42,6 +43,7 @@ from .redis.conn import RedisConn, RedisDown
 from .redis.keys import Keys
 from .redis.url import create_redis
 from .upstream import VellumClient
+from .usage import UsageQueue
 
 __all__ = ["create_app"]
 
@@ -60,6 +62,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_cache_ctx)
+    app.cleanup_ctx.append(_usage_ctx)
     app.cleanup_ctx.append(_health_ctx)
     app.cleanup_ctx.append(_streams_ctx)
     # Before the listeners wait for requests in flight: an open stream would never end.
@@ -122,6 +125,22 @@ async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     await invalidator.stop()
     await caches.close()
+
+
+async def _usage_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Metered usage (sidecar/usage): with Redis, the queue and this sidecar's deliveries."""
+    redis = app[REDIS]
+    if redis is None:
+        app[USAGE] = None
+        yield
+        return
+    queue = UsageQueue(
+        app[SETTINGS], redis, app[UPSTREAM], app[METRICS], holder=app[INVALIDATOR].sidecar_id
+    )
+    app[USAGE] = queue
+    queue.start()
+    yield
+    await queue.stop()
 
 
 async def _health_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -15,6 +15,7 @@ from .http.streams import Streams
 from .metrics import Metrics
 from .redis.conn import RedisConn
 from .upstream import VellumClient
+from .usage import UsageQueue
 
 __all__ = [
     "CACHE",
@@ -29,6 +30,7 @@ __all__ = [
     "REDIS",
     "SETTINGS",
     "UPSTREAM",
+    "USAGE",
     "Lifecycle",
 ]
 
@@ -56,5 +58,8 @@ INVALIDATOR = web.AppKey("invalidator", Invalidator)
 HEALTH = web.AppKey("health", HealthMonitor)
 #: The open OFREP event streams (told of every drop by the invalidator).
 OFREP_STREAMS = web.AppKey("ofrep_streams", Streams)
+#: Metered usage (``sidecar/usage``): the queue and this sidecar's deliveries; ``None``
+#: without Redis (memory-only mode has no queue).
+USAGE: web.AppKey[UsageQueue | None] = web.AppKey("usage")
 #: The ops and webhook apps reach the shared resources through the core (local API) app.
 CORE = web.AppKey("core", web.Application)

@@ -700,6 +700,36 @@ class Settings:
         doc='comma-separated modules that `can` allows (with `"fallback": true`) when no '
         "answer can be had; every other module fails closed",
     )
+    # -- metered usage (docs/api.md, docs/operations.md) -------------------------------
+    usage_outcome_ttl: float = setting(
+        "SIDECAR_USAGE_OUTCOME_TTL",
+        _positive_float,
+        "86400",
+        help="seconds a usage record's outcome is kept after its final answer",
+        doc="seconds a metered usage record's outcome (`GET /v1/usage/{idempotencyKey}`) is "
+        "kept in Redis after the upstream's final answer; the same key sent again meanwhile "
+        "is the same record. See [Metered usage](docs/operations.md#metered-usage-through-"
+        "outages)",
+    )
+    usage_max_queued: int = setting(
+        "SIDECAR_USAGE_MAX_QUEUED",
+        _positive_int,
+        "100000",
+        help="usage records the tenant's queue holds before refusing more (503)",
+        doc="usage records the tenant's queue in Redis holds, not yet delivered, before a "
+        "new one is refused (503 `usage_queue_full`, `Retry-After`); about 300 bytes of "
+        "Redis memory each",
+    )
+    usage_retry_max: float = setting(
+        "SIDECAR_USAGE_RETRY_MAX",
+        _positive_float,
+        "10",
+        help="longest pause between delivery attempts of a usage record",
+        doc="seconds, at most, between two delivery attempts of a usage record while the "
+        "upstream fails (exponential backoff with jitter from 0.25 s; a longer "
+        "`Retry-After` is honoured, up to an hour): how soon deliveries resume after an "
+        "outage",
+    )
     shutdown_grace: float = setting(
         "SIDECAR_SHUTDOWN_GRACE",
         _non_negative_float,

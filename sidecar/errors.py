@@ -10,13 +10,17 @@ The tree::
     ├── Forbidden                     403     forbidden              (the browser guard)
     ├── NotFound                      404     not_found
     ├── MethodNotAllowed              405     method_not_allowed     (aiohttp's 405)
+    ├── Conflict                      409     conflict               (async_requires_redis)
     ├── PayloadTooLarge               413     payload_too_large      (a body over the limit)
+    ├── Unprocessable                 422     unprocessable          (idempotency_key_reused)
+    ├── Unavailable                   503     unavailable            (usage_unavailable: not queued)
     └── UpstreamError                 502     upstream_error
         ├── UpstreamUnavailable       503     upstream_unavailable   (reads: nothing usable cached)
         ├── UpstreamTimeout           504     upstream_timeout
         └── UpstreamAuthFailed        502     upstream_auth_failed   (the sidecar's key was refused)
 
-aiohttp's own refusals are answered through the class of their status where the
+An error with ``retry_after`` (seconds) is answered with that ``Retry-After``
+header. aiohttp's own refusals are answered through the class of their status where the
 tree has one (``http.responses.http_exception_response``); the rarer ones (414,
 415, 431) keep their own code in the same envelope. Messages never contain
 secrets: they are built from ids and status codes only.
@@ -28,11 +32,14 @@ from typing import Any
 
 __all__ = [
     "BadRequest",
+    "Conflict",
     "Forbidden",
     "MethodNotAllowed",
     "NotFound",
     "PayloadTooLarge",
     "SidecarError",
+    "Unavailable",
+    "Unprocessable",
     "UpstreamAuthFailed",
     "UpstreamError",
     "UpstreamTimeout",
@@ -51,12 +58,23 @@ class SidecarError(Exception):
 
     status: int = 500
     code: str = "internal_error"
+    #: Seconds the answer's ``Retry-After`` names; ``None``: no such header.
+    retry_after: int | None = None
 
-    def __init__(self, message: str, *, code: str | None = None, **extra: Any) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        retry_after: int | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        if retry_after is not None:
+            self.retry_after = retry_after
         #: Extra top-level fields merged into the error body (e.g. ``allowed: false``).
         self.extra = extra
 
@@ -84,9 +102,27 @@ class MethodNotAllowed(SidecarError):
     code = "method_not_allowed"
 
 
+class Conflict(SidecarError):
+    status = 409
+    code = "conflict"
+
+
 class PayloadTooLarge(SidecarError):
     status = 413
     code = "payload_too_large"
+
+
+class Unprocessable(SidecarError):
+    status = 422
+    code = "unprocessable"
+
+
+class Unavailable(SidecarError):
+    """The sidecar itself cannot do it now (not the upstream): try again shortly."""
+
+    status = 503
+    code = "unavailable"
+    retry_after = 1
 
 
 class UpstreamError(SidecarError):

@@ -43,6 +43,7 @@ __all__ = [
     "MAX_UNKNOWN_SHAPES",
     "REDIS_STATES",
     "UPSTREAM_STATES",
+    "USAGE_STATES",
     "LoopCounter",
     "LoopHistogram",
     "Metrics",
@@ -56,6 +57,8 @@ __all__ = [
 UPSTREAM_STATES: Final = ("ok", "degraded", "down", "auth_failed")
 REDIS_STATES: Final = ("ok", "oom", "down", "disabled")
 FANOUT_STATES: Final = ("ok", "down", "disabled")
+#: A usage record's states (``vellum_sidecar_usage_records_total`` exports each from 0).
+USAGE_STATES: Final = ("queued", "delivered", "insufficient", "rejected")
 
 #: Distinct path shapes ``forwarded_unknown`` keeps as label values.
 MAX_UNKNOWN_SHAPES: Final = 100
@@ -210,6 +213,39 @@ class Metrics:
             ["method", "shape"], registry=r,
         )  # fmt: skip
         self._unknown_shapes: set[str] = set()
+        # Metered usage (sidecar/usage): the queue is the fleet's, so every sidecar
+        # reports the same queued and oldest values (aggregate with max, not sum).
+        self.usage_records = Counter(
+            f"{p}_usage_records",
+            "Metered usage records by state: queued (accepted by this sidecar), delivered, "
+            "insufficient, rejected (finished by this sidecar).",
+            ["state"], registry=r,
+        )  # fmt: skip
+        self.usage_retries = Counter(
+            f"{p}_usage_retries",
+            "Usage deliveries that will be tried again, by reason (no_answer, "
+            "rate_limited, server_error, auth_failed, other).",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.usage_queued = Gauge(
+            f"{p}_usage_queued",
+            "Usage records accepted and not yet delivered, in the whole fleet's queue "
+            "(read from Redis at each lease round).",
+            registry=r,
+        )  # fmt: skip
+        self.usage_oldest = Gauge(
+            f"{p}_usage_oldest_queued_seconds",
+            "Age of the oldest usage record not yet delivered, in the whole fleet's queue "
+            "(0 when none).",
+            registry=r,
+        )  # fmt: skip
+        self.usage_partitions = Gauge(
+            f"{p}_usage_partitions",
+            "Partitions of the usage queue this sidecar delivers (its leases).",
+            registry=r,
+        )  # fmt: skip
+        for state in USAGE_STATES:
+            self.usage_records.labels(state)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one local API request and its latency (the hot path: one dict lookup)."""

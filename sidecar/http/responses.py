@@ -58,7 +58,10 @@ def json_response(
 
 
 def error_response(exc: SidecarError, headers: dict[str, str] | None = None) -> web.Response:
-    """A domain error as its status and JSON envelope (``SidecarError.body``)."""
+    """A domain error as its status and JSON envelope (``SidecarError.body``), with
+    ``Retry-After`` when the error names one."""
+    if exc.retry_after is not None:
+        headers = {**(headers or {}), "Retry-After": str(exc.retry_after)}
     return json_response(exc.body(), exc.status, headers)
 
 
