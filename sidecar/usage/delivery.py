@@ -285,7 +285,6 @@ class Deliverer:
                 await self._sleep(POLL)
                 continue
             wanted = [(p.index, p.cursor, WINDOW - p.held) for p in parts]
-            self._wake.clear()
             try:
                 entries = await self.store.read(self.holder, wanted)
             except RedisDown:
@@ -307,9 +306,12 @@ class Deliverer:
                 await self._sleep(POLL)
 
     async def _sleep(self, seconds: float) -> None:
+        """Up to ``seconds``, or until woken; the wake is consumed (an event left set would
+        return at once, and the reader would spin without ever yielding the loop)."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self._wake.wait()
+        self._wake.clear()
 
     def _add(self, part: Partition, entry: Entry) -> None:
         record = entry.record
