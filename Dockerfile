@@ -27,16 +27,16 @@ WORKDIR /src
 
 # Dependencies first, from the lock alone, so source edits reuse this layer.
 RUN --mount=type=cache,target=/root/.cache/uv \
-    --mount=type=bind,source=uv.lock,target=uv.lock \
-    --mount=type=bind,source=pyproject.toml,target=pyproject.toml \
-    uv sync --locked --no-dev --no-install-project --extra fast
+    --mount=type=bind,source=uv.lock,target=/src/uv.lock \
+    --mount=type=bind,source=pyproject.toml,target=/src/pyproject.toml \
+    uv sync --locked --no-dev --no-install-project --extra fast --extra otel
 
 COPY pyproject.toml uv.lock README.md ./
 COPY sidecar ./sidecar
 
 # The project itself as a wheel (not editable): /src is not needed at run time.
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --locked --no-dev --no-editable --extra fast
+    uv sync --locked --no-dev --no-editable --extra fast --extra otel
 
 # -------------------------------------------------------------------------- runtime
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime

@@ -519,6 +519,19 @@ async def run(opts: Options) -> dict[str, Any]:
             default = fleet[0]
             hot = stack.add_sidecar("hot", SIDECAR_MEMORY_TTL=PURE_MEMORY_TTL)
             redis_only = stack.add_sidecar("redis-only", SIDECAR_MEMORY_MAX_ENTRIES="0")
+            # Traces on (sidecar/tracing.py), the collector a closed port (exports fail
+            # in the background thread and their spans are dropped): every hit
+            # sampled and recorded, then the wrapper alone (nothing sampled).
+            no_collector = f"http://127.0.0.1:{free_port()}"
+            traced = stack.add_sidecar(
+                "traced", SIDECAR_MEMORY_TTL=PURE_MEMORY_TTL, OTEL_TRACES_EXPORTER="otlp",
+                OTEL_EXPORTER_OTLP_ENDPOINT=no_collector,
+            )  # fmt: skip
+            traced_off = stack.add_sidecar(
+                "traced-unsampled", SIDECAR_MEMORY_TTL=PURE_MEMORY_TTL,
+                OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT=no_collector,
+                OTEL_TRACES_SAMPLER="parentbased_always_off",
+            )  # fmt: skip
             bare = _start_bare(stack)
             multi = None
             if opts.workers > 1 and _workers_supported():
@@ -533,6 +546,8 @@ async def run(opts: Options) -> dict[str, Any]:
                 ("batch", hot, batch_requests(opts.customers)),
                 ("flag", hot, flag_requests(opts.customers)),
                 ("ofrep", hot, ofrep_requests(opts.customers)),
+                ("hot_traced", traced, hot_requests(opts.customers)),
+                ("hot_traced_unsampled", traced_off, hot_requests(opts.customers)),
             ]
             if multi is not None:
                 rows.append(("workers", multi, hot_requests(opts.customers)))
@@ -591,7 +606,7 @@ async def run(opts: Options) -> dict[str, Any]:
                 }
             results["throughput"] = throughput
             results["clients"] = await clients_phase(hot, opts)
-            for proc in (hot, bare, redis_only, *([multi] if multi else [])):
+            for proc in (hot, bare, redis_only, traced, traced_off, *([multi] if multi else [])):
                 proc.stop()
             _say(f"memory: caching {opts.rss_customers} customers")
             results["rss"] = await rss_phase(session, stack, opts)
@@ -650,6 +665,10 @@ def table(results: dict[str, Any]) -> str:
     )
     row("`GET /v1/customers/{c}/flags/{name}`, memory hit", t["flag"])
     row("`POST /ofrep/v1/evaluate/flags/{key}` (OFREP), memory hits", t["ofrep"])
+    if "hot_traced" in t:
+        row("memory hit, traces on: every request sampled, collector unreachable",
+            t["hot_traced"])  # fmt: skip
+        row("memory hit, traces on, nothing sampled", t["hot_traced_unsampled"])
     half = t["hot_half_peak"]
     row(f"memory hit, paced at half its peak ({_n(half['target_rps'])} req/s)", half, ratio="-")
     row("default settings, paced at the same rate", t["hot_default_half_peak"], ratio="-")

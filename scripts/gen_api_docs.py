@@ -99,8 +99,10 @@ def table() -> str:
     ]
     for op in OPERATIONS:
         sdk = ", ".join(f"`{m}`" for m in op.sdk)
+        if op.newer:
+            sdk = f"(newer than 1.4.2; the clients' {sdk})"
         answers = ", ".join(_answer(a) for a in op.answers)
-        query = "".join(f" (`?{q}=`)" for q in op.query)
+        query = "".join(f" (`?{q.name}=`)" for q in op.query)
         lines.append(
             f"| `{op.name}` | {sdk} | {op.method} `{_path(op)}`{query} | {answers} | "
             f"{_checks(op)} | {_retried(op)} | {_drops(op)} |"

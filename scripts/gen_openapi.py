@@ -5,11 +5,15 @@
 
 The ``paths`` of every operation in ``sidecar/http/operations.py`` (both surfaces)
 come from the table; ``scripts/openapi_base.json`` holds what the table does not
-describe: ``info``, ``tags``, ``components`` (schemas with examples, parameters,
-shared responses and headers) and the routes outside the table (``can``,
-``check``, a flag, the cache drops, OFREP, this document). Every GET path also gets its HEAD
-operation: the same statuses and headers, no body (the router answers HEAD on
-every GET route).
+describe: ``info`` (but its ``version``: pyproject.toml's), ``tags``,
+``components`` (answer schemas with examples, shared responses and headers, and
+refinements: request schemas and parameters with descriptions, bounds and
+examples) and the routes outside the table (``can``, ``check``, a flag, the cache
+drops, OFREP, this document). A request schema, a path or a query parameter the
+base does not describe is derived from the row (its fields' kinds, required ones,
+defaults); one it does describe must agree with the row. Every GET path also gets
+its HEAD operation: the same statuses and headers, no body (the router answers
+HEAD on every GET route).
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import argparse
 import copy
 import json
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 from sidecar.cache.kinds import KINDS
-from sidecar.http.operations import OPERATIONS, SURFACES, Answer, Operation, Surface
+from sidecar.http.inputs import MAX_ID_LENGTH
+from sidecar.http.operations import OPERATIONS, SURFACES, Answer, Field, Operation, Surface
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "scripts" / "openapi_base.json"
@@ -40,6 +46,9 @@ def ref(kind: str, name: str) -> Json:
 def build(base: Json) -> Json:
     """The whole document: the base with the table's operations and the HEADs added."""
     doc = copy.deepcopy(base)
+    # The one version source: pyproject.toml's [project] version.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    doc["info"] = {"title": doc["info"]["title"], "version": project["version"], **doc["info"]}
     paths: Json = doc["paths"]
     for op in OPERATIONS:
         for surface in SURFACES:
@@ -57,13 +66,10 @@ def build(base: Json) -> Json:
 def operation(doc: Json, op: Operation, surface: Surface) -> Json:
     mirror = surface == "mirror"
     params = [ref("parameters", "tenant")] if mirror else []
-    params += [ref("parameters", name) for name in op.params]
-    params += [query_parameter(doc, name) for name in op.query]
+    params += [path_parameter(doc, name) for name in op.params]
+    params += [query_parameter(doc, f) for f in op.query]
     if op.write:
         params.append(ref("parameters", "IdempotencyKey"))
-    for name in op.params:
-        if name not in doc["components"]["parameters"]:
-            raise SystemExit(f"{op.name}: no components/parameters/{name} in {BASE.name}")
     out: Json = {
         "operationId": operation_id(op, surface),
         "summary": op.summary,
@@ -72,8 +78,7 @@ def operation(doc: Json, op: Operation, surface: Surface) -> Json:
         "parameters": params,
     }
     if op.request is not None:
-        schema(doc, op.request, op.name)
-        check_fields(doc, op)
+        request_schema(doc, op)
         out["requestBody"] = {
             "required": True,
             "content": {"application/json": {"schema": ref("schemas", op.request)}},
@@ -82,6 +87,42 @@ def operation(doc: Json, op: Operation, surface: Surface) -> Json:
         out["responses"] = cached_responses(doc, op, surface)
     else:
         out["responses"] = forwarded_responses(doc, op, surface)
+    return out
+
+
+def request_schema(doc: Json, op: Operation) -> None:
+    """``components/schemas/<op.request>``: the base's, which must agree with the row, or
+    derived from the row's fields when the base has none."""
+    assert op.request is not None
+    schemas = doc["components"]["schemas"]
+    if op.request in schemas:
+        check_fields(doc, op)
+        return
+    derived: Json = {
+        "type": "object",
+        "properties": {f.name: field_schema(f) for f in op.fields},
+        "additionalProperties": True,
+    }
+    if op.required:
+        derived["required"] = list(op.required)
+    if len(op.required) < len(op.fields):
+        derived["description"] = "An optional field is omitted, never null."
+    schemas[op.request] = derived
+
+
+def field_schema(f: Field) -> Json:
+    """A field's JSON schema from its kind (what ``/v1`` checks) and its SDK default."""
+    kinds: dict[str, Json] = {
+        "id": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH},
+        "string": {"type": "string", "minLength": 1},
+        "integer": {"type": "integer"},
+        "boolean": {"type": "boolean"},
+        "strings": {"type": "array", "items": {"type": "string", "minLength": 1}},
+        "objects": {"type": "array", "items": {"type": "object"}},
+    }
+    out = kinds[f.kind]
+    if f.default is not None:
+        out["default"] = f.default
     return out
 
 
@@ -98,9 +139,7 @@ def check_fields(doc: Json, op: Operation) -> None:
             raise SystemExit(f"{where}: no property {f.name}")
         types = prop.get("type")
         types = set(types) if isinstance(types, list) else {types}
-        want = {"id": "string", "string": "string", "integer": "integer", "boolean": "boolean",
-                "strings": "array", "objects": "array"}[f.kind]  # fmt: skip
-        if want not in types:
+        if field_schema(f)["type"] not in types:
             raise SystemExit(f"{where}: {f.name} is {prop.get('type')}, the row says {f.kind}")
 
 
@@ -118,6 +157,8 @@ def operation_id(op: Operation, surface: Surface) -> str:
 
 def description(op: Operation, surface: Surface) -> str:
     sdk = ", ".join(f"`{m}`" for m in op.sdk)
+    if op.newer:
+        sdk = f"newer than vellumcharter 1.4.2; the clients' {sdk}"
     parts = [f"Upstream operation `{op.name}`: {op.method} /tenants/{{t}}{op.path} ({sdk})."]
     if surface == "mirror":
         parts.append("The drop-in mirror: the caller's x-api-key is ignored, never forwarded.")
@@ -228,12 +269,33 @@ def head(doc: Json, get: Json) -> Json:
     return out
 
 
-def query_parameter(doc: Json, name: str) -> Json:
-    """The ``components/parameters`` entry for the query parameter ``name``."""
-    for key, param in doc["components"]["parameters"].items():
-        if param.get("in") == "query" and param.get("name") == name:
+def path_parameter(doc: Json, name: str) -> Json:
+    """The ``components/parameters`` entry of the path id ``name`` (derived when the base
+    has none: any one segment, 1 to ``MAX_ID_LENGTH`` characters)."""
+    parameters = doc["components"]["parameters"]
+    if name not in parameters:
+        parameters[name] = {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "description": f"{name.replace('_', ' ')} id, URL-encoded; re-quoted as one "
+            "upstream path segment",
+            "schema": field_schema(Field(name, "id")),
+        }
+    return ref("parameters", name)
+
+
+def query_parameter(doc: Json, f: Field) -> Json:
+    """The ``components/parameters`` entry of the query parameter ``f`` (derived from its
+    kind when the base has none)."""
+    parameters = doc["components"]["parameters"]
+    for key, param in parameters.items():
+        if param.get("in") == "query" and param.get("name") == f.name:
             return ref("parameters", key)
-    raise SystemExit(f"no query parameter {name!r} in {BASE.name}'s components/parameters")
+    key = f.name if f.name not in parameters else f"{f.name}Query"
+    parameters[key] = {"name": f.name, "in": "query", "required": False,
+                       "schema": field_schema(f)}  # fmt: skip
+    return ref("parameters", key)
 
 
 def schema(doc: Json, name: str, where: str) -> None:

@@ -15,8 +15,9 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
-from .config import ConfigError, Listen, Settings, add_flags, env_with_flags
+from .config import ConfigError, Settings, add_flags, env_with_flags
 from .logs import configure_logging
+from .values import Listen
 
 __all__ = ["main"]
 
@@ -259,20 +260,90 @@ def _emulator_secret(env: Mapping[str, str]) -> str | None:
 
 
 def _healthcheck(args: argparse.Namespace) -> int:
-    url = args.url
+    url = args.url or _health_url(_serving_argv())
     if url is None:
-        try:
-            listen = Listen.parse(os.environ.get("SIDECAR_OPS_LISTEN") or "0.0.0.0:9700")
-        except ValueError as exc:
-            print(f"vellum-sidecar: config error: SIDECAR_OPS_LISTEN: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-        url = listen.url() + "/healthz"
+        return EXIT_CONFIG
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - our own URL
             return 0 if resp.status == 200 else 1
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"vellum-sidecar: unhealthy: {exc}", file=sys.stderr)
         return 1
+
+
+def _health_url(argv: Sequence[str]) -> str | None:
+    """The health URL of the role started with ``argv`` (the server's own arguments).
+
+    ``emulator``: ``/_emulator/healthz`` on its ``--listen`` (or ``EMULATOR_LISTEN``);
+    anything else: ``/healthz`` on the sidecar's ops port (``--ops-listen`` or
+    ``SIDECAR_OPS_LISTEN``). ``None`` after printing the problem when that address is
+    invalid.
+    """
+    try:
+        server = _parser().parse_args(argv)
+    except SystemExit:
+        server = _parser().parse_args([])
+    if server.command == "emulator":
+        name, value, path = "EMULATOR_LISTEN", server.listen, "/_emulator/healthz"
+    else:
+        env = env_with_flags(server) if server.command else dict(os.environ)
+        name, value, path = "SIDECAR_OPS_LISTEN", env.get("SIDECAR_OPS_LISTEN"), "/healthz"
+        if server.command == "demo":
+            value = value or "127.0.0.1:9700"
+    try:
+        listen = Listen.parse(value or "0.0.0.0:9700")
+    except ValueError as exc:
+        print(f"vellum-sidecar: config error: {name}: {exc}", file=sys.stderr)
+        return None
+    return listen.url() + path
+
+
+def _serving_argv(proc: str = "/proc") -> list[str]:
+    """The arguments of the ``vellum-sidecar`` server this container runs.
+
+    A container's HEALTHCHECK runs in the container's process namespace but is not
+    told which command the container was started with (one image serves the sidecar,
+    the emulator and the demo), so it reads the arguments of process 1, the
+    container's command (or, under a minimal init such as ``docker run --init``'s,
+    of its first child). ``[]`` (the sidecar's defaults) anywhere else: on a host,
+    process 1 is the host's init and nothing is read.
+    """
+    first = _cmdline(proc, 1)
+    rest = _own_arguments(first)
+    if rest is None and first and os.path.basename(first[0]) in _INITS:
+        children = _read(f"{proc}/1/task/1/children").split()
+        rest = _own_arguments(_cmdline(proc, int(children[0]))) if children else None
+    if rest is None or (rest and rest[0] in _NOT_SERVERS):
+        return []
+    return rest
+
+
+_INITS = frozenset({"docker-init", "tini", "tini-static", "catatonit", "dumb-init"})
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _cmdline(proc: str, pid: int) -> list[str]:
+    return _read(f"{proc}/{pid}/cmdline").split("\0")[:-1]
+
+
+_NOT_SERVERS = frozenset({"healthcheck", "check-config", "-h", "--help", "--version"})
+
+
+def _own_arguments(argv: Sequence[str]) -> list[str] | None:
+    """The arguments after the program when ``argv`` runs vellum-sidecar, else None."""
+    for i, arg in enumerate(argv[:3]):
+        if os.path.basename(arg) == "vellum-sidecar":
+            return list(argv[i + 1 :])
+        if arg == "-m" and i + 1 < len(argv) and argv[i + 1] == "sidecar":
+            return list(argv[i + 2 :])
+    return None
 
 
 if __name__ == "__main__":

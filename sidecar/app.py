@@ -27,6 +27,7 @@ from .appkeys import (
     OFREP_STREAMS,
     REDIS,
     SETTINGS,
+    TRACING,
     UPSTREAM,
     USAGE,
     Lifecycle,
@@ -42,6 +43,7 @@ from .metrics import Metrics
 from .redis.conn import RedisConn, RedisDown
 from .redis.keys import Keys
 from .redis.url import create_redis
+from .tracing import NO_TRACING, Tracing
 from .upstream import VellumClient
 from .usage import UsageQueue
 
@@ -51,24 +53,48 @@ __all__ = ["create_app"]
 LOCAL_MAX_BODY = 1024 * 1024
 
 
-def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
-    """The local API app; its startup opens the upstream session, Redis and the listener."""
+def create_app(
+    settings: Settings, *, metrics: Metrics | None = None, tracing: Tracing = NO_TRACING
+) -> web.Application:
+    """The local API app; its startup opens the upstream session, Redis and the listener.
+
+    ``tracing`` (``tracing.from_env``) wraps the routes registered here and is
+    closed (its last spans flushed) when the app's resources are.
+    """
     # No middleware: every route's handler is wrapped instead (http/middleware.py).
     app = web.Application(client_max_size=LOCAL_MAX_BODY)
     app[SETTINGS] = settings
     app[METRICS] = metrics if metrics is not None else Metrics()
     app[LIFECYCLE] = Lifecycle()
     app[GUARD] = HostGuard(settings.allowed_hosts)
+    app[TRACING] = tracing
+    app.cleanup_ctx.append(_tracing_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_cache_ctx)
     app.cleanup_ctx.append(_usage_ctx)
     app.cleanup_ctx.append(_health_ctx)
     app.cleanup_ctx.append(_streams_ctx)
+    app.cleanup_ctx.append(_drops_traced_ctx)
     # Before the listeners wait for requests in flight: an open stream would never end.
     app.on_shutdown.append(_end_streams)
     add_routes(app)
     return app
+
+
+async def _tracing_ctx(app: web.Application) -> AsyncIterator[None]:
+    """First in, last out: spans of every other resource's shutdown still leave."""
+    yield
+    await app[TRACING].close()
+
+
+async def _drops_traced_ctx(app: web.Application) -> AsyncIterator[None]:
+    """A span for each drop applied here (a push's, a fan-out message's, a cache drop's)."""
+    tracing = app[TRACING]
+    unwatch = app[INVALIDATOR].watch(tracing.dropped) if tracing.enabled else None
+    yield
+    if unwatch is not None:
+        unwatch()
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -81,7 +107,7 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         raise_for_status=False,
         auto_decompress=True,
     )
-    app[UPSTREAM] = VellumClient(settings, session, app[METRICS])
+    app[UPSTREAM] = VellumClient(settings, session, app[METRICS], tracing=app[TRACING])
     yield
     await session.close()
 

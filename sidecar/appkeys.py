@@ -14,6 +14,7 @@ from .http.guard import HostGuard
 from .http.streams import Streams
 from .metrics import Metrics
 from .redis.conn import RedisConn
+from .tracing import Tracing
 from .upstream import VellumClient
 from .usage import UsageQueue
 
@@ -29,6 +30,7 @@ __all__ = [
     "OFREP_STREAMS",
     "REDIS",
     "SETTINGS",
+    "TRACING",
     "UPSTREAM",
     "USAGE",
     "Lifecycle",
@@ -63,3 +65,5 @@ OFREP_STREAMS = web.AppKey("ofrep_streams", Streams)
 USAGE: web.AppKey[UsageQueue | None] = web.AppKey("usage")
 #: The ops and webhook apps reach the shared resources through the core (local API) app.
 CORE = web.AppKey("core", web.Application)
+#: OpenTelemetry traces (``tracing.NO_TRACING`` unless the OTEL_* variables ask).
+TRACING = web.AppKey("tracing", Tracing)

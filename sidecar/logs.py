@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from .config import redact_text
+from .values import redact_text
 
 __all__ = ["JsonFormatter", "configure_logging"]
 

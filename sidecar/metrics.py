@@ -15,7 +15,7 @@ import contextlib
 import platform
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -36,6 +36,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from . import __version__
+
+ChildT = TypeVar("ChildT")
 
 __all__ = [
     "CONTENT_TYPE_LATEST",
@@ -360,7 +362,42 @@ class LoopCounterChild:
         self.value += amount
 
 
-class LoopCounter(Collector):
+class _LoopMetric(Collector, Generic[ChildT]):
+    """Children by label values, made on first use: :class:`LoopCounter`'s and
+    :class:`LoopHistogram`'s common part (a child found costs one dict lookup)."""
+
+    _family: Callable[..., Metric]
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str],
+        registry: CollectorRegistry,
+    ) -> None:  # fmt: skip
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], ChildT] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> ChildT:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name}: expected labels {self.labelnames}")
+            child = self._children[values] = self._child()
+        return child
+
+    def _child(self) -> ChildT:
+        raise NotImplementedError
+
+    def family(self) -> Metric:
+        """An empty family of this metric's type, name and labels."""
+        return self._family(self.name, self.documentation, labels=self.labelnames)
+
+    def describe(self) -> list[Metric]:
+        return [self.family()]
+
+
+class LoopCounter(_LoopMetric[LoopCounterChild]):
     """A labelled counter for code that runs on the event loop's thread only.
 
     prometheus-client's ``Counter`` takes a lock on every increment and
@@ -370,33 +407,24 @@ class LoopCounter(Collector):
     exposition is prometheus-client's own (``generate_latest``), same names.
     """
 
+    _family = CounterMetricFamily
+
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str], *,
         registry: CollectorRegistry,
     ) -> None:  # fmt: skip
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], LoopCounterChild] = {}
-        registry.register(self)
+        super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> LoopCounterChild:
-        child = self._children.get(values)
-        if child is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name}: expected labels {self.labelnames}")
-            child = self._children[values] = LoopCounterChild()
-        return child
+    def _child(self) -> LoopCounterChild:
+        return LoopCounterChild()
 
     def bind(self, *first: str) -> BoundLoopCounter:
         """This counter with its first label values fixed; ``labels()`` takes the rest."""
         return BoundLoopCounter(self, first)
 
-    def describe(self) -> list[Metric]:
-        return [CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)]
-
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        family = self.family()
+        assert isinstance(family, CounterMetricFamily)
         for values, child in list(self._children.items()):
             family.add_metric(values, child.value)
         yield family
@@ -427,34 +455,25 @@ class LoopHistogramChild:
         self.sum += value
 
 
-class LoopHistogram(Collector):
+class LoopHistogram(_LoopMetric[LoopHistogramChild]):
     """A labelled histogram with :class:`LoopCounter`'s single-thread contract."""
+
+    _family = HistogramMetricFamily
 
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str], *,
         buckets: Sequence[float], registry: CollectorRegistry,
     ) -> None:  # fmt: skip
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
         self._bounds = sorted(float(b) for b in buckets)
         self._les = [_le(b) for b in self._bounds] + ["+Inf"]
-        self._children: dict[tuple[str, ...], LoopHistogramChild] = {}
-        registry.register(self)
+        super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> LoopHistogramChild:
-        child = self._children.get(values)
-        if child is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name}: expected labels {self.labelnames}")
-            child = self._children[values] = LoopHistogramChild(self._bounds)
-        return child
-
-    def describe(self) -> list[Metric]:
-        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+    def _child(self) -> LoopHistogramChild:
+        return LoopHistogramChild(self._bounds)
 
     def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        family = self.family()
+        assert isinstance(family, HistogramMetricFamily)
         for values, child in list(self._children.items()):
             cumulative, buckets = 0, []
             for le, count in zip(self._les, child.counts, strict=True):

@@ -14,14 +14,16 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from . import tracing
 from .app import create_app
 from .appkeys import LIFECYCLE, METRICS
-from .config import Listen, Settings
+from .config import Settings
 from .http.limits import GuardedRunner, ListenerGuard, listener_guards
 from .http.ops import create_ops_app
 from .http.webhooks import create_webhook_app
+from .values import Listen
 
-__all__ = ["Listener", "bind", "run_sidecar"]
+__all__ = ["Listener", "bind", "listening_unix_socket", "run_sidecar"]
 
 log = logging.getLogger("sidecar.server")
 
@@ -54,15 +56,11 @@ async def bind(listener: Listener, *, shutdown_timeout: float, access_log: bool)
     listener.runner = runner
     site: web.BaseSite
     backlog = listener.guard.limits.backlog if listener.guard is not None else 128
-    if listener.sock is not None:
-        site = web.SockSite(runner, listener.sock, backlog=backlog)
-        await site.start()
-        return
-    if listener.listen.is_unix:
-        path = listener.listen.path
-        assert path is not None
-        _remove_stale_socket(path)
-        site = web.UnixSite(runner, path, backlog=backlog)
+    sock = listener.sock
+    if sock is None and listener.listen.path is not None:
+        sock = listening_unix_socket(listener.listen.path, backlog)
+    if sock is not None:
+        site = web.SockSite(runner, sock, backlog=backlog)
     elif listener.reuse_port:
         site = web.TCPSite(
             runner, listener.listen.host, listener.listen.port, reuse_port=True, backlog=backlog
@@ -70,10 +68,6 @@ async def bind(listener: Listener, *, shutdown_timeout: float, access_log: bool)
     else:
         site = web.TCPSite(runner, listener.listen.host, listener.listen.port, backlog=backlog)
     await site.start()
-    if listener.listen.is_unix:
-        assert listener.listen.path is not None
-        # Only this user (and its group, e.g. the pod's shared fsGroup) may connect.
-        os.chmod(listener.listen.path, 0o660)
 
 
 async def _drain(listeners: list[Listener], settings: Settings) -> None:
@@ -90,10 +84,25 @@ async def _drain(listeners: list[Listener], settings: Settings) -> None:
     await asyncio.gather(*(g.wait_drained(settings.shutdown_drain) for g in guards))
 
 
-def _remove_stale_socket(path: str) -> None:
+def listening_unix_socket(path: str, backlog: int) -> socket.socket:
+    """A unix socket listening at ``path``, mode 0660, replacing a stale socket file there.
+
+    Only this user (and its group, e.g. the pod's shared fsGroup) may connect: the
+    mode is set before the socket listens, so no connection is accepted before.
+    Anything at ``path`` that is not a socket is left alone (binding then fails).
+    """
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(os.stat(path).st_mode):
             os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o660)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 async def run_sidecar(
@@ -123,7 +132,7 @@ async def run_sidecar(
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    core = create_app(settings)
+    core = create_app(settings, tracing=tracing.from_env(os.environ))
     listeners = list(before or [])
     local = Listener("local", core, settings.listen)
     ops = Listener("ops", create_ops_app(core), settings.ops_listen)

@@ -29,6 +29,7 @@ from yarl import URL
 from .config import Settings
 from .errors import UpstreamAuthFailed, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from .metrics import Metrics
+from .tracing import NO_TRACING, Tracing, record
 
 __all__ = [
     "Breaker",
@@ -173,8 +174,10 @@ class VellumClient:
         *,
         breaker: Breaker | None = None,
         attempt_timeout: float | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.settings = settings
+        self.tracing = tracing
         self.session = session
         self.metrics = metrics
         #: Guards entitlement reads (the hot path); its state is the one /readyz reports.
@@ -253,6 +256,25 @@ class VellumClient:
         ``UpstreamUnavailable`` (connect failure, breaker open) or
         ``UpstreamTimeout`` when no response came in time.
         """
+        with self.tracing.upstream_call(operation, method) as span:
+            resp = await self._attempts(
+                operation, method, segments, query, body, headers, retry, read, quoted
+            )
+            record(span, **{"http.response.status_code": resp.status})
+            return resp
+
+    async def _attempts(
+        self,
+        operation: str,
+        method: str,
+        segments: Sequence[str],
+        query: Mapping[str, str] | None,
+        body: bytes | None,
+        headers: Mapping[str, str] | None,
+        retry: bool,
+        read: bool,
+        quoted: bool,
+    ) -> UpstreamResponse:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._deadline
         url = self.url(*segments, quoted=quoted)
@@ -277,9 +299,11 @@ class VellumClient:
             send_headers["x-api-key"] = self.settings.api_key.current(time.time())
             started = loop.time()
             try:
-                resp = await self._send(
-                    method, url, send_headers, body, min(attempt_timeout, remaining)
-                )
+                with self.tracing.upstream_attempt(attempt + 1, send_headers) as attempt_span:
+                    resp = await self._send(
+                        method, url, send_headers, body, min(attempt_timeout, remaining)
+                    )
+                    record(attempt_span, **{"http.response.status_code": resp.status})
             except TimeoutError:
                 self.last_result = (time.monotonic(), None)
                 breaker.failure(time.monotonic())

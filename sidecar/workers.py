@@ -44,7 +44,6 @@ import os
 import shutil
 import signal
 import socket
-import stat
 import sys
 import tempfile
 import time
@@ -59,13 +58,14 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from .config import Listen, Settings
+from .config import Settings
 from .http.guard import HostGuard, guard_middleware
 from .http.limits import listener_guards
 from .http.middleware import json_errors
 from .http.responses import json_response
 from .metrics import exposition
-from .server import Listener, bind, run_sidecar
+from .server import Listener, bind, listening_unix_socket, run_sidecar
+from .values import Listen
 
 __all__ = ["WORKER_INDEX_ENV", "run_workers"]
 
@@ -225,13 +225,7 @@ class Supervisor:
         for name, listen in listeners.items():
             if listen.path is None:
                 continue
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(os.stat(listen.path).st_mode):
-                    os.unlink(listen.path)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.bind(listen.path)
-            os.chmod(listen.path, 0o660)
-            sock.listen(1024)
+            sock = listening_unix_socket(listen.path, 1024)
             sock.set_inheritable(True)
             self.shared[name] = sock
 

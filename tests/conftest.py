@@ -32,7 +32,44 @@ from sidecar.http.limits import GuardedRunner, ListenerGuard, ListenerLimits
 from sidecar.http.ops import create_ops_app
 from sidecar.http.webhooks import create_webhook_app
 
+from . import layers
 from .harness import API_KEY, RedisServer, sidecar_env
+
+# -- unit and integration tests (tests/layers.py decides; `pytest -m unit`) ------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "unit: no process, no socket (tests/layers.py)")
+    config.addinivalue_line("markers", "integration: starts processes or listens on sockets")
+    if os.environ.get("SIDECAR_TEST_AUDIT") == "1":
+        layers.install_audit()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        function = getattr(item, "function", None)
+        unit = layers.is_unit(item.nodeid, fixtures, function)
+        item.add_marker("unit" if unit else "integration")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    """With ``SIDECAR_TEST_AUDIT=1``, a unit test that opens a socket or starts a process fails."""
+    if os.environ.get("SIDECAR_TEST_AUDIT") != "1" or item.get_closest_marker("unit") is None:
+        return (yield)
+    layers.audit.seen = []
+    try:
+        result = yield
+    finally:
+        seen, layers.audit.seen = layers.audit.seen, None
+    if seen:
+        pytest.fail(
+            f"{item.nodeid} is marked unit but opened a socket or started a process: "
+            f"{seen[:3]}; add it to STARTS_PROCESSES in tests/layers.py",
+            pytrace=False,
+        )
+    return result
 
 
 async def eventually(

@@ -124,8 +124,9 @@ def http_status(url: str, timeout: float = 2.0) -> int | None:
 
 
 def _clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment without its own sidecar settings, plus ``extra``."""
-    ours = ("VELLUM_", "SIDECAR_", "EMULATOR_")
+    """This process's environment without its own sidecar settings (and tracing
+    settings: a test turns traces on itself), plus ``extra``."""
+    ours = ("VELLUM_", "SIDECAR_", "EMULATOR_", "OTEL_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
     env.update(extra or {})
     return env

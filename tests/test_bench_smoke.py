@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 ROWS = (
     "bare", "hot", "hot_default", "redis_only", "batch", "flag", "ofrep", "workers",
+    "hot_traced", "hot_traced_unsampled",
     "hot_half_peak", "hot_default_half_peak", "bare_half_peak",
 )  # fmt: skip
 ROW_FIELDS = {"generator", "connections", "requests", "rps", "p50_ms", "p99_ms", "errors"}
@@ -40,7 +41,8 @@ def test_bench_smoke_runs_every_phase(tmp_path: Path) -> None:
         assert set(row) >= ROW_FIELDS, (name, row)
         assert row["requests"] > 0, (name, row)
         assert row["errors"] == 0, (name, row)
-    for name in ("hot", "hot_default", "redis_only", "batch", "flag", "ofrep", "workers"):
+    for name in ("hot", "hot_default", "redis_only", "batch", "flag", "ofrep", "workers",
+                 "hot_traced", "hot_traced_unsampled"):  # fmt: skip
         assert isinstance(results["throughput"][name]["vs_bare"], float)
         assert isinstance(results["throughput"][name]["vs_bare_paired"], float)
     for name in ("hot_half_peak", "hot_default_half_peak", "bare_half_peak"):

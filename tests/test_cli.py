@@ -328,3 +328,107 @@ def test_no_secret_in_any_output(stack: Stack) -> None:
     assert "invalid_signature" in everything
     for secret in (API_KEY, WEBHOOK_SECRET):
         assert secret not in everything
+
+
+def _fake_proc(root: Path, pid1: list[str], child: list[str] | None = None) -> str:
+    """A /proc holding process 1 (and its first child) with these command lines."""
+    (root / "1" / "task" / "1").mkdir(parents=True)
+    (root / "1" / "cmdline").write_bytes(b"".join(a.encode() + b"\0" for a in pid1))
+    (root / "1" / "task" / "1" / "children").write_text("7 " if child else "")
+    if child:
+        (root / "7").mkdir()
+        (root / "7" / "cmdline").write_bytes(b"".join(a.encode() + b"\0" for a in child))
+    return str(root)
+
+
+@pytest.mark.parametrize(
+    ("pid1", "child", "env", "url"),
+    [
+        # The image's HEALTHCHECK in the emulator role probes the emulator, not 9700.
+        (
+            ["/app/.venv/bin/python", "/app/.venv/bin/vellum-sidecar", "emulator"],
+            None,
+            {"EMULATOR_LISTEN": "0.0.0.0:8710"},
+            "http://127.0.0.1:8710/_emulator/healthz",
+        ),
+        (
+            ["python", "-m", "sidecar", "emulator", "--listen", "127.0.0.1:9911"],
+            None,
+            {},
+            "http://127.0.0.1:9911/_emulator/healthz",
+        ),
+        # docker run --init: the command is the init's child.
+        (
+            ["/sbin/docker-init"],
+            [
+                "/app/.venv/bin/python",
+                "/app/.venv/bin/vellum-sidecar",
+                "serve",
+                "--ops-listen",
+                "127.0.0.1:9912",
+            ],
+            {},
+            "http://127.0.0.1:9912/healthz",
+        ),
+        (
+            ["/sbin/tini", "--", "vellum-sidecar", "emulator"],
+            None,
+            {},
+            "http://127.0.0.1:8710/_emulator/healthz",
+        ),
+        # The sidecar (the image's default command), SIDECAR_OPS_LISTEN from the environment.
+        (
+            ["/app/.venv/bin/python", "/app/.venv/bin/vellum-sidecar", "serve"],
+            None,
+            {"SIDECAR_OPS_LISTEN": "0.0.0.0:9913"},
+            "http://127.0.0.1:9913/healthz",
+        ),
+        (
+            ["/app/.venv/bin/python", "/app/.venv/bin/vellum-sidecar"],
+            None,
+            {},
+            "http://127.0.0.1:9700/healthz",
+        ),
+        (["vellum-sidecar", "demo"], None, {}, "http://127.0.0.1:9700/healthz"),
+        # On a host, process 1 is the host's init: the sidecar's defaults.
+        (
+            ["/sbin/init", "splash"],
+            None,
+            {"SIDECAR_OPS_LISTEN": "127.0.0.1:9914"},
+            "http://127.0.0.1:9914/healthz",
+        ),
+    ],
+)
+def test_healthcheck_probes_the_role_the_container_runs(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    pid1: list[str],
+    child: list[str] | None,
+    env: dict[str, str],
+    url: str,
+) -> None:
+    from sidecar.__main__ import _health_url, _serving_argv
+
+    for name in ("EMULATOR_LISTEN", "SIDECAR_OPS_LISTEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert _health_url(_serving_argv(_fake_proc(tmp_path, pid1, child))) == url
+
+
+def test_healthcheck_of_an_emulator_container_passes(tmp_path: Path) -> None:
+    """The emulator role's derived check passes against a live emulator."""
+    from sidecar.__main__ import _health_url, _serving_argv
+
+    port = free_port()
+    argv = [sys.executable, "-m", "sidecar", "emulator", "--listen", f"127.0.0.1:{port}"]
+    url = _health_url(_serving_argv(_fake_proc(tmp_path / "proc", argv)))
+    assert url == f"http://127.0.0.1:{port}/_emulator/healthz"
+    emulator = Process("emulator", argv, tmp_path, env={"EMULATOR_API_KEYS": API_KEY})
+    emulator.start()
+    try:
+        wait_until(lambda: http_status(url) == 200, timeout=20, what="the emulator's health")
+        assert run_cli("healthcheck", "--url", url, env={}).returncode == 0
+    finally:
+        emulator.stop()
+    assert run_cli("healthcheck", "--url", url, env={}).returncode == 1

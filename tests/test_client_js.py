@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.http.operations import OPERATIONS
+
 from .closing_server import ClosingServer
 from .harness import Stack, free_port, make_tls_files
 
@@ -73,6 +75,12 @@ def test_js_client_against_a_live_sidecar(stacks: dict[str, Stack], tmp_path: Pa
         "VSC_UPSTREAM_DOWN_URL": stacks["down"].url,
         "VSC_STOPPED_URL": f"http://127.0.0.1:{free_port()}",
         "VSC_CLOSING_URL": closing.url,
+        "VSC_NEWER_METHODS": ",".join(
+            re.sub(r"_(\w)", lambda m: m.group(1).upper(), method)
+            for op in OPERATIONS
+            if op.newer
+            for method in op.sdk
+        ),
     }
     env.pop("VELLUM_SIDECAR_URL", None)
     tls = make_tls_files(tmp_path)  # for the https peer of wire.test.js, trusted by node

@@ -16,14 +16,12 @@ from sidecar.config import (
     SETTINGS,
     VARIABLES,
     ConfigError,
-    Listen,
-    Secret,
     Settings,
     add_flags,
     env_with_flags,
-    redact_url,
 )
 from sidecar.logs import JsonFormatter
+from sidecar.values import Listen, Secret, redact_url
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -37,10 +37,11 @@ import yaml
 
 from sidecar.__main__ import _parser
 from sidecar.app import create_app
-from sidecar.config import VARIABLES, Listen, Settings
+from sidecar.config import VARIABLES, Settings
 from sidecar.emulator import create_emulator_app
 from sidecar.http.ops import create_ops_app
 from sidecar.http.webhooks import create_webhook_app
+from sidecar.values import Listen
 
 from .harness import Process, free_port, sidecar_command, wait_until
 

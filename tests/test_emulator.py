@@ -32,6 +32,7 @@ from sidecar.emulator import (
     State,
     create_emulator_app,
 )
+from sidecar.http.operations import OPERATIONS as TABLE
 from sidecar.signature import verify
 
 API_KEY = "emulator-test-key"
@@ -1066,9 +1067,19 @@ async def test_every_operation_is_logged_under_its_interface_name(
         "get_credit_balance",
         "consume_credits",
     ]
-    assert {r.operation for r in emulator.requests} == OPERATIONS
-    assert {op for op, _, _ in UPSTREAM_ROUTES} == OPERATIONS
-    assert len(UPSTREAM_ROUTES) == len(OPERATIONS) == 30
+    called = {r.operation for r in emulator.requests}
+    assert called == {op.name for op in TABLE if not op.newer}, "every operation of the SDK"
+    assert called <= OPERATIONS
+
+
+def test_the_emulators_routes_are_the_sidecars_operations() -> None:
+    """Two sources, compared: the emulator's routes (the upstream's contract, written
+    with their handlers) and the sidecar's operation table, operation by operation."""
+    ours = {(op.name, op.method, op.path) for op in TABLE}
+    theirs = set(UPSTREAM_ROUTES)
+    assert theirs == ours, f"emulator only: {theirs - ours}; table only: {ours - theirs}"
+    assert {name for name, _, _ in UPSTREAM_ROUTES} == OPERATIONS
+    assert len(UPSTREAM_ROUTES) == len(OPERATIONS), "one route per operation"
 
 
 async def test_a_recorded_request_has_everything_a_test_needs(api: Api, emulator: Emulator) -> None:
@@ -1689,6 +1700,28 @@ def test_state_answers_data_without_a_server() -> None:
     )
     with pytest.raises(ValueError, match="unknown operation"):
         state.answer(Call("nope", T, "test"))
+
+
+def test_the_state_hands_every_event_to_the_callback_it_was_given() -> None:
+    """The push delivery is passed in (``on_event``), not inherited: a plain State with
+    a list's append sees exactly the events it emits, in order, and none for the seed."""
+    seen: list[dict[str, Any]] = []
+    state = State(api_keys=["k"], seed=True, on_event=seen.append)
+    assert seen == [] and state.events == [], "the seed is where the service starts"
+
+    state.set_entitlements(T, "cus_trial", {"modules": ["reports"]})
+    state.set_flag(T, "beta", True)
+    state.answer(
+        Call("set_account_status", T, "test", {"account": "acme"}, body=b'{"status":"suspended"}')
+    )
+
+    assert seen == state.events
+    assert [(e["type"], e.get("customerId"), e.get("accountId")) for e in seen] == [
+        ("entitlements.updated", "cus_trial", "acme"),
+        ("flags.updated", None, None),
+        ("entitlements.updated", None, "acme"),
+    ]
+    assert State(api_keys=["k"]).ledger.on_event is None, "no callback: events are only kept"
 
 
 def test_faults_are_data_too() -> None:

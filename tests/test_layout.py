@@ -141,3 +141,17 @@ def test_the_scan_sees_type_checking_and_function_level_imports(tmp_path: Path) 
     assert graph["pkg.sub.d"] == {"pkg.sub.c", "pkg.sub.e"}
     assert graph["pkg.sub.e"] == {"pkg"}
     assert cycles(graph) == [["pkg.a", "pkg.sub.b"], ["pkg.sub.c", "pkg.sub.d"]]
+
+
+#: The longest a module of sidecar/ may grow before it is split by concern (issue 25).
+MAX_MODULE_LINES = 800
+
+
+def test_no_sidecar_module_is_over_800_lines() -> None:
+    sizes = {
+        name: len(path.read_text(encoding="utf-8").splitlines())
+        for name, path in modules_of(ROOT, "sidecar").items()
+    }
+    assert sizes["sidecar.config"] > 100, "the scan reads the modules"
+    over = {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES}
+    assert not over, f"split these by concern (at most {MAX_MODULE_LINES} lines): {over}"

@@ -33,6 +33,7 @@ from referencing.jsonschema import DRAFT202012
 
 from sidecar.app import create_app
 from sidecar.config import Settings
+from sidecar.http.operations import OPERATIONS, SURFACES
 
 from .harness import Stack, sidecar_env
 
@@ -458,7 +459,11 @@ def test_every_live_answer_matches_the_document(
         for e in exchanges
         if (found := match_operation(spec, e.method, e.path)) is not None
     }
-    assert documented <= exercised, f"not exercised live: {sorted(documented - exercised)}"
+    # An operation the upstream added after the SDK (newer=True) comes with its own test,
+    # which drives it on both surfaces and checks its answers against this document.
+    newer = {(op.method, SURFACES[s] + op.path) for op in OPERATIONS if op.newer for s in SURFACES}
+    missing = documented - newer - exercised
+    assert not missing, f"not exercised live: {sorted(missing)}"
 
 
 def test_served_document_is_the_file(stack: Stack, spec: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from sidecar.appkeys import REDIS
+from sidecar.cache.entry import DROPPED
 from sidecar.cache.invalidation import QUEUE_LIMIT
 from sidecar.cache.kinds import AXES as AXIS_ORDER
 from sidecar.emulator import Emulator
@@ -430,7 +431,12 @@ async def test_account_event_during_a_hang_is_resolved_with_what_redis_knows(
 
     await eventually(b_dropped_cus_1, timeout=5)
     await a.invalidator.drained()
-    assert (await source_of(b, "cus_3"))[0] == "hit", "another account stays"
+    # Another account is not dropped. (A hang long enough for a to queue the drop may
+    # also have renewed the epoch, which revalidates everything once: a precaution,
+    # docs/operations.md "Drops and staleness", not a drop.)
+    assert b.cache.memory.data["cus_3"].expired != DROPPED, "another account stays"
+    if b.total("vellum_sidecar_epoch_changes_total") == 0:
+        assert (await source_of(b, "cus_3"))[0] == "hit"
     assert sample(a, "vellum_sidecar_invalidations_queue_applied_total") == 1
 
 

@@ -21,11 +21,12 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar.app import create_app
 from sidecar.appkeys import CACHES, INVALIDATOR, LIFECYCLE, REDIS
-from sidecar.config import ConfigError, Settings, redact_url
+from sidecar.config import ConfigError, Settings
 from sidecar.emulator import Emulator
 from sidecar.http.ops import create_ops_app
 from sidecar.redis.keys import Keys
 from sidecar.redis.url import RedisTarget, parse_redis_url
+from sidecar.values import redact_url
 
 from .conftest import Sidecar, SidecarFactory, eventually
 from .harness import WEBHOOK_SECRET, RedisServer, free_port, make_tls_files, sidecar_env

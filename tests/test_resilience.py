@@ -154,17 +154,30 @@ async def test_upstream_stopped_serves_stale_and_refuses_unknown(
 async def test_stale_window_ends(
     make_sidecar: SidecarFactory, emulator: Emulator, tenant: str
 ) -> None:
+    """While the upstream fails, the entry is served stale for its window, then refused.
+
+    The window (1 s) is several upstream deadlines long, so a loaded machine still
+    reads inside it; the answers are recorded in order to prove the stale 200s came
+    before the 503 (a sidecar that never served stale would fail here).
+    """
     emulator.set_entitlements(tenant, "cus_1", DOC)
     sc = await make_sidecar(
-        None, SIDECAR_CACHE_TTL="0.1", SIDECAR_STALE_TTL="0.3", SIDECAR_UPSTREAM_TIMEOUT="0.3"
+        None, SIDECAR_CACHE_TTL="0.1", SIDECAR_STALE_TTL="1", SIDECAR_UPSTREAM_TIMEOUT="0.2"
     )
-    await read(sc, "cus_1")
+    assert (await read(sc, "cus_1"))[:2] == (200, "miss")
     emulator.fail("get_entitlements", 503, None)
+    answers: list[tuple[int, str, Any]] = []
 
     async def refused() -> bool:
-        return (await read(sc, "cus_1"))[0] == 503
+        status, source, body = await read(sc, "cus_1")
+        answers.append((status, source, body.get("allowed")))
+        return status == 503
 
-    await eventually(refused, timeout=5)
+    await eventually(refused, timeout=10)
+    *served, last = answers
+    assert (200, "stale", True) in served, f"no stale answer before the refusal: {answers}"
+    assert all(status == 200 and allowed for status, _, allowed in served), answers
+    assert last[0] == 503 and last[2] is False, "the window ended: fail closed"
 
 
 async def test_breaker_opens_on_500s_and_closes_after(

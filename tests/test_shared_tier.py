@@ -311,3 +311,28 @@ async def test_the_local_tier_shares_nothing() -> None:
     assert await local.finish_fill(ENTITLEMENTS, "cus_1", ticket, entry(), overtaken=False) == 0
     assert await local.expire_customers([ENTITLEMENTS], ["cus_1"], message()) == 0
     assert await local.members("acc_1") == set()
+
+
+async def test_a_stall_renews_the_epoch_only_when_the_check_waited_through_it(
+    tier: RedisTier, own_redis: RedisServer
+) -> None:
+    """No check for 1 s: a fleet whose processes were paused (the check that follows did
+    not wait in Redis) is not a stall; one whose check sat in Redis for 0.4 s is, and
+    of the checks that follow only that one renews."""
+    epoch_msg = b'{"scope":"epoch","origin":"test"}'
+    first = await tier.check(0, epoch_msg)
+    with own_redis.client() as c:
+        c.set(tier.keys.beat, first.now_ms - 1000)
+    paused = await tier.check(0, epoch_msg, sent_ms=first.now_ms + 5, offset_ms=0)
+    assert paused.changed is None and paused.epoch == first.epoch
+    with own_redis.client() as c:
+        c.set(tier.keys.beat, paused.now_ms - 1000)
+    # Sent 400 ms before Redis ran it, with clocks that usually agree: it waited.
+    stalled = await tier.check(0, epoch_msg, sent_ms=paused.now_ms - 400, offset_ms=0)
+    assert stalled.changed == "stalled" and stalled.epoch != paused.epoch
+    after = await tier.check(0, epoch_msg, sent_ms=stalled.now_ms - 400, offset_ms=0)
+    assert after.changed is None, "the stalled check set the fleet's beat"
+    # A fleet gone longer than the beat's TTL (the beat expired, the epoch did not).
+    with own_redis.client() as c:
+        c.delete(tier.keys.beat)
+    assert (await tier.check(0, epoch_msg)).changed == "stalled"

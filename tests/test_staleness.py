@@ -324,3 +324,19 @@ def test_memory_only_drops_keep_the_fallback_and_stale_answers_say_so(tmp_path: 
         )
         with urllib.request.urlopen(evaluation, timeout=10) as resp:  # noqa: S310
             assert json.loads(resp.read())["reason"] == "STALE"
+
+
+def test_a_lost_push_is_corrected_when_the_entry_s_freshness_ends(tmp_path: Path) -> None:
+    """Nothing tells the fleet of a change whose push never came: the entry answers
+    until its freshness (``SIDECAR_CACHE_TTL``, jittered by 10 %) ends, then the next
+    read revalidates."""
+    with Stack(tmp_path, redis=True, push=False, SIDECAR_CACHE_TTL="2") as stack:
+        a = stack.sidecar
+        put(stack, "cus_x", OLD)
+        assert can(a, "cus_x") == (200, False, "miss")
+        cached = time.monotonic()
+        put(stack, "cus_x", NEW)  # and no push
+        wait_until(lambda: can(a, "cus_x")[1], timeout=2 * 1.1 + 2)
+        took = time.monotonic() - cached
+        print(f"\n[a lost push, SIDECAR_CACHE_TTL=2] the new document after {took:.2f}s")
+        assert took >= 2 * 0.9 * 0.9, "not before the freshness (less its refresh-ahead) ends"

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from sidecar.config import ConfigError, Settings
+from sidecar.server import listening_unix_socket
 
 from .harness import Stack, free_port, wait_until
 
@@ -166,3 +167,23 @@ def test_workers_share_a_unix_socket(tmp_path: Path, start_workers: Callable[[st
         return served_by(get(f"{stack.sidecar.ops_url}/metrics")[1]) == {"0", "1"}
 
     wait_until(both_served, timeout=20, interval=0)
+
+
+def test_a_unix_listener_replaces_a_stale_socket_never_a_file(tmp_path: Path) -> None:
+    """One binding for the single process and the supervisor (server.listening_unix_socket):
+    a socket file left by a killed sidecar is replaced, the mode is 0660 before it
+    listens, and a path holding anything else is refused, not deleted."""
+    path = tmp_path / "sidecar.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
+        stale.bind(str(path))  # a killed sidecar's socket: the file stays, nobody listens
+    with listening_unix_socket(str(path), 8) as sock:
+        assert os.stat(path).st_mode & 0o777 == 0o660
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(path))
+            accepted, _ = sock.accept()
+            accepted.close()
+    precious = tmp_path / "data.txt"
+    precious.write_text("keep me")
+    with pytest.raises(OSError, match="in use"):
+        listening_unix_socket(str(precious), 8)
+    assert precious.read_text() == "keep me"

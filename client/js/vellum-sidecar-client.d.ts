@@ -94,22 +94,17 @@ export interface WriteOptions {
   idempotencyKey?: string;
 }
 
-/** The plan a checkout or a subscription sells; optional fields are omitted, never null. */
-export interface PlanChoice {
-  planId: string;
-  /** Omitted: the newest version sold in the sidecar key's mode. */
-  planVersion?: number;
-  /** Omitted: resolved from the plan (400 ambiguous_plan when two products sell it). */
-  productId?: string;
-  seats?: number;
-  addOnModuleIds?: string[];
-}
-
-export interface CreateCheckoutArgs extends WriteOptions, PlanChoice {
+// BEGIN GENERATED argument types
+export interface CreateCheckoutArgs extends WriteOptions {
   accountId: string;
   customerId: string;
+  planId: string;
   successUrl: string;
   cancelUrl: string;
+  planVersion?: number | null;
+  productId?: string | null;
+  seats?: number;
+  addOnModuleIds?: string[] | null;
 }
 
 export interface CreateSetupCheckoutArgs extends WriteOptions {
@@ -118,9 +113,29 @@ export interface CreateSetupCheckoutArgs extends WriteOptions {
   cancelUrl: string;
 }
 
-export interface CreateSubscriptionArgs extends WriteOptions, PlanChoice {
+export interface CreateSubscriptionArgs extends WriteOptions {
   accountId: string;
   customerId: string;
+  planId: string;
+  planVersion?: number | null;
+  productId?: string | null;
+  seats?: number;
+  addOnModuleIds?: string[] | null;
+}
+
+export interface GetSubscriptionArgs {
+  accountId: string;
+  customerId: string;
+}
+
+export interface UpdateSubscriptionArgs extends WriteOptions {
+  accountId: string;
+  customerId: string;
+  planId: string;
+  planVersion: number;
+  productId?: string | null;
+  seats?: number | null;
+  addOnModuleIds?: string[] | null;
 }
 
 export interface CancelSubscriptionArgs extends WriteOptions {
@@ -129,20 +144,14 @@ export interface CancelSubscriptionArgs extends WriteOptions {
   atPeriodEnd?: boolean;
 }
 
-export interface SubscriptionArgs {
+export interface PreviewChangeArgs {
   accountId: string;
   customerId: string;
-}
-
-export interface UpdateSubscriptionArgs extends WriteOptions, PlanChoice {
-  accountId: string;
-  customerId: string;
-  planVersion: number;
-}
-
-export interface PreviewChangeArgs extends Partial<PlanChoice> {
-  accountId: string;
-  customerId: string;
+  productId?: string | null;
+  planId?: string | null;
+  planVersion?: number | null;
+  seats?: number | null;
+  addOnModuleIds?: string[] | null;
 }
 
 export interface SetSeatsArgs extends WriteOptions {
@@ -151,18 +160,12 @@ export interface SetSeatsArgs extends WriteOptions {
   seats: number;
 }
 
-export interface AddOnArgs extends WriteOptions {
-  accountId: string;
-  customerId: string;
-  moduleId: string;
-}
-
 export interface ChangePlanArgs extends WriteOptions {
   accountId: string;
   customerId: string;
   planId: string;
   planVersion: number;
-  productId?: string;
+  productId?: string | null;
 }
 
 export interface ReactivateArgs extends WriteOptions {
@@ -174,7 +177,6 @@ export interface CreateAccountArgs extends WriteOptions {
   accountId: string;
   name?: string | null;
   email?: string | null;
-  /** Adopt this existing billing customer (409 when the account has another). */
   billingCustomerId?: string | null;
   createBillingCustomer?: boolean;
 }
@@ -197,13 +199,17 @@ export interface SetCustomerStatusArgs extends WriteOptions {
   status: string;
 }
 
-export interface AccountArgs {
+export interface ListPaymentMethodsArgs {
   accountId: string;
 }
 
-export interface PaymentMethodArgs extends WriteOptions {
+export interface SetDefaultPaymentMethodArgs extends WriteOptions {
   accountId: string;
-  /** The payment method's ref (a raw provider id is a 404). */
+  methodId: string;
+}
+
+export interface RemovePaymentMethodArgs extends WriteOptions {
+  accountId: string;
   methodId: string;
 }
 
@@ -220,8 +226,48 @@ export interface ListInvoicesArgs {
 
 export interface InvoicePdfArgs {
   accountId: string;
-  /** The invoice's ref. */
   invoiceId: string;
+}
+
+export interface ListCreditPacksArgs {
+  creditTypeId: string;
+}
+
+export interface ListCreditsArgs {
+  customerId: string;
+}
+
+export interface GetCreditBalanceArgs {
+  customerId: string;
+  creditTypeId: string;
+}
+
+export interface ConsumeCreditsArgs {
+  customerId: string;
+  creditTypeId: string;
+  amount: number;
+  idempotencyKey: string;
+}
+
+export interface PauseSubscriptionArgs extends WriteOptions {
+  accountId: string;
+  customerId: string;
+  cycles?: number | null;
+}
+// END GENERATED argument types
+
+/** The names these argument types had before they were generated. */
+export type SubscriptionArgs = GetSubscriptionArgs;
+export type AccountArgs = ListPaymentMethodsArgs;
+export type PaymentMethodArgs = SetDefaultPaymentMethodArgs;
+export type CreditTypeArgs = ListCreditPacksArgs;
+export type CustomerArgs = ListCreditsArgs;
+export type CreditBalanceArgs = GetCreditBalanceArgs;
+
+export interface AddOnArgs extends WriteOptions {
+  accountId: string;
+  customerId: string;
+  moduleId: string;
 }
 
 /** One pack of a credit checkout with several. */
@@ -241,27 +287,6 @@ export interface CreateCreditCheckoutArgs extends WriteOptions {
   quantity?: number;
   /** Several packs at once; creditTypeId, packId and quantity are then not sent. */
   items?: CreditItem[];
-}
-
-export interface CreditTypeArgs {
-  creditTypeId: string;
-}
-
-export interface CustomerArgs {
-  customerId: string;
-}
-
-export interface CreditBalanceArgs {
-  customerId: string;
-  creditTypeId: string;
-}
-
-export interface ConsumeCreditsArgs {
-  customerId: string;
-  creditTypeId: string;
-  amount: number;
-  /** Sent in the body, as the SDK does: the same key answers the first answer again. */
-  idempotencyKey: string;
 }
 
 export declare class SidecarClient {
@@ -295,50 +320,70 @@ export declare class SidecarClient {
   /** Drop one customer's cached flags, or every customer's and the globals, on every sidecar. */
   invalidateFlags(customerId?: string | null): Promise<void>;
 
+  // BEGIN GENERATED billing methods
+  /** Start a hosted subscription checkout. */
   createCheckout(args: CreateCheckoutArgs): Promise<JsonObject>;
+  /** Start a checkout session that adds a payment method. */
   createSetupCheckout(args: CreateSetupCheckoutArgs): Promise<JsonObject>;
+  /** Subscribe a customer to a plan (no hosted page; the account's card pays). */
   createSubscription(args: CreateSubscriptionArgs): Promise<JsonObject>;
-  cancelSubscription(args: CancelSubscriptionArgs): Promise<JsonObject>;
-  getSubscription(args: SubscriptionArgs): Promise<JsonObject>;
-  /** Change the plan, seats and add-ons at once. */
+  /** A customer's subscription. */
+  getSubscription(args: GetSubscriptionArgs): Promise<JsonObject>;
+  /** Change a subscription's plan, seats and add-ons at once. */
   updateSubscription(args: UpdateSubscriptionArgs): Promise<JsonObject>;
-  /** The cost of a change (current, proposed, amountDueNow); changes nothing. */
+  /** Cancel a customer's subscription (atPeriodEnd=true to cancel at the period's end). */
+  cancelSubscription(args: CancelSubscriptionArgs): Promise<JsonObject>;
+  /** What a change would cost, changing nothing. */
   previewChange(args: PreviewChangeArgs): Promise<JsonObject>;
+  /** Set a subscription's seats. */
   setSeats(args: SetSeatsArgs): Promise<JsonObject>;
-  addAddOn(args: AddOnArgs): Promise<JsonObject>;
-  removeAddOn(args: AddOnArgs): Promise<JsonObject>;
+  /** Move a subscription to another plan or plan version. */
   changePlan(args: ChangePlanArgs): Promise<JsonObject>;
   /** Withdraw a pending cancel, or restart an ended subscription. */
   reactivate(args: ReactivateArgs): Promise<JsonObject>;
-  /** Create the account, or answer the existing one. */
+  /** Create an account (or answer the existing one), with its billing customer. */
   createAccount(args: CreateAccountArgs): Promise<JsonObject>;
+  /** Create a customer under an account. */
   createCustomer(args: CreateCustomerArgs): Promise<JsonObject>;
+  /** Set an account's status. */
   setAccountStatus(args: SetAccountStatusArgs): Promise<JsonObject>;
+  /** Set a customer's status. */
   setCustomerStatus(args: SetCustomerStatusArgs): Promise<JsonObject>;
-  /** The account's payment methods (the methods array). */
-  listPaymentMethods(args: AccountArgs): Promise<JsonObject[]>;
-  setDefaultPaymentMethod(args: PaymentMethodArgs): Promise<JsonObject>;
-  /** {ref, removed: true}; null from an upstream that answers 204. */
-  removePaymentMethod(args: PaymentMethodArgs): Promise<JsonObject | null>;
+  /** An account's saved cards. */
+  listPaymentMethods(args: ListPaymentMethodsArgs): Promise<JsonObject[]>;
+  /** Make a payment method (its ref) the account's default. */
+  setDefaultPaymentMethod(args: SetDefaultPaymentMethodArgs): Promise<JsonObject>;
+  /** Remove a payment method (its ref) from an account. */
+  removePaymentMethod(args: RemovePaymentMethodArgs): Promise<JsonObject | null>;
+  /** Set the payment method (its ref) that pays a customer's subscription. */
   setSubscriptionPaymentMethod(args: SetSubscriptionPaymentMethodArgs): Promise<JsonObject>;
-  /** The account's invoices (the invoices array), optionally one customer's. */
+  /** An account's invoices (customerId to filter). */
   listInvoices(args: ListInvoicesArgs): Promise<JsonObject[]>;
-  /** The invoice's PDF, its bytes as the upstream sent them. */
+  /** An invoice's PDF (its ref), after the upstream's ownership check. */
   invoicePdf(args: InvoicePdfArgs): Promise<Uint8Array>;
+  /** The tenant's credit types. */
+  listCreditTypes(): Promise<JsonObject[]>;
+  /** The packs for sale within a credit type. */
+  listCreditPacks(args: ListCreditPacksArgs): Promise<JsonObject[]>;
+  /** A customer's credit balances (uncached: balances change out of band). */
+  listCredits(args: ListCreditsArgs): Promise<JsonObject[]>;
+  /** A customer's balance of one credit type (uncached). */
+  getCreditBalance(args: GetCreditBalanceArgs): Promise<JsonObject>;
+  /** Spend credits: all or nothing, idempotent on the body's idempotencyKey. */
+  consumeCredits(args: ConsumeCreditsArgs): Promise<JsonObject>;
+  /**
+   * Pause a subscription: no access and no bill until reactivate resumes it, or until cycles
+   * periods have passed.
+   */
+  pauseSubscription(args: PauseSubscriptionArgs): Promise<JsonObject>;
+  // END GENERATED billing methods
+
+  addAddOn(args: AddOnArgs): Promise<JsonObject>;
+  removeAddOn(args: AddOnArgs): Promise<JsonObject>;
   /** Upstreams before SDK 1.2: the Location of the redirect, not followed. */
   invoicePdfUrl(args: InvoicePdfArgs): Promise<string>;
-
-  /** A hosted checkout buying credit packs. */
+  /** A hosted checkout buying credit packs: one pack, or several (items). */
   createCreditCheckout(args: CreateCreditCheckoutArgs): Promise<JsonObject>;
-  /** The tenant's credit types (the creditTypes array). */
-  listCreditTypes(): Promise<JsonObject[]>;
-  /** The packs for sale within a credit type (the packs array). */
-  listCreditPacks(args: CreditTypeArgs): Promise<JsonObject[]>;
-  /** A customer's balances (the credits array); never cached. */
-  listCredits(args: CustomerArgs): Promise<JsonObject[]>;
-  getCreditBalance(args: CreditBalanceArgs): Promise<JsonObject>;
-  /** Spend credits, all or nothing (409 insufficient_credits). */
-  consumeCredits(args: ConsumeCreditsArgs): Promise<JsonObject>;
 }
 
 export default SidecarClient;

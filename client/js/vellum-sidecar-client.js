@@ -143,16 +143,20 @@ const OPERATIONS = Object.freeze({
     method: "DELETE", path: "/v1/accounts/{account}/customers/{customer}/subscription",
   },
   preview_change: {
-    method: "POST", path: "/v1/accounts/{account}/customers/{customer}/subscription/preview", body: true,
+    method: "POST", path: "/v1/accounts/{account}/customers/{customer}/subscription/preview",
+    body: true,
   },
   set_seats: {
-    method: "PATCH", path: "/v1/accounts/{account}/customers/{customer}/subscription/seats", body: true,
+    method: "PATCH", path: "/v1/accounts/{account}/customers/{customer}/subscription/seats",
+    body: true,
   },
   change_add_ons: {
-    method: "PATCH", path: "/v1/accounts/{account}/customers/{customer}/subscription/add-ons", body: true,
+    method: "PATCH", path: "/v1/accounts/{account}/customers/{customer}/subscription/add-ons",
+    body: true,
   },
   change_plan: {
-    method: "PATCH", path: "/v1/accounts/{account}/customers/{customer}/subscription/plan", body: true,
+    method: "PATCH", path: "/v1/accounts/{account}/customers/{customer}/subscription/plan",
+    body: true,
   },
   reactivate: {
     method: "POST", path: "/v1/accounts/{account}/customers/{customer}/subscription/reactivate",
@@ -185,6 +189,10 @@ const OPERATIONS = Object.freeze({
   consume_credits: {
     method: "POST", path: "/v1/customers/{customer}/credits/{credit_type}/consume", body: true,
   },
+  pause_subscription: {
+    method: "POST", path: "/v1/accounts/{account}/customers/{customer}/subscription/pause",
+    body: true,
+  },
 });
 // END GENERATED operation table
 
@@ -210,6 +218,12 @@ function dropUndefined(body) {
   return Object.fromEntries(
     Object.entries(body).filter(([, v]) => v !== undefined && v !== null),
   );
+}
+
+/** A query string's parameters without the unset ones; undefined when none is set. */
+function queryOf(values) {
+  const query = dropUndefined(values);
+  return Object.keys(query).length > 0 ? query : undefined;
 }
 
 function decode(text) {
@@ -642,65 +656,236 @@ export class SidecarClient {
     await this.#drop(customerId, "flags");
   }
 
-  // -- billing: each builds its operation's call from the generated table
+  // -- billing: a method per operation of the table, generated (scripts/gen_clients.py)
 
-  /** A hosted subscription checkout; planVersion omitted: the newest one sold. */
+  // BEGIN GENERATED billing methods
+  /** Start a hosted subscription checkout. */
   async createCheckout({
     accountId, customerId, planId, successUrl, cancelUrl, planVersion, productId, seats = 1,
     addOnModuleIds, idempotencyKey,
   }) {
+    seg("customerId", customerId);
+    seg("planId", planId);
     const body = dropUndefined({
-      customerId, planId, seats, successUrl, cancelUrl, planVersion, productId, addOnModuleIds,
+      customerId, planId, planVersion, productId, seats, addOnModuleIds, successUrl, cancelUrl,
     });
-    const call = op("create_checkout", { account: accountId }, { body, idempotencyKey });
+    const ids = { account: accountId };
+    const call = op("create_checkout", ids, { body, idempotencyKey });
     return this.#run(call, object);
   }
 
+  /** Start a checkout session that adds a payment method. */
   async createSetupCheckout({ accountId, successUrl, cancelUrl, idempotencyKey }) {
-    const body = { successUrl, cancelUrl };
-    const call = op("create_setup_checkout", { account: accountId }, { body, idempotencyKey });
+    const body = dropUndefined({ successUrl, cancelUrl });
+    const ids = { account: accountId };
+    const call = op("create_setup_checkout", ids, { body, idempotencyKey });
     return this.#run(call, object);
   }
 
+  /** Subscribe a customer to a plan (no hosted page; the account's card pays). */
   async createSubscription({
     accountId, customerId, planId, planVersion, productId, seats = 1, addOnModuleIds,
     idempotencyKey,
   }) {
+    seg("planId", planId);
+    const body = dropUndefined({ planId, planVersion, productId, seats, addOnModuleIds });
     const ids = { account: accountId, customer: customerId };
-    const body = dropUndefined({ planId, seats, planVersion, productId, addOnModuleIds });
-    return this.#run(op("create_subscription", ids, { body, idempotencyKey }), object);
+    const call = op("create_subscription", ids, { body, idempotencyKey });
+    return this.#run(call, object);
   }
 
-  async cancelSubscription({ accountId, customerId, atPeriodEnd = false, idempotencyKey }) {
-    const ids = { account: accountId, customer: customerId };
-    const query = atPeriodEnd ? { atPeriodEnd: "true" } : undefined;
-    return this.#run(op("cancel_subscription", ids, { query, idempotencyKey }), object);
-  }
-
+  /** A customer's subscription. */
   async getSubscription({ accountId, customerId }) {
-    return this.#run(op("get_subscription", { account: accountId, customer: customerId }), object);
+    const ids = { account: accountId, customer: customerId };
+    const call = op("get_subscription", ids);
+    return this.#run(call, object);
   }
 
-  /** Change the plan, seats and add-ons at once. */
+  /** Change a subscription's plan, seats and add-ons at once. */
   async updateSubscription({
     accountId, customerId, planId, planVersion, productId, seats, addOnModuleIds, idempotencyKey,
   }) {
-    const ids = { account: accountId, customer: customerId };
+    seg("planId", planId);
     const body = dropUndefined({ planId, planVersion, productId, seats, addOnModuleIds });
-    return this.#run(op("update_subscription", ids, { body, idempotencyKey }), object);
+    const ids = { account: accountId, customer: customerId };
+    const call = op("update_subscription", ids, { body, idempotencyKey });
+    return this.#run(call, object);
   }
 
-  /** The cost of a change (current, proposed, amountDueNow); changes nothing. */
-  async previewChange({ accountId, customerId, productId, planId, planVersion, seats, addOnModuleIds }) {
+  /** Cancel a customer's subscription (atPeriodEnd=true to cancel at the period's end). */
+  async cancelSubscription({ accountId, customerId, atPeriodEnd = false, idempotencyKey }) {
+    const query = queryOf({ atPeriodEnd: atPeriodEnd ? "true" : undefined });
     const ids = { account: accountId, customer: customerId };
+    const call = op("cancel_subscription", ids, { query, idempotencyKey });
+    return this.#run(call, object);
+  }
+
+  /** What a change would cost, changing nothing. */
+  async previewChange({
+    accountId, customerId, productId, planId, planVersion, seats, addOnModuleIds,
+  }) {
     const body = dropUndefined({ productId, planId, planVersion, seats, addOnModuleIds });
-    return this.#run(op("preview_change", ids, { body }), object);
+    const ids = { account: accountId, customer: customerId };
+    const call = op("preview_change", ids, { body });
+    return this.#run(call, object);
   }
 
+  /** Set a subscription's seats. */
   async setSeats({ accountId, customerId, seats, idempotencyKey }) {
+    const body = dropUndefined({ seats });
     const ids = { account: accountId, customer: customerId };
-    return this.#run(op("set_seats", ids, { body: { seats }, idempotencyKey }), object);
+    const call = op("set_seats", ids, { body, idempotencyKey });
+    return this.#run(call, object);
   }
+
+  /** Move a subscription to another plan or plan version. */
+  async changePlan({ accountId, customerId, planId, planVersion, productId, idempotencyKey }) {
+    seg("planId", planId);
+    const body = dropUndefined({ productId, planId, planVersion });
+    const ids = { account: accountId, customer: customerId };
+    const call = op("change_plan", ids, { body, idempotencyKey });
+    return this.#run(call, object);
+  }
+
+  /** Withdraw a pending cancel, or restart an ended subscription. */
+  async reactivate({ accountId, customerId, idempotencyKey }) {
+    const ids = { account: accountId, customer: customerId };
+    const call = op("reactivate", ids, { idempotencyKey });
+    return this.#run(call, object);
+  }
+
+  /** Create an account (or answer the existing one), with its billing customer. */
+  async createAccount({
+    accountId, name, email, billingCustomerId, createBillingCustomer = false, idempotencyKey,
+  }) {
+    seg("accountId", accountId);
+    const body = dropUndefined({
+      accountId, name, email, billingCustomerId,
+      createBillingCustomer: createBillingCustomer ? true : undefined,
+    });
+    const call = op("create_account", {}, { body, idempotencyKey });
+    return this.#run(call, object);
+  }
+
+  /** Create a customer under an account. */
+  async createCustomer({ accountId, customerId, name, email, idempotencyKey }) {
+    seg("customerId", customerId);
+    const body = dropUndefined({ customerId, name, email });
+    const ids = { account: accountId };
+    const call = op("create_customer", ids, { body, idempotencyKey });
+    return this.#run(call, object);
+  }
+
+  /** Set an account's status. */
+  async setAccountStatus({ accountId, status, idempotencyKey }) {
+    const body = dropUndefined({ status });
+    const ids = { account: accountId };
+    const call = op("set_account_status", ids, { body, idempotencyKey });
+    return this.#run(call, object);
+  }
+
+  /** Set a customer's status. */
+  async setCustomerStatus({ accountId, customerId, status, idempotencyKey }) {
+    const body = dropUndefined({ status });
+    const ids = { account: accountId, customer: customerId };
+    const call = op("set_customer_status", ids, { body, idempotencyKey });
+    return this.#run(call, object);
+  }
+
+  /** An account's saved cards. */
+  async listPaymentMethods({ accountId }) {
+    const ids = { account: accountId };
+    const call = op("list_payment_methods", ids);
+    return this.#run(call, fieldList("methods"));
+  }
+
+  /** Make a payment method (its ref) the account's default. */
+  async setDefaultPaymentMethod({ accountId, methodId, idempotencyKey }) {
+    const ids = { account: accountId, method: methodId };
+    const call = op("set_default_payment_method", ids, { idempotencyKey });
+    return this.#run(call, object);
+  }
+
+  /** Remove a payment method (its ref) from an account. */
+  async removePaymentMethod({ accountId, methodId, idempotencyKey }) {
+    const ids = { account: accountId, method: methodId };
+    const call = op("remove_payment_method", ids, { idempotencyKey });
+    return this.#run(call, maybeObject);
+  }
+
+  /** Set the payment method (its ref) that pays a customer's subscription. */
+  async setSubscriptionPaymentMethod({ accountId, customerId, methodId, idempotencyKey }) {
+    seg("methodId", methodId);
+    const body = dropUndefined({ methodId });
+    const ids = { account: accountId, customer: customerId };
+    const call = op("set_subscription_payment_method", ids, { body, idempotencyKey });
+    return this.#run(call, object);
+  }
+
+  /** An account's invoices (customerId to filter). */
+  async listInvoices({ accountId, customerId }) {
+    const query = queryOf({ customerId });
+    const ids = { account: accountId };
+    const call = op("list_invoices", ids, { query });
+    return this.#run(call, fieldList("invoices"));
+  }
+
+  /** An invoice's PDF (its ref), after the upstream's ownership check. */
+  async invoicePdf({ accountId, invoiceId }) {
+    const ids = { account: accountId, invoice: invoiceId };
+    const call = op("invoice_pdf", ids);
+    return this.#run(call, bytes);
+  }
+
+  /** The tenant's credit types. */
+  async listCreditTypes() {
+    const call = op("list_credit_types", {});
+    return this.#run(call, fieldList("creditTypes"));
+  }
+
+  /** The packs for sale within a credit type. */
+  async listCreditPacks({ creditTypeId }) {
+    const ids = { credit_type: creditTypeId };
+    const call = op("list_credit_packs", ids);
+    return this.#run(call, fieldList("packs"));
+  }
+
+  /** A customer's credit balances (uncached: balances change out of band). */
+  async listCredits({ customerId }) {
+    const ids = { customer: customerId };
+    const call = op("list_credits", ids);
+    return this.#run(call, fieldList("credits"));
+  }
+
+  /** A customer's balance of one credit type (uncached). */
+  async getCreditBalance({ customerId, creditTypeId }) {
+    const ids = { customer: customerId, credit_type: creditTypeId };
+    const call = op("get_credit_balance", ids);
+    return this.#run(call, object);
+  }
+
+  /** Spend credits: all or nothing, idempotent on the body's idempotencyKey. */
+  async consumeCredits({ customerId, creditTypeId, amount, idempotencyKey }) {
+    const body = dropUndefined({ amount, idempotencyKey });
+    const ids = { customer: customerId, credit_type: creditTypeId };
+    const call = op("consume_credits", ids, { body });
+    return this.#run(call, object);
+  }
+
+  /**
+   * Pause a subscription: no access and no bill until reactivate resumes it, or until cycles
+   * periods have passed.
+   */
+  async pauseSubscription({ accountId, customerId, cycles, idempotencyKey }) {
+    const body = dropUndefined({ cycles });
+    const ids = { account: accountId, customer: customerId };
+    const call = op("pause_subscription", ids, { body, idempotencyKey });
+    return this.#run(call, object);
+  }
+  // END GENERATED billing methods
+
+  // -- billing written by hand: several SDK methods on one operation, or a body that
+  // is not one argument per field (one pack or several), or an older upstream's answer
 
   async addAddOn({ accountId, customerId, moduleId, idempotencyKey }) {
     const ids = { account: accountId, customer: customerId };
@@ -713,88 +898,10 @@ export class SidecarClient {
     return this.#run(op("change_add_ons", ids, { body, idempotencyKey }), object);
   }
 
-  async changePlan({ accountId, customerId, planId, planVersion, productId, idempotencyKey }) {
-    const ids = { account: accountId, customer: customerId };
-    const body = dropUndefined({ planId, planVersion, productId });
-    return this.#run(op("change_plan", ids, { body, idempotencyKey }), object);
-  }
-
-  /** Withdraw a pending cancel, or restart an ended subscription. */
-  async reactivate({ accountId, customerId, idempotencyKey }) {
-    const ids = { account: accountId, customer: customerId };
-    return this.#run(op("reactivate", ids, { idempotencyKey }), object);
-  }
-
-  /** Create the account (or answer the existing one); 409 for another billing customer. */
-  async createAccount({
-    accountId, name, email, billingCustomerId, createBillingCustomer = false, idempotencyKey,
-  }) {
-    seg("accountId", accountId);
-    const body = dropUndefined({ accountId, name, email, billingCustomerId });
-    if (createBillingCustomer) body.createBillingCustomer = true;
-    return this.#run(op("create_account", {}, { body, idempotencyKey }), object);
-  }
-
-  async createCustomer({ accountId, customerId, name, email, idempotencyKey }) {
-    seg("customerId", customerId);
-    const body = dropUndefined({ customerId, name, email });
-    const call = op("create_customer", { account: accountId }, { body, idempotencyKey });
-    return this.#run(call, object);
-  }
-
-  async setAccountStatus({ accountId, status, idempotencyKey }) {
-    const ids = { account: accountId };
-    return this.#run(op("set_account_status", ids, { body: { status }, idempotencyKey }), object);
-  }
-
-  async setCustomerStatus({ accountId, customerId, status, idempotencyKey }) {
-    const ids = { account: accountId, customer: customerId };
-    return this.#run(op("set_customer_status", ids, { body: { status }, idempotencyKey }), object);
-  }
-
-  /** The account's cards; each ref is the only id to send back. */
-  async listPaymentMethods({ accountId }) {
-    return this.#run(op("list_payment_methods", { account: accountId }), fieldList("methods"));
-  }
-
-  async setDefaultPaymentMethod({ accountId, methodId, idempotencyKey }) {
-    const ids = { account: accountId, method: methodId };
-    return this.#run(op("set_default_payment_method", ids, { idempotencyKey }), object);
-  }
-
-  /** {ref, removed: true}; null from an upstream that answers 204. */
-  async removePaymentMethod({ accountId, methodId, idempotencyKey }) {
-    const ids = { account: accountId, method: methodId };
-    return this.#run(op("remove_payment_method", ids, { idempotencyKey }), maybeObject);
-  }
-
-  async setSubscriptionPaymentMethod({ accountId, customerId, methodId, idempotencyKey }) {
-    seg("methodId", methodId);
-    const ids = { account: accountId, customer: customerId };
-    const call = op("set_subscription_payment_method", ids, { body: { methodId }, idempotencyKey });
-    return this.#run(call, object);
-  }
-
-  async listInvoices({ accountId, customerId }) {
-    const query = customerId === undefined || customerId === null ? undefined : { customerId };
-    return this.#run(op("list_invoices", { account: accountId }, { query }), fieldList("invoices"));
-  }
-
-  /**
-   * The invoice's PDF (invoiceId: its ref), its bytes as the upstream sent them. An
-   * upstream from before SDK 1.2 redirects instead: a SidecarApiError with status 302
-   * (use invoicePdfUrl there).
-   */
-  async invoicePdf({ accountId, invoiceId }) {
-    return this.#run(op("invoice_pdf", { account: accountId, invoice: invoiceId }), bytes);
-  }
-
   /** Upstreams before SDK 1.2: the Location of the redirect, not followed. */
   async invoicePdfUrl({ accountId, invoiceId }) {
     return this.#run(op("invoice_pdf", { account: accountId, invoice: invoiceId }), location);
   }
-
-  // -- credits: never cached (balances change out of band)
 
   /** A hosted checkout buying one pack (creditTypeId, packId, quantity) or several (items). */
   async createCreditCheckout({
@@ -806,34 +913,6 @@ export class SidecarClient {
     else Object.assign(body, dropUndefined({ creditTypeId, packId, quantity }));
     const call = op("create_credit_checkout", { account: accountId }, { body, idempotencyKey });
     return this.#run(call, object);
-  }
-
-  async listCreditTypes() {
-    return this.#run(op("list_credit_types", {}), fieldList("creditTypes"));
-  }
-
-  async listCreditPacks({ creditTypeId }) {
-    return this.#run(op("list_credit_packs", { credit_type: creditTypeId }), fieldList("packs"));
-  }
-
-  async listCredits({ customerId }) {
-    return this.#run(op("list_credits", { customer: customerId }), fieldList("credits"));
-  }
-
-  async getCreditBalance({ customerId, creditTypeId }) {
-    const ids = { customer: customerId, credit_type: creditTypeId };
-    return this.#run(op("get_credit_balance", ids), object);
-  }
-
-  /**
-   * Spend amount, all or nothing (409 insufficient_credits: nothing deducted).
-   * idempotencyKey travels in the body, as the SDK sends it: the same key answers
-   * the first answer again.
-   */
-  async consumeCredits({ customerId, creditTypeId, amount, idempotencyKey }) {
-    const ids = { customer: customerId, credit_type: creditTypeId };
-    const body = { amount, idempotencyKey };
-    return this.#run(op("consume_credits", ids, { body }), object);
   }
 }
 

@@ -380,6 +380,11 @@ def _drop_none(body: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if v is not None}
 
 
+def _query(values: Mapping[str, str | None]) -> dict[str, str] | None:
+    """A query string's parameters without the unset ones; None when none is set."""
+    return {k: v for k, v in values.items() if v is not None} or None
+
+
 def _pairs(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """The pairs as a list, every id checked before any request is sent."""
     out = []
@@ -504,6 +509,12 @@ _OPERATIONS: Final[Mapping[str, _Route]] = {
         "POST",
         "/v1/customers/{customer}/credits/{credit_type}/consume",
         ("customer", "credit_type"),
+        body=True,
+    ),
+    "pause_subscription": _Route(
+        "POST",
+        "/v1/accounts/{account}/customers/{customer}/subscription/pause",
+        ("account", "customer"),
         body=True,
     ),
 }
@@ -1032,8 +1043,9 @@ class SidecarClient:
         every sidecar. Entitlements are left alone."""
         self._drop(customer_id, "flags")
 
-    # -- billing: each builds its operation's call from the generated table
+    # -- billing: a method per operation of the table, generated (scripts/gen_clients.py)
 
+    # BEGIN GENERATED billing methods
     def create_checkout(
         self,
         *,
@@ -1048,21 +1060,19 @@ class SidecarClient:
         add_on_module_ids: list[str] | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        """A hosted subscription checkout; send the customer to its ``url``.
-
-        ``plan_version`` omitted: Vellum sells the newest version; 409 when the
-        customer already has a live subscription (change that one instead).
-        """
+        """Start a hosted subscription checkout."""
+        _seg("customer_id", customer_id)
+        _seg("plan_id", plan_id)
         body = _drop_none(
             {
                 "customerId": customer_id,
                 "planId": plan_id,
-                "seats": seats,
-                "successUrl": success_url,
-                "cancelUrl": cancel_url,
                 "planVersion": plan_version,
                 "productId": product_id,
+                "seats": seats,
                 "addOnModuleIds": add_on_module_ids,
+                "successUrl": success_url,
+                "cancelUrl": cancel_url,
             }
         )
         call = _op("create_checkout", _object, account_id, body=body, key=idempotency_key)
@@ -1076,7 +1086,8 @@ class SidecarClient:
         cancel_url: str,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        body = {"successUrl": success_url, "cancelUrl": cancel_url}
+        """Start a checkout session that adds a payment method."""
+        body = _drop_none({"successUrl": success_url, "cancelUrl": cancel_url})
         call = _op("create_setup_checkout", _object, account_id, body=body, key=idempotency_key)
         return self._run(call)
 
@@ -1092,35 +1103,26 @@ class SidecarClient:
         add_on_module_ids: list[str] | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        """Subscribe the customer (the account's card pays); 409 when one is live."""
+        """Subscribe a customer to a plan (no hosted page; the account's card pays)."""
+        _seg("plan_id", plan_id)
         body = _drop_none(
             {
                 "planId": plan_id,
-                "seats": seats,
                 "planVersion": plan_version,
                 "productId": product_id,
+                "seats": seats,
                 "addOnModuleIds": add_on_module_ids,
             }
         )
-        ids = account_id, customer_id
-        call = _op("create_subscription", _object, *ids, body=body, key=idempotency_key)
-        return self._run(call)
-
-    def cancel_subscription(
-        self,
-        *,
-        account_id: str,
-        customer_id: str,
-        at_period_end: bool = False,
-        idempotency_key: str | None = None,
-    ) -> dict[str, Any]:
-        query = {"atPeriodEnd": "true"} if at_period_end else None
-        ids = account_id, customer_id
-        call = _op("cancel_subscription", _object, *ids, query=query, key=idempotency_key)
+        call = _op(
+            "create_subscription", _object, account_id, customer_id, body=body, key=idempotency_key
+        )
         return self._run(call)
 
     def get_subscription(self, *, account_id: str, customer_id: str) -> dict[str, Any]:
-        return self._run(_op("get_subscription", _object, account_id, customer_id))
+        """A customer's subscription."""
+        call = _op("get_subscription", _object, account_id, customer_id)
+        return self._run(call)
 
     def update_subscription(
         self,
@@ -1134,7 +1136,8 @@ class SidecarClient:
         add_on_module_ids: list[str] | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        """Change the plan, seats and add-ons at once; the changed subscription."""
+        """Change a subscription's plan, seats and add-ons at once."""
+        _seg("plan_id", plan_id)
         body = _drop_none(
             {
                 "planId": plan_id,
@@ -1144,8 +1147,29 @@ class SidecarClient:
                 "addOnModuleIds": add_on_module_ids,
             }
         )
-        ids = account_id, customer_id
-        call = _op("update_subscription", _object, *ids, body=body, key=idempotency_key)
+        call = _op(
+            "update_subscription", _object, account_id, customer_id, body=body, key=idempotency_key
+        )
+        return self._run(call)
+
+    def cancel_subscription(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        at_period_end: bool = False,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Cancel a customer's subscription (atPeriodEnd=true to cancel at the period's end)."""
+        query = _query({"atPeriodEnd": "true" if at_period_end else None})
+        call = _op(
+            "cancel_subscription",
+            _object,
+            account_id,
+            customer_id,
+            query=query,
+            key=idempotency_key,
+        )
         return self._run(call)
 
     def preview_change(
@@ -1159,7 +1183,7 @@ class SidecarClient:
         seats: int | None = None,
         add_on_module_ids: list[str] | None = None,
     ) -> dict[str, Any]:
-        """The cost of a change (``current``, ``proposed``, ``amountDueNow``); changes nothing."""
+        """What a change would cost, changing nothing."""
         body = _drop_none(
             {
                 "productId": product_id,
@@ -1169,13 +1193,200 @@ class SidecarClient:
                 "addOnModuleIds": add_on_module_ids,
             }
         )
-        return self._run(_op("preview_change", _object, account_id, customer_id, body=body))
+        call = _op("preview_change", _object, account_id, customer_id, body=body)
+        return self._run(call)
 
     def set_seats(
         self, *, account_id: str, customer_id: str, seats: int, idempotency_key: str | None = None
     ) -> dict[str, Any]:
-        body, ids = {"seats": seats}, (account_id, customer_id)
-        return self._run(_op("set_seats", _object, *ids, body=body, key=idempotency_key))
+        """Set a subscription's seats."""
+        body = _drop_none({"seats": seats})
+        call = _op("set_seats", _object, account_id, customer_id, body=body, key=idempotency_key)
+        return self._run(call)
+
+    def change_plan(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        plan_id: str,
+        plan_version: int,
+        product_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Move a subscription to another plan or plan version."""
+        _seg("plan_id", plan_id)
+        body = _drop_none({"productId": product_id, "planId": plan_id, "planVersion": plan_version})
+        call = _op("change_plan", _object, account_id, customer_id, body=body, key=idempotency_key)
+        return self._run(call)
+
+    def reactivate(
+        self, *, account_id: str, customer_id: str, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Withdraw a pending cancel, or restart an ended subscription."""
+        call = _op("reactivate", _object, account_id, customer_id, key=idempotency_key)
+        return self._run(call)
+
+    def create_account(
+        self,
+        *,
+        account_id: str,
+        name: str | None = None,
+        email: str | None = None,
+        billing_customer_id: str | None = None,
+        create_billing_customer: bool = False,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Create an account (or answer the existing one), with its billing customer."""
+        _seg("account_id", account_id)
+        body = _drop_none(
+            {
+                "accountId": account_id,
+                "name": name,
+                "email": email,
+                "billingCustomerId": billing_customer_id,
+                "createBillingCustomer": create_billing_customer or None,
+            }
+        )
+        call = _op("create_account", _object, body=body, key=idempotency_key)
+        return self._run(call)
+
+    def create_customer(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        name: str | None = None,
+        email: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Create a customer under an account."""
+        _seg("customer_id", customer_id)
+        body = _drop_none({"customerId": customer_id, "name": name, "email": email})
+        call = _op("create_customer", _object, account_id, body=body, key=idempotency_key)
+        return self._run(call)
+
+    def set_account_status(
+        self, *, account_id: str, status: str, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Set an account's status."""
+        body = _drop_none({"status": status})
+        call = _op("set_account_status", _object, account_id, body=body, key=idempotency_key)
+        return self._run(call)
+
+    def set_customer_status(
+        self, *, account_id: str, customer_id: str, status: str, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Set a customer's status."""
+        body = _drop_none({"status": status})
+        call = _op(
+            "set_customer_status", _object, account_id, customer_id, body=body, key=idempotency_key
+        )
+        return self._run(call)
+
+    def list_payment_methods(self, *, account_id: str) -> list[Any]:
+        """An account's saved cards."""
+        call = _op("list_payment_methods", _field_list("methods"), account_id)
+        return self._run(call)
+
+    def set_default_payment_method(
+        self, *, account_id: str, method_id: str, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Make a payment method (its ref) the account's default."""
+        call = _op(
+            "set_default_payment_method", _object, account_id, method_id, key=idempotency_key
+        )
+        return self._run(call)
+
+    def remove_payment_method(
+        self, *, account_id: str, method_id: str, idempotency_key: str | None = None
+    ) -> dict[str, Any] | None:
+        """Remove a payment method (its ref) from an account."""
+        call = _op(
+            "remove_payment_method", _maybe_object, account_id, method_id, key=idempotency_key
+        )
+        return self._run(call)
+
+    def set_subscription_payment_method(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        method_id: str,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Set the payment method (its ref) that pays a customer's subscription."""
+        _seg("method_id", method_id)
+        body = _drop_none({"methodId": method_id})
+        call = _op(
+            "set_subscription_payment_method",
+            _object,
+            account_id,
+            customer_id,
+            body=body,
+            key=idempotency_key,
+        )
+        return self._run(call)
+
+    def list_invoices(self, *, account_id: str, customer_id: str | None = None) -> list[Any]:
+        """An account's invoices (customerId to filter)."""
+        query = _query({"customerId": customer_id})
+        call = _op("list_invoices", _field_list("invoices"), account_id, query=query)
+        return self._run(call)
+
+    def invoice_pdf(self, *, account_id: str, invoice_id: str) -> bytes:
+        """An invoice's PDF (its ref), after the upstream's ownership check."""
+        call = _op("invoice_pdf", _bytes, account_id, invoice_id)
+        return self._run(call)
+
+    def list_credit_types(self) -> list[Any]:
+        """The tenant's credit types."""
+        call = _op("list_credit_types", _field_list("creditTypes"))
+        return self._run(call)
+
+    def list_credit_packs(self, *, credit_type_id: str) -> list[Any]:
+        """The packs for sale within a credit type."""
+        call = _op("list_credit_packs", _field_list("packs"), credit_type_id)
+        return self._run(call)
+
+    def list_credits(self, *, customer_id: str) -> list[Any]:
+        """A customer's credit balances (uncached: balances change out of band)."""
+        call = _op("list_credits", _field_list("credits"), customer_id)
+        return self._run(call)
+
+    def get_credit_balance(self, *, customer_id: str, credit_type_id: str) -> dict[str, Any]:
+        """A customer's balance of one credit type (uncached)."""
+        call = _op("get_credit_balance", _object, customer_id, credit_type_id)
+        return self._run(call)
+
+    def consume_credits(
+        self, *, customer_id: str, credit_type_id: str, amount: int, idempotency_key: str
+    ) -> dict[str, Any]:
+        """Spend credits: all or nothing, idempotent on the body's idempotencyKey."""
+        body = _drop_none({"amount": amount, "idempotencyKey": idempotency_key})
+        call = _op("consume_credits", _object, customer_id, credit_type_id, body=body)
+        return self._run(call)
+
+    def pause_subscription(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        cycles: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Pause a subscription: no access and no bill until reactivate resumes it, or until cycles
+        periods have passed."""
+        body = _drop_none({"cycles": cycles})
+        call = _op(
+            "pause_subscription", _object, account_id, customer_id, body=body, key=idempotency_key
+        )
+        return self._run(call)
+
+    # END GENERATED billing methods
+
+    # -- billing written by hand: several SDK methods on one operation, or a body that
+    # is not one keyword per field (one pack or several), or an older upstream's answer
 
     def add_add_on(
         self,
@@ -1201,129 +1412,9 @@ class SidecarClient:
         call = _op("change_add_ons", _object, *ids, body=body, key=idempotency_key)
         return self._run(call)
 
-    def change_plan(
-        self,
-        *,
-        account_id: str,
-        customer_id: str,
-        plan_id: str,
-        plan_version: int,
-        product_id: str | None = None,
-        idempotency_key: str | None = None,
-    ) -> dict[str, Any]:
-        body = _drop_none({"planId": plan_id, "planVersion": plan_version, "productId": product_id})
-        ids = account_id, customer_id
-        call = _op("change_plan", _object, *ids, body=body, key=idempotency_key)
-        return self._run(call)
-
-    def reactivate(
-        self, *, account_id: str, customer_id: str, idempotency_key: str | None = None
-    ) -> dict[str, Any]:
-        """Withdraw a pending cancel, or restart an ended subscription."""
-        ids = account_id, customer_id
-        return self._run(_op("reactivate", _object, *ids, key=idempotency_key))
-
-    def create_account(
-        self,
-        *,
-        account_id: str,
-        name: str | None = None,
-        email: str | None = None,
-        billing_customer_id: str | None = None,
-        create_billing_customer: bool = False,
-        idempotency_key: str | None = None,
-    ) -> dict[str, Any]:
-        """Create the account (or answer the existing one); 409 for another billing customer."""
-        _seg("account_id", account_id)
-        body = _drop_none(
-            {
-                "accountId": account_id,
-                "name": name,
-                "email": email,
-                "billingCustomerId": billing_customer_id,
-            }
-        )
-        if create_billing_customer:
-            body["createBillingCustomer"] = True
-        return self._run(_op("create_account", _object, body=body, key=idempotency_key))
-
-    def create_customer(
-        self,
-        *,
-        account_id: str,
-        customer_id: str,
-        name: str | None = None,
-        email: str | None = None,
-        idempotency_key: str | None = None,
-    ) -> dict[str, Any]:
-        _seg("customer_id", customer_id)
-        body = _drop_none({"customerId": customer_id, "name": name, "email": email})
-        call = _op("create_customer", _object, account_id, body=body, key=idempotency_key)
-        return self._run(call)
-
-    def set_account_status(
-        self, *, account_id: str, status: str, idempotency_key: str | None = None
-    ) -> dict[str, Any]:
-        body = {"status": status}
-        call = _op("set_account_status", _object, account_id, body=body, key=idempotency_key)
-        return self._run(call)
-
-    def set_customer_status(
-        self, *, account_id: str, customer_id: str, status: str, idempotency_key: str | None = None
-    ) -> dict[str, Any]:
-        body, ids = {"status": status}, (account_id, customer_id)
-        call = _op("set_customer_status", _object, *ids, body=body, key=idempotency_key)
-        return self._run(call)
-
-    def list_payment_methods(self, *, account_id: str) -> list[Any]:
-        """The account's cards; each ``ref`` is the only id to send back."""
-        return self._run(_op("list_payment_methods", _field_list("methods"), account_id))
-
-    def set_default_payment_method(
-        self, *, account_id: str, method_id: str, idempotency_key: str | None = None
-    ) -> dict[str, Any]:
-        ids = account_id, method_id
-        call = _op("set_default_payment_method", _object, *ids, key=idempotency_key)
-        return self._run(call)
-
-    def remove_payment_method(
-        self, *, account_id: str, method_id: str, idempotency_key: str | None = None
-    ) -> dict[str, Any] | None:
-        """``{"ref", "removed": true}``; None from an upstream that answers 204."""
-        ids = account_id, method_id
-        return self._run(_op("remove_payment_method", _maybe_object, *ids, key=idempotency_key))
-
-    def set_subscription_payment_method(
-        self,
-        *,
-        account_id: str,
-        customer_id: str,
-        method_id: str,
-        idempotency_key: str | None = None,
-    ) -> dict[str, Any]:
-        _seg("method_id", method_id)
-        body, ids = {"methodId": method_id}, (account_id, customer_id)
-        call = _op("set_subscription_payment_method", _object, *ids, body=body, key=idempotency_key)
-        return self._run(call)
-
-    def list_invoices(self, *, account_id: str, customer_id: str | None = None) -> list[Any]:
-        query = {"customerId": customer_id} if customer_id is not None else None
-        call = _op("list_invoices", _field_list("invoices"), account_id, query=query)
-        return self._run(call)
-
-    def invoice_pdf(self, *, account_id: str, invoice_id: str) -> bytes:
-        """The invoice's PDF, its bytes as the upstream sent them (``invoice_id``: its ``ref``).
-
-        An upstream from before SDK 1.2 redirects instead: that is a
-        :class:`SidecarApiError` with ``status`` 302; use :meth:`invoice_pdf_url` there.
-        """
-        return self._run(_op("invoice_pdf", _bytes, account_id, invoice_id))
-
     def invoice_pdf_url(self, *, account_id: str, invoice_id: str) -> str:
         """Upstreams before SDK 1.2: the ``Location`` of the redirect, not followed."""
         return self._run(_op("invoice_pdf", _location, account_id, invoice_id))
-
-    # -- credits: never cached (balances change out of band)
 
     def create_credit_checkout(
         self,
@@ -1353,31 +1444,6 @@ class SidecarClient:
             )
         call = _op("create_credit_checkout", _object, account_id, body=body, key=idempotency_key)
         return self._run(call)
-
-    def list_credit_types(self) -> list[Any]:
-        return self._run(_op("list_credit_types", _field_list("creditTypes")))
-
-    def list_credit_packs(self, *, credit_type_id: str) -> list[Any]:
-        return self._run(_op("list_credit_packs", _field_list("packs"), credit_type_id))
-
-    def list_credits(self, *, customer_id: str) -> list[Any]:
-        return self._run(_op("list_credits", _field_list("credits"), customer_id))
-
-    def get_credit_balance(self, *, customer_id: str, credit_type_id: str) -> dict[str, Any]:
-        ids = customer_id, credit_type_id
-        return self._run(_op("get_credit_balance", _object, *ids))
-
-    def consume_credits(
-        self, *, customer_id: str, credit_type_id: str, amount: int, idempotency_key: str
-    ) -> dict[str, Any]:
-        """Spend ``amount``, all or nothing (409 ``insufficient_credits``: nothing deducted).
-
-        ``idempotency_key`` travels in the body, as the SDK sends it: the same key
-        answers the first answer again, so the sidecar retries this safely.
-        """
-        body = {"amount": amount, "idempotencyKey": idempotency_key}
-        ids = customer_id, credit_type_id
-        return self._run(_op("consume_credits", _object, *ids, body=body))
 
     # END GENERATED blocking API
 
@@ -1624,8 +1690,9 @@ class AsyncSidecarClient:
         every sidecar. Entitlements are left alone."""
         await self._drop(customer_id, "flags")
 
-    # -- billing: each builds its operation's call from the generated table
+    # -- billing: a method per operation of the table, generated (scripts/gen_clients.py)
 
+    # BEGIN GENERATED billing methods
     async def create_checkout(
         self,
         *,
@@ -1640,21 +1707,19 @@ class AsyncSidecarClient:
         add_on_module_ids: list[str] | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        """A hosted subscription checkout; send the customer to its ``url``.
-
-        ``plan_version`` omitted: Vellum sells the newest version; 409 when the
-        customer already has a live subscription (change that one instead).
-        """
+        """Start a hosted subscription checkout."""
+        _seg("customer_id", customer_id)
+        _seg("plan_id", plan_id)
         body = _drop_none(
             {
                 "customerId": customer_id,
                 "planId": plan_id,
-                "seats": seats,
-                "successUrl": success_url,
-                "cancelUrl": cancel_url,
                 "planVersion": plan_version,
                 "productId": product_id,
+                "seats": seats,
                 "addOnModuleIds": add_on_module_ids,
+                "successUrl": success_url,
+                "cancelUrl": cancel_url,
             }
         )
         call = _op("create_checkout", _object, account_id, body=body, key=idempotency_key)
@@ -1668,7 +1733,8 @@ class AsyncSidecarClient:
         cancel_url: str,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        body = {"successUrl": success_url, "cancelUrl": cancel_url}
+        """Start a checkout session that adds a payment method."""
+        body = _drop_none({"successUrl": success_url, "cancelUrl": cancel_url})
         call = _op("create_setup_checkout", _object, account_id, body=body, key=idempotency_key)
         return await self._run(call)
 
@@ -1684,35 +1750,26 @@ class AsyncSidecarClient:
         add_on_module_ids: list[str] | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        """Subscribe the customer (the account's card pays); 409 when one is live."""
+        """Subscribe a customer to a plan (no hosted page; the account's card pays)."""
+        _seg("plan_id", plan_id)
         body = _drop_none(
             {
                 "planId": plan_id,
-                "seats": seats,
                 "planVersion": plan_version,
                 "productId": product_id,
+                "seats": seats,
                 "addOnModuleIds": add_on_module_ids,
             }
         )
-        ids = account_id, customer_id
-        call = _op("create_subscription", _object, *ids, body=body, key=idempotency_key)
-        return await self._run(call)
-
-    async def cancel_subscription(
-        self,
-        *,
-        account_id: str,
-        customer_id: str,
-        at_period_end: bool = False,
-        idempotency_key: str | None = None,
-    ) -> dict[str, Any]:
-        query = {"atPeriodEnd": "true"} if at_period_end else None
-        ids = account_id, customer_id
-        call = _op("cancel_subscription", _object, *ids, query=query, key=idempotency_key)
+        call = _op(
+            "create_subscription", _object, account_id, customer_id, body=body, key=idempotency_key
+        )
         return await self._run(call)
 
     async def get_subscription(self, *, account_id: str, customer_id: str) -> dict[str, Any]:
-        return await self._run(_op("get_subscription", _object, account_id, customer_id))
+        """A customer's subscription."""
+        call = _op("get_subscription", _object, account_id, customer_id)
+        return await self._run(call)
 
     async def update_subscription(
         self,
@@ -1726,7 +1783,8 @@ class AsyncSidecarClient:
         add_on_module_ids: list[str] | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        """Change the plan, seats and add-ons at once; the changed subscription."""
+        """Change a subscription's plan, seats and add-ons at once."""
+        _seg("plan_id", plan_id)
         body = _drop_none(
             {
                 "planId": plan_id,
@@ -1736,8 +1794,29 @@ class AsyncSidecarClient:
                 "addOnModuleIds": add_on_module_ids,
             }
         )
-        ids = account_id, customer_id
-        call = _op("update_subscription", _object, *ids, body=body, key=idempotency_key)
+        call = _op(
+            "update_subscription", _object, account_id, customer_id, body=body, key=idempotency_key
+        )
+        return await self._run(call)
+
+    async def cancel_subscription(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        at_period_end: bool = False,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Cancel a customer's subscription (atPeriodEnd=true to cancel at the period's end)."""
+        query = _query({"atPeriodEnd": "true" if at_period_end else None})
+        call = _op(
+            "cancel_subscription",
+            _object,
+            account_id,
+            customer_id,
+            query=query,
+            key=idempotency_key,
+        )
         return await self._run(call)
 
     async def preview_change(
@@ -1751,7 +1830,7 @@ class AsyncSidecarClient:
         seats: int | None = None,
         add_on_module_ids: list[str] | None = None,
     ) -> dict[str, Any]:
-        """The cost of a change (``current``, ``proposed``, ``amountDueNow``); changes nothing."""
+        """What a change would cost, changing nothing."""
         body = _drop_none(
             {
                 "productId": product_id,
@@ -1761,13 +1840,200 @@ class AsyncSidecarClient:
                 "addOnModuleIds": add_on_module_ids,
             }
         )
-        return await self._run(_op("preview_change", _object, account_id, customer_id, body=body))
+        call = _op("preview_change", _object, account_id, customer_id, body=body)
+        return await self._run(call)
 
     async def set_seats(
         self, *, account_id: str, customer_id: str, seats: int, idempotency_key: str | None = None
     ) -> dict[str, Any]:
-        body, ids = {"seats": seats}, (account_id, customer_id)
-        return await self._run(_op("set_seats", _object, *ids, body=body, key=idempotency_key))
+        """Set a subscription's seats."""
+        body = _drop_none({"seats": seats})
+        call = _op("set_seats", _object, account_id, customer_id, body=body, key=idempotency_key)
+        return await self._run(call)
+
+    async def change_plan(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        plan_id: str,
+        plan_version: int,
+        product_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Move a subscription to another plan or plan version."""
+        _seg("plan_id", plan_id)
+        body = _drop_none({"productId": product_id, "planId": plan_id, "planVersion": plan_version})
+        call = _op("change_plan", _object, account_id, customer_id, body=body, key=idempotency_key)
+        return await self._run(call)
+
+    async def reactivate(
+        self, *, account_id: str, customer_id: str, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Withdraw a pending cancel, or restart an ended subscription."""
+        call = _op("reactivate", _object, account_id, customer_id, key=idempotency_key)
+        return await self._run(call)
+
+    async def create_account(
+        self,
+        *,
+        account_id: str,
+        name: str | None = None,
+        email: str | None = None,
+        billing_customer_id: str | None = None,
+        create_billing_customer: bool = False,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Create an account (or answer the existing one), with its billing customer."""
+        _seg("account_id", account_id)
+        body = _drop_none(
+            {
+                "accountId": account_id,
+                "name": name,
+                "email": email,
+                "billingCustomerId": billing_customer_id,
+                "createBillingCustomer": create_billing_customer or None,
+            }
+        )
+        call = _op("create_account", _object, body=body, key=idempotency_key)
+        return await self._run(call)
+
+    async def create_customer(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        name: str | None = None,
+        email: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Create a customer under an account."""
+        _seg("customer_id", customer_id)
+        body = _drop_none({"customerId": customer_id, "name": name, "email": email})
+        call = _op("create_customer", _object, account_id, body=body, key=idempotency_key)
+        return await self._run(call)
+
+    async def set_account_status(
+        self, *, account_id: str, status: str, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Set an account's status."""
+        body = _drop_none({"status": status})
+        call = _op("set_account_status", _object, account_id, body=body, key=idempotency_key)
+        return await self._run(call)
+
+    async def set_customer_status(
+        self, *, account_id: str, customer_id: str, status: str, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Set a customer's status."""
+        body = _drop_none({"status": status})
+        call = _op(
+            "set_customer_status", _object, account_id, customer_id, body=body, key=idempotency_key
+        )
+        return await self._run(call)
+
+    async def list_payment_methods(self, *, account_id: str) -> list[Any]:
+        """An account's saved cards."""
+        call = _op("list_payment_methods", _field_list("methods"), account_id)
+        return await self._run(call)
+
+    async def set_default_payment_method(
+        self, *, account_id: str, method_id: str, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Make a payment method (its ref) the account's default."""
+        call = _op(
+            "set_default_payment_method", _object, account_id, method_id, key=idempotency_key
+        )
+        return await self._run(call)
+
+    async def remove_payment_method(
+        self, *, account_id: str, method_id: str, idempotency_key: str | None = None
+    ) -> dict[str, Any] | None:
+        """Remove a payment method (its ref) from an account."""
+        call = _op(
+            "remove_payment_method", _maybe_object, account_id, method_id, key=idempotency_key
+        )
+        return await self._run(call)
+
+    async def set_subscription_payment_method(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        method_id: str,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Set the payment method (its ref) that pays a customer's subscription."""
+        _seg("method_id", method_id)
+        body = _drop_none({"methodId": method_id})
+        call = _op(
+            "set_subscription_payment_method",
+            _object,
+            account_id,
+            customer_id,
+            body=body,
+            key=idempotency_key,
+        )
+        return await self._run(call)
+
+    async def list_invoices(self, *, account_id: str, customer_id: str | None = None) -> list[Any]:
+        """An account's invoices (customerId to filter)."""
+        query = _query({"customerId": customer_id})
+        call = _op("list_invoices", _field_list("invoices"), account_id, query=query)
+        return await self._run(call)
+
+    async def invoice_pdf(self, *, account_id: str, invoice_id: str) -> bytes:
+        """An invoice's PDF (its ref), after the upstream's ownership check."""
+        call = _op("invoice_pdf", _bytes, account_id, invoice_id)
+        return await self._run(call)
+
+    async def list_credit_types(self) -> list[Any]:
+        """The tenant's credit types."""
+        call = _op("list_credit_types", _field_list("creditTypes"))
+        return await self._run(call)
+
+    async def list_credit_packs(self, *, credit_type_id: str) -> list[Any]:
+        """The packs for sale within a credit type."""
+        call = _op("list_credit_packs", _field_list("packs"), credit_type_id)
+        return await self._run(call)
+
+    async def list_credits(self, *, customer_id: str) -> list[Any]:
+        """A customer's credit balances (uncached: balances change out of band)."""
+        call = _op("list_credits", _field_list("credits"), customer_id)
+        return await self._run(call)
+
+    async def get_credit_balance(self, *, customer_id: str, credit_type_id: str) -> dict[str, Any]:
+        """A customer's balance of one credit type (uncached)."""
+        call = _op("get_credit_balance", _object, customer_id, credit_type_id)
+        return await self._run(call)
+
+    async def consume_credits(
+        self, *, customer_id: str, credit_type_id: str, amount: int, idempotency_key: str
+    ) -> dict[str, Any]:
+        """Spend credits: all or nothing, idempotent on the body's idempotencyKey."""
+        body = _drop_none({"amount": amount, "idempotencyKey": idempotency_key})
+        call = _op("consume_credits", _object, customer_id, credit_type_id, body=body)
+        return await self._run(call)
+
+    async def pause_subscription(
+        self,
+        *,
+        account_id: str,
+        customer_id: str,
+        cycles: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Pause a subscription: no access and no bill until reactivate resumes it, or until cycles
+        periods have passed."""
+        body = _drop_none({"cycles": cycles})
+        call = _op(
+            "pause_subscription", _object, account_id, customer_id, body=body, key=idempotency_key
+        )
+        return await self._run(call)
+
+    # END GENERATED billing methods
+
+    # -- billing written by hand: several SDK methods on one operation, or a body that
+    # is not one keyword per field (one pack or several), or an older upstream's answer
 
     async def add_add_on(
         self,
@@ -1793,131 +2059,9 @@ class AsyncSidecarClient:
         call = _op("change_add_ons", _object, *ids, body=body, key=idempotency_key)
         return await self._run(call)
 
-    async def change_plan(
-        self,
-        *,
-        account_id: str,
-        customer_id: str,
-        plan_id: str,
-        plan_version: int,
-        product_id: str | None = None,
-        idempotency_key: str | None = None,
-    ) -> dict[str, Any]:
-        body = _drop_none({"planId": plan_id, "planVersion": plan_version, "productId": product_id})
-        ids = account_id, customer_id
-        call = _op("change_plan", _object, *ids, body=body, key=idempotency_key)
-        return await self._run(call)
-
-    async def reactivate(
-        self, *, account_id: str, customer_id: str, idempotency_key: str | None = None
-    ) -> dict[str, Any]:
-        """Withdraw a pending cancel, or restart an ended subscription."""
-        ids = account_id, customer_id
-        return await self._run(_op("reactivate", _object, *ids, key=idempotency_key))
-
-    async def create_account(
-        self,
-        *,
-        account_id: str,
-        name: str | None = None,
-        email: str | None = None,
-        billing_customer_id: str | None = None,
-        create_billing_customer: bool = False,
-        idempotency_key: str | None = None,
-    ) -> dict[str, Any]:
-        """Create the account (or answer the existing one); 409 for another billing customer."""
-        _seg("account_id", account_id)
-        body = _drop_none(
-            {
-                "accountId": account_id,
-                "name": name,
-                "email": email,
-                "billingCustomerId": billing_customer_id,
-            }
-        )
-        if create_billing_customer:
-            body["createBillingCustomer"] = True
-        return await self._run(_op("create_account", _object, body=body, key=idempotency_key))
-
-    async def create_customer(
-        self,
-        *,
-        account_id: str,
-        customer_id: str,
-        name: str | None = None,
-        email: str | None = None,
-        idempotency_key: str | None = None,
-    ) -> dict[str, Any]:
-        _seg("customer_id", customer_id)
-        body = _drop_none({"customerId": customer_id, "name": name, "email": email})
-        call = _op("create_customer", _object, account_id, body=body, key=idempotency_key)
-        return await self._run(call)
-
-    async def set_account_status(
-        self, *, account_id: str, status: str, idempotency_key: str | None = None
-    ) -> dict[str, Any]:
-        body = {"status": status}
-        call = _op("set_account_status", _object, account_id, body=body, key=idempotency_key)
-        return await self._run(call)
-
-    async def set_customer_status(
-        self, *, account_id: str, customer_id: str, status: str, idempotency_key: str | None = None
-    ) -> dict[str, Any]:
-        body, ids = {"status": status}, (account_id, customer_id)
-        call = _op("set_customer_status", _object, *ids, body=body, key=idempotency_key)
-        return await self._run(call)
-
-    async def list_payment_methods(self, *, account_id: str) -> list[Any]:
-        """The account's cards; each ``ref`` is the only id to send back."""
-        return await self._run(_op("list_payment_methods", _field_list("methods"), account_id))
-
-    async def set_default_payment_method(
-        self, *, account_id: str, method_id: str, idempotency_key: str | None = None
-    ) -> dict[str, Any]:
-        ids = account_id, method_id
-        call = _op("set_default_payment_method", _object, *ids, key=idempotency_key)
-        return await self._run(call)
-
-    async def remove_payment_method(
-        self, *, account_id: str, method_id: str, idempotency_key: str | None = None
-    ) -> dict[str, Any] | None:
-        """``{"ref", "removed": true}``; None from an upstream that answers 204."""
-        ids = account_id, method_id
-        return await self._run(
-            _op("remove_payment_method", _maybe_object, *ids, key=idempotency_key)
-        )
-
-    async def set_subscription_payment_method(
-        self,
-        *,
-        account_id: str,
-        customer_id: str,
-        method_id: str,
-        idempotency_key: str | None = None,
-    ) -> dict[str, Any]:
-        _seg("method_id", method_id)
-        body, ids = {"methodId": method_id}, (account_id, customer_id)
-        call = _op("set_subscription_payment_method", _object, *ids, body=body, key=idempotency_key)
-        return await self._run(call)
-
-    async def list_invoices(self, *, account_id: str, customer_id: str | None = None) -> list[Any]:
-        query = {"customerId": customer_id} if customer_id is not None else None
-        call = _op("list_invoices", _field_list("invoices"), account_id, query=query)
-        return await self._run(call)
-
-    async def invoice_pdf(self, *, account_id: str, invoice_id: str) -> bytes:
-        """The invoice's PDF, its bytes as the upstream sent them (``invoice_id``: its ``ref``).
-
-        An upstream from before SDK 1.2 redirects instead: that is a
-        :class:`SidecarApiError` with ``status`` 302; use :meth:`invoice_pdf_url` there.
-        """
-        return await self._run(_op("invoice_pdf", _bytes, account_id, invoice_id))
-
     async def invoice_pdf_url(self, *, account_id: str, invoice_id: str) -> str:
         """Upstreams before SDK 1.2: the ``Location`` of the redirect, not followed."""
         return await self._run(_op("invoice_pdf", _location, account_id, invoice_id))
-
-    # -- credits: never cached (balances change out of band)
 
     async def create_credit_checkout(
         self,
@@ -1947,30 +2091,5 @@ class AsyncSidecarClient:
             )
         call = _op("create_credit_checkout", _object, account_id, body=body, key=idempotency_key)
         return await self._run(call)
-
-    async def list_credit_types(self) -> list[Any]:
-        return await self._run(_op("list_credit_types", _field_list("creditTypes")))
-
-    async def list_credit_packs(self, *, credit_type_id: str) -> list[Any]:
-        return await self._run(_op("list_credit_packs", _field_list("packs"), credit_type_id))
-
-    async def list_credits(self, *, customer_id: str) -> list[Any]:
-        return await self._run(_op("list_credits", _field_list("credits"), customer_id))
-
-    async def get_credit_balance(self, *, customer_id: str, credit_type_id: str) -> dict[str, Any]:
-        ids = customer_id, credit_type_id
-        return await self._run(_op("get_credit_balance", _object, *ids))
-
-    async def consume_credits(
-        self, *, customer_id: str, credit_type_id: str, amount: int, idempotency_key: str
-    ) -> dict[str, Any]:
-        """Spend ``amount``, all or nothing (409 ``insufficient_credits``: nothing deducted).
-
-        ``idempotency_key`` travels in the body, as the SDK sends it: the same key
-        answers the first answer again, so the sidecar retries this safely.
-        """
-        body = {"amount": amount, "idempotencyKey": idempotency_key}
-        ids = customer_id, credit_type_id
-        return await self._run(_op("consume_credits", _object, *ids, body=body))
 
     # END the API

@@ -437,6 +437,7 @@ class Caches:
                 pool_size=settings.redis_pool_size,
                 upstream_timeout=settings.upstream_timeout,
                 stall_after=max(settings.redis_timeout, settings.check_interval),
+                check_interval=settings.check_interval,
             )
         )
 

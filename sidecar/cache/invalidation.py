@@ -49,7 +49,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, Final, Literal
 
@@ -58,7 +58,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 
 from ..metrics import Metrics
-from ..redis.conn import RedisConn, RedisDown
+from ..redis.conn import RedisConn, RedisDown, lost_connection
 from ..redis.url import REDIS_ERRORS
 from ..tasks import cancel_and_wait
 from .cache import Caches, DocumentCache
@@ -74,12 +74,14 @@ Scope = Literal["customer", "account", "tenant"]
 #: Invalidation targets (customers, accounts, the tenant) queued while Redis is down.
 QUEUE_LIMIT: Final = 10_000
 
+#: Health checks whose clock offsets give the baseline a check's wait is measured against.
+_OFFSET_WINDOW: Final = 40
 #: Customers per script when the queue is applied.
 _DRAIN_BATCH: Final = 500
 _MAX_LOCAL_LINKS: Final = 100_000
 
 
-class _Resubscribe(Exception):
+class _Resubscribe(ConnectionError):
     """The server ended our shard-channel subscription (slot migration, failover)."""
 
 
@@ -186,6 +188,14 @@ class Invalidator:
         self.epoch: str | None = None
         self._seen_seq = 0
         self._last_contact_ms: int | None = None
+        #: The outage since the last good check lost a connection (so Redis may have
+        #: restarted or failed over, and drops queued meanwhile may be gone): the
+        #: recovery renews the epoch. After a timeout the recovery's check renews it
+        #: only if no sidecar checked meanwhile (Redis stalled for all, not for us).
+        self._lost_connection = False
+        #: Redis's clock minus ours at sending, per recent check: the smallest is the
+        #: baseline a check's wait in Redis is measured against.
+        self._offsets: deque[int] = deque(maxlen=_OFFSET_WINDOW)
         self._renewing: asyncio.Lock = asyncio.Lock()
         if redis is not None:
             metrics.fanout_state.follow(lambda: "ok" if self.subscribed.is_set() else "down")
@@ -465,9 +475,11 @@ class Invalidator:
 
     # -- the epoch -----------------------------------------------------------------
 
-    def _distrust(self) -> None:
-        """Redis or the fan-out was lost (``RedisConn.on_down``, the listener)."""
+    def _distrust(self, exc: BaseException) -> None:
+        """Redis or the fan-out was lost (``RedisConn.on_down``, the listener): what
+        Redis holds is only the fallback here until a check succeeds again."""
         self.tier.distrust()
+        self._lost_connection |= lost_connection(exc)
 
     def _saw_seq(self, seq: int) -> None:
         if seq > self._seen_seq:
@@ -480,10 +492,14 @@ class Invalidator:
         by another sidecar: the in-process layer expires); and the renewal this
         sidecar owes after an outage. ``None`` when Redis did not answer."""
         floor = self._seen_seq  # taken before the call: a drop seen later may be newer
+        sent_ms = int(time.time() * 1000)
+        offset = min(self._offsets) if self._offsets else None
+        lost = not self.tier.trusted  # this sidecar lost Redis since its last good check
         try:
-            check = await self.tier.check(floor, self._epoch_message())
+            check = await self.tier.check(floor, self._epoch_message(), sent_ms, offset, lost)
         except RedisDown:
             return None
+        self._offsets.append(check.now_ms - sent_ms)
         self._checked(check)
         if not self.tier.trusted:
             await self._renew()
@@ -518,21 +534,25 @@ class Invalidator:
             log.info("epoch_changed")
 
     async def _renew(self) -> None:
-        """After an outage: renew the epoch unless another sidecar did after this one's
-        last contact, then trust Redis again."""
+        """After an outage, once Redis answers: when a connection was lost, renew the
+        epoch unless another sidecar did after this one's last contact; then trust
+        Redis again."""
         async with self._renewing:
             if self.tier.trusted:
                 return  # renewed while this call waited for the lock
             try:
-                renewed = await self.tier.renew_epoch(self._last_contact_ms, self._epoch_message())
-                check = await self.tier.check(self._seen_seq, self._epoch_message())
+                if self._lost_connection:
+                    since, message = self._last_contact_ms, self._epoch_message()
+                    if await self.tier.renew_epoch(since, message):
+                        self.metrics.epoch_renewals.labels("outage").inc()
+                        log.warning("epoch_renewed", extra={"fields": {"reason": "outage"}})
+                # Lost for a timeout: a stall, if the fleet checked nothing meanwhile.
+                check = await self.tier.check(self._seen_seq, self._epoch_message(), lost=True)
             except RedisDown:
                 return
-            if renewed:
-                self.metrics.epoch_renewals.labels("outage").inc()
-                log.warning("epoch_renewed", extra={"fields": {"reason": "outage"}})
             self._checked(check)
             self._last_contact_ms = check.now_ms
+            self._lost_connection = False
             self.tier.trusted = True
 
     # -- listening -----------------------------------------------------------------
@@ -580,7 +600,12 @@ class Invalidator:
                 while True:
                     now = loop.time()
                     if awaiting and now - pinged_at > self._stall_after:
-                        raise _Stalled
+                        # Late by our own clock, unless our own delays left the PONG
+                        # unread (a stalled event loop is not a stalled Redis).
+                        if not await self._arrived_pong(pubsub):
+                            raise _Stalled
+                        awaiting = False
+                        continue
                     if not awaiting and now - pinged_at >= self._heartbeat:
                         await _ping(pubsub)
                         pinged_at, awaiting = now, True
@@ -619,7 +644,7 @@ class Invalidator:
                 # again; what Redis holds is not trusted until the epoch is renewed.
                 self.caches.set_coherent(False)
                 self.subscribed.clear()
-                self._distrust()
+                self._distrust(exc)
                 failed = True
                 log.warning("fanout_disconnected", extra={"fields": {"error": type(exc).__name__}})
                 await asyncio.sleep(backoff)
@@ -627,6 +652,24 @@ class Invalidator:
             finally:
                 with contextlib.suppress(*REDIS_ERRORS):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _arrived_pong(self, pubsub: PubSub) -> bool:
+        """Read what has already arrived, applying messages: whether a PONG was there."""
+        while True:
+            if isinstance(pubsub, ClusterPubSub):
+                msg = await pubsub.get_sharded_message(timeout=0)
+            else:
+                msg = await pubsub.get_message(timeout=0)
+            kind = msg.get("type") if msg is not None else None
+            if kind is None:
+                return False
+            if kind == "pong":
+                return True
+            if kind in ("message", "smessage"):
+                assert msg is not None
+                self._apply(msg["data"])
+            elif kind == "sunsubscribe":
+                raise _Resubscribe
 
     def _apply(self, data: Any) -> None:
         try:

@@ -48,12 +48,14 @@ Invariants (tests/test_shared_tier.py checks each against a real redis-server):
    stored as valid after it.
 4. **The epoch moves when Redis may have lost writes**: when it is found missing
    (FLUSHALL, an empty restart), when ``seq`` went backwards (a restore, a lagging
-   replica), when no sidecar's health check ran for ``SIDECAR_REDIS_TIMEOUT`` (Redis
-   hung or restarted from a snapshot: some sidecar may have queued a drop meanwhile
-   and died with it), and when a sidecar gets Redis back after losing it unless
-   someone renewed it after this sidecar's last contact: one renewal per outage for
-   the whole fleet, each active customer revalidated once (the fill lock) with its
-   old entry kept as the fallback.
+   replica), when Redis stalled for ``SIDECAR_REDIS_TIMEOUT`` (no sidecar's health
+   check ran meanwhile, and the one that finally ran had waited in Redis: long
+   enough for some sidecar to give up, queue a drop and perhaps die with it), and
+   when a sidecar gets Redis back after losing its connection (refused, reset:
+   Redis restarted, failed over, became unreachable) unless someone renewed it after
+   this sidecar's last contact: one renewal per outage for the whole fleet, each
+   active customer revalidated once (the fill lock) with its old entry kept as the
+   fallback.
 
 Scripts are registered once (``register_script``: EVALSHA, loaded again by redis-py
 when a restarted server has forgotten them).
@@ -208,15 +210,20 @@ return seq
 
 # KEYS: epoch, seq, beat, then every tenant generation. ARGV: random suffix, seq floor
 # (the highest the caller saw), message, channel, publish command, stall ms, beat TTL
-# ms. The health check: Redis's clock, the epoch and seq, whether Redis takes writes (a
-# SET NX, which OOM refuses even when the key exists). And in the same atomic step, so
-# of all the sidecars checking exactly one acts:
+# ms, the caller's clock at sending (ms), the caller's usual offset of Redis's clock
+# from its own ('' when it has none yet), wait ms, '1' when the caller lost Redis
+# since its last check. The health check: Redis's clock,
+# the epoch and seq, whether Redis takes writes (a SET NX, which OOM refuses even when
+# the key exists). And in the same atomic step, so of all the sidecars checking
+# exactly one acts:
 # - a missing epoch (FLUSHALL, an empty restart) is created (1);
 # - the epoch is renewed when seq fell below the floor (2: a restore, a lagging
-#   replica), or when no sidecar's check ran for ``stall`` ms (3: ``beat``, the fleet's
-#   last check, is older, or gone while the epoch is not: Redis hung, restarted from a
-#   snapshot, or every sidecar was away; a drop queued meanwhile may have died with
-#   its sidecar);
+#   replica), or (3) when no sidecar's check ran for ``stall`` ms and the caller
+#   either waited in Redis for ``wait`` ms with this check or lost Redis meanwhile
+#   (Redis stalled: a hang long enough for some sidecar to give up and queue a drop
+#   that may die with it; a fleet that merely checked nothing, its processes paused,
+#   is not a stall), or when ``beat`` is gone while the epoch is not (no sidecar
+#   checked for its TTL: the fleet was away);
 # - seq is raised to the floor, ``beat`` set to now, a new epoch published.
 # Returns {now ms, epoch or nil, seq, writable, 0 | 1 | 2 | 3}.
 _CHECK: Final = """
@@ -232,7 +239,10 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   changed = 1
 elseif seq < floor then
   changed = 2
-elseif not beat or now - beat >= tonumber(ARGV[6]) then
+elseif not beat then
+  changed = 3
+elseif now - beat >= tonumber(ARGV[6]) and (ARGV[11] == '1' or (ARGV[9] ~= ''
+    and now - tonumber(ARGV[8]) - tonumber(ARGV[9]) >= tonumber(ARGV[10]))) then
   changed = 3
 end
 if changed >= 2 then
@@ -399,10 +409,19 @@ class SharedTier(ABC):
         """The customers of ``account`` every sidecar learnt (raises ``RedisDown``)."""
 
     @abstractmethod
-    async def check(self, seq_floor: int, message: bytes) -> Check:
+    async def check(
+        self,
+        seq_floor: int,
+        message: bytes,
+        sent_ms: int = 0,
+        offset_ms: int | None = None,
+        lost: bool = False,
+    ) -> Check:
         """One health check: creates a missing epoch, renews one whose drop sequence
-        fell below ``seq_floor``, publishing ``message`` when it did (invariant 4;
-        raises ``RedisDown``)."""
+        fell below ``seq_floor``, or after a stall the caller went through (this check
+        waited in Redis: sent at ``sent_ms`` by a clock usually ``offset_ms`` behind
+        Redis's; or the caller ``lost`` Redis since its last check), publishing
+        ``message`` when it did (invariant 4; raises ``RedisDown``)."""
 
     @abstractmethod
     async def renew_epoch(self, since_ms: int | None, message: bytes) -> bool:
@@ -461,7 +480,14 @@ class LocalTier(SharedTier):
     async def members(self, account: str) -> set[str]:
         return set()
 
-    async def check(self, seq_floor: int, message: bytes) -> Check:
+    async def check(
+        self,
+        seq_floor: int,
+        message: bytes,
+        sent_ms: int = 0,
+        offset_ms: int | None = None,
+        lost: bool = False,
+    ) -> Check:
         return Check(now_ms=0, epoch=None, seq=0, writable=True, changed=None)
 
     async def renew_epoch(self, since_ms: int | None, message: bytes) -> bool:
@@ -490,12 +516,16 @@ class RedisTier(SharedTier):
         pool_size: int,
         upstream_timeout: float,
         stall_after: float = 0.5,
+        check_interval: float = 0.25,
     ) -> None:
         self.redis = redis
         #: No sidecar's check for this long: Redis stalled (``_CHECK``). As long as a
         #: command takes to give up (``SIDECAR_REDIS_TIMEOUT``): a stall that made some
         #: sidecar queue a drop is always this long.
         self._stall_ms = int(stall_after * 1000)
+        #: A check sent during such a stall waits at least this long in Redis: checks go
+        #: out every ``check_interval``, so one is always that far into it.
+        self._wait_ms = int(max(stall_after - check_interval - 0.05, 0.05) * 1000)
         self.keys = redis.keys
         self._kinds = tuple(kinds)
         self._lock_ms = int((upstream_timeout + 1) * 1000)
@@ -641,7 +671,14 @@ class RedisTier(SharedTier):
 
     # -- the epoch ---------------------------------------------------------------------
 
-    async def check(self, seq_floor: int, message: bytes) -> Check:
+    async def check(
+        self,
+        seq_floor: int,
+        message: bytes,
+        sent_ms: int = 0,
+        offset_ms: int | None = None,
+        lost: bool = False,
+    ) -> Check:
         keys = [
             self.keys.epoch,
             self.keys.seq,
@@ -656,6 +693,10 @@ class RedisTier(SharedTier):
             self._publish_command,
             self._stall_ms,
             _BEAT_TTL_MS,
+            sent_ms,
+            "" if offset_ms is None else offset_ms,
+            self._wait_ms,
+            "1" if lost else "0",
         ]
         now_ms, epoch, seq, writable, changed = await self.redis.run(
             "health_check", lambda r: self._check(keys, args, client=r)

@@ -15,8 +15,10 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from .bodies import bad_request, json_object, optional_str
+from .operations import OPERATIONS
 from .service import EMULATOR, Emulator, to_response
-from .state import OPERATIONS, Answer, EmulatorError, bad_request, json_object, optional_str
+from .wire import Answer, EmulatorError
 
 __all__ = ["ADMIN_ROUTES"]
 

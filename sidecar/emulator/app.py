@@ -1,9 +1,9 @@
-"""The emulator's HTTP face: the upstream routes, signed pushes, the app factory.
+"""The emulator's HTTP face: the upstream routes, the request pipeline, the app factory.
 
 Upstream routes live under ``/tenants/{t}/...`` and need an ``x-api-key``; they
-are written from the upstream's contract (the SDK's paths), not from the
+are the operations' own (``operations.ROUTES``: the upstream's contract, not the
 sidecar's operation table, because the emulator stands in for an external
-service. Each request goes through one pipeline: log it, authenticate it, apply
+service). Each request goes through one pipeline: log it, authenticate it, apply
 delays and injected failures, replay an ``Idempotency-Key``, run the operation
 in :class:`State` (which answers data), deliver the pushes it caused, apply
 holds, send the answer. The admin API (``admin.py``) lives under ``/_emulator/``
@@ -17,20 +17,16 @@ import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from .admin import ADMIN_ROUTES
+from .operations import OPERATIONS, ROUTES
 from .service import EMULATOR, Emulator, to_response
-from .state import (
-    OPERATIONS,
-    Answer,
-    Call,
-    EmulatorError,
-    error_code,
-)
+from .wire import Answer, Call, EmulatorError, RecordedRequest, error_code
 
 __all__ = ["UPSTREAM_ROUTES", "create_emulator_app"]
 
@@ -39,57 +35,10 @@ log = logging.getLogger("sidecar.emulator")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-# --------------------------------------------------------------------------- upstream routes
-
-#: (operation, method, path under ``/tenants/{tenant}``): the upstream's contract, in
-#: the order of the SDK's table. ``{name}`` is one path segment, any characters.
-UPSTREAM_ROUTES: Final[Sequence[tuple[str, str, str]]] = (
-    ("get_entitlements", "GET", "/customers/{customer}/entitlements"),
-    ("flags", "GET", "/customers/{customer}/flags"),
-    ("global_flags", "GET", "/flags"),
-    ("create_checkout", "POST", "/accounts/{account}/checkout"),
-    ("create_setup_checkout", "POST", "/accounts/{account}/billing/setup-checkout"),
-    ("create_subscription", "POST", "/accounts/{account}/customers/{customer}/subscribe"),
-    ("get_subscription", "GET", "/accounts/{account}/customers/{customer}/subscription"),
-    ("update_subscription", "PUT", "/accounts/{account}/customers/{customer}/subscription"),
-    ("cancel_subscription", "DELETE", "/accounts/{account}/customers/{customer}/subscription"),
-    (
-        "preview_change",
-        "POST",
-        "/accounts/{account}/customers/{customer}/subscription/preview",
-    ),
-    ("set_seats", "PATCH", "/accounts/{account}/customers/{customer}/subscription/seats"),
-    (
-        "change_add_ons",
-        "PATCH",
-        "/accounts/{account}/customers/{customer}/subscription/add-ons",
-    ),
-    ("change_plan", "PATCH", "/accounts/{account}/customers/{customer}/subscription/plan"),
-    (
-        "reactivate",
-        "POST",
-        "/accounts/{account}/customers/{customer}/subscription/reactivate",
-    ),
-    ("create_account", "POST", "/accounts"),
-    ("create_customer", "POST", "/accounts/{account}/customers"),
-    ("set_account_status", "PATCH", "/accounts/{account}"),
-    ("set_customer_status", "PATCH", "/accounts/{account}/customers/{customer}"),
-    ("list_payment_methods", "GET", "/accounts/{account}/payment-methods"),
-    ("set_default_payment_method", "PATCH", "/accounts/{account}/payment-methods/{method}"),
-    ("remove_payment_method", "DELETE", "/accounts/{account}/payment-methods/{method}"),
-    (
-        "set_subscription_payment_method",
-        "PATCH",
-        "/accounts/{account}/customers/{customer}/payment-method",
-    ),
-    ("list_invoices", "GET", "/accounts/{account}/invoices"),
-    ("invoice_pdf", "GET", "/accounts/{account}/invoices/{invoice}/pdf"),
-    ("create_credit_checkout", "POST", "/accounts/{account}/credit-checkout"),
-    ("list_credit_types", "GET", "/credit-types"),
-    ("list_credit_packs", "GET", "/credit-types/{credit_type}/packs"),
-    ("list_credits", "GET", "/customers/{customer}/credits"),
-    ("get_credit_balance", "GET", "/customers/{customer}/credits/{credit_type}"),
-    ("consume_credits", "POST", "/customers/{customer}/credits/{credit_type}/consume"),
+#: (operation, method, path under ``/tenants/{tenant}``) of every upstream operation, in
+#: the order of the SDK's table (``operations.ROUTES``).
+UPSTREAM_ROUTES: Final[Sequence[tuple[str, str, str]]] = tuple(
+    (route.operation, route.method, route.path) for route in ROUTES
 )
 
 _PARAM = re.compile(r"\{([a-z_]+)\}")
@@ -154,7 +103,7 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
     name = request.match_info.route.name
     operation = name if name in OPERATIONS else "unknown"
     try:
-        record = await em._record(request, operation)
+        record = await _record(em, request, operation)
     except web.HTTPRequestEntityTooLarge as exc:
         return _error(413, "payload_too_large", exc.text or "request body too large")
     if em.mode_of(record.api_key) is None:
@@ -177,6 +126,37 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
     for hold in em.holds_for(operation):
         await hold.wait()
     return to_response(answer)
+
+
+async def _record(em: Emulator, request: web.Request, operation: str) -> RecordedRequest:
+    """Log the request; a body over the size limit is logged as None, then re-raised."""
+    too_large: web.HTTPRequestEntityTooLarge | None = None
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raw, too_large = b"", exc
+    body: Any = None
+    if raw:
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = None
+    record = RecordedRequest(
+        operation=operation,
+        method=request.method,
+        path=request.raw_path.partition("?")[0],
+        params=dict(request.match_info),
+        query=dict(request.query),
+        body=body,
+        api_key=request.headers.get("x-api-key"),
+        idempotency_key=request.headers.get("Idempotency-Key"),
+        traceparent=request.headers.get("traceparent"),
+        tracestate=request.headers.get("tracestate"),
+    )
+    em.requests.append(record)
+    if too_large is not None:
+        raise too_large
+    return record
 
 
 async def _push_session(app: web.Application) -> AsyncIterator[None]:
@@ -222,10 +202,9 @@ def create_emulator_app(
         default_tenant=default_tenant,
         push_timeout=push_timeout,
     )
-    for operation, method, path in UPSTREAM_ROUTES:
-        app.router.add_route(
-            method, route_path(f"/tenants/{{tenant}}{path}"), _upstream, name=operation
-        )
+    for route in ROUTES:
+        path = route_path(f"/tenants/{{tenant}}{route.path}")
+        app.router.add_route(route.method, path, _upstream, name=route.operation)
     for method, path, handler in ADMIN_ROUTES:
         app.router.add_route(method, route_path(path), handler)
     app.cleanup_ctx.append(_push_session)

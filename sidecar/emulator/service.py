@@ -1,9 +1,10 @@
 """The emulator as a service object: its state, push delivery, and answers as responses.
 
-:class:`Emulator` is :class:`State` plus what needs the network: signed pushes,
-each retried up to three times at once like the real service. ``app.py`` (the
-upstream routes) and ``admin.py`` (the admin API) both reach it as
-``app[EMULATOR]``; :func:`to_response` is the one place an :class:`Answer`
+:class:`Emulator` is :class:`State` plus what needs the network: its events,
+handed over by the state's ``on_event`` callback, are delivered as signed
+pushes, each retried up to three times at once like the real service.
+``app.py`` (the upstream routes) and ``admin.py`` (the admin API) both reach it
+as ``app[EMULATOR]``; :func:`to_response` is the one place an :class:`Answer`
 becomes an aiohttp response.
 """
 
@@ -22,7 +23,8 @@ from aiohttp import web
 
 from sidecar.signature import sign, sign_many
 
-from .state import Answer, Json, RecordedRequest, State
+from .state import State
+from .wire import Answer, Json
 
 __all__ = ["EMULATOR", "Attempt", "Emulator", "Push", "to_response"]
 
@@ -129,7 +131,11 @@ class Emulator(State):
         self._capture: list[asyncio.Task[Push]] | None = None
         self._session: aiohttp.ClientSession | None = None
         super().__init__(
-            api_keys=api_keys, seed=seed, default_tenant=default_tenant, clock=clock or time.time
+            api_keys=api_keys,
+            seed=seed,
+            default_tenant=default_tenant,
+            clock=clock or time.time,
+            on_event=self._schedule,
         )
 
     def reset(self) -> None:
@@ -215,8 +221,8 @@ class Emulator(State):
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _on_event(self, event: Json) -> None:
-        """Schedule the delivery, after the one before it (order is kept)."""
+    def _schedule(self, event: Json) -> None:
+        """The state's ``on_event``: deliver ``event`` after the one before it (order kept)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -250,36 +256,6 @@ class Emulator(State):
             return result, None
         pushes = await asyncio.gather(*tasks)
         return result, all(p.delivered for p in pushes)
-
-    # ------------------------------------------------------------------ HTTP plumbing
-
-    async def _record(self, request: web.Request, operation: str) -> RecordedRequest:
-        """Log the request; a body over the size limit is logged as None, then re-raised."""
-        too_large: web.HTTPRequestEntityTooLarge | None = None
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge as exc:
-            raw, too_large = b"", exc
-        body: Any = None
-        if raw:
-            try:
-                body = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                body = None
-        record = RecordedRequest(
-            operation=operation,
-            method=request.method,
-            path=request.raw_path.partition("?")[0],
-            params=dict(request.match_info),
-            query=dict(request.query),
-            body=body,
-            api_key=request.headers.get("x-api-key"),
-            idempotency_key=request.headers.get("Idempotency-Key"),
-        )
-        self.requests.append(record)
-        if too_large is not None:
-            raise too_large
-        return record
 
 
 def _event_id(event: Mapping[str, Any]) -> Any:

@@ -53,7 +53,7 @@ from ..errors import (
 )
 from ..upstream import UpstreamResponse, requote_segment
 from .inputs import MAX_ID_LENGTH, is_id, read_json
-from .operations import OPERATIONS, Drops, FieldKind, Operation, Surface, path_shape
+from .operations import OPERATIONS, Drops, FieldKind, Operation, Surface, id_field, path_shape
 
 __all__ = ["forward", "forward_unknown"]
 
@@ -63,14 +63,6 @@ log = logging.getLogger("sidecar.proxy")
 #: Flags are never derived from the plan: a billing write drops entitlements only.
 _ENTITLEMENTS: Final[tuple[Axis, ...]] = ("entitlements",)
 _MAX_IDEMPOTENCY_KEY: Final = 255
-#: Names of path parameters as the log and the ids in messages spell them.
-_ID_FIELDS: Final = {
-    "account": "accountId",
-    "customer": "customerId",
-    "method": "methodId",
-    "invoice": "invoiceId",
-    "credit_type": "creditTypeId",
-}
 #: Request headers an unknown operation takes from the caller (never x-api-key,
 #: Authorization or cookies).
 _UNKNOWN_REQUEST_HEADERS: Final = ("Content-Type", "Accept", "Idempotency-Key")
@@ -115,33 +107,33 @@ async def forward(
     """Call the upstream for ``op`` with the path's ``ids``; its answer, passed through."""
     call = await _prepare(request, op, ids, surface)
     headers = {"Idempotency-Key": call.idempotency_key} if call.idempotency_key else None
-    # Reads are always safe to retry; a write when the upstream can deduplicate it.
-    retry = not op.write or op.retry_safe or call.idempotency_key is not None
-    started = time.perf_counter()
-    try:
-        resp = await request.app[UPSTREAM].request(
-            op.name,
-            op.method,
-            op.segments(ids),
-            query=call.query,
-            body=call.body,
-            headers=headers,
-            retry=retry,
-        )
-    except UpstreamError as exc:
-        if op.write:
-            # No answer: the write may have been applied, so the cache goes anyway.
-            dropped = await _after_write(request.app, op.drops, call, None)
-            _log_write(op, surface, ids, call, None, exc.code, dropped, started)
-        raise _proxy_error(exc, op.write) from None
+    log_as = None
     if op.write:
-        dropped = await _after_write(request.app, op.drops, call, resp.status)
-        _log_write(op, surface, ids, call, resp.status, _outcome(resp.status), dropped, started)
-    elif 200 <= resp.status < 300 and call.account and call.customer:
-        await request.app[INVALIDATOR].link(call.account, call.customer)
-    if resp.status in (401, 403):
-        raise UpstreamAuthFailed(f"the upstream refused the sidecar's API key ({resp.status})")
-    return _passthrough(resp)
+        log_as = (
+            "billing_write",
+            {
+                "operation": op.name,
+                "surface": surface,
+                "accountId": call.account,
+                "customerId": call.customer,
+                **{id_field(name): value for name, value in ids.items()},
+                "idempotent": call.idempotency_key is not None or op.retry_safe,
+            },
+        )
+    return await _send(
+        request,
+        call,
+        operation=op.name,
+        method=op.method,
+        segments=op.segments(ids),
+        headers=headers,
+        # Reads are always safe to retry; a write when the upstream can deduplicate it.
+        retry=not op.write or op.retry_safe or call.idempotency_key is not None,
+        write=op.write,
+        drops=op.drops,
+        axes=_ENTITLEMENTS,
+        log_as=log_as,
+    )
 
 
 async def forward_unknown(request: web.Request) -> web.StreamResponse:
@@ -197,37 +189,80 @@ async def forward_unknown(request: web.Request) -> web.StreamResponse:
     drops: Drops | None = "customer" if call.customer else "account" if call.account else None
     shape = path_shape(segments)
     app[METRICS].count_unknown(method, shape)
-    started = time.perf_counter()
-    try:
-        resp = await app[UPSTREAM].request(
-            "unknown",
-            method,
-            [requote_segment(part) for part in raw],
-            query=call.query,
-            body=body,
-            headers=headers,
-            retry=not write,
-            quoted=True,
-        )
-    except UpstreamError as exc:
-        dropped = await _after_write(app, drops, call, None, AXES) if write else None
-        _log_unknown(method, shape, None, exc.code, dropped, started)
-        raise _proxy_error(exc, write) from None
-    if write:
-        dropped = await _after_write(app, drops, call, resp.status, AXES)
-    else:
-        dropped = None
-        if 200 <= resp.status < 300 and call.account and call.customer:
-            await app[INVALIDATOR].link(call.account, call.customer)
-    _log_unknown(method, shape, resp.status, _outcome(resp.status), dropped, started)
-    if resp.status in (401, 403):
-        raise UpstreamAuthFailed(f"the upstream refused the sidecar's API key ({resp.status})")
-    return _passthrough(resp)
+    return await _send(
+        request,
+        call,
+        operation="unknown",
+        method=method,
+        segments=[requote_segment(part) for part in raw],
+        headers=headers,
+        retry=not write,
+        quoted=True,
+        write=write,
+        drops=drops,
+        axes=AXES,
+        log_as=("forwarded_unknown", {"operation": "unknown", "method": method, "shape": shape}),
+    )
 
 
 def _head(methods: set[str]) -> set[str]:
     """HEAD is answered wherever GET is."""
     return {"HEAD"} if "GET" in methods else set()
+
+
+async def _send(
+    request: web.Request,
+    call: _Call,
+    *,
+    operation: str,
+    method: str,
+    segments: list[str],
+    headers: Mapping[str, str] | None,
+    retry: bool,
+    write: bool,
+    drops: Drops | None,
+    axes: Sequence[Axis],
+    log_as: tuple[str, dict[str, Any]] | None,
+    quoted: bool = False,
+) -> web.Response:
+    """The upstream call of ``forward`` and ``forward_unknown``, and its answer.
+
+    A write drops what it may have changed (``axes`` of whom ``drops`` names)
+    before the answer is returned, even when no answer came; a successful read
+    naming an account and a customer teaches the invalidator their link.
+    ``log_as`` is the event and the fields of the one line logged (:func:`_log`).
+    The upstream's answer is passed through, but for the sidecar's own failures:
+    no answer (502/504) and its key refused (502 ``upstream_auth_failed``).
+    """
+    app = request.app
+    started = time.perf_counter()
+    try:
+        resp = await app[UPSTREAM].request(
+            operation,
+            method,
+            segments,
+            query=call.query,
+            body=call.body,
+            headers=headers,
+            retry=retry,
+            quoted=quoted,
+        )
+    except UpstreamError as exc:
+        # No answer: a write may have been applied, so the cache goes anyway.
+        dropped = await _after_write(app, drops, call, None, axes) if write else None
+        if log_as is not None:
+            _log(*log_as, None, exc.code, dropped, started)
+        raise _proxy_error(exc, write) from None
+    dropped = None
+    if write:
+        dropped = await _after_write(app, drops, call, resp.status, axes)
+    elif 200 <= resp.status < 300 and call.account and call.customer:
+        await app[INVALIDATOR].link(call.account, call.customer)
+    if log_as is not None:
+        _log(*log_as, resp.status, _outcome(resp.status), dropped, started)
+    if resp.status in (401, 403):
+        raise UpstreamAuthFailed(f"the upstream refused the sidecar's API key ({resp.status})")
+    return _passthrough(resp)
 
 
 def _id_after(segments: Sequence[str], collection: str) -> str | None:
@@ -365,50 +400,22 @@ def _outcome(status: int) -> str:
     return "rejected" if status < 500 else "upstream_error"
 
 
-def _log_write(
-    op: Operation,
-    surface: Surface,
-    ids: Mapping[str, str],
-    call: _Call,
+def _log(
+    event: str,
+    fields: dict[str, Any],
     status: int | None,
     outcome: str,
     dropped: Drops | None,
     started: float,
 ) -> None:
-    """One line per write: operation, ids and outcome; never a body, a header or a key."""
-    fields: dict[str, Any] = {
-        "operation": op.name,
-        "surface": surface,
-        "accountId": call.account,
-        "customerId": call.customer,
-        **{_ID_FIELDS[name]: value for name, value in ids.items()},
-        "status": status,
-        "outcome": outcome,
-        "idempotent": call.idempotency_key is not None or op.retry_safe,
-        "dropped": dropped,
-        "duration_ms": round((time.perf_counter() - started) * 1000, 1),
-    }
-    level = logging.INFO if outcome in ("ok", "rejected") else logging.WARNING
-    log.log(level, "billing_write", extra={"fields": fields})
-
-
-def _log_unknown(
-    method: str,
-    shape: str,
-    status: int | None,
-    outcome: str,
-    dropped: Drops | None,
-    started: float,
-) -> None:
-    """One line per forwarded unknown operation: its method and path shape, no ids."""
-    fields: dict[str, Any] = {
-        "operation": "unknown",
-        "method": method,
-        "shape": shape,
+    """One line per forwarded write (``billing_write``) or unknown operation
+    (``forwarded_unknown``): ``fields`` names it by its ids or its shape; never a
+    body, a header or a key."""
+    fields |= {
         "status": status,
         "outcome": outcome,
         "dropped": dropped,
         "duration_ms": round((time.perf_counter() - started) * 1000, 1),
     }
     level = logging.INFO if outcome in ("ok", "rejected") else logging.WARNING
-    log.log(level, "forwarded_unknown", extra={"fields": fields})
+    log.log(level, event, extra={"fields": fields})

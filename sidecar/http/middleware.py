@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from aiohttp.web_request import BaseRequest
 
-from ..appkeys import GUARD, METRICS
+from ..appkeys import GUARD, METRICS, TRACING
 from ..errors import BadRequest, Forbidden, SidecarError
 from .hot import GuardedHot, HotRoute
 from .responses import error_response, http_exception_response
@@ -64,7 +64,7 @@ def guarded(app: web.Application, route: str, handler: Handler) -> Handler:
     guarded_handler.__name__ = guarded_handler.__qualname__ = getattr(
         handler, "__name__", "handler"
     )
-    return guarded_handler
+    return app[TRACING].wrap(route, None, guarded_handler)
 
 
 def guarded_hot(app: web.Application, label: str, route: HotRoute) -> GuardedHot:
@@ -88,7 +88,7 @@ def guarded_hot(app: web.Application, label: str, route: HotRoute) -> GuardedHot
         observe(label, method, response.status, clock() - started)
         return response
 
-    return guarded_handler
+    return app[TRACING].wrap(label, method, guarded_handler)
 
 
 def _failure(exc: Exception, route: str) -> web.StreamResponse:

@@ -1,13 +1,16 @@
 """The one operation table: every Vellum operation the sidecar serves, as data.
 
-Each row says where the operation lives upstream, which SDK methods call it,
-what ``/v1`` checks before calling it, whose cache a write drops, whether a
-write is safe to retry, and what it answers. Everything else is derived from
-it: the routes on both surfaces (``http/routes.py``), the forwarding
-(``http/forwarding.py``), the ``paths`` of ``sidecar/openapi.json``
-(``scripts/gen_openapi.py``), the clients' call tables
-(``scripts/gen_clients.py``) and the table in ``docs/api.md``
-(``scripts/gen_api_docs.py``).
+Each row says where the operation lives upstream, which SDK methods call it
+(and with which keywords: its fields in the SDK's order, their defaults), what
+``/v1`` checks before calling it, whose cache a write drops, whether a write is
+safe to retry, and what it answers. Everything else is derived from it: the
+routes on both surfaces (``http/routes.py``), the forwarding and its log lines
+(``http/forwarding.py``), the ``paths`` and the request schemas of
+``sidecar/openapi.json`` (``scripts/gen_openapi.py``), the clients' call tables
+and their methods (``scripts/gen_clients.py``), the table in ``docs/api.md``
+(``scripts/gen_api_docs.py``), and the SDK stand-in of ``tests/test_proxy.py``.
+A new upstream operation is one row here, its handler in the emulator
+(``sidecar/emulator/operations.py``) and a test.
 
 Every operation is served on two surfaces (:data:`SURFACES`):
 
@@ -40,7 +43,9 @@ __all__ = [
     "FieldKind",
     "Operation",
     "Surface",
+    "id_field",
     "path_shape",
+    "snake",
 ]
 
 Surface = Literal["v1", "mirror"]
@@ -58,6 +63,18 @@ JSON: Final = "application/json"
 _PARAM: Final = re.compile(r"\{([a-z_]+)\}")
 
 
+def id_field(param: str) -> str:
+    """A path parameter as logs, bodies and the JS client name its id (``credit_type``:
+    ``creditTypeId``); any name a row gives a parameter has one."""
+    first, *rest = param.split("_")
+    return first + "".join(word.capitalize() for word in rest) + "Id"
+
+
+def snake(name: str) -> str:
+    """A JSON field's name as a Python keyword (``addOnModuleIds``: ``add_on_module_ids``)."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
 @dataclass(frozen=True, slots=True)
 class Answer:
     """One success answer of an operation, as the OpenAPI document describes it."""
@@ -68,15 +85,25 @@ class Answer:
     """The JSON body's schema in ``components/schemas``; ``None``: no JSON body."""
     media_type: str | None = None
     """A body that is not JSON (``application/pdf``), passed on byte for byte."""
+    list_field: str | None = None
+    """The list the SDK method answers instead of the whole body (``methods``)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Field:
-    """One body field ``/v1`` checks before calling the upstream (the SDK's types)."""
+    """One body (or query) field: what ``/v1`` checks before calling the upstream, and
+    the SDK method's keyword for it (:attr:`arg`, in the row's order)."""
 
     name: str
     kind: FieldKind
     required: bool = False
+    default: bool | int | None = None
+    """The SDK keyword's default when it is not ``None`` (``seats=1``), sent as given;
+    ``False`` for a boolean that is sent only when true."""
+
+    @property
+    def arg(self) -> str:
+        return snake(self.name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +118,11 @@ class Operation:
     answer: Answer
     """The upstream's usual success answer, passed through as it is."""
     sdk: tuple[str, ...] = ()
-    """The ``vellumcharter`` 1.4.2 methods that call it (default: ``name`` alone)."""
+    """The ``vellumcharter`` 1.4.2 methods that call it (default: ``name`` alone), and so
+    the clients' methods for it."""
+    newer: bool = False
+    """Added upstream after ``vellumcharter`` 1.4.2: no method of that SDK calls it
+    (``sdk`` is the name the clients give it, and a newer SDK would)."""
     also: tuple[Answer, ...] = ()
     """Other success answers the upstream gives (an existing account's 200, an older
     upstream's redirect)."""
@@ -99,11 +130,11 @@ class Operation:
     """The JSON object body's schema (``components/schemas``); ``None``: no body."""
     fields: tuple[Field, ...] = ()
     """Body fields ``/v1`` checks: the required ones must be there (not null) and any
-    one present and not null must have its kind. Unknown fields pass untouched."""
-    query: tuple[str, ...] = ()
-    """Query parameters the operation takes (``components/parameters`` by ``name``)."""
-    query_ids: tuple[str, ...] = ()
-    """Those of ``query`` that are ids; ``/v1`` refuses them empty or too long."""
+    one present and not null must have its kind. Unknown fields pass untouched. In
+    the SDK's keyword order (required ones first)."""
+    query: tuple[Field, ...] = ()
+    """Query parameters the operation takes; ``/v1`` refuses an ``id`` one empty or
+    too long."""
     drops: Drops | None = None
     """Whose cache a write drops: the customer it names, or the account's customers."""
     retry_safe: bool = False
@@ -138,6 +169,11 @@ class Operation:
     @property
     def write(self) -> bool:
         return self.method != "GET"
+
+    @property
+    def query_ids(self) -> tuple[str, ...]:
+        """The query parameters that are ids."""
+        return tuple(f.name for f in self.query if f.kind == "id")
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -176,22 +212,26 @@ class Operation:
 _SUB: Final = "/accounts/{account}/customers/{customer}/subscription"
 _URLS: Final = (Field("successUrl", "string", True), Field("cancelUrl", "string", True))
 _PLAN: Final = (
-    Field("productId", "id"),
     Field("planId", "id"),
     Field("planVersion", "integer"),
+    Field("productId", "id"),
     Field("seats", "integer"),
     Field("addOnModuleIds", "strings"),
 )
 
 
-def _plan(*required: str) -> tuple[Field, ...]:
-    """The plan choice's fields (``productId``, ``planId``, ...), ``required`` among them."""
-    return tuple(Field(f.name, f.kind, f.name in required) for f in _PLAN)
+def _plan(*required: str, seats: int | None = None) -> tuple[Field, ...]:
+    """The plan choice's fields (``planId``, ``planVersion``, ...) in the SDK's order,
+    ``required`` among them; ``seats`` is the SDK's default seat count, if any."""
+    return tuple(
+        Field(f.name, f.kind, f.name in required, seats if f.name == "seats" else None)
+        for f in _PLAN
+    )
 
 
-# The interface's table, in its order: one row per upstream route, 30 of them, called
-# by 33 methods of the SDK (``get_entitlements``/``can``, ``flags``/``flag`` and
-# ``add_add_on``/``remove_add_on`` share theirs).
+# The interface's table, in its order: one row per upstream route (``get_entitlements``
+# and ``can``, ``flags`` and ``flag``, ``add_add_on`` and ``remove_add_on`` share theirs),
+# then the operations the upstream added since (``newer``).
 OPERATIONS: Final[tuple[Operation, ...]] = (
     Operation(
         "get_entitlements",
@@ -231,7 +271,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "Start a hosted subscription checkout",
         Answer(201, "the checkout session", "CheckoutSession"),
         request="CheckoutRequest",
-        fields=(Field("customerId", "id", True), *_plan("planId"), *_URLS),
+        fields=(Field("customerId", "id", True), *_plan("planId", seats=1), *_URLS),
     ),
     Operation(
         "create_setup_checkout",
@@ -249,7 +289,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "Subscribe a customer to a plan (no hosted page; the account's card pays)",
         Answer(201, "the subscription", "Subscription"),
         request="SubscribeRequest",
-        fields=_plan("planId"),
+        fields=_plan("planId", seats=1),
         drops="customer",
     ),
     Operation(
@@ -275,7 +315,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         _SUB,
         "Cancel a customer's subscription (atPeriodEnd=true to cancel at the period's end)",
         Answer(200, "the canceled (or cancel-at-period-end) subscription", "Subscription"),
-        query=("atPeriodEnd",),
+        query=(Field("atPeriodEnd", "boolean", default=False),),
         drops="customer",
     ),
     Operation(
@@ -285,7 +325,13 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "What a change would cost, changing nothing",
         Answer(200, "the current and the proposed subscription, and what is due now", "Preview"),
         request="PreviewChangeRequest",
-        fields=_plan(),
+        fields=(
+            Field("productId", "id"),
+            Field("planId", "id"),
+            Field("planVersion", "integer"),
+            Field("seats", "integer"),
+            Field("addOnModuleIds", "strings"),
+        ),
         retry_safe=True,
     ),
     Operation(
@@ -344,7 +390,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
             Field("name", "string"),
             Field("email", "string"),
             Field("billingCustomerId", "id"),
-            Field("createBillingCustomer", "boolean"),
+            Field("createBillingCustomer", "boolean", default=False),
         ),
     ),
     Operation(
@@ -382,7 +428,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "GET",
         "/accounts/{account}/payment-methods",
         "An account's saved cards",
-        Answer(200, "the account's payment methods", "PaymentMethodList"),
+        Answer(200, "the account's payment methods", "PaymentMethodList", list_field="methods"),
     ),
     Operation(
         "set_default_payment_method",
@@ -414,9 +460,8 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "GET",
         "/accounts/{account}/invoices",
         "An account's invoices (customerId to filter)",
-        Answer(200, "the account's invoices", "InvoiceList"),
-        query=("customerId",),
-        query_ids=("customerId",),
+        Answer(200, "the account's invoices", "InvoiceList", list_field="invoices"),
+        query=(Field("customerId", "id"),),
     ),
     Operation(
         "invoice_pdf",
@@ -444,7 +489,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
             *_URLS,
             Field("creditTypeId", "id"),
             Field("packId", "id"),
-            Field("quantity", "integer"),
+            Field("quantity", "integer", default=1),
             Field("items", "objects"),
         ),
     ),
@@ -453,21 +498,21 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "GET",
         "/credit-types",
         "The tenant's credit types",
-        Answer(200, "the credit types", "CreditTypeList"),
+        Answer(200, "the credit types", "CreditTypeList", list_field="creditTypes"),
     ),
     Operation(
         "list_credit_packs",
         "GET",
         "/credit-types/{credit_type}/packs",
         "The packs for sale within a credit type",
-        Answer(200, "the packs", "CreditPackList"),
+        Answer(200, "the packs", "CreditPackList", list_field="packs"),
     ),
     Operation(
         "list_credits",
         "GET",
         "/customers/{customer}/credits",
         "A customer's credit balances (uncached: balances change out of band)",
-        Answer(200, "one balance per credit type", "CreditList"),
+        Answer(200, "one balance per credit type", "CreditList", list_field="credits"),
     ),
     Operation(
         "get_credit_balance",
@@ -486,6 +531,19 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         fields=(Field("amount", "integer", True), Field("idempotencyKey", "string", True)),
         retry_safe=True,
         deferred=True,
+    ),
+    # Added upstream after vellumcharter 1.4.2.
+    Operation(
+        "pause_subscription",
+        "POST",
+        _SUB + "/pause",
+        "Pause a subscription: no access and no bill until reactivate resumes it, or "
+        "until cycles periods have passed",
+        Answer(200, "the paused subscription", "Subscription"),
+        newer=True,
+        request="PauseSubscriptionRequest",
+        fields=(Field("cycles", "integer"),),
+        drops="customer",
     ),
 )
 

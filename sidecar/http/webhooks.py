@@ -25,13 +25,14 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from ..appkeys import CORE, INVALIDATOR, METRICS, REDIS, SETTINGS
+from ..appkeys import CORE, INVALIDATOR, METRICS, REDIS, SETTINGS, TRACING
 from ..cache.invalidation import Scope
 from ..cache.kinds import AXES, Axis
 from ..errors import PayloadTooLarge, error_body
 from ..redis.conn import RedisConn, RedisDown
 from ..redis.url import RedisClient
 from ..signature import SignatureError, verify
+from ..tracing import record
 from .middleware import json_errors
 from .responses import error_response, json_response
 
@@ -278,7 +279,9 @@ async def receive(request: web.Request) -> web.StreamResponse:
     # Shielded: once the key is recorded here the event must be applied (and
     # counted), even if the sender hangs up meanwhile; its immediate retry is
     # then a duplicate.
-    reply = await asyncio.shield(_apply_once(core, request.app[REPLAY], key, classify(event), kind))
+    with core[TRACING].server("POST /webhooks/vellum", request.headers):
+        applying = _apply_once(core, request.app[REPLAY], key, classify(event), kind)
+        reply = await asyncio.shield(applying)
     return _ok(**reply)
 
 
@@ -290,7 +293,13 @@ async def _apply_once(
     if not await replay.first_seen(key):
         metrics.webhooks.labels("duplicate").inc()
         return {"duplicate": True}
-    scope, shared = await apply_event(core, target)
+    attributes = {"vellum_sidecar.push.scope": target.scope, "vellum_sidecar.push.event": key}
+    with core[TRACING].span("vellum_sidecar.push.apply", attributes) as span:
+        scope, shared = await apply_event(core, target)
+        record(
+            span,
+            **{"vellum_sidecar.push.applied_scope": scope, "vellum_sidecar.push.shared": shared},
+        )
     fields = {
         "event": key,
         "type": kind if isinstance(kind, str) else None,

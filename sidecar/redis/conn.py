@@ -39,7 +39,7 @@ from ..tasks import cancel_and_wait
 from .keys import Keys
 from .url import REDIS_ERRORS, RedisClient
 
-__all__ = ["RedisConn", "RedisDown", "RedisState"]
+__all__ = ["RedisConn", "RedisDown", "RedisState", "lost_connection"]
 
 log = logging.getLogger("sidecar.redis")
 
@@ -77,7 +77,7 @@ class RedisConn:
         self.writable = True
         self._probe: asyncio.Task[None] | None = None
         self._on_reconnect: list[Callable[[], Awaitable[None]]] = []
-        self._on_down: list[Callable[[], None]] = []
+        self._on_down: list[Callable[[BaseException], None]] = []
         metrics.redis_state.follow(lambda: self.health)
 
     @property
@@ -90,8 +90,9 @@ class RedisConn:
     def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
         self._on_reconnect.append(callback)
 
-    def on_down(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` (synchronously) each time Redis is marked down."""
+    def on_down(self, callback: Callable[[BaseException], None]) -> None:
+        """Call ``callback`` (synchronously, with the failure) each time Redis is marked
+        down."""
         self._on_down.append(callback)
 
     async def run(self, operation: str, call: Callable[[RedisClient], Awaitable[T]]) -> T:
@@ -161,7 +162,7 @@ class RedisConn:
             "redis_down", extra={"fields": {"operation": operation, "error": type(exc).__name__}}
         )
         for callback in self._on_down:
-            callback()
+            callback(exc)
         if self._probe is None or self._probe.done():
             self._probe = asyncio.get_running_loop().create_task(self._probe_until_up())
 
@@ -192,6 +193,17 @@ class RedisConn:
         if self._probe is not None:
             await cancel_and_wait([self._probe])
         await self.client.aclose()
+
+
+def lost_connection(exc: BaseException) -> bool:
+    """A failure that says the connection itself went (refused, reset, closed by the
+    server: Redis restarted, failed over or became unreachable), not that Redis was
+    merely slow to answer (a timeout: a hung Redis, or this process's own delays)."""
+    if isinstance(exc, MaxConnectionsError | TimeoutError):
+        return False
+    if isinstance(exc, RedisConnectionError):
+        return not isinstance(exc.__cause__, TimeoutError)
+    return isinstance(exc, OSError)
 
 
 def _stale_connection(exc: BaseException) -> bool:
