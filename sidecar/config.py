@@ -1,11 +1,11 @@
 """Settings: one declaration per variable, read once from the environment (and flags).
 
-Each ``Settings`` field is declared with ``setting`` or ``secret_setting``: the
-variable's name, parser, default, help and README text, in one place. Everything
-else derives from those declarations: ``Settings.from_env`` (parsing),
-``add_flags`` (one flag per variable), ``Settings.redacted`` (what
-``check-config`` prints) and the README's configuration table
-(``scripts/gen_config_docs.py``, whose ``--check`` runs in CI).
+Each ``Settings`` field is declared with ``setting`` or ``secret_setting``
+(``sidecar/declare.py``): the variable's name, parser, default, help and README
+text, in one place. Everything else derives from those declarations:
+``Settings.from_env`` (parsing), ``add_flags`` (one flag per variable),
+``Settings.redacted`` (what ``check-config`` prints) and the README's configuration
+table (``scripts/gen_config_docs.py``, whose ``--check`` runs in CI).
 
 ``Settings.from_env(env)`` collects *every* problem before failing, so an operator
 fixes a broken deployment in one round; ``ConfigError.problems`` holds one line
@@ -23,12 +23,13 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar, cast
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
+from .declare import SETTING_KEY, Setting, Variable, secret_setting, setting
 from .redis.url import parse_redis_url
 from .values import ApiKeySource, Listen, Secret, redact_text, redact_url
 
@@ -36,28 +37,15 @@ __all__ = [
     "SETTINGS",
     "VARIABLES",
     "ConfigError",
-    "Setting",
     "Settings",
-    "Variable",
     "add_flags",
     "env_with_flags",
 ]
-
-T = TypeVar("T")
 
 
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off", ""})
 _LOG_LEVELS: Final = ("debug", "info", "warning", "error")
-
-
-def _show(value: Any) -> str:
-    """How ``check-config`` prints a parsed value."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, frozenset):
-        return ",".join(sorted(value))
-    return str(value)
 
 
 def _text(value: str) -> str:
@@ -158,126 +146,6 @@ def _log_level(value: str) -> Literal["debug", "info", "warning", "error"]:
     if low not in _LOG_LEVELS:
         raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)}, got {value!r}")
     return low  # type: ignore[return-value]
-
-
-@dataclass(frozen=True, slots=True)
-class Variable:
-    """One environment variable as an operator sees it: its name, flag and default."""
-
-    name: str
-    default: str | None
-    help: str
-    secret: bool = False
-
-    @property
-    def flag(self) -> str:
-        base = self.name.removeprefix("VELLUM_").removeprefix("SIDECAR_")
-        return "--" + base.lower().replace("_", "-")
-
-
-@dataclass(frozen=True, slots=True)
-class Setting:
-    """The declaration of one ``Settings`` field: every fact about its variable.
-
-    ``default`` is written as an operator would write it and parsed by ``parse``
-    like any value, so the README shows exactly what the code does. A setting
-    with ``file_help`` also reads ``<name>_FILE`` (the two are mutually exclusive).
-    """
-
-    name: str
-    default: str | None
-    help: str
-    doc: str
-    parse: Callable[[str, Path | None], Any]
-    show: Callable[[Any], str]
-    required: bool = False
-    secret: bool = False
-    file_help: str | None = None
-
-    @property
-    def file_name(self) -> str | None:
-        return f"{self.name}_FILE" if self.file_help is not None else None
-
-    @property
-    def required_hint(self) -> str:
-        if self.file_name is not None:
-            return f"set {self.name} or {self.file_name}"
-        return self.help
-
-    def variables(self) -> tuple[Variable, ...]:
-        """The variable (and its ``_FILE`` twin), each with its own flag."""
-        help_ = self.help
-        if self.required:
-            help_ += " (required" + (f" unless {self.file_name})" if self.file_name else ")")
-        own = Variable(self.name, self.default, help_, self.secret)
-        if self.file_name is None or self.file_help is None:
-            return (own,)
-        return own, Variable(self.file_name, None, self.file_help)
-
-
-_SETTING: Final = "sidecar.config.setting"
-
-
-def setting(
-    name: str,
-    parse: Callable[[str], T],
-    default: str | None,
-    *,
-    help: str,
-    doc: str,
-    show: Callable[[T], str] | None = None,
-) -> T:
-    """Declare a ``Settings`` field read from ``name`` (and its flag).
-
-    ``default=None`` makes the variable required. The field's own default is
-    ``parse(default)``, so a directly built ``Settings`` agrees with ``from_env``.
-    """
-    decl = Setting(
-        name,
-        default,
-        help,
-        doc,
-        parse=lambda value, _path: parse(value),
-        show=show or _show,
-        required=default is None,
-    )
-    if default is None:
-        return cast(T, field(metadata={_SETTING: decl}))
-    return field(default=parse(default), metadata={_SETTING: decl})
-
-
-def secret_setting(
-    name: str,
-    parse: Callable[[str, Path | None], T],
-    *,
-    unset: object = None,
-    required: bool = False,
-    help: str,
-    file_help: str,
-    doc: str,
-    show: Callable[[Any], str],
-) -> T:
-    """Declare a secret field read from ``name`` or from the file ``<name>_FILE`` names.
-
-    The file is read at start (surrounding whitespace, such as the trailing
-    newline of a mounted Secret, stripped); ``parse`` gets the value and the path
-    it came from (``None`` for the variable itself). ``unset`` is the value when
-    neither is set and the setting is not required.
-    """
-    decl = Setting(
-        name,
-        None,
-        help,
-        doc,
-        parse=parse,
-        show=show,
-        required=required,
-        secret=True,
-        file_help=file_help,
-    )
-    if required:
-        return cast(T, field(repr=False, metadata={_SETTING: decl}))
-    return cast(T, field(default=unset, repr=False, metadata={_SETTING: decl}))
 
 
 class ConfigError(Exception):
@@ -667,7 +535,7 @@ class Settings:
         given: set[str] = set()
         files: list[tuple[str, Path]] = []
         for f in fields(cls):
-            decl: Setting | None = f.metadata.get(_SETTING)
+            decl: Setting | None = f.metadata.get(SETTING_KEY)
             if decl is None:
                 continue
             try:
@@ -714,7 +582,7 @@ class Settings:
         paths = dict(self.files)
         out: list[tuple[str, str]] = []
         for f in fields(self):
-            decl: Setting | None = f.metadata.get(_SETTING)
+            decl: Setting | None = f.metadata.get(SETTING_KEY)
             if decl is None:
                 continue
             out.append((decl.name, redact_text(decl.show(getattr(self, f.name)))))
@@ -726,7 +594,7 @@ class Settings:
 
 #: Every declaration, in ``Settings``' field order.
 SETTINGS: Final[tuple[Setting, ...]] = tuple(
-    f.metadata[_SETTING] for f in fields(Settings) if _SETTING in f.metadata
+    f.metadata[SETTING_KEY] for f in fields(Settings) if SETTING_KEY in f.metadata
 )
 #: Every variable (a ``_FILE`` twin after its variable), in the order ``check-config`` prints.
 VARIABLES: Final[tuple[Variable, ...]] = tuple(v for s in SETTINGS for v in s.variables())

@@ -363,7 +363,12 @@ class VellumClient:
         headers["x-api-key"] = self.settings.api_key.current(time.time())
         started = loop.time()
         try:
-            resp = await self._send(method, self.url(*segments), headers, body, timeout)
+            with (
+                self.tracing.upstream_call(operation, method),
+                self.tracing.upstream_attempt(1, headers) as span,
+            ):
+                resp = await self._send(method, self.url(*segments), headers, body, timeout)
+                record(span, **{"http.response.status_code": resp.status})
         except TimeoutError:
             self.last_result = (time.monotonic(), None)
             self._count(operation, "timeout")
