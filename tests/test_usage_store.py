@@ -188,6 +188,23 @@ async def test_a_dead_holders_pending_entries_are_claimed_and_read_in_order(
     assert [e.record.key for e in rest if e.record] == keys[6:]
 
 
+async def test_pending_counts_what_was_read_and_not_finished_per_partition(
+    store: UsageStore,
+) -> None:
+    rec = record("k1")
+    await store.accept(rec)
+    await store.accept(record("k2"))
+    other = next(p for p in range(PARTITIONS) if p != rec.partition)
+    assert await store.pending([rec.partition, other]) == {rec.partition: 0, other: 0}
+    await take_all(store, "a")
+    entries = await store.read("a", [(rec.partition, ">", 10)])
+    assert (
+        await store.pending([rec.partition]) == {rec.partition: len(entries)} != {rec.partition: 0}
+    )
+    assert await store.finish("a", entries[0], "delivered", 200, b"{}", False)
+    assert await store.pending([rec.partition]) == {rec.partition: len(entries) - 1}
+
+
 async def test_only_the_lease_holder_finishes_and_the_outcome_then_expires(
     store: UsageStore, own_redis: RedisServer
 ) -> None:

@@ -1,10 +1,10 @@
 """Delivering queued records to the upstream: leases, lanes, backoff (``Deliverer``).
 
-Every sidecar with Redis runs one ``Deliverer``. A lease round every fifth of a
-lease (``UsageStore.lease_round``) renews the partitions it holds, lets go of what
-exceeds its fair share and takes free ones; a partition taken is first claimed
-(``UsageStore.claim``: every pending entry, from a killed holder too) and its
-claimed history read back before new entries.
+Every sidecar with Redis runs one ``Deliverer``. A lease round every second (at
+most a fifth of a lease; ``UsageStore.lease_round``) renews the partitions it
+holds, lets go of what exceeds its fair share and takes free ones; a partition
+taken is first claimed (``UsageStore.claim``: every pending entry, from a killed
+holder too) and its claimed history read back before new entries.
 
 Within a partition, records are grouped into **lanes**, one per (customer, credit
 type): a lane sends its records one at a time, in stream order, each only once the
@@ -61,6 +61,8 @@ WINDOW: Final = 256
 BASE_DELAY: Final = 0.25
 #: How often an idle holder looks for entries other sidecars accepted.
 POLL: Final = 0.2
+#: How often each sidecar reads the fleet's queue for its metrics (seconds).
+STATS_EVERY: Final = 5.0
 
 _CONSUME: Final = next(op for op in OPERATIONS if op.name == "consume_credits")
 
@@ -151,6 +153,9 @@ class Partition:
     """Where reading resumes: an id while reading the claimed history, then ``>``."""
     claimed: bool = False
     held: int = 0
+    """Entries read and not finished (in lanes)."""
+    behind: bool = False
+    """Redis held more pending entries than ``held`` at the last lease round."""
     lanes: dict[tuple[str, str], deque[Entry]] = field(default_factory=dict)
     tasks: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
     claim_task: asyncio.Task[None] | None = None
@@ -182,7 +187,10 @@ class Deliverer:
         self.holder = holder
         self.lease = lease
         self._lease_ms = int(lease * 1000)
-        self._round_every = lease / 5
+        #: A round a second (at most a fifth of the lease): a sidecar that lets go
+        #: (SIGTERM) or dies is replaced within a second of its leases ending.
+        self._round_every = min(lease / 5, 1.0)
+        self._last_stats = -STATS_EVERY
         self._timeout = upstream_timeout
         #: A send needs this much of its lease left (its timeout, and a second).
         self._margin = upstream_timeout + 1.0
@@ -239,12 +247,45 @@ class Deliverer:
                         self._start(index, valid)
                     else:
                         part.renew(valid)
-            with contextlib.suppress(RedisDown):
-                stats = await self.store.stats()
-                self.metrics.usage_queued.set(stats.queued)
-                oldest = 0.0 if stats.oldest_ms is None else (stats.now_ms - stats.oldest_ms) / 1000
-                self.metrics.usage_oldest.set(max(oldest, 0.0))
+                await self._resync()
+            if loop.time() - self._last_stats >= STATS_EVERY:
+                self._last_stats = loop.time()
+                with contextlib.suppress(RedisDown):
+                    await self._stats()
             await asyncio.sleep(max(self._round_every - (loop.time() - started), 0.05))
+
+    async def _stats(self) -> None:
+        """The fleet's queue for the metrics: records waiting, the oldest one's age."""
+        stats = await self.store.stats()
+        self.metrics.usage_queued.set(stats.queued)
+        oldest = 0.0 if stats.oldest_ms is None else (stats.now_ms - stats.oldest_ms) / 1000
+        self.metrics.usage_oldest.set(max(oldest, 0.0))
+
+    async def _resync(self) -> None:
+        """Claim a partition again when Redis holds more pending entries for it than this
+        sidecar has in memory, twice in a row (once can be a read whose answer is on its
+        way): Redis went back in time (restored from an older snapshot, a lagging replica
+        promoted) and entries this sidecar finished, or never read, are pending again."""
+        claimed = [p for p in self.partitions.values() if p.claimed]
+        if not claimed:
+            return
+        try:
+            pending = await self.store.pending([p.index for p in claimed])
+        except RedisDown:
+            return
+        for part in claimed:
+            behind = pending[part.index] > part.held
+            if behind and part.behind and self.partitions.get(part.index) is part:
+                log.warning(
+                    "usage_partition_resync",
+                    extra={"fields": {"partition": part.index, "pending": pending[part.index],
+                                      "held": part.held}},
+                )  # fmt: skip
+                valid = part.valid_until
+                await self._stop(part.index)
+                self._start(part.index, valid)
+            else:
+                part.behind = behind
 
     def _start(self, index: int, valid_until: float) -> None:
         part = Partition(index, valid_until)

@@ -25,7 +25,9 @@ Invariants (tests/test_usage_store.py checks each against a real redis-server):
    (``XREADGROUP``), and on taking a lease it first claims every pending entry of
    the group (``XAUTOCLAIM``, from a killed or departed holder) and reads them
    back in stream order before any new one, so records of one (customer, credit
-   type) are sent in the order they were accepted.
+   type) are sent in the order they were accepted. A holder whose partition has more
+   pending entries in Redis than it holds in memory lost track of some (Redis restored
+   from an older snapshot, a failover to a lagging replica): it claims them again.
 3. **Only the holder finishes.** ``finish`` acknowledges and deletes the entry and
    writes the outcome only while the caller still holds the lease (a holder that
    lost it, paused or cut off, leaves the record to the new one, which sends it
@@ -312,6 +314,22 @@ class UsageStore:
             return claimed
 
         return await self.redis.run("usage_claim", call)
+
+    async def pending(self, partitions: Sequence[int]) -> dict[int, int]:
+        """Entries read and not yet finished (the group's pending lists, every consumer's),
+        per partition; a partition whose stream or group is gone counts 0."""
+
+        async def call(r: RedisClient) -> list[Any]:
+            async with r.pipeline(transaction=False) as pipe:
+                for partition in partitions:
+                    pipe.xpending(self.streams[partition], GROUP)
+                return await pipe.execute(raise_on_error=False)
+
+        answers = await self.redis.run("usage_pending", call)
+        return {
+            partition: int(answer["pending"]) if isinstance(answer, dict) else 0
+            for partition, answer in zip(partitions, answers, strict=True)
+        }
 
     async def read(self, holder: str, wanted: Sequence[tuple[int, str, int]]) -> list[Entry]:
         """Entries of several partitions in one round trip: for each (partition, from,
