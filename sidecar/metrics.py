@@ -45,6 +45,7 @@ __all__ = [
     "MAX_UNKNOWN_SHAPES",
     "REDIS_STATES",
     "UPSTREAM_STATES",
+    "USAGE_RETRY_REASONS",
     "USAGE_STATES",
     "LoopCounter",
     "LoopHistogram",
@@ -61,6 +62,8 @@ REDIS_STATES: Final = ("ok", "oom", "down", "disabled")
 FANOUT_STATES: Final = ("ok", "down", "disabled")
 #: A usage record's states (``vellum_sidecar_usage_records_total`` exports each from 0).
 USAGE_STATES: Final = ("queued", "delivered", "insufficient", "rejected")
+#: Why a delivery is tried again (``usage.records.verdict``; exported from 0).
+USAGE_RETRY_REASONS: Final = ("no_answer", "rate_limited", "server_error", "auth_failed", "other")
 
 #: Distinct path shapes ``forwarded_unknown`` keeps as label values.
 MAX_UNKNOWN_SHAPES: Final = 100
@@ -248,6 +251,8 @@ class Metrics:
         )  # fmt: skip
         for state in USAGE_STATES:
             self.usage_records.labels(state)
+        for reason in USAGE_RETRY_REASONS:
+            self.usage_retries.labels(reason)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one local API request and its latency (the hot path: one dict lookup)."""
