@@ -260,6 +260,19 @@ def test_compose_services_and_image() -> None:
     assert "healthcheck" in SERVICES["redis"]
 
 
+def test_compose_redis_keeps_queued_usage_through_a_restart() -> None:
+    """Metered usage is acknowledged once it is in Redis: an append-only file fsynced
+    every second (tests/test_usage_fleet.py runs a redis-server with these options and
+    SIGKILLs it), written to a named volume so it outlives the container."""
+    command = SERVICES["redis"]["command"]
+    assert command[0] == "redis-server"
+    options = dict(zip(command[1::2], command[2::2], strict=True))
+    assert (options["--appendonly"], options["--appendfsync"]) == ("yes", "everysec")
+    [volume] = SERVICES["redis"]["volumes"]
+    name, target = volume.split(":")[:2]
+    assert target == "/data" and name in COMPOSE["volumes"]
+
+
 def test_compose_sidecar_waits_for_healthy_redis_and_vellum() -> None:
     depends = SERVICES["sidecar"]["depends_on"]
     assert depends == {
