@@ -156,6 +156,10 @@ class Partition:
     """Entries read and not finished (in lanes)."""
     behind: bool = False
     """Redis held more pending entries than ``held`` at the last lease round."""
+    reading: bool = False
+    """A read of this partition is under way (its entries not yet in ``lanes``)."""
+    reads: int = 0
+    """Reads begun (``_resync`` sees whether one began while it counted)."""
     lanes: dict[tuple[str, str], deque[Entry]] = field(default_factory=dict)
     tasks: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
     claim_task: asyncio.Task[None] | None = None
@@ -263,17 +267,21 @@ class Deliverer:
 
     async def _resync(self) -> None:
         """Claim a partition again when Redis holds more pending entries for it than this
-        sidecar has in memory, twice in a row (once can be a read whose answer is on its
-        way): Redis went back in time (restored from an older snapshot, a lagging replica
-        promoted) and entries this sidecar finished, or never read, are pending again."""
-        claimed = [p for p in self.partitions.values() if p.claimed]
-        if not claimed:
+        sidecar has in memory, twice in a row: Redis went back in time (restored from an
+        older snapshot, a lagging replica promoted) and entries this sidecar finished, or
+        never read, are pending again. A partition with a read under way while the count
+        is taken is not judged (the read's entries are pending in Redis and not yet here)."""
+        quiet = [p for p in self.partitions.values() if p.claimed and not p.reading]
+        if not quiet:
             return
+        reads = {p.index: p.reads for p in quiet}
         try:
-            pending = await self.store.pending([p.index for p in claimed])
+            pending = await self.store.pending([p.index for p in quiet])
         except RedisDown:
             return
-        for part in claimed:
+        for part in quiet:
+            if part.reading or part.reads != reads[part.index]:
+                continue  # a read began meanwhile: judge it next round
             behind = pending[part.index] > part.held
             if behind and part.behind and self.partitions.get(part.index) is part:
                 log.warning(
@@ -326,11 +334,17 @@ class Deliverer:
                 await self._sleep(POLL)
                 continue
             wanted = [(p.index, p.cursor, WINDOW - p.held) for p in parts]
+            for reading in parts:
+                reading.reading = True
+                reading.reads += 1
             try:
                 entries = await self.store.read(self.holder, wanted)
             except RedisDown:
                 await self._sleep(POLL)
                 continue
+            finally:
+                for reading in parts:
+                    reading.reading = False
             got = {p.index: 0 for p in parts}
             for entry in entries:
                 part = self.partitions.get(entry.partition)
