@@ -399,8 +399,8 @@ class Settings:
         "100000",
         help="usage records the tenant's queue holds before refusing more (503)",
         doc="usage records the tenant's queue in Redis holds, not yet delivered, before a "
-        "new one is refused (503 `usage_queue_full`, `Retry-After`); about 300 bytes of "
-        "Redis memory each",
+        "new one is refused (503 `usage_queue_full`, `Retry-After`); about 400 bytes of "
+        "Redis memory each (a UUID key; 100,000 take about 40 MB)",
     )
     usage_retry_max: float = setting(
         "SIDECAR_USAGE_RETRY_MAX",

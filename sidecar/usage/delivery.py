@@ -234,29 +234,38 @@ class Deliverer:
         while True:
             started = loop.time()
             try:
-                found = await self.store.lease_round(self.holder, self._lease_ms, self._first)
-            except RedisDown:
-                # Nothing renewed: a lease that may have ended elsewhere ends here too.
-                for index, held in list(self.partitions.items()):
-                    if loop.time() >= held.valid_until:
-                        await self._stop(index)
-            else:
-                valid = started + self.lease
-                for index in list(self.partitions):
-                    if index not in found.kept:
-                        await self._stop(index)  # lost, or lost and taken again: claim anew
-                for index in found.kept | found.taken:
-                    part = self.partitions.get(index)
-                    if part is None:
-                        self._start(index, valid)
-                    else:
-                        part.renew(valid)
-                await self._resync()
-            if loop.time() - self._last_stats >= STATS_EVERY:
-                self._last_stats = loop.time()
-                with contextlib.suppress(RedisDown):
-                    await self._stats()
+                await self._round(started)
+            except Exception:  # a bug must not end deliveries for good: log, go on
+                log.exception("usage_round_failed")
             await asyncio.sleep(max(self._round_every - (loop.time() - started), 0.05))
+
+    async def _round(self, started: float) -> None:
+        """One lease round: renew, shed, take (``UsageStore.lease_round``); stop what was
+        lost, start what was taken; resync; every ``STATS_EVERY``, the queue's metrics."""
+        loop = asyncio.get_running_loop()
+        try:
+            found = await self.store.lease_round(self.holder, self._lease_ms, self._first)
+        except RedisDown:
+            # Nothing renewed: a lease that may have ended elsewhere ends here too.
+            for index, held in list(self.partitions.items()):
+                if loop.time() >= held.valid_until:
+                    await self._stop(index)
+        else:
+            valid = started + self.lease
+            for index in list(self.partitions):
+                if index not in found.kept:
+                    await self._stop(index)  # lost, or lost and taken again: claim anew
+            for index in found.kept | found.taken:
+                part = self.partitions.get(index)
+                if part is None:
+                    self._start(index, valid)
+                else:
+                    part.renew(valid)
+            await self._resync()
+        if loop.time() - self._last_stats >= STATS_EVERY:
+            self._last_stats = loop.time()
+            with contextlib.suppress(RedisDown):
+                await self._stats()
 
     async def _stats(self) -> None:
         """The fleet's queue for the metrics: records waiting, the oldest one's age."""
@@ -315,8 +324,11 @@ class Deliverer:
                 claimed = await self.store.claim(part.index, self.holder, self._lease_ms)
                 break
             except RedisDown:
-                attempt += 1
-                await asyncio.sleep(backoff(attempt, 1.0))
+                pass
+            except Exception:
+                log.exception("usage_claim_failed")
+            attempt += 1
+            await asyncio.sleep(backoff(attempt, 1.0))
         if claimed:
             log.info(
                 "usage_partition_claimed",
@@ -329,36 +341,45 @@ class Deliverer:
 
     async def _reader(self) -> None:
         while True:
-            parts = [p for p in self.partitions.values() if p.claimed and p.held < WINDOW]
-            if not parts:
-                await self._sleep(POLL)
-                continue
-            wanted = [(p.index, p.cursor, WINDOW - p.held) for p in parts]
-            for reading in parts:
-                reading.reading = True
-                reading.reads += 1
             try:
-                entries = await self.store.read(self.holder, wanted)
-            except RedisDown:
+                await self._read_once()
+            except Exception:  # a bug must not end deliveries for good: log, go on
+                log.exception("usage_read_failed")
                 await self._sleep(POLL)
-                continue
-            finally:
-                for reading in parts:
-                    reading.reading = False
-            got = {p.index: 0 for p in parts}
-            for entry in entries:
-                part = self.partitions.get(entry.partition)
-                if part is None or part not in parts:
-                    continue  # stopped (or stopped and started again) meanwhile
-                got[entry.partition] += 1
-                if part.cursor != ">":
-                    part.cursor = entry.id
-                self._add(part, entry)
-            for part in parts:
-                if part.cursor != ">" and not got[part.index]:
-                    part.cursor = ">"  # the claimed history is read: now new entries
-            if not entries and all(p.cursor == ">" for p in parts):
-                await self._sleep(POLL)
+
+    async def _read_once(self) -> None:
+        """One read of every claimed partition with room, into the lanes; a sleep when
+        nothing came."""
+        parts = [p for p in self.partitions.values() if p.claimed and p.held < WINDOW]
+        if not parts:
+            await self._sleep(POLL)
+            return
+        wanted = [(p.index, p.cursor, WINDOW - p.held) for p in parts]
+        for reading in parts:
+            reading.reading = True
+            reading.reads += 1
+        try:
+            entries = await self.store.read(self.holder, wanted)
+        except RedisDown:
+            await self._sleep(POLL)
+            return
+        finally:
+            for reading in parts:
+                reading.reading = False
+        got = {p.index: 0 for p in parts}
+        for entry in entries:
+            part = self.partitions.get(entry.partition)
+            if part is None or part not in parts:
+                continue  # stopped (or stopped and started again) meanwhile
+            got[entry.partition] += 1
+            if part.cursor != ">":
+                part.cursor = entry.id
+            self._add(part, entry)
+        for part in parts:
+            if part.cursor != ">" and not got[part.index]:
+                part.cursor = ">"  # the claimed history is read: now new entries
+        if not entries and all(p.cursor == ">" for p in parts):
+            await self._sleep(POLL)
 
     async def _sleep(self, seconds: float) -> None:
         """Up to ``seconds``, or until woken; the wake is consumed (an event left set would
@@ -384,7 +405,13 @@ class Deliverer:
         """One (customer, credit type)'s records, one at a time, in stream order."""
         try:
             while queue:
-                if not await self._deliver(part, queue[0]):
+                try:
+                    delivered = await self._deliver(part, queue[0])
+                except Exception:  # unforeseen: the same record again, later (order kept)
+                    log.exception("usage_lane_failed")
+                    await asyncio.sleep(self.retry_max)
+                    continue
+                if not delivered:
                     # The lease is gone: nothing more is sent from this partition
                     # until the next round stops it.
                     part.valid_until = 0.0
@@ -427,6 +454,9 @@ class Deliverer:
                     )
                 except UpstreamError as exc:
                     error = exc.code
+                except Exception:  # unforeseen: counted as no answer, retried
+                    log.exception("usage_send_failed")
+                    error = "internal_error"
                 except BaseException:
                     self.pacer.abandoned()  # cancelled: no answer, someone else may probe
                     raise
@@ -462,8 +492,11 @@ class Deliverer:
                 done = await self.store.finish(self.holder, entry, state, status, answer, replayed)
                 break
             except RedisDown:
-                attempt += 1
-                await asyncio.sleep(backoff(attempt, 1.0))
+                pass  # until Redis answers, or the lease ends (the round cancels this)
+            except Exception:
+                log.exception("usage_finish_failed")
+            attempt += 1
+            await asyncio.sleep(backoff(attempt, 1.0))
         if not done:
             log.info(
                 "usage_lease_lost",

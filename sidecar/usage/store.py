@@ -47,7 +47,7 @@ from typing import Any, Final, Literal
 
 from redis.exceptions import ResponseError
 
-from ..redis.conn import RedisConn
+from ..redis.conn import RedisConn, RedisDown
 from ..redis.url import RedisClient
 from .records import PARTITIONS, Record
 
@@ -348,7 +348,7 @@ class UsageStore:
             if isinstance(answer, Exception):
                 if "NOGROUP" in str(answer):
                     continue  # the stream or its group is gone (FLUSHALL): claim again
-                raise answer
+                raise RedisDown("usage_read") from answer
             for _stream, entries in answer or ():
                 for raw_id, fields in entries:
                     out.append(_entry(partition, _text(raw_id), fields))
