@@ -105,7 +105,9 @@ def deferred_responses(responses: Json) -> Json:
         "description": out["200"]["description"] + "; with Prefer: respond-async, once the "
         "key's record is final: that record (the same record, never a second consumption)",
         "content": {
-            "application/json": {"schema": {"anyOf": [forwarded, ref("schemas", "UsageRecord")]}}
+            "application/json": {
+                "schema": {"type": "object", "anyOf": [forwarded, ref("schemas", "UsageRecord")]}
+            }
         },
     }
     out["202"] = {
