@@ -50,6 +50,14 @@ RUN groupadd --system --gid 10001 vellum \
  && useradd --system --uid 10001 --gid 10001 --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin vellum
 
+# The one directory the sidecar writes (SIDECAR_SNAPSHOT_FILE), owned by it: a
+# volume mounted here (compose's named volume, Kubernetes' emptyDir) is what
+# holds it under the read-only root filesystem; Docker seeds a new named volume
+# from this directory, ownership included.
+RUN mkdir -p /var/lib/vellum-sidecar \
+ && chown 10001:10001 /var/lib/vellum-sidecar \
+ && chmod 0700 /var/lib/vellum-sidecar
+
 # Owned by root and not writable by the runtime user: the code cannot be changed
 # from inside, and nothing needs to write (bytecode is compiled at build time),
 # so the container runs with a read-only root filesystem.

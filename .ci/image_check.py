@@ -12,7 +12,10 @@ OCI format drops it: build with ``--format docker``), each container runs as 100
 and cannot write to its root filesystem, each role's HEALTHCHECK passes, the
 sidecar becomes ready on Redis and the emulator, a caller's ``traceparent``
 reaches the emulator in the same trace, an emulator change is pushed
-(signed) and applied at once, and SIGTERM stops each container with exit 0.
+(signed) and applied at once, and SIGTERM stops each container with exit 0,
+the sidecar leaving its warm-start snapshot on a named volume at
+``/var/lib/vellum-sidecar`` (seeded from the image's directory: owned by 10001),
+mode 0600, holding what it cached.
 Prints the image's size and how long each step took. Exit 1 with the containers'
 logs on the first failure.
 """
@@ -65,8 +68,18 @@ class Containers:
         self.image = image
         self.run_id = uuid.uuid4().hex[:8]
         self.names: list[str] = []
+        self.volumes: list[str] = []
 
-    def run(self, role: str, env: dict[str, str], mounts: dict[Path, str], *cmd: str) -> str:
+    def run(
+        self,
+        role: str,
+        env: dict[str, str],
+        mounts: dict[Path, str],
+        *cmd: str,
+        volumes: dict[str, str] | None = None,
+    ) -> str:
+        """Start a container; ``mounts`` are read-only host paths, ``volumes`` named
+        volumes (created by podman, seeded from the image, writable)."""
         name = f"vellum-sidecar-ci-{role}-{self.run_id}"
         argv = ["run", "--detach", "--name", name, "--network", "host", "--read-only",
                 "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
@@ -76,6 +89,9 @@ class Containers:
             argv += ["--env", f"{key}={value}"]
         for host, inside in mounts.items():
             argv += ["--volume", f"{host}:{inside}:ro"]
+        for volume, inside in (volumes or {}).items():
+            argv += ["--volume", f"{volume}:{inside}"]
+            self.volumes.append(volume)
         podman(*argv, self.image, *cmd)
         self.names.append(name)
         return name
@@ -94,6 +110,8 @@ class Containers:
     def remove(self) -> None:
         for name in self.names:
             podman("rm", "--force", "--time", "2", name, check=False)
+        for volume in self.volumes:
+            podman("volume", "rm", "--force", volume, check=False)
 
 
 def step(what: str, started: float) -> float:
@@ -137,6 +155,20 @@ def check_sigterm(name: str) -> None:
     assert code == "0", f"{name} exited with {code} after SIGTERM"
 
 
+def check_snapshot(volume: str) -> None:
+    """The sidecar's snapshot on its named volume after SIGTERM: written by uid 10001,
+    mode 0600, for the tenant, holding the customer it cached."""
+    from sidecar.cache.snapshot import read_snapshot
+
+    mountpoint = podman("volume", "inspect", "--format", "{{.Mountpoint}}", volume)
+    path = Path(mountpoint.stdout.strip()) / "snapshot.json"
+    info = path.stat()
+    assert (info.st_uid, info.st_mode & 0o777) == (UID, 0o600), (info.st_uid, oct(info.st_mode))
+    held = {ident for _, ident, _ in read_snapshot(path, TENANT).entries}
+    assert "cus_trial" in held, held
+    assert API_KEY.encode() not in path.read_bytes()
+
+
 def main(image: str) -> int:
     check_image(image)
     containers = Containers(image)
@@ -154,6 +186,7 @@ def main(image: str) -> int:
         emulator_url = f"http://127.0.0.1:{emu_port}"
         api = f"http://127.0.0.1:{api_port}"
         ops = f"http://127.0.0.1:{ops_port}"
+        state = f"vellum-sidecar-ci-state-{containers.run_id}"
         try:
             t = time.monotonic()
             emulator = containers.run(
@@ -183,8 +216,10 @@ def main(image: str) -> int:
                     # that is not there: nothing may slow or fail.
                     "OTEL_TRACES_EXPORTER": "otlp",
                     "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+                    "SIDECAR_SNAPSHOT_FILE": "/var/lib/vellum-sidecar/snapshot.json",
                 },
                 {secrets: "/run/secrets"},
+                volumes={state: "/var/lib/vellum-sidecar"},
             )
             wait_until(
                 lambda: http("GET", f"{emulator_url}/_emulator/healthz")[0] == 200,
@@ -227,7 +262,9 @@ def main(image: str) -> int:
             t = step("a signed push from the emulator container applied at once", t)
             check_sigterm(sidecar)
             check_sigterm(emulator)
-            step("SIGTERM: both exit 0", t)
+            t = step("SIGTERM: both exit 0", t)
+            check_snapshot(state)
+            step("the snapshot on the named volume: 10001's, 0600, what the sidecar cached", t)
         except (AssertionError, RuntimeError, subprocess.SubprocessError) as exc:
             print(f"FAILED: {exc}\n{containers.logs()}", file=sys.stderr)
             return 1

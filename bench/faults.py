@@ -12,6 +12,13 @@ hostile clients (issue 14)
     ``<img>`` tag sends them, a DNS-``rebinding`` Host on the ops port,
     ``long_ids`` (two 512-character ids of 4-byte UTF-8 in one path) and a
     ``batch`` of unknown customers against a slow upstream;
+isolation (issue 21, one case per row of its table)
+    ``slow_pushes`` (slow bodies flooding the webhook port while the
+    upstream's sender pushes), ``slow_probes`` (the same on ops, with probes),
+    ``streams`` (OFREP event streams by the thousand, then cached reads),
+    ``waiting_misses`` (a thousand misses on a 4 s upstream, then cached
+    reads), ``replay_flood`` (authentic events by the thousand: Redis keys),
+    ``collection_paths``, ``escape_forms``, ``trace`` and ``allow_405``;
 faults
     ``redis_killed`` (SIGKILL, then a new server on the same port),
     ``redis_hung`` (SIGSTOP, then SIGCONT), ``upstream_down`` (the emulator
@@ -46,13 +53,14 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from sidecar.signature import sign
 from tests.harness import (
@@ -63,6 +71,7 @@ from tests.harness import (
     RedisServer,
     Sidecar,
     free_port,
+    slow_body,
 )
 
 __all__ = ["main", "run"]
@@ -80,6 +89,8 @@ class Options:
     sockets: int
     batch: int
     json_path: Path | None
+    #: Streams and misses of the isolation cases (the issue's 1,100).
+    crowd: int = 1100
     cases: frozenset[str] | None = None
 
     def wants(self, name: str) -> bool:
@@ -94,6 +105,8 @@ def _parse(argv: Sequence[str] | None) -> Options:
     p.add_argument("--customers", type=int, help="customers seeded and read (default 200)")
     p.add_argument("--sockets", type=int, help="hostile sockets per listener (default 200)")
     p.add_argument("--batch", type=int, help="unknown customers in the batch case (default 1000)")
+    p.add_argument("--crowd", type=int,
+                   help="event streams, and misses on a slow upstream (default 1100)")  # fmt: skip
     p.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = p.parse_args(argv)
@@ -109,6 +122,7 @@ def _parse(argv: Sequence[str] | None) -> Options:
         sockets=pick(a.sockets, 200, 20),
         batch=pick(a.batch, 1000, 100),
         json_path=a.json,
+        crowd=pick(a.crowd, 1100, 120),
         cases=frozenset(c.strip() for c in a.cases.split(",")) if a.cases else None,
     )
 
@@ -126,6 +140,14 @@ class Rig:
         self.redis = RedisServer(workdir)
         self.emulator_port = free_port()
         self.emulator: Emulator | None = None
+        #: A second emulator whose only job is to push, signed, to sidecar a (the
+        #: upstream's sender: three tries back to back).
+        self.pusher: Emulator | None = None
+
+    def start_pusher(self) -> None:
+        self.pusher = Emulator(self.workdir, TENANT, seed=False, name="pusher",
+                               webhook_url=self.sidecars["a"].webhook_url)  # fmt: skip
+        self.pusher.start()
 
     def start_upstream(self) -> None:
         self.redis.start()
@@ -147,8 +169,9 @@ class Rig:
         """Stop every process, the sidecars first; raise the first failure after."""
         failure: BaseException | None = None
         procs: list[Process] = [*self.sidecars.values()]
-        if self.emulator is not None:
-            procs.append(self.emulator)
+        for emulator in (self.emulator, self.pusher):
+            if emulator is not None:
+                procs.append(emulator)
         for proc in procs:
             try:
                 proc.stop()
@@ -640,7 +663,302 @@ async def case_batch(session: aiohttp.ClientSession, rig: Rig, opts: Options,
     return {"checks": opts.batch, "status": status, "seconds": round(took, 2),
             "deadline_s": upstream_timeout,
             "timeouts": sum(1 for r in results if r.get("error") == "timeout"),
-            "answered": sum(1 for r in results if "error" not in r)}  # fmt: skip
+            "answered": sum(1 for r in results if "error" not in r),
+            # Any other error by code (a slow upstream on a busy machine can open the
+            # breaker: "upstream_unavailable").
+            "other_errors": _counts(r["error"] for r in results
+                                    if r.get("error") not in (None, "timeout"))}  # fmt: skip
+
+
+# -- isolation (issue 21) ----------------------------------------------------------------------
+
+REFUSED: Final = "vellum_sidecar_connections_refused_total"
+
+
+async def _cap(proc: Sidecar, listener: str) -> int:
+    async with aiohttp.ClientSession() as session:
+        found = await _metric(session, proc, "vellum_sidecar_connection_limit",
+                              f'listener="{listener}"')  # fmt: skip
+    return int(found)
+
+
+async def _until_full(proc: Sidecar, listener: str, cap: int, limit: float) -> int:
+    """Until the listener holds its cap (or ``limit`` s); the most it held. Each scrape
+    on a new connection: a kept-alive one may be closed for room on a full listener."""
+    most = 0.0
+    ends = time.monotonic() + limit
+    while time.monotonic() < ends and most < cap:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as fresh:
+                held = await _metric(fresh, proc, "vellum_sidecar_open_connections",
+                                     f'listener="{listener}"')  # fmt: skip
+                most = max(most, held)
+        await asyncio.sleep(0.05)  # the poll's pace
+    return int(most)
+
+
+async def case_slow_pushes(session: aiohttp.ClientSession, rig: Rig, opts: Options
+                           ) -> dict[str, Any]:  # fmt: skip
+    """Slow bodies flood the public webhook port (a byte every 0.5 s, reconnecting when
+    cut) while the upstream's sender pushes: each push's tries, by status."""
+    a, pusher = rig.sidecars["a"], rig.pusher
+    assert pusher is not None
+    before = await _metric(session, a, REFUSED, 'listener="webhooks"')
+    cap = await _cap(a, "webhooks")
+    count = max(opts.sockets, cap + cap // 2)  # the issue: 200 against 128
+    stop = asyncio.Event()
+    attackers = [asyncio.ensure_future(slow_body(a.ports["webhooks"], "/webhooks/vellum", stop))
+                 for _ in range(count)]  # fmt: skip
+    pushes = 3 if opts.smoke else 10
+    try:
+        held = await _until_full(a, "webhooks", cap, 10)
+        base = pusher.url()
+        for i in range(pushes):
+            async with session.post(f"{base}/_emulator/tenants/{TENANT}/push",
+                                    json={"customerId": f"pushed_{i}"}) as resp:  # fmt: skip
+                await resp.read()
+        async with session.get(f"{base}/_emulator/pushes") as resp:
+            record = (await resp.json())["pushes"][-pushes:]
+    finally:
+        stop.set()
+        made = sum(await asyncio.gather(*attackers))
+    tries = [p["statuses"] for p in record]
+    cut = await _metric(session, a, REFUSED, 'listener="webhooks"') - before
+    return {"attackers": count, "cap": cap, "attacker_connections": made,
+            "most_held": held, "pushes": pushes,
+            "first_try_200": sum(1 for t in tries if t[:1] == [200]),
+            "tries": _counts(str(len(t)) for t in tries), "cut_or_evicted": int(cut)}  # fmt: skip
+
+
+async def case_slow_probes(session: aiohttp.ClientSession, rig: Rig, opts: Options
+                           ) -> dict[str, Any]:  # fmt: skip
+    """The same flood on the ops port (60 against its 32), and probes as the kubelet
+    sends them: a new connection each, 1 s to answer."""
+    a = rig.sidecars["a"]
+    cap = await _cap(a, "ops")
+    attackers_n = max(60, cap + cap // 2)  # the issue: 34 against 32; the target: 60
+    stop = asyncio.Event()
+    attackers = [asyncio.ensure_future(slow_body(a.ports["ops"], "/healthz", stop))
+                 for _ in range(attackers_n)]  # fmt: skip
+    statuses: list[str] = []
+    try:
+        held = await _until_full(a, "ops", cap, 10)
+        for _ in range(10):
+            timeout = aiohttp.ClientTimeout(total=1)
+            try:
+                async with (
+                    aiohttp.ClientSession(timeout=timeout) as probe,
+                    probe.get(f"{a.url('ops')}/healthz") as resp,
+                ):
+                    statuses.append(str(resp.status))
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                statuses.append(type(exc).__name__)
+            await asyncio.sleep(0.2)  # the probes' period
+    finally:
+        stop.set()
+        made = sum(await asyncio.gather(*attackers))
+    return {"attackers": attackers_n, "cap": cap, "most_held": held,
+            "attacker_connections": made, "probes": 10,
+            "probes_answered": _counts(statuses)}  # fmt: skip
+
+
+async def _head(reader: asyncio.StreamReader, limit: float) -> str:
+    """The status of the answer ``reader`` gets, or why there is none."""
+    try:
+        line = await asyncio.wait_for(reader.readline(), limit)
+    except (TimeoutError, OSError) as exc:
+        return type(exc).__name__
+    return line.split(b" ", 2)[1].decode() if line.startswith(b"HTTP/") else "closed"
+
+
+async def _answer(reader: asyncio.StreamReader, limit: float) -> str:
+    """``_head``, with the error code of a JSON error answer (``"503 upstream_overloaded"``)."""
+    try:
+        async with asyncio.timeout(limit):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)  # fmt: skip
+            body = await reader.readexactly(length)
+    except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
+        return type(exc).__name__
+    status = head.split(b" ", 2)[1].decode()
+    try:
+        return f"{status} {orjson.loads(body)['error']['code']}"
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return status
+
+
+async def _cached_reads(proc: Sidecar, count: int) -> dict[str, int]:
+    """``count`` reads of a cached customer, each on a new connection (3 s each)."""
+    statuses = []
+    for _ in range(count):
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as fresh,
+                fresh.get(f"{proc.url()}/v1/customers/{cid(0)}/can/reports") as resp,
+            ):
+                statuses.append(str(resp.status))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            statuses.append(type(exc).__name__)
+    return _counts(statuses)
+
+
+async def case_streams(rig: Rig, opts: Options) -> dict[str, Any]:
+    """OFREP event streams by the thousand on one sidecar, then cached reads on new
+    connections."""
+    a = rig.sidecars["a"]
+    held: list[asyncio.StreamWriter] = []
+    heads: list[asyncio.Future[str]] = []
+    try:
+        for i in range(opts.crowd):
+            reader, writer = await asyncio.open_connection("127.0.0.1", a.ports["local"])
+            writer.write(f"GET /ofrep/v1/events?targetingKey={cid(i % opts.customers)} "
+                         "HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())  # fmt: skip
+            held.append(writer)
+            heads.append(asyncio.ensure_future(_head(reader, 15)))
+        streams = _counts(await asyncio.gather(*heads))
+        reads = await _cached_reads(a, 20)
+    finally:
+        for writer in held:
+            writer.close()
+    return {"streams": opts.crowd, "answers": streams, "cached_reads": reads}
+
+
+async def case_waiting_misses(session: aiohttp.ClientSession, rig: Rig, opts: Options
+                              ) -> dict[str, Any]:  # fmt: skip
+    """A thousand misses (distinct unknown customers, a connection each) while the
+    upstream takes 4 s, then cached reads on new connections."""
+    a = rig.sidecars["a"]
+    delay = 2 if opts.smoke else 4
+    await admin(session, rig, "POST", "/faults", {"operation": "get_entitlements", "delay": delay})
+    held: list[asyncio.StreamWriter] = []
+    started = time.monotonic()
+
+    async def miss(reader: asyncio.StreamReader) -> tuple[str, float]:
+        status = await _answer(reader, delay + 10)
+        return status, time.monotonic() - started
+
+    answers: list[asyncio.Future[tuple[str, float]]] = []
+    try:
+        for i in range(opts.crowd):
+            reader, writer = await asyncio.open_connection("127.0.0.1", a.ports["local"])
+            writer.write(f"GET /v1/customers/waiting_{i}/can/reports HTTP/1.1\r\n"
+                         "Host: 127.0.0.1\r\n\r\n".encode())  # fmt: skip
+            held.append(writer)
+            answers.append(asyncio.ensure_future(miss(reader)))
+        sent = time.monotonic() - started
+        reads = await _cached_reads(a, 20)
+        reads_done = time.monotonic() - started
+        results = await asyncio.gather(*answers)
+    finally:
+        for writer in held:
+            writer.close()
+        await admin(session, rig, "DELETE", "/faults")
+    refused = [t for status, t in results if status == "503 upstream_overloaded"]
+    return {"misses": opts.crowd, "upstream_delay_s": delay, "all_sent_s": round(sent, 2),
+            "answers": _counts(status for status, _ in results),
+            "slowest_503_s": round(max(refused), 2) if refused else None,
+            "cached_reads": reads, "cached_reads_done_s": round(reads_done, 2)}  # fmt: skip
+
+
+async def case_replay_flood(session: aiohttp.ClientSession, rig: Rig, opts: Options
+                            ) -> dict[str, Any]:  # fmt: skip
+    """Authentic events by the thousand, each first seen: what they leave in Redis."""
+    pusher = rig.pusher
+    assert pusher is not None
+    count = 200 if opts.smoke else 2000
+    with rig.redis.client() as client:
+        replay = {k for k in client.keys("*") if k.endswith(b":evts")}
+        before = client.dbsize()
+    sem = asyncio.Semaphore(16)
+
+    async def one(i: int) -> None:
+        async with sem, session.post(f"{pusher.url()}/_emulator/tenants/{TENANT}/push",
+                                     json={"customerId": f"flood_{i}",
+                                           "type": "payment.succeeded"}) as resp:  # fmt: skip
+            await resp.read()
+
+    started = time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(count)))
+    took = time.monotonic() - started
+    with rig.redis.client() as client:
+        replay_after = {k for k in client.keys("*") if k.endswith(b":evts")}
+        members = sum(client.zcard(k) for k in replay_after)
+        ttl = max((client.ttl(k) for k in replay_after), default=None)
+        after = client.dbsize()
+    # Each event names its own customer, so each also leaves that customer's
+    # generation key (1 h TTL): other_keys_added counts those.
+    return {"events": count, "seconds": round(took, 2), "replay_keys": len(replay_after),
+            "replay_members": members, "replay_ttl_s": ttl,
+            "other_keys_added": after - before - len(replay_after - replay)}  # fmt: skip
+
+
+async def _answers(session: aiohttp.ClientSession, requests: Sequence[tuple[str, str]],
+                   base: str) -> dict[str, int]:  # fmt: skip
+    statuses = []
+    for method, path in requests:
+        async with session.request(method, URL(base + path, encoded=True)) as resp:
+            await resp.read()
+            allow = "+Allow" if resp.status == 405 and "Allow" in resp.headers else ""
+            json_ = "" if resp.content_type == "application/json" or method == "HEAD" else "!json"
+            statuses.append(f"{resp.status}{allow}{json_}")
+    return _counts(statuses)
+
+
+async def _upstream_requests(session: aiohttp.ClientSession, rig: Rig) -> int:
+    return len((await admin(session, rig, "GET", "/requests"))["requests"])
+
+
+async def case_collection_paths(session: aiohttp.ClientSession, rig: Rig) -> dict[str, Any]:
+    """``/tenants/{t}/accounts`` and ``.../accounts/{a}/customers``, every method."""
+    requests = [(method, f"/tenants/{TENANT}/{path}")
+                for path in ("accounts", "accounts/acme/customers")
+                for method in ("GET", "HEAD", "PUT", "PATCH", "DELETE")]  # fmt: skip
+    answers = await _answers(session, requests, rig.sidecars["a"].url())
+    return {"requests": len(requests), "answers": answers}
+
+
+async def case_escape_forms(session: aiohttp.ClientSession, rig: Rig) -> dict[str, Any]:
+    """The issue's three forms: nothing may reach the upstream."""
+    forms = [
+        "/v1/customers/..%2F..%2Fother%2Fcustomers%2Fvictim/entitlements",
+        f"/tenants/{TENANT}/customers/..%2F..%2Fother%2Fcustomers%2Fvictim/entitlements",
+        f"/tenants/{TENANT}/%2e%2e/other/customers/victim/entitlements",
+    ]
+    before = await _upstream_requests(session, rig)
+    answers = await _answers(session, [("GET", f) for f in forms], rig.sidecars["a"].url())
+    return {"forms": len(forms), "answers": answers,
+            "upstream_requests": await _upstream_requests(session, rig) - before}  # fmt: skip
+
+
+async def case_trace(session: aiohttp.ClientSession, rig: Rig) -> dict[str, Any]:
+    """TRACE (and other methods never forwarded) on unknown mirror paths."""
+    requests = [(m, f"/tenants/{TENANT}/anything/{m.lower()}")
+                for m in ("TRACE", "OPTIONS", "PROPFIND")]  # fmt: skip
+    before = await _upstream_requests(session, rig)
+    answers = await _answers(session, requests, rig.sidecars["a"].url())
+    return {"requests": len(requests), "answers": answers,
+            "upstream_requests": await _upstream_requests(session, rig) - before}  # fmt: skip
+
+
+async def case_allow_405(session: aiohttp.ClientSession, rig: Rig) -> dict[str, Any]:
+    """405s on both surfaces: each names its methods."""
+    requests = [
+        ("POST", "/v1/customers/c/entitlements"),
+        ("POST", f"/tenants/{TENANT}/customers/c/entitlements"),
+        ("PUT", f"/tenants/{TENANT}/flags"),
+        ("GET", f"/tenants/{TENANT}/accounts"),
+        ("TRACE", f"/tenants/{TENANT}/customers/c/entitlements"),
+    ]
+    answers = await _answers(session, requests, rig.sidecars["a"].url())
+    return {"requests": len(requests), "answers": answers}
+
+
+def _counts(values: Iterable[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for value in values:
+        out[value] = out.get(value, 0) + 1
+    return dict(sorted(out.items()))
 
 
 async def _metric(
@@ -868,8 +1186,11 @@ async def run(opts: Options) -> dict[str, Any]:
         "SIDECAR_UPSTREAM_TIMEOUT": str(upstream_timeout),
         "SIDECAR_SHUTDOWN_DRAIN": "1",
     }
-    results: dict[str, Any] = {"options": {k: str(v) if isinstance(v, Path) else v
-                                           for k, v in asdict(opts).items()},
+    if opts.smoke:
+        # The crowd cases' caps scaled to their smoke sizes (the batch case's 32
+        # fetches at once stay under the waiting bound).
+        env |= {"SIDECAR_MAX_STREAMS": "40", "SIDECAR_UPSTREAM_MAX_WAITING": "40"}
+    results: dict[str, Any] = {"options": {k: _plain(v) for k, v in asdict(opts).items()},
                                "sidecar_env": env, "cases": {}}  # fmt: skip
     cases: dict[str, Any] = results["cases"]
     with tempfile.TemporaryDirectory(prefix="vellum-faults-") as tmp:
@@ -881,6 +1202,7 @@ async def run(opts: Options) -> dict[str, Any]:
             gate = upstream = Gate(rig.emulator_port)
             await gate.open()
             await asyncio.to_thread(rig.start_sidecars, gate.url)
+            await asyncio.to_thread(rig.start_pusher)
             async with aiohttp.ClientSession() as session:
                 await seed(session, rig, opts.customers)
                 await warm(session, rig, opts.customers)
@@ -908,6 +1230,15 @@ async def run(opts: Options) -> dict[str, Any]:
                 await hostile("rebinding", case_rebinding(session, rig))
                 await hostile("long_ids", case_long_ids(rig))
                 await hostile("batch", case_batch(session, rig, opts, upstream_timeout))
+                await hostile("slow_pushes", case_slow_pushes(session, rig, opts))
+                await hostile("slow_probes", case_slow_probes(session, rig, opts))
+                await hostile("streams", case_streams(rig, opts))
+                await hostile("waiting_misses", case_waiting_misses(session, rig, opts))
+                await hostile("replay_flood", case_replay_flood(session, rig, opts))
+                await hostile("collection_paths", case_collection_paths(session, rig))
+                await hostile("escape_forms", case_escape_forms(session, rig))
+                await hostile("trace", case_trace(session, rig))
+                await hostile("allow_405", case_allow_405(session, rig))
 
                 async def replace_upstream(api_key: str) -> None:
                     """A new emulator accepting ``api_key``, seeded before it is reachable."""
@@ -1011,6 +1342,15 @@ async def run(opts: Options) -> dict[str, Any]:
             if gate is not None:
                 await gate.close()
     return results
+
+
+def _plain(value: Any) -> Any:
+    """An option as JSON holds it (a path as text, the case names as a sorted list)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, frozenset):
+        return sorted(value)
+    return value
 
 
 def _say(message: str) -> None:

@@ -1,4 +1,5 @@
-"""Command line: ``vellum-sidecar [serve | demo | emulator | check-config | healthcheck]``."""
+"""Command line: ``vellum-sidecar [serve | demo | emulator | check-config | snapshot |
+healthcheck]``."""
 
 from __future__ import annotations
 
@@ -7,21 +8,33 @@ import asyncio
 import os
 import secrets
 import sys
+import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Coroutine, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from . import __version__
-from .config import ConfigError, Settings, add_flags, env_with_flags
+from .config import ConfigError, Settings, add_flags, env_with_flags, settings_subset
 from .logs import configure_logging
 from .values import Listen
 
 __all__ = ["main"]
 
 EXIT_CONFIG = 2
+#: The settings ``snapshot export`` and ``import`` read (no API key needed).
+SNAPSHOT_FIELDS = (
+    "tenant_id",
+    "snapshot_file",
+    "stale_ttl",
+    "redis_url",
+    "redis_cluster",
+    "redis_timeout",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +76,25 @@ def _parser() -> argparse.ArgumentParser:
         help="tenant of the seeded data and of /_emulator/customers/... (EMULATOR_TENANT)",
     )
     emu.add_argument("--no-seed", action="store_true", help="start with no demo data")
+    snap = sub.add_parser("snapshot", help="export or import a local snapshot (offline use)")
+    actions = snap.add_subparsers(dest="action", metavar="ACTION", required=True)
+    export = actions.add_parser(
+        "export",
+        help="write a snapshot file: the running sidecar's own (SIDECAR_SNAPSHOT_FILE) "
+        "or, with --from-redis, what Redis holds for the tenant",
+    )
+    export.add_argument("--out", required=True, metavar="PATH", help="where ('-': stdout)")
+    export.add_argument(
+        "--from-redis", action="store_true", help="read the tenant's entries from Redis"
+    )
+    add_flags(export, SNAPSHOT_FIELDS)
+    import_ = actions.add_parser(
+        "import",
+        help="check a snapshot file and install it as SIDECAR_SNAPSHOT_FILE, its entries "
+        "servable stale for SIDECAR_STALE_TTL from now (before the sidecar starts)",
+    )
+    import_.add_argument("file", metavar="PATH", help="the snapshot file ('-': stdin)")
+    add_flags(import_, SNAPSHOT_FIELDS)
     health = sub.add_parser("healthcheck", help="exit 0 when this host's sidecar is healthy")
     health.add_argument(
         "--url",
@@ -81,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _emulator(args)
     if command == "demo":
         return _demo(args)
+    if command == "snapshot":
+        return _snapshot(args)
     env = env_with_flags(args)
     try:
         settings = Settings.from_env(env)
@@ -257,6 +291,125 @@ def _emulator_secret(env: Mapping[str, str]) -> str | None:
         return None
     first = secret.replace("\n", ",").split(",")[0].strip()
     return first or None
+
+
+def _snapshot(args: argparse.Namespace) -> int:
+    """``snapshot export`` / ``snapshot import``: offline use of the local snapshot
+    (docs/operations.md, "Offline use"). Nothing goes through an HTTP listener: the
+    cache's contents are read from the snapshot files or from Redis directly."""
+    from .cache import snapshot
+
+    try:
+        values = settings_subset(env_with_flags(args), SNAPSHOT_FIELDS)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"vellum-sidecar: config error: {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    tenant: str = values["tenant_id"]
+    target: Path | None = values["snapshot_file"]
+    now = time.time()
+    try:
+        if args.action == "export":
+            if args.from_redis:
+                found = _redis_snapshot(values, now)
+                if found is None:
+                    return EXIT_CONFIG
+                entries = found.entries
+            else:
+                if target is None:
+                    return _config_error(
+                        "SIDECAR_SNAPSHOT_FILE: required (the sidecar's snapshot to export), "
+                        "or --from-redis"
+                    )
+                merged = _read_snapshots(target, tenant, now)
+                if merged is None:
+                    print(f"vellum-sidecar: snapshot: no usable snapshot at {target}",
+                          file=sys.stderr)  # fmt: skip
+                    return 1
+                entries = merged
+            lines, count = snapshot.encode_lines(tenant, entries, now)
+            if args.out == "-":
+                sys.stdout.buffer.write(snapshot.file_bytes(lines, count))
+                sys.stdout.buffer.flush()
+            else:
+                snapshot.write_file(Path(args.out), lines, count)
+            where = "standard output" if args.out == "-" else args.out
+        else:
+            if target is None:
+                return _config_error("SIDECAR_SNAPSHOT_FILE: required (where to install it)")
+            raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+            # Read as of the epoch, so nothing counts as expired: every entry is kept,
+            # servable stale for SIDECAR_STALE_TTL from now (a CI job's file may be old).
+            entries = snapshot.parse_snapshot(raw, tenant, now=0.0).entries
+            stale_until = now + values["stale_ttl"]
+            for _, _, entry in entries:
+                entry.stale_until = max(entry.stale_until, stale_until)
+            lines, count = snapshot.encode_lines(tenant, entries, now)
+            snapshot.write_file(target, lines, count)
+            where = str(target)
+    except snapshot.SnapshotError as exc:
+        print(f"vellum-sidecar: snapshot: {exc.reason}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"vellum-sidecar: snapshot: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    kinds = Counter(kind.name for kind, _, _ in entries)
+    by_kind = ", ".join(f"{name} {n}" for name, n in sorted(kinds.items())) or "none"
+    verb = "exported" if args.action == "export" else "imported"
+    print(f"{verb} {count} entries ({by_kind}) of tenant {tenant!r} to {where}",
+          file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _config_error(line: str) -> int:
+    print(f"vellum-sidecar: config error: {line}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _read_snapshots(path: Path, tenant: str, now: float) -> list[Any] | None:
+    """The entries of the snapshot at ``path`` and its workers' files, merged; ``None``
+    when none of them could be used (each unusable one named on stderr)."""
+    from .cache import snapshot
+
+    read: list[snapshot.Snapshot] = []
+    for source in snapshot.snapshot_sources(path):
+        try:
+            read.append(snapshot.read_snapshot(source, tenant, now))
+        except FileNotFoundError:
+            continue
+        except snapshot.SnapshotError as exc:
+            print(f"vellum-sidecar: snapshot: ignored {source}: {exc.reason}: {exc}",
+                  file=sys.stderr)  # fmt: skip
+    return snapshot.merge(read) if read else None
+
+
+def _redis_snapshot(values: Mapping[str, Any], now: float) -> Any:
+    """The tenant's entries from Redis (``None`` after a configuration error)."""
+    from .cache import snapshot
+    from .redis.url import REDIS_ERRORS, create_redis
+
+    url = values["redis_url"]
+    if url is None:
+        _config_error("SIDECAR_REDIS_URL: required with --from-redis")
+        return None
+
+    async def read() -> snapshot.Snapshot:
+        client = create_redis(
+            url.reveal(),
+            cluster=values["redis_cluster"],
+            timeout=max(values["redis_timeout"], 5.0),  # a bulk read, not the hot path
+            pool_size=2,
+        )
+        try:
+            return await snapshot.read_redis(client, values["tenant_id"], now)
+        finally:
+            await client.aclose()
+
+    try:
+        return asyncio.run(read())
+    except REDIS_ERRORS as exc:
+        # The type only: a message may carry the URL (credentials).
+        raise OSError(f"Redis did not answer ({type(exc).__name__})") from None
 
 
 def _healthcheck(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from .appkeys import (
     OFREP_STREAMS,
     REDIS,
     SETTINGS,
+    SNAPSHOT,
     TRACING,
     UPSTREAM,
     USAGE,
@@ -34,6 +35,7 @@ from .appkeys import (
 )
 from .cache.cache import Caches
 from .cache.invalidation import Invalidator
+from .cache.snapshot import Snapshotter
 from .config import Settings
 from .health import HealthMonitor
 from .http.guard import HostGuard
@@ -72,6 +74,7 @@ def create_app(
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_cache_ctx)
+    app.cleanup_ctx.append(_snapshot_ctx)
     app.cleanup_ctx.append(_usage_ctx)
     app.cleanup_ctx.append(_health_ctx)
     app.cleanup_ctx.append(_streams_ctx)
@@ -153,6 +156,29 @@ async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
     await caches.close()
 
 
+async def _snapshot_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The local snapshot (cache/snapshot.py): loaded here, at start-up, so before the
+    listeners report ready; written every interval, and once more on the way out
+    (after the listeners finished their requests, before the caches close)."""
+    settings = app[SETTINGS]
+    if settings.snapshot_file is None:
+        app[SNAPSHOT] = None
+        yield
+        return
+    snapshotter = Snapshotter(
+        settings.snapshot_file,
+        tenant=settings.tenant_id,
+        interval=settings.snapshot_interval,
+        caches=app[CACHES],
+        metrics=app[METRICS],
+    )
+    app[SNAPSHOT] = snapshotter
+    await snapshotter.load()
+    snapshotter.start()
+    yield
+    await snapshotter.stop()
+
+
 async def _usage_ctx(app: web.Application) -> AsyncIterator[None]:
     """Metered usage (sidecar/usage): with Redis, the queue and this sidecar's deliveries."""
     redis = app[REDIS]
@@ -172,7 +198,7 @@ async def _usage_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
     """The active checks behind /readyz (sidecar/health.py)."""
     monitor = HealthMonitor(
-        app[SETTINGS], app[UPSTREAM], app[REDIS], app[INVALIDATOR], app[METRICS]
+        app[SETTINGS], app[UPSTREAM], app[REDIS], app[INVALIDATOR], app[METRICS], app[SNAPSHOT]
     )
     app[HEALTH] = monitor
     monitor.start()

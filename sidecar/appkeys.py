@@ -8,6 +8,7 @@ from aiohttp import web
 
 from .cache.cache import Caches, DocumentCache
 from .cache.invalidation import Invalidator
+from .cache.snapshot import Snapshotter
 from .config import Settings
 from .health import HealthMonitor
 from .http.guard import HostGuard
@@ -30,6 +31,7 @@ __all__ = [
     "OFREP_STREAMS",
     "REDIS",
     "SETTINGS",
+    "SNAPSHOT",
     "TRACING",
     "UPSTREAM",
     "USAGE",
@@ -57,6 +59,8 @@ CACHES = web.AppKey("caches", Caches)
 #: The entitlement cache (``CACHES.entitlements``): its own key for the hot path.
 CACHE = web.AppKey("cache", DocumentCache)
 INVALIDATOR = web.AppKey("invalidator", Invalidator)
+#: The local snapshot (``None``: ``SIDECAR_SNAPSHOT_FILE`` unset).
+SNAPSHOT: web.AppKey[Snapshotter | None] = web.AppKey("snapshot")
 HEALTH = web.AppKey("health", HealthMonitor)
 #: The open OFREP event streams (told of every drop by the invalidator).
 OFREP_STREAMS = web.AppKey("ofrep_streams", Streams)

@@ -7,15 +7,12 @@ text, in one place. Everything else derives from those declarations:
 ``Settings.redacted`` (what ``check-config`` prints) and the README's configuration
 table (``scripts/gen_config_docs.py``, whose ``--check`` runs in CI).
 
-``Settings.from_env(env)`` collects *every* problem before failing, so an operator
-fixes a broken deployment in one round; ``ConfigError.problems`` holds one line
-per bad variable, each naming the variable.
-
-Credentials never show: secret values are ``Secret`` / ``ApiKeySource`` objects,
-and ``redact_url`` / ``redact_text`` hide the credentials of any URL (userinfo,
-password or token options) in the redacted print, in configuration errors and,
-through ``sidecar/logs.py``, in every log line. Those value types and the
-redaction live in ``sidecar/values.py``.
+``Settings.from_env(env)`` collects *every* problem before failing (one line per bad
+variable in ``ConfigError.problems``), so an operator fixes a deployment in one round.
+Credentials never show: secrets are ``Secret`` / ``ApiKeySource`` objects, and
+``redact_url`` / ``redact_text`` hide any URL's credentials in the redacted print,
+configuration errors and (``sidecar/logs.py``) every log line. Those live in
+``sidecar/values.py``, each variable's parser in ``sidecar/parsers.py``.
 """
 
 from __future__ import annotations
@@ -23,13 +20,28 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Final, Literal
-from urllib.parse import urlsplit
+from typing import Any, Final
 
 from .declare import SETTING_KEY, Setting, Variable, secret_setting, setting
+from .parsers import (
+    parse_bool,
+    parse_csv_set,
+    parse_http_url,
+    parse_log_level,
+    parse_name_set,
+    parse_non_negative_float,
+    parse_non_negative_int,
+    parse_pool_size,
+    parse_positive_float,
+    parse_positive_int,
+    parse_redis_secret,
+    parse_secret_list,
+    parse_snapshot_path,
+    parse_text,
+)
 from .redis.url import parse_redis_url
 from .values import ApiKeySource, Listen, Secret, redact_text, redact_url
 
@@ -40,112 +52,9 @@ __all__ = [
     "Settings",
     "add_flags",
     "env_with_flags",
+    "flag_names",
+    "settings_subset",
 ]
-
-
-_TRUE: Final = frozenset({"1", "true", "yes", "on"})
-_FALSE: Final = frozenset({"0", "false", "no", "off", ""})
-_LOG_LEVELS: Final = ("debug", "info", "warning", "error")
-
-
-def _text(value: str) -> str:
-    return value
-
-
-def _http_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected an http:// or https:// URL, got {redact_url(value)!r}")
-    if parts.query or parts.fragment:
-        raise ValueError("must not carry a query or fragment")
-    return value.rstrip("/")
-
-
-def _redis_url(value: str, _path: Path | None) -> Secret:
-    parse_redis_url(value)  # the forms and their options; its errors never repeat the URL
-    return Secret(value)
-
-
-def _secret_list(value: str, _path: Path | None) -> tuple[Secret, ...]:
-    parts = (s.strip() for s in value.replace("\n", ",").split(","))
-    secrets = tuple(Secret(s) for s in parts if s)
-    if not secrets:
-        raise ValueError("set but holds no secret")
-    return secrets
-
-
-def _bool(value: str) -> bool:
-    low = value.lower()
-    if low in _TRUE:
-        return True
-    if low in _FALSE:
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
-
-
-def _number(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"expected a number, got {value!r}") from None
-    if number != number or number in (float("inf"), float("-inf")):
-        raise ValueError(f"expected a finite number, got {value!r}")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    number = _number(value)
-    if number <= 0:
-        raise ValueError(f"must be greater than 0, got {value}")
-    return number
-
-
-def _non_negative_float(value: str) -> float:
-    number = _number(value)
-    if number < 0:
-        raise ValueError(f"must be 0 or more, got {value}")
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError(f"expected a whole number, got {value!r}") from None
-    if number < 0:
-        raise ValueError(f"must be 0 or more, got {value}")
-    return number
-
-
-def _positive_int(value: str) -> int:
-    number = _non_negative_int(value)
-    if number == 0:
-        raise ValueError("must be greater than 0")
-    return number
-
-
-def _pool_size(value: str) -> int:
-    number = _non_negative_int(value)
-    if number < 2:
-        # The fan-out subscription holds one pooled connection for good: with only
-        # one, every other command would wait for it and fail.
-        raise ValueError("must be at least 2 (the fan-out subscription holds one connection)")
-    return number
-
-
-def _csv_set(value: str) -> frozenset[str]:
-    return frozenset(p.strip() for p in value.split(",") if p.strip())
-
-
-def _name_set(value: str) -> frozenset[str]:
-    return frozenset(name.lower() for name in _csv_set(value))
-
-
-def _log_level(value: str) -> Literal["debug", "info", "warning", "error"]:
-    low = value.lower()
-    if low not in _LOG_LEVELS:
-        raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)}, got {value!r}")
-    return low  # type: ignore[return-value]
 
 
 class ConfigError(Exception):
@@ -181,14 +90,14 @@ class Settings:
     )
     tenant_id: str = setting(
         "VELLUM_TENANT_ID",
-        _text,
+        parse_text,
         None,
         help="the tenant this sidecar serves",
         doc="the tenant this sidecar serves",
     )
     base_url: str = setting(
         "VELLUM_BASE_URL",
-        _http_url,
+        parse_http_url,
         "https://api.vellumcharter.com",
         help="upstream base URL",
         doc="upstream base URL (`http://` or `https://`, no query); credentials in it are "
@@ -197,7 +106,7 @@ class Settings:
     )
     webhook_secrets: tuple[Secret, ...] = secret_setting(
         "VELLUM_WEBHOOK_SECRETS",
-        _secret_list,
+        parse_secret_list,
         unset=(),
         help="comma-separated push signing secrets",
         file_help="file holding the signing secrets (comma- or line-separated)",
@@ -209,7 +118,7 @@ class Settings:
     )
     redis_url: Secret | None = secret_setting(
         "SIDECAR_REDIS_URL",
-        _redis_url,
+        parse_redis_secret,
         help="redis://, rediss://, unix:// or redis+sentinel:// URL; unset = memory only",
         file_help="file holding SIDECAR_REDIS_URL (keeps a Redis password out of a ConfigMap)",
         doc="`redis://`, `rediss://` (TLS), `unix://` or `redis+sentinel://` URL, or Cluster "
@@ -221,7 +130,7 @@ class Settings:
     )
     redis_cluster: bool = setting(
         "SIDECAR_REDIS_CLUSTER",
-        _bool,
+        parse_bool,
         "false",
         help="true when SIDECAR_REDIS_URL names Cluster nodes",
         doc="`true` when `SIDECAR_REDIS_URL` names Redis Cluster nodes (`redis://n1:6379,n2:6379`)",
@@ -249,14 +158,14 @@ class Settings:
     )
     cache_ttl: float = setting(
         "SIDECAR_CACHE_TTL",
-        _positive_float,
+        parse_positive_float,
         "300",
         help="seconds an entitlement stays fresh",
         doc="seconds an entitlement stays fresh (jittered ±10 %)",
     )
     flags_ttl: float = setting(
         "SIDECAR_FLAGS_TTL",
-        _positive_float,
+        parse_positive_float,
         "30",
         help="seconds a customer's flags (and the global flags) stay fresh",
         doc="seconds a customer's flags and the tenant's global flags stay fresh (jittered "
@@ -264,21 +173,21 @@ class Settings:
     )
     stale_ttl: float = setting(
         "SIDECAR_STALE_TTL",
-        _non_negative_float,
+        parse_non_negative_float,
         "86400",
         help="seconds a stale entry may be served if upstream fails",
         doc="seconds past freshness a stale entry may still be served while the upstream fails",
     )
     negative_ttl: float = setting(
         "SIDECAR_NEGATIVE_TTL",
-        _non_negative_float,
+        parse_non_negative_float,
         "30",
         help="seconds an unknown customer (404) stays cached",
         doc='seconds a "customer not found" (upstream 404) stays cached (jittered ±10 %)',
     )
     negative_stale_ttl: float = setting(
         "SIDECAR_NEGATIVE_STALE_TTL",
-        _non_negative_float,
+        parse_non_negative_float,
         "600",
         help="seconds past freshness a 'not found' may be served stale",
         doc='seconds past freshness a "customer not found" may still be served stale while '
@@ -288,7 +197,7 @@ class Settings:
     )
     strict_drops: bool = setting(
         "SIDECAR_STRICT_DROPS",
-        _bool,
+        parse_bool,
         "false",
         help="true: never serve stale what a push, DELETE or write dropped",
         doc="`false`: a dropped entry (a push, a cache `DELETE`, a billing write) is "
@@ -300,7 +209,7 @@ class Settings:
     )
     memory_max_entries: int = setting(
         "SIDECAR_MEMORY_MAX_ENTRIES",
-        _non_negative_int,
+        parse_non_negative_int,
         "100000",
         help="in-process cache size (LRU)",
         doc="entries in the in-process layer, per document kind (entitlements, flags; least "
@@ -308,7 +217,7 @@ class Settings:
     )
     memory_ttl: float = setting(
         "SIDECAR_MEMORY_TTL",
-        _non_negative_float,
+        parse_non_negative_float,
         "10",
         help="seconds an entry lives in-process while the fan-out is not confirmed",
         doc="with Redis, while the fan-out subscription is not confirmed live: seconds the "
@@ -320,14 +229,14 @@ class Settings:
     )
     allow_remote: bool = setting(
         "SIDECAR_ALLOW_REMOTE",
-        _bool,
+        parse_bool,
         "false",
         help="true to bind the local API off loopback",
         doc="must be `true` to bind the local API to a non-loopback address",
     )
     allowed_hosts: frozenset[str] = setting(
         "SIDECAR_ALLOWED_HOSTS",
-        _name_set,
+        parse_name_set,
         "",
         help="extra Host names the local API accepts",
         doc="extra `Host` names the local API accepts (the browser guard); a non-wildcard "
@@ -335,7 +244,7 @@ class Settings:
     )
     forward_unknown: bool = setting(
         "SIDECAR_FORWARD_UNKNOWN",
-        _bool,
+        parse_bool,
         "true",
         help="false to refuse mirror paths the operation table does not know",
         doc="`true`: a tenant-scoped mirror path the sidecar does not know (an operation newer "
@@ -346,28 +255,39 @@ class Settings:
     )
     upstream_timeout: float = setting(
         "SIDECAR_UPSTREAM_TIMEOUT",
-        _positive_float,
+        parse_positive_float,
         "5",
         help="total seconds for one upstream call, retries included",
         doc="total seconds for one upstream call, retries included",
     )
     upstream_connect_timeout: float = setting(
         "SIDECAR_UPSTREAM_CONNECT_TIMEOUT",
-        _positive_float,
+        parse_positive_float,
         "2",
         help="seconds to connect to the upstream",
         doc="seconds to open a connection to the upstream",
     )
+    upstream_max_waiting: int = setting(
+        "SIDECAR_UPSTREAM_MAX_WAITING",
+        parse_positive_int,
+        "256",
+        help="upstream calls that may be under way or waiting at once; beyond, 503 at once",
+        doc="upstream calls that may be under way or waiting for one of the 100 upstream "
+        "connections at once (at most half of `SIDECAR_MAX_CONNECTIONS`); beyond it an "
+        "uncached read is answered 503 `upstream_overloaded` with `Retry-After` at once, "
+        "while a cached entry still answers (stale if it must). See [Overload]"
+        "(docs/operations.md#overload-waiting-on-the-upstream)",
+    )
     redis_timeout: float = setting(
         "SIDECAR_REDIS_TIMEOUT",
-        _positive_float,
+        parse_positive_float,
         "0.5",
         help="seconds for one Redis command or connect",
         doc="seconds for one Redis command, connect, or wait for a pooled connection",
     )
     redis_pool_size: int = setting(
         "SIDECAR_REDIS_POOL_SIZE",
-        _pool_size,
+        parse_pool_size,
         "50",
         help="maximum Redis connections",
         doc="maximum Redis connections (per worker; per node for a Cluster), at least 2: "
@@ -376,7 +296,7 @@ class Settings:
     )
     fail_open_modules: frozenset[str] = setting(
         "SIDECAR_FAIL_OPEN_MODULES",
-        _csv_set,
+        parse_csv_set,
         "",
         help="modules that `can` allows when no answer exists",
         doc='comma-separated modules that `can` allows (with `"fallback": true`) when no '
@@ -385,7 +305,7 @@ class Settings:
     # -- metered usage (docs/api.md, docs/operations.md) -------------------------------
     usage_outcome_ttl: float = setting(
         "SIDECAR_USAGE_OUTCOME_TTL",
-        _positive_float,
+        parse_positive_float,
         "86400",
         help="seconds a usage record's outcome is kept after its final answer",
         doc="seconds a metered usage record's outcome (`GET /v1/usage/{idempotencyKey}`) is "
@@ -395,7 +315,7 @@ class Settings:
     )
     usage_max_queued: int = setting(
         "SIDECAR_USAGE_MAX_QUEUED",
-        _positive_int,
+        parse_positive_int,
         "100000",
         help="usage records the tenant's queue holds before refusing more (503)",
         doc="usage records the tenant's queue in Redis holds, not yet delivered, before a "
@@ -404,7 +324,7 @@ class Settings:
     )
     usage_retry_max: float = setting(
         "SIDECAR_USAGE_RETRY_MAX",
-        _positive_float,
+        parse_positive_float,
         "10",
         help="longest pause between delivery attempts of a usage record",
         doc="seconds, at most, between two delivery attempts of a usage record while the "
@@ -414,28 +334,28 @@ class Settings:
     )
     shutdown_grace: float = setting(
         "SIDECAR_SHUTDOWN_GRACE",
-        _non_negative_float,
+        parse_non_negative_float,
         "10",
         help="seconds in-flight requests get on SIGTERM",
         doc="seconds in-flight requests get to finish after SIGTERM",
     )
     log_level: str = setting(
         "SIDECAR_LOG_LEVEL",
-        _log_level,
+        parse_log_level,
         "info",
         help="debug, info, warning or error",
         doc="`debug`, `info`, `warning` or `error`; logs are one JSON object per line on stderr",
     )
     access_log: bool = setting(
         "SIDECAR_ACCESS_LOG",
-        _bool,
+        parse_bool,
         "false",
         help="true to log every request (off the hot path by default)",
         doc="`true` logs every request (off by default: it costs on the hot path)",
     )
     workers: int = setting(
         "SIDECAR_WORKERS",
-        _positive_int,
+        parse_positive_int,
         "1",
         help="worker processes sharing the listeners; >1 needs Redis",
         doc="worker processes serving the same addresses (`SO_REUSEPORT`), one supervisor; more "
@@ -445,7 +365,7 @@ class Settings:
     # -- listener limits, guards, active checks and drain (docs/operations.md) --------
     header_timeout: float = setting(
         "SIDECAR_HEADER_TIMEOUT",
-        _positive_float,
+        parse_positive_float,
         "5",
         help="seconds a request's line and headers may take to arrive",
         doc="seconds a request's line and headers may take to arrive (a slow client gets a "
@@ -454,14 +374,32 @@ class Settings:
     )
     body_timeout: float = setting(
         "SIDECAR_BODY_TIMEOUT",
-        _positive_float,
+        parse_positive_float,
         "10",
         help="seconds a request body may take to arrive after its headers",
         doc="seconds a request body may take to arrive after its headers (408, then closed)",
     )
+    webhook_body_timeout: float = setting(
+        "SIDECAR_WEBHOOK_BODY_TIMEOUT",
+        parse_positive_float,
+        "2",
+        help="seconds a push's body may take to arrive on the webhook listener",
+        doc="seconds a push's body may take to arrive after its headers on the webhook "
+        "listener (signed pushes are small; 408, then closed)",
+    )
+    min_rate: float = setting(
+        "SIDECAR_MIN_RATE",
+        parse_non_negative_float,
+        "500",
+        help="bytes/s a request's head and body must average after their first second; 0: off",
+        doc="bytes per second a request's head (from its first byte) and body (from the end of "
+        "its head) must average on every listener once their first second is over (Apache "
+        "`mod_reqtimeout`'s `MinRate`); slower ones are cut with a JSON 408, and at a "
+        "connection cap the slowest goes first. `0` turns the minimum off",
+    )
     keepalive_timeout: float = setting(
         "SIDECAR_KEEPALIVE_TIMEOUT",
-        _positive_float,
+        parse_positive_float,
         "30",
         help="seconds an idle keep-alive connection stays open",
         doc="seconds an idle keep-alive connection stays open (the tiny clients retry a "
@@ -469,7 +407,7 @@ class Settings:
     )
     max_connections: int = setting(
         "SIDECAR_MAX_CONNECTIONS",
-        _positive_int,
+        parse_positive_int,
         "1024",
         help="open connections the local API accepts",
         doc="open connections the local API accepts; beyond it new connections are refused "
@@ -477,21 +415,30 @@ class Settings:
     )
     webhook_max_connections: int = setting(
         "SIDECAR_WEBHOOK_MAX_CONNECTIONS",
-        _positive_int,
+        parse_positive_int,
         "128",
         help="open connections the webhook listener accepts",
         doc="open connections the webhook listener accepts",
     )
     ops_max_connections: int = setting(
         "SIDECAR_OPS_MAX_CONNECTIONS",
-        _positive_int,
+        parse_positive_int,
         "32",
         help="open connections the ops listener accepts",
         doc="open connections the ops listener accepts",
     )
+    max_streams: int = setting(
+        "SIDECAR_MAX_STREAMS",
+        parse_non_negative_int,
+        "256",
+        help="open OFREP event streams the local API holds, apart from its connection cap",
+        doc="open OFREP event streams (`GET /ofrep/v1/events`) the local API holds; a stream's "
+        "connection does not count toward `SIDECAR_MAX_CONNECTIONS`, and beyond this a new "
+        "stream is refused 503 (`0`: no streams)",
+    )
     ops_allowed_hosts: frozenset[str] = setting(
         "SIDECAR_OPS_ALLOWED_HOSTS",
-        _name_set,
+        parse_name_set,
         "",
         help="Host names the ops listener accepts besides loopback names and IP literals "
         "(.suffix matches subdomains)",
@@ -501,7 +448,7 @@ class Settings:
     )
     check_interval: float = setting(
         "SIDECAR_CHECK_INTERVAL",
-        _positive_float,
+        parse_positive_float,
         "0.25",
         help="seconds between Redis PINGs and fan-out heartbeats",
         doc="seconds between the active Redis PINGs and the fan-out subscription's heartbeats "
@@ -509,7 +456,7 @@ class Settings:
     )
     upstream_check_interval: float = setting(
         "SIDECAR_UPSTREAM_CHECK_INTERVAL",
-        _non_negative_float,
+        parse_non_negative_float,
         "1",
         help="seconds between upstream checks while idle; 0: off",
         doc="seconds without an upstream answer after which one authenticated check is sent "
@@ -517,12 +464,46 @@ class Settings:
     )
     shutdown_drain: float = setting(
         "SIDECAR_SHUTDOWN_DRAIN",
-        _non_negative_float,
+        parse_non_negative_float,
         "1",
         help="seconds after SIGTERM that open connections still get answers "
         "(with Connection: close)",
         doc="seconds after SIGTERM during which open connections still get answers, each with "
         "`Connection: close` (ends early once every connection closed)",
+    )
+    # -- warm start: the local snapshot and readiness (docs/operations.md) -------------
+    snapshot_file: Path | None = setting(
+        "SIDECAR_SNAPSHOT_FILE",
+        parse_snapshot_path,
+        "",
+        help="file the in-process layer is saved to and loaded from at start; empty: off",
+        doc="file the in-process layer (every document kind, with its freshness and stale "
+        "deadlines) is written to every `SIDECAR_SNAPSHOT_INTERVAL` and at shutdown, and "
+        "loaded from at start as the stale fallback, so a restart answers cached customers "
+        "even with Redis empty and the upstream down; its directory must exist and be "
+        "writable (a volume under a read-only root filesystem); empty: off. See [Warm start]"
+        "(docs/operations.md#warm-start-the-local-snapshot)",
+        show=lambda path: str(path) if path is not None else "(unset: off)",
+    )
+    snapshot_interval: float = setting(
+        "SIDECAR_SNAPSHOT_INTERVAL",
+        parse_positive_float,
+        "10",
+        help="seconds between snapshot writes (skipped when nothing changed)",
+        doc="seconds between snapshot writes (none when nothing changed since the last); a "
+        "SIGKILL loses at most this much",
+    )
+    wait_for_data: bool = setting(
+        "SIDECAR_WAIT_FOR_DATA",
+        parse_bool,
+        "false",
+        help="true: /readyz stays 503 until a snapshot loaded, Redis answered or the "
+        "upstream answered",
+        doc='`true`: `/readyz` stays 503 (`"status": "waiting"`) after start until the '
+        "sidecar has something to answer with: a snapshot loaded with at least one entry, "
+        "Redis answered, or the upstream answered once; from then on it is the usual "
+        "readiness. `false`: ready once listening (a sidecar that can reach nothing "
+        "answers 503 `upstream_unavailable`, fail closed)",
     )
     #: The ``_FILE`` variables that supplied a value, with their paths (for ``redacted``).
     files: tuple[tuple[str, Path], ...] = field(default=(), repr=False)
@@ -530,33 +511,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         """Build settings from an environment mapping; ``ConfigError`` lists every problem."""
-        problems: list[str] = []
-        values: dict[str, Any] = {}
-        given: set[str] = set()
-        files: list[tuple[str, Path]] = []
-        for f in fields(cls):
-            decl: Setting | None = f.metadata.get(SETTING_KEY)
-            if decl is None:
-                continue
-            try:
-                found = _lookup(env, decl)
-            except ValueError as exc:
-                problems.append(str(exc))
-                continue
-            if found is None:
-                if decl.required:
-                    problems.append(f"{decl.name}: required ({decl.required_hint})")
-                else:
-                    values[f.name] = f.default
-                continue
-            value, path, source = found
-            given.add(decl.name)
-            if path is not None:
-                files.append((source, path))
-            try:
-                values[f.name] = decl.parse(value, path)
-            except ValueError as exc:
-                problems.append(f"{source}: {exc}")
+        values, given, files, problems = _parse_fields(env, None)
         problems += _combination_problems(values, given)
         if problems:
             raise ConfigError(problems)
@@ -592,6 +547,61 @@ class Settings:
         return out
 
 
+def settings_subset(env: Mapping[str, str], names: Collection[str]) -> dict[str, Any]:
+    """Only the named ``Settings`` fields (their values by field name), parsed as
+    ``from_env`` parses them, for a command that needs a few (``snapshot``):
+    ``ConfigError`` lists every problem, a required one missing included."""
+    values, _, _, problems = _parse_fields(env, names)
+    if problems:
+        raise ConfigError(problems)
+    return values
+
+
+def flag_names(names: Collection[str]) -> list[Variable]:
+    """The variables (and ``_FILE`` twins) of the named ``Settings`` fields."""
+    return [v for f in fields(Settings) if f.name in names for v in _decl(f).variables()]
+
+
+def _decl(f: Any) -> Setting:
+    decl: Setting = f.metadata[SETTING_KEY]
+    return decl
+
+
+def _parse_fields(
+    env: Mapping[str, str], names: Collection[str] | None
+) -> tuple[dict[str, Any], set[str], list[tuple[str, Path]], list[str]]:
+    """Parse every declared field (``names``: only those): values by field name, the
+    variables given, the ``_FILE`` paths read, and one problem line per bad variable."""
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    given: set[str] = set()
+    files: list[tuple[str, Path]] = []
+    for f in fields(Settings):
+        decl: Setting | None = f.metadata.get(SETTING_KEY)
+        if decl is None or (names is not None and f.name not in names):
+            continue
+        try:
+            found = _lookup(env, decl)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        if found is None:
+            if decl.required:
+                problems.append(f"{decl.name}: required ({decl.required_hint})")
+            else:
+                values[f.name] = f.default
+            continue
+        value, path, source = found
+        given.add(decl.name)
+        if path is not None:
+            files.append((source, path))
+        try:
+            values[f.name] = decl.parse(value, path)
+        except ValueError as exc:
+            problems.append(f"{source}: {exc}")
+    return values, given, files, problems
+
+
 #: Every declaration, in ``Settings``' field order.
 SETTINGS: Final[tuple[Setting, ...]] = tuple(
     f.metadata[SETTING_KEY] for f in fields(Settings) if SETTING_KEY in f.metadata
@@ -622,6 +632,11 @@ def _combination_problems(values: Mapping[str, Any], given: set[str]) -> list[st
         if problem:
             var = "SIDECAR_REDIS_CLUSTER" if cluster else "SIDECAR_REDIS_URL"
             problems.append(f"{var}: {problem}")
+    if values.get("snapshot_file") is not None and values.get("memory_max_entries") == 0:
+        problems.append(
+            "SIDECAR_SNAPSHOT_FILE: the snapshot saves the in-process layer, which "
+            "SIDECAR_MEMORY_MAX_ENTRIES=0 turns off"
+        )
     workers: int | None = values.get("workers")
     if workers is not None and workers > 1:
         # Each worker has its own in-process layer; only the Redis fan-out
@@ -669,10 +684,12 @@ def _given(env: Mapping[str, str], name: str) -> str | None:
     return value.strip()
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per variable (``--redis-url`` for ``SIDECAR_REDIS_URL``); flags win over env."""
+def add_flags(parser: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:
+    """One flag per variable (``--redis-url`` for ``SIDECAR_REDIS_URL``); flags win over env.
+
+    ``names``: only the variables of these ``Settings`` fields."""
     group = parser.add_argument_group("configuration (each flag overrides its variable)")
-    for var in VARIABLES:
+    for var in VARIABLES if names is None else flag_names(names):
         help_ = var.help.replace("%", "%%")  # argparse formats help with %
         group.add_argument(var.flag, dest=var.name, default=None, metavar="VALUE", help=help_)
 

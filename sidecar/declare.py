@@ -14,21 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar, cast
 
-__all__ = ["SETTING_KEY", "Setting", "Variable", "secret_setting", "setting", "show_value"]
+from .parsers import shown
+
+__all__ = ["SETTING_KEY", "Setting", "Variable", "secret_setting", "setting"]
 
 T = TypeVar("T")
 
 #: The dataclass field metadata key that holds a field's ``Setting``.
 SETTING_KEY: Final = "sidecar.config.setting"
-
-
-def show_value(value: Any) -> str:
-    """How ``check-config`` prints a parsed value."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, frozenset):
-        return ",".join(sorted(value))
-    return str(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +99,7 @@ def setting(
         help,
         doc,
         parse=lambda value, _path: parse(value),
-        show=show or show_value,
+        show=show or shown,
         required=default is None,
     )
     if default is None:

@@ -16,6 +16,7 @@ The tree::
     ├── Unavailable                   503     unavailable            (usage_unavailable: not queued)
     └── UpstreamError                 502     upstream_error
         ├── UpstreamUnavailable       503     upstream_unavailable   (reads: nothing usable cached)
+        │   └── UpstreamOverloaded    503     upstream_overloaded    (too many waiting: not sent)
         ├── UpstreamTimeout           504     upstream_timeout
         └── UpstreamAuthFailed        502     upstream_auth_failed   (the sidecar's key was refused)
 
@@ -42,6 +43,7 @@ __all__ = [
     "Unprocessable",
     "UpstreamAuthFailed",
     "UpstreamError",
+    "UpstreamOverloaded",
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "error_body",
@@ -133,6 +135,13 @@ class UpstreamError(SidecarError):
 class UpstreamUnavailable(UpstreamError):
     status = 503
     code = "upstream_unavailable"
+
+
+class UpstreamOverloaded(UpstreamUnavailable):
+    """Not sent: ``SIDECAR_UPSTREAM_MAX_WAITING`` upstream calls were already waiting."""
+
+    code = "upstream_overloaded"
+    retry_after = 1
 
 
 class UpstreamTimeout(UpstreamError):

@@ -28,7 +28,10 @@ Each fault shows in ``/readyz`` and in
 plus the Redis (or check) timeout: under a second with the defaults.
 
 ``/readyz`` answers 503 only while starting and while stopping (the shutdown
-drain included); a dependency's state never makes it 503. Whatever is down,
+drain included), and, with ``SIDECAR_WAIT_FOR_DATA=true``, after start until the
+sidecar has had something to answer with (``has_data``: a snapshot loaded,
+Redis answered, or the upstream answered once; latched, so it never flips
+back). A dependency's state never makes it 503. Whatever is down,
 the sidecar still answers: from memory, from Redis, stale entries, fail-open
 modules, flag defaults, or a clear fail-closed error. Taking it (and with it
 its pod) out of service would turn those answers into refused connections and
@@ -49,6 +52,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .cache.invalidation import Invalidator
+from .cache.snapshot import Snapshotter
 from .config import Settings
 from .metrics import Metrics
 from .redis.conn import RedisConn
@@ -79,12 +83,15 @@ class HealthMonitor(Collector):
         redis: RedisConn | None,
         invalidator: Invalidator,
         metrics: Metrics,
+        snapshot: Snapshotter | None = None,
     ) -> None:
         self.settings = settings
         self.upstream = upstream
         self.redis = redis
         self.invalidator = invalidator
         self.metrics = metrics
+        self.snapshot = snapshot
+        self._had_data = False
         #: (monotonic time, status or None for no answer) of the latest upstream check.
         self.last_check: tuple[float, int | None] = (0.0, 0)
         self._tasks: list[asyncio.Task[None]] = []
@@ -98,6 +105,8 @@ class HealthMonitor(Collector):
             self._tasks.append(loop.create_task(self._redis_loop()))
         if self.settings.upstream_check_interval > 0:
             self._tasks.append(loop.create_task(self._upstream_loop()))
+        elif self.settings.wait_for_data:
+            self._tasks.append(loop.create_task(self._wait_for_data_loop()))
         self.metrics.registry.register(self)
         self._registered = True
         # vellum_sidecar_upstream_state reports what /readyz does: the active checks.
@@ -131,6 +140,14 @@ class HealthMonitor(Collector):
                 await self.check_upstream()
             await asyncio.sleep(interval / 4)
 
+    async def _wait_for_data_loop(self) -> None:
+        """``SIDECAR_WAIT_FOR_DATA`` with the idle checks off: ask the upstream once a
+        second until the sidecar has data, so readiness does not wait for traffic
+        (which a pod that is not ready may never get)."""
+        while not self.has_data():
+            await self.check_upstream()
+            await asyncio.sleep(1.0)
+
     async def check_upstream(self) -> int | None:
         """One authenticated ``GET /tenants/{t}/flags``; returns its status (None: no answer)."""
         s = self.settings
@@ -158,6 +175,21 @@ class HealthMonitor(Collector):
         return status
 
     # -- states ------------------------------------------------------------------------
+
+    def has_data(self) -> bool:
+        """Whether the sidecar has had something to answer with since it started: a
+        snapshot loaded (at least one entry), Redis answered, or the upstream answered
+        (a 2xx or a 404) once. Latched: once true, it stays true."""
+        if self._had_data:
+            return True
+        snapshot = self.snapshot
+        answers = (self.upstream.last_result[1], self.last_check[1])
+        self._had_data = (
+            (snapshot is not None and snapshot.loaded > 0)
+            or (self.redis is not None and self.redis.state == "ok")
+            or any(s is not None and (200 <= s < 300 or s == 404) for s in answers)
+        )
+        return self._had_data
 
     def redis_state(self) -> State:
         if self.redis is None:

@@ -73,6 +73,7 @@ _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0,
 )  # fmt: skip
+_SNAPSHOT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class Metrics:
@@ -205,7 +206,29 @@ class Metrics:
             "limit, by listener and reason.", ["listener", "reason"], registry=r,
         )  # fmt: skip
         self.open_connections = Gauge(
-            f"{p}_open_connections", "Open connections by listener.", ["listener"], registry=r,
+            f"{p}_open_connections", "Open connections by listener (event streams aside).",
+            ["listener"], registry=r,
+        )  # fmt: skip
+        self.connection_limit = Gauge(
+            f"{p}_connection_limit", "The open-connections cap in force, by listener (lowered "
+            "to fit the open-files limit when it must be).", ["listener"], registry=r,
+        )  # fmt: skip
+        self.open_streams = Gauge(
+            f"{p}_open_streams", "Open OFREP event streams (GET /ofrep/v1/events), held apart "
+            "from the local API's connection cap.", registry=r,
+        )  # fmt: skip
+        self.stream_limit = Gauge(
+            f"{p}_stream_limit", "The event-streams cap in force (SIDECAR_MAX_STREAMS).",
+            registry=r,
+        )  # fmt: skip
+        self.upstream_waiting = Gauge(
+            f"{p}_upstream_waiting", "Upstream calls under way or waiting for one of the "
+            "upstream connections (bounded by SIDECAR_UPSTREAM_MAX_WAITING).", registry=r,
+        )  # fmt: skip
+        self.upstream_overloaded = Counter(
+            f"{p}_upstream_overloaded", "Upstream calls refused without being sent, because "
+            "SIDECAR_UPSTREAM_MAX_WAITING calls were already waiting (an uncached read: 503 "
+            "upstream_overloaded; a cached one is answered from its stale entry).", registry=r,
         )  # fmt: skip
         self.check_timeouts = Counter(
             f"{p}_check_timeouts", "POST /v1/check entries answered \"error\": \"timeout\".",
@@ -218,6 +241,39 @@ class Metrics:
             ["method", "shape"], registry=r,
         )  # fmt: skip
         self._unknown_shapes: set[str] = set()
+        # The local snapshot (sidecar/cache/snapshot.py).
+        self.snapshot_loads = Counter(
+            f"{p}_snapshot_loads", "Snapshot loads at start by result: loaded, absent "
+            "(no file yet), or why the file was ignored (damaged, truncated, foreign_tenant, "
+            "newer_format, unreadable).", ["result"], registry=r,
+        )  # fmt: skip
+        self.snapshot_loaded_entries = Gauge(
+            f"{p}_snapshot_loaded_entries",
+            "Entries installed from the snapshot at start (the stale fallback), every kind.",
+            registry=r,
+        )  # fmt: skip
+        self.snapshot_load_seconds = Gauge(
+            f"{p}_snapshot_load_seconds", "Seconds the start-up snapshot load took.", registry=r,
+        )  # fmt: skip
+        self.snapshot_writes = Counter(
+            f"{p}_snapshot_writes", "Snapshot writes by result (ok, error).", ["result"],
+            registry=r,
+        )  # fmt: skip
+        self.snapshot_write_seconds = Histogram(
+            f"{p}_snapshot_write_duration_seconds",
+            "Seconds one snapshot write took, encoding (on the event loop, in slices) to the "
+            "rename.", buckets=_SNAPSHOT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.snapshot_entries = Gauge(
+            f"{p}_snapshot_entries", "Entries in the last snapshot written.", registry=r,
+        )  # fmt: skip
+        self.snapshot_bytes = Gauge(
+            f"{p}_snapshot_bytes", "Size of the last snapshot written.", registry=r,
+        )  # fmt: skip
+        self.snapshot_last_write = Gauge(
+            f"{p}_snapshot_last_write_timestamp_seconds",
+            "Unix time of the last snapshot written (0: none yet).", registry=r,
+        )  # fmt: skip
         # Metered usage (sidecar/usage): the queue is the fleet's, so every sidecar
         # reports the same queued and oldest values (aggregate with max, not sum).
         self.usage_records = Counter(

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from . import tracing
 from .app import create_app
-from .appkeys import LIFECYCLE, METRICS
+from .appkeys import LIFECYCLE, METRICS, UPSTREAM
 from .config import Settings
 from .http.limits import GuardedRunner, ListenerGuard, listener_guards
 from .http.ops import create_ops_app
@@ -158,6 +158,11 @@ async def run_sidecar(
                 "listening",
                 extra={"fields": {"listener": listener.name, "at": str(listener.listen)}},
             )
+        # Waiting upstream calls stay under half of the local API's cap as fitted
+        # (http/limits.py), so they never fill it (upstream.py).
+        upstream = core[UPSTREAM]
+        local_cap = guards["local"].limits.max_connections
+        upstream.max_waiting = max(1, min(upstream.max_waiting, local_cap // 2))
         core[LIFECYCLE].phase = "ready"
         ready = True
         log.info("ready")

@@ -8,6 +8,15 @@ through after a cool-down, so a dead upstream costs callers nothing but a fast
 read (entitlements, a customer's flags, the global flags) has a breaker, and
 billing calls share one: failing billing endpoints must not cut the hot path off
 from an upstream whose entitlement reads still work.
+
+Every call is one of at most ``SIDECAR_UPSTREAM_MAX_WAITING`` under way or
+waiting for a connection at once (``VellumClient.waiting``): each holds a local
+caller's connection, so a slow upstream with many distinct misses would
+otherwise fill the local API's connection cap and shut out reads the cache could
+answer. Past the bound a call is not sent: it raises ``UpstreamOverloaded`` at
+once (503 ``upstream_overloaded`` with ``Retry-After`` to an uncached read), which
+the cache answers like any upstream failure, from the stale entry where one
+exists. The breaker does not count it: the upstream was never asked.
 """
 
 from __future__ import annotations
@@ -27,7 +36,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .config import Settings
-from .errors import UpstreamAuthFailed, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .errors import (
+    UpstreamAuthFailed,
+    UpstreamError,
+    UpstreamOverloaded,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from .metrics import Metrics
 from .tracing import NO_TRACING, Tracing, record
 
@@ -48,6 +63,7 @@ UpstreamState = Literal["ok", "degraded", "down"]
 _RETRY_STATUSES: Final = frozenset({429, 500, 502, 503, 504})
 #: Response headers passed back to local callers of forwarded operations.
 _PASSED_HEADERS: Final = (
+    "Allow",
     "Content-Type",
     "Content-Disposition",
     "Location",
@@ -196,6 +212,12 @@ class VellumClient:
         # An attempt that may be retried uses at most 60 % of the budget, leaving
         # room for the retry; a call that is never retried gets all of it.
         self._attempt_timeout = attempt_timeout or max(settings.upstream_timeout * 0.6, 0.05)
+        #: Calls under way or waiting for a connection now, and the most allowed: at
+        #: most half the local API's connection cap, so waiting calls never fill it
+        #: (``server.run_sidecar`` lowers it again if the cap was fitted lower).
+        self.waiting = 0
+        self.max_waiting = max(1, min(settings.upstream_max_waiting, settings.max_connections // 2))
+        metrics.upstream_waiting.set_function(lambda: self.waiting)
 
     def state(self) -> UpstreamState:
         return self.breaker.state(time.monotonic())
@@ -253,15 +275,26 @@ class VellumClient:
 
         Returns any response the upstream gave except retryable ones that ran out
         of attempts, which are returned as the last response seen. Raises
-        ``UpstreamUnavailable`` (connect failure, breaker open) or
-        ``UpstreamTimeout`` when no response came in time.
+        ``UpstreamUnavailable`` (connect failure, breaker open),
+        ``UpstreamOverloaded`` (``max_waiting`` calls already waiting: not sent)
+        or ``UpstreamTimeout`` when no response came in time.
         """
-        with self.tracing.upstream_call(operation, method) as span:
-            resp = await self._attempts(
-                operation, method, segments, query, body, headers, retry, read, quoted
+        if self.waiting >= self.max_waiting:
+            self.metrics.upstream_overloaded.inc()
+            raise UpstreamOverloaded(
+                f"{self.waiting} upstream calls are already waiting (the most allowed); "
+                "not sent, try again shortly"
             )
-            record(span, **{"http.response.status_code": resp.status})
-            return resp
+        self.waiting += 1
+        try:
+            with self.tracing.upstream_call(operation, method) as span:
+                resp = await self._attempts(
+                    operation, method, segments, query, body, headers, retry, read, quoted
+                )
+                record(span, **{"http.response.status_code": resp.status})
+                return resp
+        finally:
+            self.waiting -= 1
 
     async def _attempts(
         self,

@@ -58,6 +58,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from .cache.snapshot import worker_file
 from .config import Settings
 from .http.guard import HostGuard, guard_middleware
 from .http.limits import listener_guards
@@ -106,8 +107,13 @@ async def _worker(settings: Settings, env: Mapping[str, str]) -> int:
     stop = asyncio.Event()
     watchdog = asyncio.get_running_loop().create_task(_orphan_watch(os.getppid(), stop))
     try:
+        own = dataclasses.replace(settings, ops_listen=Listen(path=env[_WORKER_OPS_ENV]))
+        if settings.snapshot_file is not None:
+            # Each worker writes its own file; every one loads them all (cache/snapshot.py).
+            index = int(env[WORKER_INDEX_ENV])
+            own = dataclasses.replace(own, snapshot_file=worker_file(settings.snapshot_file, index))
         return await run_sidecar(
-            dataclasses.replace(settings, ops_listen=Listen(path=env[_WORKER_OPS_ENV])),
+            own,
             sockets=sockets,
             reuse_port=True,
             stop=stop,
@@ -331,7 +337,14 @@ class Supervisor:
             if worker.proc is not None:
                 body["pid"] = worker.proc.pid
             per_worker.append(body)
-        status = "ready" if all_ready else ("stopping" if self.phase == "stopping" else "starting")
+        if all_ready:
+            status = "ready"
+        elif self.phase == "stopping":
+            status = "stopping"
+        elif any(w.get("status") == "waiting" for w in per_worker):
+            status = "waiting"  # SIDECAR_WAIT_FOR_DATA: a worker has nothing to answer with
+        else:
+            status = "starting"
         summary: dict[str, Any] = {"status": status}
         for field in ("redis", "upstream", "fanout"):
             states = [w[field] for w in per_worker if isinstance(w.get(field), str)]

@@ -25,10 +25,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
 
 from sidecar.app import create_app
-from sidecar.appkeys import CACHE, INVALIDATOR, LIFECYCLE, METRICS
+from sidecar.appkeys import CACHE, INVALIDATOR, LIFECYCLE, METRICS, SETTINGS
 from sidecar.config import Settings
 from sidecar.emulator import EMULATOR, Emulator, create_emulator_app
-from sidecar.http.limits import GuardedRunner, ListenerGuard, ListenerLimits
+from sidecar.http.limits import GuardedRunner, listener_guards
 from sidecar.http.ops import create_ops_app
 from sidecar.http.webhooks import create_webhook_app
 
@@ -164,10 +164,12 @@ SidecarFactory = Callable[..., Awaitable[Sidecar]]
 
 class ListenerServer(TestServer):
     """The local app served as production serves it: ``GuardedRunner``, with the
-    listener limits and the front door (``sidecar/http/hot.py``)."""
+    listener limits its settings give (counted in its metrics) and the front door
+    (``sidecar/http/hot.py``)."""
 
     async def _make_runner(self, **kwargs: Any) -> BaseRunner:
-        return GuardedRunner(self.app, guard=ListenerGuard("local", ListenerLimits()), **kwargs)
+        guard = listener_guards(self.app[SETTINGS], self.app[METRICS])["local"]
+        return GuardedRunner(self.app, guard=guard, **kwargs)
 
 
 @pytest.fixture

@@ -15,13 +15,17 @@ logging to a file in a work directory:
 - :class:`Gate`: a TCP relay process in front of the emulator, killed and started
   again to take the upstream down and back without losing its data;
 - :class:`Stack`: Redis, the emulator and sidecars composed, stopped in reverse
-  order when its block ends, even after a failed start.
+  order when its block ends, even after a failed start;
+- :func:`slow_body`: the hostile peer of the isolation cases (tests and
+  ``bench.faults``), a body a byte at a time.
 
 No pytest here: ``python -m bench`` runs without it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -57,6 +61,7 @@ __all__ = [
     "require",
     "sidecar_command",
     "sidecar_env",
+    "slow_body",
     "wait_until",
 ]
 
@@ -748,3 +753,37 @@ class Stack:
         answer = self.admin("GET", f"/requests?operation={operation}&tenant={self.tenant}")
         requests: list[dict[str, Any]] = answer["requests"]
         return requests
+
+
+# -- hostile peers -----------------------------------------------------------------------------
+
+
+async def slow_body(port: int, path: str, stop: asyncio.Event, every: float = 0.5) -> int:
+    """The slow-body peer of issue 21 until ``stop``: a request head announcing a
+    100,000-byte body, then one byte every ``every`` seconds, connecting again
+    whenever the server cuts it or answers. Returns how many connections it made."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        "Content-Length: 100000\r\n\r\n"
+    ).encode()
+    made = 0
+    while not stop.is_set():
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)  # the peer's pace, not a wait for state
+            continue
+        made += 1
+        try:
+            writer.write(head)
+            while not stop.is_set():
+                writer.write(b" ")
+                await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    if not await asyncio.wait_for(reader.read(4096), every):
+                        break  # cut: connect again
+        except OSError:
+            pass
+        finally:
+            writer.close()
+    return made

@@ -64,8 +64,8 @@ class Borrowed:
 BORROWED: tuple[Borrowed, ...] = (
     # RequestHandler's state, read by GuardedProtocol (slots: readable on the class).
     Borrowed(RequestHandler, "_waiter", "slot", "idle: a connection waiting for a next request"),
-    Borrowed(RequestHandler, "_messages", "slot", "idle, head_waiting_since, _head_completed"),
-    Borrowed(RequestHandler, "_request_in_progress", "slot", "idle, check_deadlines"),
+    Borrowed(RequestHandler, "_messages", "slot", "idle, lagging, _head_completed"),
+    Borrowed(RequestHandler, "_request_in_progress", "slot", "idle, lagging, check_deadlines"),
     Borrowed(RequestHandler, "_request_count", "slot", "data_received: a head completed"),
     Borrowed(RequestHandler, "_lingering_time", "slot", "cut: no lingering read after a 408"),
     Borrowed(RequestHandler, "_current_request", "slot", "the body deadline's handler"),
@@ -74,6 +74,10 @@ BORROWED: tuple[Borrowed, ...] = (
     Borrowed(RequestHandler, "max_headers", "slot", "_refusal: too many headers"),
     Borrowed(BaseProtocol, "_loop", "slot", "the loop's clock for the deadlines"),
     Borrowed(BaseProtocol, "transport", "slot", "writing a raw 408/503, check_deadlines"),
+    Borrowed(BaseProtocol, "_reading_paused", "slot",
+             "the minimum rate: the sidecar, not the client, stopped reading"),
+    Borrowed(BaseProtocol, "_buffer_paused", "slot",
+             "the minimum rate: the sidecar, not the client, stopped reading"),
     # RequestHandler's methods, overridden (and the originals called) by GuardedProtocol.
     Borrowed(RequestHandler, "__init__", "method", "GuardedProtocol(manager, **kwargs)",
              ("manager", "loop")),
@@ -97,6 +101,8 @@ BORROWED: tuple[Borrowed, ...] = (
     Borrowed(web.Server, "handler_cancellation", "attribute", "kept in the rebuilt server"),
     Borrowed(BaseRunner, "_make_server", "coroutine", "GuardedRunner wraps the app's server"),
     Borrowed(AppRunner, "_make_server", "coroutine", "GuardedRunner's super() call"),
+    # A request's connection: begin_stream moves it to the stream cap.
+    Borrowed(BaseRequest, "protocol", "attribute", "begin_stream: the request's connection"),
     # A request's writer: handle_error must not answer twice.
     Borrowed(BaseRequest, "writer", "attribute", "handle_error: the answer is partly sent"),
     Borrowed(StreamWriter, "output_size", "attribute", "handle_error: the answer is partly sent"),

@@ -369,10 +369,14 @@ async def test_flag_methods(call: Call, stack: Stack) -> None:
 
 
 async def test_ids_are_quoted_one_segment_each(call: Call, stack: Stack) -> None:
-    odd = "cus/ä b?c#d%2F.."
-    stack.set_entitlements(odd, {"status": "active", "modules": ["x/y"], "config": {}})
-    assert await call("can", odd, "x/y") is True
+    odd = "cus;ä b?c#d%2F.."
+    stack.set_entitlements(odd, {"status": "active", "modules": ["x?y"], "config": {}})
+    assert await call("can", odd, "x?y") is True
     assert (await call("get_entitlements", odd)).data["customerId"] == odd
+    # An id the sidecar refuses on every surface (a / once decoded) is its JSON 400.
+    with pytest.raises(SidecarApiError) as refused:
+        await call("can", "cus/1", "x?y")
+    assert (refused.value.status, refused.value.code) == (400, "invalid_id")
 
 
 async def test_empty_ids_are_refused_before_any_request(call: Call) -> None:

@@ -28,7 +28,7 @@ import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -43,7 +43,7 @@ from sidecar.http.ops import create_ops_app
 from sidecar.http.webhooks import create_webhook_app
 from sidecar.values import Listen
 
-from .harness import Process, free_port, sidecar_command, wait_until
+from .harness import Process, RedisServer, free_port, sidecar_command, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"
@@ -295,11 +295,31 @@ def test_compose_publishes_the_local_api_on_loopback_only() -> None:
     assert WEBHOOK_PORT not in by_container, "the emulator reaches it on the compose network"
 
 
-def test_compose_sidecar_settings_are_valid() -> None:
+def compose_state_dir(value: str) -> str:
+    """The named volume mounted (writable) at the directory of the snapshot file
+    ``value``: the image's root is read-only."""
+    directory = str(PurePosixPath(value).parent)
+    mounts = dict(reversed(v.split(":")[:2]) for v in SERVICES["sidecar"].get("volumes", []))
+    assert directory in mounts, f"no volume mounted at {directory}"
+    assert mounts[directory] in COMPOSE["volumes"], "a named volume: it outlives the container"
+    return directory
+
+
+def local_snapshot_path(env: dict[str, str], workdir: Path) -> None:
+    """Point SIDECAR_SNAPSHOT_FILE (a path on the container's volume) into ``workdir``."""
+    value = env.get("SIDECAR_SNAPSHOT_FILE")
+    if value is not None:
+        (workdir / "state").mkdir(parents=True, exist_ok=True)
+        env["SIDECAR_SNAPSHOT_FILE"] = str(workdir / "state" / PurePosixPath(value).name)
+
+
+def test_compose_sidecar_settings_are_valid(tmp_path: Path) -> None:
     env = compose_env("sidecar")
     assert set(env) <= VARIABLE_NAMES, set(env) - VARIABLE_NAMES
+    compose_state_dir(env["SIDECAR_SNAPSHOT_FILE"])
+    local_snapshot_path(env, tmp_path)
     for name, value in list(env.items()):
-        if name.endswith("_FILE"):
+        if name.endswith("_FILE") and name != "SIDECAR_SNAPSHOT_FILE":
             env[name] = str(compose_secret_file("sidecar", value))
     settings = Settings.from_env(env)  # raises ConfigError naming any bad variable
     assert settings.redis_url is not None
@@ -404,6 +424,7 @@ def compose_stack(tmp_path: Path, redis_url: str) -> Iterator[dict[str, str]]:
         for name, value in env.items():
             if value.startswith("/run/secrets/"):
                 env[name] = str(compose_secret_file(service, value))
+    local_snapshot_path(side_env, tmp_path)
     assert side_env["SIDECAR_REDIS_URL"].startswith("redis://redis:")
     side_env["SIDECAR_REDIS_URL"] = redis_url
     side_env["SIDECAR_WEBHOOK_LISTEN"] = f"127.0.0.1:{hooks}"
@@ -495,6 +516,9 @@ INJECT = "vellum-sidecar/inject"
 RSS_AT_START_MIB = 61
 RSS_PEAK_MIB = 227
 RSS_PEAK_ENTRIES = 100_000
+#: The snapshot of those 100,000 customers: 24 MiB of entitlement documents like the
+#: bench's (bench.snapshot: 25.0 MB), and their flags documents as much again at most.
+SNAPSHOT_MIB = 48
 
 
 def container_port(container: dict[str, Any], name_or_number: str | int) -> int:
@@ -615,6 +639,24 @@ def test_workers_get_a_writable_tmp() -> None:
     assert 'tempfile.mkdtemp(prefix="vellum-sidecar-")' in workers, "no dir=: TMPDIR or /tmp"
 
 
+def test_the_snapshot_lives_on_a_volume_the_sidecar_owns() -> None:
+    """SIDECAR_SNAPSHOT_FILE is on, in compose and in the Component, on a writable
+    volume (the root filesystem is read-only); the image's directory there belongs to
+    its user (Docker seeds a new named volume from it)."""
+    uid, gid = image_user()
+    [mkdir] = [r for r in RUNTIME.all("RUN") if "/var/lib/vellum-sidecar" in r]
+    assert f"chown {uid}:{gid} /var/lib/vellum-sidecar" in mkdir
+    compose_file = compose_env("sidecar")["SIDECAR_SNAPSHOT_FILE"]
+    assert compose_state_dir(compose_file) == "/var/lib/vellum-sidecar"
+    env = {e["name"]: e.get("value") for e in SIDECAR["env"]}
+    assert env["SIDECAR_SNAPSHOT_FILE"] == compose_file
+    [mount] = [m for m in SIDECAR["volumeMounts"] if m["mountPath"] == "/var/lib/vellum-sidecar"]
+    assert not mount.get("readOnly", False)
+    [volume] = [v for v in POD_PATCH["spec"]["volumes"] if v["name"] == mount["name"]]
+    limit = mebibytes(volume["emptyDir"]["sizeLimit"])
+    assert limit >= 2 * SNAPSHOT_MIB, "room for the file twice (a write replaces it)"
+
+
 def test_component_renders_onto_a_deployment_and_a_statefulset(tmp_path: Path) -> None:
     source = {
         d["metadata"]["name"]: d
@@ -663,8 +705,14 @@ def settings_from_k8s_env(
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod_spec["volumes"]}
     workdir.mkdir()
+    if "SIDECAR_SNAPSHOT_FILE" in env:
+        directory = str(PurePosixPath(env["SIDECAR_SNAPSHOT_FILE"]).parent)
+        mount = mounts[directory]
+        assert not mount.get("readOnly", False)
+        assert "emptyDir" in volumes[mount["name"]], "the snapshot's volume"
+        local_snapshot_path(env, workdir)
     for name, value in list(env.items()):
-        if not name.endswith("_FILE"):
+        if not name.endswith("_FILE") or name == "SIDECAR_SNAPSHOT_FILE":
             continue
         directory, _, item = value.rpartition("/")
         mount = mounts[directory]
@@ -843,3 +891,96 @@ def test_pdb_and_grace_period() -> None:
     assert pdb["spec"]["maxUnavailable"] < deployment["spec"]["replicas"]
     grace = pod["spec"]["terminationGracePeriodSeconds"]
     assert grace > float(DEFAULTS["SIDECAR_SHUTDOWN_GRACE"] or 0)
+
+
+# -- the example Redis: bounded, evicting only what has a TTL --------------------------------
+
+REDIS_DIR = K8S / "redis"
+
+
+def redis_example() -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
+    """The rendered example Redis: its Deployment, its redis.conf, everything."""
+    rendered = render(REDIS_DIR)
+    [deployment] = by_kind(rendered, "Deployment")
+    [config] = by_kind(rendered, "ConfigMap")
+    return deployment, config["data"]["redis.conf"], rendered
+
+
+def conf_value(conf: str, name: str) -> str:
+    [value] = [line.split(None, 1)[1] for line in conf.splitlines() if line.startswith(name + " ")]
+    return value
+
+
+def test_the_redis_examples_bound_memory_and_evict_only_keys_with_a_ttl() -> None:
+    """compose.yaml and deploy/kubernetes/redis agree: a maxmemory and volatile-lru, and
+    an append-only file fsynced every second on a volume."""
+    deployment, conf, rendered = redis_example()
+    assert conf_value(conf, "maxmemory-policy") == "volatile-lru"
+    assert conf_value(conf, "maxmemory") == "256mb"
+    command = SERVICES["redis"]["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "volatile-lru"
+    assert command[command.index("--maxmemory") + 1] == "256mb"
+    pod = deployment["spec"]["template"]
+    [container] = pod["spec"]["containers"]
+    limit = mebibytes(container["resources"]["limits"]["memory"])
+    assert limit >= 1.4 * 256, "room above maxmemory for fragmentation and buffers"
+    assert container["args"] == ["redis-server", "/etc/redis/redis.conf"]
+    # Metered usage is acknowledged once it is in Redis: an append-only file, fsynced
+    # every second, on a volume that outlives the pod (compose: a named volume).
+    assert (conf_value(conf, "appendonly"), conf_value(conf, "appendfsync")) == ("yes", "everysec")
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--appendfsync") + 1] == "everysec"
+    [data] = [v for v in pod["spec"]["volumes"] if v["name"] == "data"]
+    [claim] = by_kind(rendered, "PersistentVolumeClaim")
+    assert data["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert mebibytes(claim["spec"]["resources"]["requests"]["storage"]) >= 2 * 256
+    assert deployment["spec"]["strategy"]["type"] == "Recreate", "one pod on the volume"
+    # Where the app's egress policy lets the sidecars go, and only they may come.
+    assert {d["metadata"].get("namespace") for d in rendered} == {"vellum"}
+    policies = by_kind(MANIFESTS, "NetworkPolicy")
+    [egress] = [p for p in policies if "Egress" in p["spec"]["policyTypes"]]
+    to_redis = [peer for rule in egress["spec"]["egress"] for peer in rule["to"]
+                if "podSelector" in peer and "namespaceSelector" in peer
+                and peer["namespaceSelector"]["matchLabels"].get("kubernetes.io/metadata.name")
+                == "vellum"]  # fmt: skip
+    assert to_redis and to_redis[0]["podSelector"]["matchLabels"].items() <= (
+        pod["metadata"]["labels"].items()
+    )
+    [ingress] = by_kind(rendered, "NetworkPolicy")
+    [peer] = ingress["spec"]["ingress"][0]["from"]
+    app_pod, _, _ = example_pod()
+    assert peer["podSelector"]["matchLabels"].items() <= app_pod["metadata"]["labels"].items()
+    sc = container["securityContext"]
+    assert (sc["readOnlyRootFilesystem"], sc["allowPrivilegeEscalation"]) == (True, False)
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_the_example_redis_config_evicts_cache_keys_and_keeps_durable_ones(
+    tmp_path: Path,
+) -> None:
+    """A real redis-server on the example's redis.conf (its bound lowered to 4 MiB):
+    filled with cache-like keys (each with a TTL) far past the bound, it evicts
+    them and keeps every key without a TTL."""
+    _, conf, _ = redis_example()
+    path = tmp_path / "redis.conf"
+    path.write_text(conf.replace("dir /data", f"dir {tmp_path}"))
+    server = RedisServer(tmp_path, config=path, extra=["--maxmemory", "4mb"]).start()
+    try:
+        with server.client(timeout=5) as client:
+            assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "volatile-lru"}
+            client.xadd("durable:stream", {"n": "0"})  # no TTL: durable data
+            client.set("durable:counter", 7)
+            value = b"x" * 4096
+            for start in range(0, 4000, 200):
+                with client.pipeline(transaction=False) as pipe:
+                    for i in range(start, start + 200):
+                        pipe.set(f"vsc:{{t}}:e:cus_{i}", value, px=3_600_000)
+                    pipe.execute()
+            info = client.info()
+            assert info["evicted_keys"] > 0, "16 MB of entries into a 4 MiB Redis"
+            assert info["used_memory"] <= 4 * 1024 * 1024 * 1.1
+            assert client.get("durable:counter") == b"7"
+            assert client.xlen("durable:stream") == 1
+            assert client.exists("vsc:{t}:e:cus_3999") == 1, "the newest entries stay"
+    finally:
+        server.kill()

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -30,10 +31,13 @@ from .served import ServeFactory, exchange, json_of, serve, status_of
 
 __all__ = ["serve"]
 
+#: Short deadlines, the minimum rate off: the deadlines alone (the rate has its own tests).
 FAST = {
     "SIDECAR_HEADER_TIMEOUT": "0.5",
     "SIDECAR_BODY_TIMEOUT": "0.6",
+    "SIDECAR_WEBHOOK_BODY_TIMEOUT": "0.6",
     "SIDECAR_KEEPALIVE_TIMEOUT": "0.8",
+    "SIDECAR_MIN_RATE": "0",
 }
 LISTENERS = ("local", "webhooks", "ops")
 HEAD = {
@@ -118,7 +122,11 @@ async def test_keep_alive_connections_close_when_idle(serve: ServeFactory) -> No
 async def test_the_cap_refuses_busy_connections_and_evicts_idle_ones(
     serve: ServeFactory,
 ) -> None:
-    sc = await serve(SIDECAR_WEBHOOK_MAX_CONNECTIONS="3", SIDECAR_HEADER_TIMEOUT="3")
+    # No minimum rate: these heads are judged by their age alone (the rate's own
+    # cases are below).
+    sc = await serve(
+        SIDECAR_WEBHOOK_MAX_CONNECTIONS="3", SIDECAR_HEADER_TIMEOUT="3", SIDECAR_MIN_RATE="0"
+    )
     port = sc.ports["webhooks"]
     ask = b"GET /webhooks/vellum HTTP/1.1\r\nHost: localhost\r\n\r\n"  # a JSON 405
     # Three connections each in the middle of a request: none may be closed for room...
@@ -161,6 +169,133 @@ async def test_the_cap_refuses_busy_connections_and_evicts_idle_ones(
     assert await sc.metric(refused, listener="webhooks", reason="slow_evicted") == 1
 
 
+@pytest.mark.parametrize("listener", LISTENERS)
+async def test_a_body_below_the_minimum_rate_is_cut_long_before_its_deadline(
+    serve: ServeFactory, listener: str
+) -> None:
+    """A byte every 0.2 s (5 bytes/s, under SIDECAR_MIN_RATE's 500) with a 10 s body
+    deadline: cut after the first second, not after ten."""
+    sc = await serve(SIDECAR_BODY_TIMEOUT="10", SIDECAR_WEBHOOK_BODY_TIMEOUT="10")
+    head = HEAD[listener] + b"Content-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+    answer, lasted = await exchange(sc.ports[listener], head + b"{", trickle=b" " * 400, every=0.2)
+    if listener == "ops":
+        assert status_of(answer) == 405  # answered at once; the unread body is cut
+    else:
+        assert status_of(answer) == 408
+        error = json_of(answer)["error"]
+        assert (error["code"], error["message"]) == (
+            "request_timeout",
+            "the request body arrived slower than 500 bytes/s",
+        )
+    assert lasted < 5.0
+    refused = "vellum_sidecar_connections_refused_total"
+    assert await sc.metric(refused, listener=listener, reason="too_slow") == 1
+    assert await sc.metric(refused, listener=listener, reason="body_timeout") == 0
+
+
+async def test_a_head_below_the_minimum_rate_is_cut_with_a_json_408(serve: ServeFactory) -> None:
+    sc = await serve(SIDECAR_HEADER_TIMEOUT="30")
+    request = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * 100
+    answer, lasted = await exchange(sc.ports["ops"], request[:5], trickle=request[5:], every=0.2)
+    assert status_of(answer) == 408
+    assert json_of(answer)["error"]["message"] == (
+        "the request's headers arrived slower than 500 bytes/s"
+    )
+    assert lasted < 5.0, "the 30 s header deadline is not what cut it"
+    refused = "vellum_sidecar_connections_refused_total"
+    assert await sc.metric(refused, listener="ops", reason="too_slow") == 1
+
+
+async def test_a_large_body_at_a_normal_pace_is_never_cut(
+    serve: ServeFactory, emulator: Emulator, tenant: str
+) -> None:
+    """40 KiB over about two seconds (20 KiB/s): past the first second, over the
+    minimum rate, within the deadline: answered."""
+    emulator.set_entitlements(tenant, "cus_1", {"status": "active", "modules": ["m"]})
+    sc = await serve()
+    body = b'{"checks": [{"customerId": "cus_1", "module": "m"}]' + b" " * 40_000 + b"}"
+    head = HEAD["local"] + b"Content-Type: application/json\r\n"
+    head += b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.ports["local"])
+    writer.write(head)
+    for start in range(0, len(body), 4096):
+        writer.write(body[start : start + 4096])
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the client's pace, not a wait for state
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert status_of(answer) == 200, answer[:200]
+    assert json_of(answer)["results"] == [{"customerId": "cus_1", "module": "m", "allowed": True}]
+
+
+async def test_the_webhook_listener_has_its_own_short_body_deadline(serve: ServeFactory) -> None:
+    sc = await serve(
+        SIDECAR_BODY_TIMEOUT="30", SIDECAR_WEBHOOK_BODY_TIMEOUT="0.6", SIDECAR_MIN_RATE="0"
+    )
+    head = HEAD["webhooks"] + b"Content-Type: application/json\r\nContent-Length: 50\r\n\r\n"
+    answer, lasted = await exchange(sc.ports["webhooks"], head + b"{", trickle=b" " * 48, every=0.1)
+    assert status_of(answer) == 408
+    assert json_of(answer)["error"]["message"] == "the request body did not arrive within 0.6 s"
+    assert lasted < 3.0
+
+
+async def test_at_the_cap_the_most_behind_goes_first_and_idle_ones_last(
+    serve: ServeFactory,
+) -> None:
+    """Cap 3: a kept-alive idle connection and two bodies arriving at 80 % of the
+    minimum rate (not cut before about 5 s), one started 0.6 s before the other.
+    Each newcomer closes the one most behind: the older body, then the younger,
+    and only then the idle one."""
+    sc = await serve(SIDECAR_WEBHOOK_MAX_CONNECTIONS="3", SIDECAR_HEADER_TIMEOUT="30",
+                     SIDECAR_WEBHOOK_BODY_TIMEOUT="30")  # fmt: skip
+    port = sc.ports["webhooks"]
+    ask = b"GET /webhooks/vellum HTTP/1.1\r\nHost: localhost\r\n\r\n"  # a JSON 405
+    idle = await asyncio.open_connection("127.0.0.1", port)
+    idle[1].write(ask)
+    await idle[0].readuntil(b"}}")
+
+    async def body_at_400_bytes_a_second() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(HEAD["webhooks"] + b"Content-Length: 100000\r\n\r\n")
+
+        async def drip() -> None:
+            while not writer.is_closing():
+                writer.write(b" " * 8)
+                await asyncio.sleep(0.02)  # the client's pace, not a wait for state
+
+        drips.append(asyncio.ensure_future(drip()))
+        return reader, writer
+
+    drips: list[asyncio.Future[None]] = []
+    older = await body_at_400_bytes_a_second()
+    started = time.monotonic()
+
+    async def at(seconds: float) -> bool:
+        return time.monotonic() >= started + seconds
+
+    await eventually(lambda: at(0.6), timeout=5)
+    younger = await body_at_400_bytes_a_second()
+    await eventually(lambda: at(1.0), timeout=5)
+    newcomers = []
+    try:
+        for name, (reader, _) in (("older", older), ("younger", younger), ("idle", idle)):
+            newcomer = await asyncio.open_connection("127.0.0.1", port)
+            newcomer[1].write(ask)
+            answer = await asyncio.wait_for(newcomer[0].readuntil(b"}}"), 5)
+            assert status_of(answer) == 405, "every newcomer is let in"
+            newcomers.append(newcomer)
+            # Had another one been closed instead, this read would wait.
+            assert await asyncio.wait_for(reader.read(), 5) == b"", f"{name} closed for room"
+    finally:
+        for _, writer in (older, younger, idle, *newcomers):
+            writer.close()
+        await asyncio.gather(*drips, return_exceptions=True)
+    refused = "vellum_sidecar_connections_refused_total"
+    assert await sc.metric(refused, listener="webhooks", reason="slow_evicted") == 2
+    assert await sc.metric(refused, listener="webhooks", reason="idle_evicted") == 1
+    assert await sc.metric(refused, listener="webhooks", reason="too_slow") == 0
+
+
 async def test_slowloris_on_every_listener_does_not_starve_the_local_api(
     serve: ServeFactory, emulator: Emulator, tenant: str
 ) -> None:
@@ -187,12 +322,17 @@ async def test_slowloris_on_every_listener_does_not_starve_the_local_api(
             writer.close()
     refused = "vellum_sidecar_connections_refused_total"
 
+    async def room_made(listener: str) -> float:
+        """Sockets refused at the cap or closed for a newcomer (the most behind)."""
+        return sum([await sc.metric(refused, listener=listener, reason=reason)
+                    for reason in ("max_connections", "slow_evicted")])  # fmt: skip
+
     async def counted() -> bool:  # scrapes are refused until the ops sockets are gone
-        return await sc.metric(refused, listener="webhooks", reason="max_connections") == 30
+        return await room_made("webhooks") == 30
 
     await eventually(counted)
-    assert await sc.metric(refused, listener="ops", reason="max_connections") >= 30
-    assert await sc.metric(refused, listener="local", reason="max_connections") == 0
+    assert await room_made("ops") >= 30
+    assert await room_made("local") == 0
 
 
 # -- parser refusals ---------------------------------------------------------------------
@@ -305,15 +445,16 @@ async def test_a_body_broken_after_the_handler_started_is_a_json_400(
 
 def test_caps_are_lowered_to_fit_the_descriptor_limit() -> None:
     caps = {
-        "local": ListenerLimits(max_connections=1024),
+        "local": ListenerLimits(max_connections=1024, max_streams=256),
         "webhooks": ListenerLimits(max_connections=128),
         "ops": ListenerLimits(max_connections=32),
     }
     assert fit_to_fd_limit(caps, 100_000, 50) == caps
     fitted = fit_to_fd_limit(caps, 256, 50)
-    held = sum(c.max_connections + 2 * c.backlog for c in fitted.values())
+    held = sum(c.max_connections + c.max_streams + 2 * c.backlog for c in fitted.values())
     assert held <= 256 - 64 - 32 - 32 + 3, "caps and two accept batches fit beside the reserve"
     assert fitted["local"].max_connections > fitted["webhooks"].max_connections >= 4
+    assert fitted["local"].max_streams >= 4 and fitted["webhooks"].max_streams == 0
 
 
 def test_idle_sockets_on_the_webhook_port_cannot_exhaust_descriptors(

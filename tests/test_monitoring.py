@@ -195,6 +195,9 @@ async def test_every_metric_label_and_value_a_query_names_is_exported(
 
     await eventually(fanned_out, timeout=5)
     assert (await push(a, event(tenant, customerId="cus_2"), secret="not-the-secret"))[0] == 401
+    # An operation the sidecar does not know, forwarded (the mirror's fallback).
+    tenant_path = f"/tenants/{tenant}/customers/cus_1/usage"
+    assert (await a.client.get(tenant_path)).status == 404, "the upstream's own answer"
     # The upstream refuses a revoked key: 401 upstream, 502 to the caller.
     assert (await refused.client.get("/v1/customers/cus_1/entitlements")).status == 502
     # Readiness changes (what a drain or a failing check does).
@@ -268,7 +271,9 @@ def test_every_alert_is_covered_by_a_promtool_test() -> None:
 
 def test_the_alerts_cover_the_failures_operators_page_on() -> None:
     """Issue 16: upstream down or refusing the key, Redis down, fan-out down, pushes
-    refused, stale answers, readiness flapping; each as a metric the alert reads."""
+    refused, stale answers, readiness flapping; issue 21: listeners, streams, the
+    upstream's waiting calls, queued drops, unknown operations. Each as a metric
+    the alert reads."""
     reads = {
         q.where.removeprefix("alert "): {m for m, _ in analyse(q.expr).selectors}
         for q in alert_queries()
@@ -282,6 +287,14 @@ def test_the_alerts_cover_the_failures_operators_page_on() -> None:
         "VellumSidecarPushesNotShared": "vellum_sidecar_webhooks_total",
         "VellumSidecarServingStale": "vellum_sidecar_cache_lookups_total",
         "VellumSidecarReadinessFlapping": "vellum_sidecar_readiness_changes_total",
+        # Issue 21: refused or evicted connections per listener, open streams,
+        # waiting calls, queued invalidations, forwarded unknown operations.
+        "VellumSidecarListenerFull": "vellum_sidecar_connections_refused_total",
+        "VellumSidecarSlowClientFlood": "vellum_sidecar_connections_refused_total",
+        "VellumSidecarEventStreamsNearlyFull": "vellum_sidecar_open_streams",
+        "VellumSidecarUpstreamOverloaded": "vellum_sidecar_upstream_overloaded_total",
+        "VellumSidecarInvalidationsQueued": "vellum_sidecar_invalidations_queued",
+        "VellumSidecarUnknownOperationsForwarded": "vellum_sidecar_forwarded_unknown_total",
     }
     for alert, metric in wanted.items():
         assert metric in reads[alert], alert
@@ -314,7 +327,10 @@ def test_dashboard_layout_and_variables() -> None:
     titles = " | ".join(p["title"] for p in panels).lower()
     for topic in ("request rate by route", "latency", "hit ratio by layer and kind",
                   "upstream calls", "upstream errors", "push to applied", "redis state",
-                  "upstream state"):  # fmt: skip
+                  "upstream state", "open connections by listener",
+                  "refused or cut connections by listener", "open event streams",
+                  "upstream calls waiting", "invalidations queued",
+                  "unknown operations forwarded"):  # fmt: skip
         assert topic in titles, topic
 
 

@@ -280,8 +280,9 @@ def drive_every_operation(send: Recorder, prefix: str, tenant: str) -> None:
     send("PATCH", a, {"status": "suspended"}, expect=200)
     ents = f"{prefix}/customers/{{}}/entitlements"
     send("GET", ents.format("cus_active"), expect=200)
-    send("GET", ents.format(quote("odd/id ä", safe="")), expect=200 if prefix == "/v1" else 404)
+    send("GET", ents.format(quote("odd?id ä", safe="")), expect=200 if prefix == "/v1" else 404)
     send("GET", ents.format("x" * 600), expect=400)
+    send("GET", ents.format(quote("../x", safe="")), expect=400)
 
 
 @pytest.fixture(scope="module")

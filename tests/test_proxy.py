@@ -1116,9 +1116,24 @@ def concrete(op: Operation, surface: str, tenant: str, ids: str = "x") -> str:
     return path.format(tenant=tenant, **{p: ids for p in op.params})
 
 
-@pytest.mark.parametrize("tenant_in_path", ["someone-else", "..", "%2E%2E", "a%2Fb", "T"])
+@pytest.mark.parametrize(
+    ("tenant_in_path", "status", "code"),
+    [
+        ("someone-else", 404, "unknown_tenant"),
+        ("T", 404, "unknown_tenant"),
+        ("..", 400, "invalid_id"),
+        ("%2E%2E", 400, "invalid_id"),
+        ("a%2Fb", 400, "invalid_id"),
+        ("a%5Cb", 400, "invalid_id"),
+    ],
+)
 async def test_the_mirror_serves_only_its_own_tenant(
-    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str, tenant_in_path: str
+    make_sidecar: SidecarFactory,
+    emulator: Emulator,
+    tenant: str,
+    tenant_in_path: str,
+    status: int,
+    code: str,
 ) -> None:
     sc = await make_sidecar(None)
     base = base_url(sc)
@@ -1128,8 +1143,8 @@ async def test_the_mirror_serves_only_its_own_tenant(
             async with s.request(
                 op.method, url, json={"accountId": "a"}, headers={"x-api-key": API_KEY}
             ) as resp:
-                assert resp.status == 404, op.name
-                assert (await resp.json())["error"]["code"] == "unknown_tenant"
+                assert resp.status == status, op.name
+                assert (await resp.json())["error"]["code"] == code
     assert emulator.count() == 0
 
 
@@ -1158,24 +1173,37 @@ async def test_unknown_upstream_paths_are_not_proxied_when_forwarding_is_off(
 
 # -- hostile ids ----------------------------------------------------------------------------------
 
+#: Ids the sidecar takes (the id rule: no /, \\, control character, . or ..) whose
+#: characters still mean something in a URL.
 HOSTILE = [
-    "..",
-    ".",
-    "../..",
-    "a/b",
+    "...",
+    "..a",
     "%2F",
     "%2e%2e",
     "..%2F..%2F_emulator%2Freset",
-    "../../../_emulator/reset",
     "?x=1",
     "a?b#c",
     "#",
     "%",
     "{x}",
-    "\\..\\..",
-    "ü/ñ 雪 ☃",
-    "\t\n",
+    "ü;ñ 雪 ☃",
     "y" * 512,
+]
+#: Ids refused on every surface (400 ``invalid_id``, nothing sent): decoded, they
+#: could leave their segment through a proxy that normalises paths.
+REFUSED_IDS = [
+    "..",
+    ".",
+    "../..",
+    "a/b",
+    "../../../_emulator/reset",
+    "\\..\\..",
+    "ü/ñ",
+    "\t\n",
+    "a\x00b",
+    "a\x7fb",
+    "a\x85b",
+    "y" * 513,
 ]
 
 
@@ -1228,16 +1256,43 @@ async def test_hostile_ids_stay_one_segment_inside_the_tenant(
     assert emulator.create_customer(tenant, "canary", "still-here")["accountId"] == "canary"
 
 
+@pytest.mark.parametrize("surface", ["mirror", "v1"])
+async def test_ids_that_could_leave_their_segment_are_refused_before_any_work(
+    make_sidecar: SidecarFactory,
+    emulator: Emulator,
+    tenant: str,
+    session: aiohttp.ClientSession,
+    surface: str,
+) -> None:
+    """The id rule on every operation of the table, for every path id."""
+    sc = await make_sidecar(None)
+    base = base_url(sc) + SURFACES[surface].format(tenant=tenant)  # type: ignore[index]
+    for bad in REFUSED_IDS:
+        for op in OPERATIONS:
+            for name in op.params:
+                ids = {p: quote(bad if p == name else "ok", safe="") for p in op.params}
+                url = URL(base + op.path.format(**ids), encoded=True)
+                async with session.request(op.method, url, json={"x": 1}) as resp:
+                    assert resp.status == 400, (op.name, name, bad)
+                    error = (await resp.json())["error"]
+                    assert error["code"] == "invalid_id", (op.name, name, bad)
+                    assert error["message"].startswith(name), error
+    assert emulator.count() == 0
+
+
 @pytest.mark.parametrize(
     ("raw", "account"),
     [
-        ("/accounts/../payment-methods", ".."),
-        ("/accounts/%2E%2E/payment-methods", ".."),
-        ("/accounts/%2e%2e/payment-methods", ".."),
-        ("/accounts/./payment-methods", "."),
-        ("/accounts/..%2F..%2F_emulator/payment-methods", "../../_emulator"),
-        ("/accounts/a%2Fb/payment-methods", "a/b"),
+        ("/accounts/../payment-methods", None),
+        ("/accounts/%2E%2E/payment-methods", None),
+        ("/accounts/%2e%2e/payment-methods", None),
+        ("/accounts/./payment-methods", None),
+        ("/accounts/..%2F..%2F_emulator/payment-methods", None),
+        ("/accounts/a%2Fb/payment-methods", None),
+        ("/accounts/a%5Cb/payment-methods", None),
+        ("/accounts/a%0Ab/payment-methods", None),
         ("/accounts/%252F/payment-methods", "%2F"),
+        ("/accounts/...%2E/payment-methods", "...."),
         ("/accounts/x%3Fy%3D1%23z/payment-methods", "x?y=1#z"),
         ("/accounts/%C3%BC/payment-methods", "ü"),
     ],
@@ -1250,12 +1305,18 @@ async def test_raw_paths_cannot_climb_out_of_the_tenant(
     session: aiohttp.ClientSession,
     surface: str,
     raw: str,
-    account: str,
+    account: str | None,
 ) -> None:
-    """Paths as an attacker would send them, unnormalised, straight to the socket."""
+    """Paths as an attacker would send them, unnormalised, straight to the socket:
+    refused (``account`` None) or sent with the id as exactly one segment."""
     sc = await make_sidecar(None)
     url = URL(base_url(sc) + SURFACES[surface].format(tenant=tenant) + raw, encoded=True)
     async with session.get(url, headers={"x-api-key": CALLER_KEY}) as resp:
+        if account is None:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["code"] == "invalid_id"
+            assert emulator.requests == []
+            return
         assert resp.status == 404
         assert (await resp.json())["error"]["code"] == "account_not_found"
     (seen,) = emulator.requests

@@ -139,13 +139,13 @@ async def test_an_unknown_operation_is_forwarded_with_the_sidecars_key(
         "Idempotency-Key": "usage-1",
         "X-Custom": "not forwarded",
     }
-    path = f"/tenants/{tenant}/customers/cus%2F1/usage?source=app&source=web"
+    path = f"/tenants/{tenant}/customers/cus%3F1/usage?source=app&source=web"
     async with session.post(url(sc, path), data=body, headers=headers) as resp:
         assert resp.status == 201
-        assert await resp.json() == {"customerId": "cus/1", "recorded": 1}
+        assert await resp.json() == {"customerId": "cus?1", "recorded": 1}
     (seen,) = usage_log(emulator_server)
-    assert seen["raw_path"] == f"/tenants/{tenant}/customers/cus%2F1/usage?source=app&source=web"
-    assert seen["customer"] == "cus/1", "the id stayed one segment"
+    assert seen["raw_path"] == f"/tenants/{tenant}/customers/cus%3F1/usage?source=app&source=web"
+    assert seen["customer"] == "cus?1", "the id stayed one segment"
     assert seen["body"] == body, "the body's bytes, as they came"
     assert seen["headers"]["x-api-key"] == API_KEY, "the sidecar's key, never the caller's"
     assert seen["headers"]["content-type"] == "application/x-www-form-urlencoded"
@@ -155,7 +155,7 @@ async def test_an_unknown_operation_is_forwarded_with_the_sidecars_key(
     (logged,) = emulator.requests
     assert (logged.operation, logged.api_key) == ("unknown", API_KEY)
 
-    async with session.get(url(sc, f"/tenants/{tenant}/customers/cus%2F1/usage")) as resp:
+    async with session.get(url(sc, f"/tenants/{tenant}/customers/cus%3F1/usage")) as resp:
         assert resp.status == 200
         assert await resp.read() == CSV, "a body that is not JSON comes back byte for byte"
         assert resp.headers["Content-Type"] == "text/csv; charset=utf-8"
@@ -175,7 +175,7 @@ async def test_an_unknown_operation_is_forwarded_with_the_sidecars_key(
         ("GET", shape, 200, "ok"),
     ]
     formatted = "\n".join(JsonFormatter().format(r) for r in caplog.records)
-    for private in ("cus/1", "cus%2F1", CALLER_KEY, API_KEY, "caller-token"):
+    for private in ("cus?1", "cus%3F1", CALLER_KEY, API_KEY, "caller-token"):
         assert private not in formatted, private
 
 
@@ -274,13 +274,9 @@ async def test_unknown_operations_answer_the_sidecars_own_failures(
 @pytest.mark.parametrize(
     ("raw", "forwarded"),
     [
-        ("/customers/../usage", "/customers/%2E%2E/usage"),
-        ("/customers/%2e%2e/usage", "/customers/%2E%2E/usage"),
-        ("/x/../../_emulator/reset", "/x/%2E%2E/%2E%2E/_emulator/reset"),
-        (
-            "/customers/..%2F..%2F_emulator%2Freset/usage",
-            "/customers/..%2F..%2F_emulator%2Freset/usage",
-        ),
+        ("/customers/...%2E/usage", "/customers/%2E%2E%2E%2E/usage"),
+        ("/customers/..a/usage", "/customers/..a/usage"),
+        ("/customers/%252F/usage", "/customers/%252F/usage"),
         ("/customers/a%3Fb%3D1%23c/usage", "/customers/a%3Fb%3D1%23c/usage"),
         ("/customers/%C3%BC%20x/usage", "/customers/%C3%BC%20x/usage"),
         ("/customers/%FF%FE/usage", "/customers/%FF%FE/usage"),
@@ -311,7 +307,14 @@ async def test_unknown_paths_stay_inside_the_tenant_one_segment_each(
     ("method", "raw", "status", "code"),
     [
         ("GET", "/tenants/someone-else/customers/c/usage", 404, "unknown_tenant"),
-        ("POST", "/tenants/%2E%2E/customers/c/usage", 404, "unknown_tenant"),
+        ("POST", "/tenants/%2E%2E/customers/c/usage", 400, "invalid_id"),
+        ("GET", "/tenants/{t}/customers/../usage", 400, "invalid_id"),
+        ("GET", "/tenants/{t}/customers/%2e%2e/usage", 400, "invalid_id"),
+        ("POST", "/tenants/{t}/x/../../_emulator/reset", 400, "invalid_id"),
+        ("POST", "/tenants/{t}/customers/..%2F..%2F_emulator%2Freset/usage", 400, "invalid_id"),
+        ("GET", "/tenants/{t}/customers/a%5Cb/usage", 400, "invalid_id"),
+        ("GET", "/tenants/{t}/customers/a%09b/usage", 400, "invalid_id"),
+        ("GET", "/tenants/{t}/%2e%2e/other/customers/victim/entitlements", 400, "invalid_id"),
         ("GET", "/tenants/{t}/", 404, "unknown_operation"),
         ("GET", "/tenants/{t}/customers//usage", 400, "invalid_id"),
         ("POST", "/tenants/{t}/customers/c/usage/", 400, "invalid_id"),

@@ -11,13 +11,14 @@ from typing import Any
 
 import orjson
 import pytest
+import redis.asyncio as aredis
 from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar.app import create_app
-from sidecar.appkeys import LIFECYCLE
+from sidecar.appkeys import LIFECYCLE, REDIS
 from sidecar.config import Settings
 from sidecar.emulator import EMULATOR, Emulator, create_emulator_app
-from sidecar.http.webhooks import create_webhook_app
+from sidecar.http.webhooks import REPLAY_WINDOW, ReplayGuard, create_webhook_app
 from sidecar.signature import sign, sign_many
 
 from .conftest import Sidecar, SidecarFactory, eventually
@@ -171,6 +172,50 @@ async def test_replay_is_a_duplicate_even_on_another_sidecar(
     assert await source_of(b, "cus_1") == ("hit", False), "a replay drops nothing"
     assert webhook_count(a, "duplicate") == 1
     assert webhook_count(b, "duplicate") == 1
+
+
+async def test_a_flood_of_authentic_events_costs_redis_one_bounded_key(
+    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str, redis_url: str
+) -> None:
+    """Replay keys stay bounded: 300 distinct events (each first seen) through a
+    sidecar add one Redis key, whatever their number, with a TTL of the window."""
+    sc = await make_sidecar(redis_url)
+    client = aredis.Redis.from_url(redis_url)
+    try:
+        before = set(await client.keys("*"))
+        for i in range(300):
+            assert await push(sc, event(tenant, id=f"evt_{i}")) == (200, {"ok": True})
+        added = set(await client.keys("*")) - before
+        events = sc.app[REDIS].keys.events.encode()  # type: ignore[union-attr]
+        assert events in added
+        assert {k for k in added if b"evt" in k} == {events}, "one key for every event"
+        assert await client.zcard(events) == 300
+        assert 0 < await client.ttl(events) <= REPLAY_WINDOW
+    finally:
+        await client.aclose()
+
+
+async def test_the_shared_replay_set_keeps_the_newest_events_up_to_its_bound(
+    make_sidecar: SidecarFactory, redis_url: str
+) -> None:
+    """``max_shared`` bounds the set; the oldest digests go first, the newest (an
+    upstream retry comes within seconds) are still caught on another sidecar."""
+    sc = await make_sidecar(redis_url)
+    redis = sc.app[REDIS]
+    assert redis is not None
+    one = ReplayGuard(lambda: redis, max_shared=50)
+    for i in range(120):
+        assert await one.first_seen(f"eventId:e{i}")
+    client = aredis.Redis.from_url(redis_url)
+    try:
+        assert await client.zcard(redis.keys.events) == 50
+    finally:
+        await client.aclose()
+    other = ReplayGuard(lambda: redis, max_shared=50)  # another sidecar: its own memory
+    assert not await other.first_seen("eventId:e119"), "a recent one is a duplicate anywhere"
+    assert not await other.first_seen("eventId:e70")
+    assert await other.first_seen("eventId:e3"), "past the bound: applied again (harmless)"
+    assert not await one.first_seen("eventId:e3"), "this sidecar's own memory still has it"
 
 
 async def test_replay_caught_in_memory_mode(

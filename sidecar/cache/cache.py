@@ -381,25 +381,26 @@ class DocumentCache:
 
     def _expire(self, customers: Iterable[str] | None, level: int) -> None:
         self._drops += 1
+        memory = self.memory
         if customers is None:
-            for entry in self.memory.data.values():
+            for entry in memory.data.values():
+                if entry.expired < level:  # the local snapshot writes the mark ("x")
+                    memory.changes += 1
                 entry.expire(level)
             for flight in self._inflight.values():
                 flight.invalidated = True
             self._inflight.clear()
             return
-        data = self.memory.data
+        data = memory.data
         for c in customers:
             held = data.get(c)
             if held is not None:
+                if held.expired < level:
+                    memory.changes += 1
                 held.expire(level)
             overtaken = self._inflight.pop(c, None)
             if overtaken is not None:
                 overtaken.invalidated = True
-
-    def entries(self) -> Iterable[tuple[str, Entry]]:
-        """The in-process entries, least recently used first (a snapshot of the dict)."""
-        return list(self.memory.data.items())
 
     async def close(self) -> None:
         tasks = [f.task for f in self._inflight.values() if f.task is not None]

@@ -266,6 +266,15 @@ class Entry:
         """``loads`` plus the stamp it was stored with (``None`` when it has none)."""
         try:
             data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None, None
+        return cls.from_stored(data, kind)
+
+    @classmethod
+    def from_stored(cls, data: Any, kind: Kind = ENTITLEMENTS) -> tuple[Entry | None, Stamp | None]:
+        """``loads_stamped`` of ``dumps``' form already parsed (a snapshot line holds it
+        as an object); ``(None, None)`` when it is not that form."""
+        try:
             doc = data["d"]
             if doc is not None and not isinstance(doc, dict):
                 return None, None
@@ -283,7 +292,7 @@ class Entry:
                 entry.expire(expired)
             tg, ep = data.get("tg"), data.get("ep")
             stamp = (tg, ep) if type(tg) is str and type(ep) is str else None
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (AttributeError, KeyError, TypeError, ValueError):
             return None, None
         return entry, stamp
 

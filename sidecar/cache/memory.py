@@ -17,10 +17,13 @@ class MemoryLayer:
     for a fill whose upstream call fails.
     """
 
-    __slots__ = ("data", "max_entries")
+    __slots__ = ("changes", "data", "max_entries")
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
+        #: Counts every store, removal and clear (not a hit's reordering): the local
+        #: snapshot writes nothing while it has not moved (``cache/snapshot.py``).
+        self.changes = 0
         #: customer -> entry, least recently used first. Public so
         #: ``DocumentCache.hit`` can answer a hit without a method call (the hot path).
         #: The entry itself holds ``answer_until``: no tuple per customer.
@@ -42,15 +45,19 @@ class MemoryLayer:
         if self.max_entries <= 0:
             return
         entry.answer_until = answer_until
+        self.changes += 1
         self.data[key] = entry
         self.data.move_to_end(key)
         while len(self.data) > self.max_entries:
             self.data.popitem(last=False)
 
     def pop(self, key: str) -> None:
-        self.data.pop(key, None)
+        if self.data.pop(key, None) is not None:
+            self.changes += 1
 
     def clear(self) -> None:
+        if self.data:
+            self.changes += 1
         self.data.clear()
 
     def customers_of(self, account: str) -> set[str]:

@@ -99,10 +99,11 @@ _DROPPED_MARK: Final = b"!"
 # Lua. ``redis.pcall`` around every write that Redis refuses under OOM (a script
 # without flags runs, and only its denied commands fail), so drops still apply.
 
-# KEYS: entry, lock, tgen, epoch. ARGV: lock token, lock ms, random suffix.
-# Takes the lock (NX), creates a missing tgen or epoch (a fresh token: an absent one
-# matches no stamp), and returns {tgen or nil, epoch or nil, won (1 taken, 0 held by
-# another, -1 refused: OOM), the stored entry or nil}.
+# KEYS: entry, lock, tgen, epoch, beat. ARGV: lock token, lock ms, random suffix, beat
+# TTL ms. Takes the lock (NX), creates a missing tgen or epoch (a fresh token: an
+# absent one matches no stamp; an epoch made here starts the fleet's beat too, as the
+# health check's would), and returns {tgen or nil, epoch or nil, won (1 taken, 0 held
+# by another, -1 refused: OOM), the stored entry or nil}.
 _BEGIN: Final = """
 local function now_ms()
   local t = redis.call('TIME')
@@ -113,7 +114,9 @@ local won = 0
 if type(r) == 'table' and r.ok then won = 1 elseif type(r) == 'table' and r.err then won = -1 end
 for i = 3, 4 do
   if redis.call('EXISTS', KEYS[i]) == 0 then
-    redis.pcall('SET', KEYS[i], now_ms() .. '-' .. ARGV[3], 'NX')
+    local now = now_ms()
+    redis.pcall('SET', KEYS[i], now .. '-' .. ARGV[3], 'NX')
+    if i == 4 then redis.pcall('SET', KEYS[5], now, 'PX', ARGV[4], 'NX') end
   end
 end
 return {redis.call('GET', KEYS[3]), redis.call('GET', KEYS[4]), won, redis.call('GET', KEYS[1])}
@@ -264,10 +267,11 @@ if changed ~= 0 then redis.call(ARGV[5], ARGV[4], ARGV[3]) end
 return {now, redis.call('GET', KEYS[1]), math.max(seq, floor), writable, changed}
 """
 
-# KEYS: epoch. ARGV: since ms, random suffix, message, channel, publish command.
-# After an outage: renews the epoch unless it was set after ``since`` (Redis time:
-# another sidecar renewed it since this one's last contact), and publishes a
-# new one. Returns 1 when renewed (under OOM the epoch is deleted: no stamp matches).
+# KEYS: epoch, beat. ARGV: since ms, random suffix, message, channel, publish command,
+# beat TTL ms. After an outage: renews the epoch unless it was set after ``since``
+# (Redis time: another sidecar renewed it since this one's last contact), beats, and
+# publishes the new epoch. Returns 1 when renewed (under OOM the epoch is deleted: no
+# stamp matches).
 _RENEW: Final = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -278,6 +282,7 @@ if cur and ARGV[1] ~= '' then
 end
 local r = redis.pcall('SET', KEYS[1], now .. '-' .. ARGV[2])
 if type(r) == 'table' and r.err then redis.call('DEL', KEYS[1]) end
+redis.pcall('SET', KEYS[2], now, 'PX', ARGV[6])
 redis.call(ARGV[5], ARGV[4], ARGV[3])
 return 1
 """
@@ -557,10 +562,16 @@ class RedisTier(SharedTier):
     async def begin_fill(self, kind: Kind, ident: str) -> Ticket:
         names = self.keys.kind(kind.key)
         token = secrets.token_hex(8)
-        keys = [names.entry(ident), names.lock(ident), names.tenant_gen, self.keys.epoch]
+        keys = [
+            names.entry(ident),
+            names.lock(ident),
+            names.tenant_gen,
+            self.keys.epoch,
+            self.keys.beat,
+        ]
+        args: list[Any] = [token, self._lock_ms, secrets.token_hex(4), _BEAT_TTL_MS]
         tgen, epoch, won, raw = await self.redis.run(
-            "begin_fetch",
-            lambda r: self._begin(keys, [token, self._lock_ms, secrets.token_hex(4)], client=r),
+            "begin_fetch", lambda r: self._begin(keys, args, client=r)
         )
         stamp = (_text(tgen), _text(epoch))
         return Ticket(
@@ -710,13 +721,14 @@ class RedisTier(SharedTier):
         )
 
     async def renew_epoch(self, since_ms: int | None, message: bytes) -> bool:
-        keys = [self.keys.epoch]
+        keys = [self.keys.epoch, self.keys.beat]
         args: list[Any] = [
             "" if since_ms is None else since_ms,
             secrets.token_hex(4),
             message,
             self.keys.channel,
             self._publish_command,
+            _BEAT_TTL_MS,
         ]
         renewed = await self.redis.run("renew_epoch", lambda r: self._renew(keys, args, client=r))
         return bool(renewed)

@@ -18,7 +18,7 @@ from ..cache.cache import DocumentCache
 from ..cache.entry import Entry, Lookup, Source
 from ..cache.kinds import AXES, Axis
 from ..errors import BadRequest, UpstreamError, UpstreamUnavailable
-from .inputs import MAX_BATCH, MAX_ID_LENGTH, is_id, path_id, read_json
+from .inputs import ID_RULE, MAX_BATCH, is_id, path_id, read_json
 from .operations import Surface
 from .responses import cached_response, json_response, source_response
 
@@ -61,6 +61,7 @@ async def can(
             raise UpstreamUnavailable(
                 exc.message,
                 code=exc.code,
+                retry_after=exc.retry_after,
                 allowed=False,
                 customerId=customer,
                 module=module,
@@ -126,8 +127,7 @@ async def check(request: web.Request) -> web.StreamResponse:
         customer, module = item.get("customerId"), item.get("module")
         if not is_id(customer) or not is_id(module):
             raise BadRequest(
-                f"checks[{i}] needs a non-empty customerId and module (strings, "
-                f"at most {MAX_ID_LENGTH} characters)",
+                f"checks[{i}] needs a customerId and a module, each an id ({ID_RULE})",
                 code="invalid_body",
             )
         pairs.append((customer, module))

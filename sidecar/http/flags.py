@@ -63,7 +63,9 @@ async def flag(
         lookup = Lookup(entry, "hit") if entry is not None else await cache.get_missed(customer)
     except UpstreamError as exc:
         if default is None:
-            raise UpstreamUnavailable(exc.message, code=exc.code, **answer, value=None) from None
+            raise UpstreamUnavailable(
+                exc.message, code=exc.code, retry_after=exc.retry_after, **answer, value=None
+            ) from None
         return json_response({**answer, "value": default, "fallback": True})
     value = lookup.entry.flag(name)
     if value is not None:

@@ -3,15 +3,18 @@
 Every operation of the table but the cached read is forwarded with the
 sidecar's key and answered with the upstream's status, body bytes and the
 headers that matter (``Content-Type``, ``Content-Disposition``, ``Location``,
-``Retry-After``, ``Idempotent-Replayed``): a PDF stays a PDF and a redirect is
+``Retry-After``, ``Allow``, ``Idempotent-Replayed``): a PDF stays a PDF and a redirect is
 passed on, never followed. The caller's ``x-api-key`` is never read, forwarded
 or logged: only ``Idempotency-Key`` is copied from the caller. The sidecar's own
 failures are the exceptions: upstream 401/403 becomes 502
 ``upstream_auth_failed`` (the local caller cannot fix the sidecar's key), no
 answer becomes 502 ``upstream_unavailable`` or 504 ``upstream_timeout``.
 
-Ids arrive URL-decoded and are re-quoted one segment each by the upstream client,
-so no id (``..``, ``a/b``, ``%2F``, ``?x``) can reach another upstream path.
+Ids arrive URL-decoded, pass the id rule of every surface (``inputs.id_problem``:
+no ``/``, ``\\``, control character, ``.`` or ``..``; 400 ``invalid_id``) and are
+re-quoted one segment each by the upstream client, so no id (``a?b``, ``%2F``
+encoded twice, ``#x``) can reach another upstream path, even through an egress
+proxy that decodes and normalises paths.
 ``/v1`` validates bodies before calling the upstream (its own 400 codes); the
 mirror leaves that to the upstream so its 400s reach the SDK unchanged.
 
@@ -24,8 +27,9 @@ the account's customers) before the answer is returned, so the caller's next
 ``can`` sees the change.
 
 :func:`forward_unknown` forwards a mirror path the table does not know, with
-the same path safety (see ``docs/api.md``, "Unknown operations"). What such a
-write changes is unknown, so it drops both axes (entitlements and flags).
+the same path safety (see ``docs/api.md``, "Unknown operations"), and only with
+the methods of ``FORWARDED_METHODS``. What such a write changes is unknown, so it
+drops both axes (entitlements and flags).
 """
 
 from __future__ import annotations
@@ -48,14 +52,15 @@ from ..errors import (
     NotFound,
     UpstreamAuthFailed,
     UpstreamError,
+    UpstreamOverloaded,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from ..upstream import UpstreamResponse, requote_segment
-from .inputs import MAX_ID_LENGTH, is_id, read_json
+from .inputs import ID_RULE, check_id, is_id, read_json
 from .operations import OPERATIONS, Drops, FieldKind, Operation, Surface, id_field, path_shape
 
-__all__ = ["forward", "forward_unknown"]
+__all__ = ["FORWARDED_METHODS", "check_tenant", "forward", "forward_unknown"]
 
 # The logger's name predates the http/ package; log pipelines filter on it.
 log = logging.getLogger("sidecar.proxy")
@@ -67,6 +72,10 @@ _MAX_IDEMPOTENCY_KEY: Final = 255
 #: Authorization or cookies).
 _UNKNOWN_REQUEST_HEADERS: Final = ("Content-Type", "Accept", "Idempotency-Key")
 _SAFE_METHODS: Final = frozenset({"GET", "HEAD"})
+#: The methods an unknown operation is forwarded with. Any other (``TRACE``,
+#: ``CONNECT``, ``OPTIONS``, an invented one) is a 405 and never sent: an upstream
+#: or a proxy that echoes a ``TRACE`` would hand the caller the sidecar's key.
+FORWARDED_METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 def _is_integer(value: Any) -> bool:
@@ -75,7 +84,7 @@ def _is_integer(value: Any) -> bool:
 
 #: Each field kind: its check, and what the 400 says a value must be.
 _KINDS: Final[Mapping[FieldKind, tuple[Callable[[Any], bool], str]]] = {
-    "id": (is_id, f"a non-empty string of at most {MAX_ID_LENGTH} characters"),
+    "id": (is_id, f"an id ({ID_RULE})"),
     "string": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "integer": (_is_integer, "an integer"),
     "boolean": (lambda v: isinstance(v, bool), "true or false"),
@@ -150,29 +159,25 @@ async def forward_unknown(request: web.Request) -> web.StreamResponse:
     """
     app = request.app
     settings = app[SETTINGS]
-    if request.match_info["tenant"] != settings.tenant_id:
-        raise NotFound("this sidecar serves another tenant", code="unknown_tenant")
+    check_tenant(request)
     raw = request.rel_url.raw_parts[3:]  # after "/", "tenants", the tenant
     segments = [unquote(part, errors="replace") for part in raw]
+    if segments == [""]:
+        raise NotFound("no operation: the path ends at the tenant", code="unknown_operation")
+    for segment in segments:
+        check_id(segment, "a path segment")
     method = request.method
     if not settings.forward_unknown:
-        allowed = {op.method for op in OPERATIONS if op.matches(segments)}
+        allowed = _table_methods(segments)
         if allowed:
-            raise web.HTTPMethodNotAllowed(method, sorted(allowed | _head(allowed)))
+            raise web.HTTPMethodNotAllowed(method, allowed)
         raise NotFound(
             f"{method} {path_shape(segments)} is not an operation this sidecar knows, and "
             "forwarding unknown operations is off (SIDECAR_FORWARD_UNKNOWN=false)",
             code="unknown_operation",
         )
-    if segments == [""]:
-        raise NotFound("no operation: the path ends at the tenant", code="unknown_operation")
-    for segment in segments:
-        if not segment:
-            raise BadRequest("the path has an empty segment", code="invalid_id")
-        if len(segment) > MAX_ID_LENGTH:
-            raise BadRequest(
-                f"a path segment is longer than {MAX_ID_LENGTH} characters", code="invalid_id"
-            )
+    if method not in FORWARDED_METHODS:
+        raise web.HTTPMethodNotAllowed(method, FORWARDED_METHODS)
 
     write = method not in _SAFE_METHODS
     body = await request.read() or None
@@ -189,7 +194,7 @@ async def forward_unknown(request: web.Request) -> web.StreamResponse:
     drops: Drops | None = "customer" if call.customer else "account" if call.account else None
     shape = path_shape(segments)
     app[METRICS].count_unknown(method, shape)
-    return await _send(
+    answer = await _send(
         request,
         call,
         operation="unknown",
@@ -203,11 +208,27 @@ async def forward_unknown(request: web.Request) -> web.StreamResponse:
         axes=AXES,
         log_as=("forwarded_unknown", {"operation": "unknown", "method": method, "shape": shape}),
     )
+    if answer.status == 405 and "Allow" not in answer.headers:
+        # RFC 9110 has every 405 name the methods; for an upstream that did not,
+        # the table's (empty when it knows none: "no method").
+        answer.headers["Allow"] = ", ".join(_table_methods(segments))
+    return answer
 
 
-def _head(methods: set[str]) -> set[str]:
-    """HEAD is answered wherever GET is."""
-    return {"HEAD"} if "GET" in methods else set()
+def _table_methods(segments: Sequence[str]) -> list[str]:
+    """The methods of the table's operations with this path's shape (HEAD with GET)."""
+    methods = {op.method for op in OPERATIONS if op.matches(segments)}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
+def check_tenant(request: web.Request) -> None:
+    """The mirror's ``{tenant}``: an id (else 400 ``invalid_id``) and the configured
+    tenant (else 404 ``unknown_tenant``)."""
+    tenant = check_id(request.match_info["tenant"], "tenant")
+    if tenant != request.app[SETTINGS].tenant_id:
+        raise NotFound("this sidecar serves another tenant", code="unknown_tenant")
 
 
 async def _send(
@@ -248,8 +269,10 @@ async def _send(
             quoted=quoted,
         )
     except UpstreamError as exc:
-        # No answer: a write may have been applied, so the cache goes anyway.
-        dropped = await _after_write(app, drops, call, None, axes) if write else None
+        # No answer: a write may have been applied, so the cache goes anyway
+        # (unless it was never sent: too many calls were waiting).
+        sent = not isinstance(exc, UpstreamOverloaded)
+        dropped = await _after_write(app, drops, call, None, axes) if write and sent else None
         if log_as is not None:
             _log(*log_as, None, exc.code, dropped, started)
         raise _proxy_error(exc, write) from None
@@ -266,11 +289,15 @@ async def _send(
 
 
 def _id_after(segments: Sequence[str], collection: str) -> str | None:
-    """The id that follows the first ``collection`` segment (``customers/{c}``)."""
-    with contextlib.suppress(ValueError):
-        value = segments[segments.index(collection) + 1]
-        return value if is_id(value) else None
-    return None
+    """The id that follows the first ``collection`` segment (``customers/{c}``);
+    ``None`` when there is none (a collection path such as ``.../accounts``)."""
+    try:
+        at = segments.index(collection) + 1
+    except ValueError:
+        return None
+    if at >= len(segments):
+        return None
+    return segments[at]
 
 
 async def _prepare(
@@ -340,10 +367,8 @@ def _check_body(op: Operation, data: Any) -> None:
 
 def _check_query(op: Operation, request: web.Request) -> None:
     for name in op.query_ids:
-        if any(not v or len(v) > MAX_ID_LENGTH for v in request.query.getall(name, [])):
-            raise BadRequest(
-                f"{name} must be 1 to {MAX_ID_LENGTH} characters", code="invalid_query"
-            )
+        if not all(is_id(v) for v in request.query.getall(name, [])):
+            raise BadRequest(f"{name} must be an id ({ID_RULE})", code="invalid_query")
 
 
 async def _after_write(
@@ -376,9 +401,13 @@ async def _after_write(
 def _proxy_error(exc: UpstreamError, write: bool) -> UpstreamError:
     """No answer from the upstream on a proxied route: 502, or 504 for a timeout.
 
-    503 is kept for the cached read ("nothing usable cached"); here the sidecar is
-    a gateway, and a write's message says its outcome is unknown.
+    503 is kept for the cached read ("nothing usable cached") and for a call never
+    sent because too many were waiting (503 ``upstream_overloaded``, ``Retry-After``:
+    nothing was applied); here the sidecar is a gateway, and a write's message says
+    its outcome is unknown.
     """
+    if isinstance(exc, UpstreamOverloaded):
+        return exc
     message = exc.message + (". The write may or may not have been applied." if write else "")
     if isinstance(exc, UpstreamTimeout):
         return UpstreamTimeout(message)

@@ -13,7 +13,10 @@ request. The measured effect is in docs/performance.md.
 Only the plain shape is answered here: the route's method, ids of characters
 that need no decoding (no ``%``, no query string, no ``.``/``..`` segment, at
 most ``MAX_ID_LENGTH`` characters), and for a route with a body no ``Expect``
-header (the router answers ``100 Continue``). Everything else (HEAD,
+header (the router answers ``100 Continue``). Such an id always passes the id
+rule (``inputs.id_problem``: its characters hold no ``/``, ``\\`` or control
+character), so the front door skips that check; anything else reaches the router,
+which applies it. Everything else (HEAD,
 percent-encoded or empty ids, ``?default=``, the other routes) goes to the router
 as before, and each hot route is registered there too (``http/routes.py``), so
 both ways give the same answer, headers and metrics label. The local app has no
@@ -35,7 +38,8 @@ from aiohttp import web
 from aiohttp.web_request import BaseRequest
 from multidict import istr
 
-from .inputs import MAX_ID_LENGTH
+from .inputs import DOT_SEGMENTS, MAX_ID_LENGTH
+from .responses import http_exception_response
 
 __all__ = ["HOT_ROUTES", "HotHandler", "HotRoute", "front_door"]
 
@@ -53,8 +57,8 @@ _ID: Final = "[^/]*"
 #: Characters of an id that reach the handler as they are (RFC 3986 unreserved and
 #: sub-delims, ``:`` and ``@``): no ``%`` to decode, no ``?`` or ``#``.
 _PLAIN: Final = rf"[A-Za-z0-9\-._~!$&'()*+,;=:@]{{1,{MAX_ID_LENGTH}}}"
-#: Segments the URL parser removes or folds (RFC 3986 dot segments).
-_DOTS: Final = frozenset({".", ".."})
+#: Segments the URL parser removes or folds: never an id (``inputs.DOT_SEGMENTS``).
+_DOTS: Final = DOT_SEGMENTS
 #: A path parameter: ``{name}``, one whole segment.
 _PARAM: Final = re.compile(r"\{(\w+)\}")
 
@@ -122,6 +126,13 @@ def front_door(app: web.Application, routed: ServerHandler) -> ServerHandler:
                     if _DOTS.isdisjoint(ids) and not (has_body and _EXPECT in request.headers):
                         return await handle(request, *ids)
                     break
-        return await routed(request)
+        try:
+            return await routed(request)
+        except web.HTTPException as exc:
+            # What no route can match (a CONNECT's authority form, OPTIONS *) is
+            # refused by the router itself, outside every guarded handler.
+            if exc.status < 400:
+                raise
+            return http_exception_response(exc)
 
     return front

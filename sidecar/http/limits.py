@@ -1,41 +1,41 @@
 """Listener limits: what a hostile or broken client can hold, and for how long.
 
-aiohttp's server reads requests with no deadline of its own: a socket that sends
-half a request line, or a body one byte every two seconds, keeps its connection
-(and a file descriptor) for as long as it likes, and nothing caps how many such
-sockets a listener holds. Every listener of the sidecar (local API, webhooks,
-ops) is therefore served by :class:`GuardedRunner`, whose connections are
-:class:`GuardedProtocol` instances enforcing:
+aiohttp's server reads requests with no deadline of its own, and nothing caps how
+many sockets a listener holds. Every listener (local API, webhooks, ops) is
+therefore served by :class:`GuardedRunner`, whose connections are
+:class:`GuardedProtocol` instances enforcing (docs/operations.md, "Listener
+limits", says what a caller sees):
 
-- **a header deadline** (``SIDECAR_HEADER_TIMEOUT``): a request's line and
-  headers must arrive within N seconds of its first byte, and a new connection
-  must deliver its first request's headers within N seconds of being accepted.
-  A connection cut with part of a request read gets a JSON 408 first; one that
-  sent nothing is closed silently (an unsolicited 408 on a connection the
-  client considers idle would be read as the answer to its next request);
-- **a body deadline** (``SIDECAR_BODY_TIMEOUT``): the whole body must arrive
-  within N seconds of the headers. The handler reading it gets a JSON 408 and
-  the connection closes after the answer;
+- **a header deadline** (``SIDECAR_HEADER_TIMEOUT``), from a request's first byte
+  (from accept for a new connection): cut with a JSON 408 when part of a request
+  was read, silently when nothing was (an unsolicited 408 would be read as the
+  answer to the client's next request);
+- **a body deadline** (``SIDECAR_BODY_TIMEOUT``; on the webhook listener the
+  shorter ``SIDECAR_WEBHOOK_BODY_TIMEOUT``), from the end of the head: the
+  handler reading the body gets a JSON 408, then the connection closes;
+- **a minimum transfer rate** (``SIDECAR_MIN_RATE``, ``mod_reqtimeout``'s
+  ``MinRate``): a head from its first byte, a body from the end of its head,
+  must average that rate once their first ``grace`` is over (``too_slow``);
+  time the sidecar itself stopped reading (flow control) does not count;
 - **a keep-alive idle timeout** (``SIDECAR_KEEPALIVE_TIMEOUT``, aiohttp's own);
-- **a cap on open connections** per listener (``SIDECAR_MAX_CONNECTIONS``,
-  ``SIDECAR_WEBHOOK_MAX_CONNECTIONS``, ``SIDECAR_OPS_MAX_CONNECTIONS``). At the
-  cap, the connection idle the longest (waiting for a next request, nothing of
-  one read) is closed to make room, so idle sockets cannot crowd out working
-  ones, and failing that the one whose request head has been dribbling in
-  the longest (a second or more); when there is neither, the new socket is
-  answered a JSON 503 and closed.
+- **a connection cap** per listener: at the cap a newcomer is let in by
+  closing the connection making the least progress (the head or body most
+  behind the minimum rate, else the one idle the longest), and answered a JSON
+  503 only when every connection holds a request already read;
+- **a stream cap** (``SIDECAR_MAX_STREAMS``): a request that becomes a
+  long-lived stream moves its connection out of the connection cap
+  (:func:`begin_stream`), so streams never shut out requests.
 
-What the HTTP parser refuses (a request line over ``MAX_LINE_SIZE``, headers
-over ``MAX_FIELD_SIZE``, malformed HTTP) is answered with the JSON error
-envelope (414, 431 or 400) and logged at warning level with the listener and
-the parser's error class only: never the raw line, which may carry ids.
-
-During a shutdown drain (:meth:`ListenerGuard.start_drain`) every answer
-carries ``Connection: close``, so each open connection gets the answer to the
-request it sends and then closes.
-
-Everything refused or cut is counted in
+What the HTTP parser refuses is answered with the JSON error envelope (414, 431
+or 400) and logged with the listener and the parser's error class only, never
+the raw line (it may carry ids). During a shutdown drain every answer carries
+``Connection: close``. Everything refused or cut is counted in
 ``vellum_sidecar_connections_refused_total{listener, reason}``.
+
+The hot path (``data_received``) adds, once per request, a clock read and two
+stores; bytes are counted only for a chunk that leaves a head or body
+incomplete. Deadlines and rates are checked by one sweep per listener, and a
+victim is looked for only at the cap.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import logging
 import resource
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
 import orjson
 from aiohttp import web
@@ -67,12 +67,14 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_FIELD_SIZE",
     "MAX_LINE_SIZE",
+    "REASONS",
     "BodyTimeout",
     "GuardedProtocol",
     "GuardedRunner",
     "GuardedServer",
     "ListenerGuard",
     "ListenerLimits",
+    "begin_stream",
     "fit_to_fd_limit",
     "listener_guards",
     "raise_fd_limit",
@@ -95,12 +97,16 @@ _MIN_CAP: Final = 4
 
 Reason = Literal[
     "max_connections",
+    "max_streams",
     "idle_evicted",
     "slow_evicted",
+    "too_slow",
     "header_timeout",
     "body_timeout",
     "bad_request",
 ]
+#: Every reason, each exported from the start (at 0) for every listener.
+REASONS: Final[tuple[Reason, ...]] = get_args(Reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +115,11 @@ class ListenerLimits:
     body_timeout: float = 10.0
     keepalive_timeout: float = 30.0
     max_connections: int = 1024
+    #: Open event streams, held apart from ``max_connections`` (0: none allowed).
+    max_streams: int = 0
+    #: Bytes a second a head (from its first byte) or a body (from the end of its
+    #: head) must average once its first ``grace`` is over; 0: no minimum.
+    min_rate: float = 500.0
 
     #: The listen backlog, which is also how many sockets asyncio accepts at once.
     #: A refused socket is closed on the next loop iteration, so a flood holds up
@@ -118,7 +129,7 @@ class ListenerLimits:
 
 
 class BodyTimeout(web.HTTPRequestTimeout):
-    """Raised to the handler reading a body that did not arrive in time."""
+    """Raised to the handler reading a body that did not arrive in time (or fast enough)."""
 
 
 def _raw_error(status: int, reason: str, code: str, message: str) -> bytes:
@@ -132,11 +143,12 @@ def _raw_error(status: int, reason: str, code: str, message: str) -> bytes:
 
 
 class ListenerGuard:
-    """One listener's limits, its open connections, its counters and its drain state.
+    """One listener's limits, its open connections and streams, its counters and its
+    drain state.
 
     The deadlines are enforced by one sweep over the open connections every
     ``sweep_interval`` seconds rather than by a timer per request: the hot
-    path only stores a timestamp.
+    path only stores a timestamp and counts bytes.
     """
 
     def __init__(
@@ -146,22 +158,39 @@ class ListenerGuard:
         *,
         refused: Counter | None = None,
         open_gauge: Gauge | None = None,
+        streams_gauge: Gauge | None = None,
     ) -> None:
         self.name = name
         self.limits = limits
         self._refused = refused
+        if refused is not None:
+            for reason in REASONS:
+                refused.labels(name, reason)
         self._open_gauge = open_gauge.labels(name) if open_gauge is not None else None
+        self._streams_gauge = streams_gauge
         self.connections: dict[GuardedProtocol, None] = {}
+        #: Connections carrying an event stream: outside ``connections`` and its cap.
+        self.streams: dict[GuardedProtocol, None] = {}
         self.draining = False
         self._drained: asyncio.Event | None = None
         self._sweeper: asyncio.Task[None] | None = None
-        #: At the cap, a head still incomplete after this long may be closed for room.
-        self.slow_head = min(1.0, limits.header_timeout / 2)
-        #: A deadline is noticed at most this late.
+        #: A head's or body's first seconds, before the minimum rate applies to it
+        #: (mod_reqtimeout's initial timeout); at the cap, a head still incomplete
+        #: after this long may be closed for room whatever its rate.
+        self.grace = min(1.0, limits.header_timeout / 2)
+        #: At the cap, a new connection that has sent nothing is not closed for room
+        #: before this age: a client just accepted (or whose bytes wait to be read
+        #: behind a busy loop) has not had the time to send.
+        self.evict_after = min(0.25, self.grace / 2)
+        #: A deadline or a rate is noticed at most this late.
         self.sweep_interval = min(max(min(limits.header_timeout, limits.body_timeout) / 5, 0.05), 1)
         self._timeout_answer = _raw_error(
             408, "Request Timeout", "request_timeout",
             f"the request's headers did not arrive within {limits.header_timeout:g} s",
+        )  # fmt: skip
+        self._slow_answer = _raw_error(
+            408, "Request Timeout", "request_timeout",
+            f"the request's headers arrived slower than {limits.min_rate:g} bytes/s",
         )  # fmt: skip
         self._busy_answer = _raw_error(
             503, "Service Unavailable", "too_many_connections",
@@ -197,33 +226,63 @@ class ListenerGuard:
 
     def _closed(self, protocol: GuardedProtocol) -> None:
         self.connections.pop(protocol, None)
+        if self.streams.pop(protocol, 0) is None and self._streams_gauge is not None:
+            self._streams_gauge.set(len(self.streams))
         if self._open_gauge is not None:
             self._open_gauge.set(len(self.connections))
         if not self.connections and self._drained is not None:
             self._drained.set()
 
+    def _to_stream(self, protocol: GuardedProtocol) -> bool:
+        """Move ``protocol`` from the connection cap to the stream cap, room permitting."""
+        if protocol in self.streams:
+            return True
+        if len(self.streams) >= self.limits.max_streams:
+            self.count("max_streams")
+            return False
+        self.streams[protocol] = None
+        if self._streams_gauge is not None:
+            self._streams_gauge.set(len(self.streams))
+        self.connections.pop(protocol, None)
+        if self._open_gauge is not None:
+            self._open_gauge.set(len(self.connections))
+        if not self.connections and self._drained is not None:
+            self._drained.set()
+        return True
+
     def admit(self, now: float) -> bool:
         """Room for one more connection: below the cap, or once one is closed for it.
 
-        At the cap the connection idle the longest goes first; failing that,
-        the one whose request head has been dribbling in the longest, once it
-        has taken ``slow_head`` seconds (a real client sends its head in
-        milliseconds), so a slowloris must keep opening a whole cap's worth of
-        sockets every ``slow_head`` seconds to keep others out.
+        At the cap the connection whose head or body is the most behind the
+        minimum rate goes first (``GuardedProtocol.lagging``), so slow peers must
+        keep sending at that rate on every one of a cap's connections to keep a
+        normal client out, however fast they reconnect; failing that, the one idle
+        the longest (a kept-alive connection whose client sent its requests whole:
+        closed only when no slow one is left, since its client may be about to
+        reuse it). One pass over the connections, only at the cap.
         """
         if len(self.connections) < self.limits.max_connections:
             return True
-        idle = [p for p in self.connections if p.idle]
-        if idle:
-            victim = min(idle, key=lambda p: p.idle_since)
-            self.count("idle_evicted")
+        idle: GuardedProtocol | None = None
+        slow: GuardedProtocol | None = None
+        most = 0.0
+        for p in self.connections:
+            if p.idle:
+                if idle is None or p.idle_since < idle.idle_since:
+                    idle = p
+            else:
+                behind = p.lagging(now)
+                if behind is not None and (slow is None or behind > most):
+                    slow, most = p, behind
+        reason: Reason
+        if slow is not None:
+            victim, reason = slow, "slow_evicted"
+        elif idle is not None:
+            victim, reason = idle, "idle_evicted"
         else:
-            slow = [p for p in self.connections if p.head_waiting_since(now, self.slow_head)]
-            if not slow:
-                return False
-            victim = min(slow, key=lambda p: p.head_since or now)
-            self.count("slow_evicted")
-        victim.force_close()
+            return False
+        self.count(reason)
+        victim.evict()
         self._closed(victim)
         return True
 
@@ -235,7 +294,7 @@ class ListenerGuard:
             self._drained.set()
 
     async def wait_drained(self, timeout: float) -> None:
-        """Until every connection has closed, or ``timeout`` seconds."""
+        """Until every connection (streams aside) has closed, or ``timeout`` seconds."""
         if self._drained is None:
             return
         with contextlib.suppress(TimeoutError):
@@ -243,7 +302,7 @@ class ListenerGuard:
 
 
 class GuardedProtocol(RequestHandler):
-    """aiohttp's request handler (one per connection) with the deadlines above."""
+    """aiohttp's request handler (one per connection) with the limits above."""
 
     __slots__ = (
         "_body_payload",
@@ -252,6 +311,8 @@ class GuardedProtocol(RequestHandler):
         "_guard",
         "_head_since",
         "_partial",
+        "_rate_since",
+        "_received",
         "_refused",
         "idle_since",
     )
@@ -264,6 +325,12 @@ class GuardedProtocol(RequestHandler):
         #: When the body now awaited began (its head completed).
         self._body_since: float | None = None
         self._body_payload: StreamReader | None = None
+        #: Where the minimum rate is measured from (a head's first byte, a body's
+        #: start); ``None``: no head or body under way.
+        self._rate_since: float | None = None
+        #: Bytes of that head or body received since, counted by the chunks that
+        #: left it incomplete (the chunk completing it ends the measure anyway).
+        self._received = 0
         self._partial = False
         self._refused = False
         #: The body deadline passed: the answer closes the connection.
@@ -287,15 +354,39 @@ class GuardedProtocol(RequestHandler):
     def head_since(self) -> float | None:
         return self._head_since
 
-    def head_waiting_since(self, now: float, at_least: float) -> bool:
-        """Has a request head been awaited for ``at_least`` seconds (none being handled)?"""
-        since = self._head_since
-        return (
-            since is not None
-            and now - since >= at_least
-            and not self._request_in_progress
-            and not self._messages
-        )
+    def lagging(self, now: float) -> float | None:
+        """How far behind (seconds) the head or body now arriving is, when this
+        connection may be closed to make room (``ListenerGuard.admit``: the most
+        behind goes first); ``None`` when it may not: idle (handled first), a
+        request read and being handled, a new connection that has not had the time
+        to send (nothing read yet, younger than ``evict_after``), keeping to the
+        minimum rate, or held back by the sidecar itself (reading paused).
+
+        Behind: the phase's age less the time its bytes buy at the minimum rate,
+        so among slow peers the oldest and slowest goes first, and a client that
+        sent its request at once is never behind any of them. A head still
+        incomplete after ``grace`` is behind whatever its rate.
+        """
+        if self._reading_paused or self._buffer_paused:
+            return None
+        guard = self._guard
+        head = self._head_since
+        since = self._rate_since
+        received = self._received
+        slow_head = -1.0  # a body: no head rule
+        if head is not None and not self._request_in_progress and not self._messages:
+            if since is None:  # a new connection that has sent nothing yet
+                if now - head < guard.evict_after:
+                    return None
+                since, received = head, 0
+            slow_head = now - head - guard.grace
+        elif self._body_since is None or not self._in_body() or since is None:
+            return None
+        min_rate = guard.limits.min_rate
+        behind = now - since - received / min_rate if min_rate > 0 else 0.0
+        if behind > 0 or slow_head >= 0:
+            return max(behind, slow_head)
+        return None
 
     def _in_body(self) -> bool:
         return self._body_payload is not None and not self._body_payload.is_eof()
@@ -321,6 +412,20 @@ class GuardedProtocol(RequestHandler):
         self._guard._closed(self)
         super().connection_lost(exc)
 
+    def begin_stream(self) -> bool:
+        """This connection now carries a long-lived stream: it leaves the connection
+        cap for the stream cap (``False``: that cap is full, nothing moved)."""
+        return self._guard._to_stream(self)
+
+    def evict(self) -> None:
+        """Close for room at the cap: no answer (the peer was too slow to want one)."""
+        payload = self._body_payload
+        if payload is not None and not payload.is_eof():
+            # A handler reading it ends with the 408 it cannot send any more,
+            # instead of a connection error logged as a crash.
+            payload.set_exception(BodyTimeout())
+        self.force_close()
+
     # -- reading -------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
@@ -334,11 +439,19 @@ class GuardedProtocol(RequestHandler):
         if body is None and data:
             self._partial = True
             if self._head_since is None:
-                self._head_since = self._loop.time()  # the first bytes of a next request
+                # The first bytes of a next request.
+                self._head_since = self._rate_since = self._loop.time()
+                self._received = 0
+            elif self._rate_since is None:
+                # A new connection's first bytes.
+                self._rate_since = self._loop.time()
+                self._received = 0
         before = self._request_count
         _data_received(self, data)
         if self._request_count != before:
             self._head_completed(body)
+        else:
+            self._received += len(data)  # a head or body still incomplete
 
     def _head_completed(self, body: StreamReader | None) -> None:
         """One or more request heads arrived; a body may follow the last."""
@@ -355,41 +468,70 @@ class GuardedProtocol(RequestHandler):
                 body.set_exception(RequestPayloadError("the request body is malformed"))
         self._partial = False
         now = self._head_since or self._loop.time()
-        self._head_since = None
+        self._head_since = self._rate_since = None
         self.idle_since = now
         payload = messages[-1][1] if messages else None
         if payload is not None and not payload.is_eof():
             self._body_payload = payload
-            self._body_since = self._loop.time()
+            self._body_since = self._rate_since = self._loop.time()
+            self._received = 0
 
     def check_deadlines(self, now: float) -> None:
-        """Cut the connection if its head or its body is late (the guard's sweep)."""
+        """Cut the connection if its head or its body is late or too slow (the sweep)."""
         if self.transport is None:
             return
         limits = self._guard.limits
-        if self._head_since is not None and now - self._head_since > limits.header_timeout:
-            if self._request_in_progress or self._messages:
-                # A pipelined request's head is late while an earlier one is still
-                # being handled: its clock starts when that one is done.
-                self._head_since = now
-            else:
-                self._header_timed_out()
-        elif self._body_since is not None and now - self._body_since > limits.body_timeout:
-            self._body_since = None
-            if self._in_body():
-                self._body_timed_out()
+        head_since = self._head_since
+        if head_since is not None:
+            busy = self._request_in_progress or self._messages
+            if now - head_since > limits.header_timeout:
+                if busy:
+                    # A pipelined request's head is late while an earlier one is still
+                    # being handled: its clock starts when that one is done.
+                    self._head_since = now
+                    if self._rate_since is not None:
+                        self._rate_since, self._received = now, 0
+                else:
+                    self._header_timed_out("header_timeout")
+            elif not busy and self._too_slow(now):
+                self._header_timed_out("too_slow")
+        elif self._body_since is not None:
+            if now - self._body_since > limits.body_timeout:
+                self._body_since = None
+                if self._in_body():
+                    self._body_timed_out("body_timeout")
+            elif self._in_body() and self._too_slow(now):
+                self._body_since = None
+                self._body_timed_out("too_slow")
 
-    def _header_timed_out(self) -> None:
+    def _too_slow(self, now: float) -> bool:
+        """Below the minimum rate since ``_rate_since``, once ``grace`` is over."""
+        since = self._rate_since
+        if since is None:
+            return False
+        if self._reading_paused or self._buffer_paused:
+            # The sidecar stopped reading (flow control), not the client: the
+            # measure starts again once it reads.
+            self._rate_since, self._received = now, 0
+            return False
+        guard = self._guard
+        min_rate = guard.limits.min_rate
+        return min_rate > 0 and self._received < min_rate * (now - since - guard.grace)
+
+    def _header_timed_out(self, reason: Reason) -> None:
         assert self.transport is not None
-        self._guard.count("header_timeout")
+        guard = self._guard
+        guard.count(reason)
         if self._partial:
-            self.transport.write(self._guard._timeout_answer)
+            slow = reason == "too_slow"
+            self.transport.write(guard._slow_answer if slow else guard._timeout_answer)
         self.force_close()
 
-    def _body_timed_out(self) -> None:
+    def _body_timed_out(self, reason: Reason) -> None:
         payload = self._body_payload
         assert payload is not None
-        self._guard.count("body_timeout")
+        guard = self._guard
+        guard.count(reason)
         # No lingering read of the rest: the connection closes after the answer.
         self._lingering_time = 0.0
         self._cut = True
@@ -397,7 +539,13 @@ class GuardedProtocol(RequestHandler):
         if self._request_in_progress and current is not None and current.content is payload:
             # The handler's read raises it; the listeners' middlewares answer it as
             # JSON 408 ``request_timeout``.
-            payload.set_exception(BodyTimeout())
+            limits = guard.limits
+            message = (
+                f"the request body arrived slower than {limits.min_rate:g} bytes/s"
+                if reason == "too_slow"
+                else f"the request body did not arrive within {limits.body_timeout:g} s"
+            )
+            payload.set_exception(BodyTimeout(reason=message))
         else:
             self.force_close()
 
@@ -443,6 +591,11 @@ class GuardedProtocol(RequestHandler):
             )  # fmt: skip
         elif status == 504:
             code, text = "timeout", "the request took too long"
+        elif isinstance(exc, ConnectionError):
+            # The client went away while its body was being read (or was cut by a
+            # limit): nobody is left to answer, and nothing failed here.
+            log.debug("client_gone", extra={"fields": {"listener": self._guard.name}})
+            status, code, text = 400, "client_gone", "the connection was lost"
         else:
             self.log_exception("unhandled_error", exc_info=exc)
             status, code, text = 500, "internal_error", "internal error"
@@ -463,6 +616,16 @@ class GuardedProtocol(RequestHandler):
         if "Too many headers" in str(exc):
             return 431, "headers_too_large", f"more than {self.max_headers} headers"
         return 400, "bad_request", "the request is not valid HTTP/1.1"
+
+
+def begin_stream(request: BaseRequest) -> int | None:
+    """Count ``request``'s connection as an event stream from now on, outside its
+    listener's connection cap: ``None`` when done (or the listener has no guard),
+    else the stream cap found full (answer 503)."""
+    protocol = request.protocol
+    if isinstance(protocol, GuardedProtocol) and not protocol.begin_stream():
+        return protocol._guard.limits.max_streams
+    return None
 
 
 _data_received = RequestHandler.data_received
@@ -538,10 +701,10 @@ def fit_to_fd_limit(
 
     Without this a flood on one listener (the webhook port is public) could use
     every descriptor, and the local API would then fail to accept, or to open a
-    Redis or upstream connection. Each listener needs its cap plus two accept
-    batches (``ListenerLimits.backlog``); the Redis pool and the upstream
-    connector (each at most an eighth of the limit), and a fixed reserve for
-    the rest of the process, come first.
+    Redis or upstream connection. Each listener needs its connection and stream
+    caps plus two accept batches (``ListenerLimits.backlog``); the Redis pool
+    and the upstream connector (each at most an eighth of the limit), and a
+    fixed reserve for the rest of the process, come first.
     """
     reserve = (
         _FD_RESERVE + min(_UPSTREAM_CONNECTIONS, fd_limit // 8) + min(redis_pool, fd_limit // 8)
@@ -549,7 +712,7 @@ def fit_to_fd_limit(
     room = fd_limit - reserve
 
     def need(limits: dict[str, ListenerLimits]) -> int:
-        return sum(x.max_connections + 2 * x.backlog for x in limits.values())
+        return sum(x.max_connections + x.max_streams + 2 * x.backlog for x in limits.values())
 
     if need(caps) <= room:
         return caps
@@ -565,6 +728,7 @@ def fit_to_fd_limit(
             "fields": {
                 "fd_limit": fd_limit,
                 **{name: limits.max_connections for name, limits in fitted.items()},
+                "streams": sum(limits.max_streams for limits in fitted.values()),
             }
         },
     )
@@ -573,7 +737,13 @@ def fit_to_fd_limit(
 
 def _scaled(limits: ListenerLimits, share: float) -> ListenerLimits:
     cap = max(int(limits.max_connections * share), _MIN_CAP)
-    return replace(limits, max_connections=cap, backlog=max(4, min(limits.backlog, cap // 8)))
+    streams = max(int(limits.max_streams * share), _MIN_CAP) if limits.max_streams else 0
+    return replace(
+        limits,
+        max_connections=cap,
+        max_streams=streams,
+        backlog=max(4, min(limits.backlog, cap // 8)),
+    )
 
 
 def listener_guards(settings: Settings, metrics: Metrics | None) -> dict[str, ListenerGuard]:
@@ -585,20 +755,34 @@ def listener_guards(settings: Settings, metrics: Metrics | None) -> dict[str, Li
         header_timeout=settings.header_timeout,
         body_timeout=settings.body_timeout,
         keepalive_timeout=settings.keepalive_timeout,
+        min_rate=settings.min_rate,
     )
     caps = {
-        "local": replace(base, max_connections=settings.max_connections),
+        "local": replace(
+            base, max_connections=settings.max_connections, max_streams=settings.max_streams
+        ),
         "ops": replace(base, max_connections=settings.ops_max_connections),
     }
     if settings.webhooks_enabled:
-        caps["webhooks"] = replace(base, max_connections=settings.webhook_max_connections)
+        caps["webhooks"] = replace(
+            base,
+            max_connections=settings.webhook_max_connections,
+            body_timeout=settings.webhook_body_timeout,
+        )
     fitted = fit_to_fd_limit(caps, raise_fd_limit(), settings.redis_pool_size)
-    return {
-        name: ListenerGuard(
+    guards: dict[str, ListenerGuard] = {}
+    for name, limits in fitted.items():
+        if metrics is None:
+            guards[name] = ListenerGuard(name, limits)
+            continue
+        guards[name] = ListenerGuard(
             name,
             limits,
-            refused=metrics.connections_refused if metrics is not None else None,
-            open_gauge=metrics.open_connections if metrics is not None else None,
+            refused=metrics.connections_refused,
+            open_gauge=metrics.open_connections,
+            streams_gauge=metrics.open_streams if limits.max_streams else None,
         )
-        for name, limits in fitted.items()
-    }
+        metrics.connection_limit.labels(name).set(limits.max_connections)
+        if limits.max_streams:
+            metrics.stream_limit.set(limits.max_streams)
+    return guards

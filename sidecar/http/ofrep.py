@@ -46,7 +46,8 @@ from ..cache.cache import Caches, DocumentCache
 from ..cache.entry import Lookup, Source
 from ..cache.kinds import GLOBAL_ID
 from ..errors import UpstreamError
-from .inputs import MAX_ID_LENGTH
+from .inputs import MAX_ID_LENGTH, id_problem, valid_id
+from .limits import begin_stream
 from .responses import CACHE_HEADER, source_response
 
 __all__ = [
@@ -140,12 +141,9 @@ def _targeting_key(value: Any) -> str:
         )
     if not isinstance(value, str):
         raise _Refused(400, "INVALID_CONTEXT", "context.targetingKey must be a string")
-    if len(value) > MAX_ID_LENGTH:
-        raise _Refused(
-            400,
-            "INVALID_CONTEXT",
-            f"context.targetingKey is longer than {MAX_ID_LENGTH} characters",
-        )
+    if not valid_id(value):
+        # The customer id: the id rule of every surface (``inputs.id_problem``).
+        raise _Refused(400, "INVALID_CONTEXT", f"context.targetingKey {id_problem(value)}")
     return value
 
 
@@ -256,8 +254,12 @@ async def evaluate_key(app: web.Application, request: BaseRequest, key: str) -> 
 
 
 async def evaluate(request: web.Request) -> web.StreamResponse:
-    """``evaluate_key`` for what the router serves: the key as the match info decoded it."""
-    return await evaluate_key(request.app, request, request.match_info["key"])
+    """``evaluate_key`` for what the router serves: the key as the match info decoded
+    it, first held to the id rule (the front door only takes keys that pass it)."""
+    key = request.match_info["key"]
+    if 0 < len(key) <= MAX_ID_LENGTH and not valid_id(key):
+        return _refusal(_Refused(400, "GENERAL", f"the flag key {id_problem(key)}"), key)
+    return await evaluate_key(request.app, request, key)
 
 
 async def evaluate_bulk(request: web.Request) -> web.StreamResponse:
@@ -355,7 +357,15 @@ async def events(request: web.Request) -> web.StreamResponse:
     if request.method == "HEAD":
         # As every GET route: the headers, no body (here: no stream).
         return web.Response(headers=headers)
+    full = begin_stream(request)
+    if full is not None:
+        # Streams have their own cap (SIDECAR_MAX_STREAMS), apart from the
+        # connection cap, so they never shut out requests (http/limits.py).
+        details = f"this sidecar holds its maximum of {full} event streams"
+        return _json({"errorCode": "GENERAL", "errorDetails": details}, 503)
     response = web.StreamResponse(headers=headers)
+    # The connection was counted as a stream from here on: it closes with it.
+    response.force_close()
     with streams.subscribe(customer) as sub:
         await response.prepare(request)
         # A comment first, so the client sees the stream open at once.

@@ -18,7 +18,9 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 
 
 async def readyz(request: web.Request) -> web.StreamResponse:
-    """200 once the sidecar answers, 503 while starting or stopping (draining included).
+    """200 once the sidecar answers, 503 while starting or stopping (draining included)
+    and, with ``SIDECAR_WAIT_FOR_DATA``, while it has nothing to answer with yet
+    (``"status": "waiting"``, see ``HealthMonitor.has_data``).
 
     Redis down, the fan-out down, an upstream outage or a refused key do not
     make the sidecar unready: it still answers from memory, Redis, stale
@@ -32,9 +34,12 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     if health is None:  # the core app has not started (or has stopped)
         core[METRICS].observe_readiness(False)
         return json_response({"status": phase, "redis": "down", "upstream": "down"}, 503)
-    body: dict[str, object] = {"status": phase, **health.states()}
-    core[METRICS].observe_readiness(phase == "ready")
-    return json_response(body, 200 if phase == "ready" else 503)
+    status: str = phase
+    if phase == "ready" and core[SETTINGS].wait_for_data and not health.has_data():
+        status = "waiting"  # SIDECAR_WAIT_FOR_DATA: nothing to answer with yet
+    body: dict[str, object] = {"status": status, **health.states()}
+    core[METRICS].observe_readiness(status == "ready")
+    return json_response(body, 200 if status == "ready" else 503)
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:

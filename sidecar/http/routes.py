@@ -19,11 +19,10 @@ from importlib import resources
 
 from aiohttp import web
 
-from ..appkeys import CACHES, SETTINGS
+from ..appkeys import CACHES
 from ..cache.kinds import GLOBAL_ID, KINDS
-from ..errors import NotFound
 from . import entitlements, flags, ofrep, usage
-from .forwarding import forward, forward_unknown
+from .forwarding import check_tenant, forward, forward_unknown
 from .hot import HOT_ROUTES, HotRoute
 from .inputs import path_id
 from .middleware import UNMATCHED, Handler, guarded, guarded_hot, unmatched
@@ -86,8 +85,8 @@ def add_routes(app: web.Application) -> None:
 
 def _operation_handler(op: Operation, surface: Surface) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
-        if surface == "mirror" and request.match_info["tenant"] != request.app[SETTINGS].tenant_id:
-            raise NotFound("this sidecar serves another tenant", code="unknown_tenant")
+        if surface == "mirror":
+            check_tenant(request)
         ids = {name: path_id(request, name) for name in op.params}
         if deferred and usage.prefers_async(request):
             return await usage.consume_async(request, ids)

@@ -30,7 +30,6 @@ from ..cache.invalidation import Scope
 from ..cache.kinds import AXES, Axis
 from ..errors import PayloadTooLarge, error_body
 from ..redis.conn import RedisConn, RedisDown
-from ..redis.url import RedisClient
 from ..signature import SignatureError, verify
 from ..tracing import record
 from .middleware import json_errors
@@ -38,6 +37,7 @@ from .responses import error_response, json_response
 
 __all__ = [
     "ENTITLEMENT_EVENT_FAMILIES",
+    "MAX_SHARED_EVENTS",
     "MAX_WEBHOOK_BODY",
     "REPLAY_WINDOW",
     "ReplayGuard",
@@ -54,6 +54,8 @@ MAX_WEBHOOK_BODY: Final = 1024 * 1024
 #: a replay of a still-fresh signature is always caught.
 REPLAY_WINDOW: Final = 600
 _MAX_MEMORY_IDS: Final = 100_000
+#: Event keys kept in Redis at most: the newest, in one sorted set per tenant.
+MAX_SHARED_EVENTS: Final = 100_000
 #: Keys first seen while Redis was down, written to Redis when it answers again.
 _MAX_PENDING_IDS: Final = 10_000
 #: Longer id values are hashed into the key (a Redis key stays short).
@@ -147,34 +149,68 @@ def event_key(event: Mapping[str, Any], body: bytes, timestamp: int) -> str:
     return "sha256:" + hashlib.sha256(signed).hexdigest()
 
 
+# Record event digests first seen, in the tenant's sorted set (score: when seen):
+# forget the ones older than the window, add the new ones, keep only the newest
+# ARGV[3], and let the set expire a window after its last write.
+# KEYS: the set. ARGV: now (s), window (s), most members, then (seen at, digest)
+# pairs. Returns how many of the digests were new.
+_SEEN_SCRIPT: Final = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
+local added = 0
+for i = 4, #ARGV, 2 do
+  added = added + redis.call('ZADD', KEYS[1], 'NX', ARGV[i], ARGV[i + 1])
+end
+local over = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[3])
+if over > 0 then redis.call('ZPOPMIN', KEYS[1], over) end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return added
+"""
+
+
+def _digest(key: str) -> bytes:
+    """An event key as 16 bytes: every member of the shared set has the same size."""
+    return hashlib.blake2b(key.encode(), digest_size=16).digest()
+
+
 class ReplayGuard:
     """Event keys seen in the last ``REPLAY_WINDOW`` seconds.
 
-    Redis ``SET NX EX`` makes the check shared, so a replay sent to another
-    sidecar is caught too; a bounded local memory answers while Redis is off or
-    down. Keys first seen while Redis was down are written to Redis when it
-    answers again (``RedisConn.on_reconnect``), so a retry that then reaches
-    another sidecar is a duplicate there too.
+    Redis makes the check shared, so a replay sent to another sidecar is caught
+    too: one sorted set per tenant holds a 16-byte digest of each key, scored by
+    when it was first seen, trimmed to the window and to the newest
+    ``max_shared`` on every write, and expiring a window after the last one. So a
+    flood of authentic events (a bulk change upstream) costs Redis one key and
+    at most ``max_shared`` small members, never a key per event. Past the bound
+    the oldest digests go first: a replay of one of them within its signature's
+    300 s would be applied again, which is harmless (an invalidation applied
+    twice revalidates twice), and the upstream's own retries come within
+    seconds, among the newest.
+
+    A bounded local memory answers first, and alone while Redis is off or down.
+    Keys first seen while Redis was down are written to Redis when it answers
+    again (``RedisConn.on_reconnect``), so a retry that then reaches another
+    sidecar is a duplicate there too.
     """
 
-    def __init__(self, redis: Callable[[], RedisConn | None]) -> None:
+    def __init__(
+        self, redis: Callable[[], RedisConn | None], *, max_shared: int = MAX_SHARED_EVENTS
+    ) -> None:
         self._redis = redis
+        self.max_shared = max_shared
         self._seen: OrderedDict[str, float] = OrderedDict()
+        #: Keys first seen while Redis was down, with the wall time they were seen.
         self._unshared: OrderedDict[str, float] = OrderedDict()
         self._watching: RedisConn | None = None
 
     async def first_seen(self, key: str) -> bool:
-        now = time.monotonic()
-        if self._remember(key, now):
+        if self._remember(key, time.monotonic()):
             return False
         redis = self._redis()
         if redis is None:
             return True
+        now = time.time()
         try:
-            fresh = await redis.run(
-                "replay_check",
-                lambda r: r.set(redis.keys.event(key), b"1", nx=True, ex=REPLAY_WINDOW),
-            )
+            added = await self._record(redis, now, [(now, key)])
         except RedisDown:
             self._unshared[key] = now
             while len(self._unshared) > _MAX_PENDING_IDS:
@@ -186,32 +222,36 @@ class ReplayGuard:
             return True
         if self._unshared:
             await self.share()
-        return bool(fresh)
+        return added == 1
 
     async def share(self) -> None:
-        """Write the keys first seen while Redis was down, with what is left of their window."""
+        """Write the keys first seen while Redis was down, each scored by when it was seen."""
         redis = self._redis()
         if redis is None or not self._unshared:
             return
-        now = time.monotonic()
-        items = [(k, int(REPLAY_WINDOW - (now - t))) for k, t in self._unshared.items()]
-        items = [(k, ttl) for k, ttl in items if ttl > 0]
-
-        async def call(r: RedisClient) -> Any:
-            async with r.pipeline(transaction=False) as pipe:
-                for key, ttl in items:
-                    pipe.set(redis.keys.event(key), b"1", nx=True, ex=ttl)
-                return await pipe.execute()
-
-        if items:
-            try:
-                await redis.run("replay_share", call)
-            except RedisDown:
-                return
-        for key, _ in items:
-            self._unshared.pop(key, None)
+        now = time.time()
         for key in [k for k, t in self._unshared.items() if now - t >= REPLAY_WINDOW]:
             del self._unshared[key]
+        items = [(t, k) for k, t in self._unshared.items()]
+        if items:
+            try:
+                await self._record(redis, now, items)
+            except RedisDown:
+                return
+        for _, key in items:  # those first seen meanwhile wait for the next call
+            self._unshared.pop(key, None)
+
+    async def _record(self, redis: RedisConn, now: float, items: list[tuple[float, str]]) -> int:
+        """Run ``_SEEN_SCRIPT`` for ``(seen at, key)`` pairs; how many were new."""
+        args: list[Any] = [now, REPLAY_WINDOW, self.max_shared]
+        for seen_at, key in items:
+            args += [seen_at, _digest(key)]
+        name = redis.keys.events
+        added = await redis.run(
+            "replay_check" if len(items) == 1 else "replay_share",
+            lambda r: r.eval(_SEEN_SCRIPT, 1, name, *args),
+        )
+        return int(added)
 
     def _remember(self, key: str, now: float) -> bool:
         """Whether ``key`` was seen here within the window; remembers it either way."""
@@ -301,7 +341,7 @@ async def _apply_once(
             **{"vellum_sidecar.push.applied_scope": scope, "vellum_sidecar.push.shared": shared},
         )
     fields = {
-        "event": key,
+        "eventKey": key,
         "type": kind if isinstance(kind, str) else None,
         "scope": scope,
         "axes": sorted(target.axes),

@@ -72,8 +72,10 @@ class Keys(KindKeys):
     def account(self, account: str) -> str:
         return self.prefix + "a:" + account
 
-    def event(self, event_id: str) -> str:
-        return self.prefix + "evt:" + event_id
+    @property
+    def events(self) -> str:
+        """The push webhooks' replay guard: digests of the events first seen lately."""
+        return self.prefix + "evts"
 
     # Metered usage (``sidecar/usage``): no TTL on a partition's stream nor on a
     # queued record, so ``volatile-lru`` never evicts what is not delivered yet.

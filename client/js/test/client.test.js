@@ -172,10 +172,14 @@ describe("entitlements, live", () => {
   });
 
   test("ids are quoted one path segment each", async () => {
-    const odd = "cus/ä b?c#d%2F..";
-    await setEntitlements(odd, { status: "active", modules: ["x/y"], config: {} });
-    assert.equal(await sidecar.can(odd, "x/y"), true);
+    const odd = "cus;ä b?c#d%2F..";
+    await setEntitlements(odd, { status: "active", modules: ["x?y"], config: {} });
+    assert.equal(await sidecar.can(odd, "x?y"), true);
     assert.equal((await sidecar.getEntitlements(odd)).data.customerId, odd);
+    // An id the sidecar refuses on every surface (a / once decoded) is its JSON 400.
+    await assert.rejects(sidecar.can("cus/1", "x?y"), {
+      name: "SidecarApiError", status: 400, code: "invalid_id",
+    });
   });
 
   test("empty ids are refused before any request", async () => {

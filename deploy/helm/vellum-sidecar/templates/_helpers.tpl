@@ -85,6 +85,12 @@ checksum/vellum-sidecar-config: {{ $v.config | toJson | sha256sum | quote }}
     # The local API stays on the pod's loopback: never in a Service.
     - name: SIDECAR_LISTEN
       value: 127.0.0.1:8700
+    {{- if $v.snapshot.enabled }}
+    # Warm start: the in-process layer saved on the vellum-sidecar-state emptyDir
+    # and loaded at start (a restarted container answers what it had cached).
+    - name: SIDECAR_SNAPSHOT_FILE
+      value: /var/lib/vellum-sidecar/snapshot.json
+    {{- end }}
   ports:
     - name: vellum-webhooks
       containerPort: 8701
@@ -132,6 +138,10 @@ checksum/vellum-sidecar-config: {{ $v.config | toJson | sha256sum | quote }}
       readOnly: true
     - name: vellum-sidecar-tmp
       mountPath: /tmp
+    {{- if $v.snapshot.enabled }}
+    - name: vellum-sidecar-state
+      mountPath: /var/lib/vellum-sidecar
+    {{- end }}
 {{- end -}}
 
 {{- define "vellum-sidecar.volumes" -}}
@@ -152,4 +162,10 @@ checksum/vellum-sidecar-config: {{ $v.config | toJson | sha256sum | quote }}
 - name: vellum-sidecar-tmp
   emptyDir:
     sizeLimit: 16Mi
+{{- if $v.snapshot.enabled }}
+# SIDECAR_SNAPSHOT_FILE: lives as long as the pod (docs/operations.md).
+- name: vellum-sidecar-state
+  emptyDir:
+    sizeLimit: {{ $v.snapshot.sizeLimit }}
+{{- end }}
 {{- end -}}
