@@ -59,8 +59,10 @@ MAX_SENDING: Final = 32
 WINDOW: Final = 256
 #: The first backoff step (seconds); it doubles per failure up to the retry maximum.
 BASE_DELAY: Final = 0.25
-#: How often an idle holder looks for entries other sidecars accepted.
+#: How often a holder looks for entries other sidecars accepted: soon after the last
+#: ones, then less often while none come (its own accepts wake it at once).
 POLL: Final = 0.2
+IDLE_POLL: Final = 1.0
 #: How often each sidecar reads the fleet's queue for its metrics (seconds).
 STATS_EVERY: Final = 5.0
 
@@ -203,7 +205,9 @@ class Deliverer:
         self.partitions: dict[int, Partition] = {}
         self._first = zlib.crc32(holder.encode()) % PARTITIONS
         self._sending = asyncio.Semaphore(MAX_SENDING)
+        self._claims = asyncio.Semaphore(1)
         self._wake = asyncio.Event()
+        self._poll = POLL
         self._tasks: list[asyncio.Task[None]] = []
         metrics.usage_partitions.set_function(lambda: len(self.partitions))
 
@@ -321,7 +325,10 @@ class Deliverer:
         attempt = 0
         while True:
             try:
-                claimed = await self.store.claim(part.index, self.holder, self._lease_ms)
+                # One claim at a time: taking all 16 partitions at start must not open 16
+                # Redis connections at once (TLS handshakes timed the cache's reads out).
+                async with self._claims:
+                    claimed = await self.store.claim(part.index, self.holder, self._lease_ms)
                 break
             except RedisDown:
                 pass
@@ -378,8 +385,11 @@ class Deliverer:
         for part in parts:
             if part.cursor != ">" and not got[part.index]:
                 part.cursor = ">"  # the claimed history is read: now new entries
-        if not entries and all(p.cursor == ">" for p in parts):
-            await self._sleep(POLL)
+        if entries:
+            self._poll = POLL
+        elif all(p.cursor == ">" for p in parts):
+            await self._sleep(self._poll)
+            self._poll = min(self._poll * 2, IDLE_POLL)
 
     async def _sleep(self, seconds: float) -> None:
         """Up to ``seconds``, or until woken; the wake is consumed (an event left set would
