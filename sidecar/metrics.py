@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import platform
+from abc import abstractmethod
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from typing import Final, Generic, TypeVar
@@ -447,8 +448,9 @@ class _LoopMetric(Collector, Generic[ChildT]):
             child = self._children[values] = self._child()
         return child
 
+    @abstractmethod
     def _child(self) -> ChildT:
-        raise NotImplementedError
+        """A new child (a counter's or a histogram's)."""
 
     def family(self) -> Metric:
         """An empty family of this metric's type, name and labels."""

@@ -11,7 +11,7 @@ from sidecar.cache.reads import RedisReads
 from sidecar.cache.shared import RedisTier
 from sidecar.emulator import Emulator
 
-from .conftest import Sidecar, SidecarFactory
+from .conftest import Sidecar, SidecarFactory, eventually
 from .harness import RedisServer
 
 DOC = {"status": "active", "modules": ["reports"]}
@@ -93,5 +93,12 @@ async def test_borrowed_connections_reconnect_after_a_restart(
     ) or sc.metrics.registry.get_sample_value(
         "vellum_sidecar_redis_retries_total", {"operation": "get"}
     )
-    # Refilled from the upstream (the restarted Redis is empty), then read from it.
+
+    # Refilled from the upstream (the restarted Redis is empty), then read from it once
+    # the sidecar trusts Redis again (its first good check after losing the connection:
+    # until then what Redis holds is only the fallback, docs/operations.md).
+    async def trusted() -> bool:
+        return bool(tier.trusted)
+
+    await eventually(trusted, timeout=5)
     assert set(await _sources(sc)) == {(200, "hit")}
