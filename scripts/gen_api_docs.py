@@ -102,6 +102,8 @@ def table() -> str:
         if op.newer:
             sdk = f"(newer than 1.4.2; the clients' {sdk})"
         answers = ", ".join(_answer(a) for a in op.answers)
+        if op.deferred:
+            answers += "; 202 on `/v1` with `Prefer: respond-async` ([queued](#metered-usage))"
         query = "".join(f" (`?{q.name}=`)" for q in op.query)
         lines.append(
             f"| `{op.name}` | {sdk} | {op.method} `{_path(op)}`{query} | {answers} | "

@@ -134,8 +134,22 @@ def python_table() -> str:
         params = ", ".join(json.dumps(p) for p in op.params) + ("," if len(op.params) == 1 else "")
         args = [json.dumps(op.method), json.dumps(_path(op)), f"({params})"]
         args += ["body=True"] * op.body + ["cached=True"] * op.cached
+        args += ["deferred=True"] * op.deferred
         lines.append(f"    {json.dumps(op.name)}: _Route({', '.join(args)}),")
     return "\n".join([*lines, "}"]) + "\n"
+
+
+#: What a deferred operation's method says of ``wait`` (``Operation.deferred``).
+_PY_DEFERRED: Final = (
+    " ``wait=False``: queued by the sidecar instead (``Prefer: respond-async``) and "
+    "delivered by it later, even through an outage: the 202 ``{queued, idempotencyKey}``, "
+    "or the outcome once the key's record is final; ``usage(key)`` reads it."
+)
+_JS_DEFERRED: Final = (
+    " `wait: false`: queued by the sidecar instead (`Prefer: respond-async`) and "
+    "delivered by it later, even through an outage: the 202 `{queued, idempotencyKey}`, "
+    "or the outcome once the key's record is final; `usage(key)` reads it."
+)
 
 
 def _py_default(f: Field) -> str:
@@ -158,9 +172,12 @@ def python_method(op: Operation, method: str) -> str:
     args += [f"{f.arg}: {_py_default(f)}" for f in (*optional, *op.query)]
     if _keyed(op):
         args.append("idempotency_key: str | None = None")
+    if op.deferred:
+        args.append("wait: bool = True")
     args = ["self", "*", *args] if args else ["self"]
     reader, returns, _ = _reader(op)
-    doc = textwrap.wrap(f'"""{op.summary}."""', _PY_WIDTH - 8, break_on_hyphens=False)
+    summary = op.summary + "." + (_PY_DEFERRED if op.deferred else "")
+    doc = textwrap.wrap(f'"""{summary}"""', _PY_WIDTH - 8, break_on_hyphens=False)
     lines = [f"async def {method}({', '.join(args)}) -> {returns}:"]
     lines += [f"    {line}" for line in doc]
     lines += [f'    _seg("{f.arg}", {f.arg})' for f in required if f.kind == "id"]
@@ -175,6 +192,8 @@ def python_method(op: Operation, method: str) -> str:
         call.append("query=query")
     if _keyed(op):
         call.append("key=idempotency_key")
+    if op.deferred:
+        call.append("wait=wait")
     lines += [f"    call = _op({', '.join(call)})", "    return await self._run(call)"]
     return "\n".join("    " + line for line in lines)
 
@@ -208,6 +227,7 @@ def js_table() -> str:
     for op in OPERATIONS:
         fields = [f"method: {json.dumps(op.method)}", f"path: {json.dumps(_path(op))}"]
         fields += ["body: true"] * op.body + ["cached: true"] * op.cached
+        fields += ["deferred: true"] * op.deferred
         lines.append(_wrapped(f"  {op.name}: {{ ", ", ".join(fields), " },", "  "))
     return "\n".join([*lines, "});"]) + "\n"
 
@@ -244,6 +264,8 @@ def js_method(op: Operation, method: str) -> str:
     ]
     if _keyed(op):
         names.append("idempotencyKey")
+    if op.deferred:
+        names.append("wait = true")
     reader, _, _ = _reader(op)
     reader = (
         re.sub(r"^_", "", reader)
@@ -252,7 +274,7 @@ def js_method(op: Operation, method: str) -> str:
     )
     signature = f"  async {_camel(method)}("
     lines = [
-        *_js_doc(op.summary, "  "),
+        *_js_doc(op.summary + ("." + _JS_DEFERRED if op.deferred else ""), "  "),
         _wrapped(signature + "{ ", ", ".join(names), " }) {", "  ") if names else signature + ") {",
     ]
     lines += [f'    seg("{f.name}", {f.name});' for f in required if f.kind == "id"]
@@ -268,6 +290,8 @@ def js_method(op: Operation, method: str) -> str:
         options.append("query")
     if _keyed(op):
         options.append("idempotencyKey")
+    if op.deferred:
+        options.append("wait")
     if ids:
         lines.append(f"    const ids = {{ {ids} }};")
     extra = f", {{ {', '.join(options)} }}" if options else ""
@@ -278,11 +302,12 @@ def js_method(op: Operation, method: str) -> str:
 
 def _js_doc(summary: str, indent: str) -> list[str]:
     """``/** summary. */``, on several lines when it does not fit on one."""
-    line = f"{indent}/** {summary}. */"
+    text = summary if summary.endswith(".") else summary + "."
+    line = f"{indent}/** {text} */"
     if len(line) <= _JS_WIDTH:
         return [line]
     width = _JS_WIDTH - len(indent) - 3
-    wrapped = textwrap.wrap(f"{summary}.", width, break_on_hyphens=False)
+    wrapped = textwrap.wrap(text, width, break_on_hyphens=False)
     return [f"{indent}/**", *(f"{indent} * {part}" for part in wrapped), f"{indent} */"]
 
 
@@ -322,6 +347,8 @@ def dts_args(pairs: Sequence[tuple[Operation, str]]) -> str:
             f"  {f.name}?: {_TS_TYPES[f.kind]}{' | null' if f.default is None else ''};"
             for f in (*optional, *op.query)
         ]
+        if op.deferred:
+            members.append("  wait?: boolean;")
         if not members:
             continue
         parent = " extends WriteOptions" if _keyed(op) else ""
@@ -337,7 +364,8 @@ def dts_methods(pairs: Sequence[tuple[Operation, str]]) -> str:
         _, _, returns = _reader(op)
         takes = bool(op.params or op.fields or op.query or _keyed(op))
         args = f"args: {_pascal(method)}Args" if takes else ""
-        lines += [*_js_doc(op.summary, "  "), f"  {_camel(method)}({args}): Promise<{returns}>;"]
+        doc = _js_doc(op.summary + ("." + _JS_DEFERRED if op.deferred else ""), "  ")
+        lines += [*doc, f"  {_camel(method)}({args}): Promise<{returns}>;"]
     return "\n".join(lines) + "\n"
 
 

@@ -14,7 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from sidecar.config import SETTINGS, Setting, Variable
+from sidecar.config import SETTINGS
+from sidecar.declare import Setting, Variable
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN = "<!-- BEGIN GENERATED: config (scripts/gen_config_docs.py from sidecar/config.py) -->"

@@ -70,6 +70,9 @@ def operation(doc: Json, op: Operation, surface: Surface) -> Json:
     params += [query_parameter(doc, f) for f in op.query]
     if op.write:
         params.append(ref("parameters", "IdempotencyKey"))
+    deferred = op.deferred and not mirror
+    if deferred:
+        params.append(ref("parameters", "Prefer"))
     out: Json = {
         "operationId": operation_id(op, surface),
         "summary": op.summary,
@@ -87,7 +90,53 @@ def operation(doc: Json, op: Operation, surface: Surface) -> Json:
         out["responses"] = cached_responses(doc, op, surface)
     else:
         out["responses"] = forwarded_responses(doc, op, surface)
+    if deferred:
+        out["tags"].append("usage")
+        out["responses"] = deferred_responses(out["responses"])
     return out
+
+
+def deferred_responses(responses: Json) -> Json:
+    """A deferred operation's ``/v1`` answers (``Operation.deferred``): the forwarded
+    ones, plus what ``Prefer: respond-async`` answers (``sidecar/http/usage.py``)."""
+    out = dict(responses)
+    forwarded = out["200"]["content"]["application/json"]["schema"]
+    out["200"] = {
+        "description": out["200"]["description"] + "; with Prefer: respond-async, once the "
+        "key's record is final: that record (the same record, never a second consumption)",
+        "content": {
+            "application/json": {
+                "schema": {"type": "object", "anyOf": [forwarded, ref("schemas", "UsageRecord")]}
+            }
+        },
+    }
+    out["202"] = {
+        "description": "with Prefer: respond-async: queued, durable in Redis (or the key's "
+        "record, still queued); GET Location for its outcome",
+        "headers": {
+            "Preference-Applied": {
+                "description": "respond-async",
+                "schema": {"const": "respond-async"},
+            },
+            "Location": {
+                "description": "/v1/usage/{idempotencyKey}: the record's outcome",
+                "schema": {"type": "string"},
+            },
+        },
+        "content": {"application/json": {"schema": ref("schemas", "UsageQueued")}},
+    }
+    out["409"] = {
+        "description": "the upstream's 409 (not enough credits: nothing deducted), passed "
+        "through; with Prefer: respond-async and no Redis: async_requires_redis",
+        "content": _ERROR_CONTENT,
+    }
+    out["422"] = {
+        "description": "idempotency_key_reused: with Prefer: respond-async, the key names a "
+        "record of another customer, credit type or amount; or the upstream's own 422",
+        "content": _ERROR_CONTENT,
+    }
+    out["503"] = ref("responses", "UsageUnavailable")
+    return dict(sorted(out.items()))
 
 
 def request_schema(doc: Json, op: Operation) -> None:
@@ -172,6 +221,14 @@ def description(op: Operation, surface: Surface) -> str:
         parts.append(
             "The upstream's status, body bytes and Content-Type (and Location, "
             "Content-Disposition, Idempotent-Replayed) are returned as they are."
+        )
+    if op.deferred and surface == "v1":
+        parts.append(
+            "With Prefer: respond-async it is queued instead: 202 once the record is durable "
+            "in Redis, delivered by any sidecar of the fleet (retried while the upstream is "
+            "down, in order per customer and credit type, applied once: the upstream "
+            "deduplicates on idempotencyKey); GET /v1/usage/{idempotencyKey} tells its "
+            "outcome. The mirror ignores the preference."
         )
     if op.retry_safe:
         parts.append(

@@ -30,6 +30,7 @@ from .appkeys import (
     SNAPSHOT,
     TRACING,
     UPSTREAM,
+    USAGE,
     Lifecycle,
 )
 from .cache.cache import Caches
@@ -46,6 +47,7 @@ from .redis.keys import Keys
 from .redis.url import create_redis
 from .tracing import NO_TRACING, Tracing
 from .upstream import VellumClient
+from .usage import UsageQueue
 
 __all__ = ["create_app"]
 
@@ -73,6 +75,7 @@ def create_app(
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_cache_ctx)
     app.cleanup_ctx.append(_snapshot_ctx)
+    app.cleanup_ctx.append(_usage_ctx)
     app.cleanup_ctx.append(_health_ctx)
     app.cleanup_ctx.append(_streams_ctx)
     app.cleanup_ctx.append(_drops_traced_ctx)
@@ -174,6 +177,22 @@ async def _snapshot_ctx(app: web.Application) -> AsyncIterator[None]:
     snapshotter.start()
     yield
     await snapshotter.stop()
+
+
+async def _usage_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Metered usage (sidecar/usage): with Redis, the queue and this sidecar's deliveries."""
+    redis = app[REDIS]
+    if redis is None:
+        app[USAGE] = None
+        yield
+        return
+    queue = UsageQueue(
+        app[SETTINGS], redis, app[UPSTREAM], app[METRICS], holder=app[INVALIDATOR].sidecar_id
+    )
+    app[USAGE] = queue
+    queue.start()
+    yield
+    await queue.stop()
 
 
 async def _health_ctx(app: web.Application) -> AsyncIterator[None]:

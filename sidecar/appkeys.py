@@ -17,6 +17,7 @@ from .metrics import Metrics
 from .redis.conn import RedisConn
 from .tracing import Tracing
 from .upstream import VellumClient
+from .usage import UsageQueue
 
 __all__ = [
     "CACHE",
@@ -33,6 +34,7 @@ __all__ = [
     "SNAPSHOT",
     "TRACING",
     "UPSTREAM",
+    "USAGE",
     "Lifecycle",
 ]
 
@@ -62,6 +64,9 @@ SNAPSHOT: web.AppKey[Snapshotter | None] = web.AppKey("snapshot")
 HEALTH = web.AppKey("health", HealthMonitor)
 #: The open OFREP event streams (told of every drop by the invalidator).
 OFREP_STREAMS = web.AppKey("ofrep_streams", Streams)
+#: Metered usage (``sidecar/usage``): the queue and this sidecar's deliveries; ``None``
+#: without Redis (memory-only mode has no queue).
+USAGE: web.AppKey[UsageQueue | None] = web.AppKey("usage")
 #: The ops and webhook apps reach the shared resources through the core (local API) app.
 CORE = web.AppKey("core", web.Application)
 #: OpenTelemetry traces (``tracing.NO_TRACING`` unless the OTEL_* variables ask).

@@ -1,11 +1,11 @@
 """Settings: one declaration per variable, read once from the environment (and flags).
 
-Each ``Settings`` field is declared with ``setting`` or ``secret_setting``: the
-variable's name, parser, default, help and README text, in one place. Everything
-else derives from those declarations: ``Settings.from_env`` (parsing),
-``add_flags`` (one flag per variable), ``Settings.redacted`` (what
-``check-config`` prints) and the README's configuration table
-(``scripts/gen_config_docs.py``, whose ``--check`` runs in CI).
+Each ``Settings`` field is declared with ``setting`` or ``secret_setting``
+(``sidecar/declare.py``): the variable's name, parser, default, help and README
+text, in one place. Everything else derives from those declarations:
+``Settings.from_env`` (parsing), ``add_flags`` (one flag per variable),
+``Settings.redacted`` (what ``check-config`` prints) and the README's configuration
+table (``scripts/gen_config_docs.py``, whose ``--check`` runs in CI).
 
 ``Settings.from_env(env)`` collects *every* problem before failing (one line per bad
 variable in ``ConfigError.problems``), so an operator fixes a deployment in one round.
@@ -20,11 +20,12 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final
 
+from .declare import SETTING_KEY, Setting, Variable, secret_setting, setting
 from .parsers import (
     parse_bool,
     parse_csv_set,
@@ -40,7 +41,6 @@ from .parsers import (
     parse_secret_list,
     parse_snapshot_path,
     parse_text,
-    shown,
 )
 from .redis.url import parse_redis_url
 from .values import ApiKeySource, Listen, Secret, redact_text, redact_url
@@ -49,136 +49,12 @@ __all__ = [
     "SETTINGS",
     "VARIABLES",
     "ConfigError",
-    "Setting",
     "Settings",
-    "Variable",
     "add_flags",
     "env_with_flags",
     "flag_names",
     "settings_subset",
 ]
-
-T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Variable:
-    """One environment variable as an operator sees it: its name, flag and default."""
-
-    name: str
-    default: str | None
-    help: str
-    secret: bool = False
-
-    @property
-    def flag(self) -> str:
-        base = self.name.removeprefix("VELLUM_").removeprefix("SIDECAR_")
-        return "--" + base.lower().replace("_", "-")
-
-
-@dataclass(frozen=True, slots=True)
-class Setting:
-    """The declaration of one ``Settings`` field: every fact about its variable.
-
-    ``default`` is written as an operator would write it and parsed by ``parse``
-    like any value, so the README shows exactly what the code does. A setting
-    with ``file_help`` also reads ``<name>_FILE`` (the two are mutually exclusive).
-    """
-
-    name: str
-    default: str | None
-    help: str
-    doc: str
-    parse: Callable[[str, Path | None], Any]
-    show: Callable[[Any], str]
-    required: bool = False
-    secret: bool = False
-    file_help: str | None = None
-
-    @property
-    def file_name(self) -> str | None:
-        return f"{self.name}_FILE" if self.file_help is not None else None
-
-    @property
-    def required_hint(self) -> str:
-        if self.file_name is not None:
-            return f"set {self.name} or {self.file_name}"
-        return self.help
-
-    def variables(self) -> tuple[Variable, ...]:
-        """The variable (and its ``_FILE`` twin), each with its own flag."""
-        help_ = self.help
-        if self.required:
-            help_ += " (required" + (f" unless {self.file_name})" if self.file_name else ")")
-        own = Variable(self.name, self.default, help_, self.secret)
-        if self.file_name is None or self.file_help is None:
-            return (own,)
-        return own, Variable(self.file_name, None, self.file_help)
-
-
-_SETTING: Final = "sidecar.config.setting"
-
-
-def setting(
-    name: str,
-    parse: Callable[[str], T],
-    default: str | None,
-    *,
-    help: str,
-    doc: str,
-    show: Callable[[T], str] | None = None,
-) -> T:
-    """Declare a ``Settings`` field read from ``name`` (and its flag).
-
-    ``default=None`` makes the variable required. The field's own default is
-    ``parse(default)``, so a directly built ``Settings`` agrees with ``from_env``.
-    """
-    decl = Setting(
-        name,
-        default,
-        help,
-        doc,
-        parse=lambda value, _path: parse(value),
-        show=show or shown,
-        required=default is None,
-    )
-    if default is None:
-        return cast(T, field(metadata={_SETTING: decl}))
-    return field(default=parse(default), metadata={_SETTING: decl})
-
-
-def secret_setting(
-    name: str,
-    parse: Callable[[str, Path | None], T],
-    *,
-    unset: object = None,
-    required: bool = False,
-    help: str,
-    file_help: str,
-    doc: str,
-    show: Callable[[Any], str],
-) -> T:
-    """Declare a secret field read from ``name`` or from the file ``<name>_FILE`` names.
-
-    The file is read at start (surrounding whitespace, such as the trailing
-    newline of a mounted Secret, stripped); ``parse`` gets the value and the path
-    it came from (``None`` for the variable itself). ``unset`` is the value when
-    neither is set and the setting is not required.
-    """
-    decl = Setting(
-        name,
-        None,
-        help,
-        doc,
-        parse=parse,
-        show=show,
-        required=required,
-        secret=True,
-        file_help=file_help,
-    )
-    if required:
-        return cast(T, field(repr=False, metadata={_SETTING: decl}))
-    return cast(T, field(default=unset, repr=False, metadata={_SETTING: decl}))
 
 
 class ConfigError(Exception):
@@ -426,6 +302,36 @@ class Settings:
         doc='comma-separated modules that `can` allows (with `"fallback": true`) when no '
         "answer can be had; every other module fails closed",
     )
+    # -- metered usage (docs/api.md, docs/operations.md) -------------------------------
+    usage_outcome_ttl: float = setting(
+        "SIDECAR_USAGE_OUTCOME_TTL",
+        parse_positive_float,
+        "86400",
+        help="seconds a usage record's outcome is kept after its final answer",
+        doc="seconds a metered usage record's outcome (`GET /v1/usage/{idempotencyKey}`) is "
+        "kept in Redis after the upstream's final answer; the same key sent again meanwhile "
+        "is the same record. See [Metered usage](docs/operations.md#metered-usage-through-"
+        "outages)",
+    )
+    usage_max_queued: int = setting(
+        "SIDECAR_USAGE_MAX_QUEUED",
+        parse_positive_int,
+        "100000",
+        help="usage records the tenant's queue holds before refusing more (503)",
+        doc="usage records the tenant's queue in Redis holds, not yet delivered, before a "
+        "new one is refused (503 `usage_queue_full`, `Retry-After`); about 400 bytes of "
+        "Redis memory each (a UUID key; 100,000 take about 40 MB)",
+    )
+    usage_retry_max: float = setting(
+        "SIDECAR_USAGE_RETRY_MAX",
+        parse_positive_float,
+        "10",
+        help="longest pause between delivery attempts of a usage record",
+        doc="seconds, at most, between two delivery attempts of a usage record while the "
+        "upstream fails (exponential backoff with jitter from 0.25 s; a longer "
+        "`Retry-After` is honoured, up to an hour): how soon deliveries resume after an "
+        "outage",
+    )
     shutdown_grace: float = setting(
         "SIDECAR_SHUTDOWN_GRACE",
         parse_non_negative_float,
@@ -631,7 +537,7 @@ class Settings:
         paths = dict(self.files)
         out: list[tuple[str, str]] = []
         for f in fields(self):
-            decl: Setting | None = f.metadata.get(_SETTING)
+            decl: Setting | None = f.metadata.get(SETTING_KEY)
             if decl is None:
                 continue
             out.append((decl.name, redact_text(decl.show(getattr(self, f.name)))))
@@ -657,7 +563,7 @@ def flag_names(names: Collection[str]) -> list[Variable]:
 
 
 def _decl(f: Any) -> Setting:
-    decl: Setting = f.metadata[_SETTING]
+    decl: Setting = f.metadata[SETTING_KEY]
     return decl
 
 
@@ -671,7 +577,7 @@ def _parse_fields(
     given: set[str] = set()
     files: list[tuple[str, Path]] = []
     for f in fields(Settings):
-        decl: Setting | None = f.metadata.get(_SETTING)
+        decl: Setting | None = f.metadata.get(SETTING_KEY)
         if decl is None or (names is not None and f.name not in names):
             continue
         try:
@@ -698,7 +604,7 @@ def _parse_fields(
 
 #: Every declaration, in ``Settings``' field order.
 SETTINGS: Final[tuple[Setting, ...]] = tuple(
-    f.metadata[_SETTING] for f in fields(Settings) if _SETTING in f.metadata
+    f.metadata[SETTING_KEY] for f in fields(Settings) if SETTING_KEY in f.metadata
 )
 #: Every variable (a ``_FILE`` twin after its variable), in the order ``check-config`` prints.
 VARIABLES: Final[tuple[Variable, ...]] = tuple(v for s in SETTINGS for v in s.variables())

@@ -10,7 +10,10 @@ The tree::
     ├── Forbidden                     403     forbidden              (the browser guard)
     ├── NotFound                      404     not_found
     ├── MethodNotAllowed              405     method_not_allowed     (aiohttp's 405)
+    ├── Conflict                      409     conflict               (async_requires_redis)
     ├── PayloadTooLarge               413     payload_too_large      (a body over the limit)
+    ├── Unprocessable                 422     unprocessable          (idempotency_key_reused)
+    ├── Unavailable                   503     unavailable            (usage_unavailable: not queued)
     └── UpstreamError                 502     upstream_error
         ├── UpstreamUnavailable       503     upstream_unavailable   (reads: nothing usable cached)
         │   └── UpstreamOverloaded    503     upstream_overloaded    (too many waiting: not sent)
@@ -30,11 +33,14 @@ from typing import Any
 
 __all__ = [
     "BadRequest",
+    "Conflict",
     "Forbidden",
     "MethodNotAllowed",
     "NotFound",
     "PayloadTooLarge",
     "SidecarError",
+    "Unavailable",
+    "Unprocessable",
     "UpstreamAuthFailed",
     "UpstreamError",
     "UpstreamOverloaded",
@@ -98,9 +104,27 @@ class MethodNotAllowed(SidecarError):
     code = "method_not_allowed"
 
 
+class Conflict(SidecarError):
+    status = 409
+    code = "conflict"
+
+
 class PayloadTooLarge(SidecarError):
     status = 413
     code = "payload_too_large"
+
+
+class Unprocessable(SidecarError):
+    status = 422
+    code = "unprocessable"
+
+
+class Unavailable(SidecarError):
+    """The sidecar itself cannot do it now (not the upstream): try again shortly."""
+
+    status = 503
+    code = "unavailable"
+    retry_after = 1
 
 
 class UpstreamError(SidecarError):

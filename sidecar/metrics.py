@@ -46,6 +46,8 @@ __all__ = [
     "MAX_UNKNOWN_SHAPES",
     "REDIS_STATES",
     "UPSTREAM_STATES",
+    "USAGE_RETRY_REASONS",
+    "USAGE_STATES",
     "LoopCounter",
     "LoopHistogram",
     "Metrics",
@@ -59,6 +61,10 @@ __all__ = [
 UPSTREAM_STATES: Final = ("ok", "degraded", "down", "auth_failed")
 REDIS_STATES: Final = ("ok", "oom", "down", "disabled")
 FANOUT_STATES: Final = ("ok", "down", "disabled")
+#: A usage record's states (``vellum_sidecar_usage_records_total`` exports each from 0).
+USAGE_STATES: Final = ("queued", "delivered", "insufficient", "rejected")
+#: Why a delivery is tried again (``usage.records.verdict``; exported from 0).
+USAGE_RETRY_REASONS: Final = ("no_answer", "rate_limited", "server_error", "auth_failed", "other")
 
 #: Distinct path shapes ``forwarded_unknown`` keeps as label values.
 MAX_UNKNOWN_SHAPES: Final = 100
@@ -269,6 +275,41 @@ class Metrics:
             f"{p}_snapshot_last_write_timestamp_seconds",
             "Unix time of the last snapshot written (0: none yet).", registry=r,
         )  # fmt: skip
+        # Metered usage (sidecar/usage): the queue is the fleet's, so every sidecar
+        # reports the same queued and oldest values (aggregate with max, not sum).
+        self.usage_records = Counter(
+            f"{p}_usage_records",
+            "Metered usage records by state: queued (accepted by this sidecar), delivered, "
+            "insufficient, rejected (finished by this sidecar).",
+            ["state"], registry=r,
+        )  # fmt: skip
+        self.usage_retries = Counter(
+            f"{p}_usage_retries",
+            "Usage deliveries that will be tried again, by reason (no_answer, "
+            "rate_limited, server_error, auth_failed, other).",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.usage_queued = Gauge(
+            f"{p}_usage_queued",
+            "Usage records accepted and not yet delivered, in the whole fleet's queue "
+            "(read from Redis at each lease round).",
+            registry=r,
+        )  # fmt: skip
+        self.usage_oldest = Gauge(
+            f"{p}_usage_oldest_queued_seconds",
+            "Age of the oldest usage record not yet delivered, in the whole fleet's queue "
+            "(0 when none).",
+            registry=r,
+        )  # fmt: skip
+        self.usage_partitions = Gauge(
+            f"{p}_usage_partitions",
+            "Partitions of the usage queue this sidecar delivers (its leases).",
+            registry=r,
+        )  # fmt: skip
+        for state in USAGE_STATES:
+            self.usage_records.labels(state)
+        for reason in USAGE_RETRY_REASONS:
+            self.usage_retries.labels(reason)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one local API request and its latency (the hot path: one dict lookup)."""

@@ -376,6 +376,49 @@ class VellumClient:
                 raise last_error
             await asyncio.sleep(backoff)
 
+    async def send_once(
+        self,
+        operation: str,
+        method: str,
+        segments: Sequence[str],
+        *,
+        body: bytes | None,
+        timeout: float,
+    ) -> UpstreamResponse:
+        """One attempt, neither retried nor behind a breaker: for a caller that paces its
+        own retries (metered usage deliveries, ``usage.delivery``). Counted, timed and
+        noted (``last_result``) like ``request``'s attempts. Returns any answer; raises
+        ``UpstreamUnavailable`` (no connection) or ``UpstreamTimeout``."""
+        loop = asyncio.get_running_loop()
+        headers: CIMultiDict[str] = CIMultiDict()
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        headers["x-api-key"] = self.settings.api_key.current(time.time())
+        started = loop.time()
+        try:
+            with (
+                self.tracing.upstream_call(operation, method),
+                self.tracing.upstream_attempt(1, headers) as span,
+            ):
+                resp = await self._send(method, self.url(*segments), headers, body, timeout)
+                record(span, **{"http.response.status_code": resp.status})
+        except TimeoutError:
+            self.last_result = (time.monotonic(), None)
+            self._count(operation, "timeout")
+            raise UpstreamTimeout("the upstream did not answer in time") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            self.last_result = (time.monotonic(), None)
+            self._count(operation, "error")
+            log.debug(
+                "upstream_request_failed",
+                extra={"fields": {"operation": operation, "error": type(exc).__name__}},
+            )
+            raise UpstreamUnavailable("the upstream could not be reached") from None
+        self.last_result = (time.monotonic(), resp.status)
+        self.metrics.upstream_latency.labels(operation).observe(loop.time() - started)
+        self._count(operation, str(resp.status))
+        return resp
+
     async def _send(
         self,
         method: str,

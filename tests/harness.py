@@ -12,6 +12,8 @@ logging to a file in a work directory:
   kill, restart or pause;
 - :class:`Emulator` and :class:`Sidecar`: ``python -m sidecar emulator`` and
   ``serve``; :func:`sidecar_env` is the one place a sidecar's environment is built;
+- :class:`Gate`: a TCP relay process in front of the emulator, killed and started
+  again to take the upstream down and back without losing its data;
 - :class:`Stack`: Redis, the emulator and sidecars composed, stopped in reverse
   order when its block ends, even after a failed start;
 - :func:`slow_body`: the hostile peer of the isolation cases (tests and
@@ -47,6 +49,7 @@ __all__ = [
     "API_KEY",
     "WEBHOOK_SECRET",
     "Emulator",
+    "Gate",
     "Process",
     "RedisServer",
     "Sidecar",
@@ -514,6 +517,23 @@ class Emulator(Process):
             ports={"local": port},
             ready_url=f"http://127.0.0.1:{port}/_emulator/healthz",
         )
+
+
+class Gate(Process):
+    """``tests/gate.py``: a relay on ``port`` (a free one by default) to the
+    emulator at ``target``. :meth:`kill` takes the upstream down (connections reset and
+    refused); :meth:`start` brings it back on the same port, its data intact."""
+
+    def __init__(self, workdir: Path, target: str, *, port: int | None = None,
+                 name: str = "gate") -> None:  # fmt: skip
+        port = port or free_port()
+        target_port = int(target.rsplit(":", 1)[1])
+        script = Path(__file__).with_name("gate.py")
+        argv = [sys.executable, str(script), str(port), str(target_port)]
+        super().__init__(
+            name, argv, workdir, ports={"local": port},
+            ready_url=f"http://127.0.0.1:{port}/_emulator/healthz",
+        )  # fmt: skip
 
 
 class Sidecar(Process):

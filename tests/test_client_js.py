@@ -34,7 +34,7 @@ def stacks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Stack
     started: dict[str, Stack] = {}
     try:
         for name, stack in {
-            "main": Stack(tmp_path_factory.mktemp("js")),
+            "main": Stack(tmp_path_factory.mktemp("js"), redis=True),  # usage queues there
             "unix": Stack(tmp_path_factory.mktemp("js-unix"), listen=f"unix:{folder}/s.sock"),
             "down": Stack(
                 tmp_path_factory.mktemp("js-down"),

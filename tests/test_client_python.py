@@ -38,22 +38,25 @@ from sidecar.http.operations import OPERATIONS
 from .harness import Stack, free_port
 
 #: vellumcharter 1.4.2's methods, every public one, with the SDK's own names and
-#: keywords (the flags ones included). ``check`` and ``invoice_pdf_url`` (upstreams
-#: before SDK 1.2) are this client's own.
+#: keywords (the flags ones included). ``check``, ``invoice_pdf_url`` (upstreams
+#: before SDK 1.2) and ``usage`` (a queued record's outcome) are this client's own.
 SDK_METHODS: dict[str, inspect.Signature] = {
     name: inspect.signature(method)
     for name, method in inspect.getmembers(VellumCharterClient, inspect.isfunction)
     if not name.startswith("_")
 }
-OWN_METHODS = {"check", "invoice_pdf_url"}
+OWN_METHODS = {"check", "invoice_pdf_url", "usage"}
 #: The operations the upstream added after the SDK: the clients name them as the table does.
 NEWER_METHODS = {method for op in OPERATIONS if op.newer for method in op.sdk}
 FLAG_METHODS = {"flags", "flag", "global_flags", "invalidate_flags"}
+#: The methods that take ``wait`` (an operation the sidecar can queue: ``deferred``).
+DEFERRED_WAIT = {(method, "wait") for op in OPERATIONS if op.deferred for method in op.sdk}
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with Stack(tmp_path_factory.mktemp("live")) as live:
+    # With Redis: consume_credits(..., wait=False) queues there.
+    with Stack(tmp_path_factory.mktemp("live"), redis=True) as live:
         yield live
 
 
@@ -122,7 +125,8 @@ def uid(prefix: str) -> str:
 @pytest.mark.parametrize("cls", [SidecarClient, AsyncSidecarClient])
 def test_every_sdk_method_with_its_keyword_arguments(cls: type) -> None:
     """Each SDK method's parameters, in order, kind and default; ours may add optional
-    keywords after them (``idempotency_key``)."""
+    keywords after them (``idempotency_key``; ``wait=True`` where the sidecar can queue
+    the call instead)."""
     assert len(SDK_METHODS) == 35
     assert set(SDK_METHODS) >= FLAG_METHODS
     for name, sdk in SDK_METHODS.items():
@@ -136,7 +140,8 @@ def test_every_sdk_method_with_its_keyword_arguments(cls: type) -> None:
         ], f"{name}: {ours}"
         for extra in ours[len(theirs) :]:
             assert extra.kind is inspect.Parameter.KEYWORD_ONLY, f"{name}({extra.name})"
-            assert extra.default is None, f"{name}({extra.name})"
+            default = True if (name, extra.name) in DEFERRED_WAIT else None
+            assert extra.default is default, f"{name}({extra.name})"
     public = {n for n in dir(cls) if not n.startswith("_")} - {"close", "aclose"}
     attributes = {"base_url", "timeout", "billing_timeout", "fail_open"}
     assert public - attributes == set(SDK_METHODS) | OWN_METHODS | NEWER_METHODS
@@ -608,6 +613,40 @@ async def test_credits(call: Call, stack: Stack) -> None:
         "cancelUrl": "https://app.example/no",
         "items": [{"creditTypeId": "api-calls", "packId": "calls-1k"}],
     }
+
+
+async def test_consume_credits_queued_with_wait_false(call: Call, stack: Stack) -> None:
+    customer = uid("cus")
+    await call("create_customer", account_id="acme", customer_id=customer)
+    stack.admin("PUT", f"/tenants/{stack.tenant}/customers/{customer}/credits/exports",
+                {"balance": 12})  # fmt: skip
+    key = uid("use")
+    kwargs = {"customer_id": customer, "credit_type_id": "exports", "amount": 5,
+              "idempotency_key": key, "wait": False}  # fmt: skip
+    assert await call("consume_credits", **kwargs) == {"queued": True, "idempotencyKey": key}
+    deadline = time.monotonic() + 15
+    while (record := await call("usage", key))["state"] == "queued":
+        assert time.monotonic() < deadline, record
+        await asyncio.sleep(0.05)
+    assert record["state"] == "delivered" and record["answer"]["balance"] == 7
+    assert stack.upstream_requests("consume_credits")[-1]["body"] == {
+        "amount": 5,
+        "idempotencyKey": key,
+    }
+    again = await call("consume_credits", **kwargs)
+    assert again["queued"] is False and again["state"] == "delivered", "the same record"
+    short = await call("consume_credits", **{**kwargs, "amount": 8, "idempotency_key": uid("use")})
+    assert short["queued"] is True
+    with pytest.raises(SidecarApiError) as reused:
+        await call("consume_credits", **{**kwargs, "amount": 6})
+    assert (reused.value.status, reused.value.code) == (422, "idempotency_key_reused")
+    with pytest.raises(SidecarApiError) as unknown:
+        await call("usage", uid("nobody"))
+    assert (unknown.value.status, unknown.value.code) == (404, "usage_not_found")
+    with pytest.raises(ValueError, match="idempotency_key"):
+        await call("usage", "")
+    with pytest.raises(TypeError, match="cannot be queued"):
+        vsc._op("get_credit_balance", vsc._object, customer, "exports", wait=False)
 
 
 async def test_upstream_errors_carry_status_code_and_body(call: Call) -> None:

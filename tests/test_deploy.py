@@ -260,6 +260,19 @@ def test_compose_services_and_image() -> None:
     assert "healthcheck" in SERVICES["redis"]
 
 
+def test_compose_redis_keeps_queued_usage_through_a_restart() -> None:
+    """Metered usage is acknowledged once it is in Redis: an append-only file fsynced
+    every second (tests/test_usage_fleet.py runs a redis-server with these options and
+    SIGKILLs it), written to a named volume so it outlives the container."""
+    command = SERVICES["redis"]["command"]
+    assert command[0] == "redis-server"
+    options = dict(zip(command[1::2], command[2::2], strict=True))
+    assert (options["--appendonly"], options["--appendfsync"]) == ("yes", "everysec")
+    [volume] = SERVICES["redis"]["volumes"]
+    name, target = volume.split(":")[:2]
+    assert target == "/data" and name in COMPOSE["volumes"]
+
+
 def test_compose_sidecar_waits_for_healthy_redis_and_vellum() -> None:
     depends = SERVICES["sidecar"]["depends_on"]
     assert depends == {
@@ -899,7 +912,8 @@ def conf_value(conf: str, name: str) -> str:
 
 
 def test_the_redis_examples_bound_memory_and_evict_only_keys_with_a_ttl() -> None:
-    """compose.yaml and deploy/kubernetes/redis agree: a maxmemory and volatile-lru."""
+    """compose.yaml and deploy/kubernetes/redis agree: a maxmemory and volatile-lru, and
+    an append-only file fsynced every second on a volume."""
     deployment, conf, rendered = redis_example()
     assert conf_value(conf, "maxmemory-policy") == "volatile-lru"
     assert conf_value(conf, "maxmemory") == "256mb"
@@ -911,6 +925,16 @@ def test_the_redis_examples_bound_memory_and_evict_only_keys_with_a_ttl() -> Non
     limit = mebibytes(container["resources"]["limits"]["memory"])
     assert limit >= 1.4 * 256, "room above maxmemory for fragmentation and buffers"
     assert container["args"] == ["redis-server", "/etc/redis/redis.conf"]
+    # Metered usage is acknowledged once it is in Redis: an append-only file, fsynced
+    # every second, on a volume that outlives the pod (compose: a named volume).
+    assert (conf_value(conf, "appendonly"), conf_value(conf, "appendfsync")) == ("yes", "everysec")
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--appendfsync") + 1] == "everysec"
+    [data] = [v for v in pod["spec"]["volumes"] if v["name"] == "data"]
+    [claim] = by_kind(rendered, "PersistentVolumeClaim")
+    assert data["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert mebibytes(claim["spec"]["resources"]["requests"]["storage"]) >= 2 * 256
+    assert deployment["spec"]["strategy"]["type"] == "Recreate", "one pod on the volume"
     # Where the app's egress policy lets the sidecars go, and only they may come.
     assert {d["metadata"].get("namespace") for d in rendered} == {"vellum"}
     policies = by_kind(MANIFESTS, "NetworkPolicy")

@@ -35,7 +35,7 @@ from sidecar.app import create_app
 from sidecar.config import Settings
 from sidecar.http.operations import OPERATIONS, SURFACES
 
-from .harness import Stack, sidecar_env
+from .harness import Stack, sidecar_env, wait_until
 
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
 SPEC_URI = "urn:vellum-sidecar:openapi"
@@ -287,7 +287,8 @@ def drive_every_operation(send: Recorder, prefix: str, tenant: str) -> None:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with Stack(tmp_path_factory.mktemp("openapi")) as live:
+    # With Redis: metered usage (Prefer: respond-async) queues there.
+    with Stack(tmp_path_factory.mktemp("openapi"), redis=True) as live:
         yield live
 
 
@@ -352,6 +353,21 @@ def record_live_answers(stack: Stack, upstream_down: Stack) -> list[Exchange]:
     drive_every_operation(send, "/v1", t)
     drive_every_operation(send, f"/tenants/{t}", t)
     send("GET", "/tenants/someone_else/accounts/acme/invoices", expect=404)
+    # Metered usage: queued, its outcome, the same key again, refusals.
+    prefer = {"Prefer": "respond-async"}
+    consume = "/v1/customers/cus_active/credits/exports/consume"
+    key = "use_" + uuid.uuid4().hex
+    send("POST", consume, {"amount": 1, "idempotencyKey": key}, headers=prefer, expect=202)
+    send("POST", consume, {"amount": 1, "idempotencyKey": key}, headers=prefer)  # 202 or 200
+    wait_until(
+        lambda: send("GET", f"/v1/usage/{key}", expect=200)["state"] == "delivered",
+        timeout=15, interval=0.05, what="the record delivered",
+    )  # fmt: skip
+    send("POST", consume, {"amount": 1, "idempotencyKey": key}, headers=prefer, expect=200)
+    send("POST", consume, {"amount": 2, "idempotencyKey": key}, headers=prefer, expect=422)
+    send("POST", consume, {"amount": 1}, headers=prefer, expect=400)
+    send("GET", "/v1/usage/nobody-sent-this", expect=404)
+    send("GET", "/v1/usage/a%2Fb", expect=400)
     # An upstream that cannot answer.
     down = Recorder(upstream_down.url)
     down("GET", "/v1/customers/cus_x/entitlements", expect=503)
@@ -365,6 +381,11 @@ def record_live_answers(stack: Stack, upstream_down: Stack) -> list[Exchange]:
     down("POST", "/ofrep/v1/evaluate/flags", ofrep, expect=500)
     down("GET", "/v1/accounts/acme/invoices")
     down("POST", "/v1/accounts", {"accountId": "a1"})
+    # Memory only (no Redis): nothing can be queued.
+    usage = {"amount": 1, "idempotencyKey": "k1"}
+    down("POST", "/v1/customers/cus_x/credits/exports/consume", usage,
+         headers={"Prefer": "respond-async"}, expect=409)  # fmt: skip
+    down("GET", "/v1/usage/k1", expect=409)
     # HEAD on every path read with GET: the same status and headers, no body.
     for recorder in (send, down):
         for path in dict.fromkeys(e.path for e in list(recorder.exchanges) if e.method == "GET"):

@@ -221,6 +221,42 @@ async def _tenant_drop_fans_out(a: Sidecar, b: Sidecar, emulator: Emulator, tena
     await eventually(b_sees_upgrade, timeout=10)
 
 
+async def _usage_delivered(a: Sidecar, b: Sidecar, emulator: Emulator, tenant: str) -> None:
+    """Metered usage queued through both sidecars is delivered once each, in order."""
+    emulator.seed_demo(tenant)
+    lanes = [("cus_active", "api-calls"), ("cus_trial", "exports")]
+    for customer, credit_type in lanes:
+        emulator.set_credits(tenant, customer, credit_type, 1000)
+    keys = []
+    for i in range(20):
+        customer, credit_type = lanes[i % 2]
+        keys.append(f"use_{tenant}_{i}")
+        resp = await (a, b)[i % 2].client.post(
+            f"/v1/customers/{customer}/credits/{credit_type}/consume",
+            json={"amount": 2, "idempotencyKey": keys[-1]},
+            headers={"Prefer": "respond-async"},
+        )
+        assert resp.status == 202, await resp.text()
+
+    async def delivered() -> bool:
+        for key in keys:
+            resp = await b.client.get(f"/v1/usage/{key}")
+            if (await resp.json())["state"] != "delivered":
+                return False
+        return True
+
+    await eventually(delivered, timeout=20)
+    for customer, credit_type in lanes:
+        assert emulator.credits_of(tenant, customer)[credit_type] == 1000 - 20
+    applied = [r.body["idempotencyKey"] for r in emulator.requests
+               if r.operation == "consume_credits"]  # fmt: skip
+    assert sorted(applied) == sorted(keys), "each sent once"
+    for customer, _ in lanes:
+        seen = [r for r in emulator.requests if r.operation == "consume_credits"]
+        lane = [r.body["idempotencyKey"] for r in seen if r.params["customer"] == customer]
+        assert lane == [k for i, k in enumerate(keys) if lanes[i % 2][0] == customer]
+
+
 # -- TLS and unix sockets --------------------------------------------------------------------
 
 
@@ -385,6 +421,22 @@ async def test_cluster_webhook_fans_out_over_sharded_pubsub(
     assert cluster.keys_on(home, keys.seq) == [keys.seq.encode()]
 
 
+async def test_cluster_usage_is_queued_and_delivered_on_the_tenants_shard(
+    cluster: ClusterSetup,
+    cluster_pair: tuple[Sidecar, Sidecar],
+    emulator: Emulator,
+    tenant: str,
+) -> None:
+    a, b = cluster_pair
+    await _usage_delivered(a, b, emulator, tenant)
+    keys = Keys(tenant)
+    home = cluster.node_of(keys.channel)
+    assert cluster.keys_on(home, keys.prefix + "u:*"), "the queue lives beside the cache"
+    for port in cluster.ports:
+        if port != home:
+            assert cluster.keys_on(port, keys.prefix + "*") == [], "a tenant lives on one shard"
+
+
 # -- Redis Sentinel --------------------------------------------------------------------------
 
 
@@ -407,6 +459,7 @@ async def test_sentinel_reads_and_fanout(
     master = redis.Redis(port=sentinel.master_port())
     assert master.exists(Keys(tenant).entry("cus_1")) == 1, "the entry lives on the master"
     await _webhook_fans_out(a, b, emulator, tenant)
+    await _usage_delivered(a, b, emulator, tenant)
 
 
 async def test_sentinel_failover_reads_continue(

@@ -247,6 +247,7 @@ export interface ConsumeCreditsArgs {
   creditTypeId: string;
   amount: number;
   idempotencyKey: string;
+  wait?: boolean;
 }
 
 export interface PauseSubscriptionArgs extends WriteOptions {
@@ -369,7 +370,12 @@ export declare class SidecarClient {
   listCredits(args: ListCreditsArgs): Promise<JsonObject[]>;
   /** A customer's balance of one credit type (uncached). */
   getCreditBalance(args: GetCreditBalanceArgs): Promise<JsonObject>;
-  /** Spend credits: all or nothing, idempotent on the body's idempotencyKey. */
+  /**
+   * Spend credits: all or nothing, idempotent on the body's idempotencyKey. `wait: false`: queued
+   * by the sidecar instead (`Prefer: respond-async`) and delivered by it later, even through an
+   * outage: the 202 `{queued, idempotencyKey}`, or the outcome once the key's record is final;
+   * `usage(key)` reads it.
+   */
   consumeCredits(args: ConsumeCreditsArgs): Promise<JsonObject>;
   /**
    * Pause a subscription: no access and no bill until reactivate resumes it, or until cycles
@@ -380,6 +386,8 @@ export declare class SidecarClient {
 
   addAddOn(args: AddOnArgs): Promise<JsonObject>;
   removeAddOn(args: AddOnArgs): Promise<JsonObject>;
+  /** A queued usage record (consumeCredits with wait: false) by its idempotency key. */
+  usage(idempotencyKey: string): Promise<JsonObject>;
   /** Upstreams before SDK 1.2: the Location of the redirect, not followed. */
   invoicePdfUrl(args: InvoicePdfArgs): Promise<string>;
   /** A hosted checkout buying credit packs: one pack, or several (items). */

@@ -188,6 +188,7 @@ const OPERATIONS = Object.freeze({
   get_credit_balance: { method: "GET", path: "/v1/customers/{customer}/credits/{credit_type}" },
   consume_credits: {
     method: "POST", path: "/v1/customers/{customer}/credits/{credit_type}/consume", body: true,
+    deferred: true,
   },
   pause_subscription: {
     method: "POST", path: "/v1/accounts/{account}/customers/{customer}/subscription/pause",
@@ -196,8 +197,11 @@ const OPERATIONS = Object.freeze({
 });
 // END GENERATED operation table
 
-/** The request for one operation of OPERATIONS, its ids quoted into the path. */
-function op(name, ids, { body, query, idempotencyKey } = {}) {
+/**
+ * The request for one operation of OPERATIONS, its ids quoted into the path. `wait: false`
+ * asks the sidecar to queue a deferred operation (Prefer: respond-async).
+ */
+function op(name, ids, { body, query, idempotencyKey, wait = true } = {}) {
   const route = OPERATIONS[name];
   const params = [...route.path.matchAll(/\{(\w+)\}/g)].map((m) => m[1]);
   const given = Object.keys(ids);
@@ -211,6 +215,10 @@ function op(name, ids, { body, query, idempotencyKey } = {}) {
   const camel = (p) => p.replace(/_(\w)/g, (_, c) => c.toUpperCase());
   const path = route.path.replace(/\{(\w+)\}/g, (_, p) => seg(`${camel(p)}Id`, ids[p]));
   const billing = route.cached !== true;
+  if (!wait) {
+    if (route.deferred !== true) throw new TypeError(`${name} cannot be queued (wait: false)`);
+    return { method: route.method, path, query, body, billing, idempotencyKey, respondAsync: true };
+  }
   return { method: route.method, path, query, body, billing, idempotencyKey };
 }
 
@@ -487,13 +495,13 @@ export class SidecarClient {
   }
 
   /** The answer to one call, or a SidecarUnavailable rejection when none can be had. */
-  #send({ method, path, query, body, billing = false, idempotencyKey }) {
+  #send({ method, path, query, body, billing = false, idempotencyKey, respondAsync = false }) {
     const timeout = billing ? this.billingTimeout : this.timeout;
     const search = query ? `?${new URLSearchParams(query)}` : "";
     const target = this.#target.prefix + path + search;
     const payload = body === undefined ? undefined : JSON.stringify(body);
     let headers = HEADERS;
-    if (payload !== undefined || idempotencyKey != null) {
+    if (payload !== undefined || idempotencyKey != null || respondAsync) {
       headers = { ...HEADERS };
       if (payload !== undefined) headers["content-type"] = "application/json";
       if (idempotencyKey != null) {
@@ -502,6 +510,7 @@ export class SidecarClient {
         }
         headers["idempotency-key"] = idempotencyKey;
       }
+      if (respondAsync) headers.prefer = "respond-async";
     }
     return new Promise((resolve, reject) => {
       this.#exchange(method, path, target, headers, payload, timeout, resolve, reject, 1);
@@ -537,10 +546,12 @@ export class SidecarClient {
     req.on("error", (error) => {
       // A kept-alive connection the sidecar closed meanwhile fails before any byte of
       // the answer: send it once more, on a new connection, when that is safe (a read,
-      // PUT/DELETE, the read-only batch check, a write with an Idempotency-Key).
+      // PUT/DELETE, the read-only batch check, a write with an Idempotency-Key, a record
+      // queued under its own key).
       if (attempt === 1 && !answered && req.reusedSocket &&
           (error.code === "ECONNRESET" || error.code === "EPIPE") &&
-          (IDEMPOTENT.has(method) || path === "/v1/check" || "idempotency-key" in headers)) {
+          (IDEMPOTENT.has(method) || path === "/v1/check" || "idempotency-key" in headers ||
+           "prefer" in headers)) {
         this.#exchange(method, path, target, headers, payload, timeout, resolve, reject, 2);
         return;
       }
@@ -864,11 +875,16 @@ export class SidecarClient {
     return this.#run(call, object);
   }
 
-  /** Spend credits: all or nothing, idempotent on the body's idempotencyKey. */
-  async consumeCredits({ customerId, creditTypeId, amount, idempotencyKey }) {
+  /**
+   * Spend credits: all or nothing, idempotent on the body's idempotencyKey. `wait: false`: queued
+   * by the sidecar instead (`Prefer: respond-async`) and delivered by it later, even through an
+   * outage: the 202 `{queued, idempotencyKey}`, or the outcome once the key's record is final;
+   * `usage(key)` reads it.
+   */
+  async consumeCredits({ customerId, creditTypeId, amount, idempotencyKey, wait = true }) {
     const body = dropUndefined({ amount, idempotencyKey });
     const ids = { customer: customerId, credit_type: creditTypeId };
-    const call = op("consume_credits", ids, { body });
+    const call = op("consume_credits", ids, { body, wait });
     return this.#run(call, object);
   }
 
@@ -896,6 +912,16 @@ export class SidecarClient {
     const ids = { account: accountId, customer: customerId };
     const body = { remove: [moduleId] };
     return this.#run(op("change_add_ons", ids, { body, idempotencyKey }), object);
+  }
+
+  /**
+   * A queued usage record (consumeCredits({ ..., wait: false })) by its key: { state:
+   * "queued" | "delivered" | "insufficient" | "rejected", ... }. Rejects with
+   * SidecarApiError (404 usage_not_found) for a key no record has.
+   */
+  async usage(idempotencyKey) {
+    const path = `/v1/usage/${seg("idempotencyKey", idempotencyKey)}`;
+    return this.#run({ method: "GET", path, billing: true }, object);
   }
 
   /** Upstreams before SDK 1.2: the Location of the redirect, not followed. */

@@ -199,8 +199,11 @@ class _Call(Generic[T]):
     body: Any = None
     billing: bool = False
     idempotency_key: str | None = None
-    #: Read-only although not a GET (the batch check): safe to send twice.
+    #: Read-only although not a GET (the batch check), or a record queued under its own
+    #: key (the same key is the same record): safe to send twice.
     safe: bool = False
+    #: ``Prefer: respond-async``: the sidecar queues the call (``wait=False``).
+    respond_async: bool = False
 
     @property
     def idempotent(self) -> bool:
@@ -222,13 +225,15 @@ class _Call(Generic[T]):
         The common case is the shared :data:`_HEADERS` itself, which the
         transports recognise and send as bytes encoded once per client.
         """
-        if self.body is None and self.idempotency_key is None:
+        if self.body is None and self.idempotency_key is None and not self.respond_async:
             return _HEADERS
         headers = dict(_HEADERS)
         if self.body is not None:
             headers["Content-Type"] = "application/json"
         if self.idempotency_key is not None:
             headers["Idempotency-Key"] = self.idempotency_key
+        if self.respond_async:
+            headers["Prefer"] = "respond-async"
         return headers
 
 
@@ -411,6 +416,8 @@ class _Route:
     """Takes a JSON object body."""
     cached: bool = False
     """Answered from the sidecar's cache (``timeout``), not the Vellum API (``billing_timeout``)."""
+    deferred: bool = False
+    """The sidecar queues it instead on ``Prefer: respond-async`` (``wait=False``)."""
 
 
 # BEGIN GENERATED operation table: scripts/gen_clients.py writes it from the sidecar's own
@@ -510,6 +517,7 @@ _OPERATIONS: Final[Mapping[str, _Route]] = {
         "/v1/customers/{customer}/credits/{credit_type}/consume",
         ("customer", "credit_type"),
         body=True,
+        deferred=True,
     ),
     "pause_subscription": _Route(
         "POST",
@@ -528,18 +536,25 @@ def _op(
     body: Any = None,
     query: Mapping[str, str] | None = None,
     key: str | None = None,
+    wait: bool = True,
 ) -> _Call[T]:
     """The call for one operation of :data:`_OPERATIONS`; ``ids`` in the path's order.
 
-    ``key`` is the caller's ``Idempotency-Key``.
+    ``key`` is the caller's ``Idempotency-Key``; ``wait=False`` asks the sidecar to
+    queue a deferred operation (``Prefer: respond-async``).
     """
     route = _OPERATIONS[name]
     if len(ids) != len(route.params) or (body is not None) != route.body:
         raise TypeError(f"{name} takes the ids {route.params} and a body: {route.body}")
+    if not wait and not route.deferred:
+        raise TypeError(f"{name} cannot be queued (wait=False)")
     quoted = {p: _seg(f"{p}_id", i) for p, i in zip(route.params, ids, strict=True)}
-    return _Call(
-        route.method, route.path.format_map(quoted), read, query, body, not route.cached, key
-    )
+    path = route.path.format_map(quoted)
+    if not wait:
+        # The record is named by its key: sending it again is the same record.
+        return _Call(route.method, path, read, query, body, True, key, safe=True,
+                     respond_async=True)  # fmt: skip
+    return _Call(route.method, path, read, query, body, not route.cached, key)
 
 
 def _unreachable(
@@ -1360,11 +1375,20 @@ class SidecarClient:
         return self._run(call)
 
     def consume_credits(
-        self, *, customer_id: str, credit_type_id: str, amount: int, idempotency_key: str
+        self,
+        *,
+        customer_id: str,
+        credit_type_id: str,
+        amount: int,
+        idempotency_key: str,
+        wait: bool = True,
     ) -> dict[str, Any]:
-        """Spend credits: all or nothing, idempotent on the body's idempotencyKey."""
+        """Spend credits: all or nothing, idempotent on the body's idempotencyKey. ``wait=False``:
+        queued by the sidecar instead (``Prefer: respond-async``) and delivered by it later, even
+        through an outage: the 202 ``{queued, idempotencyKey}``, or the outcome once the key's
+        record is final; ``usage(key)`` reads it."""
         body = _drop_none({"amount": amount, "idempotencyKey": idempotency_key})
-        call = _op("consume_credits", _object, customer_id, credit_type_id, body=body)
+        call = _op("consume_credits", _object, customer_id, credit_type_id, body=body, wait=wait)
         return self._run(call)
 
     def pause_subscription(
@@ -1415,6 +1439,13 @@ class SidecarClient:
     def invoice_pdf_url(self, *, account_id: str, invoice_id: str) -> str:
         """Upstreams before SDK 1.2: the ``Location`` of the redirect, not followed."""
         return self._run(_op("invoice_pdf", _location, account_id, invoice_id))
+
+    def usage(self, idempotency_key: str) -> dict[str, Any]:
+        """A queued usage record (``consume_credits(..., wait=False)``) by its key:
+        ``{"state": "queued" | "delivered" | "insufficient" | "rejected", ...}``. Raises
+        ``SidecarApiError`` (404 ``usage_not_found``) for a key no record has."""
+        path = f"/v1/usage/{_seg('idempotency_key', idempotency_key)}"
+        return self._run(_Call("GET", path, _object, billing=True))
 
     def create_credit_checkout(
         self,
@@ -2007,11 +2038,20 @@ class AsyncSidecarClient:
         return await self._run(call)
 
     async def consume_credits(
-        self, *, customer_id: str, credit_type_id: str, amount: int, idempotency_key: str
+        self,
+        *,
+        customer_id: str,
+        credit_type_id: str,
+        amount: int,
+        idempotency_key: str,
+        wait: bool = True,
     ) -> dict[str, Any]:
-        """Spend credits: all or nothing, idempotent on the body's idempotencyKey."""
+        """Spend credits: all or nothing, idempotent on the body's idempotencyKey. ``wait=False``:
+        queued by the sidecar instead (``Prefer: respond-async``) and delivered by it later, even
+        through an outage: the 202 ``{queued, idempotencyKey}``, or the outcome once the key's
+        record is final; ``usage(key)`` reads it."""
         body = _drop_none({"amount": amount, "idempotencyKey": idempotency_key})
-        call = _op("consume_credits", _object, customer_id, credit_type_id, body=body)
+        call = _op("consume_credits", _object, customer_id, credit_type_id, body=body, wait=wait)
         return await self._run(call)
 
     async def pause_subscription(
@@ -2062,6 +2102,13 @@ class AsyncSidecarClient:
     async def invoice_pdf_url(self, *, account_id: str, invoice_id: str) -> str:
         """Upstreams before SDK 1.2: the ``Location`` of the redirect, not followed."""
         return await self._run(_op("invoice_pdf", _location, account_id, invoice_id))
+
+    async def usage(self, idempotency_key: str) -> dict[str, Any]:
+        """A queued usage record (``consume_credits(..., wait=False)``) by its key:
+        ``{"state": "queued" | "delivered" | "insufficient" | "rejected", ...}``. Raises
+        ``SidecarApiError`` (404 ``usage_not_found``) for a key no record has."""
+        path = f"/v1/usage/{_seg('idempotency_key', idempotency_key)}"
+        return await self._run(_Call("GET", path, _object, billing=True))
 
     async def create_credit_checkout(
         self,

@@ -145,6 +145,9 @@ class Operation:
     upstream; ``None``: forwarded."""
     local_answer: Answer | None = None
     """What ``/v1`` answers where it differs from the upstream (the cached read adds ``found``)."""
+    deferred: bool = False
+    """``/v1`` queues it on ``Prefer: respond-async`` (202; the fleet delivers it later,
+    ``sidecar/usage``); without the header, and on the mirror, it is forwarded."""
     params: tuple[str, ...] = field(init=False)
     """The path's ids, in order."""
 
@@ -527,6 +530,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         request="ConsumeCreditsRequest",
         fields=(Field("amount", "integer", True), Field("idempotencyKey", "string", True)),
         retry_safe=True,
+        deferred=True,
     ),
     # Added upstream after vellumcharter 1.4.2.
     Operation(

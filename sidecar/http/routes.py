@@ -1,10 +1,12 @@
 """Every route of the local API, registered in one place.
 
-The sidecar's own routes (``can``, ``check``, a flag, the cache drops, OFREP and
-the contract) are listed here, the hot ones (``HOT``) first: the front door
-(``http/hot.py``) answers their plain requests below the router; every operation of the table
-(``http/operations.py``) is registered on both surfaces, answered from its
-kind's cache (``cache``) or forwarded to the upstream. Every GET also answers HEAD.
+The sidecar's own routes (``can``, ``check``, a flag, the cache drops, OFREP, a
+usage record's outcome and the contract) are listed here, the hot ones (``HOT``)
+first: the front door (``http/hot.py``) answers their plain requests below the
+router; every operation of the table (``http/operations.py``) is registered on
+both surfaces, answered from its kind's cache (``cache``) or forwarded to the
+upstream (on ``/v1``, a ``deferred`` one with ``Prefer: respond-async`` is queued
+instead: ``http/usage.py``). Every GET also answers HEAD.
 Last comes the mirror's catch-all: any other method or path under
 ``/tenants/{tenant}/`` is an operation the table does not know
 (``forwarding.forward_unknown``). It must stay the last route registered, so
@@ -19,7 +21,7 @@ from aiohttp import web
 
 from ..appkeys import CACHES
 from ..cache.kinds import GLOBAL_ID, KINDS
-from . import entitlements, flags, ofrep
+from . import entitlements, flags, ofrep, usage
 from .forwarding import check_tenant, forward, forward_unknown
 from .hot import HOT_ROUTES, HotRoute
 from .inputs import path_id
@@ -68,6 +70,7 @@ def add_routes(app: web.Application) -> None:
     add("DELETE", "/v1/cache", entitlements.drop_all)
     add("POST", "/ofrep/v1/evaluate/flags", ofrep.evaluate_bulk)
     add("GET", ofrep.STREAM_PATH, ofrep.events)
+    add("GET", f"/v1/usage/{{idempotencyKey:{_ID}}}", usage.outcome)
     add("GET", "/openapi.json", openapi)
     for op in OPERATIONS:
         for surface in SURFACES:
@@ -85,6 +88,8 @@ def _operation_handler(op: Operation, surface: Surface) -> Handler:
         if surface == "mirror":
             check_tenant(request)
         ids = {name: path_id(request, name) for name in op.params}
+        if deferred and usage.prefers_async(request):
+            return await usage.consume_async(request, ids)
         if kind is not None:
             cache = request.app[CACHES].of_kind(kind)
             ident = ids["customer"] if kind.per_customer else GLOBAL_ID
@@ -92,6 +97,7 @@ def _operation_handler(op: Operation, surface: Surface) -> Handler:
         return await forward(request, op, ids, surface)
 
     kind = KINDS[op.cache] if op.cache is not None else None
+    deferred = op.deferred and surface == "v1"
     return handle
 
 

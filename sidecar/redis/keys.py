@@ -1,5 +1,5 @@
 """The Redis key names of one tenant (entries, generations, locks, links, events, fan-out,
-the epoch)."""
+the epoch, metered usage)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class Keys(KindKeys):
     predate the other kinds); :meth:`kind` gives any kind's.
     """
 
-    __slots__ = ("_kinds", "beat", "channel", "epoch", "prefix", "seq")
+    __slots__ = ("_kinds", "beat", "channel", "epoch", "prefix", "seq", "usage_members")
 
     def __init__(self, tenant: str) -> None:
         self.prefix = f"vsc:{{{quote(tenant, safe='')}}}:"
@@ -58,6 +58,9 @@ class Keys(KindKeys):
         #: Redis's clock at the fleet's last health check (TTL 60 s).
         self.beat = self.prefix + "beat"
         self._kinds: dict[str, KindKeys] = {"": self}
+        #: The sidecars delivering metered usage (``usage.store``: a sorted set by
+        #: Redis time of their last lease round).
+        self.usage_members = self.prefix + "u:m"
 
     def kind(self, key: str) -> KindKeys:
         """The key names of the kind whose ``Kind.key`` is ``key``."""
@@ -73,3 +76,18 @@ class Keys(KindKeys):
     def events(self) -> str:
         """The push webhooks' replay guard: digests of the events first seen lately."""
         return self.prefix + "evts"
+
+    # Metered usage (``sidecar/usage``): no TTL on a partition's stream nor on a
+    # queued record, so ``volatile-lru`` never evicts what is not delivered yet.
+
+    def usage_stream(self, partition: int) -> str:
+        """One partition's stream of queued records (consumer group ``deliver``)."""
+        return f"{self.prefix}u:s:{partition}"
+
+    def usage_lease(self, partition: int) -> str:
+        """The sidecar delivering one partition (TTL: the lease)."""
+        return f"{self.prefix}u:l:{partition}"
+
+    def usage_record(self, idempotency_key: str) -> str:
+        """One record's state and outcome, by its idempotency key."""
+        return self.prefix + "u:r:" + idempotency_key

@@ -130,7 +130,7 @@ describe("surface", () => {
     // Operations the upstream added after the SDK (newer=True in the sidecar's table),
     // named by tests/test_client_js.py: their methods are generated like the others.
     const newer = (process.env.VSC_NEWER_METHODS ?? "").split(",").filter(Boolean);
-    assert.deepEqual([...methods].sort(), [...SDK_METHODS, ...newer, "close"].sort());
+    assert.deepEqual([...methods].sort(), [...SDK_METHODS, ...newer, "usage", "close"].sort());
   });
 });
 
@@ -398,6 +398,32 @@ describe("billing, live", () => {
     const several = await sidecar.createCreditCheckout({ accountId: "acme", customerId, items, ...urls });
     assert.deepEqual(several.items.map((i) => i.credits), [1000]);
     assert.deepEqual((await lastUpstream("create_credit_checkout")).body, { customerId, ...urls, items });
+  });
+
+  test("consumeCredits with wait: false is queued, and usage() tells its outcome", async () => {
+    const tenant = env("VSC_TENANT");
+    const customerId = uid("cus");
+    await sidecar.createCustomer({ accountId: "acme", customerId });
+    await admin("PUT", `/tenants/${tenant}/customers/${customerId}/credits/exports`, { balance: 12 });
+    const idempotencyKey = uid("use");
+    const args = { customerId, creditTypeId: "exports", amount: 5, idempotencyKey, wait: false };
+    assert.deepEqual(await sidecar.consumeCredits(args), { queued: true, idempotencyKey });
+    const deadline = Date.now() + 15000;
+    let record = await sidecar.usage(idempotencyKey);
+    while (record.state === "queued") {
+      assert.ok(Date.now() < deadline, JSON.stringify(record));
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      record = await sidecar.usage(idempotencyKey);
+    }
+    assert.deepEqual([record.state, record.answer.balance], ["delivered", 7]);
+    assert.deepEqual((await lastUpstream("consume_credits")).body, { amount: 5, idempotencyKey });
+    const again = await sidecar.consumeCredits(args);
+    assert.deepEqual([again.queued, again.state], [false, "delivered"], "the same record");
+    await assert.rejects(sidecar.consumeCredits({ ...args, amount: 6 }), {
+      status: 422, code: "idempotency_key_reused",
+    });
+    await assert.rejects(sidecar.usage(uid("nobody")), { status: 404, code: "usage_not_found" });
+    await assert.rejects(sidecar.usage(""), TypeError);
   });
 
   test("upstream errors carry status, code and body", async () => {
