@@ -39,11 +39,12 @@ from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from sidecar.emulator import Emulator
-from sidecar.http.inputs import VALID_ID, id_problem, valid_id
+from sidecar.http import inputs
+from sidecar.http.inputs import VALID_ID, id_problem, is_id, valid_id
 from sidecar.logs import JsonFormatter
 
 from .conftest import eventually
-from .harness import API_KEY, WEBHOOK_SECRET, slow_body
+from .harness import API_KEY, WEBHOOK_SECRET, RedisServer, slow_body
 from .served import Served, ServeFactory, exchange, json_of, serve, status_of
 
 __all__ = ["serve"]
@@ -246,6 +247,63 @@ async def test_misses_waiting_on_a_slow_upstream_never_shut_out_cached_reads(
             writer.close()
     held = [r for r in results if not isinstance(r, BaseException) and r[0] == 200]
     assert len(held) == 20, "the waiting ones got their answer once the upstream did"
+
+
+async def test_keys_written_for_unknown_customers_live_at_most_an_hour(
+    serve: ServeFactory, own_redis: RedisServer
+) -> None:
+    """The issue's flood of distinct unknown customers (33,475 in 15 s once left keys
+    with a 24 h TTL) and of cache drops for random ids, at a smaller size with the
+    default settings: every Redis key written for a customer the API called unknown
+    expires within the hour, and the drops for customers nobody holds add none."""
+    sc = await serve(own_redis.url)
+    assert (await sc.get("/v1/customers/warm_up/entitlements"))[0] == 200
+    async with (
+        aiohttp.ClientSession() as session,
+        session.delete(f"{sc.url()}/v1/customers/warm_up/cache") as dropped,
+    ):
+        assert dropped.status < 300  # the tenant's drop sequence exists from here on
+
+    def keys() -> set[bytes]:
+        """Redis's keys but the metered usage queue's partitions (made once per
+        tenant as its delivery starts, at any moment of the test; durable)."""
+        with own_redis.client() as c:
+            return {k for k in c.keys("*") if b"}:u:" not in k}
+
+    before = keys()
+    async with aiohttp.ClientSession() as session:
+
+        async def read(i: int) -> list[int]:
+            statuses = []
+            for path in ("entitlements", "can/reports", "flags/beta"):
+                async with session.get(f"{sc.url()}/v1/customers/stranger_{i}/{path}") as r:
+                    statuses.append(r.status)
+            ofrep = f"{sc.url()}/ofrep/v1/evaluate/flags/beta"
+            context = {"context": {"targetingKey": f"stranger_{i}"}}
+            async with session.post(ofrep, json=context) as r:
+                statuses.append(r.status)
+            return statuses
+
+        answers = await asyncio.gather(*(read(i) for i in range(150)))
+        assert all(s < 500 for statuses in answers for s in statuses), answers
+        after_reads = keys()
+        for _ in range(300):
+            url = f"{sc.url()}/v1/customers/random_{random.getrandbits(64):x}/cache"
+            async with session.delete(url) as r:
+                assert r.status < 300, await r.text()
+    added = keys() - before
+    assert len(added) >= 150, "the flood's negative entries reached Redis"
+    with own_redis.client() as c:
+        ttls = {key: c.ttl(key) for key in added}
+    assert keys() - after_reads == set(), "drops of nobody's customers add no key"
+    # A customer's flags are the API's 200 for any id (the global flags with that
+    # customer's overrides, none for a stranger): a positive answer, kept for the
+    # stale window like any other (docs/operations.md, Resource bounds). Every key
+    # the sidecar writes knowing the customer is unknown expires within the hour.
+    flags = {k for k in ttls if b":f:e:" in k}
+    assert len(flags) == 150
+    lasting = {k: t for k, t in ttls.items() if k not in flags and not 0 < t <= 3600}
+    assert lasting == {}, "every key the flood wrote expires within the hour"
 
 
 # -- paths and ids ------------------------------------------------------------------------
@@ -517,3 +575,18 @@ def test_the_id_rule_has_one_answer_however_it_is_asked() -> None:
         expected = id_problem(value) is None
         assert valid_id(value) is expected, repr(value)
         assert (VALID_ID(value) is not None) is expected, repr(value)
+
+
+def test_ids_that_passed_are_remembered_within_a_bound() -> None:
+    """``valid_id`` remembers ids that passed (``POST /v1/check`` asks about the same
+    ones again and again): a refused id is never remembered, whatever it is asked
+    after, and a flood of distinct ids never holds more than the bound."""
+    inputs._PASSED.clear()
+    for _ in range(3):
+        assert [valid_id(v) for v in ("cus_1", "..", "a/b", "cus_1")] == [True, False, False, True]
+        assert [is_id(v) for v in ("cus_1", "..", "a\x00", 7, None)] == [True] + [False] * 4
+    assert set(inputs._PASSED) == {"cus_1"}
+    for i in range(3 * inputs._PASSED_MAX):
+        assert valid_id(f"flood_{i}")
+        assert len(inputs._PASSED) <= inputs._PASSED_MAX
+    assert not valid_id("..") and ".." not in inputs._PASSED

@@ -295,6 +295,8 @@ def test_the_alerts_cover_the_failures_operators_page_on() -> None:
         "VellumSidecarUpstreamOverloaded": "vellum_sidecar_upstream_overloaded_total",
         "VellumSidecarInvalidationsQueued": "vellum_sidecar_invalidations_queued",
         "VellumSidecarUnknownOperationsForwarded": "vellum_sidecar_forwarded_unknown_total",
+        # Issue 22: a snapshot that cannot be written (the next restart's fallback ages).
+        "VellumSidecarSnapshotNotWritten": "vellum_sidecar_snapshot_writes_total",
     }
     for alert, metric in wanted.items():
         assert metric in reads[alert], alert
