@@ -45,6 +45,7 @@ __all__ = [
     "FANOUT_STATES",
     "MAX_UNKNOWN_SHAPES",
     "REDIS_STATES",
+    "SNAPSHOT_WRITE_RESULTS",
     "UPSTREAM_STATES",
     "USAGE_RETRY_REASONS",
     "USAGE_STATES",
@@ -65,6 +66,9 @@ FANOUT_STATES: Final = ("ok", "down", "disabled")
 USAGE_STATES: Final = ("queued", "delivered", "insufficient", "rejected")
 #: Why a delivery is tried again (``usage.records.verdict``; exported from 0).
 USAGE_RETRY_REASONS: Final = ("no_answer", "rate_limited", "server_error", "auth_failed", "other")
+#: Snapshot write results (exported from 0: the alert compares the two, and a counter
+#: that first appears at 1 gives ``increase()`` nothing to compare its first error with).
+SNAPSHOT_WRITE_RESULTS: Final = ("ok", "error")
 
 #: Distinct path shapes ``forwarded_unknown`` keeps as label values.
 MAX_UNKNOWN_SHAPES: Final = 100
@@ -310,6 +314,8 @@ class Metrics:
             self.usage_records.labels(state)
         for reason in USAGE_RETRY_REASONS:
             self.usage_retries.labels(reason)
+        for result in SNAPSHOT_WRITE_RESULTS:
+            self.snapshot_writes.labels(result)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one local API request and its latency (the hot path: one dict lookup)."""
