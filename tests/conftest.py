@@ -26,11 +26,14 @@ from aiohttp.web_runner import BaseRunner
 
 from sidecar.app import create_app
 from sidecar.appkeys import CACHE, INVALIDATOR, LIFECYCLE, METRICS, SETTINGS
+from sidecar.cache.cache import DocumentCache
+from sidecar.cache.invalidation import Invalidator
 from sidecar.config import Settings
 from sidecar.emulator import EMULATOR, Emulator, create_emulator_app
 from sidecar.http.limits import GuardedRunner, listener_guards
 from sidecar.http.ops import create_ops_app
 from sidecar.http.webhooks import create_webhook_app
+from sidecar.metrics import Metrics
 
 from . import layers
 from .harness import API_KEY, RedisServer, sidecar_env
@@ -141,15 +144,15 @@ class Sidecar:
     webhooks: TestClient[Any, Any] | None
 
     @property
-    def cache(self) -> Any:
+    def cache(self) -> DocumentCache:
         return self.app[CACHE]
 
     @property
-    def invalidator(self) -> Any:
+    def invalidator(self) -> Invalidator:
         return self.app[INVALIDATOR]
 
     @property
-    def metrics(self) -> Any:
+    def metrics(self) -> Metrics:
         return self.app[METRICS]
 
     def total(self, name: str) -> float:

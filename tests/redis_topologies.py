@@ -11,7 +11,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -151,7 +151,9 @@ class SentinelSetup:
         """Every sentinel knows the master, the replica and the other sentinels."""
         for port in self.sentinel_ports:
             try:
-                state = _client(port).sentinel_master(SERVICE)
+                # A dict from a plain client (redis-py's "| bool" is for a Sentinel object's
+                # fan-out, return_responses=False).
+                state = cast("dict[str, Any]", _client(port).sentinel_master(SERVICE))
             except redis.RedisError:
                 return False
             if int(state["num-other-sentinels"]) != len(self.sentinel_ports) - 1:
@@ -162,12 +164,14 @@ class SentinelSetup:
 
     def master_port(self) -> int:
         """The master as the sentinels name it now."""
-        _, port = _client(self.sentinel_ports[0]).sentinel_get_master_addr_by_name(SERVICE)
+        addr = _client(self.sentinel_ports[0]).sentinel_get_master_addr_by_name(SERVICE)
+        assert isinstance(addr, tuple), f"the sentinels name no {SERVICE}: {addr!r}"
+        _, port = addr
         return int(port)
 
     def wait_replicated(self) -> None:
         """Block until the replica acknowledged every write the master took."""
-        acked = _client(self.master_port()).execute_command("WAIT", 1, 5000)
+        acked = _client(self.master_port()).wait(1, 5000)
         assert int(acked) >= 1, "the replica did not acknowledge the writes"
 
     def kill_master(self) -> int:

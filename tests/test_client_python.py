@@ -123,7 +123,9 @@ def uid(prefix: str) -> str:
 
 
 @pytest.mark.parametrize("cls", [SidecarClient, AsyncSidecarClient])
-def test_every_sdk_method_with_its_keyword_arguments(cls: type) -> None:
+def test_every_sdk_method_with_its_keyword_arguments(
+    cls: type[SidecarClient] | type[AsyncSidecarClient],
+) -> None:
     """Each SDK method's parameters, in order, kind and default; ours may add optional
     keywords after them (``idempotency_key``; ``wait=True`` where the sidecar can queue
     the call instead)."""
@@ -146,9 +148,9 @@ def test_every_sdk_method_with_its_keyword_arguments(cls: type) -> None:
     attributes = {"base_url", "timeout", "billing_timeout", "fail_open"}
     assert public - attributes == set(SDK_METHODS) | OWN_METHODS | NEWER_METHODS
     # flag's default has no default of its own and is keyword-only, as the SDK's.
-    default = inspect.signature(cls.flag).parameters["default"]
-    assert default.kind is inspect.Parameter.KEYWORD_ONLY
-    assert default.default is inspect.Parameter.empty
+    flag_default = inspect.signature(cls.flag).parameters["default"]
+    assert flag_default.kind is inspect.Parameter.KEYWORD_ONLY
+    assert flag_default.default is inspect.Parameter.empty
     assert inspect.signature(cls.invalidate_flags).parameters["customer_id"].default is None
     ctor = inspect.signature(cls).parameters
     assert list(ctor)[:3] == ["base_url", "timeout", "fail_open"]

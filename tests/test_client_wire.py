@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import socket
 import ssl
@@ -21,7 +22,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 from vellum_sidecar_client import (
@@ -33,8 +34,13 @@ from vellum_sidecar_client import (
 
 from .harness import make_tls_files
 
+
+class _Drop(enum.Enum):
+    DROP = enum.auto()
+
+
 #: A script step: read the request, then close the connection without answering.
-DROP = object()
+DROP: Final = _Drop.DROP
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,10 @@ class Closing:
     """A script step: answer with these bytes, then close the connection."""
 
     data: bytes
+
+
+#: A script step: bytes to answer with (the connection kept), a Closing or DROP.
+Step = bytes | Closing | _Drop
 
 
 @dataclass
@@ -68,7 +78,7 @@ class Seen:
 class Peer:
     """A loopback HTTP/1.1 server that answers request n with ``script[n]``."""
 
-    script: list[Any]
+    script: list[Step]
     tls: ssl.SSLContext | None = None
     seen: list[Seen] = field(default_factory=list)
     server: socket.socket = field(default_factory=socket.socket)
@@ -156,7 +166,7 @@ def peer() -> Iterator[Callable[..., Peer]]:
     """``peer(*script, tls=None)``: a started :class:`Peer`, closed after the test."""
     peers: list[Peer] = []
 
-    def make(*script: Any, tls: ssl.SSLContext | None = None) -> Peer:
+    def make(*script: Step, tls: ssl.SSLContext | None = None) -> Peer:
         p = Peer(list(script), tls).start()
         peers.append(p)
         return p

@@ -244,7 +244,8 @@ def compose_secret_file(service: str, env_value: str) -> Path:
     assert env_value.startswith("/run/secrets/"), env_value
     name = env_value.removeprefix("/run/secrets/")
     assert name in SERVICES[service].get("secrets", []), f"{service} does not mount {name}"
-    path = ROOT / COMPOSE["secrets"][name]["file"]
+    file: str = COMPOSE["secrets"][name]["file"]
+    path = ROOT / file
     assert path.is_file(), path
     return path
 

@@ -9,7 +9,8 @@ import pytest
 
 from sidecar.emulator import Emulator
 
-from .conftest import API_KEY, RedisServer, Sidecar, SidecarFactory, eventually
+from .conftest import Sidecar, SidecarFactory, eventually
+from .harness import API_KEY, RedisServer
 
 #: Faults must show within a second; the margin absorbs a loaded test machine.
 WITHIN = 1.5

@@ -202,7 +202,7 @@ async def test_every_metric_label_and_value_a_query_names_is_exported(
     assert (await refused.client.get("/v1/customers/cus_1/entitlements")).status == 502
     # Readiness changes (what a drain or a failing check does).
     for phase in ("ready", "stopping", "ready"):
-        a.app[LIFECYCLE].phase = phase  # type: ignore[assignment]
+        a.app[LIFECYCLE].phase = phase
         await a.ops.get("/readyz")
     # Redis down: a push is applied to a at once and queued (result "queued").
     own_redis.stop()

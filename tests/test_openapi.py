@@ -93,7 +93,8 @@ def test_document_is_valid_openapi_3_1(spec: dict[str, Any]) -> None:
 
 
 def test_operation_ids_are_unique_and_path_parameters_declared(spec: dict[str, Any]) -> None:
-    problems, seen = [], {}
+    problems: list[str] = []
+    seen: dict[str, str] = {}
     for method, path, op in operations(spec):
         op_id = op.get("operationId")
         if op_id is None:

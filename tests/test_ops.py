@@ -147,7 +147,10 @@ def test_state_gauges_name_every_state_the_code_has() -> None:
 
 async def test_readiness_changes_count_each_flip_of_readyz(make_sidecar: SidecarFactory) -> None:
     sc = await make_sidecar(None)
-    name = ("vellum_sidecar_readiness_changes_total", frozenset())
+    name: tuple[str, frozenset[tuple[str, str]]] = (
+        "vellum_sidecar_readiness_changes_total",
+        frozenset(),
+    )
     assert (await scrape(sc))[name] == 0.0
     for phase, status in [
         ("ready", 200), ("starting", 503), ("stopping", 503), ("ready", 200), ("ready", 200),

@@ -13,7 +13,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import aiohttp
@@ -30,7 +30,7 @@ from yarl import URL
 
 from sidecar.appkeys import REDIS
 from sidecar.emulator import Emulator
-from sidecar.http.operations import OPERATIONS, SURFACES, Field, Operation
+from sidecar.http.operations import OPERATIONS, SURFACES, Field, Operation, Surface
 from sidecar.logs import JsonFormatter
 
 from .conftest import Sidecar, SidecarFactory, eventually
@@ -604,7 +604,7 @@ async def test_pause_subscription_an_operation_newer_than_the_sdk(
     assert (paused["status"], paused["resumesAfterCycles"]) == ("paused", 2)
     assert not await can(a, "cus", "api"), "read-your-write: access withheld at once"
     document = await (await a.client.get("/openapi.json")).json()
-    resolver = Registry().with_resource(  # type: ignore[call-arg, var-annotated]
+    resolver = Registry().with_resource(
         "openapi.json", Resource.from_contents(document, default_specification=DRAFT202012)
     )
 
@@ -679,7 +679,7 @@ async def test_each_customer_write_drops_the_customer(
         account_id="acc", customer_id="cus", plan_id="team", plan_version=1
     )
     pm = (await sdk.list_payment_methods(account_id="acc"))[1]["ref"]
-    writes = [
+    writes: list[Callable[[], Awaitable[Any]]] = [
         lambda: sdk.set_customer_status(account_id="acc", customer_id="cus", status="paused"),
         lambda: sdk.set_subscription_payment_method(
             account_id="acc", customer_id="cus", method_id=pm
@@ -756,7 +756,8 @@ async def test_account_links_are_recorded_in_redis(
     assert conn is not None
     client = aredis.Redis.from_url(redis_url)
     try:
-        members = await client.smembers(conn.keys.account("acc"))
+        # bytes (no decode_responses); redis-py types the members bytes | str either way
+        members = cast("set[bytes]", await client.smembers(conn.keys.account("acc")))
         ttl = await client.ttl(conn.keys.account("acc"))
     finally:
         await client.aclose()
@@ -788,7 +789,7 @@ async def test_writes_are_not_retried_without_an_idempotency_key(
 
 @pytest.mark.parametrize("surface", ["mirror", "v1"])
 async def test_writes_with_an_idempotency_key_are_retried_and_the_key_forwarded(
-    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str, surface: str
+    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str, surface: Surface
 ) -> None:
     emulator.create_account(tenant, "acc")
     sc = await make_sidecar(None)
@@ -841,7 +842,7 @@ async def test_an_unknown_write_outcome_still_drops_the_customer(
 
 @pytest.mark.parametrize("surface", ["mirror", "v1"])
 async def test_upstream_auth_failure_is_502(
-    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str, surface: str
+    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str, surface: Surface
 ) -> None:
     emulator.create_account(tenant, "acc")
     prefix = SURFACES[surface].format(tenant=tenant)
@@ -862,7 +863,7 @@ async def test_upstream_auth_failure_is_502(
 
 @pytest.mark.parametrize("surface", ["mirror", "v1"])
 async def test_unreachable_upstream_is_502(
-    make_sidecar: SidecarFactory, tenant: str, surface: str
+    make_sidecar: SidecarFactory, tenant: str, surface: Surface
 ) -> None:
     sc = await make_sidecar(
         None, VELLUM_BASE_URL=f"http://127.0.0.1:{free_port()}", SIDECAR_UPSTREAM_TIMEOUT="0.5"
@@ -1100,7 +1101,7 @@ async def test_the_mirror_lets_the_upstream_judge_bodies(
 
 @pytest.mark.parametrize("surface", ["mirror", "v1"])
 async def test_bodies_over_a_mebibyte_are_413(
-    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str, surface: str
+    make_sidecar: SidecarFactory, emulator: Emulator, tenant: str, surface: Surface
 ) -> None:
     sc = await make_sidecar(None)
     big = orjson.dumps({"accountId": "a", "name": "n" * (1024 * 1024)})
@@ -1303,7 +1304,7 @@ async def test_raw_paths_cannot_climb_out_of_the_tenant(
     emulator: Emulator,
     tenant: str,
     session: aiohttp.ClientSession,
-    surface: str,
+    surface: Surface,
     raw: str,
     account: str | None,
 ) -> None:
@@ -1413,7 +1414,7 @@ async def test_openapi_describes_every_operation_on_both_surfaces(
     operation_ids = set()
     for op in OPERATIONS:
         for surface in SURFACES:
-            path = SURFACES[surface] + op.path  # type: ignore[index]
+            path = SURFACES[surface] + op.path
             entry = doc["paths"][path][op.method.lower()]
             operation_ids.add(entry["operationId"])
             params = {resolve(p)["name"] for p in entry.get("parameters", [])}

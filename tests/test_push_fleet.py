@@ -19,6 +19,7 @@ from sidecar.appkeys import REDIS
 from sidecar.cache.entry import DROPPED
 from sidecar.cache.invalidation import QUEUE_LIMIT
 from sidecar.cache.kinds import AXES as AXIS_ORDER
+from sidecar.cache.kinds import Axis
 from sidecar.emulator import Emulator
 from sidecar.http.webhooks import Target, classify, event_key
 from sidecar.redis.keys import Keys
@@ -145,7 +146,8 @@ def test_event_key_prefers_event_id_then_id_then_the_signed_payload() -> None:
 
 # -- what an event drops ---------------------------------------------------------------
 
-E, F = frozenset({"entitlements"}), frozenset({"flags"})
+E: frozenset[Axis] = frozenset({"entitlements"})
+F: frozenset[Axis] = frozenset({"flags"})
 AXES = frozenset(AXIS_ORDER)
 
 
@@ -273,9 +275,11 @@ async def test_push_and_drops_while_redis_is_down_are_queued_then_applied(
     assert (drop_all.status, await drop_all.json()) == (200, {"ok": True, "queued": True})
     assert sample(a, "vellum_sidecar_invalidations_queued") == 1, "the tenant covers both"
     own_redis.start()
+    conn = a.app[REDIS]
+    assert conn is not None
 
     async def drained() -> bool:
-        return a.invalidator.queued == 0 and a.app[REDIS].state == "ok"
+        return a.invalidator.queued == 0 and conn.state == "ok"
 
     await eventually(drained, timeout=10)
     # The queue is swapped out before it is applied: wait for that drain to end.
@@ -403,7 +407,9 @@ async def test_dead_redis_is_still_detected_at_once(
         {"ok": True, "queued": True},
     )
     assert time.monotonic() - started < 0.5
-    assert sc.app[REDIS].state == "down"
+    conn = sc.app[REDIS]
+    assert conn is not None
+    assert conn.state == "down"
     assert sample(sc, "vellum_sidecar_redis_errors_total", {"operation": "replay_check"}) == 1
 
 

@@ -181,7 +181,7 @@ async def _shares_reads(a: Sidecar, b: Sidecar, emulator: Emulator, tenant: str)
     assert source == "miss"
     assert (doc["found"], doc["status"], doc["modules"]) == (True, "active", ["reports"])
     assert await _doc(b, "cus_1") == ("hit", doc)
-    not_found = {"found": False, "status": None, "modules": [], "config": {}}
+    not_found: dict[str, Any] = {"found": False, "status": None, "modules": [], "config": {}}
     assert await _doc(a, "nobody") == ("miss", not_found)
     assert await _doc(b, "nobody") == ("hit", not_found)
     assert emulator.count("get_entitlements", tenant) == 2
@@ -382,7 +382,7 @@ async def test_cluster_reads_are_shared_and_stay_on_the_tenants_shard(
     tenant: str,
 ) -> None:
     a, b = cluster_pair
-    assert a.app[REDIS] is not None and a.app[REDIS].cluster
+    assert (conn := a.app[REDIS]) is not None and conn.cluster
     await _shares_reads(a, b, emulator, tenant)
     keys = Keys(tenant)
     home = cluster.node_of(keys.channel)
@@ -405,8 +405,8 @@ async def test_cluster_webhook_fans_out_over_sharded_pubsub(
     a, b = cluster_pair
     home = cluster.node_of(Keys(tenant).channel)
     # Both listeners hold a shard subscription on the tenant's node, none on classic pub/sub.
-    channels = redis.Redis(port=home).execute_command("PUBSUB", "SHARDNUMSUB", Keys(tenant).channel)
-    assert int(channels[1]) == 2
+    [(_, subscribers)] = redis.Redis(port=home).pubsub_shardnumsub(Keys(tenant).channel)
+    assert int(subscribers) == 2
     await _webhook_fans_out(a, b, emulator, tenant)
     await _tenant_drop_fans_out(a, b, emulator, tenant)
     # A drop expires, it never destroys: both entries are still on the tenant's node
@@ -471,9 +471,9 @@ async def test_sentinel_failover_reads_continue(
     a = await make_sidecar(sentinel.url, SIDECAR_MEMORY_TTL="0")
     b = await make_sidecar(sentinel.url, SIDECAR_MEMORY_TTL=LONG_MEMORY)
     customers = [f"cus_f{i}" for i in range(5)]
-    for c in customers:
-        emulator.set_entitlements(tenant, c, DOC)
-        assert (await _doc(a, c))[0] == "miss"
+    for customer in customers:
+        emulator.set_entitlements(tenant, customer, DOC)
+        assert (await _doc(a, customer))[0] == "miss"
     sentinel.wait_replicated()
     old_master = sentinel.master_port()
 
@@ -497,7 +497,7 @@ async def test_sentinel_failover_reads_continue(
     sentinel.kill_master()
 
     async def a_saw_outage() -> bool:
-        return a.app[REDIS] is not None and a.app[REDIS].state == "down"
+        return (conn := a.app[REDIS]) is not None and conn.state == "down"
 
     await eventually(a_saw_outage, timeout=10)
 
@@ -584,7 +584,7 @@ async def test_sentinel_pool_waits_for_a_free_connection(
     resp = await sc.client.post("/v1/check", json={"checks": checks})
     assert resp.status == 200
     assert all(r["allowed"] for r in (await resp.json())["results"])
-    assert sc.app[REDIS] is not None and sc.app[REDIS].state == "ok"
+    assert (conn := sc.app[REDIS]) is not None and conn.state == "ok"
     assert "vellum_sidecar_redis_errors_total{" not in sc.metrics.render().decode()
 
 
@@ -605,7 +605,7 @@ async def test_cluster_burst_waits_for_a_pooled_connection(
     resp = await other.client.post("/v1/check", json={"checks": checks})
     assert all(r["allowed"] for r in (await resp.json())["results"])
     assert emulator.count("get_entitlements", tenant) == len(checks), "all 40 stored in Redis"
-    assert sc.app[REDIS] is not None and sc.app[REDIS].state == "ok"
+    assert (conn := sc.app[REDIS]) is not None and conn.state == "ok"
     ready = await (await sc.ops.get("/readyz")).json()
     assert ready["redis"] == "ok"
     assert "vellum_sidecar_redis_errors_total{" not in sc.metrics.render().decode()

@@ -4,6 +4,7 @@ upstream refusing, failing or hanging; stale serving, the breaker, fail-open."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -84,7 +85,7 @@ async def test_redis_restarted_empty_sharing_and_fanout_resume(
     assert (await read(a, "cus_1"))[1] == "miss"
     own_redis.restart()  # all data gone, every connection broken
     for sc in (a, b):
-        await eventually(lambda sc=sc: _fanout_and_redis_ok(sc), timeout=15)
+        await eventually(functools.partial(_fanout_and_redis_ok, sc), timeout=15)
     # Sharing resumes: a's fetch lands in the new Redis and b reads it from there.
     assert (await read(a, "cus_2"))[1] == "miss"
     assert (await read(b, "cus_2"))[1] == "hit"

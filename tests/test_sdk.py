@@ -22,7 +22,8 @@ from aiohttp.test_utils import TestServer
 from sidecar.emulator import Emulator, create_emulator_app
 from sidecar.http.operations import OPERATIONS
 
-from .conftest import API_KEY, Sidecar, SidecarFactory, eventually
+from .conftest import Sidecar, SidecarFactory, eventually
+from .harness import API_KEY
 from .sdk_journeys import ASYNC_PUBLIC, LOCAL, SYNC_PUBLIC, Sdk, Target, every_public_method
 
 CALLER_KEY = "sk_app_own_key_" + "a" * 20

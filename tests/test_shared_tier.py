@@ -168,7 +168,7 @@ async def test_drops_for_unknown_customers_write_no_keys(
     before = own_redis.client().dbsize()
     customers = [f"nobody_{i}" for i in range(2000)]
     for start in range(0, len(customers), 500):
-        await tier.expire_customers(KINDS.values(), customers[start : start + 500], message())
+        await tier.expire_customers(list(KINDS.values()), customers[start : start + 500], message())
     assert own_redis.client().dbsize() == before + 1  # the drop sequence, once
 
 

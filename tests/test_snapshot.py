@@ -11,6 +11,7 @@ import os
 import stat
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -309,7 +310,8 @@ def _header(raw: bytes, **changes: Any) -> bytes:
     return body + orjson.dumps({"end": True, "entries": 1, "crc32": zlib.crc32(body)}) + b"\n"
 
 
-BAD_FILES = {
+#: A good file's bytes and its tenant -> a bad file.
+BAD_FILES: dict[str, Callable[[bytes, str], bytes]] = {
     "damaged": lambda raw, _t: raw.replace(b"reports", b"rep0rts"),
     "not_a_snapshot": lambda _raw, _t: b'{"hello": "world"}\n{"end": true}\n',
     "garbage": lambda _raw, _t: os.urandom(4096),

@@ -16,7 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import orjson
 import pytest
@@ -34,7 +34,20 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
 SAMPLED = f"00-{TRACE_ID}-{CALLER_SPAN}-01"
 UNSAMPLED = f"00-{TRACE_ID}-{CALLER_SPAN}-00"
-FAST_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "50", "OTEL_TRACES_EXPORTER": "otlp"}
+
+
+class OtelEnv(TypedDict, total=False):
+    """The ``OTEL_*`` variables these tests give a :class:`Stack`, by name (its other
+    keywords are not settings)."""
+
+    OTEL_BSP_SCHEDULE_DELAY: str
+    OTEL_TRACES_EXPORTER: str
+    OTEL_EXPORTER_OTLP_ENDPOINT: str
+    OTEL_SERVICE_NAME: str
+    OTEL_TRACES_SAMPLER: str
+
+
+FAST_EXPORT: OtelEnv = {"OTEL_BSP_SCHEDULE_DELAY": "50", "OTEL_TRACES_EXPORTER": "otlp"}
 
 
 def call(
@@ -129,7 +142,7 @@ def test_callers_trace_reaches_the_upstream_while_the_collector_is_unreachable(
     tmp_path: Path,
 ) -> None:
     closed = free_port()  # nothing listens here
-    env = {**FAST_EXPORT, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{closed}"}
+    env: OtelEnv = {**FAST_EXPORT, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{closed}"}
     with Stack(tmp_path, **env) as stack:
         for i in range(20):
             status, headers, body = call(
@@ -165,7 +178,7 @@ def test_a_collector_that_never_answers_holds_neither_requests_nor_shutdown(
         hole.bind(("127.0.0.1", 0))
         hole.listen(64)  # accepted by the kernel, never read
         endpoint = f"http://127.0.0.1:{hole.getsockname()[1]}"
-        env = {**FAST_EXPORT, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}
+        env: OtelEnv = {**FAST_EXPORT, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}
         with Stack(tmp_path, **env) as stack:
             for i in range(50):
                 status, _, _ = call(
@@ -180,7 +193,7 @@ def test_a_collector_that_never_answers_holds_neither_requests_nor_shutdown(
 def test_spans_of_a_miss_its_upstream_call_and_a_push_arrive(
     tmp_path: Path, collector: Collector
 ) -> None:
-    env = {**FAST_EXPORT, "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
+    env: OtelEnv = {**FAST_EXPORT, "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
            "OTEL_SERVICE_NAME": "shop-sidecar"}  # fmt: skip
     with Stack(tmp_path, **env) as stack:
         status, _, _ = call(
@@ -220,7 +233,7 @@ def test_spans_of_a_miss_its_upstream_call_and_a_push_arrive(
 
 
 def test_a_memory_hit_records_nothing_unless_sampled(tmp_path: Path, collector: Collector) -> None:
-    env = {**FAST_EXPORT, "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
+    env: OtelEnv = {**FAST_EXPORT, "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
            "OTEL_TRACES_SAMPLER": "parentbased_always_off"}  # fmt: skip
     can = "GET /v1/customers/{customer}/can/{module}"
     with Stack(tmp_path, **env) as stack:

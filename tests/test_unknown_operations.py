@@ -27,7 +27,8 @@ from sidecar.http.operations import OPERATIONS, path_shape
 from sidecar.logs import JsonFormatter
 from sidecar.metrics import MAX_UNKNOWN_SHAPES, Metrics
 
-from .conftest import API_KEY, Sidecar, SidecarFactory, eventually
+from .conftest import Sidecar, SidecarFactory, eventually
+from .harness import API_KEY
 
 CALLER_KEY = "caller_own_key_" + "c" * 20
 USAGE: web.AppKey[list[dict[str, Any]]] = web.AppKey("usage", list)

@@ -67,7 +67,8 @@ async def final(client: TestClient[Any, Any], key: str, timeout: float = 15) -> 
 
     async def done() -> bool:
         found.update(await outcome(client, key))
-        return found["state"] != "queued"
+        state: str = found["state"]
+        return state != "queued"
 
     await eventually(done, timeout, 0.05)
     return found

@@ -125,7 +125,8 @@ def sidecar(stack: Stack, tmp_path: Path, gate: Gate, name: str, **env: str) -> 
 def test_records_accepted_through_an_outage_are_applied_once_after_a_sidecar_dies(
     stack: Stack, tmp_path: Path
 ) -> None:
-    assert stack.redis is not None
+    redis = stack.redis
+    assert redis is not None
     gate = Gate(tmp_path, stack.emulator_url)
     lanes = [(c, t) for c in CUSTOMERS for t in TYPES]
     for lane in lanes:
@@ -158,7 +159,7 @@ def test_records_accepted_through_an_outage_are_applied_once_after_a_sidecar_die
     assert by_sidecar == {"a": 100, "b": 100}
     # Both sidecars are delivering (each holds partitions and has read records into
     # its pending list, every attempt refused: the upstream is down).
-    wait_until(lambda: len([n for n in pending_by_consumer(stack.redis, prefix(stack.tenant))
+    wait_until(lambda: len([n for n in pending_by_consumer(redis, prefix(stack.tenant))
                             .values() if n]) == 2, timeout=15, what="two deliverers with pending "
                "records")  # fmt: skip
     a.kill()
@@ -184,7 +185,7 @@ def test_records_accepted_through_an_outage_are_applied_once_after_a_sidecar_die
     assert sent(stack, short_key) == 1, "a shortfall is not retried"
     assert balance(stack, short) == 3
     replayed = sum(1 for s in states.values() if s["replayed"])
-    left = pending_by_consumer(stack.redis, prefix(stack.tenant))
+    left = pending_by_consumer(redis, prefix(stack.tenant))
     assert not any(left.values()), left
     print(f"\n[usage through an outage] 200 records + 1 shortfall through 2 sidecars, one "
           f"SIGKILLed; all final {took:.2f} s after the upstream came back; "

@@ -80,6 +80,11 @@ def seeded_stack(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Sta
     with Stack(
         tmp_path,
         redis=settings.pop("redis", "") == "yes",
+        # The flags named (at their defaults): mypy matches **settings against any unnamed.
+        upstream=True,
+        seed=True,
+        push=True,
+        sidecar=True,
         SIDECAR_SNAPSHOT_FILE=str(tmp_path / "snapshot.json"),
         SIDECAR_UPSTREAM_TIMEOUT="1",
         **settings,
@@ -202,7 +207,9 @@ def test_file_without_read_permission_is_ignored_and_replaced(tmp_path: Path) ->
     stack = Stack(tmp_path, SIDECAR_SNAPSHOT_FILE=str(path), SIDECAR_SNAPSHOT_INTERVAL="0.2",
                   SIDECAR_LOG_LEVEL="info", sidecar=False, push=False)  # fmt: skip
     with stack:
-        sidecar = Sidecar(tmp_path, stack.tenant, stack.emulator_url, **stack.settings)
+        sidecar = Sidecar(
+            tmp_path, stack.tenant, stack.emulator_url, name="sidecar", **stack.settings
+        )
         if os.geteuid() == 0:
             drop = "--bounding-set=-dac_override,-dac_read_search"
             sidecar.argv = ["setpriv", drop, *sidecar.argv]

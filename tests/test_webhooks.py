@@ -7,7 +7,7 @@ import io
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypedDict
 
 import orjson
 import pytest
@@ -26,6 +26,14 @@ from .harness import API_KEY, WEBHOOK_SECRET, free_port, sidecar_env
 
 OLD = {"status": "active", "modules": ["reports"], "accountId": "acct_1"}
 NEW = {"status": "active", "modules": ["reports", "exports"], "accountId": "acct_1"}
+
+
+class Tampering(TypedDict, total=False):
+    """What :func:`push` signs with instead of the right secret and the time now."""
+
+    secret: str
+    timestamp: int
+    header: str
 
 
 def event(tenant: str, **fields: Any) -> dict[str, Any]:
@@ -100,15 +108,15 @@ async def test_refused_pushes_change_nothing(
     payload = event(tenant, customerId="cus_1")
     body = orjson.dumps(payload)
     now = int(time.time())
-    kwargs: dict[str, Any] = {
+    tampered: dict[str, Tampering] = {
         "bad_signature": {"header": f"t={now},v1=" + "0" * 64},
         "wrong_secret": {"secret": "whsec_not_ours"},
         "stale": {"timestamp": now - 301},
         "future": {"timestamp": now + 301},
         "missing": {"header": ""},
         "garbage_header": {"header": "nonsense"},
-    }[case]
-    status, reply = await push(sc, body, **kwargs)
+    }
+    status, reply = await push(sc, body, **tampered[case])
     assert status == 401
     assert reply["error"]["code"] == "invalid_signature"
     assert await source_of(sc, "cus_1") == ("hit", False), "cache untouched"
