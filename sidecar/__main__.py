@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,13 +136,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
-    """Run on uvloop when the ``[fast]`` extra installed it, else on asyncio's loop."""
+    """Run on uvloop when the ``[fast]`` extra installed it, else on asyncio's loop
+    (outside the ``except``: a traceback logged while serving must not carry the
+    ``ImportError`` as its context)."""
+    with asyncio.Runner(loop_factory=_uvloop_factory()) as runner:
+        return runner.run(coro)
+
+
+def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 async def _serve(settings: Settings) -> int:
@@ -337,7 +344,9 @@ def _snapshot(args: argparse.Namespace) -> int:
         else:
             if target is None:
                 return _config_error("SIDECAR_SNAPSHOT_FILE: required (where to install it)")
-            raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+            raw = (
+                sys.stdin.buffer.read() if args.file == "-" else snapshot.read_file(Path(args.file))
+            )
             # Read as of the epoch, so nothing counts as expired: every entry is kept,
             # servable stale for SIDECAR_STALE_TTL from now (a CI job's file may be old).
             entries = snapshot.parse_snapshot(raw, tenant, now=0.0).entries
@@ -352,6 +361,11 @@ def _snapshot(args: argparse.Namespace) -> int:
         return 1
     except OSError as exc:
         print(f"vellum-sidecar: snapshot: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, KeyError, RecursionError, MemoryError) as exc:
+        # What a file nobody foresaw makes the parser raise (as the sidecar's own load).
+        print(f"vellum-sidecar: snapshot: damaged: unreadable contents ({type(exc).__name__})",
+              file=sys.stderr)  # fmt: skip
         return 1
     kinds = Counter(kind.name for kind, _, _ in entries)
     by_kind = ", ".join(f"{name} {n}" for name, n in sorted(kinds.items())) or "none"

@@ -56,6 +56,7 @@ STARTS_PROCESSES: Final[tuple[str, ...]] = (
     # the command line, run by helpers; kubectl renders, cached for the module's tests
     "tests/test_cli.py",
     "tests/test_deploy.py",
+    "tests/test_warm_start.py::test_the_cli_reads_and_replaces_only_regular_files",
     # the generators' --check runs, and the soak script, through helpers
     "tests/test_openapi.py::test_committed_document_is_what_the_generator_writes",
     "tests/test_openapi.py::test_generator_check_fails_on_a_stale_document",

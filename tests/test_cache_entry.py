@@ -69,6 +69,38 @@ def test_an_unreadable_stored_entry_is_a_miss(raw: bytes) -> None:
     assert Entry.loads(raw) is None
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [
+        # float() alone takes these strings; an entry holding one broke every answer
+        # computing its age (a 500 on each read of the customer).
+        {"f": "nan"},
+        {"fu": "inf"},
+        {"su": "1e999"},
+        {"f": "-inf"},
+        {"f": "1"},
+        {"f": True},
+        {"fu": None},
+        # A "not found" body that is not the small JSON body the mirror answers with.
+        {"d": None, "nf": "not json {"},
+        {"d": None, "nf": ""},
+        {"d": None, "nf": 404},
+        {"d": None, "nf": "[" * 3000 + "]" * 3000},
+    ],
+)
+def test_a_stored_entry_with_impossible_fields_is_a_miss(changes: dict[str, object]) -> None:
+    stored = {**orjson.loads(entry().dumps()), **changes}
+    assert Entry.from_stored(stored) == (None, None)
+    assert Entry.loads(orjson.dumps(stored)) is None
+
+
+def test_a_stored_not_found_keeps_its_json_body() -> None:
+    gone = Entry.from_upstream(404, b'{"error":"gone"}', now=NOW, fresh_for=60, stale_for=600)
+    back = Entry.loads(gone.dumps())
+    assert back is not None and not back.found
+    assert back.not_found_body == b'{"error":"gone"}'
+
+
 # -- from the upstream's answer --------------------------------------------------------
 
 

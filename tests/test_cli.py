@@ -432,3 +432,17 @@ def test_healthcheck_of_an_emulator_container_passes(tmp_path: Path) -> None:
     finally:
         emulator.stop()
     assert run_cli("healthcheck", "--url", url, env={}).returncode == 1
+
+
+def test_the_loop_runs_outside_the_event_loop_choice_s_except() -> None:
+    """The loop used to run inside ``except ImportError`` (no uvloop installed), so every
+    traceback the sidecar logged carried a ``ModuleNotFoundError`` as its context."""
+    from sidecar.__main__ import _run
+
+    async def main() -> int:
+        try:
+            raise ValueError("a handler's error")
+        except ValueError as exc:
+            return 0 if exc.__context__ is None else 1
+
+    assert _run(main()) == 0

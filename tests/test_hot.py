@@ -3,10 +3,13 @@ and that those answers are the router's, byte for byte, header for header."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
+import logging
 from collections.abc import Awaitable, Callable
 
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
@@ -304,3 +307,46 @@ async def test_an_evaluation_body_over_the_limit_is_a_413(
         assert resp.status == 200
         assert (await resp.json())["value"] is True
     assert _count(sc, OFREP_LABEL, "413", "POST") == 2
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/ofrep/v1/evaluate/flags/new-ui",  # the front door
+        "/ofrep/v1/evaluate/flags/new%2Dui",  # the router
+        "/v1/check",
+        "/v1/customers/cus_1/credits/api/consume",
+    ],
+)
+async def test_a_body_that_does_not_decode_is_a_400_and_closes_quietly(
+    make_sidecar: SidecarFactory,
+    emulator: Emulator,
+    tenant: str,
+    path: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``Content-Encoding: gzip`` on a body that is not gzip: a JSON 400, and the
+    connection closes after it. It used to stay open: aiohttp then read on to drain the
+    body, hit the same error and logged it as an unhandled exception with a traceback."""
+    emulator.set_flag(tenant, "new-ui", True)
+    sc = await make_sidecar(None)
+    base = sc.client.make_url("/")
+    caplog.set_level(logging.DEBUG)
+    body = b'{"not": "gzip"}'
+    reader, writer = await asyncio.open_connection(base.host, base.port)
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Encoding: gzip\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    # Everything the sidecar sends, until it closes the connection.
+    answer = await asyncio.wait_for(reader.read(-1), timeout=10)
+    writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert b"\r\nConnection: close" in head, head
+    assert orjson.loads(payload)["error"]["code"] == "invalid_body"
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+    resp = await sc.client.get("/v1/customers/cus_1/flags/new-ui")
+    assert resp.status == 200

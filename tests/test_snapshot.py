@@ -310,6 +310,17 @@ def _header(raw: bytes, **changes: Any) -> bytes:
     return body + orjson.dumps({"end": True, "entries": 1, "crc32": zlib.crc32(body)}) + b"\n"
 
 
+def _entry(raw: bytes, *, entries: object = 1, **changes: Any) -> bytes:
+    """``raw`` with its one entry's stored form changed (and the trailer's count set
+    to ``entries``), the checksum made right again: what a foreign or buggy writer
+    could leave, which the checksum alone does not catch."""
+    header, line, _trailer = raw.rstrip(b"\n").split(b"\n")
+    stored = orjson.loads(line)
+    stored["e"] = {**stored["e"], **changes}
+    body = header + b"\n" + orjson.dumps(stored) + b"\n"
+    return body + orjson.dumps({"end": True, "entries": entries, "crc32": zlib.crc32(body)}) + b"\n"
+
+
 #: A good file's bytes and its tenant -> a bad file.
 BAD_FILES: dict[str, Callable[[bytes, str], bytes]] = {
     "damaged": lambda raw, _t: raw.replace(b"reports", b"rep0rts"),
@@ -320,8 +331,17 @@ BAD_FILES: dict[str, Callable[[bytes, str], bytes]] = {
     "empty": lambda _raw, _t: b"",
     "foreign_tenant": lambda raw, _t: _header(raw, tenant="someone_else"),
     "newer_format": lambda raw, _t: _header(raw, version=VERSION + 1),
+    # Once loaded, an entry fetched at "nan" made every read of its customer a 500.
+    "instant_not_a_number": lambda raw, _t: _entry(raw, f="nan"),
+    "instant_infinite": lambda raw, _t: _entry(raw, fu="inf", su="1e999"),
+    "not_found_body_not_json": lambda raw, _t: _entry(raw, d=None, nf="not json {"),
+    "entry_count_not_a_number": lambda raw, _t: _entry(raw, entries=True),
 }
 REASONS = {
+    "instant_not_a_number": "damaged",
+    "instant_infinite": "damaged",
+    "not_found_body_not_json": "damaged",
+    "entry_count_not_a_number": "damaged",
     "not_a_snapshot": "damaged",
     "garbage": "damaged",
     "truncated_at_a_line": "truncated",
@@ -358,16 +378,31 @@ async def test_bad_file_ignored_with_one_warning_and_a_metric(
     assert [e[1] for e in read_snapshot(path, tenant).entries] == ["cus_1"]
 
 
+#: Paths that are not a readable regular file -> how to make one at ``path``.
+NOT_FILES: dict[str, Callable[[Path], None]] = {
+    "symlink_loop": lambda path: path.symlink_to(path.name),
+    # A FIFO with no writer held the start (and SIGTERM) forever; a device that never
+    # ends was read until memory ran out.
+    "fifo": lambda path: os.mkfifo(path),
+    "endless_device": lambda path: path.symlink_to("/dev/zero"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_FILES))
 async def test_unreadable_path_ignored_with_one_warning(
     make_sidecar: SidecarFactory,
     seeded: Emulator,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    case: str,
 ) -> None:
-    """A path that cannot be read (here a symbolic link to itself; a file of another
-    user is tests/test_warm_start.py's, in a process of its own uid) is ``unreadable``."""
+    """A path that cannot be read, or is not a regular file (a file of another user is
+    tests/test_warm_start.py's, in a process of its own uid), is ``unreadable``."""
     path = tmp_path / "snapshot.json"
-    path.symlink_to(path.name)
+    NOT_FILES[case](path)
+    with pytest.raises(SnapshotError) as raised:
+        read_snapshot(path, "t")
+    assert raised.value.reason == "unreadable"
     caplog.set_level(logging.INFO, logger="sidecar.snapshot")
     sc = await make_sidecar(SIDECAR_SNAPSHOT_FILE=str(path))
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -410,6 +445,25 @@ async def test_absent_file_is_the_first_start(
     sc = await make_sidecar(SIDECAR_SNAPSHOT_FILE=str(tmp_path / "snapshot.json"))
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert sample(sc.metrics, "vellum_sidecar_snapshot_loads_total", {"result": "absent"}) == 1
+
+
+def test_a_write_replaces_only_a_regular_file_and_follows_a_link(tmp_path: Path) -> None:
+    """Renaming over a FIFO, a device or a directory would replace it: refused, nothing
+    written. A symbolic link is followed: its target is written, the link stays."""
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    (tmp_path / "dir.json").mkdir()
+    for path in (fifo, tmp_path / "dir.json"):
+        with pytest.raises(OSError, match="not a regular file"):
+            good_file(path, "t")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert (tmp_path / "dir.json").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.json", "fifo.json"]
+    link = tmp_path / "link.json"
+    link.symlink_to("real.json")
+    good_file(link, "t")
+    assert link.is_symlink()
+    assert [e[1] for e in read_snapshot(tmp_path / "real.json", "t").entries] == ["cus_1"]
 
 
 def test_a_crashed_writes_temporary_file_is_ignored(tmp_path: Path) -> None:

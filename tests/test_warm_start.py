@@ -323,3 +323,26 @@ def test_import_restamps_an_old_file_and_refuses_a_foreign_one(tmp_path: Path) -
     out = cli("snapshot", "export", "--out", "-", VELLUM_TENANT_ID="t_ci")
     assert out.returncode == 2
     assert "SIDECAR_SNAPSHOT_FILE: required" in out.stderr
+
+
+def test_the_cli_reads_and_replaces_only_regular_files(tmp_path: Path) -> None:
+    """``import`` from a FIFO waited forever and from ``/dev/zero`` died of a
+    ``MemoryError`` traceback; ``export --out`` over a FIFO or a device replaced it.
+    Each is now one line on stderr and exit 1, and nothing is replaced."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    target = tmp_path / "snapshot.json"
+    env = {"VELLUM_TENANT_ID": "t_ci", "SIDECAR_SNAPSHOT_FILE": str(target)}
+    for source in (str(fifo), "/dev/zero"):
+        out = cli("snapshot", "import", source, **env)
+        assert out.returncode == 1, out.stderr
+        assert out.stderr == "vellum-sidecar: snapshot: unreadable: not a regular file\n"
+        assert not target.exists()
+    now = time.time()
+    entry = Entry.from_upstream(200, orjson.dumps(doc(1)), now=now, fresh_for=60, stale_for=600)
+    write_file(target, *encode_lines("t_ci", [(ENTITLEMENTS, "cus_ci", entry)], now))
+    out = cli("snapshot", "export", "--out", str(fifo), **env)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.endswith("is not a regular file (nothing written)\n")
+    assert out.stderr.count("\n") == 1
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)

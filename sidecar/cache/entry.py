@@ -17,6 +17,7 @@ entry is not served stale either).
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Mapping
 from typing import Any, Final, Literal
@@ -279,12 +280,17 @@ class Entry:
             if doc is not None and not isinstance(doc, dict):
                 return None, None
             nf = data.get("nf")
+            not_found = None
+            if nf is not None:
+                not_found = nf.encode() if isinstance(nf, str) else b""
+                if not (0 < len(not_found) <= _MAX_NOT_FOUND_BODY and _is_json(not_found)):
+                    return None, None
             entry = cls(
                 doc,
-                float(data["f"]),
-                float(data["fu"]),
-                float(data["su"]),
-                nf.encode() if isinstance(nf, str) else None,
+                _instant(data["f"]),
+                _instant(data["fu"]),
+                _instant(data["su"]),
+                not_found,
                 kind,
             )
             expired = data.get("x")
@@ -305,6 +311,17 @@ class Lookup:
     def __init__(self, entry: Entry, source: Source) -> None:
         self.entry = entry
         self.source = source
+
+
+def _instant(value: Any) -> float:
+    """A stored instant: a finite JSON number. ``float()`` alone would take the strings
+    "nan" and "inf" (a damaged snapshot line, a foreign writer), and an entry holding
+    one breaks every answer that computes its age."""
+    if type(value) is not float and type(value) is not int:
+        raise TypeError("an instant is a number")
+    if not math.isfinite(value):
+        raise ValueError("an instant is finite")
+    return float(value)
 
 
 def _is_json(body: bytes) -> bool:

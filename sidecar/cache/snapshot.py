@@ -42,9 +42,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import re
+import stat
 import tempfile
 import time
 import zlib
@@ -76,6 +78,7 @@ __all__ = [
     "file_bytes",
     "merge",
     "parse_snapshot",
+    "read_file",
     "read_redis",
     "read_snapshot",
     "snapshot_sources",
@@ -177,7 +180,19 @@ def write_file(path: Path, chunks: Iterable[bytes], entries: int) -> int:
     """Write a snapshot atomically: a temporary file beside ``path`` (mode 0600), the
     chunks (the header and entry lines) and the trailer, fsync, rename over ``path``,
     fsync the directory. Returns the file's size. Blocking: the sidecar calls it in a
-    thread."""
+    thread.
+
+    A symbolic link is followed (its target is replaced, the link stays); anything at
+    ``path`` that is not a regular file (a device, a FIFO, a directory) is refused
+    with ``OSError`` and nothing is written: renaming over it would replace it."""
+    path = Path(os.path.realpath(path))  # a link loop stays itself: os.stat says ELOOP
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file (nothing written)")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o600)  # mkstemp's mode already, whatever the umask: said again
@@ -254,7 +269,8 @@ class _Parser:
         written_at: Any = header.get("written_at")
         snapshot = Snapshot(tenant, float(written_at) if _is_number(written_at) else 0.0)
         lines = raw[first_end + 1 : body_end].splitlines()
-        if trailer.get("entries") != len(lines):
+        count = trailer.get("entries")
+        if type(count) is not int or count != len(lines):
             raise SnapshotError("damaged", "the trailer's entry count does not match")
         for start in range(0, len(lines), _LOAD_STEP):
             for number, line in enumerate(lines[start : start + _LOAD_STEP], start + 2):
@@ -302,7 +318,7 @@ def read_snapshot(path: Path, tenant: str | None, now: float | None = None) -> S
     Raises ``SnapshotError`` for a file that cannot be used, ``FileNotFoundError``
     when there is none.
     """
-    return parse_snapshot(_read(path), tenant, now)
+    return parse_snapshot(read_file(path), tenant, now)
 
 
 def parse_snapshot(raw: bytes, tenant: str | None, now: float | None = None) -> Snapshot:
@@ -314,13 +330,26 @@ def parse_snapshot(raw: bytes, tenant: str | None, now: float | None = None) -> 
     return parser.result
 
 
-def _read(path: Path) -> bytes:
+def read_file(path: Path) -> bytes:
+    """A snapshot file's bytes (``FileNotFoundError`` when there is none). Only a
+    regular file is read: a FIFO would hold the read (and the start) forever, a
+    device like ``/dev/zero`` never ends. Opened without blocking, so the check is
+    made on what was opened."""
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise
     except OSError as exc:
         raise SnapshotError("unreadable", exc.strerror or type(exc).__name__) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SnapshotError("unreadable", "not a regular file")
+        with open(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as exc:
+        raise SnapshotError("unreadable", exc.strerror or type(exc).__name__) from None
+    finally:
+        os.close(fd)
 
 
 # -- where the files are ---------------------------------------------------------------
@@ -462,7 +491,7 @@ class Snapshotter:
         """One file's snapshot; ``None`` when it is ignored (``FileNotFoundError``
         when there is none)."""
         try:
-            raw = await asyncio.get_running_loop().run_in_executor(None, _read, path)
+            raw = await asyncio.get_running_loop().run_in_executor(None, read_file, path)
             parser = _Parser(raw, self.tenant, now)
             for _ in parser.steps():
                 await asyncio.sleep(0)  # the ops listener keeps answering meanwhile

@@ -55,7 +55,7 @@ def guarded(app: web.Application, route: str, handler: Handler) -> Handler:
             try:
                 response = await handler(request)
             except Exception as exc:
-                response = _failure(exc, route)
+                response = _failure(exc, route, request)
         else:
             response = error_response(Forbidden(refusal))
         observe(route, request.method, response.status, clock() - started)
@@ -82,7 +82,7 @@ def guarded_hot(app: web.Application, label: str, route: HotRoute) -> GuardedHot
             try:
                 response = await handler(app, request, *ids)
             except Exception as exc:
-                response = _failure(exc, label)
+                response = _failure(exc, label, request)
         else:
             response = error_response(Forbidden(refusal))
         observe(label, method, response.status, clock() - started)
@@ -91,7 +91,7 @@ def guarded_hot(app: web.Application, label: str, route: HotRoute) -> GuardedHot
     return app[TRACING].wrap(label, method, guarded_handler)
 
 
-def _failure(exc: Exception, route: str) -> web.StreamResponse:
+def _failure(exc: Exception, route: str, request: BaseRequest) -> web.StreamResponse:
     """The JSON answer to what a handler raised (called inside its ``except``)."""
     if isinstance(exc, SidecarError):
         return error_response(exc)
@@ -100,7 +100,14 @@ def _failure(exc: Exception, route: str) -> web.StreamResponse:
             raise exc  # a redirect is an answer, not an error
         return http_exception_response(exc)
     if isinstance(exc, RequestPayloadError):
-        return error_response(BadRequest("the request body is malformed", code="invalid_body"))
+        # The body cannot be read to its end (it does not decode): the connection
+        # closes after this answer, and the body counts as ended. Otherwise aiohttp
+        # reads on after the answer to drain it, hits the same error and logs it as an
+        # unhandled exception.
+        response = error_response(BadRequest("the request body is malformed", code="invalid_body"))
+        response.force_close()
+        request.content.feed_eof()
+        return response
     log.exception("unhandled_error", extra={"fields": {"route": route}})
     return error_response(SidecarError("internal error"))
 
