@@ -39,6 +39,7 @@ from urllib.parse import quote
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from aiohttp.web_request import BaseRequest
 
 from ..appkeys import CACHES, OFREP_STREAMS, SETTINGS
@@ -76,11 +77,12 @@ _SOURCE_RANK: Final[dict[Source, int]] = {"hit": 0, "miss": 1, "stale": 2}
 class _Refused(Exception):
     """An evaluation the spec answers with an error shape (never the local envelope)."""
 
-    def __init__(self, status: int, code: str, details: str) -> None:
+    def __init__(self, status: int, code: str, details: str, *, close: bool = False) -> None:
         super().__init__(details)
         self.status = status
         self.code = code
         self.details = details
+        self.close = close  # the connection closes after the answer (an unreadable body)
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -95,7 +97,10 @@ def _refusal(exc: _Refused, key: str | None) -> web.Response:
     body: dict[str, Any] = {"errorCode": exc.code, "errorDetails": exc.details}
     if key is not None:
         body["key"] = key
-    return _json(body, exc.status)
+    response = _json(body, exc.status)
+    if exc.close:
+        response.force_close()
+    return response
 
 
 # -- the request ---------------------------------------------------------------------------
@@ -117,7 +122,16 @@ async def _body(request: BaseRequest) -> bytes:
 
 async def _customer(request: BaseRequest) -> str:
     """The body's ``context.targetingKey``: the customer every flag is evaluated for."""
-    raw = await _body(request)
+    try:
+        raw = await _body(request)
+    except RequestPayloadError:
+        # It does not decode (its Content-Encoding): it counts as ended and the connection
+        # closes after the answer, as in middleware._failure (else aiohttp drains it after
+        # the answer and logs the same error as unhandled).
+        request.content.feed_eof()
+        raise _Refused(
+            400, "PARSE_ERROR", "the body does not decode (its Content-Encoding)", close=True
+        ) from None
     try:
         data = orjson.loads(raw) if raw else {}
     except orjson.JSONDecodeError:
