@@ -362,8 +362,7 @@ def _snapshot(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"vellum-sidecar: snapshot: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    except (ValueError, TypeError, KeyError, RecursionError, MemoryError) as exc:
-        # What a file nobody foresaw makes the parser raise (as the sidecar's own load).
+    except snapshot.UNFORESEEN as exc:
         print(f"vellum-sidecar: snapshot: damaged: unreadable contents ({type(exc).__name__})",
               file=sys.stderr)  # fmt: skip
         return 1

@@ -157,7 +157,7 @@ class Entry:
         fresh_until = now + fresh_for
         stale_until = fresh_until + stale_for
         if status == 404:
-            kept = body if body and len(body) <= _MAX_NOT_FOUND_BODY and _is_json(body) else None
+            kept = body if _small_json(body) else None
             if kept is not None:
                 kept = memoryview(kept).tobytes()
             return cls(None, now, fresh_until, stale_until, kept, kind)
@@ -280,11 +280,9 @@ class Entry:
             if doc is not None and not isinstance(doc, dict):
                 return None, None
             nf = data.get("nf")
-            not_found = None
-            if nf is not None:
-                not_found = nf.encode() if isinstance(nf, str) else b""
-                if not (0 < len(not_found) <= _MAX_NOT_FOUND_BODY and _is_json(not_found)):
-                    return None, None
+            not_found = nf.encode() if isinstance(nf, str) else None
+            if nf is not None and (not_found is None or not _small_json(not_found)):
+                return None, None  # a "not found" keeps only the upstream's small JSON body
             entry = cls(
                 doc,
                 _instant(data["f"]),
@@ -324,7 +322,10 @@ def _instant(value: Any) -> float:
     return float(value)
 
 
-def _is_json(body: bytes) -> bool:
+def _small_json(body: bytes) -> bool:
+    """A "not found" body worth keeping for the mirror: small, and JSON."""
+    if not body or len(body) > _MAX_NOT_FOUND_BODY:
+        return False
     try:
         orjson.loads(body)
     except orjson.JSONDecodeError:

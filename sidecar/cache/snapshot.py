@@ -69,6 +69,7 @@ from .kinds import KINDS, Kind
 
 __all__ = [
     "FORMAT",
+    "UNFORESEEN",
     "VERSION",
     "Reason",
     "Snapshot",
@@ -92,6 +93,10 @@ log = logging.getLogger("sidecar.snapshot")
 FORMAT: Final = "vellum-sidecar-snapshot"
 #: The format version written; a file with a higher one is ignored (``newer_format``).
 VERSION: Final = 1
+
+#: What a file nobody foresaw can make the parser raise beyond ``SnapshotError``: a start
+#: (or the CLI) says the file is damaged and goes on, never a crash or a traceback.
+UNFORESEEN: Final = (ValueError, TypeError, KeyError, RecursionError, MemoryError)
 
 #: Why a file was ignored (the metric's ``result`` label).
 Reason = Literal["damaged", "truncated", "foreign_tenant", "newer_format", "unreadable"]
@@ -498,7 +503,7 @@ class Snapshotter:
         except SnapshotError as exc:
             self._ignored(path, exc.reason, str(exc))
             return None
-        except (ValueError, TypeError, KeyError, RecursionError, MemoryError) as exc:
+        except UNFORESEEN as exc:
             # Whatever a file we did not foresee makes the parser raise: still never a
             # crash at start.
             self._ignored(path, "damaged", f"unreadable contents ({type(exc).__name__})")

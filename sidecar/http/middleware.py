@@ -27,7 +27,7 @@ from aiohttp.web_request import BaseRequest
 from ..appkeys import GUARD, METRICS, TRACING
 from ..errors import BadRequest, Forbidden, SidecarError
 from .hot import GuardedHot, HotRoute
-from .responses import error_response, http_exception_response
+from .responses import closing_after_unreadable_body, error_response, http_exception_response
 
 __all__ = ["UNMATCHED", "Handler", "guarded", "guarded_hot", "json_errors", "unmatched"]
 
@@ -100,14 +100,8 @@ def _failure(exc: Exception, route: str, request: BaseRequest) -> web.StreamResp
             raise exc  # a redirect is an answer, not an error
         return http_exception_response(exc)
     if isinstance(exc, RequestPayloadError):
-        # The body cannot be read to its end (it does not decode): the connection
-        # closes after this answer, and the body counts as ended. Otherwise aiohttp
-        # reads on after the answer to drain it, hits the same error and logs it as an
-        # unhandled exception.
-        response = error_response(BadRequest("the request body is malformed", code="invalid_body"))
-        response.force_close()
-        request.content.feed_eof()
-        return response
+        malformed = BadRequest("the request body is malformed", code="invalid_body")
+        return closing_after_unreadable_body(request, error_response(malformed))
     log.exception("unhandled_error", extra={"fields": {"route": route}})
     return error_response(SidecarError("internal error"))
 

@@ -49,7 +49,7 @@ from ..cache.kinds import GLOBAL_ID
 from ..errors import UpstreamError
 from .inputs import MAX_ID_LENGTH, id_problem, valid_id
 from .limits import begin_stream
-from .responses import CACHE_HEADER, source_response
+from .responses import CACHE_HEADER, closing_after_unreadable_body, source_response
 
 __all__ = [
     "MODULE_PREFIX",
@@ -77,12 +77,14 @@ _SOURCE_RANK: Final[dict[Source, int]] = {"hit": 0, "miss": 1, "stale": 2}
 class _Refused(Exception):
     """An evaluation the spec answers with an error shape (never the local envelope)."""
 
-    def __init__(self, status: int, code: str, details: str, *, close: bool = False) -> None:
+    def __init__(
+        self, status: int, code: str, details: str, *, unreadable: BaseRequest | None = None
+    ) -> None:
         super().__init__(details)
         self.status = status
         self.code = code
         self.details = details
-        self.close = close  # the connection closes after the answer (an unreadable body)
+        self.unreadable = unreadable  # a request whose body cannot be read to its end
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -98,8 +100,8 @@ def _refusal(exc: _Refused, key: str | None) -> web.Response:
     if key is not None:
         body["key"] = key
     response = _json(body, exc.status)
-    if exc.close:
-        response.force_close()
+    if exc.unreadable is not None:
+        return closing_after_unreadable_body(exc.unreadable, response)
     return response
 
 
@@ -125,13 +127,8 @@ async def _customer(request: BaseRequest) -> str:
     try:
         raw = await _body(request)
     except RequestPayloadError:
-        # It does not decode (its Content-Encoding): it counts as ended and the connection
-        # closes after the answer, as in middleware._failure (else aiohttp drains it after
-        # the answer and logs the same error as unhandled).
-        request.content.feed_eof()
-        raise _Refused(
-            400, "PARSE_ERROR", "the body does not decode (its Content-Encoding)", close=True
-        ) from None
+        details = "the body does not decode (its Content-Encoding)"
+        raise _Refused(400, "PARSE_ERROR", details, unreadable=request) from None
     try:
         data = orjson.loads(raw) if raw else {}
     except orjson.JSONDecodeError:

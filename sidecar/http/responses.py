@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import orjson
 from aiohttp import web
+from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict, istr
 
 from ..cache.entry import Lookup
@@ -24,6 +25,7 @@ from ..errors import (
 __all__ = [
     "CACHE_HEADER",
     "cached_response",
+    "closing_after_unreadable_body",
     "error_response",
     "http_error_code",
     "http_exception_response",
@@ -55,6 +57,19 @@ def json_response(
 ) -> web.Response:
     body = data if isinstance(data, bytes) else orjson.dumps(data)
     return web.Response(body=body, status=status, headers=headers, content_type="application/json")
+
+
+_R = TypeVar("_R", bound=web.StreamResponse)
+
+
+def closing_after_unreadable_body(request: BaseRequest, response: _R) -> _R:
+    """``response`` to a request whose body cannot be read to its end (it does not
+    decode): the body counts as ended and the connection closes after the answer.
+    Otherwise aiohttp reads on after the answer to drain the body, hits the same
+    error and logs it as an unhandled exception."""
+    request.content.feed_eof()
+    response.force_close()
+    return response
 
 
 def error_response(exc: SidecarError, headers: dict[str, str] | None = None) -> web.Response:
